@@ -1,0 +1,14 @@
+"""mflux: FLUX.1 text-to-image on Apple MLX."""
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "Flux1", "GeneratedImage", "__version__"]
+
+
+def __getattr__(name: str):
+    # The API pulls in mlx; keep `import mflux` (and so `mflux --help`) light.
+    if name in ("Flux1", "Config", "GeneratedImage"):
+        from mflux import flux1
+
+        return getattr(flux1, name)
+    raise AttributeError(f"module 'mflux' has no attribute {name!r}")
