@@ -1,0 +1,155 @@
+"""Read a model folder, Hugging Face diffusers layout (`hf`) or MLX-native (`mlx`), into the runtime's modules.
+
+Both formats go through one path: a plan maps checkpoint names onto the module's (the identity for
+`mlx`), each tensor is cast and, under a QuantSpec, quantized as soon as it is read, so peak memory
+stays near the quantized size. A module is quantized exactly where its weights carry `<path>.scales`.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mflux.errors import InvalidArgument, MfluxError
+from mflux.quantization import QuantSpec, quantize_model_from_weights, quantize_tensor, should_quantize
+from mflux.weights import TensorSource
+
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+_CONFIG_FILES = {
+    "transformer": "transformer/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
+    "vae": "vae/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
+
+
+@dataclass
+class ModelFolder:
+    """What the runtime needs to know about a folder before loading any weights."""
+
+    path: Path
+    format: str  # "hf" | "mlx"
+    variant: str  # "schnell" | "dev"
+    architecture: dict  # component -> config values, under Hugging Face's key names
+    quantization: dict | None  # stored quantization (mlx format), per component
+    name: str
+
+    def quant_spec(self, component: str, layer: str | None = None) -> QuantSpec | None:
+        q = (self.quantization or {}).get(component)
+        if not q:
+            return None
+        return QuantSpec.from_dict({**q, **q.get("layers", {}).get(layer, {})} if layer else q)
+
+    @property
+    def defaults(self) -> dict:
+        from mflux.manifest import defaults_for
+
+        return defaults_for(self.variant, self.architecture)
+
+
+def open_folder(path: str | Path, name: str | None = None) -> ModelFolder:
+    """Describe a model folder: from its manifest.toml if it has one, else from its config files."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise MfluxError(f"{path}: no such folder (give a FLUX.1 model folder, or a store name with --model)")
+    if (path / "manifest.toml").is_file():
+        from mflux.manifest import read_manifest
+
+        m = read_manifest(path)
+        return ModelFolder(path, m.format, m.variant, m.architecture, m.quantization, m.name)
+    return ModelFolder(path, "hf", *_hf_description(path), None, name or path.name)
+
+
+def _hf_description(path: Path) -> tuple[str, dict]:
+    for component, rel in _CONFIG_FILES.items():
+        if not (path / rel).is_file():
+            raise MfluxError(f"{path} is not a FLUX.1 checkpoint: missing {rel} (for {component})")
+    arch = {c: json.loads((path / rel).read_text()) for c, rel in _CONFIG_FILES.items()}
+    variant = "dev" if arch["transformer"].get("guidance_embeds") else "schnell"
+    return variant, arch
+
+
+def build_module(component: str, architecture: dict) -> nn.Module:
+    """An empty module of the checkpoint's sizes."""
+    cfg = architecture[component]
+    if component == "transformer":
+        from mflux.model import Flux, FluxParams
+
+        return Flux(FluxParams.from_diffusers_config(cfg))
+    if component == "text_encoder":
+        from mflux.clip import CLIPTextConfig, CLIPTextModel
+
+        return CLIPTextModel(CLIPTextConfig.from_dict(cfg))
+    if component == "text_encoder_2":
+        from mflux.t5 import T5Config, T5Encoder
+
+        return T5Encoder(T5Config.from_dict(cfg))
+    if component == "vae":
+        from mflux.autoencoder import Autoencoder, AutoencoderConfig
+
+        return Autoencoder(AutoencoderConfig.from_dict(cfg))
+    raise ValueError(f"unknown component {component!r}")
+
+
+def load_component(
+    folder: ModelFolder, component: str, dtype: mx.Dtype, quantize: QuantSpec | None = None
+) -> nn.Module:
+    """Build one component and load its weights, quantizing tensor by tensor under `quantize`."""
+    stored = folder.quantization and folder.quantization.get(component)
+    if stored and quantize is not None and QuantSpec.from_dict(stored) != quantize:
+        raise InvalidArgument(
+            f"{folder.name} is already quantized ({_describe(stored)}); drop -q/--quantize, "
+            f"or quantize the unquantized model instead"
+        )
+    weights = dict(iter_weights(folder, component, dtype, quantize if not stored else None))
+    module = build_module(component, folder.architecture)
+    quantize_model_from_weights(
+        module, weights, lambda path: folder.quant_spec(component, path) if stored else quantize
+    )
+    try:
+        module.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise MfluxError(f"{folder.path}/{component}: weights do not fit the model ({e})") from None
+    mx.eval(module.parameters())
+    return module
+
+
+def iter_weights(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None):
+    """(runtime name, mx.array) for each tensor of a component: mapped, cast to `dtype` (floats), and
+    quantized under `spec` as soon as it is read. Loading and `mflux convert`/`quantize` share it."""
+    source = TensorSource.from_folder(folder.path / component)
+    try:
+        if folder.format == "mlx":
+            tensors = ((k, source.load(k)) for k in source.keys())
+        else:
+            from mflux.converters.diffusers import component_plan
+            from mflux.converters.plan import execute
+
+            plan = component_plan(component, source)
+            plan.check(source.keys(), f"{folder.path}/{component}")
+            tensors = execute(plan, source)
+        for name, arr in tensors:
+            if mx.issubdtype(arr.dtype, mx.floating):  # stored scales and biases follow the precision too
+                arr = arr.astype(dtype)
+            if should_quantize(component, name, arr.shape, spec):
+                parts = quantize_tensor(name, arr, spec)
+                mx.eval(list(parts.values()))  # release the float tensor now
+                yield from parts.items()
+            else:
+                mx.eval(arr)
+                yield name, arr
+    finally:
+        source.close()
+
+
+def _describe(q: dict) -> str:
+    return f"{q['bits']}-bit {q.get('mode', 'affine')}, group size {q.get('group_size', 64)}"
+
+
+def load_tokenizers(folder: ModelFolder):
+    from mflux.tokenizers import load_tokenizers as _load
+
+    return _load(folder.path)

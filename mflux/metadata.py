@@ -1,0 +1,98 @@
+"""Generation parameters inside the PNG: one text chunk per field (exiftool shows them), plus a
+`parameters` chunk in the AUTOMATIC1111 web UI's format, which image sites and tools read."""
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from mflux import __version__
+from mflux.errors import MfluxError
+
+# PNG chunk keyword -> metadata key. Keywords are what exiftool prints as tag names.
+_FIELDS = {
+    "Prompt": "prompt",
+    "Model": "model",
+    "Seed": "seed",
+    "Steps": "steps",
+    "Guidance": "guidance",
+    "Size": "size",
+    "Quantization": "quantization",
+    "LoRAs": "loras",
+    "Precision": "precision",
+    "DenoisingSeconds": "denoising_seconds",
+    "Software": "software",
+}
+
+
+def full_metadata(metadata: dict) -> dict:
+    """The generation record as written: adds size, LoRAs, the denoising time and the mflux version."""
+    m = dict(metadata)
+    m["size"] = f"{m.get('width')}x{m.get('height')}"
+    m["loras"] = (
+        ", ".join(f"{p}:{s:g}" for p, s in zip(m.get("lora_paths", []), m.get("lora_scales", []))) or None
+    )
+    m["denoising_seconds"] = (m.get("timings") or {}).get("denoising")
+    m["software"] = f"mflux {__version__}"
+    m["mflux_version"] = __version__
+    return m
+
+
+def a1111_parameters(m: dict) -> str:
+    """`<prompt>\\nSteps: 4, Sampler: Euler, Seed: 2, Size: 1024x1024, Model: schnell, ...`"""
+    fields = [
+        ("Steps", m.get("steps")),
+        ("Sampler", "Euler"),
+        ("Schedule type", "flow-matching"),
+        ("Seed", m.get("seed")),
+        ("Size", m.get("size")),
+        ("Model", m.get("model")),
+        ("Guidance", m.get("guidance")),
+        ("Quantization", m.get("quantization")),
+        ("LoRAs", m.get("loras")),
+        ("Version", f"mflux {__version__}"),
+    ]
+    line = ", ".join(f"{k}: {v}" for k, v in fields if v is not None)
+    return f"{m.get('prompt', '')}\n{line}"
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or the first of `<stem>_1<ext>`, `<stem>_2<ext>`, ... that does not exist."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
+def save_png(image: Image.Image, path: Path, metadata: dict, export_json: bool, overwrite: bool) -> Path:
+    """Write the image (and `<stem>.json` if asked); returns the path written, never replacing a file
+    unless `overwrite`."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise MfluxError(f"{path}: mflux writes PNG images; use a .png file name")
+    if not overwrite:
+        path = free_path(path)
+    m = full_metadata(metadata)
+    info = PngImagePlugin.PngInfo()
+    for keyword, key in _FIELDS.items():
+        if m.get(key) is not None:
+            info.add_itxt(keyword, str(m[key]))
+    info.add_itxt("parameters", a1111_parameters(m))
+    info.add_itxt("mflux", json.dumps(m, sort_keys=True))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+        if export_json:
+            path.with_suffix(".json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        raise MfluxError(f"cannot write {path}: {e.strerror}") from None
+    return path
+
+
+def read_png_metadata(path: str | Path) -> dict:
+    with Image.open(path) as im:
+        return dict(im.text)

@@ -1,0 +1,123 @@
+"""`mflux run`: resolve the model (pulling it when missing), then write one image per seed."""
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from mflux.errors import InvalidArgument, MfluxError
+
+
+def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool):
+    """(folder path or store name, quantize) for `--model`/`--path`; pulls a missing catalog model."""
+    from mflux.flux1 import _QUANT_NAME
+    from mflux.store import Store
+
+    if model and path:
+        raise InvalidArgument("give either --model or --path, not both")
+    if path:
+        return ("path", path), quantize
+    model = model or "schnell"
+    store = Store()
+    if store.exists(model):
+        return ("name", model), quantize
+    m = _QUANT_NAME.match(model)
+    base = m["base"] if m else model
+    if m and quantize not in (None, int(m["bits"])):
+        raise InvalidArgument(f"--model {model} means {m['bits']}-bit, but --quantize is {quantize}")
+    if not store.exists(base):
+        from mflux.catalog import catalog
+
+        if base not in catalog() and "/" not in base:
+            store.get(model)  # the unknown-model error, with close names
+        if not pull:
+            raise MfluxError(
+                f"model {base!r} is not in the store and --no-pull was given (run: mflux pull {base})"
+            )
+        from mflux.hub import pull as hub_pull
+
+        click.echo(f"{base} is not in the store; pulling it first", err=True)
+        base = hub_pull(base).name
+    if m:
+        click.echo(
+            f"{model}: quantizing {base} to {m['bits']} bits at load time "
+            f"(keep a quantized copy with: mflux quantize {base} --bits {m['bits']})",
+            err=True,
+        )
+        quantize = int(m["bits"])
+    return ("name", base), quantize
+
+
+def output_paths(output: str, seeds: list[int]) -> list[Path]:
+    out = Path(output)
+    if len(seeds) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_seed_{s}{out.suffix}") for s in seeds]
+
+
+def run(
+    prompt: str,
+    *,
+    model: str | None = None,
+    path: str | None = None,
+    output: str = "image.png",
+    seeds: list[int] | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    steps: int | None = None,
+    guidance: float | None = None,
+    quantize: int | None = None,
+    lora_paths: list[str] | None = None,
+    lora_scales: list[float] | None = None,
+    metadata: bool = False,
+    precision: str | None = None,
+    pull: bool = True,
+    verbose: bool = False,
+) -> list[Path]:
+    """Generate one image per seed and return the files written."""
+    import mlx.core as mx
+
+    from mflux.flux1 import Config, Flux1
+
+    if not prompt or not prompt.strip():
+        raise InvalidArgument("--prompt is empty; describe the image to generate")
+    config = Config(
+        num_inference_steps=steps, height=height, width=width, guidance=3.5 if guidance is None else guidance
+    )
+    seeds = list(seeds) if seeds else [int(time.time())]
+    (kind, where), quantize = resolve_model(model, path, quantize, pull)
+
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)
+    flux = Flux1.from_path(where, **kwargs) if kind == "path" else Flux1.from_name(where, **kwargs)
+    phases = {"load": time.perf_counter() - start}
+    memory = {"load": mx.get_peak_memory()}
+    if guidance is not None and flux.variant == "schnell":
+        click.echo("warning: --guidance applies to dev only; schnell ignores it", err=True)
+
+    written = []
+    for seed, out in zip(seeds, output_paths(output, seeds)):
+        with click.progressbar(
+            length=config.num_inference_steps or flux.folder.defaults["steps"],
+            label=f"seed {seed}",
+            file=sys.stderr,
+            show_pos=True,
+        ) as bar:
+            image = flux.generate_image(seed, prompt, config, progress=lambda i, n: bar.update(1))
+        # The prompt is encoded once for all seeds; T5 and CLIP are not needed again.
+        flux.free_text_encoders()
+        written.append(image.save(out, export_json_metadata=metadata, overwrite=False))
+        click.echo(f"wrote {written[-1]}")
+        for k, v in image.metadata["timings"].items():
+            phases[k] = phases.get(k, 0.0) + v
+        for k, v in image.peak_memory.items():
+            memory[k] = max(memory.get(k, 0), v)
+
+    click.echo("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in phases.items()), err=True)
+    if verbose:
+        click.echo(
+            "peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in memory.items()), err=True
+        )
+    return written
