@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+# huggingface_hub reads these once, at import: set them before any test module imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import pytest  # noqa: E402
+
+from tests.fixtures import build_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def mflux_home(tmp_path, monkeypatch):
+    """A fresh, not yet created model store per test, so no test touches ~/.mflux."""
+    home = tmp_path / "mflux_home"
+    monkeypatch.setenv("MFLUX_HOME", str(home))
+    return home
+
+
+# The tiny pipelines are shared by the whole session: tests must read them, never write into them.
+@pytest.fixture(scope="session")
+def tiny_schnell(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-schnell", "schnell")
+
+
+@pytest.fixture(scope="session")
+def tiny_dev(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-dev", "dev")
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_unprefixed(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "FLUX.1-schnell-unprefixed"
+    return build_tiny_pipeline(folder, "schnell", clip_prefixed=False)
