@@ -460,7 +460,9 @@ def _pipeline(folder: str, dtype: str):
     import torch
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def reference_image(
