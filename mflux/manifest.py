@@ -1,0 +1,340 @@
+"""The manifest of a stored model: `manifest.toml`, the one home of what mflux knows about it.
+
+A model is added once (pull, convert, quantize); its config files are read then and their values kept
+here, with every file's size and sha256, so later commands never guess from names or re-read configs.
+"""
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from mflux import __version__
+from mflux.errors import InvalidArgument, MfluxError
+from mflux.quantization import QuantSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.toml"
+FAMILIES = ("flux1",)
+VARIANTS = ("schnell", "dev")
+FORMATS = ("hf", "mlx")
+DTYPES = ("bfloat16", "float16", "float32")
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+CONFIG_FILES = {
+    "transformer": "transformer/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
+    "vae": "vae/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
+SOURCE_KEYS = {"hub": ("repo", "revision", "commit"), "path": ("path",), "model": ("name",)}
+SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+# diffusers' FlowMatchEulerDiscreteScheduler values for FLUX.1-dev, used where a config omits one
+_DEV_SHIFT = {
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+_CHUNK = 2**20
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Manifest:
+    name: str
+    variant: str  # "schnell" | "dev"
+    format: str  # "hf" (diffusers layout, as pulled) | "mlx" (runtime names and layouts)
+    dtype: str
+    source: dict  # {"kind": "hub"|"path"|"model", ...}
+    files: list[dict]  # [{"path", "size", "sha256"}], paths relative and posix
+    architecture: dict  # component -> config.json values, under Hugging Face's key names
+    defaults: dict  # steps, guidance, max_sequence_length (+ shift settings for dev)
+    family: str = "flux1"
+    quantization: dict | None = None  # {component: {bits, group_size, mode[, layers: {path: {...}}]}}
+    created: str = field(default_factory=_now)  # ISO 8601, UTC
+    mflux_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f["size"] for f in self.files)
+
+
+def new_manifest(
+    folder: Path,
+    *,
+    name: str,
+    format: str,
+    dtype: str,
+    source: dict,
+    quantization: dict | None = None,
+    architecture: dict | None = None,
+) -> Manifest:
+    """A manifest for the files now in `folder`: hashes them, and reads the architecture from its
+    config files unless given (an `mlx` folder passes its source's)."""
+    arch = architecture if architecture is not None else architecture_from_hf(folder)
+    variant = variant_of(arch)
+    return Manifest(
+        name=name,
+        variant=variant,
+        format=format,
+        dtype=dtype,
+        source=source,
+        files=hash_files(folder),
+        architecture=arch,
+        defaults=defaults_for(variant, arch),
+        quantization=quantization or None,
+    )
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write `folder/manifest.toml` atomically: a temp file, then os.replace."""
+    import tomli_w
+
+    _validate(manifest.to_dict(), Path(folder) / MANIFEST)
+    data = _toml_ready(_ordered(manifest))
+    tmp = Path(folder) / f".{MANIFEST}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        tomli_w.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(folder) / MANIFEST)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Read and validate `folder/manifest.toml`; anything wrong is one MfluxError naming the file and field."""
+    path = Path(folder) / MANIFEST
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MfluxError(f"{path}: no such file ({Path(folder).name} is not a model mflux stored)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MfluxError(f"{path}: not valid TOML ({e}){_fix(path)}") from None
+    _validate(data, path)
+    if isinstance(data["created"], datetime):  # a hand-written TOML datetime
+        data["created"] = data["created"].isoformat()
+    known = Manifest.__dataclass_fields__
+    return Manifest(**{k: v for k, v in data.items() if k in known})
+
+
+def _fix(path: Path) -> str:
+    return (
+        f" (the manifest is corrupt or was edited by hand: restore it, or remove the model with "
+        f"`mflux rm {path.parent.name}` and pull or convert it again)"
+    )
+
+
+def _check_version(data: dict, path: Path) -> None:
+    v = data.get("format_version")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise MfluxError(f"{path}: bad field 'format_version': expected an integer, got {v!r}{_fix(path)}")
+    if v > FORMAT_VERSION:
+        raise MfluxError(
+            f"{path}: written by a newer mflux (manifest format {v}; this mflux {__version__} reads up to "
+            f"{FORMAT_VERSION}) (upgrade mflux: pip install -U mflux)"
+        )
+    if v < 1:
+        raise MfluxError(f"{path}: manifest format {v} is not supported{_fix(path)}")
+
+
+def _validate(data: dict, path: Path) -> None:
+    def bad(key: str, problem: str):
+        raise MfluxError(f"{path}: bad field {key!r}: {problem}{_fix(path)}")
+
+    def want(key: str, kind: type, choices: tuple | None = None):
+        if key not in data:
+            bad(key, "missing")
+        v = data[key]
+        if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+            bad(key, f"expected {kind.__name__}, got {v!r}")
+        if choices and v not in choices:
+            bad(key, f"expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    _check_version(data, path)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", want("name", str)) or ".." in data["name"]:
+        bad("name", f"{data['name']!r} is not a valid model name")
+    want("family", str, FAMILIES)
+    want("variant", str, VARIANTS)
+    want("format", str, FORMATS)
+    want("dtype", str, DTYPES)
+    want("mflux_version", str)
+    if not isinstance(data.get("created"), datetime):
+        try:
+            datetime.fromisoformat(want("created", str))
+        except ValueError:
+            bad("created", f"not an ISO 8601 time: {data['created']!r}")
+    _validate_source(want("source", dict), bad)
+    _validate_files(want("files", list), bad)
+    arch = want("architecture", dict)
+    for c in CONFIG_FILES:
+        if not isinstance(arch.get(c), dict):
+            bad(f"architecture.{c}", "missing")
+    _validate_defaults(want("defaults", dict), bad)
+    if data.get("quantization") is not None:
+        _validate_quantization(want("quantization", dict), bad)
+
+
+def _validate_source(source: dict, bad) -> None:
+    kind = source.get("kind")
+    if kind not in SOURCE_KEYS:
+        bad("source.kind", f"expected one of {', '.join(SOURCE_KEYS)}, got {kind!r}")
+    for k in SOURCE_KEYS[kind]:
+        if not isinstance(source.get(k), str):
+            bad(f"source.{k}", f"a {kind} source needs a string, got {source.get(k)!r}")
+
+
+def _validate_files(files: list, bad) -> None:
+    for i, f in enumerate(files):
+        where = f"files[{i}]"
+        if not isinstance(f, dict):
+            bad(where, f"expected a table, got {f!r}")
+        p = f.get("path")
+        if not isinstance(p, str) or not p or p.startswith("/") or ".." in Path(p).parts:
+            bad(f"{where}.path", f"expected a relative path inside the model, got {p!r}")
+        if not isinstance(f.get("size"), int) or isinstance(f.get("size"), bool) or f["size"] < 0:
+            bad(f"{where}.size", f"expected a byte count, got {f.get('size')!r}")
+        if not isinstance(f.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", f["sha256"]):
+            bad(f"{where}.sha256", f"expected 64 lowercase hex digits, got {f.get('sha256')!r}")
+
+
+def _validate_defaults(defaults: dict, bad) -> None:
+    for k in ("steps", "max_sequence_length"):
+        v = defaults.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            bad(f"defaults.{k}", f"expected a positive integer, got {v!r}")
+    g = defaults.get("guidance")
+    if not isinstance(g, (int, float)) or isinstance(g, bool):
+        bad("defaults.guidance", f"expected a number, got {g!r}")
+
+
+def _validate_quantization(q: dict, bad) -> None:
+    for component, spec in q.items():
+        where = f"quantization.{component}"
+        if component not in COMPONENTS:
+            bad(where, f"unknown component (expected one of {', '.join(COMPONENTS)})")
+        if not isinstance(spec, dict):
+            bad(where, f"expected a table, got {spec!r}")
+        base = {k: v for k, v in spec.items() if k != "layers"}
+        layers = spec.get("layers", {})
+        if not isinstance(layers, dict):
+            bad(f"{where}.layers", f"expected a table, got {layers!r}")
+        for layer, override in [(None, {}), *layers.items()]:
+            try:
+                QuantSpec.from_dict({**base, **override})
+            except (InvalidArgument, KeyError, TypeError, ValueError) as e:
+                bad(f"{where}.layers.{layer}" if layer else where, str(e) or "incomplete")
+
+
+def _ordered(manifest: Manifest) -> dict:
+    # Scalars first, then tables, so the file reads top-down like a card.
+    d = manifest.to_dict()
+    keys = ["format_version", "name", "family", "variant", "format", "dtype", "created", "mflux_version"]
+    keys += ["source", "quantization", "defaults", "architecture", "files"]
+    return {k: d[k] for k in keys}
+
+
+def _toml_ready(value):
+    """Drop None (TOML has no null) and make every key a string."""
+    if isinstance(value, dict):
+        return {str(k): _toml_ready(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_toml_ready(v) for v in value if v is not None]
+    return value
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_files(folder: Path) -> list[dict]:
+    """Every file under `folder` except its manifest: relative posix path, size and sha256."""
+    folder = Path(folder)
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if not p.is_file() or rel == MANIFEST or rel.startswith(f".{MANIFEST}."):
+            continue
+        out.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
+
+
+def architecture_from_hf(folder: Path) -> dict:
+    """The config values of a diffusers-layout folder, per component, under Hugging Face's key names."""
+    folder = Path(folder)
+    arch = {}
+    for component, rel in CONFIG_FILES.items():
+        path = folder / rel
+        if not path.is_file():
+            raise MfluxError(f"{folder} is not a FLUX.1 checkpoint: missing {rel} (for {component})")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MfluxError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise MfluxError(f"{path}: expected a JSON object")
+        # Underscore keys are diffusers bookkeeping (_class_name, _diffusers_version); TOML has no null.
+        arch[component] = _toml_ready({k: v for k, v in config.items() if not k.startswith("_")})
+    return arch
+
+
+def variant_of(architecture: dict) -> str:
+    return "dev" if architecture.get("transformer", {}).get("guidance_embeds") else "schnell"
+
+
+def defaults_for(variant: str, architecture: dict) -> dict:
+    """The runtime's defaults: schnell 4 steps and 256 T5 tokens; dev 25 steps, 512 tokens and its shift."""
+    if variant == "schnell":
+        # guidance is ignored by schnell (no guidance embedder); kept so every model has the same keys
+        return {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
+    if variant != "dev":
+        raise InvalidArgument(f"unknown variant {variant!r} (expected one of {', '.join(VARIANTS)})")
+    scheduler = (architecture or {}).get("scheduler", {})
+    shift = {k: scheduler.get(k, _DEV_SHIFT[k]) for k in SHIFT_KEYS}
+    return {"steps": 25, "guidance": 3.5, "max_sequence_length": 512, **shift}
+
+
+def quantization_summary(quantization: dict | None) -> dict | None:
+    """One {bits, group_size, mode} for display and JSON (the transformer's, else the first component's),
+    with every component's own settings under `components`."""
+    if not quantization:
+        return None
+    main = quantization.get("transformer") or next(iter(quantization.values()))
+    spec = QuantSpec.from_dict(main).to_dict()
+    return {**spec, "components": quantization}
+
+
+def quantization_label(quantization: dict | None) -> str:
+    """A short label: `-`, `q8`, `q4-g32`, `mxfp4`, or per component when they differ."""
+    if not quantization:
+        return "-"
+    labels = {c: _label(QuantSpec.from_dict(q)) for c, q in quantization.items()}
+    if len(set(labels.values())) == 1:
+        return next(iter(labels.values()))
+    return ",".join(f"{c}:{label}" for c, label in labels.items())
+
+
+def _label(spec: QuantSpec) -> str:
+    if spec.mode != "affine":
+        return spec.mode
+    return f"q{spec.bits}" + (f"-g{spec.group_size}" if spec.group_size != 64 else "")
