@@ -140,20 +140,23 @@ def build_tiny_pipeline(
 
 @contextlib.contextmanager
 def _quiet():
-    # Building warns that casting with to() may skip fp32 modules (there are none here) and draws
-    # progress bars while saving; neither says anything about a fixture.
+    # Building warns that casting with to() may skip fp32 modules (there are none here), and saving
+    # and loading draw progress bars; none of it says anything about a fixture.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     verbosity = diffusers_logging.get_verbosity()
-    bars = transformers_logging.is_progress_bar_enabled()
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         diffusers_logging.set_verbosity(verbosity)
-        if bars:
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
             transformers_logging.enable_progress_bar()
 
 
@@ -460,7 +463,8 @@ def _pipeline(folder: str, dtype: str):
     import torch
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
+    with _quiet():
+        pipe = FluxPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
