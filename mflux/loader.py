@@ -131,18 +131,23 @@ def iter_weights(folder: ModelFolder, component: str, dtype, spec: QuantSpec | N
             plan = component_plan(component, source)
             plan.check(source.keys(), f"{folder.path}/{component}")
             tensors = execute(plan, source)
-        for name, arr in tensors:
-            if mx.issubdtype(arr.dtype, mx.floating):  # stored scales and biases follow the precision too
-                arr = arr.astype(dtype)
-            if should_quantize(component, name, arr.shape, spec):
-                parts = quantize_tensor(name, arr, spec)
-                mx.eval(list(parts.values()))  # release the float tensor now
-                yield from parts.items()
-            else:
-                mx.eval(arr)
-                yield name, arr
+        yield from cast_and_quantize(component, tensors, dtype, spec)
     finally:
         source.close()
+
+
+def cast_and_quantize(component: str, tensors, dtype, spec: QuantSpec | None):
+    """Cast floats to `dtype` and quantize under `spec`, one (runtime name, mx.array) at a time."""
+    for name, arr in tensors:
+        if mx.issubdtype(arr.dtype, mx.floating):  # stored scales and biases follow the precision too
+            arr = arr.astype(dtype)
+        if should_quantize(component, name, arr.shape, spec):
+            parts = quantize_tensor(name, arr, spec)
+            mx.eval(list(parts.values()))  # release the float tensor now
+            yield from parts.items()
+        else:
+            mx.eval(arr)
+            yield name, arr
 
 
 def _describe(q: dict) -> str:
