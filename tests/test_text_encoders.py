@@ -15,8 +15,10 @@ from mflux.converters.plan import execute
 from safetensors.torch import load_file, save_file
 
 from mflux import clip, t5
-from mflux.errors import MfluxError
+from mflux.errors import InvalidArgument, MfluxError
+from mflux.tokenizers import clip_ids, load_tokenizers, t5_ids
 from mflux.weights import TensorSource
+from tests.fixtures import CORPUS
 
 T5_VOCAB = 300
 CLIP_VOCAB = 300
@@ -281,3 +283,90 @@ def test_clip_plan_ignores_position_ids_and_reports_strays(clip_saved, tmp_path)
     assert p.unmapped(source.keys()) == ["text_projection.weight"]
     with pytest.raises(MfluxError, match="text_projection.weight"):
         p.check(source.keys(), "clip")
+
+
+# ---- tokenizers, against what diffusers' FluxPipeline feeds its encoders
+
+PROMPTS = [
+    "a photo of a cat sitting on a red sofa",
+    "",
+    "Ünïcödé ☃ 123, MIXED case!!  spaces ",
+    " ".join(CORPUS),  # beyond 77 CLIP tokens and 256 T5 tokens: truncated
+]
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(tiny_schnell):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_schnell, dtype=torch.float32, local_files_only=True)
+
+
+def _fed_ids(pipe, prompts: list[str], max_length: int):
+    """The ids FluxPipeline.encode_prompt passes to CLIP and T5, and the embeddings it returns."""
+    seen = {}
+
+    def hook(name):
+        def record(module, args, kwargs):
+            seen[name] = (args[0] if args else kwargs["input_ids"]).numpy()
+
+        return record
+
+    handles = [
+        pipe.text_encoder.register_forward_pre_hook(hook("clip"), with_kwargs=True),
+        pipe.text_encoder_2.register_forward_pre_hook(hook("t5"), with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            t5_embeds, pooled, _ = pipe.encode_prompt(prompts, None, max_sequence_length=max_length)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen["clip"], seen["t5"], t5_embeds, pooled
+
+
+@pytest.mark.parametrize("max_length", [256, 512])
+def test_token_ids_equal_flux_pipeline(tiny_schnell, flux_pipe, max_length):
+    clip_tok, t5_tok = load_tokenizers(tiny_schnell)
+    prompts = PROMPTS + [" ".join(CORPUS * 2)]
+    ref_clip, ref_t5, _, _ = _fed_ids(flux_pipe, prompts, max_length)
+    ours_clip, ours_t5 = clip_ids(clip_tok, prompts), t5_ids(t5_tok, prompts, max_length)
+    assert ours_clip.dtype == ours_t5.dtype == np.int32
+    assert ours_clip.shape == (len(prompts), 77) and ours_t5.shape == (len(prompts), max_length)
+    np.testing.assert_array_equal(ours_clip, ref_clip)
+    np.testing.assert_array_equal(ours_t5, ref_t5)
+    # the long prompts really truncate, and short ones really pad
+    assert ours_clip[3, -1] == ours_clip[1, -1] == clip_tok.eos_token_id
+    assert ours_t5[-1, -1] == t5_tok.eos_token_id and (ours_t5[-1] != t5_tok.pad_token_id).all()
+    assert ours_t5[0, -1] == t5_tok.pad_token_id
+
+
+def test_encoders_from_the_pipeline_folder_equal_flux_pipeline(tiny_schnell, flux_pipe):
+    # The real layout: bf16 weights, T5 in two shards, CLIP keys with the text_model. prefix.
+    clip_tok, t5_tok = load_tokenizers(tiny_schnell)
+    _, _, ref_t5, ref_pooled = _fed_ids(flux_pipe, PROMPTS, 256)
+    ours_clip = _load(clip, clip.CLIPTextConfig, clip.CLIPTextModel, tiny_schnell / "text_encoder")
+    ours_t5 = _load(t5, t5.T5Config, t5.T5Encoder, tiny_schnell / "text_encoder_2")
+    assert _max_diff(ours_t5(mx.array(t5_ids(t5_tok, PROMPTS, 256))), ref_t5) < F32_ATOL
+    assert _max_diff(ours_clip(mx.array(clip_ids(clip_tok, PROMPTS)))[1], ref_pooled) < F32_ATOL
+
+
+def test_missing_tokenizer_file_is_named(tiny_schnell, tmp_path):
+    for sub in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(tiny_schnell / sub, tmp_path / sub)
+    (tmp_path / "tokenizer" / "merges.txt").unlink()
+    with pytest.raises(MfluxError, match="tokenizer: missing tokenizer file merges.txt"):
+        load_tokenizers(tmp_path)
+    shutil.copytree(tiny_schnell / "tokenizer", tmp_path / "tokenizer", dirs_exist_ok=True)
+    for f in ("tokenizer.json", "spiece.model"):
+        (tmp_path / "tokenizer_2" / f).unlink()
+    with pytest.raises(MfluxError, match="tokenizer_2: missing tokenizer file tokenizer.json"):
+        load_tokenizers(tmp_path)
+
+
+def test_token_id_arguments_are_checked(tiny_schnell):
+    clip_tok, t5_tok = load_tokenizers(tiny_schnell)
+    with pytest.raises(InvalidArgument, match="between 1 and 512"):
+        t5_ids(t5_tok, ["a cat"], 513)
+    with pytest.raises(InvalidArgument, match="list of strings"):
+        clip_ids(clip_tok, "a cat")
