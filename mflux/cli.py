@@ -1,0 +1,471 @@
+"""The `mflux` command: one click group whose commands are thin shells over library functions.
+
+mlx, torch, transformers and huggingface_hub are imported inside command bodies only, so `mflux --help`
+stays fast. A user-facing error (MfluxError) prints as `error: <message>` on one line, exit 1.
+"""
+
+import json
+import sys
+from datetime import datetime, timezone
+
+import click
+
+from mflux import __version__
+from mflux.errors import MfluxError
+from mflux.quantization import AFFINE_BITS, GROUP_SIZES, MODES, QUANTIZABLE_COMPONENTS
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class MultiValueOption(click.Option):
+    """An option taking one or more values, in both styles: `--seed 1 2 3` and `--seed 1 --seed 2`.
+
+    Click options take a fixed number of values, so the parser's handler for this option is wrapped to
+    also consume the following arguments up to the next option (negative numbers count as values).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["multiple"] = True
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser, ctx) -> None:
+        super().add_to_parser(parser, ctx)
+        for opt in self.opts:
+            handler = parser._long_opt.get(opt) or parser._short_opt.get(opt)
+            handler.process = _greedy(handler.process)
+
+
+def _greedy(process):
+    def consume(value, state):
+        process(value, state)
+        while state.rargs and _is_value(state.rargs[0]):
+            process(state.rargs.pop(0), state)
+
+    return consume
+
+
+def _is_value(arg: str) -> bool:
+    if not arg.startswith("-"):
+        return True
+    try:
+        float(arg)
+        return True
+    except ValueError:
+        return False
+
+
+class MfluxGroup(click.Group):
+    """The group, with errors as one line: `error: <message>` on stderr and no traceback."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(self.commands)  # in the order a user meets them, not alphabetical
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name or "mflux", complete_var, standalone_mode=False, **extra)
+        except MfluxError as e:
+            _fail(str(e), 1)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except click.exceptions.Abort as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):
+                _fail("interrupted", 130)
+            _fail("aborted", 1)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message())
+            sys.exit(0)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see: {ctx.command_path} --help)" if isinstance(e, click.UsageError) and ctx else ""
+            _fail(e.format_message() + hint, e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int):
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def _not_yet(command: str):
+    raise MfluxError(f"`mflux {command}` is not available yet")
+
+
+def _int_choice(values) -> dict:
+    # click.Choice compares strings on click 8.1; convert after choosing.
+    return {
+        "type": click.Choice([str(v) for v in values]),
+        "callback": lambda ctx, param, v: None if v is None else int(v),
+    }
+
+
+def _check_name(ctx, param, value):
+    if value is None:
+        return None
+    from mflux.store import validate_name
+
+    try:
+        return validate_name(value)
+    except MfluxError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _check_size(ctx, param, value):
+    if value is not None and (value <= 0 or value % 16):
+        raise click.BadParameter(f"{value} is not a positive multiple of 16 (for example 512, 768 or 1024)")
+    return value
+
+
+def _check_prompt(ctx, param, value):
+    if value is not None and not value.strip():
+        raise click.BadParameter("the prompt is empty")
+    return value
+
+
+def _check_components(ctx, param, value):
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in parts if p not in QUANTIZABLE_COMPONENTS]
+    if bad or not parts:
+        raise click.BadParameter(
+            f"{', '.join(bad) or 'nothing'} is not quantizable (choose from {', '.join(QUANTIZABLE_COMPONENTS)})"
+        )
+    return tuple(parts)
+
+
+@click.group(name="mflux", cls=MfluxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mflux")
+def cli():
+    """FLUX.1 text-to-image on Apple MLX, with a local model store ($MFLUX_HOME, default ~/.mflux).
+
+    \b
+    Examples:
+      mflux pull schnell
+      mflux run --model schnell-q8 --prompt "Luxury food photograph"
+      mflux list
+    """
+
+
+@cli.command()
+@click.argument("model_or_repo", metavar="MODEL_OR_REPO")
+@click.option(
+    "--name", callback=_check_name, help="Store name (default: the catalog name, or the repo's name)."
+)
+@click.option("--revision", help="Branch, tag or commit (default: the catalog's pinned commit, else main).")
+@click.option("--dry-run", is_flag=True, help="Print the files and the total size; download nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
+def pull(model_or_repo, name, revision, dry_run, force):
+    """Download a model from the Hugging Face Hub into the store.
+
+    MODEL_OR_REPO is a catalog name (see: mflux list --available) or a Hub repo in FLUX.1 diffusers
+    layout (org/name).
+
+    \b
+    Examples:
+      mflux pull schnell
+      mflux pull dev --dry-run
+      mflux pull some-org/flux-finetune --name finetune
+    """
+    _not_yet("pull")
+
+
+@cli.command()
+@click.option("--prompt", required=True, callback=_check_prompt, help="What to draw.")
+@click.option("--model", "-m", help="A store model; `<name>-q<bits>` quantizes a stored <name> at load time.")
+@click.option("--path", type=click.Path(file_okay=False), help="Run a model folder that is not in the store.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default="image.png",
+    show_default=True,
+    help="The image file; an existing file is never overwritten.",
+)
+@click.option(
+    "--seed",
+    cls=MultiValueOption,
+    type=int,
+    metavar="SEED...",
+    help="One or more seeds, one image each (default: time-based).",
+)
+@click.option(
+    "--height", type=int, default=1024, show_default=True, callback=_check_size, help="A multiple of 16."
+)
+@click.option(
+    "--width", type=int, default=1024, show_default=True, callback=_check_size, help="A multiple of 16."
+)
+@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps (default: schnell 4, dev 25).")
+@click.option("--guidance", type=float, help="Guidance scale, dev only (default 3.5).")
+@click.option("--quantize", "-q", **_int_choice(AFFINE_BITS), help="Quantize at load time to this many bits.")
+@click.option(
+    "--lora-paths",
+    cls=MultiValueOption,
+    type=click.Path(dir_okay=False),
+    metavar="PATH...",
+    help="LoRA .safetensors files to apply.",
+)
+@click.option(
+    "--lora-scales",
+    cls=MultiValueOption,
+    type=float,
+    metavar="SCALE...",
+    help="One scale per LoRA (default 1.0).",
+)
+@click.option("--metadata", is_flag=True, help="Also write the parameters to <output stem>.json.")
+@click.option("--precision", type=click.Choice(DTYPES), help="Default: float32 on a CPU, else bfloat16.")
+@click.option("--no-pull", is_flag=True, help="Never download: fail if the model is not in the store.")
+@click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")
+def run(
+    prompt,
+    model,
+    path,
+    output,
+    seed,
+    height,
+    width,
+    steps,
+    guidance,
+    quantize,
+    lora_paths,
+    lora_scales,
+    metadata,
+    precision,
+    no_pull,
+    verbose,
+):
+    """Generate images from a prompt.
+
+    \b
+    Examples:
+      mflux run --model schnell-q8 --prompt "Luxury food photograph"
+      mflux run -m dev --prompt "A lighthouse at dusk" --steps 20 --seed 1 2 3
+      mflux run --path ./FLUX.1-schnell --prompt "A cat" --height 512 --width 768
+    """
+    _not_yet("run")
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per model.")
+@click.option("--available", is_flag=True, help="Show the models `mflux pull` knows, with download sizes.")
+def list_(as_json, available):
+    """List the models in the store.
+
+    \b
+    Examples:
+      mflux list
+      mflux list --json
+      mflux list --available
+    """
+    from mflux.store import Store
+
+    store = Store()
+    if available:
+        _list_available(store, as_json)
+        return
+    models = store.list()
+    if as_json:
+        click.echo(json.dumps([_model_json(m) for m in models], indent=2))
+    else:
+        rows = [("NAME", "FORMAT", "QUANT", "SIZE", "MODIFIED")]
+        rows += [_model_row(m) for m in models]
+        click.echo(_columns(rows))
+    for name, why in store.broken().items():
+        click.echo(f"warning: {name} is not a usable model: {why}", err=True)
+
+
+def _model_json(m) -> dict:
+    from mflux.manifest import quantization_summary
+
+    man = m.manifest
+    return {
+        "name": m.name,
+        "format": man.format,
+        "variant": man.variant,
+        "family": man.family,
+        "dtype": man.dtype,
+        "quantization": quantization_summary(man.quantization),
+        "size_bytes": m.size_bytes,
+        "modified": m.modified.isoformat(timespec="seconds"),
+        "source": man.source,
+        "path": str(m.path),
+    }
+
+
+def _model_row(m) -> tuple:
+    from mflux.manifest import quantization_label
+    from mflux.store import format_size
+
+    man = m.manifest
+    return (
+        m.name,
+        man.format,
+        quantization_label(man.quantization),
+        format_size(m.size_bytes),
+        _ago(m.modified),
+    )
+
+
+def _list_available(store, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from mflux.catalog import catalog
+    from mflux.store import format_size
+
+    entries = catalog().values()
+    if as_json:
+        click.echo(json.dumps([{**asdict(e), "stored": store.exists(e.name)} for e in entries], indent=2))
+        return
+    rows = [("NAME", "REPO", "DOWNLOAD", "GATED", "LICENSE", "STORED")]
+    for e in entries:
+        size = f"~{format_size(e.download_size_bytes)}"
+        rows.append((e.name, e.repo, size, "yes" if e.gated else "no", e.license, _yes(store.exists(e.name))))
+    click.echo(_columns(rows))
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def _columns(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _ago(when: datetime) -> str:
+    seconds = max(0, (datetime.now(timezone.utc) - when).total_seconds())
+    for unit, size in (
+        ("year", 365 * 86400),
+        ("month", 30 * 86400),
+        ("week", 7 * 86400),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+    ):
+        n = int(seconds // size)
+        if n >= 1:
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"
+
+
+@cli.command("inspect")
+@click.argument("target", metavar="NAME|PATH")
+@click.option("--tensors", is_flag=True, help="List every tensor's name, shape and dtype.")
+@click.option("--verify", is_flag=True, help="Re-hash every file against the manifest; exit 1 on a mismatch.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_(target, tensors, verify, as_json):
+    """Show a model's manifest, sizes, dtypes and quantization.
+
+    A store model's name is taken as that model; anything else as a path: a model folder
+    (diffusers or MLX layout) or a single .safetensors file.
+
+    \b
+    Examples:
+      mflux inspect schnell
+      mflux inspect schnell-q8 --verify
+      mflux inspect ./flux1-dev.safetensors --tensors --json
+    """
+    from mflux.inspector import format_inspect, inspect
+
+    report = inspect(target, tensors=tensors, verify=verify)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_inspect(report))
+    if verify and not report["verify"]["ok"]:
+        bad = report["verify"]["mismatches"]
+        shown = "; ".join(f"{m['path']}: {m['problem']}" for m in bad[:3])
+        raise MfluxError(
+            f"{len(bad)} of {report['verify']['files']} files do not match the manifest ({shown}); the model "
+            "was damaged or changed: remove it and pull or convert it again"
+        )
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+def rm(names, yes):
+    """Remove models from the store, and report the space freed.
+
+    Asks for confirmation only when stdin is a terminal.
+
+    \b
+    Examples:
+      mflux rm dev-q4
+      mflux rm schnell schnell-q8 -y
+    """
+    from mflux.store import Store, format_size
+
+    store = Store()
+    for name in names:
+        if not store.path(name).is_dir():
+            store.get(name)  # raises: unknown model, with close names
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Remove {', '.join(names)} from {store.root}?", abort=True)
+    freed = store.remove(names)
+    click.echo(f"removed {', '.join(dict.fromkeys(names))} (freed {format_size(freed)})")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--name", callback=_check_name, help="Store name (default: <source name>-mlx).")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="bfloat16",
+    show_default=True,
+    help="Weights dtype (T5 stays in bfloat16 or float32: float16 overflows in it).",
+)
+@click.option(
+    "--base",
+    help="For a single-file transformer: where the text encoders and VAE come from "
+    "(schnell, dev, or a folder).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
+def convert(source, name, dtype, base, force):
+    """Convert weights to the MLX-native format, as a new store model.
+
+    SOURCE is a store model of format hf, a diffusers-layout folder, or a Black Forest Labs
+    single-file checkpoint (.safetensors).
+
+    \b
+    Examples:
+      mflux convert schnell
+      mflux convert ./flux1-dev.safetensors --base dev --name my-dev
+    """
+    _not_yet("convert")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--bits", **_int_choice(AFFINE_BITS), help="Bits per weight (affine).")
+@click.option("--group-size", **_int_choice(GROUP_SIZES), help="Weights per scale (affine; default 64).")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="affine",
+    show_default=True,
+    help="affine, or an fp mode with its own bits and group size.",
+)
+@click.option(
+    "--name", callback=_check_name, help="Store name (default: <model>-q<bits>, or <model>-<mode>)."
+)
+@click.option("--dtype", type=click.Choice(DTYPES), help="Dtype of the scales and unquantized layers.")
+@click.option(
+    "--components",
+    callback=_check_components,
+    metavar="LIST",
+    help=f"Comma-separated, from {', '.join(QUANTIZABLE_COMPONENTS)} (default: all).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
+def quantize(model, bits, group_size, mode, name, dtype, components, force):
+    """Quantize a stored model into a new store model.
+
+    MODEL defaults to the model most recently pulled, converted or quantized.
+
+    \b
+    Examples:
+      mflux quantize schnell --bits 8
+      mflux quantize dev --bits 4 --components transformer,text_encoder_2
+      mflux quantize dev --mode mxfp4
+    """
+    _not_yet("quantize")
+
+
+def main() -> None:
+    cli.main(prog_name="mflux")

@@ -1,0 +1,331 @@
+"""`mflux inspect`: what a model or a safetensors file holds, read from headers only (no tensor data).
+
+A quantized weight is one with `<path>.scales` beside `<path>.weight`, as MLX stores it: the weight is
+packed into uint32 (`in * bits / 32` columns), and scales (and, for affine, biases) hold one value per
+group. Its parameter count is the unpacked `out * in`; bits per weight count every stored byte.
+"""
+
+import importlib.util
+import math
+from collections import Counter
+from pathlib import Path
+
+from mflux.errors import InvalidArgument, MfluxError
+from mflux.manifest import (
+    MANIFEST,
+    architecture_from_hf,
+    quantization_summary,
+    read_manifest,
+    sha256_file,
+    variant_of,
+)
+from mflux.quantization import AFFINE_BITS, FP_MODES
+from mflux.store import Store, format_size, validate_name
+from mflux.weights import _DTYPES, BYTES_PER_ELEMENT, SafetensorsFile, refuse_pickle
+
+_LORA_MARKS = ("lora_A", "lora_B", "lora_down", "lora_up")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_FLOATS = ("F32", "F16", "BF16")
+
+
+def inspect(target: str, *, tensors: bool = False, verify: bool = False) -> dict:
+    """Describe a store model (by name), a model folder, or a single .safetensors file.
+
+    Returns the manifest's fields under their own names (when there is a manifest), and per component
+    the tensor and parameter counts, bytes, dtypes and quantization; `tensors` adds every tensor's name,
+    shape and dtype; `verify` re-hashes the files against the manifest."""
+    path = _resolve(target)
+    if path.is_dir():
+        return _inspect_folder(path, tensors, verify)
+    if verify:
+        raise MfluxError(f"{path}: --verify needs a model folder with a {MANIFEST} (a single file has none)")
+    return _inspect_file(path, tensors)
+
+
+def _resolve(target: str) -> Path:
+    store = Store()
+    try:
+        is_name = validate_name(target) == target
+    except InvalidArgument:
+        is_name = False
+    if is_name and store.exists(target):
+        return store.path(target)
+    path = Path(target).expanduser()
+    if path.exists():
+        return path
+    if is_name:
+        store.get(target)  # raises: unknown model, with close names
+    raise MfluxError(f"{target}: no such model, folder or file (see: mflux list)")
+
+
+def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
+    manifest = read_manifest(path) if (path / MANIFEST).is_file() else None
+    report: dict = {"path": str(path), "kind": "model" if manifest else "folder"}
+    quantization = {}
+    if manifest:
+        report.update(manifest.to_dict())
+        report["quantization"] = quantization_summary(manifest.quantization)
+        quantization = manifest.quantization or {}
+    else:
+        try:  # a diffusers-layout folder that mflux did not write
+            report.update(format="hf", variant=variant_of(architecture_from_hf(path)))
+        except MfluxError:
+            pass
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(path.rglob("*.safetensors")):
+        rel = f.relative_to(path)
+        if not any(part.startswith(".") for part in rel.parts):
+            groups.setdefault(rel.parts[0] if len(rel.parts) > 1 else ".", []).append(f)
+    if not groups:
+        raise MfluxError(f"{path}: no .safetensors files found (is this a model folder?)")
+    dtype = manifest.dtype if manifest else None
+    report["components"] = {
+        c: _component([SafetensorsFile(f) for f in files], quantization.get(c), dtype, tensors)
+        for c, files in groups.items()
+    }
+    report["total"] = _total(report["components"])
+    if verify:
+        if manifest is None:
+            raise MfluxError(
+                f"{path} has no {MANIFEST} to verify against (--verify works on models mflux stored)"
+            )
+        report["verify"] = _verify(path, manifest.files)
+    return report
+
+
+def _inspect_file(path: Path, tensors: bool) -> dict:
+    refuse_pickle(path)
+    if path.suffix != ".safetensors":
+        raise MfluxError(f"{path}: not a .safetensors file or a model folder")
+    sf = SafetensorsFile(path)
+    keys = sf.keys()
+    if any(mark in k for k in keys for mark in _LORA_MARKS):
+        inspect_lora = _lora_inspector()
+        if inspect_lora is not None:
+            return inspect_lora(path, tensors=tensors)
+    report = {"path": str(path), "kind": "safetensors", "layout": _layout(keys), "metadata": sf.metadata}
+    report["components"] = {path.name: _component([sf], None, None, tensors)}
+    report["total"] = _total(report["components"])
+    return report
+
+
+def _lora_inspector():
+    # LoRA files get their own report from mflux.lora, where that module exists.
+    if importlib.util.find_spec("mflux.lora") is None:
+        return None
+    from mflux import lora
+
+    return getattr(lora, "inspect_lora", None)
+
+
+def _layout(keys: list[str]) -> str | None:
+    if any(mark in k for k in keys for mark in _LORA_MARKS):
+        return "lora"
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        return "bfl-transformer"
+    if any(k.startswith("transformer_blocks.") for k in keys):
+        return "diffusers-transformer"
+    return None
+
+
+def _component(files: list[SafetensorsFile], quant: dict | None, dtype: str | None, tensors: bool) -> dict:
+    entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+    stored = 0
+    for sf in files:
+        for name, (dt, shape, (begin, end)) in sf.tensors.items():
+            entries[name] = (dt, shape)
+            stored += end - begin
+    params, qparams, qbytes = 0, 0, 0
+    quantized: Counter = Counter()
+    for name, (_, shape) in entries.items():
+        layer, _, leaf = name.rpartition(".")
+        is_quantized = f"{layer}.scales" in entries and f"{layer}.weight" in entries
+        if is_quantized and leaf in ("scales", "biases"):
+            continue  # counted with their weight
+        if is_quantized and leaf == "weight":
+            spec = _spec(layer, shape, entries, quant)
+            n = math.prod(shape[:-1]) * shape[-1] * 32 // spec[0]
+            quantized[spec] += 1
+            params += n
+            qparams += n
+            qbytes += sum(
+                _nbytes(*entries[f"{layer}.{x}"])
+                for x in ("weight", "scales", "biases")
+                if f"{layer}.{x}" in entries
+            )
+        else:
+            params += math.prod(shape)
+    out = {
+        "files": len(files),
+        "tensor_count": len(entries),
+        "parameters": params,
+        "bytes": stored,
+        "dtypes": dict(sorted(Counter(_DTYPES[dt][1] for dt, _ in entries.values()).items())),
+        "bits_per_weight": round(stored * 8 / params, 3) if params else 0.0,
+        "quantized_tensors": sum(quantized.values()),
+        "quantization": [
+            {"bits": b, "group_size": g, "mode": m, "tensors": n}
+            for (b, g, m), n in sorted(quantized.items())
+        ],
+    }
+    if quantized:
+        # at the model's dtype, or else at that of the scales (affine keeps them in the source dtype)
+        scales = next(dt for k, (dt, _) in entries.items() if k.endswith(".scales"))
+        itemsize = _ITEMSIZE.get(dtype or "") or (BYTES_PER_ELEMENT[scales] if scales in _FLOATS else 2)
+        out["unquantized_bytes"] = stored - qbytes + qparams * itemsize
+    if tensors:
+        out["tensors"] = [
+            {"name": k, "shape": list(s), "dtype": _DTYPES[d][1]} for k, (d, s) in sorted(entries.items())
+        ]
+    return out
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * BYTES_PER_ELEMENT[dtype]
+
+
+def _spec(layer: str, weight_shape, entries: dict, quant: dict | None) -> tuple[int, int, str]:
+    """(bits, group_size, mode) of a quantized layer: from the manifest, else inferred from the shapes."""
+    if quant:
+        q = {**quant, **quant.get("layers", {}).get(layer, {})}
+        return int(q["bits"]), int(q.get("group_size", 64)), q.get("mode", "affine")
+    packed, groups = weight_shape[-1], entries[f"{layer}.scales"][1][-1]
+    if f"{layer}.biases" in entries:  # affine; bits * group_size is all the shapes tell, so prefer 64
+        candidates = [(b, g, "affine") for g in (64, 32, 128) for b in AFFINE_BITS]
+    else:
+        candidates = [(b, g, m) for m, (b, g) in FP_MODES.items()]
+    for bits, group_size, mode in candidates:
+        if packed * 32 == groups * group_size * bits:
+            return bits, group_size, mode
+    raise MfluxError(
+        f"{layer}: a quantized weight of shape {tuple(weight_shape)} matches no known quantization"
+    )
+
+
+def _total(components: dict) -> dict:
+    params = sum(c["parameters"] for c in components.values())
+    stored = sum(c["bytes"] for c in components.values())
+    return {"parameters": params, "bytes": stored}
+
+
+def _verify(path: Path, files: list[dict]) -> dict:
+    mismatches = []
+    for f in files:
+        p = path / f["path"]
+        if not p.is_file():
+            mismatches.append({"path": f["path"], "problem": "missing"})
+        elif p.stat().st_size != f["size"]:
+            mismatches.append(
+                {"path": f["path"], "problem": f"size {p.stat().st_size}, expected {f['size']}"}
+            )
+        elif sha256_file(p) != f["sha256"]:
+            mismatches.append({"path": f["path"], "problem": "sha256 differs"})
+    listed = {f["path"] for f in files} | {MANIFEST}
+    unlisted = sorted(
+        rel for p in path.rglob("*") if p.is_file() and (rel := p.relative_to(path).as_posix()) not in listed
+    )
+    return {"ok": not mismatches, "files": len(files), "mismatches": mismatches, "unlisted": unlisted}
+
+
+def format_inspect(report: dict) -> str:
+    """The report for humans: the manifest, a table of components, and the tensors if listed."""
+    lines = [f"{k:<14}{v}" for k, v in _summary(report)]
+    components = report.get("components") or {}
+    if components:
+        lines += ["", _table(components, report.get("total"))]
+    for name, c in components.items():
+        if "tensors" in c:
+            lines += ["", f"{name}:"]
+            lines += [f"  {t['name']}  {tuple(t['shape'])}  {t['dtype']}" for t in c["tensors"]]
+    if "verify" in report:
+        lines += ["", _verify_line(report["verify"])]
+    return "\n".join(lines)
+
+
+def _summary(report: dict) -> list[tuple[str, str]]:
+    rows = []
+    for key in ("name", "path", "kind", "layout", "family", "variant", "format", "dtype"):
+        if report.get(key) is not None:
+            rows.append((key, str(report[key])))
+    if "quantization" in report:
+        rows.append(("quantization", _quant_text(report["quantization"])))
+    if report.get("source"):
+        rows.append(("source", _source_text(report["source"])))
+    if report.get("created"):
+        rows.append(("created", f"{report['created']} by mflux {report.get('mflux_version', '?')}"))
+    if report.get("defaults"):
+        rows.append(("defaults", ", ".join(f"{k} {v}" for k, v in report["defaults"].items())))
+    if report.get("files"):
+        size = sum(f["size"] for f in report["files"])
+        rows.append(("files", f"{len(report['files'])} ({format_size(size)})"))
+    if report.get("metadata"):
+        rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in report["metadata"].items())[:200]))
+    # Anything else a specialised report (a LoRA's) adds, shown plainly.
+    shown = {k for k, _ in rows} | {"components", "total", "verify", "architecture", "mflux_version"}
+    shown |= {"format_version", "quantization", "source", "created", "defaults", "files", "metadata"}
+    rows += [(k, str(v)) for k, v in report.items() if k not in shown and not isinstance(v, (dict, list))]
+    return rows
+
+
+def _quant_text(q: dict | None) -> str:
+    if not q:
+        return "none"
+    parts = [f"{c} {_spec_text(s)}" for c, s in q.get("components", {}).items()]
+    return ", ".join(parts) or _spec_text(q)
+
+
+def _spec_text(s: dict) -> str:
+    text = f"{s['bits']}-bit {s.get('mode', 'affine')} g{s.get('group_size', 64)}"
+    layers = s.get("layers") or {}
+    return text + (f" ({len(layers)} layers differ)" if layers else "")
+
+
+def _source_text(source: dict) -> str:
+    if source.get("kind") == "hub":
+        return f"hub {source.get('repo')} @ {source.get('commit') or source.get('revision')}"
+    if source.get("kind") == "model":
+        return f"model {source.get('name')}"
+    return f"path {source.get('path')}"
+
+
+def _table(components: dict, total: dict | None) -> str:
+    rows = [("COMPONENT", "PARAMETERS", "SIZE", "BITS/W", "DTYPES", "QUANTIZED")]
+    for name, c in components.items():
+        dtypes = ", ".join(f"{d} ×{n}" for d, n in c["dtypes"].items())
+        quant = ", ".join(f"{q['tensors']} × {_spec_text(q)}" for q in c["quantization"]) or "-"
+        if "unquantized_bytes" in c:
+            quant += f" (unquantized {format_size(c['unquantized_bytes'])})"
+        row = (
+            name,
+            _count(c["parameters"]),
+            format_size(c["bytes"]),
+            f"{c['bits_per_weight']:.2f}",
+            dtypes,
+            quant,
+        )
+        rows.append(row)
+    if total and len(components) > 1:
+        rows.append(("total", _count(total["parameters"]), format_size(total["bytes"]), "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _verify_line(v: dict) -> str:
+    if v["ok"]:
+        extra = (
+            f"; {len(v['unlisted'])} files not in the manifest: {', '.join(v['unlisted'])}"
+            if v["unlisted"]
+            else ""
+        )
+        return f"verify: OK, {v['files']} files match the manifest{extra}"
+    problems = "; ".join(f"{m['path']}: {m['problem']}" for m in v["mismatches"])
+    return (
+        f"verify: FAILED, {len(v['mismatches'])} of {v['files']} files do not match the manifest: {problems}"
+    )
