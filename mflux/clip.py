@@ -103,13 +103,30 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
 
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
 
 class CLIPTextTransformer(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
+        self.eos_token_id = config.eos_token_id
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def __call__(self, input_ids: mx.array) -> tuple[mx.array, mx.array]:
+        x = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))  # (B, L, D)
+        return x, x[mx.arange(x.shape[0]), self.pool_positions(input_ids)]  # (B, L, D), (B, D)
+
+    def pool_positions(self, input_ids: mx.array) -> mx.array:
+        # The legacy eos_token_id 2 (the real FLUX.1 config) pools at argmax(ids): end-of-text has the highest id.
+        # Otherwise transformers pools at the first eos_token_id. argmax returns the first maximum in both.
+        if self.eos_token_id == 2:
+            return mx.argmax(input_ids, axis=-1)
+        return mx.argmax(input_ids == self.eos_token_id, axis=-1)
 
 
 class CLIPTextModel(nn.Module):
@@ -119,19 +136,7 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(config)
 
     def __call__(self, input_ids: mx.array) -> tuple[mx.array, mx.array]:
-        tm = self.text_model
-        x = tm.embeddings(input_ids)  # (B, L, D)
-        for layer in tm.encoder.layers:
-            x = layer(x)
-        x = tm.final_layer_norm(x)
-        return x, x[mx.arange(x.shape[0]), self.pool_positions(input_ids)]  # (B, L, D), (B, D)
-
-    def pool_positions(self, input_ids: mx.array) -> mx.array:
-        # The legacy eos_token_id 2 (the real FLUX.1 config) pools at argmax(ids): end-of-text has the highest id.
-        # Otherwise transformers pools at the first eos_token_id. argmax returns the first maximum in both.
-        if self.config.eos_token_id == 2:
-            return mx.argmax(input_ids, axis=-1)
-        return mx.argmax(input_ids == self.config.eos_token_id, axis=-1)
+        return self.text_model(input_ids)  # (B, L, D), (B, D)
 
 
 def plan(source) -> Plan:

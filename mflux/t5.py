@@ -64,8 +64,8 @@ class T5LayerNorm(nn.Module):
         return self.weight * (x32 * mx.rsqrt(var + self.eps)).astype(self.weight.dtype)
 
 
+# Bidirectional T5 buckets: half for each sign; exact below num_buckets/4, log-spaced up to max_distance.
 def relative_position_bucket(rel: mx.array, num_buckets: int, max_distance: int) -> mx.array:
-    """Bidirectional T5 buckets: half for each sign; exact below num_buckets/4, log-spaced up to max_distance."""
     half = num_buckets // 2
     bucket = (rel > 0).astype(mx.int32) * half
     dist = mx.abs(rel)
@@ -166,6 +166,13 @@ class T5Stack(nn.Module):
         self.block = [T5Block(config, has_relative_bias=i == 0) for i in range(config.num_layers)]
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
+    def __call__(self, x: mx.array) -> mx.array:
+        # block 0 owns the relative position bias; every block reuses it
+        bias = self.block[0].layer[0].SelfAttention.position_bias(x.shape[1])  # (1, H, L, L)
+        for block in self.block:
+            x = block(x, bias)
+        return self.final_layer_norm(x)
+
 
 class T5Encoder(nn.Module):
     def __init__(self, config: T5Config):
@@ -175,12 +182,7 @@ class T5Encoder(nn.Module):
         self.encoder = T5Stack(config)
 
     def __call__(self, input_ids: mx.array) -> mx.array:
-        x = self.shared(input_ids)  # (B, L, D)
-        # block 0 owns the relative position bias; every block reuses it
-        bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(input_ids.shape[1])  # (1, H, L, L)
-        for block in self.encoder.block:
-            x = block(x, bias)
-        return self.encoder.final_layer_norm(x)  # (B, L, D)
+        return self.encoder(self.shared(input_ids))  # (B, L, D)
 
 
 def plan(source) -> Plan:
