@@ -209,10 +209,7 @@ class Flux1:
                 if progress:
                     progress(i, steps)
         with phases("decoding"):
-            vae_cfg = self.folder.architecture["vae"]
-            pixels = pipeline.decode(
-                self._modules["vae"], x, h, w, vae_cfg["scaling_factor"], vae_cfg.get("shift_factor") or 0.0
-            )
+            pixels = pipeline.decode(self._modules["vae"], x, h, w)
         metadata = {
             "prompt": prompt,
             "model": self.model_name,

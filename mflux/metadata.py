@@ -10,7 +10,8 @@ from PIL import Image, PngImagePlugin
 from mflux import __version__
 from mflux.errors import MfluxError
 
-# PNG chunk keyword -> metadata key. Keywords are what exiftool prints as tag names.
+# PNG text chunk keyword -> metadata key. Keywords are what exiftool prints as tag names; add_text
+# writes tEXt (what the A1111 web UI writes) and falls back to iTXt for non-Latin-1 text.
 _FIELDS = {
     "Prompt": "prompt",
     "Model": "model",
@@ -78,9 +79,9 @@ def save_png(image: Image.Image, path: Path, metadata: dict, export_json: bool, 
     info = PngImagePlugin.PngInfo()
     for keyword, key in _FIELDS.items():
         if m.get(key) is not None:
-            info.add_itxt(keyword, str(m[key]))
-    info.add_itxt("parameters", a1111_parameters(m))
-    info.add_itxt("mflux", json.dumps(m, sort_keys=True))
+            info.add_text(keyword, str(m[key]))
+    info.add_text("parameters", a1111_parameters(m))
+    info.add_text("mflux", json.dumps(m, sort_keys=True))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")

@@ -34,17 +34,16 @@ def denoise(
     img_ids = mx.broadcast_to(sampler.image_ids(height, width), (b, latents.shape[1], 3))
     txt_ids = mx.broadcast_to(sampler.text_ids(txt.shape[1]), (b, txt.shape[1], 3))
     g = None if guidance is None else mx.full((b,), guidance, dtype=mx.float32)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        t = mx.full((b,), sigma, dtype=mx.float32)
+    for sigma, sigma_next, t in zip(sigmas[:-1], sigmas[1:], sampler.timesteps(sigmas)):
+        t = mx.full((b,), t, dtype=mx.float32)
         v = flux(latents, img_ids, txt, txt_ids, t, pooled, g)
         latents = sampler.euler_step(latents, v, sigma, sigma_next)
         yield latents
 
 
-def decode(vae, latents: mx.array, height: int, width: int, scaling: float, shift: float) -> np.ndarray:
+def decode(vae, latents: mx.array, height: int, width: int) -> np.ndarray:
     """Packed latents -> uint8 images (B, H, W, 3), rounded as diffusers' image processor does."""
-    z = sampler.unpack(latents, height, width)  # (B, H/8, W/8, 16)
-    z = z / scaling + shift
+    z = vae.unscale(sampler.unpack(latents, height, width))  # (B, H/8, W/8, 16)
     image = vae.decode(z.astype(vae_dtype(vae)))
     image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0, 1)
     return np.array((image * 255).round().astype(mx.uint8))
