@@ -6,7 +6,6 @@ size of that tensor, which is what lets a 16 GB machine convert the 34 GB pipeli
 """
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -83,7 +82,7 @@ class SafetensorsFile:
                     f"{self._data_start + end}); download or copy it again"
                 )
             self.tensors[name] = (dtype, shape, (begin, end))
-        self._mmap = None
+        self._fd: int | None = None
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -94,13 +93,18 @@ class SafetensorsFile:
     def numpy(self, name: str) -> np.ndarray:
         """The tensor's bytes as a numpy array (bfloat16 comes back as uint16), copied out of the file."""
         dtype, shape, (begin, end) = self.tensors[name]
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        start = self._data_start + begin
-        return np.frombuffer(self._mmap[start : self._data_start + end], dtype=_DTYPES[dtype][0]).reshape(
-            shape
-        )
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        # pread, not mmap: mapped pages stay resident and count against the process until unmapped,
+        # so reading a whole file through a map grows memory to the file's size.
+        out = np.empty(end - begin, dtype=np.uint8)
+        done = 0
+        while done < out.size:  # one read returns at most about 2 GB on Linux
+            n = os.preadv(self._fd, [memoryview(out)[done:]], self._data_start + begin + done)
+            if n == 0:
+                raise MfluxError(f"{self.path}: file is truncated (it changed while being read)")
+            done += n
+        return out.view(_DTYPES[dtype][0]).reshape(shape)
 
     def load(self, name: str):
         """One tensor as an mlx array, in the file's own dtype."""
@@ -111,9 +115,9 @@ class SafetensorsFile:
         return arr.view(target) if arr.dtype != target else arr
 
     def close(self) -> None:
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class TensorSource:
