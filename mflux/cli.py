@@ -240,7 +240,26 @@ def run(
       mflux run -m dev --prompt "A lighthouse at dusk" --steps 20 --seed 1 2 3
       mflux run --path ./FLUX.1-schnell --prompt "A cat" --height 512 --width 768
     """
-    _not_yet("run")
+    from mflux.run import run as run_model
+
+    run_model(
+        prompt,
+        model=model,
+        path=path,
+        output=output,
+        seeds=list(seed) or None,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        quantize=quantize,
+        lora_paths=list(lora_paths),
+        lora_scales=list(lora_scales),
+        metadata=metadata,
+        precision=precision,
+        pull=not no_pull,
+        verbose=verbose,
+    )
 
 
 @cli.command("list")
