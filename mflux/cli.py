@@ -447,7 +447,9 @@ def convert(source, name, dtype, base, force):
       mflux convert schnell
       mflux convert ./flux1-dev.safetensors --base dev --name my-dev
     """
-    _not_yet("convert")
+    from mflux.convert import convert as convert_model
+
+    convert_model(source, name=name, dtype=dtype, base=base, force=force)
 
 
 @cli.command()
@@ -483,7 +485,18 @@ def quantize(model, bits, group_size, mode, name, dtype, components, force):
       mflux quantize dev --bits 4 --components transformer,text_encoder_2
       mflux quantize dev --mode mxfp4
     """
-    _not_yet("quantize")
+    from mflux.convert import quantize as quantize_model
+
+    quantize_model(
+        model,
+        bits=bits,
+        group_size=group_size,
+        mode=mode,
+        name=name,
+        dtype=dtype,
+        components=list(components) if components else None,
+        force=force,
+    )
 
 
 def main() -> None:

@@ -1,0 +1,372 @@
+"""`mflux convert` and `mflux quantize`: make an MLX-native store model, streaming tensor by tensor.
+
+The MLX-native format (manifest `format = "mlx"`), one folder in the store:
+
+    manifest.toml        format_version, name, variant, format "mlx", dtype, source, quantization,
+                         defaults, architecture, files (path, size, sha256 of every other file)
+    transformer/         model-00001-of-0000N.safetensors ... + model.safetensors.index.json
+    text_encoder/        (CLIP)   the same
+    text_encoder_2/      (T5)     the same
+    vae/                          the same
+    tokenizer/ tokenizer_2/       copied from the source as they are
+    scheduler/ model_index.json   copied for reference (the manifest's architecture is what is read)
+
+- Tensor names and layouts are the runtime's own, exactly what `loader.iter_weights` yields (BFL names
+  and fused qkv for the transformer, Hugging Face names for T5 and CLIP, diffusers names with OHWI
+  convolutions for the VAE), so loading renames nothing.
+- A quantized layer is stored as MLX keeps it: `<path>.weight` (uint32, packed), `<path>.scales` and,
+  in affine mode, `<path>.biases`. The loader quantizes exactly the layers that have `.scales`.
+- `quantization` holds {bits, group_size, mode} per quantized component (with `layers` overrides where
+  a layer differs). Layers stay in float where `mflux.quantization.should_quantize` says so: the VAE
+  (small and convolutional), norms, biases, T5's relative attention bias, CLIP's position embedding,
+  and any layer whose input width is not a multiple of the group size (MLX's quantized matmul needs it).
+- `dtype` is the dtype of every float tensor (weights, scales, biases). T5 is never stored in float16,
+  which overflows in it: it keeps the source's bfloat16 (or float32), written as the `dtype` key of
+  `architecture.text_encoder_2`, as transformers writes it.
+- `architecture` holds each component's config.json values under Hugging Face's key names (a BFL single
+  file gets the diffusers config derived from its shapes), so there is one form for both formats.
+- `format_version` is checked by mflux.manifest when a model is read: a newer one is refused with a
+  message to upgrade.
+"""
+
+import copy
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mflux.errors import InvalidArgument, MfluxError
+from mflux.manifest import COMPONENTS, DTYPES
+from mflux.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
+
+# Peak memory while writing is about one shard plus one tensor, so shards stay small.
+MAX_SHARD_BYTES = 2**30
+COPIED = ("tokenizer", "tokenizer_2", "scheduler", "model_index.json")
+
+
+@dataclass
+class _Source:
+    folder: object  # loader.ModelFolder: tokenizers, architecture, stored quantization
+    record: dict  # the manifest's `source` table
+    name: str  # default names derive from it
+    path: Path  # what must never be written into
+    transformer_file: Path | None = None  # a BFL single file, replacing the folder's transformer
+
+
+def convert(
+    source: str,
+    *,
+    name: str | None = None,
+    dtype: str = "bfloat16",
+    base: str | None = None,
+    force: bool = False,
+    store=None,
+):
+    """Convert a store model (format hf or mlx), a diffusers-layout folder, or a Black Forest Labs
+    single-file transformer (with `base` for the rest) into an MLX-native store model `name`
+    (default `<source name>-mlx`). Returns the StoredModel."""
+    from mflux.store import Store
+
+    _check_dtype(dtype)
+    store = store or Store()
+    src = _open(source, store, base)
+    name = name or f"{src.name}-mlx"
+    _refuse_self(store, name, src)
+    dtypes = {c: _component_dtype(c, dtype, _source_dtype(src, c)) for c in COMPONENTS}
+    return _write(store, name, force, src, dtype, dtypes, dict.fromkeys(COMPONENTS))
+
+
+def quantize(
+    model: str | None = None,
+    *,
+    bits: int | None = None,
+    group_size: int | None = None,
+    mode: str = "affine",
+    name: str | None = None,
+    dtype: str | None = None,
+    components: list[str] | None = None,
+    force: bool = False,
+    store=None,
+):
+    """Quantize a store model or folder (hf or unquantized mlx) into a new MLX-native store model `name`
+    (default `<model>-q<bits>`, or `<model>-<mode>` for fp modes), in one pass. `model` defaults to the
+    model most recently pulled, converted or quantized. Returns the StoredModel."""
+    from mflux.store import Store
+
+    spec = QuantSpec.for_mode(mode, bits, group_size)
+    if dtype is not None:
+        _check_dtype(dtype)
+    chosen = _components(components)
+    store = store or Store()
+    if model is None:
+        model = store.last_used()
+        if model is None:
+            raise MfluxError("no model given and none used yet (name one: mflux quantize MODEL --bits 4)")
+        print(f"quantizing {model} (the model used last)")
+    src = _open(model, store, None)
+    if src.folder.quantization:
+        raise MfluxError(
+            f"{src.name} is already quantized ({_label(src.folder.quantization)}); quantize its unquantized "
+            "source instead"
+        )
+    name = name or (f"{src.name}-q{spec.bits}" if spec.mode == "affine" else f"{src.name}-{spec.mode}")
+    _refuse_self(store, name, src)
+    source_dtype = _source_dtype(src, "transformer")
+    dtypes = {
+        c: _component_dtype(c, dtype, _source_dtype(src, c)) if dtype else _source_dtype(src, c)
+        for c in COMPONENTS
+    }
+    specs = {c: spec if c in chosen else None for c in COMPONENTS}
+    return _write(store, name, force, src, dtype or source_dtype, dtypes, specs)
+
+
+def _write(store, name: str, force: bool, src: _Source, dtype: str, dtypes: dict, specs: dict):
+    """Write every component, quantizing it under specs[c]; a component the source stores quantized
+    stays as it is, and its quantization is carried into the new manifest."""
+    from mflux.manifest import new_manifest, write_manifest
+    from mflux.weights import save_shards
+
+    carried = _stored_quantization(src)
+    quantization = {**carried, **{c: s.to_dict() for c, s in specs.items() if s is not None}}
+    reports = []
+    with store.build(name, force=force, size_hint=_size(src)) as tmp:
+        for c in COMPONENTS:
+            counted = _Counter(_weights(src, c, dtypes[c], specs[c]), _spec(quantization.get(c)))
+            save_shards(iter(counted), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
+            if counted.quantized:
+                reports.append(f"{c}: {counted.bits_per_weight:.2f} bits/weight")
+        for rel in COPIED:
+            _copy(src.folder.path / rel, tmp / rel)
+        arch = _architecture(src, dtypes)
+        manifest = new_manifest(
+            tmp,
+            name=name,
+            format="mlx",
+            dtype=dtype,
+            source=src.record,
+            quantization=quantization,
+            architecture=arch,
+        )
+        write_manifest(tmp, manifest)
+    stored = store.get(name)
+    for line in reports:
+        print(line)
+    from mflux.store import format_size
+
+    print(f"stored {name} ({format_size(stored.size_bytes)}) in {stored.path}")
+    return stored
+
+
+def _open(source: str, store, base: str | None) -> _Source:
+    """A store model or folder; or a BFL single file, with `base` giving the other components."""
+    from mflux.loader import open_folder
+    from mflux.weights import refuse_pickle
+
+    path = Path(source).expanduser()
+    if path.is_file() or path.suffix.lower() in (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl"):
+        refuse_pickle(path)
+        if not path.is_file():
+            raise MfluxError(f"{path}: no such file")
+        return _open_single_file(path, store, base)
+    if base is not None:
+        raise InvalidArgument("--base applies to a single-file transformer checkpoint only; drop it")
+    if _is_name(source) and store.exists(source):
+        stored = store.get(source)
+        folder = open_folder(stored.path, name=stored.name)
+        return _Source(folder, {"kind": "model", "name": stored.name}, stored.name, stored.path.resolve())
+    if path.is_dir():
+        folder = open_folder(path)
+        return _Source(folder, {"kind": "path", "path": str(path.resolve())}, folder.name, path.resolve())
+    if _is_name(source):
+        store.get(source)  # the unknown-model error, with close names
+    raise MfluxError(f"{source}: no such model, folder or file (see: mflux list)")
+
+
+def _open_single_file(path: Path, store, base: str | None) -> _Source:
+    from mflux.converters import bfl
+    from mflux.weights import TensorSource
+
+    source = TensorSource([path])
+    try:
+        plan = bfl.plan(source)
+        plan.check(source.keys(), str(path))
+        variant = bfl.detect_variant(source)
+    finally:
+        source.close()
+    if base is None:
+        raise MfluxError(
+            f"{path.name} holds only the transformer: give the text encoders, VAE and tokenizers with "
+            f"--base {variant} (a store model) or --base PATH (a FLUX.1 {variant} folder)"
+        )
+    b = _open(base, store, None)
+    if b.folder.variant != variant:
+        has = "has" if variant == "dev" else "has no"
+        raise MfluxError(
+            f"{path.name} is a {variant} transformer (it {has} guidance_in) but base {base!r} is "
+            f"{b.folder.variant} (pass --base {variant})"
+        )
+    record = {"kind": "path", "path": str(path.absolute()), "base": base}
+    return _Source(b.folder, record, path.stem, b.path, transformer_file=path.resolve())
+
+
+def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
+    import mlx.core as mx
+
+    from mflux.loader import cast_and_quantize, iter_weights
+
+    if component != "transformer" or src.transformer_file is None:
+        yield from iter_weights(src.folder, component, getattr(mx, dtype), spec)
+        return
+    from mflux.converters import bfl
+    from mflux.converters.plan import execute
+    from mflux.weights import TensorSource
+
+    source = TensorSource([src.transformer_file])
+    try:
+        yield from cast_and_quantize(component, execute(bfl.plan(source), source), getattr(mx, dtype), spec)
+    finally:
+        source.close()
+
+
+class _Counter:
+    """Passes tensors through, counting stored bits and the float weights they stand for."""
+
+    def __init__(self, tensors, spec: QuantSpec | None):
+        self.tensors, self.spec = tensors, spec
+        self.bits = self.weights = self.quantized = 0
+
+    def __iter__(self):
+        import mlx.core as mx
+
+        for name, arr in self.tensors:
+            mx.clear_cache()  # a written shard's buffers go back to the system, not to MLX's cache
+            self.bits += arr.nbytes * 8
+            if self.spec is not None and name.endswith(".weight") and arr.dtype.size == 4 and _packed(arr):
+                self.weights += arr.size * 32 // self.spec.bits
+                self.quantized += 1
+            elif not name.endswith((".scales", ".biases")) or self.spec is None:
+                self.weights += arr.size
+            yield name, arr
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / max(self.weights, 1)
+
+
+def _packed(arr) -> bool:
+    import mlx.core as mx
+
+    return arr.dtype == mx.uint32
+
+
+def _stored_quantization(src: _Source) -> dict:
+    q = dict(src.folder.quantization or {})
+    if src.transformer_file is not None:  # the base's transformer is replaced by the single file
+        q.pop("transformer", None)
+    return q
+
+
+def _spec(q: dict | None) -> QuantSpec | None:
+    return QuantSpec.from_dict(q) if q else None
+
+
+def _architecture(src: _Source, dtypes: dict) -> dict:
+    arch = copy.deepcopy(src.folder.architecture)
+    if src.transformer_file is not None:
+        from mflux.converters import bfl
+        from mflux.weights import TensorSource
+
+        source = TensorSource([src.transformer_file])
+        arch["transformer"] = bfl.diffusers_config(source)
+        source.close()
+    for c in ("text_encoder", "text_encoder_2"):
+        arch[c]["dtype"] = dtypes[c]  # transformers' own key for the weights' dtype
+        arch[c].pop("torch_dtype", None)
+    # As the manifest keeps configs: no diffusers bookkeeping keys (`_class_name`), no nulls.
+    return {
+        c: {k: v for k, v in d.items() if not k.startswith("_") and v is not None} for c, d in arch.items()
+    }
+
+
+def _source_dtype(src: _Source, component: str) -> str:
+    """The dtype of the component's float tensors, read from the safetensors headers."""
+    from mflux.weights import SafetensorsFile
+
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    if component == "transformer" and src.transformer_file is not None:
+        files = [src.transformer_file]
+    else:
+        files = sorted((src.folder.path / component).glob("*.safetensors"))
+    for f in files:
+        for dtype, _, _ in SafetensorsFile(f).tensors.values():
+            if dtype in names:
+                return names[dtype]
+    return "float32"
+
+
+def _component_dtype(component: str, dtype: str, source_dtype: str) -> str:
+    if component != "text_encoder_2" or dtype != "float16":
+        return dtype
+    kept = source_dtype if source_dtype in ("bfloat16", "float32") else "float32"
+    print(f"warning: T5 (text_encoder_2) is kept in {kept}: float16 overflows in T5", file=sys.stderr)
+    return kept
+
+
+def _components(components: list[str] | None) -> tuple[str, ...]:
+    if components is None:
+        return QUANTIZABLE_COMPONENTS
+    if isinstance(components, str):
+        components = components.split(",")
+    chosen = tuple(c.strip() for c in components if c.strip())
+    bad = [c for c in chosen if c not in QUANTIZABLE_COMPONENTS]
+    if bad or not chosen:
+        what = f"cannot quantize {bad[0]!r}" if bad else "no components given"
+        raise InvalidArgument(
+            f"{what} (choose from {', '.join(QUANTIZABLE_COMPONENTS)}; the VAE stays in float)"
+        )
+    return chosen
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _refuse_self(store, name: str, src: _Source) -> None:
+    from mflux.store import validate_name
+
+    validate_name(name)
+    if store.path(name).resolve() == src.path:
+        raise MfluxError(f"cannot write {name!r} into its own source (choose another --name)")
+
+
+def _is_name(s: str) -> bool:
+    from mflux.store import validate_name
+
+    try:
+        validate_name(s)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _size(src: _Source) -> int:
+    bfl = [src.transformer_file] if src.transformer_file else []
+    skip = ("transformer",) if bfl else ()
+    files = bfl + [
+        p for c in COMPONENTS if c not in skip for p in (src.folder.path / c).glob("*.safetensors")
+    ]
+    return sum(p.stat().st_size for p in files)
+
+
+def _label(quantization: dict) -> str:
+    from mflux.manifest import quantization_label
+
+    return quantization_label(quantization)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    elif src.is_file():
+        shutil.copy2(src, dst)
