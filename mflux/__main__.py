@@ -1,0 +1,3 @@
+from mflux.cli import main
+
+main()

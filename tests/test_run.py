@@ -1,0 +1,204 @@
+"""`mflux run` and the Python API on the tiny checkpoints, through the store and through --path."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mflux import Config, Flux1
+from mflux.cli import cli
+from mflux.errors import MfluxError
+from mflux.manifest import new_manifest, write_manifest
+from mflux.store import Store
+
+PROMPT = "Luxury food photograph"
+
+
+def store_hf_folder(folder: Path, name: str) -> Path:
+    """Put a diffusers-layout folder into the store as format `hf`, as a pull would."""
+    with Store().build(name) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        manifest = new_manifest(
+            tmp, name=name, format="hf", dtype="bfloat16", source={"kind": "path", "path": str(folder)}
+        )
+        write_manifest(tmp, manifest)
+    return Store().path(name)
+
+
+@contextmanager
+def inside(folder: Path):
+    old = os.getcwd()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(old)
+
+
+def invoke(*args, cwd: Path):
+    """Run the CLI in a fresh folder under `cwd`; returns the result and what it wrote there."""
+    with inside(cwd / "out") as out:
+        result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+        files = sorted(p.name for p in out.iterdir())
+        images = {p.name: np.array(Image.open(p)) for p in out.glob("*.png")}
+        texts = {p.name: p.read_text() for p in out.glob("*.json")}
+    return result, files, images, texts
+
+
+def test_api_exactly_as_documented(tiny_schnell, tmp_path, monkeypatch):
+    store_hf_folder(tiny_schnell, "schnell")
+    monkeypatch.chdir(tmp_path)
+    flux = Flux1.from_name("schnell")
+    same = Flux1.from_alias(alias="schnell")
+    flux = Flux1.from_path(
+        str(tiny_schnell), precision="float32", quantize=None, lora_paths=None, lora_scales=None
+    )
+    image = flux.generate_image(
+        seed=2,
+        prompt=PROMPT,
+        config=Config(num_inference_steps=2, height=64, width=64, guidance=3.5),
+        latents=None,
+    )
+    assert isinstance(image.image, Image.Image) and image.image.size == (64, 64)
+    image.save("image.png", export_json_metadata=False)
+    assert Image.open("image.png").text["Prompt"] == PROMPT
+    assert not Path("image.json").exists()
+    # the store model and its alias are the same weights: same seed, same image
+    again = same.generate_image(
+        seed=2, prompt=PROMPT, config=Config(num_inference_steps=2, height=64, width=64)
+    )
+    assert np.array_equal(np.array(again.image), np.array(image.image))
+
+
+def test_max_sequence_length_defaults_per_variant(tiny_schnell, tiny_dev):
+    assert Flux1.from_path(tiny_schnell).folder.defaults["max_sequence_length"] == 256
+    assert Flux1.from_path(tiny_dev).folder.defaults["max_sequence_length"] == 512
+
+
+def test_name_with_bits_quantizes_a_stored_base_at_load_time(tiny_schnell):
+    store_hf_folder(tiny_schnell, "schnell")
+    flux = Flux1.from_name("schnell-q8")
+    assert flux.quantize.bits == 8 and flux.model_name == "schnell-q8"
+    blocks = flux._modules["transformer"].double_blocks[0]
+    assert type(blocks.img_attn.qkv).__name__ == "QuantizedLinear"
+
+
+def test_missing_model_names_mflux_pull():
+    with pytest.raises(MfluxError, match="mflux pull dev"):
+        Flux1.from_name("dev")
+    with pytest.raises(MfluxError, match="did you mean"):
+        Flux1.from_name("shnell")
+
+
+def test_run_writes_one_png_per_seed_with_metadata(tiny_schnell, tmp_path):
+    store_hf_folder(tiny_schnell, "schnell")
+    args = ["run", "-m", "schnell", "--prompt", PROMPT, "--height", "64", "--width", "48", "--steps", "2"]
+    result, files, images, texts = invoke(
+        *args, "--seed", "1", "2", "--seed", "3", "--metadata", cwd=tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    assert files == [f"image_seed_{s}.{ext}" for s in (1, 2, 3) for ext in ("json", "png")]
+    assert not np.array_equal(images["image_seed_1.png"], images["image_seed_2.png"])
+    meta = json.loads(texts["image_seed_2.json"])
+    assert (meta["seed"], meta["steps"], meta["size"], meta["model"]) == (2, 2, "48x64", "schnell")
+
+
+def test_run_never_overwrites(tiny_schnell, tmp_path):
+    args = ["run", "--path", str(tiny_schnell), "--prompt", PROMPT, "--height", "32", "--width", "32"]
+    with inside(tmp_path / "out"):
+        Path("image.png").write_bytes(b"precious")
+        result = CliRunner().invoke(cli, [*args, "--steps", "1", "--seed", "4"])
+        assert result.exit_code == 0, result.output
+        assert "wrote image_1.png" in result.output
+        assert Path("image.png").read_bytes() == b"precious"
+
+
+def test_png_metadata_reads_back_with_exiftool(tiny_dev, tmp_path):
+    exiftool = shutil.which("exiftool")
+    assert exiftool, "exiftool is needed (Debian: libimage-exiftool-perl; .ci/run installs it)"
+    args = ["run", "--path", str(tiny_dev), "--prompt", PROMPT, "--height", "32", "--width", "32"]
+    result, _, _, _ = invoke(
+        *args, "--steps", "2", "--seed", "7", "--guidance", "4.5", "-q", "8", cwd=tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    png = next(tmp_path.rglob("image.png"))
+    tags = json.loads(
+        subprocess.run([exiftool, "-j", str(png)], capture_output=True, text=True, check=True).stdout
+    )[0]
+    assert tags["Prompt"] == PROMPT
+    assert (tags["Seed"], tags["Steps"], tags["Guidance"], tags["Size"]) == (7, 2, 4.5, "32x32")
+    assert tags["Model"] == "tiny_dev-q8" or tags["Model"].endswith("-q8")
+    assert "8-bit" in tags["Quantization"]
+    assert tags["Software"].startswith("mflux ")
+    assert float(tags["DenoisingSeconds"]) > 0
+    # the AUTOMATIC1111 `parameters` chunk: the prompt, then one line of `Key: value` pairs
+    prompt_line, params = Image.open(png).text["parameters"].split("\n")
+    assert prompt_line == PROMPT
+    assert params.startswith("Steps: 2, Sampler: Euler, ") and "Seed: 7" in params and "Size: 32x32" in params
+
+
+def test_guidance_on_schnell_warns(tiny_schnell, tmp_path):
+    args = ["run", "--path", str(tiny_schnell), "--prompt", PROMPT, "--height", "32", "--width", "32"]
+    result, _, _, _ = invoke(*args, "--steps", "1", "--guidance", "5", cwd=tmp_path)
+    assert result.exit_code == 0
+    assert "--guidance applies to dev only" in result.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--height", "30"], "multiple of 16"),
+        (["--width", "0"], "multiple of 16"),
+        (["--steps", "0"], "--steps"),
+        (["--prompt", " "], "prompt is empty"),
+        (["-q", "7"], "'7' is not one of"),
+    ],
+)
+def test_bad_flags_get_one_line(extra, message, tiny_schnell, tmp_path):
+    args = ["run", "--path", str(tiny_schnell), "--prompt", PROMPT, *extra]
+    result, files, _, _ = invoke(*args, cwd=tmp_path)
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert files == []
+
+
+def test_not_a_flux_folder_names_the_missing_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result, _, _, _ = invoke("run", "--path", str(tmp_path / "empty"), "--prompt", PROMPT, cwd=tmp_path)
+    assert result.exit_code == 1
+    assert "missing transformer/config.json" in result.output
+
+
+def test_missing_weights_name_the_missing_tensor(tiny_schnell, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_schnell, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    result, _, _, _ = invoke(
+        "run", "--path", str(broken), "--prompt", PROMPT, "--height", "32", "--width", "32", cwd=tmp_path
+    )
+    assert result.exit_code == 1
+    assert "no .safetensors weights" in result.output
+
+
+def test_unknown_model_and_no_pull_in_a_real_process(tmp_path):
+    env = {
+        "MFLUX_HOME": str(tmp_path / "home"),
+        "PATH": str(Path(sys.executable).parent),
+        "HF_HUB_OFFLINE": "1",
+    }
+    for model, message in [("shnell", "did you mean 'schnell'"), ("dev", "--no-pull")]:
+        cmd = [sys.executable, "-m", "mflux", "run", "-m", model, "--prompt", PROMPT, "--no-pull"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 1
+        assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
