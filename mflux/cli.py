@@ -166,7 +166,11 @@ def pull(model_or_repo, name, revision, dry_run, force):
       mflux pull dev --dry-run
       mflux pull some-org/flux-finetune --name finetune
     """
-    _not_yet("pull")
+    from mflux.hub import pull as hub_pull
+
+    result = hub_pull(model_or_repo, name=name, revision=revision, dry_run=dry_run, force=force)
+    if dry_run:
+        click.echo(result.describe())
 
 
 @cli.command()
