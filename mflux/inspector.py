@@ -78,17 +78,22 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
             groups.setdefault(rel.parts[0] if len(rel.parts) > 1 else ".", []).append(f)
     if not groups:
         raise MfluxError(f"{path}: no .safetensors files found (is this a model folder?)")
+    if verify and manifest is None:
+        raise MfluxError(
+            f"{path} has no {MANIFEST} to verify against (--verify works on models mflux stored)"
+        )
     dtype = manifest.dtype if manifest else None
-    report["components"] = {
-        c: _component([SafetensorsFile(f) for f in files], quantization.get(c), dtype, tensors)
-        for c, files in groups.items()
-    }
+    report["components"] = {}
+    for c, files in groups.items():
+        try:
+            sfs = [SafetensorsFile(f) for f in files]
+            report["components"][c] = _component(sfs, quantization.get(c), dtype, tensors)
+        except MfluxError as e:
+            if not verify:
+                raise
+            report["components"][c] = {"error": str(e)}  # a damaged file: the verify report says more
     report["total"] = _total(report["components"])
     if verify:
-        if manifest is None:
-            raise MfluxError(
-                f"{path} has no {MANIFEST} to verify against (--verify works on models mflux stored)"
-            )
         report["verify"] = _verify(path, manifest.files)
     return report
 
@@ -203,8 +208,8 @@ def _spec(layer: str, weight_shape, entries: dict, quant: dict | None) -> tuple[
 
 
 def _total(components: dict) -> dict:
-    params = sum(c["parameters"] for c in components.values())
-    stored = sum(c["bytes"] for c in components.values())
+    params = sum(c.get("parameters", 0) for c in components.values())
+    stored = sum(c.get("bytes", 0) for c in components.values())
     return {"parameters": params, "bytes": stored}
 
 
@@ -291,6 +296,9 @@ def _source_text(source: dict) -> str:
 def _table(components: dict, total: dict | None) -> str:
     rows = [("COMPONENT", "PARAMETERS", "SIZE", "BITS/W", "DTYPES", "QUANTIZED")]
     for name, c in components.items():
+        if "error" in c:
+            rows.append((name, "?", "?", "", "", c["error"]))
+            continue
         dtypes = ", ".join(f"{d} ×{n}" for d, n in c["dtypes"].items())
         quant = ", ".join(f"{q['tensors']} × {_spec_text(q)}" for q in c["quantization"]) or "-"
         if "unquantized_bytes" in c:
