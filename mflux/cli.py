@@ -86,6 +86,10 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
 def _not_yet(command: str):
     raise MfluxError(f"`mflux {command}` is not available yet")
 
@@ -418,7 +422,7 @@ def rm(names, yes):
     for name in names:
         if not store.path(name).is_dir():
             store.get(name)  # raises: unknown model, with close names
-    if not yes and sys.stdin.isatty():
+    if not yes and _interactive():
         click.confirm(f"Remove {', '.join(names)} from {store.root}?", abort=True)
     freed = store.remove(names)
     click.echo(f"removed {', '.join(dict.fromkeys(names))} (freed {format_size(freed)})")
