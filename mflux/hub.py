@@ -316,7 +316,7 @@ def _download(url: str, f: RemoteFile, partial: Path, headers: dict, progress: b
     done = partial / f.path
     if _size_of(done) == f.size:
         # Verified when it was completed; a small file is rehashed for the manifest.
-        return f.sha256 if f.lfs else _digests(done)[0]
+        return f.sha256 if f.lfs else _digests(done, blob=False)[0]
     part = partial / (f.path + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     if (_size_of(part) or 0) > f.size:
@@ -378,7 +378,7 @@ def _stream(url: str, part: Path, have: int, headers: dict, bar) -> None:
 
 
 def _verify(part: Path, f: RemoteFile) -> str:
-    sha256, blob = _digests(part)
+    sha256, blob = _digests(part, blob=not f.lfs)
     expected, got, kind = (f.sha256, sha256, "sha256") if f.lfs else (f.blob_id, blob, "git blob sha1")
     if got != expected:
         part.unlink()
@@ -389,15 +389,17 @@ def _verify(part: Path, f: RemoteFile) -> str:
     return sha256
 
 
-def _digests(path: Path) -> tuple[str, str]:
-    """(sha256, git blob sha1) of a file, in one read."""
-    sha256 = hashlib.sha256()
-    blob = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+def _digests(path: Path, blob: bool) -> tuple[str, str | None]:
+    """(sha256, git blob sha1 when asked) of a file, in one read."""
+    hashes = [hashlib.sha256()]
+    if blob:
+        hashes.append(hashlib.sha1(b"blob %d\0" % path.stat().st_size))
     with open(path, "rb") as f:
         while chunk := f.read(1 << 23):
-            sha256.update(chunk)
-            blob.update(chunk)
-    return sha256.hexdigest(), blob.hexdigest()
+            for h in hashes:
+                h.update(chunk)
+    digests = [h.hexdigest() for h in hashes]
+    return digests[0], digests[1] if blob else None
 
 
 def _install(store: Store, source: _Source, commit: str, files, sha256s, partial: Path, replace: bool):
@@ -418,11 +420,19 @@ def _install(store: Store, source: _Source, commit: str, files, sha256s, partial
     with store.build(name, force=replace, size_hint=sum(f.size for f in files)) as folder:
         for f in files:
             (folder / f.path).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial / f.path, folder / f.path)
+            _place(partial / f.path, folder / f.path)
         write_manifest(folder, manifest)
     shutil.rmtree(partial, ignore_errors=True)
-    _prune(partial.parent)
     return store.get(name)
+
+
+def _place(src: Path, dst: Path) -> None:
+    # A hard link, so a build that fails (or Ctrl-C) leaves the downloads where a re-run finds them;
+    # a move where links aren't supported. The same disk either way, so nothing is copied.
+    try:
+        os.link(src, dst)
+    except OSError:
+        os.replace(src, dst)
 
 
 def _dtype(folder: Path) -> str:

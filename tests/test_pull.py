@@ -15,7 +15,7 @@ from huggingface_hub import constants, snapshot_download
 from mflux import hub
 from mflux.catalog import catalog
 from mflux.errors import MfluxError
-from mflux.manifest import read_manifest
+from mflux.manifest import read_manifest, write_manifest
 from mflux.store import Store
 from tests.hub_server import COMMIT, GOOD_TOKEN, NO_ACCESS_TOKEN, HubServer
 
@@ -93,6 +93,8 @@ def test_full_pull(server, tiny_schnell, mflux_home, tmp_path):
     assert [m.name for m in Store().list()] == ["schnell"]
     assert not (mflux_home / ".downloads").exists()
     assert {r["token"] for r in server.requests} == {None}
+    # Stored once: `mflux rm` frees what the files take.
+    assert all(p.stat().st_nlink == 1 for p in model.path.rglob("*") if p.is_file())
 
     # The same patterns through the client's own snapshot_download select the same files.
     reference = snapshot_download(
@@ -391,3 +393,35 @@ def test_cli_dry_run_prints_the_files_and_the_total(server, capsys, mflux_home, 
     assert f"schnell: {SCHNELL}@{catalog()['schnell'].revision[:12]}" in out
     assert VAE in out and "5.0 MB  in 23 files" in out
     assert not mflux_home.exists()
+
+
+def test_run_pulls_a_missing_model_then_quantizes_it(server, tmp_path, mflux_home):
+    # The end to end: on an empty store, `mflux run --model schnell-q8` pulls from the Hub.
+    from PIL import Image
+
+    out = tmp_path / "cat.png"
+    command = [sys.executable, "-m", "mflux", "run", "--model", "schnell-q8", "--prompt", "a cat"]
+    command += ["--width", "64", "--height", "64", "--seed", "1", "--output", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "schnell is not in the store; pulling it first" in result.stderr
+    assert "quantizing schnell to 8 bits" in result.stderr
+    assert Image.open(out).size == (64, 64)
+    assert [m.name for m in Store().list()] == ["schnell"]
+    assert Store().get("schnell").manifest.source["repo"] == SCHNELL
+
+
+def test_ctrl_c_while_storing_keeps_the_downloads(server, monkeypatch):
+    def interrupted(folder, manifest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, "write_manifest", interrupted)
+    with pytest.raises(MfluxError, match="pull interrupted; the partial download is kept"):
+        hub.pull("schnell", progress=False)
+    assert Store().list() == []
+
+    monkeypatch.setattr(hub, "write_manifest", write_manifest)
+    before = len(resolves(server))
+    hub.pull("schnell", progress=False)
+    assert len(resolves(server)) == before  # nothing downloaded twice
+    assert [m.name for m in Store().list()] == ["schnell"]
