@@ -9,7 +9,8 @@ Resume: huggingface_hub resumes only within one call, so mflux keeps its own par
 `<store>/.downloads/<org>--<repo>@<commit>/`. There `<path>.part` grows as bytes arrive, survives Ctrl-C
 or a kill, and is continued by a Range request. A complete file is verified against what the Hub gives
 (sha256 for LFS files, the git blob sha1 for small ones) and only then loses its `.part` suffix. When
-every file is there, they move into a `Store.build` folder, which lands atomically with its manifest.
+every file is there, they are hard-linked into a `Store.build` folder, which lands atomically with its
+manifest, and only then is the partial folder removed. A lock file beside it keeps two pulls apart.
 
 Environment: HF_ENDPOINT, HF_TOKEN (or a token saved by `hf auth login`) and HF_HUB_OFFLINE are read
 when `pull` is called, not when huggingface_hub was imported.
