@@ -9,9 +9,11 @@ The runtime keeps BFL's names and fused layouts, so the plan only strips the pre
 carries a VAE or text encoders (a full ComfyUI checkpoint) is refused, naming those keys.
 """
 
+import mlx.utils
 from mflux.converters.plan import Plan, Target
 
 from mflux.errors import MfluxError
+from mflux.model import Flux, FluxParams
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Tensors every FLUX.1 transformer has; their absence means the file is something else.
@@ -39,10 +41,6 @@ def shapes(source) -> dict[str, tuple[int, ...]]:
 
 def plan(source) -> Plan:
     """Map a BFL single file onto the runtime's transformer names (only the prefix is stripped)."""
-    import mlx.utils
-
-    from mflux.model import Flux
-
     keys = source.keys()
     p = prefix(keys)
     _check_transformer_only(keys, p)
@@ -58,10 +56,8 @@ def detect_variant(source) -> str:
     return "dev" if "guidance_in.in_layer.weight" in shapes(source) else "schnell"
 
 
-def params(source):
+def params(source) -> FluxParams:
     """FluxParams from the tensor shapes, refusing sizes that diffusers' FLUX.1 config cannot express."""
-    from mflux.model import FluxParams
-
     found = shapes(source)
     _check_flux(found)
     p = FluxParams.from_shapes(found)

@@ -35,18 +35,26 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mflux.errors import InvalidArgument, MfluxError
-from mflux.manifest import COMPONENTS, DTYPES
-from mflux.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
+import mlx.core as mx
 
-# Peak memory while writing is about one shard plus one tensor, so shards stay small.
+from mflux.converters import bfl
+from mflux.converters.plan import execute
+from mflux.errors import InvalidArgument, MfluxError
+from mflux.loader import ModelFolder, cast_and_quantize, iter_weights, open_folder
+from mflux.manifest import COMPONENTS, DTYPES, new_manifest, quantization_label, write_manifest
+from mflux.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
+from mflux.store import Store, StoredModel, format_size, validate_name
+from mflux.weights import PICKLE_SUFFIXES, SafetensorsFile, TensorSource, refuse_pickle, save_shards
+
+# Peak memory while writing is about one shard plus a few tensors: 1 GiB keeps converting the
+# 34 GB pipeline within a 16 GB machine.
 MAX_SHARD_BYTES = 2**30
 COPIED = ("tokenizer", "tokenizer_2", "scheduler", "model_index.json")
 
 
 @dataclass
 class _Source:
-    folder: object  # loader.ModelFolder: tokenizers, architecture, stored quantization
+    folder: ModelFolder  # tokenizers, architecture, stored quantization
     record: dict  # the manifest's `source` table
     name: str  # default names derive from it
     path: Path  # what must never be written into
@@ -60,13 +68,11 @@ def convert(
     dtype: str = "bfloat16",
     base: str | None = None,
     force: bool = False,
-    store=None,
-):
+    store: Store | None = None,
+) -> StoredModel:
     """Convert a store model (format hf or mlx), a diffusers-layout folder, or a Black Forest Labs
     single-file transformer (with `base` for the rest) into an MLX-native store model `name`
     (default `<source name>-mlx`). Returns the StoredModel."""
-    from mflux.store import Store
-
     _check_dtype(dtype)
     store = store or Store()
     src = _open(source, store, base)
@@ -86,13 +92,11 @@ def quantize(
     dtype: str | None = None,
     components: list[str] | None = None,
     force: bool = False,
-    store=None,
-):
+    store: Store | None = None,
+) -> StoredModel:
     """Quantize a store model or folder (hf or unquantized mlx) into a new MLX-native store model `name`
     (default `<model>-q<bits>`, or `<model>-<mode>` for fp modes), in one pass. `model` defaults to the
     model most recently pulled, converted or quantized. Returns the StoredModel."""
-    from mflux.store import Store
-
     spec = QuantSpec.for_mode(mode, bits, group_size)
     if dtype is not None:
         _check_dtype(dtype)
@@ -106,26 +110,21 @@ def quantize(
     src = _open(model, store, None)
     if src.folder.quantization:
         raise MfluxError(
-            f"{src.name} is already quantized ({_label(src.folder.quantization)}); quantize its unquantized "
+            f"{src.name} is already quantized ({quantization_label(src.folder.quantization)}); quantize its unquantized "
             "source instead"
         )
     name = name or (f"{src.name}-q{spec.bits}" if spec.mode == "affine" else f"{src.name}-{spec.mode}")
     _refuse_self(store, name, src)
-    source_dtype = _source_dtype(src, "transformer")
-    dtypes = {
-        c: _component_dtype(c, dtype, _source_dtype(src, c)) if dtype else _source_dtype(src, c)
-        for c in COMPONENTS
-    }
+    dtypes = {c: _source_dtype(src, c) for c in COMPONENTS}
+    if dtype is not None:
+        dtypes = {c: _component_dtype(c, dtype, d) for c, d in dtypes.items()}
     specs = {c: spec if c in chosen else None for c in COMPONENTS}
-    return _write(store, name, force, src, dtype or source_dtype, dtypes, specs)
+    return _write(store, name, force, src, dtype or dtypes["transformer"], dtypes, specs)
 
 
-def _write(store, name: str, force: bool, src: _Source, dtype: str, dtypes: dict, specs: dict):
+def _write(store: Store, name: str, force: bool, src: _Source, dtype: str, dtypes: dict, specs: dict):
     """Write every component, quantizing it under specs[c]; a component the source stores quantized
     stays as it is, and its quantization is carried into the new manifest."""
-    from mflux.manifest import new_manifest, write_manifest
-    from mflux.weights import save_shards
-
     carried = _stored_quantization(src)
     quantization = {**carried, **{c: s.to_dict() for c, s in specs.items() if s is not None}}
     reports = []
@@ -151,19 +150,14 @@ def _write(store, name: str, force: bool, src: _Source, dtype: str, dtypes: dict
     stored = store.get(name)
     for line in reports:
         print(line)
-    from mflux.store import format_size
-
     print(f"stored {name} ({format_size(stored.size_bytes)}) in {stored.path}")
     return stored
 
 
 def _open(source: str, store, base: str | None) -> _Source:
     """A store model or folder; or a BFL single file, with `base` giving the other components."""
-    from mflux.loader import open_folder
-    from mflux.weights import refuse_pickle
-
     path = Path(source).expanduser()
-    if path.is_file() or path.suffix.lower() in (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl"):
+    if path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         refuse_pickle(path)
         if not path.is_file():
             raise MfluxError(f"{path}: no such file")
@@ -183,14 +177,13 @@ def _open(source: str, store, base: str | None) -> _Source:
 
 
 def _open_single_file(path: Path, store, base: str | None) -> _Source:
-    from mflux.converters import bfl
-    from mflux.weights import TensorSource
-
     source = TensorSource([path])
     try:
         plan = bfl.plan(source)
         plan.check(source.keys(), str(path))
         variant = bfl.detect_variant(source)
+    except MfluxError as e:
+        raise MfluxError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     finally:
         source.close()
     if base is None:
@@ -205,22 +198,14 @@ def _open_single_file(path: Path, store, base: str | None) -> _Source:
             f"{path.name} is a {variant} transformer (it {has} guidance_in) but base {base!r} is "
             f"{b.folder.variant} (pass --base {variant})"
         )
-    record = {"kind": "path", "path": str(path.absolute()), "base": base}
+    record = {"kind": "path", "path": str(path.resolve()), "base": base}
     return _Source(b.folder, record, path.stem, b.path, transformer_file=path.resolve())
 
 
 def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
-    import mlx.core as mx
-
-    from mflux.loader import cast_and_quantize, iter_weights
-
     if component != "transformer" or src.transformer_file is None:
         yield from iter_weights(src.folder, component, getattr(mx, dtype), spec)
         return
-    from mflux.converters import bfl
-    from mflux.converters.plan import execute
-    from mflux.weights import TensorSource
-
     source = TensorSource([src.transformer_file])
     try:
         yield from cast_and_quantize(component, execute(bfl.plan(source), source), getattr(mx, dtype), spec)
@@ -236,12 +221,10 @@ class _Counter:
         self.bits = self.weights = self.quantized = 0
 
     def __iter__(self):
-        import mlx.core as mx
-
         for name, arr in self.tensors:
             mx.clear_cache()  # a written shard's buffers go back to the system, not to MLX's cache
             self.bits += arr.nbytes * 8
-            if self.spec is not None and name.endswith(".weight") and arr.dtype.size == 4 and _packed(arr):
+            if self.spec is not None and name.endswith(".weight") and arr.dtype == mx.uint32:
                 self.weights += arr.size * 32 // self.spec.bits
                 self.quantized += 1
             elif not name.endswith((".scales", ".biases")) or self.spec is None:
@@ -251,12 +234,6 @@ class _Counter:
     @property
     def bits_per_weight(self) -> float:
         return self.bits / max(self.weights, 1)
-
-
-def _packed(arr) -> bool:
-    import mlx.core as mx
-
-    return arr.dtype == mx.uint32
 
 
 def _stored_quantization(src: _Source) -> dict:
@@ -273,9 +250,6 @@ def _spec(q: dict | None) -> QuantSpec | None:
 def _architecture(src: _Source, dtypes: dict) -> dict:
     arch = copy.deepcopy(src.folder.architecture)
     if src.transformer_file is not None:
-        from mflux.converters import bfl
-        from mflux.weights import TensorSource
-
         source = TensorSource([src.transformer_file])
         arch["transformer"] = bfl.diffusers_config(source)
         source.close()
@@ -290,8 +264,6 @@ def _architecture(src: _Source, dtypes: dict) -> dict:
 
 def _source_dtype(src: _Source, component: str) -> str:
     """The dtype of the component's float tensors, read from the safetensors headers."""
-    from mflux.weights import SafetensorsFile
-
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     if component == "transformer" and src.transformer_file is not None:
         files = [src.transformer_file]
@@ -333,16 +305,12 @@ def _check_dtype(dtype: str) -> None:
 
 
 def _refuse_self(store, name: str, src: _Source) -> None:
-    from mflux.store import validate_name
-
     validate_name(name)
     if store.path(name).resolve() == src.path:
         raise MfluxError(f"cannot write {name!r} into its own source (choose another --name)")
 
 
 def _is_name(s: str) -> bool:
-    from mflux.store import validate_name
-
     try:
         validate_name(s)
     except InvalidArgument:
@@ -357,12 +325,6 @@ def _size(src: _Source) -> int:
         p for c in COMPONENTS if c not in skip for p in (src.folder.path / c).glob("*.safetensors")
     ]
     return sum(p.stat().st_size for p in files)
-
-
-def _label(quantization: dict) -> str:
-    from mflux.manifest import quantization_label
-
-    return quantization_label(quantization)
 
 
 def _copy(src: Path, dst: Path) -> None:
