@@ -500,3 +500,15 @@ def reference_image(
             output_type="np",
         )
     return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def store_hf_folder(folder: Path, name: str) -> Path:
+    """Put a diffusers-layout folder into the store as format `hf`, as a pull would."""
+    from mflux.manifest import new_manifest, write_manifest
+    from mflux.store import Store
+
+    with Store().build(name) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        source = {"kind": "path", "path": str(folder)}
+        write_manifest(tmp, new_manifest(tmp, name=name, format="hf", dtype="bfloat16", source=source))
+    return Store().path(name)

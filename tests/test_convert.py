@@ -23,10 +23,10 @@ from mflux.cli import cli
 from mflux.convert import convert
 from mflux.errors import MfluxError
 from mflux.loader import COMPONENTS, build_module, iter_weights, open_folder
-from mflux.manifest import FORMAT_VERSION, MANIFEST, hash_files, new_manifest, write_manifest
+from mflux.manifest import FORMAT_VERSION, MANIFEST, hash_files
 from mflux.store import Store
 from mflux.weights import SafetensorsFile, TensorSource
-from tests.fixtures import packed_latents
+from tests.fixtures import packed_latents, store_hf_folder
 
 PROMPT = "Luxury food photograph"
 SIZE = 32
@@ -45,15 +45,6 @@ def source_image(folder: Path) -> np.ndarray:
     out = image(folder)
     assert out.std() > 10  # not a flat image, so equality means something
     return out
-
-
-def store_hf_folder(folder: Path, name: str) -> Path:
-    """Put a diffusers-layout folder into the store as format `hf`, as a pull would."""
-    with Store().build(name) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        source = {"kind": "path", "path": str(folder)}
-        write_manifest(tmp, new_manifest(tmp, name=name, format="hf", dtype="bfloat16", source=source))
-    return Store().path(name)
 
 
 def write_bfl_twin(folder: Path, path: Path, prefix: str = "", extra: dict | None = None) -> Path:

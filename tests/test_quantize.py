@@ -12,7 +12,8 @@ from mflux.loader import load_component, open_folder
 from mflux.quantization import QuantSpec
 from mflux.store import Store
 from mflux.weights import TensorSource
-from tests.test_convert import assert_refused, image, invoke, store_hf_folder
+from tests.fixtures import store_hf_folder
+from tests.test_convert import assert_refused, image, invoke
 
 
 @pytest.mark.parametrize("variant, bits, via", [("schnell", 4, "hf"), ("dev", 8, "mlx")])

@@ -16,21 +16,9 @@ from PIL import Image
 from mflux import Config, Flux1
 from mflux.cli import cli
 from mflux.errors import MfluxError
-from mflux.manifest import new_manifest, write_manifest
-from mflux.store import Store
+from tests.fixtures import store_hf_folder
 
 PROMPT = "Luxury food photograph"
-
-
-def store_hf_folder(folder: Path, name: str) -> Path:
-    """Put a diffusers-layout folder into the store as format `hf`, as a pull would."""
-    with Store().build(name) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        manifest = new_manifest(
-            tmp, name=name, format="hf", dtype="bfloat16", source={"kind": "path", "path": str(folder)}
-        )
-        write_manifest(tmp, manifest)
-    return Store().path(name)
 
 
 @contextmanager
