@@ -5,7 +5,6 @@ Both formats go through one path: a plan maps checkpoint names onto the module's
 stays near the quantized size. A module is quantized exactly where its weights carry `<path>.scales`.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +12,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import InvalidArgument, MfluxError
+from mflux.manifest import architecture_from_hf, defaults_for, read_manifest, variant_of
 from mflux.quantization import QuantSpec, quantize_model_from_weights, quantize_tensor, should_quantize
 from mflux.weights import TensorSource
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
-_CONFIG_FILES = {
-    "transformer": "transformer/config.json",
-    "text_encoder": "text_encoder/config.json",
-    "text_encoder_2": "text_encoder_2/config.json",
-    "vae": "vae/config.json",
-    "scheduler": "scheduler/scheduler_config.json",
-}
 
 
 @dataclass
@@ -45,8 +38,6 @@ class ModelFolder:
 
     @property
     def defaults(self) -> dict:
-        from mflux.manifest import defaults_for
-
         return defaults_for(self.variant, self.architecture)
 
 
@@ -56,20 +47,10 @@ def open_folder(path: str | Path, name: str | None = None) -> ModelFolder:
     if not path.is_dir():
         raise MfluxError(f"{path}: no such folder (give a FLUX.1 model folder, or a store name with --model)")
     if (path / "manifest.toml").is_file():
-        from mflux.manifest import read_manifest
-
         m = read_manifest(path)
         return ModelFolder(path, m.format, m.variant, m.architecture, m.quantization, m.name)
-    return ModelFolder(path, "hf", *_hf_description(path), None, name or path.name)
-
-
-def _hf_description(path: Path) -> tuple[str, dict]:
-    for component, rel in _CONFIG_FILES.items():
-        if not (path / rel).is_file():
-            raise MfluxError(f"{path} is not a FLUX.1 checkpoint: missing {rel} (for {component})")
-    arch = {c: json.loads((path / rel).read_text()) for c, rel in _CONFIG_FILES.items()}
-    variant = "dev" if arch["transformer"].get("guidance_embeds") else "schnell"
-    return variant, arch
+    arch = architecture_from_hf(path)
+    return ModelFolder(path, "hf", variant_of(arch), arch, None, name or path.name)
 
 
 def build_module(component: str, architecture: dict) -> nn.Module:
