@@ -1,9 +1,17 @@
-"""The FLUX.1 transformer's blocks, in Black Forest Labs' names and fused layouts."""
+"""The FLUX.1 transformer's blocks, in Black Forest Labs' names and fused layouts.
+
+Attention runs in (B, L, H, D) memory order: q, k and v are views of the fused qkv output, the
+attention kernel reads them through strides and writes its output in the same order, so the heads
+merge back into (B, L, H*D) without a copy. The elementwise glue around the matmuls is compiled, so
+each piece is one pass over memory.
+"""
 
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+EPS = 1e-6
 
 
 def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0) -> mx.array:
@@ -16,45 +24,73 @@ def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0)
 
 
 def rope(ids: mx.array, axes_dim: tuple[int, ...], theta: float = 10000.0) -> tuple[mx.array, mx.array]:
-    """cos and sin tables of the rotary embedding for position ids (B, L, n_axes): each (B, 1, L, D/2)."""
+    """Rotary tables for position ids (B, L, n_axes), float32: cos (B, L, 1, D/2, 1) and the signed
+    sin (-sin, sin) as (B, L, 1, D/2, 2), laid out to rotate interleaved pairs (x[2i], x[2i+1])."""
     angles = []
     for i, d in enumerate(axes_dim):
         freqs = 1.0 / theta ** (mx.arange(0, d, 2, dtype=mx.float32) / d)  # (d/2,)
         angles.append(ids[..., i : i + 1].astype(mx.float32) * freqs)  # (B, L, d/2)
-    angles = mx.concatenate(angles, axis=-1)[:, None]  # (B, 1, L, D/2)
-    return mx.cos(angles), mx.sin(angles)
+    angles = mx.concatenate(angles, axis=-1)[:, :, None, :, None]  # (B, L, 1, D/2, 1)
+    sin = mx.sin(angles)
+    return mx.cos(angles), mx.concatenate([-sin, sin], axis=-1)
+
+
+@mx.compile
+def _rotate(pairs: mx.array, swapped: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in float32 as the reference does, rounded once
+    out = pairs.astype(mx.float32) * cos + swapped.astype(mx.float32) * sin
+    return out.astype(pairs.dtype)
+
+
+def rotate(x: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
+    """Apply the rotary tables to x (B, L, H, D), any strides."""
+    B, L, H, D = x.shape
+    pairs = x.reshape(B, L, H, D // 2, 2)
+    return _rotate(pairs, pairs[..., ::-1], *pe).reshape(B, L, H, D)
 
 
 def apply_rope(x: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
-    # Rotates interleaved pairs (x[2i], x[2i+1]). The float32 tables promote the product: rounding
-    # the rotation itself to bfloat16 would blur positions, and the reference keeps it in float32 too.
-    cos, sin = pe
-    B, H, L, D = x.shape
-    x = x.reshape(B, H, L, D // 2, 2)
-    x0, x1 = x[..., 0], x[..., 1]  # (B, H, L, D/2)
-    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-    return out.reshape(B, H, L, D).astype(x.dtype)
+    """`rotate` for heads-first x (B, H, L, D)."""
+    return rotate(x.transpose(0, 2, 1, 3), pe).transpose(0, 2, 1, 3)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
-    B, H, L, D = q.shape
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5)  # (B, H, L, D)
+def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """Attention over (B, L, H, D) views -> (B, L, H*D)."""
+    B, L, H, D = q.shape
+    # The kernel reads heads-first views through strides and writes its output in q's memory
+    # order, so the transpose back and the reshape are free.
+    out = mx.fast.scaled_dot_product_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=D**-0.5
+    )  # (B, H, L, D)
     return out.transpose(0, 2, 1, 3).reshape(B, L, H * D)
 
 
 def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.array]:
     B, L, _ = qkv.shape
-    qkv = qkv.reshape(B, L, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)  # (3, B, H, L, D)
-    return qkv[0], qkv[1], qkv[2]
+    qkv = qkv.reshape(B, L, 3, num_heads, -1)  # a view
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, H, D) each
 
 
-def layer_norm(x: mx.array) -> mx.array:
-    return mx.fast.layer_norm(x, None, None, 1e-6)
+@mx.compile
+def _scale_shift(x: mx.array, scale1: mx.array, shift: mx.array) -> mx.array:
+    return x * scale1 + shift
 
 
-def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-    return layer_norm(x) * (1 + scale) + shift
+def modulate(x: mx.array, shift: mx.array, scale1: mx.array) -> mx.array:
+    """LayerNorm(x) * scale1 + shift, with scale1 = 1 + scale; x (B, L, D), shift and scale1 (B, D)."""
+    if x.shape[0] == 1:  # one kernel: the layer norm's own affine takes 1-D weights
+        return mx.fast.layer_norm(x, scale1[0], shift[0], EPS)
+    return _scale_shift(mx.fast.layer_norm(x, None, None, EPS), scale1[:, None], shift[:, None])
+
+
+@mx.compile
+def _gated(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
+    return x + gate * y
+
+
+def gated(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
+    """The residual x + gate * y; gate (B, D)."""
+    return _gated(x, gate[:, None], y)
 
 
 class MLPEmbedder(nn.Module):
@@ -74,7 +110,7 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         # mx.fast.rms_norm accumulates the mean square in float32 whatever the input dtype
-        return mx.fast.rms_norm(x, self.scale, 1e-6)
+        return mx.fast.rms_norm(x, self.scale, EPS)
 
 
 class QKNorm(nn.Module):
@@ -83,8 +119,8 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(dim)
         self.key_norm = RMSNorm(dim)
 
-    def __call__(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
-        return self.query_norm(q), self.key_norm(k)
+    def __call__(self, q: mx.array, k: mx.array, pe: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
+        return rotate(self.query_norm(q), pe), rotate(self.key_norm(k), pe)
 
 
 class SelfAttention(nn.Module):
@@ -96,9 +132,9 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        q, k, v = split_heads(self.qkv(x), self.num_heads)  # (B, H, L, D) each
-        q, k = self.norm(q, k)
+    def qkv_heads(self, x: mx.array, pe: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array, mx.array]:
+        q, k, v = split_heads(self.qkv(x), self.num_heads)  # (B, L, H, D) each
+        q, k = self.norm(q, k, pe)
         return q, k, v
 
 
@@ -108,9 +144,16 @@ class Modulation(nn.Module):
         self.multiplier = 6 if double else 3
         self.lin = nn.Linear(dim, self.multiplier * dim)
 
-    def __call__(self, vec: mx.array) -> list[mx.array]:
-        # shift, scale, gate (then shift, scale, gate of the MLP for a double block), each (B, 1, D)
-        return mx.split(self.lin(nn.silu(vec))[:, None, :], self.multiplier, axis=-1)
+    def __call__(self, vec: mx.array) -> mx.array:
+        # (B, k, D): shift, 1 + scale, gate (then the MLP's three for a double block)
+        return _one_plus_scale(self.lin(nn.silu(vec)).reshape(vec.shape[0], self.multiplier, -1), 3)
+
+
+def _one_plus_scale(mod: mx.array, period: int) -> mx.array:
+    # rows (shift, scale[, gate]) repeat with `period`: adding 1 to each scale once here saves a
+    # pass over the activations in every block
+    mod[:, 1::period] = mod[:, 1::period] + 1
+    return mod
 
 
 def _mlp(hidden_size: int, mlp_hidden: int) -> list[nn.Module]:
@@ -134,26 +177,33 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
         self.txt_mlp = _mlp(hidden_size, mlp_hidden)
 
+    def modulations(self, vec: mx.array) -> mx.array:
+        return mx.concatenate([self.img_mod(vec), self.txt_mod(vec)], axis=1)  # (B, 12, D)
+
     def __call__(
         self, img: mx.array, txt: mx.array, vec: mx.array, pe: tuple[mx.array, mx.array]
     ) -> tuple[mx.array, mx.array]:
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+        return self.forward(img, txt, self.modulations(vec), pe)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
-        # one joint attention over text then image tokens, the order of the rope ids
-        q = mx.concatenate([txt_q, img_q], axis=2)  # (B, H, S+L, D)
-        k = mx.concatenate([txt_k, img_k], axis=2)
-        v = mx.concatenate([txt_v, img_v], axis=2)
-        attn = attention(q, k, v, pe)  # (B, S+L, hidden)
+    def forward(
+        self, img: mx.array, txt: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array]
+    ) -> tuple[mx.array, mx.array]:
+        """mod (B, 12, D) from `modulations`; pe for the text tokens, then the image tokens."""
         S = txt.shape[1]
-        txt_attn, img_attn = attn[:, :S], attn[:, S:]
+        pe_txt = tuple(t[:, :S] for t in pe)
+        pe_img = tuple(t[:, S:] for t in pe)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, mod[:, 0], mod[:, 1]), pe_img)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, mod[:, 6], mod[:, 7]), pe_txt)
+        # one joint attention over text then image tokens, the order of the rope ids
+        q = mx.concatenate([txt_q, img_q], axis=1)  # (B, S+L, H, D)
+        k = mx.concatenate([txt_k, img_k], axis=1)
+        v = mx.concatenate([txt_v, img_v], axis=1)
+        attn = attention(q, k, v)  # (B, S+L, hidden)
 
-        img = img + img_gate1 * self.img_attn.proj(img_attn)
-        img = img + img_gate2 * _run(self.img_mlp, modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2 * _run(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2))
+        img = gated(img, mod[:, 2], self.img_attn.proj(attn[:, S:]))
+        img = gated(img, mod[:, 5], _run(self.img_mlp, modulate(img, mod[:, 3], mod[:, 4])))
+        txt = gated(txt, mod[:, 8], self.txt_attn.proj(attn[:, :S]))
+        txt = gated(txt, mod[:, 11], _run(self.txt_mlp, modulate(txt, mod[:, 9], mod[:, 10])))
         return img, txt
 
 
@@ -170,14 +220,18 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approx="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
+    def modulations(self, vec: mx.array) -> mx.array:
+        return self.modulation(vec)  # (B, 3, D)
+
     def __call__(self, x: mx.array, vec: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
-        shift, scale, gate = self.modulation(vec)
-        h = self.linear1(modulate(x, shift, scale))  # (B, L, 3*hidden + mlp_hidden)
-        qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
-        q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k)
-        out = self.linear2(mx.concatenate([attention(q, k, v, pe), self.mlp_act(mlp)], axis=-1))
-        return x + gate * out
+        return self.forward(x, self.modulations(vec), pe)
+
+    def forward(self, x: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
+        h = self.linear1(modulate(x, mod[:, 0], mod[:, 1]))  # (B, L, 3*hidden + mlp_hidden)
+        q, k, v = split_heads(h[..., : 3 * self.hidden_size], self.num_heads)
+        q, k = self.norm(q, k, pe)
+        mlp = self.mlp_act(h[..., 3 * self.hidden_size :])
+        return gated(x, mod[:, 2], self.linear2(mx.concatenate([attention(q, k, v), mlp], axis=-1)))
 
 
 class LastLayer(nn.Module):
@@ -186,6 +240,12 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_channels)
         self.adaLN_modulation = [nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)]
 
+    def modulations(self, vec: mx.array) -> mx.array:
+        # (B, 2, D): shift, 1 + scale
+        return _one_plus_scale(_run(self.adaLN_modulation, vec).reshape(vec.shape[0], 2, -1), 2)
+
     def __call__(self, x: mx.array, vec: mx.array) -> mx.array:
-        shift, scale = mx.split(_run(self.adaLN_modulation, vec)[:, None, :], 2, axis=-1)  # (B, 1, D)
-        return self.linear(modulate(x, shift, scale))
+        return self.forward(x, self.modulations(vec))
+
+    def forward(self, x: mx.array, mod: mx.array) -> mx.array:
+        return self.linear(modulate(x, mod[:, 0], mod[:, 1]))

@@ -142,11 +142,12 @@ class Flux(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        # A quantized layer's weight is packed integers; its scales carry the compute dtype.
-        return getattr(self.txt_in, "scales", self.txt_in.weight).dtype
+        # A quantized layer's weight is packed integers and fp modes' scales are uint8; the bias is float.
+        return self.txt_in.bias.dtype
 
     def conditioning(self, timesteps: mx.array, y: mx.array, guidance: mx.array | None = None) -> mx.array:
         """vec (B, hidden): the time, pooled-text and guidance conditioning every block modulates with."""
+        self._require_modulation_weights()
         vec = self.time_in(self._embed(timesteps))
         if self.params.guidance_embed:
             if guidance is None:
@@ -160,6 +161,70 @@ class Flux(nn.Module):
         dtype = self.dtype
         return timestep_embedding(t.astype(dtype) * 1000).astype(dtype)
 
+    def block_modulations(self, vec: mx.array) -> mx.array:
+        """(B, K, hidden): every block's shift, 1 + scale and gate rows for vec (B, hidden), in block
+        order, then the final layer's shift and 1 + scale (K = 12 per double block + 3 per single + 2)."""
+        mods = [b.modulations(vec) for b in self.double_blocks]
+        mods += [b.modulations(vec) for b in self.single_blocks]
+        return mx.concatenate([*mods, self.final_layer.modulations(vec)], axis=1)
+
+    def modulations(
+        self, timesteps: list[float] | mx.array, y: mx.array, guidance: mx.array | None = None
+    ) -> mx.array:
+        """(N, B, K, hidden): `block_modulations` for each of N denoising steps at once.
+
+        They depend only on the timestep, the pooled text y (B, vec_in) and guidance (B,), so one
+        batched pass per generation replaces about 3.2B parameters of matrix-vector work per step
+        (and the weights behind them can then be freed, see `free_modulation_weights`).
+        """
+        t = mx.array(timesteps, dtype=mx.float32)
+        n, b = t.shape[0], y.shape[0]
+        t = mx.repeat(t, b)  # (N*B,): step-major, matching the tiled y
+        y = mx.tile(y, (n, 1))
+        g = None if guidance is None else mx.tile(guidance, n)
+        mods = self.block_modulations(self.conditioning(t, y, g))  # (N*B, K, hidden)
+        return mods.reshape(n, b, *mods.shape[1:])
+
+    def free_modulation_weights(self) -> None:
+        """Drop the conditioning and modulation layers (about 3.2B parameters at full size). Afterwards
+        only `predict` with precomputed modulations works; call it once they are computed."""
+        for name in ("time_in", "vector_in", "guidance_in"):
+            self.pop(name, None)
+        for block in self.double_blocks:
+            block.pop("img_mod", None)
+            block.pop("txt_mod", None)
+        for block in self.single_blocks:
+            block.pop("modulation", None)
+        self.final_layer.pop("adaLN_modulation", None)
+
+    def _require_modulation_weights(self) -> None:
+        if "time_in" not in self:
+            raise MfluxError(
+                "this transformer's modulation weights were freed; use precomputed modulations with "
+                "predict(), or load the model again"
+            )
+
+    def positions(self, img_ids: mx.array, txt_ids: mx.array) -> tuple[mx.array, mx.array]:
+        """The rotary tables for text then image tokens; ids (B, S, 3) and (B, L, 3)."""
+        return rope(mx.concatenate([txt_ids, img_ids], axis=1), self.params.axes_dim, self.params.theta)
+
+    def predict(self, img: mx.array, txt: mx.array, pe: tuple[mx.array, mx.array], mod: mx.array) -> mx.array:
+        """The velocity (B, L, in_channels) for packed latents img (B, L, in_channels) and text
+        txt (B, S, context), with pe from `positions` and mod (B, K, hidden) from `block_modulations`."""
+        dtype = self.dtype
+        img = self.img_in(img.astype(dtype))  # (B, L, hidden)
+        txt = self.txt_in(txt.astype(dtype))  # (B, S, hidden)
+        mod = mod.astype(dtype)
+        i = 0
+        for block in self.double_blocks:
+            img, txt = block.forward(img, txt, mod[:, i : i + 12], pe)
+            i += 12
+        x = mx.concatenate([txt, img], axis=1)  # (B, S+L, hidden)
+        for block in self.single_blocks:
+            x = block.forward(x, mod[:, i : i + 3], pe)
+            i += 3
+        return self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, in_channels)
+
     def __call__(
         self,
         img: mx.array,
@@ -170,14 +235,5 @@ class Flux(nn.Module):
         y: mx.array,
         guidance: mx.array | None = None,
     ) -> mx.array:
-        dtype = self.dtype
-        vec = self.conditioning(timesteps, y, guidance)  # (B, hidden)
-        img = self.img_in(img.astype(dtype))  # (B, L, hidden)
-        txt = self.txt_in(txt.astype(dtype))  # (B, S, hidden)
-        pe = rope(mx.concatenate([txt_ids, img_ids], axis=1), self.params.axes_dim, self.params.theta)
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
-        x = mx.concatenate([txt, img], axis=1)  # (B, S+L, hidden)
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)  # (B, L, in_channels)
+        mod = self.block_modulations(self.conditioning(timesteps, y, guidance))  # (B, K, hidden)
+        return self.predict(img, txt, self.positions(img_ids, txt_ids), mod)

@@ -34,9 +34,11 @@ def denoise(
     img_ids = mx.broadcast_to(sampler.image_ids(height, width), (b, latents.shape[1], 3))
     txt_ids = mx.broadcast_to(sampler.text_ids(txt.shape[1]), (b, txt.shape[1], 3))
     g = None if guidance is None else mx.full((b,), guidance, dtype=mx.float32)
-    for sigma, sigma_next, t in zip(sigmas[:-1], sigmas[1:], sampler.timesteps(sigmas)):
-        t = mx.full((b,), t, dtype=mx.float32)
-        v = flux(latents, img_ids, txt, txt_ids, t, pooled, g)
+    # Positions and every step's modulations depend on no latent: compute them once.
+    pe = flux.positions(img_ids, txt_ids)
+    mods = flux.modulations(sampler.timesteps(sigmas), pooled, g)  # (steps, B, K, hidden)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        v = flux.predict(latents, txt, pe, mods[i])
         latents = sampler.euler_step(latents, v, sigma, sigma_next)
         yield latents
 
