@@ -90,10 +90,6 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _not_yet(command: str):
-    raise MfluxError(f"`mflux {command}` is not available yet")
-
-
 def _int_choice(values) -> dict:
     # click.Choice compares strings on click 8.1; convert after choosing.
     return {
