@@ -112,7 +112,8 @@ class SafetensorsFile:
 
         arr = mx.array(self.numpy(name))
         target = getattr(mx, _DTYPES[self.tensors[name][0]][1])
-        return arr.view(target) if arr.dtype != target else arr
+        # bfloat16 arrives as its uint16 bits; float64 arrives already converted to float32 by mx.array
+        return arr.view(target) if arr.dtype != target and arr.dtype.size == target.size else arr
 
     def close(self) -> None:
         if self._fd is not None:
