@@ -118,14 +118,15 @@ class Flux1:
 
     def _load(self, components) -> float:
         start = time.perf_counter()
+        loaded = {}
         for c in components:
             if c not in self._modules:
-                self._modules[c] = load_component(self.folder, c, self.dtype, self.quantize)
-        if self.lora_paths and "transformer" in components and not getattr(self, "_lora_applied", False):
+                self._modules[c] = loaded[c] = load_component(self.folder, c, self.dtype, self.quantize)
+        # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing.
+        if self.lora_paths and loaded:
             from mflux.lora import apply_loras
 
-            apply_loras(self._modules, self.lora_paths, self.lora_scales)
-            self._lora_applied = True
+            apply_loras(loaded, self.lora_paths, self.lora_scales)
         return time.perf_counter() - start
 
     def free_text_encoders(self) -> None:
