@@ -95,6 +95,7 @@ class Store:
     def remove(self, names: str | Iterable[str]) -> int:
         """Remove models (all names are checked first); returns the bytes freed on disk."""
         names = list(dict.fromkeys([names] if isinstance(names, str) else names))
+        self.cleanup()
         for name in names:
             if not self.path(name).is_dir():
                 raise self._unknown(name)

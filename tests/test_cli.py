@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from datetime import datetime
@@ -302,3 +303,29 @@ def test_read_only_store_via_the_command(mflux_home):
         and "MFLUX_HOME" in result.stderr
     )
     assert Store().exists("m")
+
+
+def readme_commands() -> list[list[str]]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    commands, in_shell = [], False
+    for line in readme.replace("\\\n", " ").splitlines():
+        if line.strip().startswith("```"):
+            in_shell = line.strip() == "```sh"
+            continue
+        if not in_shell:
+            continue
+        for part in line.split("&&"):
+            words = shlex.split(part.split("  #")[0].strip(" `"))
+            if words[:1] == ["mflux"]:
+                commands.append(words[1:])
+    return commands
+
+
+def test_readme_commands_parse():
+    # Each `mflux ...` the README shows names a real command whose options and values are accepted.
+    commands = readme_commands()
+    assert ["run", "--model", "schnell-q8", "--prompt", "Luxury food photograph"] in commands
+    assert {c[0] for c in commands} == set(COMMANDS)
+    for args in commands:
+        ctx = click.Context(cli, info_name="mflux")
+        cli.get_command(ctx, args[0]).make_context(args[0], args[1:], parent=ctx)
