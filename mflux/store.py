@@ -11,6 +11,7 @@ is not listed; `broken()` names it so `mflux list` can say so, and `mflux rm` ca
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import fcntl
@@ -272,7 +273,11 @@ class Store:
             self._refuse_existing(name, force)
             old = stem.with_name(stem.name + ".old")
             os.rename(final, old)
-            os.rename(stem, final)
+            try:
+                os.rename(stem, final)
+            except OSError:
+                os.rename(old, final)  # put the old model back
+                raise
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise MfluxError(
@@ -325,10 +330,12 @@ def _locked(lock: Path) -> bool:
 
 
 def _rmtree(path: Path) -> None:
+    # Best effort: what can't be deleted now (a read-only disk) is left for a later cleanup.
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _freeable_bytes(folder: Path) -> int:
