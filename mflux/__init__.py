@@ -8,6 +8,9 @@ __all__ = ["Config", "Flux1", "GeneratedImage", "__version__"]
 def __getattr__(name: str):
     # The API pulls in mlx; keep `import mflux` (and so `mflux --help`) light.
     if name in ("Flux1", "Config", "GeneratedImage"):
+        from mflux.backend import import_mlx
+
+        import_mlx()  # a clear hint where MLX has no backend, before flux1 imports it
         from mflux import flux1
 
         return getattr(flux1, name)

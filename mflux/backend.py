@@ -2,9 +2,10 @@ import platform
 
 from mflux.errors import MfluxError
 
-_HINT = (
-    "MLX has no backend in this environment (on Linux install one: "
-    "pip install 'mflux[cpu]' or pip install 'mflux[cuda]', never both)"
+# Not `pip install 'mflux[cpu]'`: on PyPI that name is another project.
+BACKEND_HINT = (
+    "MLX has no backend in this environment; on Linux install one: pip install 'mlx[cpu]' "
+    "(or 'mlx[cuda13]' for NVIDIA GPUs; never both)"
 )
 
 
@@ -17,7 +18,7 @@ def import_mlx():
     except (ImportError, OSError, RuntimeError) as e:
         if platform.system() == "Darwin":
             raise MfluxError(f"cannot load MLX ({e}); reinstall it: pip install -U mlx") from None
-        raise MfluxError(_HINT) from None
+        raise MfluxError(BACKEND_HINT) from None
     return mx
 
 

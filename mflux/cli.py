@@ -6,6 +6,7 @@ stays fast. A user-facing error (MfluxError) prints as `error: <message>` on one
 
 import json
 import sys
+import warnings
 from datetime import datetime, timezone
 
 import click
@@ -61,10 +62,17 @@ class MfluxGroup(click.Group):
         return list(self.commands)  # in the order a user meets them, not alphabetical
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        warnings.formatwarning = _one_line_warning
         try:
             code = super().main(args, prog_name or "mflux", complete_var, standalone_mode=False, **extra)
         except MfluxError as e:
             _fail(str(e), 1)
+        except ImportError as e:
+            if not (e.name or "").startswith("mlx") and "libmlx" not in str(e):
+                raise
+            from mflux.backend import BACKEND_HINT
+
+            _fail(BACKEND_HINT, 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except click.exceptions.Abort as e:
@@ -79,6 +87,10 @@ class MfluxGroup(click.Group):
             hint = f" (see: {ctx.command_path} --help)" if isinstance(e, click.UsageError) and ctx else ""
             _fail(e.format_message() + hint, e.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def _fail(message: str, code: int):
