@@ -13,7 +13,7 @@ from mflux.model import count_blocks
 
 # diffusers module -> Black Forest Labs module. A tuple of diffusers modules is concatenated along the
 # output axis, in that order.
-_TOP = {
+TOP_MODULES = {
     "x_embedder": "img_in",
     "context_embedder": "txt_in",
     "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -23,11 +23,11 @@ _TOP = {
     "proj_out": "final_layer.linear",
     "norm_out.linear": "final_layer.adaLN_modulation.1",  # halves swapped
 }
-_GUIDANCE = {
+GUIDANCE_MODULES = {
     "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
 }
-_DOUBLE = {
+DOUBLE_BLOCK_MODULES = {
     "norm1.linear": "img_mod.lin",
     "norm1_context.linear": "txt_mod.lin",
     ("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn.qkv",
@@ -43,7 +43,7 @@ _DOUBLE = {
     "ff_context.net.0.proj": "txt_mlp.0",
     "ff_context.net.2": "txt_mlp.2",
 }
-_SINGLE = {
+SINGLE_BLOCK_MODULES = {
     "norm.linear": "modulation.lin",
     ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"): "linear1",
     "attn.norm_q": "norm.query_norm",
@@ -71,11 +71,11 @@ def _leaves(bfl_module: str) -> tuple[tuple[str, str], ...]:
 
 def _rules(n_double: int, n_single: int, guidance: bool) -> list[tuple[tuple[str, ...], str]]:
     # (diffusers modules, BFL module) for the whole transformer
-    top = {**_TOP, **(_GUIDANCE if guidance else {})}
+    top = {**TOP_MODULES, **(GUIDANCE_MODULES if guidance else {})}
     rules = [((d,), b) for d, b in top.items()]
     for prefix, bfl_prefix, table, n in (
-        ("transformer_blocks", "double_blocks", _DOUBLE, n_double),
-        ("single_transformer_blocks", "single_blocks", _SINGLE, n_single),
+        ("transformer_blocks", "double_blocks", DOUBLE_BLOCK_MODULES, n_double),
+        ("single_transformer_blocks", "single_blocks", SINGLE_BLOCK_MODULES, n_single),
     ):
         for i in range(n):
             for d, b in table.items():

@@ -42,7 +42,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.converters.diffusers import _DOUBLE, _GUIDANCE, _SINGLE, _TOP
+from mflux.converters.diffusers import (
+    DOUBLE_BLOCK_MODULES,
+    GUIDANCE_MODULES,
+    SINGLE_BLOCK_MODULES,
+    TOP_MODULES,
+)
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.weights import _DTYPES, SafetensorsFile
 
@@ -90,7 +95,9 @@ def _same(names) -> dict[str, tuple[str, None]]:
 
 
 # A naming scheme: (component, {source block list: (runtime block list, leaves)}, top-level leaves).
-_DIFFUSERS_TOP = _parts({**_TOP, **_GUIDANCE}) | {"norm_out.linear": (_TOP["norm_out.linear"], "swapped")}
+_DIFFUSERS_TOP = _parts({**TOP_MODULES, **GUIDANCE_MODULES}) | {
+    "norm_out.linear": (TOP_MODULES["norm_out.linear"], "swapped")
+}
 _CLIP_LEAVES = _same(f"self_attn.{p}_proj" for p in "qkv") | _same(
     ["self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
 )
@@ -101,16 +108,22 @@ _SCHEMES = {
     "bfl": (
         "transformer",
         {
-            "double_blocks": ("double_blocks", _same({dst for dst, _ in _parts(_DOUBLE).values()})),
-            "single_blocks": ("single_blocks", _same({dst for dst, _ in _parts(_SINGLE).values()})),
+            "double_blocks": (
+                "double_blocks",
+                _same({dst for dst, _ in _parts(DOUBLE_BLOCK_MODULES).values()}),
+            ),
+            "single_blocks": (
+                "single_blocks",
+                _same({dst for dst, _ in _parts(SINGLE_BLOCK_MODULES).values()}),
+            ),
         },
         _same(d for d, _ in _DIFFUSERS_TOP.values()),
     ),
     "diffusers": (
         "transformer",
         {
-            "transformer_blocks": ("double_blocks", _parts(_DOUBLE)),
-            "single_transformer_blocks": ("single_blocks", _parts(_SINGLE)),
+            "transformer_blocks": ("double_blocks", _parts(DOUBLE_BLOCK_MODULES)),
+            "single_transformer_blocks": ("single_blocks", _parts(SINGLE_BLOCK_MODULES)),
         },
         _DIFFUSERS_TOP,
     ),
