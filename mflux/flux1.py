@@ -81,7 +81,6 @@ class Flux1:
         self._modules: dict = {}
         self._tokenizers = None
         self._cache: tuple | None = None  # (key, txt, pooled): the last prompt's conditioning
-        self.load_seconds = self._load(("transformer", "vae"))
 
     @classmethod
     def from_path(cls, path: str | Path, **kwargs) -> "Flux1":
@@ -115,6 +114,12 @@ class Flux1:
     @property
     def model_name(self) -> str:
         return self.folder.name + (f"-q{self.quantize.bits}" if self.quantize else "")
+
+    def load(self) -> float:
+        """Load the transformer and the VAE now (else the first image does), in seconds. Weights load
+        lazily so that a caller can encode its prompts and free T5 and CLIP first: peak memory is then
+        the larger of the two halves, not their sum (what lets a 16 GB Mac run schnell-q8)."""
+        return self._load(("transformer", "vae"))
 
     def _load(self, components) -> float:
         start = time.perf_counter()
@@ -185,7 +190,7 @@ class Flux1:
             x = mx.array(latents.astype(np.float32))
         x = x.astype(self.dtype)
 
-        phases = _Phases()
+        phases = Phases()
         with phases("text_encoding"):
             txt, pooled = self.encode(prompt, seq_len)
 
@@ -238,7 +243,7 @@ class Flux1:
         return ", ".join(parts) + " (stored)"
 
 
-class _Phases:
+class Phases:
     """Times and peak memory of named phases: `with phases("decoding"): ...`."""
 
     def __init__(self):

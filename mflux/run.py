@@ -76,9 +76,8 @@ def run(
     verbose: bool = False,
 ) -> list[Path]:
     """Generate one image per seed and return the files written."""
-    import mlx.core as mx
 
-    from mflux.flux1 import Config, Flux1
+    from mflux.flux1 import Config, Flux1, Phases
 
     if not prompt or not prompt.strip():
         raise InvalidArgument("--prompt is empty; describe the image to generate")
@@ -88,14 +87,20 @@ def run(
     seeds = list(seeds) if seeds else [int(time.time())]
     (kind, where), quantize = resolve_model(model, path, quantize, pull)
 
-    mx.reset_peak_memory()
-    start = time.perf_counter()
     kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)
     flux = Flux1.from_path(where, **kwargs) if kind == "path" else Flux1.from_name(where, **kwargs)
-    phases = {"load": time.perf_counter() - start}
-    memory = {"load": mx.get_peak_memory()}
     if guidance is not None and flux.variant == "schnell":
         click.echo("warning: --guidance applies to dev only; schnell ignores it", err=True)
+
+    # Encode once for every seed, then free T5 and CLIP before the transformer loads: peak memory is
+    # the larger half of the pipeline, not the whole.
+    phases = Phases()
+    with phases("text_encoding"):
+        flux.encode(prompt, flux.folder.defaults["max_sequence_length"])
+    flux.free_text_encoders()
+    with phases("load"):
+        flux.load()
+    seconds, memory = dict(phases.seconds), dict(phases.peak_bytes)
 
     written = []
     for seed, out in zip(seeds, output_paths(output, seeds)):
@@ -106,18 +111,17 @@ def run(
             show_pos=True,
         ) as bar:
             image = flux.generate_image(seed, prompt, config, progress=lambda i, n: bar.update(1))
-        # The prompt is encoded once for all seeds; T5 and CLIP are not needed again.
-        flux.free_text_encoders()
         written.append(image.save(out, export_json_metadata=metadata, overwrite=False))
         click.echo(f"wrote {written[-1]}")
-        for k, v in image.metadata["timings"].items():
-            phases[k] = phases.get(k, 0.0) + v
-        for k, v in image.peak_memory.items():
-            memory[k] = max(memory.get(k, 0), v)
+        for k in ("denoising", "decoding"):
+            seconds[k] = seconds.get(k, 0.0) + image.metadata["timings"][k]
+            memory[k] = max(memory.get(k, 0), image.peak_memory[k])
 
-    click.echo("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in phases.items()), err=True)
+    click.echo("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in seconds.items()), err=True)
     if verbose:
         click.echo(
-            "peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in memory.items()), err=True
+            "peak memory: "
+            + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GB" for k, v in memory.items()),
+            err=True,
         )
     return written

@@ -76,6 +76,7 @@ def test_name_with_bits_quantizes_a_stored_base_at_load_time(tiny_schnell):
     store_hf_folder(tiny_schnell, "schnell")
     flux = Flux1.from_name("schnell-q8")
     assert flux.quantize.bits == 8 and flux.model_name == "schnell-q8"
+    flux.load()
     blocks = flux._modules["transformer"].double_blocks[0]
     assert type(blocks.img_attn.qkv).__name__ == "QuantizedLinear"
 
