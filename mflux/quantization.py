@@ -31,7 +31,9 @@ class QuantSpec:
     def __post_init__(self):
         if self.mode == "affine":
             if self.bits not in AFFINE_BITS:
-                raise InvalidArgument(f"bits must be one of {', '.join(map(str, AFFINE_BITS))}, got {self.bits}")
+                raise InvalidArgument(
+                    f"bits must be one of {', '.join(map(str, AFFINE_BITS))}, got {self.bits}"
+                )
             if self.group_size not in GROUP_SIZES:
                 raise InvalidArgument(
                     f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}"
@@ -51,7 +53,11 @@ class QuantSpec:
         """Fill in a mode's own bits and group size where the user gave none."""
         if mode in FP_MODES:
             b, g = FP_MODES[mode]
-            return cls(bits=b if bits is None else bits, group_size=g if group_size is None else group_size, mode=mode)
+            return cls(
+                bits=b if bits is None else bits,
+                group_size=g if group_size is None else group_size,
+                mode=mode,
+            )
         if bits is None:
             raise InvalidArgument("--bits is required for affine quantization (3, 4, 5, 6 or 8)")
         return cls(bits=bits, group_size=64 if group_size is None else group_size, mode=mode)
