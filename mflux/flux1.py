@@ -13,7 +13,7 @@ from PIL import Image
 from mflux import pipeline, sampler
 from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.loader import ModelFolder, load_component, load_tokenizers, open_folder
+from mflux.loader import ModelFolder, check_quantize, load_component, load_tokenizers, open_folder
 from mflux.quantization import AFFINE_BITS, QuantSpec
 
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -76,6 +76,7 @@ class Flux1:
         self.precision = precision
         self.dtype = getattr(mx, precision)
         self.quantize = QuantSpec(quantize) if quantize is not None else None
+        check_quantize(folder, self.quantize)
         self.lora_paths = list(lora_paths or [])
         self.lora_scales = _lora_scales(self.lora_paths, lora_scales)
         self._modules: dict = {}

@@ -75,16 +75,23 @@ def build_module(component: str, architecture: dict) -> nn.Module:
     raise ValueError(f"unknown component {component!r}")
 
 
+def check_quantize(folder: ModelFolder, quantize: QuantSpec | None, components=COMPONENTS) -> None:
+    """Refuse runtime quantization that conflicts with what a stored model already is."""
+    for component in components:
+        stored = (folder.quantization or {}).get(component)
+        if stored and quantize is not None and QuantSpec.from_dict(stored) != quantize:
+            raise InvalidArgument(
+                f"{folder.name} is already quantized ({_describe(stored)}); drop -q/--quantize, "
+                f"or quantize the unquantized model instead"
+            )
+
+
 def load_component(
     folder: ModelFolder, component: str, dtype: mx.Dtype, quantize: QuantSpec | None = None
 ) -> nn.Module:
     """Build one component and load its weights, quantizing tensor by tensor under `quantize`."""
+    check_quantize(folder, quantize, (component,))
     stored = folder.quantization and folder.quantization.get(component)
-    if stored and quantize is not None and QuantSpec.from_dict(stored) != quantize:
-        raise InvalidArgument(
-            f"{folder.name} is already quantized ({_describe(stored)}); drop -q/--quantize, "
-            f"or quantize the unquantized model instead"
-        )
     weights = dict(iter_weights(folder, component, dtype, quantize if not stored else None))
     module = build_module(component, folder.architecture)
     quantize_model_from_weights(
