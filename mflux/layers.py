@@ -24,29 +24,29 @@ def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0)
 
 
 def rope(ids: mx.array, axes_dim: tuple[int, ...], theta: float = 10000.0) -> tuple[mx.array, mx.array]:
-    """Rotary tables for position ids (B, L, n_axes), float32: cos (B, L, 1, D/2, 1) and the signed
-    sin (-sin, sin) as (B, L, 1, D/2, 2), laid out to rotate interleaved pairs (x[2i], x[2i+1])."""
+    """Rotary tables for position ids (B, L, n_axes), float32, each (B, L, 1, D/2, 2): the pair
+    (x0, x1) = (x[2i], x[2i+1]) becomes x0 * a + x1 * b, with a = (cos, sin) and b = (-sin, cos)."""
     angles = []
     for i, d in enumerate(axes_dim):
         freqs = 1.0 / theta ** (mx.arange(0, d, 2, dtype=mx.float32) / d)  # (d/2,)
         angles.append(ids[..., i : i + 1].astype(mx.float32) * freqs)  # (B, L, d/2)
     angles = mx.concatenate(angles, axis=-1)[:, :, None, :, None]  # (B, L, 1, D/2, 1)
-    sin = mx.sin(angles)
-    return mx.cos(angles), mx.concatenate([-sin, sin], axis=-1)
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    return mx.concatenate([cos, sin], axis=-1), mx.concatenate([-sin, cos], axis=-1)
 
 
 @mx.compile
-def _rotate(pairs: mx.array, swapped: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in float32 as the reference does, rounded once
-    out = pairs.astype(mx.float32) * cos + swapped.astype(mx.float32) * sin
-    return out.astype(pairs.dtype)
+def _rotate(x0: mx.array, x1: mx.array, a: mx.array, b: mx.array) -> mx.array:
+    # one pass: x0 and x1 (..., D/2, 1) broadcast against the tables' last axis, in float32 as the
+    # reference computes it, rounded once
+    return (x0.astype(mx.float32) * a + x1.astype(mx.float32) * b).astype(x0.dtype)
 
 
 def rotate(x: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
-    """Apply the rotary tables to x (B, L, H, D), any strides."""
+    """Apply the rotary tables to x (B, L, H, D)."""
     B, L, H, D = x.shape
     pairs = x.reshape(B, L, H, D // 2, 2)
-    return _rotate(pairs, pairs[..., ::-1], *pe).reshape(B, L, H, D)
+    return _rotate(pairs[..., :1], pairs[..., 1:], *pe).reshape(B, L, H, D)
 
 
 def apply_rope(x: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
