@@ -50,6 +50,22 @@ REPO_FILES = sorted(
     ]
 )
 
+# The real VAE's architecture (4 blocks, scale factor 8, 16 latent channels), with narrow channels.
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
 SCHEDULER = {
     "schnell": {
         "base_image_seq_len": 256,
@@ -210,21 +226,7 @@ def _tiny_pipeline(folder: Path, variant: str):
         guidance_embeds=variant == "dev",
         axes_dims_rope=(4, 14, 14),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=1024,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = AutoencoderKL(**TINY_VAE, sample_size=1024)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER[variant]),
         vae=vae,
@@ -483,9 +485,33 @@ def reference_image(
 ) -> np.ndarray:
     """diffusers' FluxPipeline image for these packed `latents`, as uint8 (H, W, 3), rounded as diffusers
     makes PIL images. `max_sequence_length` None means the variant's: 256 for schnell, 512 for dev."""
+    pipe = _pipeline(str(Path(folder).resolve()), dtype)
+    return run_pipeline(
+        pipe,
+        prompt,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        latents=latents,
+        max_sequence_length=max_sequence_length,
+    )
+
+
+def run_pipeline(
+    pipe,
+    prompt: str,
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float,
+    latents: np.ndarray,
+    max_sequence_length: int | None = None,
+) -> np.ndarray:
+    """One image from a loaded diffusers FluxPipeline, as uint8 (H, W, 3)."""
     import torch
 
-    pipe = _pipeline(str(Path(folder).resolve()), dtype)
     if max_sequence_length is None:
         max_sequence_length = 512 if pipe.transformer.config.guidance_embeds else 256
     with torch.no_grad():

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from tests.fixtures import _quiet
+from tests.fixtures import _quiet, run_pipeline
 
 
 def pair(rng: np.random.Generator, rank: int, in_dims: int, out_dims: int, amp: float = 0.5):
@@ -113,15 +113,6 @@ def diffusers_image(
         if loras:
             pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        out = pipe(
-            prompt,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            latents=torch.from_numpy(np.asarray(latents, np.float32)),
-            max_sequence_length=512 if pipe.transformer.config.guidance_embeds else 256,
-            output_type="np",
-        )
-    return (out.images[0] * 255).round().astype(np.uint8)
+    return run_pipeline(
+        pipe, prompt, height=height, width=width, steps=steps, guidance=guidance, latents=latents
+    )

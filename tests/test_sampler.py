@@ -7,17 +7,9 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
 from mflux import sampler
 from mflux.errors import InvalidArgument
+from tests.fixtures import SCHEDULER
 
-SCHNELL = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": False,
-}
-DEV = {**SCHNELL, "shift": 3.0, "use_dynamic_shifting": True}
+SCHNELL, DEV = SCHEDULER["schnell"], SCHEDULER["dev"]
 SIZES = [(1024, 1024), (512, 768), (1360, 768), (128, 64), (2048, 1024), (256, 256)]
 
 

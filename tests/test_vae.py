@@ -11,21 +11,9 @@ from safetensors.torch import save_file
 from mflux.autoencoder import Autoencoder, AutoencoderConfig, plan
 from mflux.errors import MfluxError
 from mflux.weights import TensorSource
+from tests.fixtures import TINY_VAE
 
-CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
-    latent_channels=16,
-    norm_num_groups=32,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
+CONFIG = TINY_VAE
 # float32 bound, relative to the largest reference value
 F32_BOUND = 1e-4
 
