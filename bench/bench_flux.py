@@ -566,7 +566,7 @@ def section_load(size: Size, args, budget: Budget) -> None:
                 del module
             report(
                 what="load",
-                quant=quant,
+                quant=_label(quant, args),
                 s=sum(seconds.values()),
                 **{f"{c}_s": v for c, v in seconds.items()},
                 gb=sum(sizes.values()) / 1e9,
@@ -575,7 +575,12 @@ def section_load(size: Size, args, budget: Budget) -> None:
             )
             for c in COMPONENTS:
                 params = params_count(construct(c, size))
-                report(what="bytes_per_param", quant=quant, component=c, bytes_per_param=sizes[c] / params)
+                report(
+                    what="bytes_per_param",
+                    quant=_label(quant, args),
+                    component=c,
+                    bytes_per_param=sizes[c] / params,
+                )
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(root, ignore_errors=True)
