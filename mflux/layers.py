@@ -1,9 +1,10 @@
 """The FLUX.1 transformer's blocks, in Black Forest Labs' names and fused layouts.
 
-Attention runs in (B, L, H, D) memory order: q, k and v are views of the fused qkv output, the
-attention kernel reads them through strides and writes its output in the same order, so the heads
-merge back into (B, L, H*D) without a copy. The elementwise glue around the matmuls is compiled, so
-each piece is one pass over memory.
+Attention runs in (B, L, H, D) memory order, the order of the fused qkv output: v stays a view of
+it, q and k come out of their norm and rope in that order, the attention kernel reads all three
+through strides and writes its output in the same order, so the heads merge back into (B, L, H*D)
+without a copy. The elementwise glue around the matmuls is compiled, so each piece is one pass over
+memory. docs/PERFORMANCE.md measures each of these choices.
 """
 
 import math
