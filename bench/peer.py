@@ -171,7 +171,9 @@ def run_ours(folder: Path, quant: int | None, res: int, dtype: str | None) -> No
 
     t = time.perf_counter()
     flux = Flux1.from_path(folder, precision=dtype, quantize=quant)
-    flux._load(("text_encoder", "text_encoder_2"))  # the peer loads all four at once
+    # Flux1 loads on first use; load all four now, as diffusers does (the peer reads lazily)
+    flux.load()
+    flux._load(("text_encoder", "text_encoder_2"))
     load = time.perf_counter() - t
     runs = _images(
         lambda steps: flux.generate_image(1, PROMPT, Config(num_inference_steps=steps, height=res, width=res))
