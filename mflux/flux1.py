@@ -82,6 +82,10 @@ class Flux1:
         self._modules: dict = {}
         self._tokenizers = None
         self._cache: tuple | None = None  # (key, txt, pooled): the last prompt's conditioning
+        self._mods: tuple | None = None  # (key, modulations): the last image's, reused by the next seed
+        # False: drop the transformer's conditioning layers (3.2B parameters at full size) once an image's
+        # modulations are computed; a later prompt or schedule reloads the transformer.
+        self.keep_modulation_weights = True
 
     @classmethod
     def from_path(cls, path: str | Path, **kwargs) -> "Flux1":
@@ -134,6 +138,22 @@ class Flux1:
 
             apply_loras(loaded, self.lora_paths, self.lora_scales)
         return time.perf_counter() - start
+
+    def _modulations(self, pooled: mx.array, sigmas: list[float], guidance: float | None) -> mx.array:
+        key = (self._cache[0] if self._cache else None, tuple(sigmas), guidance)
+        if self._mods and self._mods[0] == key:
+            return self._mods[1]
+        if not self.keep_modulation_weights and "time_in" not in self._modules["transformer"]:
+            # freed after an earlier image: a new prompt or schedule needs them back
+            self._modules.pop("transformer")
+            self._load(("transformer",))
+        mods = pipeline.modulations(self._modules["transformer"], pooled, sigmas, guidance)
+        mx.eval(mods)
+        self._mods = (key, mods)
+        if not self.keep_modulation_weights:
+            self._modules["transformer"].free_modulation_weights()
+            mx.clear_cache()
+        return mods
 
     def free_text_encoders(self) -> None:
         """Drop T5 and CLIP (about 10 GB at bf16); a later prompt reloads them."""
@@ -208,8 +228,9 @@ class Flux1:
         )
         guidance = config.guidance if self.variant == "dev" else None
         with phases("denoising"):
+            mods = self._modulations(pooled, sigmas, guidance)
             steps_iter = pipeline.denoise(
-                self._modules["transformer"], txt, pooled, x, sigmas, h, w, guidance
+                self._modules["transformer"], txt, pooled, x, sigmas, h, w, guidance, mods
             )
             for i, x in enumerate(steps_iter, 1):
                 mx.eval(x)

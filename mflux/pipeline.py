@@ -28,19 +28,29 @@ def denoise(
     height: int,
     width: int,
     guidance: float | None,
+    mods: mx.array | None = None,
 ) -> Iterator[mx.array]:
-    """Yield the latent after each Euler step of the flow-matching ODE."""
+    """Yield the latent after each Euler step of the flow-matching ODE. `mods` are the steps'
+    modulations from `modulations` (computed here when not given)."""
     b = latents.shape[0]
     img_ids = mx.broadcast_to(sampler.image_ids(height, width), (b, latents.shape[1], 3))
     txt_ids = mx.broadcast_to(sampler.text_ids(txt.shape[1]), (b, txt.shape[1], 3))
-    g = None if guidance is None else mx.full((b,), guidance, dtype=mx.float32)
     # Positions and every step's modulations depend on no latent: compute them once.
     pe = flux.positions(img_ids, txt_ids)
-    mods = flux.modulations(sampler.timesteps(sigmas), pooled, g)  # (steps, B, K, hidden)
+    if mods is None:
+        mods = modulations(flux, pooled, sigmas, guidance)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         v = flux.predict(latents, txt, pe, mods[i])
         latents = sampler.euler_step(latents, v, sigma, sigma_next)
         yield latents
+
+
+def modulations(flux, pooled: mx.array, sigmas: list[float], guidance: float | None) -> mx.array:
+    """(steps, B, K, hidden): every step's modulation rows, which depend only on the timestep, the pooled
+    text and the guidance, so one image's are every seed's."""
+    b = pooled.shape[0]
+    g = None if guidance is None else mx.full((b,), guidance, dtype=mx.float32)
+    return flux.modulations(sampler.timesteps(sigmas), pooled, g)
 
 
 def decode(vae, latents: mx.array, height: int, width: int) -> np.ndarray:

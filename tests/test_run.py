@@ -191,3 +191,15 @@ def test_unknown_model_and_no_pull_in_a_real_process(tmp_path):
         assert proc.returncode == 1
         assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_freeing_modulation_weights_keeps_images_identical(tiny_dev):
+    config = Config(num_inference_steps=2, height=32, width=48, guidance=4.0)
+    kept = Flux1.from_path(tiny_dev, precision="float32")
+    lean = Flux1.from_path(tiny_dev, precision="float32")
+    lean.keep_modulation_weights = False
+    for seed, prompt in [(1, PROMPT), (2, PROMPT), (1, "a red bicycle")]:
+        want = np.array(kept.generate_image(seed, prompt, config).image)
+        got = np.array(lean.generate_image(seed, prompt, config).image)
+        assert np.array_equal(want, got), (seed, prompt)
+        assert "time_in" not in lean._modules["transformer"]  # freed again after each new prompt
