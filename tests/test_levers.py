@@ -14,19 +14,10 @@ from mlx.utils import tree_flatten
 from mflux import layers
 from mflux.errors import MfluxError
 from mflux.model import Flux, FluxParams
+from tests.test_transformer import CONFIG as TRANSFORMER_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = {
-    "in_channels": 64,
-    "num_layers": 2,
-    "num_single_layers": 2,
-    "attention_head_dim": 32,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 64,
-    "pooled_projection_dim": 64,
-    "axes_dims_rope": [4, 14, 14],
-    "guidance_embeds": True,
-}
+CONFIG = {**TRANSFORMER_CONFIG, "guidance_embeds": True}
 ROWS, COLS, TXT, BATCH = 4, 6, 8, 2
 
 
