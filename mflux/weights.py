@@ -175,34 +175,32 @@ def save_shards(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shards: list[dict] = []
+    shards: list[list[str]] = []  # each written shard's tensor names
     current: dict = {}
     current_bytes = 0
     for name, arr in tensors:
         if current and current_bytes + arr.nbytes > max_shard_bytes:
-            shards.append(current)
-            _write_shard(mx, folder, len(shards), current, metadata, prefix)
+            shards.append(_write_shard(mx, folder, len(shards) + 1, current, metadata, prefix))
             current, current_bytes = {}, 0
         current[name] = arr
         current_bytes += arr.nbytes
-    shards.append(current)
-    _write_shard(mx, folder, len(shards), current, metadata, prefix)
+    shards.append(_write_shard(mx, folder, len(shards) + 1, current, metadata, prefix))
     # Names are known only at the end, when the shard count is.
-    total = len(shards)
     files, weight_map = [], {}
-    for i in range(1, total + 1):
-        tmp = folder / f".{prefix}-{i:05d}.safetensors"
-        final = folder / f"{prefix}-{i:05d}-of-{total:05d}.safetensors"
-        tmp.rename(final)
+    for i, names in enumerate(shards, 1):
+        final = folder / f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors"
+        (folder / f".{prefix}-{i:05d}.safetensors").rename(final)
         files.append(final)
-        for k in SafetensorsFile(final).keys():
-            weight_map[k] = final.name
+        weight_map.update(dict.fromkeys(names, final.name))
     index = folder / f"{prefix}.safetensors.index.json"
     index.write_text(json.dumps({"metadata": metadata or {}, "weight_map": weight_map}, indent=2) + "\n")
     return [*files, index]
 
 
-def _write_shard(mx, folder: Path, number: int, tensors: dict, metadata, prefix: str) -> None:
+def _write_shard(mx, folder: Path, number: int, tensors: dict, metadata, prefix: str) -> list[str]:
+    """Write one shard under a temporary name, release its arrays, and return its tensor names."""
     mx.eval(list(tensors.values()))
     mx.save_safetensors(str(folder / f".{prefix}-{number:05d}.safetensors"), tensors, metadata=metadata or {})
+    names = list(tensors)
     tensors.clear()
+    return names
