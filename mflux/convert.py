@@ -41,7 +41,14 @@ from mflux.converters import bfl
 from mflux.converters.plan import execute
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.loader import ModelFolder, cast_and_quantize, iter_weights, open_folder
-from mflux.manifest import COMPONENTS, DTYPES, new_manifest, quantization_label, write_manifest
+from mflux.manifest import (
+    COMPONENTS,
+    DTYPES,
+    config_values,
+    new_manifest,
+    quantization_label,
+    write_manifest,
+)
 from mflux.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
 from mflux.store import Store, StoredModel, format_size, validate_name
 from mflux.weights import PICKLE_SUFFIXES, SafetensorsFile, TensorSource, refuse_pickle, save_shards
@@ -256,10 +263,7 @@ def _architecture(src: _Source, dtypes: dict) -> dict:
     for c in ("text_encoder", "text_encoder_2"):
         arch[c]["dtype"] = dtypes[c]  # transformers' own key for the weights' dtype
         arch[c].pop("torch_dtype", None)
-    # As the manifest keeps configs: no diffusers bookkeeping keys (`_class_name`), no nulls.
-    return {
-        c: {k: v for k, v in d.items() if not k.startswith("_") and v is not None} for c, d in arch.items()
-    }
+    return {c: config_values(d) for c, d in arch.items()}
 
 
 def _source_dtype(src: _Source, component: str) -> str:

@@ -12,11 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.manifest import architecture_from_hf, defaults_for, read_manifest, variant_of
+from mflux.manifest import COMPONENTS, architecture_from_hf, defaults_for, read_manifest, variant_of
 from mflux.quantization import QuantSpec, quantize_model_from_weights, quantize_tensor, should_quantize
 from mflux.weights import TensorSource
-
-COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 
 
 @dataclass

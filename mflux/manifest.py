@@ -293,9 +293,14 @@ def architecture_from_hf(folder: Path) -> dict:
             raise MfluxError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(config, dict):
             raise MfluxError(f"{path}: expected a JSON object")
-        # Underscore keys are diffusers bookkeeping (_class_name, _diffusers_version); TOML has no null.
-        arch[component] = _toml_ready({k: v for k, v in config.items() if not k.startswith("_")})
+        arch[component] = config_values(config)
     return arch
+
+
+def config_values(config: dict) -> dict:
+    """A config.json as the manifest keeps it: without diffusers' bookkeeping keys (_class_name,
+    _diffusers_version), and without nulls, which TOML lacks."""
+    return _toml_ready({k: v for k, v in config.items() if not k.startswith("_")})
 
 
 def variant_of(architecture: dict) -> str:
