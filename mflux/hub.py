@@ -57,6 +57,7 @@ from mflux.store import Store, StoredModel, format_size, validate_name
 from mflux.weights import PICKLE_SUFFIXES, SafetensorsFile
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+_OFFLINE = "pulling needs the network, and HF_HUB_OFFLINE is set (unset it to pull)"
 LICENSE_HOST = "https://huggingface.co"
 # The files of a FLUX.1 pipeline in diffusers layout; the root single-file checkpoints are never taken.
 DIFFUSERS_PATTERNS = (
@@ -198,7 +199,7 @@ def _client_settings() -> tuple[str, str | None]:
     # huggingface_hub read HF_HUB_OFFLINE and HF_ENDPOINT at import; honour them as they are now.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     if offline:
-        raise MfluxError("pulling needs the network, and HF_HUB_OFFLINE is set (unset it to pull)")
+        raise MfluxError(_OFFLINE)
     constants.HF_HUB_OFFLINE = False
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     return endpoint, get_token()
@@ -487,7 +488,7 @@ def _hub_errors(source: _Source, asked: str, token: str | None, endpoint: str, p
     except HfHubHTTPError as e:
         raise MfluxError(_http_message(e, source.repo, token)) from None
     except OfflineModeIsEnabled:
-        raise MfluxError("pulling needs the network, and HF_HUB_OFFLINE is set (unset it to pull)") from None
+        raise MfluxError(_OFFLINE) from None
     except HTTPError as e:
         where = f"; {again}" if partial is not None else ""
         raise MfluxError(
