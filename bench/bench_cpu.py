@@ -39,8 +39,8 @@ def load_ours(folder: Path, config: dict):
     from mflux.converters.diffusers import transformer_plan
     from mflux.converters.plan import execute
 
-    from mflux.model import Flux, FluxParams
-    from mflux.weights import TensorSource
+    from mflux.runtime.model import Flux, FluxParams
+    from mflux.runtime.weights import TensorSource
 
     source = TensorSource.from_folder(folder)
     flux = Flux(FluxParams.from_diffusers_config(config))

@@ -30,12 +30,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mflux import layers
-from mflux.autoencoder import Autoencoder, AutoencoderConfig
-from mflux.clip import CLIPTextConfig, CLIPTextModel
-from mflux.model import Flux, FluxParams
-from mflux.quantization import QuantSpec, should_quantize
-from mflux.t5 import T5Config, T5Encoder
+from mflux.runtime import layers
+from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
+from mflux.runtime.clip import CLIPTextConfig, CLIPTextModel
+from mflux.runtime.model import Flux, FluxParams
+from mflux.runtime.quantization import QuantSpec, should_quantize
+from mflux.runtime.t5 import T5Config, T5Encoder
 
 SECTIONS = ("step", "levers", "micro", "decode", "encode", "load")
 # seconds per section; a section stops starting new items once its time is up (or the run's is)
@@ -198,7 +198,7 @@ def randomize(module: nn.Module, dtype: mx.Dtype) -> nn.Module:
 
 
 def quantize(module: nn.Module, component: str, spec: QuantSpec | None) -> nn.Module:
-    """The project's rule (mflux.quantization.should_quantize) decides which layers."""
+    """The project's rule (mflux.runtime.quantization.should_quantize) decides which layers."""
     if spec is None:
         return module
 
@@ -530,8 +530,8 @@ def section_decode(size: Size, args, budget: Budget) -> None:
 def section_load(size: Size, args, budget: Budget) -> None:
     """Write an MLX-native model (the converter's layout: one folder of shards per component) with
     random weights to local disk, then time the loader reading it back, component by component."""
-    from mflux.loader import COMPONENTS, ModelFolder, load_component
-    from mflux.weights import save_shards
+    from mflux.runtime.loader import COMPONENTS, ModelFolder, load_component
+    from mflux.runtime.weights import save_shards
 
     root = Path(tempfile.mkdtemp(prefix="mflux-bench-", dir=args.tmp))
     architecture = {

@@ -196,7 +196,7 @@ def _transformer_step(flux, res: int) -> float:
     # the transformer alone, on the pipeline's shapes: the anchor's figure, in this process
     import mlx.core as mx
 
-    from mflux import sampler
+    from mflux.runtime import sampler
 
     model = flux._modules["transformer"]
     txt_len = flux.folder.defaults["max_sequence_length"]

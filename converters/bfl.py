@@ -13,7 +13,7 @@ import mlx.utils
 from mflux.converters.plan import Plan, Target
 
 from mflux.errors import MfluxError
-from mflux.model import Flux, FluxParams
+from mflux.runtime.model import Flux, FluxParams
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Tensors every FLUX.1 transformer has; their absence means the file is something else.

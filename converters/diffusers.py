@@ -9,7 +9,7 @@ their plans live beside their modules.
 
 from mflux.converters.plan import Plan, Target, concat
 
-from mflux.model import count_blocks
+from mflux.runtime.model import count_blocks
 
 # diffusers module -> Black Forest Labs module. A tuple of diffusers modules is concatenated along the
 # output axis, in that order.
@@ -130,15 +130,15 @@ def component_plan(component: str, source) -> Plan:
     if component == "transformer":
         return transformer_plan(source)
     if component == "vae":
-        from mflux import autoencoder
+        from mflux.runtime import autoencoder
 
         return autoencoder.plan(source)
     if component == "text_encoder":
-        from mflux import clip
+        from mflux.runtime import clip
 
         return clip.plan(source)
     if component == "text_encoder_2":
-        from mflux import t5
+        from mflux.runtime import t5
 
         return t5.plan(source)
     raise ValueError(f"unknown component {component!r} (transformer, vae, text_encoder, text_encoder_2)")

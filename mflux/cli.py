@@ -13,7 +13,7 @@ import click
 
 from mflux import __version__
 from mflux.errors import MfluxError
-from mflux.quantization import AFFINE_BITS, GROUP_SIZES, MODES, QUANTIZABLE_COMPONENTS
+from mflux.runtime.quantization import AFFINE_BITS, GROUP_SIZES, MODES, QUANTIZABLE_COMPONENTS
 
 DTYPES = ("bfloat16", "float16", "float32")
 

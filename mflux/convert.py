@@ -17,7 +17,7 @@ The MLX-native format (manifest `format = "mlx"`), one folder in the store:
 - A quantized layer is stored as MLX keeps it: `<path>.weight` (uint32, packed), `<path>.scales` and,
   in affine mode, `<path>.biases`. The loader quantizes exactly the layers that have `.scales`.
 - `quantization` holds {bits, group_size, mode} per quantized component (with `layers` overrides where
-  a layer differs). Layers stay in float where `mflux.quantization.should_quantize` says so: the VAE
+  a layer differs). Layers stay in float where `mflux.runtime.quantization.should_quantize` says so: the VAE
   (small and convolutional), norms, biases, T5's relative attention bias, CLIP's position embedding,
   and any layer whose input width is not a multiple of the group size (MLX's quantized matmul needs it).
 - `dtype` is the dtype of every float tensor (weights, scales, biases). T5 is never stored in float16,
@@ -40,7 +40,6 @@ import mlx.core as mx
 from mflux.converters import bfl
 from mflux.converters.plan import execute
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.loader import ModelFolder, cast_and_quantize, iter_weights, open_folder
 from mflux.manifest import (
     COMPONENTS,
     DTYPES,
@@ -49,9 +48,10 @@ from mflux.manifest import (
     quantization_label,
     write_manifest,
 )
-from mflux.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
+from mflux.runtime.loader import ModelFolder, cast_and_quantize, iter_weights, open_folder
+from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
+from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, TensorSource, refuse_pickle, save_shards
 from mflux.store import Store, StoredModel, format_size, validate_name
-from mflux.weights import PICKLE_SUFFIXES, SafetensorsFile, TensorSource, refuse_pickle, save_shards
 
 # Peak memory while writing is about one shard plus a few tensors: 1 GiB keeps converting the
 # 34 GB pipeline within a 16 GB machine.

@@ -10,11 +10,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mflux import pipeline, sampler
 from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.loader import ModelFolder, check_quantize, load_component, load_tokenizers, open_folder
-from mflux.quantization import AFFINE_BITS, QuantSpec
+from mflux.runtime import pipeline, sampler
+from mflux.runtime.loader import ModelFolder, check_quantize, load_component, load_tokenizers, open_folder
+from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _QUANT_NAME = re.compile(r"^(?P<base>.+)-q(?P<bits>\d)$")
@@ -134,7 +134,7 @@ class Flux1:
                 self._modules[c] = loaded[c] = load_component(self.folder, c, self.dtype, self.quantize)
         # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing.
         if self.lora_paths and loaded:
-            from mflux.lora import apply_loras
+            from mflux.runtime.lora import apply_loras
 
             apply_loras(loaded, self.lora_paths, self.lora_scales)
         return time.perf_counter() - start
@@ -165,7 +165,7 @@ class Flux1:
         key = (prompt, max_sequence_length)
         if self._cache and self._cache[0] == key:
             return self._cache[1], self._cache[2]
-        from mflux.tokenizers import clip_ids, t5_ids
+        from mflux.runtime.tokenizers import clip_ids, t5_ids
 
         self._load(("text_encoder", "text_encoder_2"))
         if self._tokenizers is None:

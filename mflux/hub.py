@@ -53,8 +53,8 @@ from mflux.manifest import (
     variant_of,
     write_manifest,
 )
+from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile
 from mflux.store import Store, StoredModel, format_size, validate_name
-from mflux.weights import PICKLE_SUFFIXES, SafetensorsFile
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _OFFLINE = "pulling needs the network, and HF_HUB_OFFLINE is set (unset it to pull)"

@@ -19,9 +19,9 @@ from mflux.manifest import (
     sha256_file,
     variant_of,
 )
-from mflux.quantization import AFFINE_BITS, FP_MODES
+from mflux.runtime.quantization import AFFINE_BITS, FP_MODES
+from mflux.runtime.weights import _DTYPES, BYTES_PER_ELEMENT, SafetensorsFile, refuse_pickle
 from mflux.store import Store, format_size, validate_name
-from mflux.weights import _DTYPES, BYTES_PER_ELEMENT, SafetensorsFile, refuse_pickle
 
 _LORA_MARKS = ("lora_A", "lora_B", "lora_down", "lora_up")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -116,9 +116,9 @@ def _inspect_file(path: Path, tensors: bool) -> dict:
 
 def _lora_inspector():
     # LoRA files get their own report from mflux.lora, where that module exists.
-    if importlib.util.find_spec("mflux.lora") is None:
+    if importlib.util.find_spec("mflux.runtime.lora") is None:
         return None
-    from mflux import lora
+    from mflux.runtime import lora
 
     return getattr(lora, "inspect_lora", None)
 

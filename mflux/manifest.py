@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from mflux import __version__
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.quantization import QuantSpec
+from mflux.runtime.quantization import QuantSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.toml"

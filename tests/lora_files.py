@@ -80,7 +80,7 @@ def fuse(parts: list) -> tuple[np.ndarray, np.ndarray]:
 
 def transformer_shapes(folder: Path) -> dict[str, tuple[int, int]]:
     """diffusers module name -> (out, in) of the tiny pipeline's transformer."""
-    from mflux.weights import TensorSource
+    from mflux.runtime.weights import TensorSource
 
     src = TensorSource.from_folder(Path(folder) / "transformer")
     return {

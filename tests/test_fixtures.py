@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from mflux.errors import InvalidArgument
-from mflux.weights import SafetensorsFile
+from mflux.runtime.weights import SafetensorsFile
 from tests.fixtures import REPO_FILES, SCHEDULER, build_tiny_pipeline, packed_latents, reference_image
 
 PROMPT = "Luxury food photograph"

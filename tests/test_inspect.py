@@ -14,9 +14,9 @@ from mflux import inspector
 from mflux.errors import MfluxError
 from mflux.inspector import format_inspect, inspect
 from mflux.manifest import new_manifest, write_manifest
-from mflux.quantization import QuantSpec, quantize_tensor
+from mflux.runtime.quantization import QuantSpec, quantize_tensor
+from mflux.runtime.weights import save_shards
 from mflux.store import Store
-from mflux.weights import save_shards
 from tests.test_store import make_model, write_fake_pipeline
 
 

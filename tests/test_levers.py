@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mflux import layers
 from mflux.errors import MfluxError
-from mflux.model import Flux, FluxParams
+from mflux.runtime import layers
+from mflux.runtime.model import Flux, FluxParams
 from tests.test_transformer import CONFIG as TRANSFORMER_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ from mlx.utils import tree_flatten
 
 from mflux import Config, Flux1
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.loader import load_component, open_folder
-from mflux.lora import LoRALinear, apply_loras, inspect_lora, resolve
-from mflux.quantization import QuantSpec, should_quantize
+from mflux.runtime.loader import load_component, open_folder
+from mflux.runtime.lora import LoRALinear, apply_loras, inspect_lora, resolve
+from mflux.runtime.quantization import QuantSpec, should_quantize
 from tests import lora_files as lf
 from tests.fixtures import packed_latents
 
@@ -518,7 +518,7 @@ def test_inspect_lora(files):
 
 
 def _pairs(path):
-    from mflux.weights import SafetensorsFile
+    from mflux.runtime.weights import SafetensorsFile
 
     sf = SafetensorsFile(path)
     for k, (_, shape, _) in sf.tensors.items():

@@ -8,10 +8,10 @@ from mlx.utils import tree_flatten
 from mflux import Flux1
 from mflux.convert import convert, quantize
 from mflux.errors import InvalidArgument
-from mflux.loader import load_component, open_folder
-from mflux.quantization import QuantSpec
+from mflux.runtime.loader import load_component, open_folder
+from mflux.runtime.quantization import QuantSpec
+from mflux.runtime.weights import TensorSource
 from mflux.store import Store
-from mflux.weights import TensorSource
 from tests.fixtures import store_hf_folder
 from tests.test_convert import assert_refused, image, invoke
 

@@ -5,8 +5,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
 
-from mflux import sampler
 from mflux.errors import InvalidArgument
+from mflux.runtime import sampler
 from tests.fixtures import SCHEDULER
 
 SCHNELL, DEV = SCHEDULER["schnell"], SCHEDULER["dev"]

@@ -14,10 +14,10 @@ import transformers
 from mflux.converters.plan import execute
 from safetensors.torch import load_file, save_file
 
-from mflux import clip, t5
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.tokenizers import clip_ids, load_tokenizers, t5_ids
-from mflux.weights import TensorSource
+from mflux.runtime import clip, t5
+from mflux.runtime.tokenizers import clip_ids, load_tokenizers, t5_ids
+from mflux.runtime.weights import TensorSource
 from tests.fixtures import CORPUS
 
 T5_VOCAB = 300

@@ -15,9 +15,9 @@ from mflux.converters.diffusers import component_plan, transformer_plan, transfo
 from mflux.converters.plan import Plan, execute
 
 from mflux.errors import MfluxError
-from mflux.layers import apply_rope, rope, timestep_embedding
-from mflux.model import Flux, FluxParams
-from mflux.weights import TensorSource
+from mflux.runtime.layers import apply_rope, rope, timestep_embedding
+from mflux.runtime.model import Flux, FluxParams
+from mflux.runtime.weights import TensorSource
 
 CONFIG = {
     "patch_size": 1,

@@ -8,9 +8,9 @@ from diffusers import AutoencoderKL
 from mflux.converters.plan import execute
 from safetensors.torch import save_file
 
-from mflux.autoencoder import Autoencoder, AutoencoderConfig, plan
 from mflux.errors import MfluxError
-from mflux.weights import TensorSource
+from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig, plan
+from mflux.runtime.weights import TensorSource
 from tests.fixtures import TINY_VAE
 
 CONFIG = TINY_VAE

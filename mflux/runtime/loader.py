@@ -13,8 +13,13 @@ import mlx.nn as nn
 
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.manifest import COMPONENTS, architecture_from_hf, defaults_for, read_manifest, variant_of
-from mflux.quantization import QuantSpec, quantize_model_from_weights, quantize_tensor, should_quantize
-from mflux.weights import TensorSource
+from mflux.runtime.quantization import (
+    QuantSpec,
+    quantize_model_from_weights,
+    quantize_tensor,
+    should_quantize,
+)
+from mflux.runtime.weights import TensorSource
 
 
 @dataclass
@@ -55,19 +60,19 @@ def build_module(component: str, architecture: dict) -> nn.Module:
     """An empty module of the checkpoint's sizes."""
     cfg = architecture[component]
     if component == "transformer":
-        from mflux.model import Flux, FluxParams
+        from mflux.runtime.model import Flux, FluxParams
 
         return Flux(FluxParams.from_diffusers_config(cfg))
     if component == "text_encoder":
-        from mflux.clip import CLIPTextConfig, CLIPTextModel
+        from mflux.runtime.clip import CLIPTextConfig, CLIPTextModel
 
         return CLIPTextModel(CLIPTextConfig.from_dict(cfg))
     if component == "text_encoder_2":
-        from mflux.t5 import T5Config, T5Encoder
+        from mflux.runtime.t5 import T5Config, T5Encoder
 
         return T5Encoder(T5Config.from_dict(cfg))
     if component == "vae":
-        from mflux.autoencoder import Autoencoder, AutoencoderConfig
+        from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
 
         return Autoencoder(AutoencoderConfig.from_dict(cfg))
     raise ValueError(f"unknown component {component!r}")
@@ -148,6 +153,6 @@ def _describe(q: dict) -> str:
 
 
 def load_tokenizers(folder: ModelFolder):
-    from mflux.tokenizers import load_tokenizers as _load
+    from mflux.runtime.tokenizers import load_tokenizers as _load
 
     return _load(folder.path)

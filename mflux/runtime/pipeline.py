@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import mlx.core as mx
 import numpy as np
 
-from mflux import sampler
+from mflux.runtime import sampler
 
 
 def encode_prompt(clip, t5, clip_ids: np.ndarray, t5_ids: np.ndarray, dtype) -> tuple[mx.array, mx.array]:

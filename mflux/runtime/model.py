@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import MfluxError
-from mflux.layers import (
+from mflux.runtime.layers import (
     DoubleStreamBlock,
     LastLayer,
     MLPEmbedder,

@@ -49,7 +49,7 @@ from mflux.converters.diffusers import (
     TOP_MODULES,
 )
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.weights import _DTYPES, SafetensorsFile
+from mflux.runtime.weights import _DTYPES, SafetensorsFile
 
 LORA_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 _SHOWN = 5  # bad keys named in an error or warning
