@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "Flux1", "GeneratedImage", "__version__"]
+__all__ = ["Config", "Flux1", "GeneratedImage", "__version__", "train"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,11 @@ def __getattr__(name: str):
         from mflux import flux1
 
         return getattr(flux1, name)
+    if name == "train":  # a callable package: mflux.train(model, data, output, ...)
+        from mflux.backend import import_mlx
+
+        import_mlx()
+        import mflux.train
+
+        return mflux.train
     raise AttributeError(f"module 'mflux' has no attribute {name!r}")

@@ -100,6 +100,7 @@ def diffusers_image(
     steps: int,
     latents: np.ndarray,
     guidance: float = 3.5,
+    max_sequence_length: int | None = None,
 ) -> np.ndarray:
     """diffusers' FluxPipeline image (uint8) with `loras` loaded through load_lora_weights + set_adapters."""
     import torch
@@ -114,5 +115,12 @@ def diffusers_image(
             pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
     pipe.set_progress_bar_config(disable=True)
     return run_pipeline(
-        pipe, prompt, height=height, width=width, steps=steps, guidance=guidance, latents=latents
+        pipe,
+        prompt,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        latents=latents,
+        max_sequence_length=max_sequence_length,
     )

@@ -208,20 +208,28 @@ class Flux(nn.Module):
         """The rotary tables for text then image tokens; ids (B, S, 3) and (B, L, 3)."""
         return rope(mx.concatenate([txt_ids, img_ids], axis=1), self.params.axes_dim, self.params.theta)
 
-    def predict(self, img: mx.array, txt: mx.array, pe: tuple[mx.array, mx.array], mod: mx.array) -> mx.array:
+    def predict(
+        self,
+        img: mx.array,
+        txt: mx.array,
+        pe: tuple[mx.array, mx.array],
+        mod: mx.array,
+        checkpoint: bool = False,
+    ) -> mx.array:
         """The velocity (B, L, in_channels) for packed latents img (B, L, in_channels) and text
-        txt (B, S, context), with pe from `positions` and mod (B, K, hidden) from `block_modulations`."""
+        txt (B, S, context), with pe from `positions` and mod (B, K, hidden) from `block_modulations`.
+        `checkpoint` recomputes each block's activations in the backward pass (training)."""
         dtype = self.dtype
         img = self.img_in(img.astype(dtype))  # (B, L, hidden)
         txt = self.txt_in(txt.astype(dtype))  # (B, S, hidden)
         mod = mod.astype(dtype)
         i = 0
         for block in self.double_blocks:
-            img, txt = block.forward(img, txt, mod[:, i : i + 12], pe)
+            img, txt = _forward(block, checkpoint)(img, txt, mod[:, i : i + 12], pe)
             i += 12
         x = mx.concatenate([txt, img], axis=1)  # (B, S+L, hidden)
         for block in self.single_blocks:
-            x = block.forward(x, mod[:, i : i + 3], pe)
+            x = _forward(block, checkpoint)(x, mod[:, i : i + 3], pe)
             i += 3
         return self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, in_channels)
 
@@ -237,3 +245,16 @@ class Flux(nn.Module):
     ) -> mx.array:
         mod = self.block_modulations(self.conditioning(timesteps, y, guidance))  # (B, K, hidden)
         return self.predict(img, txt, self.positions(img_ids, txt_ids), mod)
+
+
+def _forward(block: nn.Module, checkpoint: bool):
+    """block.forward, or the same under mx.checkpoint: only the block's inputs are kept for the
+    backward pass, which runs the block again (as mlx-lm's tuner checkpoints its layers)."""
+    if not checkpoint:
+        return block.forward
+
+    def inner(params, *args):
+        block.update(params)
+        return block.forward(*args)
+
+    return lambda *args: mx.checkpoint(inner)(block.trainable_parameters(), *args)

@@ -1,0 +1,103 @@
+"""Encode the training set once (VAE latents, T5 and CLIP embeddings) into a cache on disk, then free the
+encoders; and draw a validation image with the LoRA being trained."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from mflux.runtime import pipeline, sampler
+from mflux.runtime.loader import ModelFolder, load_component, load_tokenizers
+from mflux.train.data import Example, cache_key, load_image
+from mflux.train.files import atomic_save
+
+
+def encode_dataset(
+    folder: ModelFolder,
+    examples: list[Example],
+    resolution: int,
+    dtype: mx.Dtype,
+    prompts: list[str],
+    path: Path,
+    seq_len: int,
+) -> dict[str, mx.array]:
+    """{"latents" (N, L, 64) float32, "txt" (U, S, context), "pooled" (U, vec), "caption" (N,) the row of
+    each example's caption among the U distinct ones, "validation_txt", "validation_pooled"}.
+
+    Read from `path` when its key matches the files, captions and settings; else computed (one
+    component in memory at a time) and written there. The latents are the VAE posterior's mean, scaled
+    as the transformer sees them (the script samples the posterior; FLUX's VAE has a tiny variance)."""
+    key = cache_key(examples, str(folder.path), resolution, seq_len, prompts)
+    if path.is_file():
+        arrays, meta = mx.load(str(path), return_metadata=True)
+        if meta.get("key") == key:
+            return arrays
+    captions = sorted({e.caption for e in examples})
+    arrays = {"latents": _latents(folder, examples, resolution, dtype)}
+    txt, pooled = _embed(folder, captions + prompts, seq_len, dtype)
+    arrays["txt"], arrays["pooled"] = txt[: len(captions)], pooled[: len(captions)]
+    arrays["caption"] = mx.array([captions.index(e.caption) for e in examples], dtype=mx.int32)
+    if prompts:
+        arrays["validation_txt"], arrays["validation_pooled"] = txt[len(captions) :], pooled[len(captions) :]
+    mx.eval(arrays)
+    atomic_save(path, arrays, {"key": key})
+    return arrays
+
+
+def _latents(folder: ModelFolder, examples: list[Example], resolution: int, dtype) -> mx.array:
+    vae = load_component(folder, "vae", dtype)
+    out = []
+    for e in examples:  # one image at a time: the encoder's activations dominate its memory
+        x = mx.array(load_image(e.image, resolution))[None].astype(dtype)  # (1, H, W, 3)
+        z = vae.scale(vae.encode(x)).astype(mx.float32)  # (1, H/8, W/8, 16)
+        out.append(sampler.pack(z)[0])
+        mx.eval(out[-1])
+    del vae
+    mx.clear_cache()
+    return mx.stack(out)  # (N, L, 64)
+
+
+def _embed(folder: ModelFolder, texts: list[str], seq_len: int, dtype) -> tuple[mx.array, mx.array]:
+    from mflux.runtime.tokenizers import clip_ids, t5_ids
+
+    clip_tok, t5_tok = load_tokenizers(folder)
+    t5 = load_component(folder, "text_encoder_2", dtype)
+    txt = [t5(mx.array(t5_ids(t5_tok, [t], seq_len))) for t in texts]
+    mx.eval(txt)
+    del t5
+    mx.clear_cache()
+    clip = load_component(folder, "text_encoder", dtype)
+    pooled = [clip(mx.array(clip_ids(clip_tok, [t])))[1] for t in texts]
+    mx.eval(pooled)
+    del clip
+    mx.clear_cache()
+    return mx.concatenate(txt).astype(dtype), mx.concatenate(pooled).astype(dtype)
+
+
+def validation_image(
+    flux, folder: ModelFolder, txt: mx.array, pooled: mx.array, resolution: int, seed: int, dtype, guidance
+) -> Image.Image:
+    """One image of the validation prompt at a fixed seed, with the LoRA as it is now. Loads the VAE
+    for the decode only (it is small) and frees it after."""
+    d = folder.defaults
+    sched = folder.architecture["scheduler"]
+    x = sampler.noise(seed, resolution, resolution).astype(dtype)
+    sigmas = sampler.sigmas(
+        d["steps"],
+        x.shape[1],
+        shift=bool(sched.get("use_dynamic_shifting")),
+        base_seq_len=sched.get("base_image_seq_len", 256),
+        max_seq_len=sched.get("max_image_seq_len", 4096),
+        base_shift=sched.get("base_shift", 0.5),
+        max_shift=sched.get("max_shift", 1.15),
+    )
+    g = guidance if flux.params.guidance_embed else None
+    for latents in pipeline.denoise(flux, txt, pooled, x, sigmas, resolution, resolution, g):
+        mx.eval(latents)
+        x = latents
+    vae = load_component(folder, "vae", dtype)
+    pixels = pipeline.decode(vae, x, resolution, resolution)
+    del vae
+    mx.clear_cache()
+    return Image.fromarray(np.asarray(pixels[0]))

@@ -1,0 +1,550 @@
+"""`mflux train`: LoRA fine-tuning of the FLUX.1 transformer, the way mlx-lm's tuner trains.
+
+The order keeps memory near the transformer alone: every input is checked first; the images go through
+the VAE and the captions through T5 and CLIP once, into a cache on disk; the encoders are freed; then
+the frozen transformer (optionally quantized: QLoRA) trains float32 LoRA weights, recomputing each
+block's activations in the backward pass (gradient checkpointing). The step is one `mx.compile`d
+function whose state (the model, the optimizer) are its inputs and outputs, and whose random key is
+an argument and a result, so a checkpoint (LoRA weights, optimizer state, step, key) resumes exactly.
+
+Everything a run writes goes into its work folder, `<output>.train/` unless given: `cache.safetensors`,
+`checkpoints/step-NNNNNN.safetensors` (the last `keep_checkpoints`), `loss.jsonl`, `loss.png` and
+`validation/step-NNNNNN.png`. The LoRA itself is the output file, under diffusers/PEFT names.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mflux.backend import default_precision
+from mflux.errors import InvalidArgument, MfluxError
+from mflux.runtime import sampler
+from mflux.runtime.loader import ModelFolder, load_component, open_folder
+from mflux.runtime.quantization import QuantSpec
+from mflux.train import data as dataset
+from mflux.train import lora
+from mflux.train.files import atomic_save, atomic_text
+from mflux.train.objective import DEV_GUIDANCE, flow_loss, sample_sigmas, training_sigmas
+
+CHECKPOINT_KIND = "mflux-train-checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; `mflux train` flags and config-file keys have these names."""
+
+    model: str
+    data: str
+    output: str
+    steps: int = 1000
+    rank: int = 16
+    alpha: float | None = None  # None: the rank (scale 1), as diffusers' script sets lora_alpha
+    lr: float = 1e-4
+    batch_size: int = 1
+    resolution: int = 512
+    targets: str | list[str] | None = None  # None: attn (to_q, to_k, to_v, to_out.0)
+    seed: int = 0
+    quantize: int | None = None  # 4 or 8: a frozen quantized base (QLoRA)
+    checkpoint_every: int = 250  # 0: only at the end and on Ctrl-C
+    keep_checkpoints: int = 3
+    resume: str | None = None  # a checkpoint file, or a work folder (its latest checkpoint)
+    validation_prompt: str | None = None
+    validation_every: int = 0  # 0: one validation image at the end (with a prompt)
+    trigger: str | None = None
+    guidance: float = DEV_GUIDANCE  # dev's guidance input while training
+    max_sequence_length: int | None = None  # T5 tokens; None: the model's (schnell 256, dev 512)
+    precision: str | None = None  # default: float32 on a CPU, else bfloat16
+    weight_decay: float = 1e-4  # AdamW, as diffusers' script
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    work_dir: str | None = None
+    force: bool = False
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.alpha is None:
+            self.alpha = float(self.rank) if isinstance(self.rank, int) else self.alpha
+        self.targets = lora.target_leaves(self.targets)
+        checks = [
+            (self.rank, "rank", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            (self.steps, "steps", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            (self.batch_size, "batch-size", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            (self.lr, "lr", lambda v: isinstance(v, (int, float)) and v > 0, "a positive number"),
+            (self.alpha, "alpha", lambda v: isinstance(v, (int, float)) and v > 0, "a positive number"),
+            (
+                self.resolution,
+                "resolution",
+                lambda v: isinstance(v, int) and v > 0 and v % 16 == 0,
+                "a positive multiple of 16 (such as 512 or 1024)",
+            ),
+            (self.quantize, "quantize", lambda v: v in (None, 4, 8), "4 or 8"),
+            (self.checkpoint_every, "checkpoint-every", lambda v: isinstance(v, int) and v >= 0, "0 or more"),
+            (self.keep_checkpoints, "keep-checkpoints", lambda v: isinstance(v, int) and v > 0, "1 or more"),
+            (self.validation_every, "validation-every", lambda v: isinstance(v, int) and v >= 0, "0 or more"),
+            (
+                self.max_sequence_length,
+                "max-sequence-length",
+                lambda v: v is None or (isinstance(v, int) and 0 < v <= 512),
+                "in 1..512",
+            ),
+            (self.seed, "seed", lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer in 0..2**32-1"),
+        ]
+        for value, name, ok, want in checks:
+            if not ok(value):
+                raise InvalidArgument(f"--{name} must be {want}, got {value!r}")
+        if self.validation_every and not self.validation_prompt:
+            raise InvalidArgument("--validation-every needs a --validation-prompt")
+        if not str(self.output).endswith(".safetensors"):
+            raise InvalidArgument(f"--output must be a .safetensors file, got {self.output!r}")
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    work_dir: Path
+    steps: int
+    losses: list[float]  # of the steps this call ran
+    seconds_per_step: float
+    peak_memory: dict = field(default_factory=dict)  # phase -> bytes
+    validation_images: list[Path] = field(default_factory=list)
+
+
+def train(model: str, data: str, output: str, on_step=None, **options) -> TrainResult:
+    """Train a LoRA on the images and captions in `data` and write it to `output` (.safetensors).
+
+    Options are TrainConfig's fields; `on_step(step, loss)` is called after each step. Raises
+    MfluxError for bad input, before anything loads or is encoded."""
+    cfg = TrainConfig(model=model, data=data, output=output, **options)
+    return Trainer(cfg, on_step).run()
+
+
+def resolve_model(model: str) -> ModelFolder:
+    """A store name (`schnell`, `dev`, `<name>`) or a model folder; never downloads."""
+    if Path(model).expanduser().is_dir():
+        return open_folder(model)
+    from mflux.store import Store
+
+    store = Store()
+    if not store.exists(model):
+        from mflux.catalog import catalog
+
+        if model in catalog():
+            raise MfluxError(f"model {model!r} is not in the store (get it with: mflux pull {model})")
+        store.get(model)  # the unknown-model error, with close names
+    return open_folder(store.path(model), name=model)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, on_step=None):
+        self.cfg = cfg
+        self.on_step = on_step
+        self.output = Path(cfg.output).expanduser()
+        self.work = Path(cfg.work_dir).expanduser() if cfg.work_dir else self.output.with_suffix(".train")
+        if self.output.exists() and not cfg.force:
+            raise MfluxError(f"{self.output} exists (pass --force to replace it, or pick another --output)")
+        self.folder = resolve_model(cfg.model)
+        self.examples = dataset.scan(cfg.data, cfg.trigger)
+        self.resume_from = find_checkpoint(cfg.resume) if cfg.resume else None
+        if self.resume_from:
+            check_checkpoint(self.resume_from, self.folder.name, cfg)
+        self.precision = cfg.precision or default_precision()
+        self.dtype = getattr(mx, self.precision)
+        self.peak: dict[str, int] = {}
+        self.validation_images: list[Path] = []
+
+    # --- the run ---
+
+    def run(self) -> TrainResult:
+        self.work.mkdir(parents=True, exist_ok=True)
+        cache = self.encode()
+        flux, layers, optimizer = self.build()
+        state = self.restore(flux, optimizer)
+        losses, seconds = self.loop(flux, layers, optimizer, cache, state)
+        if self.cfg.validation_prompt and not self.cfg.validation_every:
+            self.validate(flux, cache, state["step"])
+        self.save_lora(layers)
+        from mflux.train.report import plot_losses
+
+        plot_losses(read_log(self.work / "loss.jsonl"), self.work / "loss.png")
+        return TrainResult(
+            self.output, self.work, state["step"], losses, seconds, self.peak, self.validation_images
+        )
+
+    def encode(self) -> dict[str, mx.array]:
+        """Latents, caption and validation-prompt embeddings, from the cache when it is current."""
+        from mflux.train.encode import encode_dataset
+
+        prompts = [self.cfg.validation_prompt] if self.cfg.validation_prompt else []
+        mx.reset_peak_memory()
+        cache = encode_dataset(
+            self.folder,
+            self.examples,
+            self.cfg.resolution,
+            self.dtype,
+            prompts,
+            self.work / "cache.safetensors",
+            self.cfg.max_sequence_length or self.folder.defaults["max_sequence_length"],
+        )
+        self.peak["encoding"] = mx.get_peak_memory()
+        mx.clear_cache()
+        return cache
+
+    def build(self):
+        cfg = self.cfg
+        mx.reset_peak_memory()
+        spec = QuantSpec(cfg.quantize) if cfg.quantize else None
+        flux = load_component(self.folder, "transformer", self.dtype, spec)
+        self.modules = lora.target_modules(flux.params, cfg.targets)
+        mx.random.seed(cfg.seed)  # the A's initial values
+        layers = lora.attach(flux, self.modules, cfg.rank, cfg.alpha)
+        optimizer = optim.AdamW(
+            learning_rate=cfg.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=cfg.weight_decay
+        )
+        return flux, layers, optimizer
+
+    def restore(self, flux, optimizer) -> dict:
+        state = {"step": 0, "key": mx.random.key(self.cfg.seed + 1)}
+        if self.resume_from:
+            state = load_checkpoint(self.resume_from, flux, optimizer)
+        optimizer.init(flux.trainable_parameters())  # fills in a fresh state; keeps a restored one
+        return state
+
+    def loop(self, flux, layers, optimizer, cache, state) -> tuple[list[float], float]:
+        cfg = self.cfg
+        step_fn = make_step(
+            flux,
+            optimizer,
+            cache,
+            self.folder.architecture["scheduler"],
+            cfg.resolution,
+            cfg.batch_size,
+            cfg.guidance,
+            cfg.gradient_checkpointing,
+            cfg.max_grad_norm,
+        )
+        order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
+        log = LossLog(self.work / "loss.jsonl", state["step"])
+        bar = _progress(cfg, state["step"])
+        losses, start_step, key = [], state["step"], state["key"]
+        started = time.perf_counter()
+        with StopOnInterrupt() as interrupt:
+            while state["step"] < cfg.steps:
+                idx = mx.array(order.indices(state["step"]))
+                t0 = time.perf_counter()
+                loss, key = step_fn(key, idx)
+                mx.eval(flux.state, optimizer.state, loss, key)
+                state["step"] += 1
+                state["key"] = key
+                seconds = time.perf_counter() - t0
+                losses.append(loss.item())
+                log.write(state["step"], losses[-1], seconds, mx.get_peak_memory())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if self.on_step:
+                    self.on_step(state["step"], losses[-1])
+                if cfg.validation_every and state["step"] % cfg.validation_every == 0:
+                    self.validate(flux, cache, state["step"])
+                due = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
+                if interrupt.stopped or due:
+                    saved = self.checkpoint(flux, optimizer, state)
+                if interrupt.stopped:
+                    bar.close()
+                    print(
+                        f"interrupted at step {state['step']}: saved {saved} "
+                        f"(continue with --resume {self.work})",
+                        file=sys.stderr,
+                    )
+                    raise KeyboardInterrupt
+        bar.close()
+        self.peak["training"] = mx.get_peak_memory()
+        if state["step"] > start_step and (not cfg.checkpoint_every or state["step"] % cfg.checkpoint_every):
+            self.checkpoint(flux, optimizer, state)
+        ran = state["step"] - start_step
+        return losses, (time.perf_counter() - started) / ran if ran else 0.0
+
+    # --- outputs ---
+
+    def checkpoint(self, flux, optimizer, state) -> Path:
+        folder = self.work / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{state['step']:06d}.safetensors"
+        arrays = {f"lora.{k}": v for k, v in tree_flatten(flux.trainable_parameters())}
+        arrays |= {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
+        arrays["random.key"] = state["key"]
+        meta = {
+            "kind": CHECKPOINT_KIND,
+            "step": str(state["step"]),
+            "base_model": self.folder.name,
+            "rank": str(self.cfg.rank),
+            "alpha": str(self.cfg.alpha),
+            "targets": json.dumps(self.cfg.targets),
+            "config": json.dumps(asdict(self.cfg)),
+        }
+        atomic_save(path, arrays, meta)
+        for old in sorted(folder.glob("step-*.safetensors"))[: -self.cfg.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def save_lora(self, layers) -> None:
+        cfg = self.cfg
+        extra = {
+            "mflux.base_model": self.folder.name,
+            "mflux.variant": self.folder.variant,
+            "mflux.rank": str(cfg.rank),
+            "mflux.alpha": str(cfg.alpha),
+            "mflux.trigger": cfg.trigger or "",
+            "mflux.targets": ",".join(cfg.targets),
+            "mflux.steps": str(cfg.steps),
+            "mflux.resolution": str(cfg.resolution),
+            "mflux.quantized_base": str(cfg.quantize or ""),
+        }
+        meta = lora.peft_metadata(self.modules, cfg.rank, cfg.alpha, extra)
+        atomic_save(self.output, lora.peft_tensors(layers), meta)
+
+    def validate(self, flux, cache, step: int) -> Path:
+        from mflux.train.encode import validation_image
+
+        folder = self.work / "validation"
+        folder.mkdir(exist_ok=True)
+        image = validation_image(
+            flux,
+            self.folder,
+            cache["validation_txt"][:1],
+            cache["validation_pooled"][:1],
+            self.cfg.resolution,
+            self.cfg.seed,
+            self.dtype,
+            self.cfg.guidance,
+        )
+        path = folder / f"step-{step:06d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+        self.validation_images.append(path)
+        return path
+
+
+def make_step(
+    flux,
+    optimizer,
+    cache: dict,
+    scheduler: dict,
+    resolution: int,
+    batch: int,
+    guidance: float = DEV_GUIDANCE,
+    checkpoint: bool = True,
+    max_grad_norm: float = 1.0,
+):
+    """One compiled training step: (key, batch indices) -> (loss, next key). The model's and the
+    optimizer's state are the compiled function's inputs and outputs, so it updates them in place.
+    `cache` holds the encoded examples (see encode_dataset); `scheduler` is the model's config."""
+    latents, txt, pooled, caption = cache["latents"], cache["txt"], cache["pooled"], cache["caption"]
+    table = training_sigmas(scheduler)
+    img_ids = mx.broadcast_to(sampler.image_ids(resolution, resolution), (batch, latents.shape[1], 3))
+    txt_ids = mx.broadcast_to(sampler.text_ids(txt.shape[1]), (batch, txt.shape[1], 3))
+    pe = flux.positions(img_ids, txt_ids)
+    g = mx.full((batch,), guidance, dtype=mx.float32) if flux.params.guidance_embed else None
+    loss_and_grad = nn.value_and_grad(flux, flow_loss)
+    state = [flux.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(key, idx):
+        key, k_noise, k_sigma = mx.random.split(key, 3)
+        x0 = latents[idx]
+        noise = mx.random.normal(x0.shape, key=k_noise)
+        sigma, timestep = sample_sigmas(k_sigma, batch, table)
+        rows = caption[idx]
+        loss, grads = loss_and_grad(
+            flux, x0, noise, sigma, timestep, txt[rows], pooled[rows], pe, g, checkpoint
+        )
+        grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
+        optimizer.update(flux, grads)
+        return loss, key
+
+    return step
+
+
+class BatchOrder:
+    """Which examples make step n's batch: a fresh permutation per epoch from (seed, epoch), so the
+    order is a function of the step alone and a resumed run sees the same batches."""
+
+    def __init__(self, count: int, batch: int, seed: int):
+        self.count, self.batch, self.seed = count, batch, seed
+
+    def indices(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch, (step + 1) * self.batch):
+            epoch, i = divmod(pos, self.count)
+            out.append(int(np.random.default_rng([self.seed, epoch]).permutation(self.count)[i]))
+        return out
+
+
+class StopOnInterrupt:
+    """Ctrl-C sets a flag that the loop reads after the current step, so the checkpoint it then saves
+    holds a whole step (an interrupt inside a step could leave the state half-updated)."""
+
+    def __init__(self):
+        self.stopped = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._stop)
+        return self
+
+    def _stop(self, signum, frame):
+        if self.stopped:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stopped = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class LossLog:
+    """loss.jsonl, one line per step; a resumed run drops lines past its checkpoint first."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        rows = [r for r in read_log(path) if r["step"] <= start_step]
+        atomic_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, step: int, loss: float, seconds: float, peak: int) -> None:
+        row = {"step": step, "loss": loss, "seconds": round(seconds, 4), "peak_gb": round(peak / 1e9, 3)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _progress(cfg: TrainConfig, start: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=cfg.steps,
+        initial=start,
+        unit="step",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        desc="train",
+    )
+
+
+# --- files ---
+
+
+def find_checkpoint(resume: str) -> Path:
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        found = sorted((path / "checkpoints").glob("step-*.safetensors")) or sorted(
+            path.glob("step-*.safetensors")
+        )
+        if not found:
+            raise MfluxError(f"{path}: no checkpoints (step-*.safetensors) to resume from")
+        return found[-1]
+    if not path.is_file():
+        raise MfluxError(f"{path}: no such checkpoint (give a step-*.safetensors or a run's work folder)")
+    return path
+
+
+def _checkpoint_meta(path: Path) -> dict:
+    from mflux.runtime.weights import SafetensorsFile
+
+    return dict(SafetensorsFile(path).metadata)  # the header only; MfluxError for a bad file
+
+
+def check_checkpoint(path: Path, base_model: str, cfg: TrainConfig) -> None:
+    """Refuse a checkpoint of another base model, rank or targets, before anything is encoded."""
+    meta = _checkpoint_meta(path)
+    if meta.get("kind") != CHECKPOINT_KIND:
+        raise MfluxError(
+            f"{path}: not an mflux training checkpoint (a LoRA? resume takes step-*.safetensors)"
+        )
+    if meta["base_model"] != base_model:
+        raise MfluxError(
+            f"{path}: the checkpoint was trained on {meta['base_model']!r}, not {base_model!r} "
+            f"(resume with --model {meta['base_model']})"
+        )
+    if int(meta["rank"]) != cfg.rank:
+        raise MfluxError(
+            f"{path}: the checkpoint has rank {meta['rank']}, not {cfg.rank} (resume with --rank {meta['rank']})"
+        )
+    if json.loads(meta["targets"]) != cfg.targets:
+        raise MfluxError(
+            f"{path}: the checkpoint trains {','.join(json.loads(meta['targets']))}, not "
+            f"{','.join(cfg.targets)} (resume with the same --targets)"
+        )
+    if int(meta["step"]) > cfg.steps:
+        raise MfluxError(f"{path}: the checkpoint is at step {meta['step']}, past --steps {cfg.steps}")
+
+
+def load_checkpoint(path: Path, flux, optimizer) -> dict:
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    params = [(k[len("lora.") :], v) for k, v in arrays.items() if k.startswith("lora.")]
+    flux.update(tree_unflatten(params))
+    opt = [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+    optimizer.state = tree_unflatten(opt)
+    mx.eval(flux.trainable_parameters(), optimizer.state)
+    return {"step": int(meta["step"]), "key": arrays["random.key"]}
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A run's options from TOML or JSON: TrainConfig's names, with dashes or underscores."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise MfluxError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(text)
+    except ValueError as e:
+        raise MfluxError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({e})") from None
+    if not isinstance(values, dict):
+        raise MfluxError(f"{path}: the config must be a table of options")
+    known = {f.name for f in fields(TrainConfig)} - {"progress"}
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise MfluxError(f"{path}: unknown option {key!r} (see: mflux train --help)")
+        out[name] = value
+    return out
+
+
+def summary(r: TrainResult) -> str:
+    """The lines `mflux train` prints at the end: where the LoRA is, loss, speed, peak memory."""
+    tenth = max(1, len(r.losses) // 10)
+    first, last = r.losses[:tenth], r.losses[-tenth:]
+    peaks = ", ".join(f"{phase} {b / 1e9:.2f} GB" for phase, b in r.peak_memory.items())
+    lines = [f"wrote {r.output} (step {r.steps}; work folder {r.work_dir})"]
+    if r.losses:
+        lines.append(
+            f"loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} (mean of the first and last "
+            f"{tenth} steps); {r.seconds_per_step:.3f} s/step ({1 / r.seconds_per_step:.2f} it/s)"
+        )
+    lines.append(f"peak memory: {peaks}")
+    return "\n".join(lines)
