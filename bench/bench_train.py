@@ -65,7 +65,7 @@ def run_mflux(args) -> dict:
     }
     optimizer = optim.AdamW(learning_rate=1e-4, weight_decay=1e-4)
     optimizer.init(flux.trainable_parameters())
-    step = make_step(flux, optimizer, cache, DEV_SCHEDULER, args.res, 1)
+    step = make_step(flux, optimizer, cache, DEV_SCHEDULER, args.res, 1, checkpoint=not args.no_checkpoint)
     key, idx = mx.random.key(0), mx.array([0])
     mx.eval(cache, flux.state, optimizer.state)
     mx.reset_peak_memory()
@@ -102,7 +102,8 @@ def run_diffusers(args) -> dict:
     model.add_adapter(
         LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS)
     )
-    model.enable_gradient_checkpointing()
+    if not args.no_checkpoint:
+        model.enable_gradient_checkpointing()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     lora_dtype = str(params[0].dtype)
@@ -179,7 +180,9 @@ def child(impl: str, quant: str, res: int, args) -> dict:
         "--res",
         str(res),
     ]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + [
+        "--no-checkpoint"
+    ] * args.no_checkpoint
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -199,6 +202,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    parser.add_argument(
+        "--no-checkpoint", action="store_true", help="keep every activation (no recomputation)"
+    )
     parser.add_argument("--child", choices=("mflux", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -213,7 +219,8 @@ def main(argv=None) -> None:
         jobs += [("diffusers", "bf16")] if "diffusers" in impls else []
         for impl, quant in jobs:
             r = child(impl, quant, res, args)
-            row = {"impl": impl, "base": quant, "size": args.size, "res": res, "rank": RANK, "txt": TXT, **r}
+            row = {"impl": impl, "base": quant, "size": args.size, "res": res, "rank": RANK, "txt": TXT}
+            row |= {"checkpoint": not args.no_checkpoint, **r}
             print(
                 json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                 flush=True,

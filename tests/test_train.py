@@ -6,6 +6,7 @@ Tolerances are stated where they are used: gradients within 1e-4 of each tensor'
 
 import json
 import os
+import shutil
 import signal
 
 import mlx.core as mx
@@ -285,28 +286,17 @@ def test_saved_lora_is_small_named_and_described(trained):
 def test_diffusers_loads_it_and_agrees(trained, tiny_schnell):
     prompt = "mfx a solid blue square"
     latents = np.random.default_rng(4).standard_normal((1, (RES // 16) ** 2, 64)).astype(np.float32)
-    ref = lf.diffusers_image(
-        tiny_schnell,
-        [(trained.output, 1.0)],
-        prompt,
-        height=RES,
-        width=RES,
-        steps=2,
-        latents=latents,
-        max_sequence_length=SEQ,
-    )
-    base = lf.diffusers_image(
-        tiny_schnell, [], prompt, height=RES, width=RES, steps=2, latents=latents, max_sequence_length=SEQ
-    )
-    flux = Flux1.from_path(tiny_schnell, precision="float32", lora_paths=[str(trained.output)])
+    kwargs = dict(height=RES, width=RES, steps=2, latents=latents, max_sequence_length=SEQ)
+    ref = lf.diffusers_image(tiny_schnell, [(trained.output, 1.0)], prompt, **kwargs)
     cfg = Config(num_inference_steps=2, height=RES, width=RES, max_sequence_length=SEQ)
-    ours = np.array(flux.generate_image(0, prompt, cfg, latents=latents).image)
-    changed = np.abs(ref.astype(int) - base).mean()
-    error = np.abs(ours.astype(int) - ref).max()
-    print(
-        f"the LoRA changes diffusers' image by {changed:.1f}/255 on average; max |mflux - diffusers| {error}/255"
-    )
-    assert changed > 5
+    images = []
+    for paths in ([], [str(trained.output)]):
+        flux = Flux1.from_path(tiny_schnell, precision="float32", lora_paths=paths)
+        images.append(np.array(flux.generate_image(0, prompt, cfg, latents=latents).image).astype(int))
+    base, ours = images
+    changed, error = np.abs(ours - base).mean(), np.abs(ours - ref).max()
+    print(f"the LoRA changes the image by {changed:.1f}/255 on average; max |mflux - diffusers| {error}/255")
+    assert changed > 5  # the LoRA matters, so agreeing means something
     assert error <= FLOAT32_BOUND
 
 
@@ -326,13 +316,16 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_dev, data, tmp_path
             os.kill(os.getpid(), signal.SIGINT)
 
     part = tmp_path / "part.safetensors"
+    work = tmp_path / "part.train"
+    work.mkdir()
+    shutil.copy(whole.work_dir / "cache.safetensors", work)  # same files and settings: reused, not re-encoded
     with pytest.raises(KeyboardInterrupt):
         train(str(tiny_dev), str(data), str(part), on_step=ctrl_c, **RESUME)
-    work = tmp_path / "part.train"
     assert not part.exists() and [p.name for p in (work / "checkpoints").iterdir()] == [
         "step-000002.safetensors"
     ]
     rest = train(str(tiny_dev), str(data), str(part), resume=str(work), **RESUME)
+    assert whole.encoded and not rest.encoded
     assert rest.losses == whole.losses[2:] and len(rest.losses) == 2
     a, b = mx.load(str(whole.output)), mx.load(str(part))
     assert a.keys() == b.keys()
@@ -342,14 +335,15 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_dev, data, tmp_path
     assert log == whole.losses
 
 
-def test_qlora_on_a_4bit_base_trains(tiny_schnell, data, tmp_path):
-    r = train(
-        str(tiny_schnell), str(data), str(tmp_path / "q4.safetensors"), quantize=4, **{**LEARN, "steps": 60}
-    )
+def test_qlora_on_a_4bit_base_trains(trained, tiny_schnell, data, tmp_path):
+    (tmp_path / "q4.train").mkdir()
+    shutil.copy(trained.work_dir / "cache.safetensors", tmp_path / "q4.train")  # the same encodings
+    options = {**LEARN, "steps": 30, "trigger": "mfx", "validation_prompt": "mfx a solid red square"}
+    r = train(str(tiny_schnell), str(data), str(tmp_path / "q4.safetensors"), quantize=4, **options)
     first, last = np.mean(r.losses[:10]), np.mean(r.losses[-10:])
     print(f"q4 base: training loss {first:.4f} -> {last:.4f} over 30 steps (means of 10)")
     assert first > 1.1 * last  # measured 1.31 -> 1.08
-    assert SafetensorsFile(r.output).metadata["mflux.quantized_base"] == "4"
+    assert SafetensorsFile(r.output).metadata["mflux.quantized_base"] == "4" and not r.encoded
 
 
 # --- the command and bad input ---

@@ -21,9 +21,10 @@ def encode_dataset(
     prompts: list[str],
     path: Path,
     seq_len: int,
-) -> dict[str, mx.array]:
-    """{"latents" (N, L, 64) float32, "txt" (U, S, context), "pooled" (U, vec), "caption" (N,) the row of
-    each example's caption among the U distinct ones, "validation_txt", "validation_pooled"}.
+) -> tuple[dict[str, mx.array], bool]:
+    """({"latents" (N, L, 64) float32, "txt" (U, S, context), "pooled" (U, vec), "caption" (N,) the row of
+    each example's caption among the U distinct ones, "validation_txt", "validation_pooled"},
+    whether it was encoded now rather than read from the cache).
 
     Read from `path` when its key matches the files, captions and settings; else computed (one
     component in memory at a time) and written there. The latents are the VAE posterior's mean, scaled
@@ -32,7 +33,7 @@ def encode_dataset(
     if path.is_file():
         arrays, meta = mx.load(str(path), return_metadata=True)
         if meta.get("key") == key:
-            return arrays
+            return arrays, False
     captions = sorted({e.caption for e in examples})
     arrays = {"latents": _latents(folder, examples, resolution, dtype)}
     txt, pooled = _embed(folder, captions + prompts, seq_len, dtype)
@@ -42,7 +43,7 @@ def encode_dataset(
         arrays["validation_txt"], arrays["validation_pooled"] = txt[len(captions) :], pooled[len(captions) :]
     mx.eval(arrays)
     atomic_save(path, arrays, {"key": key})
-    return arrays
+    return arrays, True
 
 
 def _latents(folder: ModelFolder, examples: list[Example], resolution: int, dtype) -> mx.array:

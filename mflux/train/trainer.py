@@ -119,6 +119,7 @@ class TrainResult:
     seconds_per_step: float
     peak_memory: dict = field(default_factory=dict)  # phase -> bytes
     validation_images: list[Path] = field(default_factory=list)
+    encoded: bool = True  # False: the latents and embeddings came from the work folder's cache
 
 
 def train(model: str, data: str, output: str, on_step=None, **options) -> TrainResult:
@@ -179,7 +180,14 @@ class Trainer:
 
         plot_losses(read_log(self.work / "loss.jsonl"), self.work / "loss.png")
         return TrainResult(
-            self.output, self.work, state["step"], losses, seconds, self.peak, self.validation_images
+            self.output,
+            self.work,
+            state["step"],
+            losses,
+            seconds,
+            self.peak,
+            self.validation_images,
+            self.encoded,
         )
 
     def encode(self) -> dict[str, mx.array]:
@@ -188,7 +196,7 @@ class Trainer:
 
         prompts = [self.cfg.validation_prompt] if self.cfg.validation_prompt else []
         mx.reset_peak_memory()
-        cache = encode_dataset(
+        cache, self.encoded = encode_dataset(
             self.folder,
             self.examples,
             self.cfg.resolution,
