@@ -7,7 +7,10 @@ transformer block. mflux runs at bf16 and on q8 and q4 bases (QLoRA); diffusers 
 configuration runs in its own process, so its peak memory is its own; each figure is one JSON line.
 
     python bench/bench_train.py --size full                      # a CUDA GPU: 512 and 1024
-    python bench/bench_train.py --size mid --res 128,256         # this CPU (float32)
+    python bench/bench_train.py --size mid --res 128 --txt 64    # this CPU (float32)
+
+On a CPU, MLX's children get Debian's OpenBLAS preloaded when it is installed (MLX's own reference
+BLAS is ~30x slower; the same preload slows PyTorch, whose child runs without it).
 
 Step time is the mean of `--steps` steps after `--warmup` (the first compiles); peak memory is the
 framework allocator's peak over the whole process after building the model (MLX: mx.get_peak_memory;
@@ -16,6 +19,7 @@ PyTorch: torch.cuda.max_memory_allocated, or the process's peak RSS on a CPU).
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -26,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RANK = 16
-TXT = 512
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]  # the script's default
 DEFAULT_RES = {"full": "512,1024", "mid": "128,256", "tiny": "64"}
 DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
@@ -59,7 +63,7 @@ def run_mflux(args) -> dict:
     tokens = (args.res // 16) ** 2
     cache = {
         "latents": mx.random.normal((1, tokens, 64)),
-        "txt": mx.random.normal((1, TXT, size_cfg["joint_attention_dim"])).astype(dtype),
+        "txt": mx.random.normal((1, args.txt, size_cfg["joint_attention_dim"])).astype(dtype),
         "pooled": mx.random.normal((1, size_cfg["pooled_projection_dim"])).astype(dtype),
         "caption": mx.array([0], dtype=mx.int32),
     }
@@ -110,11 +114,11 @@ def run_diffusers(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     tokens, side = (args.res // 16) ** 2, args.res // 16
     x0 = torch.randn(1, tokens, 64, device=device, dtype=dtype)
-    txt = torch.randn(1, TXT, cfg["joint_attention_dim"], device=device, dtype=dtype)
+    txt = torch.randn(1, args.txt, cfg["joint_attention_dim"], device=device, dtype=dtype)
     pooled = torch.randn(1, cfg["pooled_projection_dim"], device=device, dtype=dtype)
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(device, dtype)
-    txt_ids = torch.zeros(TXT, 3, device=device, dtype=dtype)
+    txt_ids = torch.zeros(args.txt, 3, device=device, dtype=dtype)
     guidance = torch.tensor([3.5], device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -168,25 +172,31 @@ def _timed(fn, warmup: int, n: int) -> dict:
 
 
 def child(impl: str, quant: str, res: int, args) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        impl,
-        "--quant",
-        quant,
-        "--size",
-        args.size,
+    cmd = [sys.executable, __file__, "--child", impl, "--quant", quant, "--size", args.size]
+    cmd += [
         "--res",
         str(res),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--txt",
+        str(args.txt),
     ]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + [
-        "--no-checkpoint"
-    ] * args.no_checkpoint
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    cmd += ["--no-checkpoint"] * args.no_checkpoint
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if impl == "mflux" and os.path.exists(OPENBLAS) and not _has_gpu():
+        env["LD_PRELOAD"] = OPENBLAS
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _has_gpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu
 
 
 def main(argv=None) -> None:
@@ -199,6 +209,7 @@ def main(argv=None) -> None:
     parser.add_argument("--res", help="comma-separated image sides (default: full 512,1024; mid 128,256)")
     parser.add_argument("--quant", default="bf16,q8,q4", help="mflux bases: bf16 (the float dtype), q8, q4")
     parser.add_argument("--impl", default="mflux,diffusers", help="mflux, diffusers or both")
+    parser.add_argument("--txt", type=int, default=512, help="T5 tokens (default 512, the script's)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
@@ -219,7 +230,7 @@ def main(argv=None) -> None:
         jobs += [("diffusers", "bf16")] if "diffusers" in impls else []
         for impl, quant in jobs:
             r = child(impl, quant, res, args)
-            row = {"impl": impl, "base": quant, "size": args.size, "res": res, "rank": RANK, "txt": TXT}
+            row = {"impl": impl, "base": quant, "size": args.size, "res": res, "rank": RANK, "txt": args.txt}
             row |= {"checkpoint": not args.no_checkpoint, **r}
             print(
                 json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),

@@ -172,7 +172,7 @@ class Trainer:
         cache = self.encode()
         flux, layers, optimizer = self.build()
         state = self.restore(flux, optimizer)
-        losses, seconds = self.loop(flux, layers, optimizer, cache, state)
+        losses, seconds = self.loop(flux, optimizer, cache, state)
         if self.cfg.validation_prompt and not self.cfg.validation_every:
             self.validate(flux, cache, state["step"])
         self.save_lora(layers)
@@ -229,7 +229,7 @@ class Trainer:
         optimizer.init(flux.trainable_parameters())  # fills in a fresh state; keeps a restored one
         return state
 
-    def loop(self, flux, layers, optimizer, cache, state) -> tuple[list[float], float]:
+    def loop(self, flux, optimizer, cache, state) -> tuple[list[float], float]:
         cfg = self.cfg
         step_fn = make_step(
             flux,
