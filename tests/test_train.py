@@ -17,8 +17,9 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from mflux import Config, Flux1
-from mflux.runtime import sampler
-from mflux.runtime.loader import load_component, open_folder
+from mflux.folders import open_folder
+from mflux.runtime import engine, sampler
+from mflux.runtime.loader import load_component
 from mflux.runtime.lora import apply_loras
 from mflux.runtime.weights import SafetensorsFile
 from mflux.train import lora, train
@@ -239,7 +240,6 @@ def test_generations_move_toward_the_data(trained, tiny_schnell):
     image's latents with the saved LoRA than without. Measured on latents: the pixel distance to the
     VAE's round trip of each image did not move (ratios 0.99-1.01 measured), since the generations are
     still ~1.0 rms from latents of rms 0.12, where this random decoder's output says little."""
-    from mflux.runtime import pipeline
 
     cache = mx.load(str(trained.work_dir / "cache.safetensors"))
     base = load_component(open_folder(tiny_schnell), "transformer", mx.float32)
@@ -251,15 +251,9 @@ def test_generations_move_toward_the_data(trained, tiny_schnell):
         row = cache["caption"][i : i + 1]
         dist = []
         for flux in (base, tuned):
-            steps = pipeline.denoise(
-                flux,
-                cache["txt"][row],
-                cache["pooled"][row],
-                sampler.noise(5, RES, RES),
-                sigmas,
-                RES,
-                RES,
-                None,
+            mods = engine.modulations(flux, cache["pooled"][row], sigmas, None)
+            steps = engine.denoise(
+                flux, cache["txt"][row], sampler.noise(5, RES, RES), sigmas, RES, RES, mods
             )
             *_, x = steps
             dist.append(float(mx.sqrt(mx.mean(mx.square(x - cache["latents"][i : i + 1])))))

@@ -94,8 +94,8 @@ def _check_image(path: Path) -> None:
 
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
-    """(resolution, resolution, 3) float32 in [-1, 1]: short side resized to the resolution (Lanczos),
-    then centre-cropped."""
+    """(resolution, resolution, 3) uint8: short side resized to the resolution (Lanczos), then
+    centre-cropped."""
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -104,7 +104,7 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
         w, h = im.size
         left, top = (w - resolution) // 2, (h - resolution) // 2
         im = im.crop((left, top, left + resolution, top + resolution))
-        return np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        return np.asarray(im, dtype=np.uint8)
 
 
 def cache_key(examples: list[Example], model: str, resolution: int, seq_len: int, prompts: list[str]) -> str:

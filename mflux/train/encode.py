@@ -7,8 +7,9 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mflux.runtime import pipeline, sampler
-from mflux.runtime.loader import ModelFolder, load_component, load_tokenizers
+from mflux.runtime import engine, sampler
+from mflux.runtime.folder import ModelFolder
+from mflux.runtime.loader import load_component, load_tokenizers
 from mflux.train.data import Example, cache_key, load_image
 from mflux.train.files import atomic_save
 
@@ -50,9 +51,7 @@ def _latents(folder: ModelFolder, examples: list[Example], resolution: int, dtyp
     vae = load_component(folder, "vae", dtype)
     out = []
     for e in examples:  # one image at a time: the encoder's activations dominate its memory
-        x = mx.array(load_image(e.image, resolution))[None].astype(dtype)  # (1, H, W, 3)
-        z = vae.scale(vae.encode(x)).astype(mx.float32)  # (1, H/8, W/8, 16)
-        out.append(sampler.pack(z)[0])
+        out.append(engine.encode_image(vae, load_image(e.image, resolution)[None], mx.float32)[0])
         mx.eval(out[-1])
     del vae
     mx.clear_cache()
@@ -82,23 +81,14 @@ def validation_image(
     """One image of the validation prompt at a fixed seed, with the LoRA as it is now. Loads the VAE
     for the decode only (it is small) and frees it after."""
     d = folder.defaults
-    sched = folder.architecture["scheduler"]
     x = sampler.noise(seed, resolution, resolution).astype(dtype)
-    sigmas = sampler.sigmas(
-        d["steps"],
-        x.shape[1],
-        shift=bool(sched.get("use_dynamic_shifting")),
-        base_seq_len=sched.get("base_image_seq_len", 256),
-        max_seq_len=sched.get("max_image_seq_len", 4096),
-        base_shift=sched.get("base_shift", 0.5),
-        max_shift=sched.get("max_shift", 1.15),
-    )
-    g = guidance if flux.params.guidance_embed else None
-    for latents in pipeline.denoise(flux, txt, pooled, x, sigmas, resolution, resolution, g):
+    sigmas = engine.schedule(d["steps"], x.shape[1], d if d.get("use_dynamic_shifting") else None)
+    mods = engine.modulations(flux, pooled, sigmas, guidance if flux.params.guidance_embed else None)
+    for latents in engine.denoise(flux, txt, x, sigmas, resolution, resolution, mods):
         mx.eval(latents)
         x = latents
     vae = load_component(folder, "vae", dtype)
-    pixels = pipeline.decode(vae, x, resolution, resolution)
+    pixels = engine.decode(vae, x, resolution, resolution)
     del vae
     mx.clear_cache()
     return Image.fromarray(np.asarray(pixels[0]))

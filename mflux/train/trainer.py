@@ -30,8 +30,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mflux.backend import default_precision
 from mflux.errors import InvalidArgument, MfluxError
+from mflux.folders import open_folder
 from mflux.runtime import sampler
-from mflux.runtime.loader import ModelFolder, load_component, open_folder
+from mflux.runtime.folder import ModelFolder
+from mflux.runtime.loader import load_component
 from mflux.runtime.quantization import QuantSpec
 from mflux.train import data as dataset
 from mflux.train import lora
