@@ -6,6 +6,9 @@
 #   b: carry .gpu2              MLX's CUDA wheel (second half), mflux; bench_flux.py at full size
 #   c: (nothing carried)        peer.py: a random checkpoint in the Hugging Face layout; diffusers,
 #                               mflux and the peer on it, each at bf16, 8 and 4 bits
+#   train: carry .gpu2 and .gpuw, right after a (or after b, with the MLX install still there):
+#                               bench_train.py at full size, 512 then 1024; .gpuw also needs
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 set -o pipefail
@@ -37,8 +40,17 @@ case "${1:-}" in
     python3 bench/peer.py all --folder "$SCRATCH/flux-random" --peer /tmp/peer --time-limit 510 --delete \
       2>&1 | tee "$OUT/peer.jsonl"
     ;;
+  train)
+    python3 -c "import mlx.core" 2>/dev/null || bash .gpu2/mlx-cuda-install.sh 2 || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/peft-*.whl .gpuw/accelerate-*.whl \
+      .gpuw/psutil-*.whl && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    for res in 512 1024; do
+      timeout 280 python3 bench/bench_train.py --size full --res $res --steps 3 --warmup 1 --timeout 130 \
+        2>&1 | tee -a "$OUT/train.jsonl"
+    done
+    ;;
   *)
-    echo "usage: $0 a|b|c" >&2
+    echo "usage: $0 a|b|c|train" >&2
     exit 2
     ;;
 esac

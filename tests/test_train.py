@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from mflux import Config, Flux1
+from mflux.errors import MfluxError
 from mflux.folders import open_folder
 from mflux.runtime import engine, sampler
 from mflux.runtime.loader import load_component
@@ -365,15 +366,56 @@ def test_cli_config_file_and_flags(tiny_schnell, data, tmp_path):
         f'max-sequence-length = {SEQ}\nprecision = "float32"\ntrigger = "zz"\n'
     )
     out = tmp_path / "cli.safetensors"
-    result = cli("train", "--config", config, "--steps", 2, "--output", out)
+    result = cli(
+        "train",
+        "--config",
+        config,
+        "--steps",
+        3,
+        "--output",
+        out,
+        "--checkpoint-every",
+        1,
+        "--keep-checkpoints",
+        2,
+    )
     assert result.exit_code == 0, result.stderr
+    kept = sorted(p.name for p in (tmp_path / "cli.train/checkpoints").iterdir())
+    assert kept == ["step-000002.safetensors", "step-000003.safetensors"]
     assert "wrote" in result.output and "s/step" in result.output and "peak memory" in result.output
     meta = SafetensorsFile(out).metadata
-    assert meta["mflux.steps"] == "2" and meta["mflux.rank"] == "2" and meta["mflux.trigger"] == "zz"
+    assert meta["mflux.steps"] == "3" and meta["mflux.rank"] == "2" and meta["mflux.trigger"] == "zz"
     image = tmp_path / "x.png"
     args = ["run", "--path", tiny_schnell, "--prompt", "zz red", "--height", 32, "--width", 32, "--steps", 1]
     result = cli(*args, "--lora-paths", out, "--output", image)
     assert result.exit_code == 0 and image.is_file(), result.stderr
+
+
+def test_imagefolder_metadata_trigger_and_crop(tmp_path):
+    from mflux.train.data import load_image, scan
+    from mflux.train.trainer import read_config_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    wide = np.zeros((32, 64, 3), np.uint8)
+    wide[:, 16:48] = 255  # a white middle: the centre crop keeps only it (Lanczos rings a little)
+    Image.fromarray(wide).save(folder / "a.png")
+    Image.new("RGB", (20, 20)).save(folder / "b.jpg")
+    rows = [{"file_name": "a.png", "text": "white"}, {"file_name": "b.jpg", "caption": "black"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = scan(folder, trigger="sks")
+    assert [(e.image.name, e.caption) for e in examples] == [("a.png", "sks white"), ("b.jpg", "sks black")]
+    assert load_image(folder / "a.png", 16).min() > 200 and load_image(folder / "b.jpg", 16).shape == (
+        16,
+        16,
+        3,
+    )
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"rank": 4, "batch-size": 2}))
+    assert read_config_file(config) == {"rank": 4, "batch_size": 2}
+    config.write_text(json.dumps({"ranks": 4}))
+    with pytest.raises(MfluxError, match="unknown option 'ranks'"):
+        read_config_file(config)
 
 
 @pytest.fixture
