@@ -66,6 +66,7 @@ def trained(tiny_schnell, data, tmp_path_factory):
         str(out),
         trigger="mfx",
         validation_prompt="mfx a solid red square",
+        validation_every=60,
         **LEARN,
     )
     return result
@@ -233,7 +234,9 @@ def test_loss_falls(trained, tiny_schnell):
     log = [json.loads(line) for line in (trained.work_dir / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, trained.steps + 1))
     assert np.mean([r["loss"] for r in log[:10]]) > 1.2 * np.mean([r["loss"] for r in log[-10:]])
-    assert (trained.work_dir / "loss.png").is_file() and trained.validation_images
+    assert Image.open(trained.work_dir / "loss.png").size == (640, 360)
+    assert [p.name for p in trained.validation_images] == ["step-000060.png", "step-000120.png"]
+    assert Image.open(trained.validation_images[0]).size == (RES, RES)
 
 
 def test_generations_move_toward_the_data(trained, tiny_schnell):

@@ -29,8 +29,9 @@ def encode_dataset(
 
     Read from `path` when its key matches the files, captions and settings; else computed (one
     component in memory at a time) and written there. The latents are the VAE posterior's mean, scaled
-    as the transformer sees them (the script samples the posterior; FLUX's VAE has a tiny variance)."""
-    key = cache_key(examples, str(folder.path), resolution, seq_len, prompts)
+    as the transformer sees them, as FluxImg2ImgPipeline encodes an image (the script draws a sample
+    of the posterior each time; a cache holds one encoding either way)."""
+    key = cache_key(examples, f"{folder.path} {dtype}", resolution, seq_len, prompts)
     if path.is_file():
         arrays, meta = mx.load(str(path), return_metadata=True)
         if meta.get("key") == key:
