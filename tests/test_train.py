@@ -203,6 +203,30 @@ def test_quantized_base_gradients(tiny_schnell):
     assert 0 < errors[8] < errors[4] < 0.5
 
 
+def test_saved_file_is_the_trained_function(tiny_schnell, tmp_path):
+    """The LoRA as trained (per-module pairs in memory) and as saved then applied by mflux's LoRA loader
+    (PEFT names, alpha from the metadata, alpha != rank) give the same transformer output."""
+    from mflux.train.files import atomic_save
+
+    flux, modules, layers = lora_on(tiny_schnell, "attn,mlp,linear2", 4, 6.0)
+    set_random_lora(layers, np.random.default_rng(5))
+    path = tmp_path / "random.safetensors"
+    atomic_save(path, lora.peft_tensors(layers), lora.peft_metadata(modules, 4, 6.0, {}))
+    plain = load_component(open_folder(tiny_schnell), "transformer", mx.float32)
+    applied = load_component(open_folder(tiny_schnell), "transformer", mx.float32)
+    apply_loras({"transformer": applied}, [str(path)], [1.0])
+    rng = np.random.default_rng(6)
+    img, txt = (
+        mx.array(rng.standard_normal((1, 16, 64)), mx.float32),
+        mx.array(rng.standard_normal((1, 8, 64)), mx.float32),
+    )
+    ids = sampler.image_ids(RES, RES), sampler.text_ids(8)
+    y, t = mx.array(rng.standard_normal((1, 64)), mx.float32), mx.array([0.4])
+    outs = [np.array(m(img, ids[0], txt, ids[1], t, y)) for m in (flux, applied, plain)]
+    assert np.abs(outs[0] - outs[2]).max() > 0.1  # the LoRA matters
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
 # --- it learns, and the file it writes ---
 
 
