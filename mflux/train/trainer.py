@@ -549,7 +549,12 @@ def summary(r: TrainResult) -> str:
     """The lines `mflux train` prints at the end: where the LoRA is, loss, speed, peak memory."""
     tenth = max(1, len(r.losses) // 10)
     first, last = r.losses[:tenth], r.losses[-tenth:]
-    peaks = ", ".join(f"{phase} {b / 1e9:.2f} GB" for phase, b in r.peak_memory.items())
+    from mflux.store import format_size
+
+    sizes = {phase: format_size(b) for phase, b in r.peak_memory.items()}
+    if not r.encoded:
+        sizes["encoding"] = "none (read from the cache)"
+    peaks = ", ".join(f"{phase} {size}" for phase, size in sizes.items())
     lines = [f"wrote {r.output} (step {r.steps}; work folder {r.work_dir})"]
     if r.losses:
         lines.append(
