@@ -4,6 +4,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mflux.train.files import atomic_png
+
 W, H, PAD = 640, 360, 48
 
 
@@ -39,6 +41,4 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     d.text((4, H - PAD - 6), f"{lo:.3g}", fill="black")
     d.text((PAD, H - PAD + 8), str(steps[0]), fill="black")
     d.text((W - PAD - 30, H - PAD + 8), str(steps[-1]), fill="black")
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_png(path, im)

@@ -13,7 +13,6 @@ Everything a run writes goes into its work folder, `<output>.train/` unless give
 """
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -37,7 +36,7 @@ from mflux.runtime.loader import load_component
 from mflux.runtime.quantization import QuantSpec
 from mflux.train import data as dataset
 from mflux.train import lora
-from mflux.train.files import atomic_save, atomic_text
+from mflux.train.files import atomic_png, atomic_save, atomic_text, write_errors
 from mflux.train.objective import DEV_GUIDANCE, flow_loss, sample_sigmas, training_sigmas
 
 CHECKPOINT_KIND = "mflux-train-checkpoint"
@@ -339,9 +338,7 @@ class Trainer:
             self.cfg.guidance,
         )
         path = folder / f"step-{step:06d}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        atomic_png(path, image)
         self.validation_images.append(path)
         return path
 
@@ -434,7 +431,7 @@ class LossLog:
 
     def write(self, step: int, loss: float, seconds: float, peak: int) -> None:
         row = {"step": step, "loss": loss, "seconds": round(seconds, 4), "peak_gb": round(peak / 1e9, 3)}
-        with self.path.open("a") as f:
+        with write_errors(self.path), self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
 
