@@ -436,9 +436,16 @@ class LossLog:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The loss log's rows; a line torn by a crash mid-append is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _progress(cfg: TrainConfig, start: int):
