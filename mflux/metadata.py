@@ -20,7 +20,7 @@ _FIELDS = {
     "Steps": "steps",
     "Guidance": "guidance",
     "NegativePrompt": "negative_prompt",
-    "TrueCFG": "true_cfg",
+    "TrueCFG": "true_cfg_scale",
     "Strength": "strength",
     "InitImage": "image_path",
     "InitImageSHA256": "image_sha256",
@@ -58,7 +58,7 @@ def a1111_parameters(m: dict) -> str:
         ("Steps", m.get("steps")),
         ("Sampler", "Euler"),
         ("Schedule type", "flow-matching"),
-        ("CFG scale", m.get("true_cfg") or 1),
+        ("CFG scale", m.get("true_cfg_scale") or 1),
         ("Distilled CFG Scale", m.get("guidance")),
         ("Seed", m.get("seed")),
         ("Size", m.get("size")),
@@ -88,14 +88,10 @@ def free_path(path: Path) -> Path:
     return candidate
 
 
-def png_bytes(image: Image.Image, metadata: dict) -> bytes:
-    """The image as PNG bytes carrying the same metadata as save_png writes."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=_png_info(full_metadata(metadata)))
-    return buf.getvalue()
-
-
-def _png_info(m: dict) -> PngImagePlugin.PngInfo:
+def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks for a generation record: one per field, A1111's `parameters`, and `mflux`
+    (the whole record as JSON)."""
+    m = full_metadata(metadata)
     info = PngImagePlugin.PngInfo()
     for keyword, key in _FIELDS.items():
         if m.get(key) is not None:
@@ -103,6 +99,13 @@ def _png_info(m: dict) -> PngImagePlugin.PngInfo:
     info.add_text("parameters", a1111_parameters(m))
     info.add_text("mflux", json.dumps(m, sort_keys=True))
     return info
+
+
+def png_bytes(image: Image.Image, metadata: dict) -> bytes:
+    """The PNG file save_png writes, in memory."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(metadata))
+    return buf.getvalue()
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict, export_json: bool, overwrite: bool) -> Path:
@@ -117,7 +120,7 @@ def save_png(image: Image.Image, path: Path, metadata: dict, export_json: bool, 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG", pnginfo=_png_info(m))
+        image.save(tmp, format="PNG", pnginfo=png_info(metadata))
         os.replace(tmp, path)
         if export_json:
             sidecar = path.with_suffix(".json")

@@ -6,9 +6,9 @@ Each bad value raises InvalidArgument with one line naming it and the fix.
 
 Limits, and why:
 - seeds are integers in 0..2**64-1, the range of MLX's random key;
-- width and height are multiples of 16 (8x VAE, then 2x2 packing), at most 2048 a side and 2 megapixels
-  (2048x1024) in all: Black Forest Labs documents FLUX.1 for 0.1 to 2.0 megapixels, and past that
-  images repeat and break up while the cost grows with the square of the token count;
+- width and height are multiples of 16 (8x VAE, then 2x2 packing), at most 4096 a side and 4 megapixels
+  (2048x2048) in all, the limits of flux1.Config: FLUX.1 is trained up to about 2 megapixels, twice that
+  still holds together, and past it the cost (quadratic in the token count) buys repetition, not detail;
 - a prompt is at most 10,000 characters: T5 reads 512 tokens at most (about 2,000 characters of
   English), so a longer text is a file pasted by mistake;
 - `--negative-prompt` alone runs true CFG at 4.0, the scale diffusers' FluxPipeline documentation uses
@@ -31,8 +31,8 @@ from mflux.errors import InvalidArgument, MfluxError
 
 MAX_SEED = 2**64 - 1
 RANDOM_SEED_BELOW = 2**32  # `-n` draws seeds below this: the 32-bit seeds other tools show
-MAX_SIDE = 2048
-MAX_PIXELS = 2048 * 1024
+MAX_SIDE = 4096
+MAX_PIXELS = 2048 * 2048
 MAX_PROMPT_CHARS = 10_000
 DEFAULT_SIZE = 1024
 DEFAULT_GUIDANCE = 3.5
@@ -222,7 +222,7 @@ def _size(s: Settings, image: tuple[int, int] | None, w: _Where) -> None:
     if s.width * s.height > MAX_PIXELS:
         raise w.fail(
             f"{s.width}x{s.height} is {s.width * s.height / 2**20:.2f} megapixels, above the limit of "
-            f"{MAX_PIXELS / 2**20:g} (FLUX.1 is made for up to 2 megapixels, e.g. 1024x1024 or 2048x1024)"
+            f"{MAX_PIXELS / 2**20:g} (e.g. 2048x2048 or 4096x1024; FLUX.1 is trained up to about 2)"
         )
 
 
@@ -559,7 +559,7 @@ def _from_mflux(m: dict, source: str) -> Recalled:
         "width": m.get("width"),
         "height": m.get("height"),
         "guidance": m.get("guidance"),
-        "true_cfg": m.get("true_cfg"),
+        "true_cfg": m.get("true_cfg_scale", m.get("true_cfg")),
         "image": m.get("image_path"),
         "mask": m.get("mask_path"),
         "strength": m.get("strength"),

@@ -13,7 +13,7 @@ from mflux import metadata, settings
 META = {
     "prompt": "a lighthouse at dusk, oil on canvas",
     "negative_prompt": "blurry, low quality",
-    "true_cfg": 4.0,
+    "true_cfg_scale": 4.0,
     "model": "dev-q8",
     "variant": "dev",
     "seed": 18446744073709551615,
@@ -55,7 +55,7 @@ def test_a1111_text_reads_back_with_sd_parsers(tmp_path):
 
 
 def test_without_true_cfg_the_cfg_scale_is_1(tmp_path):
-    m = {k: v for k, v in META.items() if k not in ("negative_prompt", "true_cfg", "strength")}
+    m = {k: v for k, v in META.items() if k not in ("negative_prompt", "true_cfg_scale", "strength")}
     path = metadata.save_png(image(), tmp_path / "x.png", m, export_json=False, overwrite=False)
     info = ParserManager().parse(str(path))
     assert info.samplers[0].parameters["cfg_scale"] == "1" and info.full_negative_prompt == ""
@@ -80,7 +80,14 @@ def test_new_settings_in_the_tags_and_the_sidecar(tmp_path):
     assert (tags["Mask"], tags["MaskSHA256"]) == ("/data/mask.png", "cd" * 32)
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar == json.loads(tags["mflux"])
-    for key in ("negative_prompt", "true_cfg", "strength", "image_sha256", "mask_sha256", "prompt_file_line"):
+    for key in (
+        "negative_prompt",
+        "true_cfg_scale",
+        "strength",
+        "image_sha256",
+        "mask_sha256",
+        "prompt_file_line",
+    ):
         assert sidecar[key] == META[key]
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 

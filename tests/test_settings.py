@@ -63,9 +63,9 @@ def test_seed_range_ends_are_accepted():
     [
         ({"width": 30}, "--width must be a positive multiple of 16"),
         ({"height": 0}, "--height must be a positive multiple of 16"),
-        ({"width": 4096, "height": 512}, "--width 4096 is above the limit of 2048"),
-        ({"width": 2048, "height": 2048}, "above the limit of 2 "),
-        ({"width": 1536, "height": 1536}, "above the limit of 2 "),
+        ({"width": 4112, "height": 512}, "--width 4112 is above the limit of 4096"),
+        ({"width": 4096, "height": 2048}, "above the limit of 4 "),
+        ({"width": 2048, "height": 2064}, "above the limit of 4 "),
         ({"steps": 0}, "--steps must be a whole number of at least 1"),
         ({"steps": 2.5}, "--steps must be a whole number"),
         ({"guidance": math.nan}, "--guidance must be a finite number"),
@@ -81,7 +81,7 @@ def test_bad_values_get_one_line(kw, match):
 
 
 def test_largest_sizes_are_accepted():
-    assert (ok(width=2048, height=1024).width, ok(width=1024, height=2048).height) == (2048, 2048)
+    assert (ok(width=2048, height=2048).width, ok(width=1024, height=4096).height) == (2048, 4096)
 
 
 def test_negative_prompt_alone_takes_the_default_true_cfg():
@@ -120,6 +120,7 @@ def test_init_image_sets_the_size_and_its_hash(tmp_path):
 
 def test_a_large_init_image_is_fitted_within_the_limits(tmp_path):
     s = ok(image=png(tmp_path / "big.png", size=(4000, 3000)))
+    assert (s.width, s.height) == (2352, 1760)
     assert s.width <= st.MAX_SIDE and s.width * s.height <= st.MAX_PIXELS
     assert s.width % 16 == 0 and s.height % 16 == 0 and abs(s.width / s.height - 4 / 3) < 0.02
 
@@ -360,7 +361,7 @@ def test_bad_or_no_metadata(tmp_path):
 META = {
     "prompt": PROMPT,
     "negative_prompt": "blurry",
-    "true_cfg": 5.0,
+    "true_cfg_scale": 5.0,
     "model": "dev",
     "variant": "dev",
     "seed": 42,
