@@ -78,15 +78,16 @@ class Settings:
     notes: list[str] = field(default_factory=list, compare=False)  # what check decided, for the user
 
     def batch_key(self) -> tuple:
-        """Settings that must be equal for two generations to share one denoising batch."""
+        """Settings that must be equal for two generations to share one Flux1.generate call, and so
+        its denoising batches: one init image, one schedule, one CFG scale, one set of LoRAs."""
         return (
             self.width,
             self.height,
             self.steps,
             self.guidance,
             self.true_cfg,
-            self.image is not None,
-            self.mask is not None,
+            self.image,
+            self.mask,
             self.strength,
             tuple(self.loras),
         )
@@ -436,18 +437,21 @@ class Job:
     index: int
 
 
-def batches(generations: list[Settings], batch_size: int) -> list[list[Job]]:
-    """The images of all generations, in batches of at most `batch_size` whose settings allow one
-    denoising batch (Settings.batch_key); batches keep the order of their first image."""
-    if not _is_int(batch_size) or batch_size < 1:
-        raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size!r}")
-    groups: dict[tuple, list[Job]] = {}
-    index = 0
+def jobs(generations: list[Settings]) -> list[Job]:
+    """One Job per image: each generation's seeds in order."""
+    out = []
     for s in generations:
-        for seed in s.seeds:
-            groups.setdefault(s.batch_key(), []).append(Job(s, seed, index))
-            index += 1
-    return [jobs[i : i + batch_size] for jobs in groups.values() for i in range(0, len(jobs), batch_size)]
+        out += [Job(s, seed, len(out) + i) for i, seed in enumerate(s.seeds)]
+    return out
+
+
+def groups(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs whose settings allow them to be denoised together (Settings.batch_key), in the order
+    of each group's first job. Prompts and negative prompts may differ within a group."""
+    out: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        out.setdefault(j.settings.batch_key(), []).append(j)
+    return list(out.values())
 
 
 # --- settings from an image -----------------------------------------------------------------------
@@ -509,6 +513,7 @@ class Recalled:
     model: str | None
     source: str  # "mflux metadata", "JSON sidecar" or "A1111 parameters"
     notes: list[str] = field(default_factory=list)
+    precision: str | None = None
 
 
 def read_image_settings(path: str | Path) -> Recalled:
@@ -570,7 +575,7 @@ def _from_mflux(m: dict, source: str) -> Recalled:
     values = {k: v for k, v in values.items() if v not in (None, [])}
     if m.get("variant") == "schnell":
         values.setdefault("guidance", None)  # schnell has none: not a missing setting
-    return Recalled(values, m.get("model"), source)
+    return Recalled(values, m.get("model"), source, precision=m.get("precision"))
 
 
 def _from_a1111(text: str, pixels: tuple[int, int], path: Path) -> Recalled:

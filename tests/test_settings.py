@@ -265,21 +265,18 @@ def test_empty_or_missing_prompt_file(tmp_path):
         st.read_prompt_file(tmp_path / "nope.txt", Settings())
 
 
-def test_batches_group_compatible_settings_in_order(tmp_path):
+def test_jobs_and_groups_of_compatible_settings_in_order(tmp_path):
     a = ok(seeds=[1, 2, 3], width=64, height=64)
     b = ok(seeds=[4], width=128, height=64)
     c = check(Settings(prompt="other", seeds=[5, 6], width=64, height=64))
     d = ok(seeds=[7], width=64, height=64, negative_prompt="blurry")
-    got = st.batches([a, b, c, d], batch_size=4)
-    assert [[(j.seed, j.index) for j in batch] for batch in got] == [
-        [(1, 0), (2, 1), (3, 2), (5, 4)],
-        [(6, 5)],
-        [(4, 3)],
-        [(7, 6)],
-    ]
-    assert [len(x) for x in st.batches([a], batch_size=2)] == [2, 1]
-    with pytest.raises(InvalidArgument, match="--batch-size must be at least 1"):
-        st.batches([a], 0)
+    init = png(tmp_path / "init.png", size=(64, 64))
+    e = ok(seeds=[8], image=init)
+    f = ok(seeds=[9], image=png(tmp_path / "other.png", size=(64, 64)))
+    g = check(Settings(prompt="again", seeds=[10], image=init))
+    jobs = st.jobs([a, b, c, d, e, f, g])
+    assert [(j.seed, j.index) for j in jobs] == [(s, i) for i, s in enumerate(range(1, 11))]
+    assert [[j.seed for j in group] for group in st.groups(jobs)] == [[1, 2, 3, 5, 6], [4], [7], [8, 10], [9]]
 
 
 # --- the CFG table and A1111 text ---
