@@ -223,7 +223,7 @@ def _size(s: Settings, image: tuple[int, int] | None, w: _Where) -> None:
     if s.width * s.height > MAX_PIXELS:
         raise w.fail(
             f"{s.width}x{s.height} is {s.width * s.height / 2**20:.2f} megapixels, above the limit of "
-            f"{MAX_PIXELS / 2**20:g} (e.g. 2048x2048 or 4096x1024; FLUX.1 is trained up to about 2)"
+            f"{MAX_PIXELS / 2**20:g} megapixels (e.g. 2048x2048 or 4096x1024; FLUX.1 is trained up to about 2)"
         )
 
 
@@ -589,7 +589,12 @@ def _from_a1111(text: str, pixels: tuple[int, int], path: Path) -> Recalled:
     if "Steps" in a:
         values["steps"] = _number(a, "Steps", int, path)
     if m := re.fullmatch(r"(\d+)x(\d+)", a.get("Size", "")):
-        values["width"], values["height"] = int(m[1]), int(m[2])
+        width, height = int(m[1]), int(m[2])
+        values["width"], values["height"] = max(16, width // 16 * 16), max(16, height // 16 * 16)
+        if (width, height) != (values["width"], values["height"]):
+            notes.append(
+                f"size {values['width']}x{values['height']}: {a['Size']} rounded down to multiples of 16"
+            )
     elif pixels[0] % 16 == 0 and pixels[1] % 16 == 0:
         values["width"], values["height"] = pixels
         notes.append(f"size {pixels[0]}x{pixels[1]}, from the image's pixels")

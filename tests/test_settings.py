@@ -337,6 +337,12 @@ def test_a1111_text_without_size_takes_the_pixels(tmp_path):
     assert (r.values["width"], r.values["height"]) == (64, 32) and "from the image's pixels" in r.notes[0]
 
 
+def test_an_a1111_size_is_rounded_down_to_multiples_of_16(tmp_path):
+    text = "a\nSteps: 3, Sampler: Euler, Seed: 1, Size: 1000x770"
+    r = st.read_image_settings(png(tmp_path / "x.png", info={"parameters": text}))
+    assert (r.values["width"], r.values["height"]) == (992, 768) and "1000x770 rounded down" in r.notes[0]
+
+
 def test_bad_or_no_metadata(tmp_path):
     with pytest.raises(InvalidArgument, match="no generation settings found"):
         st.read_image_settings(png(tmp_path / "plain.png"))
