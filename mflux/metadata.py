@@ -1,7 +1,6 @@
 """Generation parameters inside the PNG: one text chunk per field (exiftool shows them), plus a
 `parameters` chunk in the AUTOMATIC1111 web UI's format, which image sites and tools read."""
 
-import io
 import json
 import os
 from pathlib import Path
@@ -99,13 +98,6 @@ def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
     info.add_text("parameters", a1111_parameters(m))
     info.add_text("mflux", json.dumps(m, sort_keys=True))
     return info
-
-
-def png_bytes(image: Image.Image, metadata: dict) -> bytes:
-    """The PNG file save_png writes, in memory."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png_info(metadata))
-    return buf.getvalue()
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict, export_json: bool, overwrite: bool) -> Path:

@@ -9,6 +9,7 @@ from PIL import Image
 from sd_parsers import ParserManager
 
 from mflux import metadata, settings
+from mflux.flux1 import GeneratedImage
 
 META = {
     "prompt": "a lighthouse at dusk, oil on canvas",
@@ -94,7 +95,7 @@ def test_new_settings_in_the_tags_and_the_sidecar(tmp_path):
 
 def test_png_bytes_carry_the_same_image_and_metadata(tmp_path):
     path = metadata.save_png(image(), tmp_path / "x.png", META, export_json=False, overwrite=False)
-    data = metadata.png_bytes(image(), META)
+    data = GeneratedImage(image(), META).png_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     from_bytes, from_file = Image.open(io.BytesIO(data)), Image.open(path)
     assert np.array_equal(np.array(from_bytes), np.array(image()))
