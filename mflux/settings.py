@@ -6,9 +6,10 @@ Each bad value raises InvalidArgument with one line naming it and the fix.
 
 Limits, and why:
 - seeds are integers in 0..2**64-1, the range of MLX's random key;
-- width and height are multiples of 16 (8x VAE, then 2x2 packing), at most 4096 a side and 4 megapixels
-  (2048x2048) in all, the limits of flux1.Config: FLUX.1 is trained up to about 2 megapixels, twice that
-  still holds together, and past it the cost (quadratic in the token count) buys repetition, not detail;
+- width and height are multiples of 16 (8x VAE, then 2x2 packing), at most 4096 a side and 2048x2048
+  pixels in all (4.2 megapixels), the limits flux1.Config shares: FLUX.1 is trained up to about 2
+  megapixels; the limit leaves room above that, and past it attention's cost, quadratic in the image's
+  tokens (16,384 at 2048x2048), makes a step many times slower for an image the model was not made for;
 - a prompt is at most 10,000 characters: T5 reads 512 tokens at most (about 2,000 characters of
   English), so a longer text is a file pasted by mistake;
 - `--negative-prompt` alone runs true CFG at 4.0, the scale diffusers' FluxPipeline documentation uses
@@ -222,8 +223,8 @@ def _size(s: Settings, image: tuple[int, int] | None, w: _Where) -> None:
             raise w.fail(f"{w.name(key)} {v} is above the limit of {MAX_SIDE} pixels a side")
     if s.width * s.height > MAX_PIXELS:
         raise w.fail(
-            f"{s.width}x{s.height} is {s.width * s.height / 2**20:.2f} megapixels, above the limit of "
-            f"{MAX_PIXELS / 2**20:g} megapixels (e.g. 2048x2048 or 4096x1024; FLUX.1 is trained up to about 2)"
+            f"{s.width}x{s.height} is {s.width * s.height:,} pixels, above the limit of {MAX_PIXELS:,} "
+            "(2048x2048 or 4096x1024; FLUX.1 is trained up to about 2 megapixels)"
         )
 
 

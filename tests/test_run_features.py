@@ -58,7 +58,7 @@ BAD = [
     (["--seed", str(2**64)], "0 to 2**64-1"),
     (["--width", "4112"], "--width 4112 is above the limit of 4096"),
     (["--height", "30"], "--height must be a positive multiple of 16"),
-    (["--width", "2048", "--height", "4096"], "above the limit of 4 megapixels"),
+    (["--width", "2048", "--height", "4096"], "8,388,608 pixels, above the limit of 4,194,304"),
     (["--steps", "0"], "--steps must be a whole number of at least 1"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
     (["--true-cfg", "3"], "--true-cfg needs --negative-prompt"),
@@ -103,6 +103,12 @@ def test_bad_input_is_refused_before_the_model_is_resolved(extra, message, files
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_no_prompt_is_one_line(tmp_path):
+    result = invoke("-m", "schnell", "--seed", "1", cwd=tmp_path)
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: give --prompt, --prompt-file or --from (see: mflux run --help)"
 
 
 def test_a_bad_seed_is_refused_before_the_store_is_asked(tmp_path):
