@@ -282,7 +282,7 @@ def _lora(path, scale, w: _Where) -> tuple[str, float]:
         raise w.fail(str(e)) from None
     if n == 0:
         raise w.fail(f"{path} is not a LoRA: none of its tensors is a LoRA layer of FLUX.1")
-    return str(path), scale
+    return str(p.resolve()), scale  # absolute, so that --from finds it from any folder
 
 
 _LORA_CACHE: dict[tuple[str, int], int] = {}

@@ -14,6 +14,7 @@ from PIL import Image, PngImagePlugin
 
 from mflux import Config, Flux1
 from mflux.cli import cli
+from tests import lora_files
 from tests.test_run import PROMPT, inside
 
 SMALL = ["--height", "32", "--width", "32", "--steps", "2"]
@@ -252,3 +253,26 @@ def test_n_random_seeds_and_img2img_size_from_the_image(tiny_schnell, tmp_path, 
         assert Path(i["file"]).name == f"image_seed_{i['seed']}.png"
         assert Image.open(tmp_path / i["file"]).size == (64, 32)  # rounded down to multiples of 16
     assert "size 64x32, from the image (70x40)" in result.output
+
+
+def test_prompt_file_lines_with_their_own_loras(tiny_schnell, tmp_path):
+    rng = np.random.default_rng(0)
+    pair = lora_files.pair(rng, 4, 64, 64, 2.0)
+    style = {f"transformer.transformer_blocks.{i}.attn.to_q": pair for i in range(2)}
+    lora_files.save(tmp_path / "style.safetensors", lora_files.peft(style))
+    lines = ["a red bicycle", json.dumps({"prompt": "a red bicycle", "loras": [["style.safetensors", 0.8]]})]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--path", str(tiny_schnell), *SMALL, "--seed", "5", "--prompt-file", "p.jsonl"]
+    result = invoke(*args, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    lora = str((tmp_path / "style.safetensors").resolve())
+    plain = Flux1.from_path(tiny_schnell, precision="float32").generate_image(
+        5, "a red bicycle", Config(2, 32, 32)
+    )
+    styled = Flux1.from_path(tiny_schnell, precision="float32", lora_paths=[lora], lora_scales=[0.8])
+    styled = styled.generate_image(5, "a red bicycle", Config(2, 32, 32))
+    assert np.array_equal(pixels(tmp_path / "image_line1_seed_5.png"), np.array(plain.image))
+    assert np.array_equal(pixels(tmp_path / "image_line2_seed_5.png"), np.array(styled.image))
+    assert not np.array_equal(np.array(plain.image), np.array(styled.image))
+    meta = json.loads(Image.open(tmp_path / "image_line2_seed_5.png").text["mflux"])
+    assert (meta["lora_paths"], meta["lora_scales"]) == ([lora], [0.8])
