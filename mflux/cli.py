@@ -250,7 +250,14 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "--stepwise",
     type=click.Path(),
     metavar="DIR",
-    help="Write each step's decoded image to DIR, and a strip of them all (each step costs one VAE decode).",
+    help="Write each step's decoded image to DIR, and a strip of them all. Each costs one VAE decode: "
+    "at 1024x1024 on an H100 0.081 s, half a schnell step (docs/PERFORMANCE.md).",
+)
+@click.option(
+    "--stepwise-every",
+    type=int,
+    metavar="K",
+    help="With --stepwise: decode only every K-th step and the last, for K times fewer decodes.",
 )
 @click.option("--quantize", "-q", **_int_choice(AFFINE_BITS), help="Quantize at load time to this many bits.")
 @click.option(

@@ -79,6 +79,7 @@ def plan(
     prompt_file: str | None = None,
     from_image: str | None = None,
     stepwise: str | None = None,
+    stepwise_every: int | None = None,
 ) -> Plan:
     """Check every setting and name every output, touching no model. `values` are Settings fields as
     the flags give them; `explicit` names those given on the command line."""
@@ -95,6 +96,10 @@ def plan(
         values, explicit = {**values, "seeds": []}, explicit | {"seeds"}
     out = st.check_output(output)
     _check_folder(stepwise, "--stepwise")
+    if stepwise_every is not None and (stepwise is None or stepwise_every < 1):
+        raise InvalidArgument(
+            f"--stepwise-every must be at least 1, with --stepwise DIR (got {stepwise_every})"
+        )
     notes, model, precision = [], None, None
     if from_image:
         s, recalled, notes = st.recall(from_image, values, explicit)
@@ -161,6 +166,7 @@ def run(
     prompt_file: str | None = None,
     from_image: str | None = None,
     stepwise: str | None = None,
+    stepwise_every: int | None = None,
     quantize: int | None = None,
     lora_paths: list[str] | None = None,
     lora_scales: list[float] | None = None,
@@ -199,6 +205,7 @@ def run(
         prompt_file=prompt_file,
         from_image=from_image,
         stepwise=stepwise,
+        stepwise_every=stepwise_every,
     )
     if batch_size is not None and batch_size < 1:
         raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
@@ -218,7 +225,10 @@ def run(
             flux = None  # free the last model before the next loads
             flux, loras = _open(kind, where, variant, precision, quantize, s.loras), s.loras
             _notes_on(flux, explicit, p.precision)
-        for done in _generate(flux, group, p.outputs, batch_size, metadata, stepwise, seconds, memory):
+        previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
+        for done in _generate(
+            flux, group, p.outputs, batch_size, metadata, stepwise, previews, seconds, memory
+        ):
             written[done.index] = done.written
     results = [written[i] for i in sorted(written)]
     _summary(results, seconds, memory, time.perf_counter() - start, verbose, as_json)
@@ -272,7 +282,18 @@ class _Done:
     written: Written
 
 
-def _generate(flux, group, outputs, batch_size, metadata, stepwise, seconds, memory):
+def _preview_steps(flux, s: st.Settings, every: int | None):
+    """What Flux1.generate's `previews` takes: True (every step), or every `every`-th step and the last."""
+    if not every or every == 1:
+        return True
+    from mflux.runtime.engine import schedule
+
+    steps = s.steps or flux.folder.defaults["steps"]
+    total = len(schedule(steps, 1, None, s.strength if s.image else 1.0)) - 1  # img2img cuts steps
+    return sorted({*range(every, total + 1, every), total})
+
+
+def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, seconds, memory):
     """Run one group of jobs (shared settings) through Flux1.generate; yields each image as it is saved."""
     from mflux.flux1 import Config, ImageEvent, StepEvent
 
@@ -294,17 +315,17 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, seconds, mem
         mask_image=s.mask,
         strength=s.strength,
         batch_size=batch_size,
-        previews=stepwise is not None,
+        previews=previews,
         free_text_encoders=True,
         free_modulation_weights=True,
     )
-    previews: dict[int, list] = {}
+    shown: dict[int, list] = {}  # row -> [(step, preview)]
     phases: dict[str, float] = {}
     for event in events:
         if isinstance(event, StepEvent):
             _progress(event, seeds)
             for row, preview in zip(event.indices, event.previews or []):
-                previews.setdefault(row, []).append(preview)
+                shown.setdefault(row, []).append((event.step, preview))
         elif isinstance(event, ImageEvent):
             job = group[event.index]
             image = event.image
@@ -313,7 +334,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, seconds, mem
             path = image.save(outputs[job.index], export_json_metadata=metadata, overwrite=False)
             click.echo(f"wrote {path}", err=True)
             if stepwise is not None:
-                write_steps(Path(stepwise), path.stem, previews.pop(event.index, []))
+                write_steps(Path(stepwise), path.stem, shown.pop(event.index, []))
             t = image.metadata["timings"]
             _add_timings(phases, memory, image, first=event.index == event.batch[0])
             share = (t.get("denoising", 0.0) + t.get("decoding", 0.0)) / len(event.batch)
@@ -333,24 +354,23 @@ def _add_timings(seconds: dict, memory: dict, image, first: bool) -> None:
         memory[k] = max(memory.get(k, 0), image.peak_memory.get(k, 0))
 
 
-def write_steps(folder: Path, stem: str, images: list) -> list[Path]:
-    """Each step's decoded image as `<stem>_step_<k>.png`, and `<stem>_steps.png`, all of them side by
+def write_steps(folder: Path, stem: str, steps: list) -> list[Path]:
+    """Each (step, decoded image) as `<stem>_step_<k>.png`, and `<stem>_steps.png`, all of them side by
     side (each scaled to at most 256 pixels high)."""
     from PIL import Image
 
     from mflux.metadata import free_path
 
     folder.mkdir(parents=True, exist_ok=True)
-    width = len(str(len(images)))
-    paths = []
-    for k, im in enumerate(images, 1):
-        paths.append(_save_plain(im, free_path(folder / f"{stem}_step_{k:0{width}d}.png")))
-    if images:
-        scale = min(1.0, 256 / images[0].height)
-        tile = (max(1, round(images[0].width * scale)), max(1, round(images[0].height * scale)))
-        strip = Image.new("RGB", (tile[0] * len(images), tile[1]))
-        for k, im in enumerate(images):
-            strip.paste(im.resize(tile, Image.LANCZOS) if scale < 1 else im, (k * tile[0], 0))
+    width = len(str(steps[-1][0])) if steps else 1
+    paths = [_save_plain(im, free_path(folder / f"{stem}_step_{k:0{width}d}.png")) for k, im in steps]
+    if steps:
+        first = steps[0][1]
+        scale = min(1.0, 256 / first.height)
+        tile = (max(1, round(first.width * scale)), max(1, round(first.height * scale)))
+        strip = Image.new("RGB", (tile[0] * len(steps), tile[1]))
+        for i, (_, im) in enumerate(steps):
+            strip.paste(im.resize(tile, Image.LANCZOS) if scale < 1 else im, (i * tile[0], 0))
         paths.append(_save_plain(strip, free_path(folder / f"{stem}_steps.png")))
     return paths
 

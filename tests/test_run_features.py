@@ -82,6 +82,8 @@ BAD = [
     (["-n", "0"], "-n must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--stepwise", "{d}/taken"], "is a file; give a folder"),
+    (["--stepwise-every", "2"], "--stepwise-every must be at least 1, with --stepwise DIR"),
+    (["--stepwise", "steps", "--stepwise-every", "0"], "--stepwise-every must be at least 1"),
     (["--prompt-file", "{d}/bad.jsonl", "--prompt", None], "give --prompt or --prompt-file"),
     (["--prompt-file", "{d}/bad.jsonl"], "bad.jsonl line 2: seed -4 is out of range"),
     (["--from", "{d}/plain.png"], "no generation settings found"),
@@ -240,6 +242,26 @@ def test_stepwise_writes_every_step_and_a_strip(tiny_schnell, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "steps" / "image_step_1.png"), final)
     strip = pixels(tmp_path / "steps" / "image_steps.png")
     assert strip.shape == (32, 3 * 48, 3) and np.array_equal(strip[:, 96:], final)
+
+
+def test_stepwise_every_k_steps_and_the_last(tiny_schnell, tmp_path, files):
+    args = ["--path", str(tiny_schnell), "--height", "32", "--width", "32", "--seed", "2", "--prompt", PROMPT]
+    result = invoke(*args, "--steps", "5", "--stepwise", "a", "--stepwise-every", "2", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "image_step_2.png",
+        "image_step_4.png",
+        "image_step_5.png",
+        "image_steps.png",
+    ]
+    assert pixels(tmp_path / "a" / "image_steps.png").shape == (32, 3 * 32, 3)
+    assert np.array_equal(pixels(tmp_path / "a" / "image_step_5.png"), pixels(tmp_path / "image.png"))
+    # img2img at strength 0.5 keeps 2 of 4 steps: the last kept step is previewed
+    img2img = ["--steps", "4", "--image", str(files / "init.png"), "--strength", "0.5", "--output", "b.png"]
+    result = invoke(*args, *img2img, "--stepwise", "b", "--stepwise-every", "3", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["b_step_2.png", "b_steps.png"]
+    assert np.array_equal(pixels(tmp_path / "b" / "b_step_2.png"), pixels(tmp_path / "b.png"))
 
 
 def test_n_random_seeds_and_img2img_size_from_the_image(tiny_schnell, tmp_path, files):
