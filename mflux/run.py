@@ -76,6 +76,7 @@ def plan(
     *,
     output: str = "image.png",
     n: int | None = None,
+    batch_size: int | None = None,
     prompt_file: str | None = None,
     from_image: str | None = None,
     stepwise: str | None = None,
@@ -83,23 +84,10 @@ def plan(
 ) -> Plan:
     """Check every setting and name every output, touching no model. `values` are Settings fields as
     the flags give them; `explicit` names those given on the command line."""
-    if prompt_file and from_image:
-        raise InvalidArgument("give --prompt-file or --from, not both")
-    if prompt_file and "prompt" in explicit:
-        raise InvalidArgument("give --prompt or --prompt-file, not both (the file holds the prompts)")
-    if not (prompt_file or from_image or values.get("prompt")):
-        raise InvalidArgument("give --prompt, --prompt-file or --from (see: mflux run --help)")
-    if n is not None and values.get("seeds"):
-        raise InvalidArgument("give --seed or -n, not both")
-    if n is not None:
-        st.random_seeds(n)  # checks n before anything else is read
-        values, explicit = {**values, "seeds": []}, explicit | {"seeds"}
+    _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every)
     out = st.check_output(output)
-    _check_folder(stepwise, "--stepwise")
-    if stepwise_every is not None and (stepwise is None or stepwise_every < 1):
-        raise InvalidArgument(
-            f"--stepwise-every must be at least 1, with --stepwise DIR (got {stepwise_every})"
-        )
+    if n is not None:  # -n replaces the seeds, also those an image records
+        values, explicit = {**values, "seeds": []}, explicit | {"seeds"}
     notes, model, precision = [], None, None
     if from_image:
         s, recalled, notes = st.recall(from_image, values, explicit)
@@ -116,12 +104,26 @@ def plan(
     return Plan(generations, jobs, output_paths(out, jobs, bool(prompt_file)), notes, model, precision)
 
 
-def _check_folder(folder: str | None, flag: str) -> None:
-    if folder is None:
-        return
-    p = Path(folder)
-    if p.exists() and not p.is_dir():
-        raise InvalidArgument(f"{flag} {folder} is a file; give a folder for the step images")
+def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every) -> None:
+    """The flags that exclude or need each other, and the counts."""
+    if prompt_file and from_image:
+        raise InvalidArgument("give --prompt-file or --from, not both")
+    if prompt_file and "prompt" in explicit:
+        raise InvalidArgument("give --prompt or --prompt-file, not both (the file holds the prompts)")
+    if not (prompt_file or from_image or values.get("prompt")):
+        raise InvalidArgument("give --prompt, --prompt-file or --from (see: mflux run --help)")
+    if n is not None and values.get("seeds"):
+        raise InvalidArgument("give --seed or -n, not both")
+    if n is not None and n < 1:
+        raise InvalidArgument(f"-n must be at least 1, got {n}")
+    if batch_size is not None and batch_size < 1:
+        raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
+    if stepwise is not None and Path(stepwise).exists() and not Path(stepwise).is_dir():
+        raise InvalidArgument(f"--stepwise {stepwise} is a file; give a folder for the step images")
+    if stepwise_every is not None and (stepwise is None or stepwise_every < 1):
+        raise InvalidArgument(
+            f"--stepwise-every must be at least 1, with --stepwise DIR (got {stepwise_every})"
+        )
 
 
 def output_paths(output: Path, jobs: list[st.Job], from_file: bool) -> dict[int, Path]:
@@ -202,13 +204,12 @@ def run(
         set(explicit),
         output=output,
         n=n,
+        batch_size=batch_size,
         prompt_file=prompt_file,
         from_image=from_image,
         stepwise=stepwise,
         stepwise_every=stepwise_every,
     )
-    if batch_size is not None and batch_size < 1:
-        raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
     for note in [*p.notes, *(x for s in p.generations for x in s.notes)]:
         click.echo(f"note: {note}", err=True)
     if from_image and not (model or path):
@@ -219,7 +220,7 @@ def run(
     seconds: dict[str, float] = {}
     memory: dict[str, int] = {}
     flux, loras = None, None
-    for group in st.groups(p.jobs):
+    for group in _by_loras(st.groups(p.jobs)):
         s = group[0].settings
         if flux is None or s.loras != loras:
             flux = None  # free the last model before the next loads
@@ -233,6 +234,14 @@ def run(
     results = [written[i] for i in sorted(written)]
     _summary(results, seconds, memory, time.perf_counter() - start, verbose, as_json)
     return results
+
+
+def _by_loras(groups: list[list[st.Job]]) -> list[list[st.Job]]:
+    """The groups with the same LoRAs next to each other, so each set of LoRAs loads the model once."""
+    first: dict[tuple, int] = {}
+    for g in groups:
+        first.setdefault(tuple(g[0].settings.loras), len(first))
+    return sorted(groups, key=lambda g: first[tuple(g[0].settings.loras)])
 
 
 def _recalled_model(name: str | None) -> str | None:

@@ -15,6 +15,7 @@ from PIL import Image, PngImagePlugin
 from mflux import Config, Flux1
 from mflux.cli import cli
 from tests import lora_files
+from tests.fixtures import store_hf_folder
 from tests.test_run import PROMPT, inside
 
 SMALL = ["--height", "32", "--width", "32", "--steps", "2"]
@@ -127,15 +128,18 @@ def test_a_bad_seed_is_refused_before_the_store_is_asked(tmp_path):
 
 
 def test_from_replays_an_image_exactly(tiny_schnell, tmp_path):
-    args = ["--path", str(tiny_schnell), *SMALL, "--seed", "3", "--negative-prompt", "blurry"]
+    store_hf_folder(tiny_schnell, "tiny")
+    args = ["-m", "tiny", *SMALL, "--seed", "3", "--negative-prompt", "blurry"]
     made = invoke(*args, "--prompt", PROMPT, "--output", "a.png", cwd=tmp_path)
     assert made.exit_code == 0, made.output
     meta = json.loads(Image.open(tmp_path / "a.png").text["mflux"])
     assert (meta["negative_prompt"], meta["true_cfg_scale"]) == ("blurry", 4.0)
-    again = invoke("--path", str(tiny_schnell), "--from", "a.png", "--output", "b.png", cwd=tmp_path)
+    # no -m: the model the image records (else the default, schnell, which this store lacks)
+    again = invoke("--from", "a.png", "--output", "b.png", "--no-pull", cwd=tmp_path)
     assert again.exit_code == 0, again.output
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
     assert "settings from a.png (mflux metadata)" in again.output
+    assert "model tiny, from the image" in again.output
     # an explicit flag overrides the recalled setting
     other = invoke(
         "--path", str(tiny_schnell), "-C", "a.png", "--seed", "4", "--output", "c.png", cwd=tmp_path
