@@ -182,7 +182,7 @@ def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
 
 
 def image_size(path: str, name: str = "--image", prefix: str = "") -> tuple[int, int]:
-    """(width, height) of an image file, reading its header only."""
+    """(width, height) of an image file, decoded once so that a damaged file is caught here."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
@@ -190,8 +190,9 @@ def image_size(path: str, name: str = "--image", prefix: str = "") -> tuple[int,
         raise InvalidArgument(f"{prefix}{name} {path}: no such file")
     try:
         with Image.open(p) as im:
+            im.load()
             return im.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidArgument(f"{prefix}{name} {path}: not an image PIL can read ({e})") from None
 
 

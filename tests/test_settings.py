@@ -132,6 +132,8 @@ def test_image_and_mask_errors(tmp_path):
     refused("--image .*notes.png: not an image", image=str(tmp_path / "notes.png"))
     refused("--mask .*notes.png: not an image", image=image, mask=str(tmp_path / "notes.png"))
     refused("--mask needs --image", mask=image)
+    (tmp_path / "cut.png").write_bytes(Path(image).read_bytes()[:-40])  # a truncated download
+    refused("--image .*cut.png: not an image", image=str(tmp_path / "cut.png"))
     mask = png(tmp_path / "mask.png", size=(32, 32))
     refused("the mask .* is 32x32 but the image .* is 64x48", image=image, mask=mask)
     good = ok(image=image, mask=png(tmp_path / "m2.png", size=(64, 48), color=(255, 255, 255)))
