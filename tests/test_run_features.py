@@ -46,7 +46,9 @@ def files(tmp_path) -> Path:
     d = tmp_path / "in"
     d.mkdir()
     write_png(d / "init.png")
-    Image.new("L", (32, 32), 255).save(d / "mask.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255  # repaint the right half
+    Image.fromarray(mask).save(d / "mask.png")
     Image.new("L", (16, 16), 255).save(d / "small.png")
     write_png(d / "plain.png")
     (d / "notes.png").write_text("not an image")
