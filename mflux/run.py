@@ -176,6 +176,7 @@ def run(
     metadata: bool = False,
     precision: str | None = None,
     pull: bool = True,
+    verify: bool = False,
     verbose: bool = False,
     as_json: bool = False,
     explicit: set[str] | None = None,
@@ -224,7 +225,8 @@ def run(
         s = group[0].settings
         if flux is None or s.loras != loras:
             flux = None  # free the last model before the next loads
-            flux, loras = _open(kind, where, variant, precision, quantize, s.loras), s.loras
+            flux, loras = _open(kind, where, variant, precision, quantize, s.loras, verify), s.loras
+            verify = False  # the files were re-hashed when the first set of LoRAs opened the model
             _notes_on(flux, explicit, p.precision)
         previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
         for done in _generate(
@@ -260,7 +262,7 @@ def _recalled_model(name: str | None) -> str | None:
     return None
 
 
-def _open(kind, where, variant, precision, quantize, loras):
+def _open(kind, where, variant, precision, quantize, loras, verify: bool):
     from mflux.flux1 import Flux1
 
     kwargs = dict(
@@ -268,6 +270,7 @@ def _open(kind, where, variant, precision, quantize, loras):
         quantize=quantize,
         lora_paths=[path for path, _ in loras],
         lora_scales=[scale for _, scale in loras],
+        verify=verify,
     )
     if kind == "path":
         return Flux1.from_path(where, variant=variant, **kwargs)
