@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import click
 
 from mflux import __version__
-from mflux.errors import MfluxError
+from mflux.errors import Interrupted, MfluxError
 from mflux.runtime.quantization import AFFINE_BITS, GROUP_SIZES, MODES, QUANTIZABLE_COMPONENTS
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -66,7 +66,7 @@ class MfluxGroup(click.Group):
         try:
             code = super().main(args, prog_name or "mflux", complete_var, standalone_mode=False, **extra)
         except MfluxError as e:
-            _fail(str(e), 1)
+            _fail(str(e), 130 if isinstance(e, Interrupted) else 1)
         except ImportError as e:
             if not (e.name or "").startswith("mlx") and "libmlx" not in str(e):
                 raise
@@ -303,6 +303,11 @@ def list_(as_json, available):
         rows = [("NAME", "FORMAT", "QUANT", "SIZE", "MODIFIED")]
         rows += [_model_row(m) for m in models]
         click.echo(_columns(rows))
+        if not models and not store.broken():
+            click.echo(f"the store {store.root} is empty (get a model with: mflux pull schnell)", err=True)
+    for m in models:
+        if m.damaged:
+            click.echo(f"warning: {m.damage_hint()}", err=True)
     for name, why in store.broken().items():
         click.echo(f"warning: {name} is not a usable model: {why}", err=True)
 
@@ -319,6 +324,7 @@ def _model_json(m) -> dict:
         "dtype": man.dtype,
         "quantization": quantization_summary(man.quantization),
         "size_bytes": m.size_bytes,
+        "damaged": m.damaged,
         "modified": m.modified.isoformat(timespec="seconds"),
         "source": man.source,
         "path": str(m.path),
