@@ -408,6 +408,12 @@ def inspect_(target, tensors, verify, as_json):
 
     report = inspect(target, tensors=tensors, verify=verify)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_inspect(report))
+    if report.get("damaged") and not verify:
+        shown = "; ".join(report["damaged"][:3])
+        raise MfluxError(
+            f"{target} is damaged ({shown}) (see every file: mflux inspect {target} --verify; then pull or "
+            "convert it again)"
+        )
     if verify and not report["verify"]["ok"]:
         bad = report["verify"]["mismatches"]
         shown = "; ".join(f"{m['path']}: {m['problem']}" for m in bad[:3])
@@ -486,7 +492,9 @@ def convert(source, name, dtype, base, force):
     help="affine, or an fp mode with its own bits and group size.",
 )
 @click.option(
-    "--name", callback=_check_name, help="Store name (default: <model>-q<bits>, or <model>-<mode>)."
+    "--name",
+    callback=_check_name,
+    help="Store name (default: <model>-q<bits>, <model>-q<bits>-g<group size> when not 64, or <model>-<mode>).",
 )
 @click.option("--dtype", type=click.Choice(DTYPES), help="Dtype of the scales and unquantized layers.")
 @click.option(
@@ -499,7 +507,8 @@ def convert(source, name, dtype, base, force):
 def quantize(model, bits, group_size, mode, name, dtype, components, force):
     """Quantize a stored model into a new store model.
 
-    MODEL defaults to the model most recently pulled, converted or quantized.
+    MODEL defaults to the model most recently pulled or converted, if unquantized; after a quantize,
+    to the store model that one was made from.
 
     \b
     Examples:

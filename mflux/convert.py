@@ -30,8 +30,10 @@ The MLX-native format (manifest `format = "mlx"`), one folder in the store:
 """
 
 import copy
+import errno
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from mflux.manifest import (
     config_values,
     new_manifest,
     quantization_label,
+    read_manifest,
     write_manifest,
 )
 from mflux.runtime.loader import ModelFolder, cast_and_quantize, iter_weights, open_folder
@@ -57,6 +60,7 @@ from mflux.store import Store, StoredModel, format_size, validate_name
 # 34 GB pipeline within a 16 GB machine.
 MAX_SHARD_BYTES = 2**30
 COPIED = ("tokenizer", "tokenizer_2", "scheduler", "model_index.json")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -76,6 +80,7 @@ def convert(
     base: str | None = None,
     force: bool = False,
     store: Store | None = None,
+    progress: bool = True,
 ) -> StoredModel:
     """Convert a store model (format hf or mlx), a diffusers-layout folder, or a Black Forest Labs
     single-file transformer (with `base` for the rest) into an MLX-native store model `name`
@@ -86,7 +91,7 @@ def convert(
     name = name or f"{src.name}-mlx"
     _refuse_self(store, name, src)
     dtypes = {c: _component_dtype(c, dtype, _source_dtype(src, c)) for c in COMPONENTS}
-    return _write(store, name, force, src, dtype, dtypes, dict.fromkeys(COMPONENTS))
+    return _write(store, name, force, src, dtype, dtypes, dict.fromkeys(COMPONENTS), progress)
 
 
 def quantize(
@@ -100,45 +105,101 @@ def quantize(
     components: list[str] | None = None,
     force: bool = False,
     store: Store | None = None,
+    progress: bool = True,
 ) -> StoredModel:
     """Quantize a store model or folder (hf or unquantized mlx) into a new MLX-native store model `name`
-    (default `<model>-q<bits>`, or `<model>-<mode>` for fp modes), in one pass. `model` defaults to the
-    model most recently pulled, converted or quantized. Returns the StoredModel."""
+    (default `<model>-<label>`: `-q4`, `-q4-g32` for a group size other than 64, `-mxfp4` for an fp
+    mode), in one pass. `model` defaults to the unquantized model most recently pulled or converted
+    (or the source of the quantized one used last). Returns the StoredModel."""
     spec = QuantSpec.for_mode(mode, bits, group_size)
     if dtype is not None:
         _check_dtype(dtype)
     chosen = _components(components)
     store = store or Store()
     if model is None:
-        model = store.last_used()
-        if model is None:
-            raise MfluxError("no model given and none used yet (name one: mflux quantize MODEL --bits 4)")
-        print(f"quantizing {model} (the model used last)")
+        model = _default_source(store)
     src = _open(model, store, None)
     if src.folder.quantization:
         raise MfluxError(
-            f"{src.name} is already quantized ({quantization_label(src.folder.quantization)}); quantize its unquantized "
-            "source instead"
+            f"{src.name} is already quantized ({quantization_label(src.folder.quantization)}); quantize "
+            f"its unquantized source instead ({_recorded_source(src.path)})"
         )
-    name = name or (f"{src.name}-q{spec.bits}" if spec.mode == "affine" else f"{src.name}-{spec.mode}")
+    name = name or default_name(src.name, spec)
     _refuse_self(store, name, src)
     dtypes = {c: _source_dtype(src, c) for c in COMPONENTS}
     if dtype is not None:
         dtypes = {c: _component_dtype(c, dtype, d) for c, d in dtypes.items()}
     specs = {c: spec if c in chosen else None for c in COMPONENTS}
-    return _write(store, name, force, src, dtype or dtypes["transformer"], dtypes, specs)
+    return _write(store, name, force, src, dtype or dtypes["transformer"], dtypes, specs, progress)
 
 
-def _write(store: Store, name: str, force: bool, src: _Source, dtype: str, dtypes: dict, specs: dict):
+def default_name(source_name: str, spec: QuantSpec) -> str:
+    """`<source>-<label>`, the label as `mflux list` shows it: q8, q4-g32, mxfp4. Each setting gets its
+    own name, so a group-32 copy never collides with the group-64 one."""
+    return f"{source_name}-{quantization_label({'transformer': spec.to_dict()})}"
+
+
+def _default_source(store: Store) -> str:
+    """The model used last when it is unquantized, else the store model it was quantized from."""
+    last = store.last_used()
+    if last is None:
+        raise MfluxError("no model given and none used yet (name one: mflux quantize MODEL --bits 4)")
+    manifest = store.get(last).manifest
+    if not manifest.quantization:
+        print(f"quantizing {last} (the model used last)")
+        return last
+    source = manifest.source
+    if source.get("kind") == "model" and store.exists(source["name"]):
+        if not store.get(source["name"]).manifest.quantization:
+            print(f"quantizing {source['name']} (the source of {last}, the model used last)")
+            return source["name"]
+    raise MfluxError(
+        f"no model given, and the model used last, {last}, is already quantized "
+        f"({quantization_label(manifest.quantization)}; {_source_text(source)}) (name an unquantized "
+        "one: mflux quantize MODEL --bits 4; see: mflux list)"
+    )
+
+
+def _recorded_source(folder: Path) -> str:
+    try:
+        return _source_text(read_manifest(folder).source)
+    except MfluxError:
+        return "its manifest records no source"
+
+
+def _source_text(source: dict) -> str:
+    kind = source.get("kind")
+    if kind == "model":
+        return f"its manifest records the source model {source.get('name')!r}"
+    if kind == "hub":
+        return f"its manifest records the source {source.get('repo')}@{str(source.get('commit'))[:12]}"
+    return f"its manifest records the source {source.get('path')}"
+
+
+def _write(
+    store: Store,
+    name: str,
+    force: bool,
+    src: _Source,
+    dtype: str,
+    dtypes: dict,
+    specs: dict,
+    progress: bool,
+):
     """Write every component, quantizing it under specs[c]; a component the source stores quantized
     stays as it is, and its quantization is carried into the new manifest."""
     carried = _stored_quantization(src)
     quantization = {**carried, **{c: s.to_dict() for c, s in specs.items() if s is not None}}
+    estimates = {c: _estimate(src, c, dtypes[c], specs[c]) for c in COMPONENTS}
+    _check_space(store, name, sum(estimates.values()))
     reports = []
-    with store.build(name, force=force, size_hint=_size(src)) as tmp:
+    with store.build(name, force=force, size_hint=sum(estimates.values())) as tmp, _write_errors(store):
         for c in COMPONENTS:
             counted = _Counter(_weights(src, c, dtypes[c], specs[c]), _spec(quantization.get(c)))
-            save_shards(iter(counted), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
+            with _progress_bar(c, estimates[c], progress) as bar:
+                save_shards(counted.reporting(bar), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
+                bar.total = bar.n  # the estimate gives way to the exact count
+                bar.refresh()
             if counted.quantized:
                 reports.append(f"{c}: {counted.bits_per_weight:.2f} bits/weight")
         for rel in COPIED:
@@ -205,7 +266,9 @@ def _open_single_file(path: Path, store, base: str | None) -> _Source:
             f"{path.name} is a {variant} transformer (it {has} guidance_in) but base {base!r} is "
             f"{b.folder.variant} (pass --base {variant})"
         )
-    record = {"kind": "path", "path": str(path.resolve()), "base": base}
+    # A folder base is recorded resolved, so the manifest means the same from any working directory.
+    base_record = base if _is_name(base) and store.exists(base) else str(Path(base).expanduser().resolve())
+    record = {"kind": "path", "path": str(path.resolve()), "base": base_record}
     return _Source(b.folder, record, path.stem, b.path, transformer_file=path.resolve())
 
 
@@ -226,6 +289,12 @@ class _Counter:
     def __init__(self, tensors, spec: QuantSpec | None):
         self.tensors, self.spec = tensors, spec
         self.bits = self.weights = self.quantized = 0
+
+    def reporting(self, bar):
+        """The tensors, each one's bytes added to `bar` once the writer asks for the next."""
+        for name, arr in self:
+            yield name, arr
+            bar.update(arr.nbytes)
 
     def __iter__(self):
         for name, arr in self.tensors:
@@ -322,13 +391,73 @@ def _is_name(s: str) -> bool:
     return True
 
 
-def _size(src: _Source) -> int:
-    bfl = [src.transformer_file] if src.transformer_file else []
-    skip = ("transformer",) if bfl else ()
-    files = bfl + [
-        p for c in COMPONENTS if c not in skip for p in (src.folder.path / c).glob("*.safetensors")
-    ]
-    return sum(p.stat().st_size for p in files)
+def _source_files(src: _Source, component: str) -> list[Path]:
+    if component == "transformer" and src.transformer_file is not None:
+        return [src.transformer_file]
+    return sorted((src.folder.path / component).glob("*.safetensors"))
+
+
+def _estimate(src: _Source, component: str, dtype: str, spec: QuantSpec | None) -> int:
+    """The bytes this component will take in the new model, from the source's file sizes: a cast
+    scales them by the itemsizes; quantizing stores `bits` per weight plus a scale (and an affine
+    bias) per group. Good to a few percent, which is what a free-space check and a bar need."""
+    size = sum(p.stat().st_size for p in _source_files(src, component))
+    if component in _stored_quantization(src):
+        return size  # kept as stored
+    weights = size / _ITEMSIZE.get(_source_dtype(src, component), 4)
+    if spec is None:
+        return int(weights * _ITEMSIZE[dtype])
+    per_group = _ITEMSIZE[dtype] * (2 if spec.mode == "affine" else 1)
+    return int(weights * (spec.bits / 8 + per_group / spec.group_size))
+
+
+def _check_space(store: Store, name: str, needed: int) -> None:
+    # Before any compute, as `pull` does; the margin covers the copied tokenizers and the estimate.
+    free = store.free_bytes()
+    if needed * 1.05 > free:
+        raise MfluxError(
+            f"not enough disk space to write {name}: it needs about {format_size(needed)} in {store.root}, "
+            f"and {format_size(free)} is free (free some space, or set MFLUX_HOME to a larger disk)"
+        )
+
+
+@contextmanager
+def _write_errors(store: Store):
+    """A failed write becomes one clear line. mx.save_safetensors reports a full disk as
+    `RuntimeError("[write] ...")`, and shutil.copytree as `shutil.Error` with errno None; neither is an
+    ENOSPC the store sees. Free space is measured here, before the build folder is deleted."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith("[write]"):
+            raise
+        _raise_write_error(store, str(e))
+    except shutil.Error as e:
+        if e.errno is not None:
+            raise
+        _raise_write_error(store, "; ".join(str(why) for *_, why in (e.args[0] if e.args else [])))
+
+
+def _raise_write_error(store: Store, reason: str):
+    if "No space left" in reason or store.free_bytes() < 2**20:
+        raise OSError(errno.ENOSPC, "No space left on device") from None  # the store's disk-full line
+    raise MfluxError(f"cannot write in {store.root}: {reason[:300]} (is the disk failing?)") from None
+
+
+def _progress_bar(component: str, total: int, enabled: bool):
+    # As `mflux pull` shows each file: one bar per component, in bytes written.
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    return hf_tqdm(
+        total=total,
+        desc=component,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not enabled or None,
+        name="mflux.convert",
+    )
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -241,7 +241,7 @@ class Store:
         manifest = read_manifest(folder)
         mtime = (folder / MANIFEST).stat().st_mtime
         modified = datetime.fromtimestamp(mtime, tz=timezone.utc)
-        size, damaged = _on_disk(folder, manifest.files)
+        size, damaged = files_on_disk(folder, manifest.files)
         return StoredModel(folder.name, folder, manifest, size, modified, damaged)
 
     def _names(self) -> list[str]:
@@ -371,7 +371,7 @@ def _rmtree(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _on_disk(folder: Path, files: list[dict]) -> tuple[int, list[str]]:
+def files_on_disk(folder: Path, files: list[dict]) -> tuple[int, list[str]]:
     """The bytes of the manifest's files present now, and each missing or wrong-size one: a stat per
     file, so `mflux list` stays fast (`mflux inspect NAME --verify` checks the contents)."""
     size, damaged = 0, []

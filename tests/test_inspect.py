@@ -219,6 +219,9 @@ def test_bad_targets(mflux_home, tmp_path):
     with pytest.raises(MfluxError, match="pickle-based weights are refused"):
         inspect(str(tmp_path / "model.ckpt"))
     (tmp_path / "empty").mkdir()
+    with pytest.raises(MfluxError, match="empty does not look like a model folder"):
+        inspect(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "vae").mkdir()
     with pytest.raises(MfluxError, match="no .safetensors files"):
         inspect(str(tmp_path / "empty"))
     with pytest.raises(MfluxError, match="no manifest.toml to verify against"):

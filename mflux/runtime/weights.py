@@ -139,7 +139,10 @@ class TensorSource:
             pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
             if pickles:
                 refuse_pickle(folder / pickles[0])
-            raise MfluxError(f"{folder}: no .safetensors weights found")
+            raise MfluxError(
+                f"{folder}: no .safetensors weights found (the model may be damaged: check it with "
+                f"`mflux inspect {folder.parent} --verify`, then pull or convert it again)"
+            )
         return cls(paths)
 
     def keys(self) -> list[str]:
