@@ -439,6 +439,7 @@ def rm(names, yes):
     from mflux.store import Store, format_size
 
     store = Store()
+    store.check_root()
     for name in names:
         if not store.path(name).is_dir():
             store.get(name)  # raises: unknown model, with close names

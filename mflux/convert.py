@@ -87,6 +87,7 @@ def convert(
     (default `<source name>-mlx`). Returns the StoredModel."""
     _check_dtype(dtype)
     store = store or Store()
+    store.check_root()
     src = _open(source, store, base)
     name = name or f"{src.name}-mlx"
     _refuse_self(store, name, src)
@@ -116,6 +117,7 @@ def quantize(
         _check_dtype(dtype)
     chosen = _components(components)
     store = store or Store()
+    store.check_root()
     if model is None:
         model = _default_source(store)
     src = _open(model, store, None)
@@ -224,7 +226,7 @@ def _write(
 
 def _open(source: str, store, base: str | None) -> _Source:
     """A store model or folder; or a BFL single file, with `base` giving the other components."""
-    path = Path(source).expanduser()
+    path = _path(source)
     if path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         refuse_pickle(path)
         if not path.is_file():
@@ -234,6 +236,8 @@ def _open(source: str, store, base: str | None) -> _Source:
         raise InvalidArgument("--base applies to a single-file transformer checkpoint only; drop it")
     if _is_name(source) and store.exists(source):
         stored = store.get(source)
+        if stored.damaged:  # before any compute: a missing or cut file would fail halfway
+            raise MfluxError(stored.damage_hint())
         folder = open_folder(stored.path, name=stored.name)
         return _Source(folder, {"kind": "model", "name": stored.name}, stored.name, stored.path.resolve())
     if path.is_dir():
@@ -242,6 +246,18 @@ def _open(source: str, store, base: str | None) -> _Source:
     if _is_name(source):
         store.get(source)  # the unknown-model error, with close names
     raise MfluxError(f"{source}: no such model, folder or file (see: mflux list)")
+
+
+def _path(source: str) -> Path:
+    """`source` as a path, checked so that a NUL or an over-long name is one clear error, not an OSError."""
+    path = Path(source).expanduser()
+    try:
+        path.exists()
+    except ValueError:
+        raise MfluxError(f"{source!r}: not a valid path (it holds a NUL character)") from None
+    except OSError as e:
+        raise MfluxError(f"{source[:80]}...: not a valid path ({e.strerror})") from None
+    return path
 
 
 def _open_single_file(path: Path, store, base: str | None) -> _Source:

@@ -52,7 +52,7 @@ def _resolve(target: str) -> Path:
     if is_name and store.exists(target):
         return store.path(target)
     path = Path(target).expanduser()
-    if path.exists():
+    if _exists(path):
         return path
     if is_name:
         store.get(target)  # raises: unknown model, with close names
@@ -62,6 +62,16 @@ def _resolve(target: str) -> Path:
 def _looks_like_a_model(path: Path) -> bool:
     markers = [path / MANIFEST, path / "model_index.json", *(path / c for c in COMPONENTS)]
     return any(p.exists() for p in markers)
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; a name too long for the file system, or one with a NUL, is one clear error."""
+    try:
+        return path.exists()
+    except ValueError:  # an embedded NUL
+        raise MfluxError(f"{str(path)!r}: not a valid path (it holds a NUL character)") from None
+    except OSError as e:
+        raise MfluxError(f"{str(path)[:80]}...: not a valid path ({e.strerror})") from None
 
 
 def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
@@ -114,6 +124,8 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
 
 def _inspect_file(path: Path, tensors: bool) -> dict:
     refuse_pickle(path)
+    if not path.is_file():  # a FIFO or a device would block the read, or never end
+        raise MfluxError(f"{path}: not a regular file (give a .safetensors file or a model folder)")
     if path.suffix != ".safetensors":
         raise MfluxError(f"{path}: not a .safetensors file or a model folder")
     sf = SafetensorsFile(path)

@@ -252,6 +252,8 @@ class Store:
     def _unknown(self, name: str) -> MfluxError:
         from mflux.catalog import catalog
 
+        self.check_root()  # "not in the store" would hide that there is no store
+
         known = catalog()
         if name in known:
             return MfluxError(f"model {name!r} is not in the store (get it with: mflux pull {name})")
