@@ -432,6 +432,7 @@ def _quant_block(p: FluxParams, spec: QuantSpec, name: str, x, mod, pe, bf16_s: 
         tokens=x.shape[1],
         ms=r["s"] * 1e3,
         vs_bf16=r["s"] / bf16_s,
+        vs=_dtype_name(args.dtype),  # what vs_bf16 is against: the float pass, fp32 on a CPU
         first_s=r["first_s"],
         bytes_per_param=stored / (lin.weight.size * 32 // spec.bits),
     )
@@ -608,7 +609,7 @@ def table() -> str:
         elif what == "lever":
             rows.append(f"| lever: {r['lever']} | {r['variant']} | {r['s']:.4f} s | | | |")
         elif what == "single_block" and "ms" in r:
-            extra = f"{r['vs_bf16']:.2f}x bf16, " if "vs_bf16" in r else ""
+            extra = f"{r['vs_bf16']:.2f}x {r.get('vs', 'bf16')}, " if "vs_bf16" in r else ""
             rows.append(
                 f"| single block {r['tokens']} tok | {r['quant']} | {r['ms']:.2f} ms | {r['first_s']:.2f} s | | {extra}{r['bytes_per_param']:.3f} B/param |"
             )

@@ -216,6 +216,13 @@ def test_bfl_single_file_matches_its_diffusers_twin(
     assert np.array_equal(ours, ref)
 
 
+def test_a_relative_base_is_recorded_resolved(tiny_schnell, tmp_path, monkeypatch, mflux_home):
+    twin = write_bfl_twin(tiny_schnell, tmp_path / "flux1-schnell.safetensors")
+    monkeypatch.chdir(tiny_schnell.parent)
+    stored = convert(str(twin), base=f"./{tiny_schnell.name}", progress=False)
+    assert stored.manifest.source["base"] == str(tiny_schnell.resolve())
+
+
 def test_bfl_variant_must_match_the_base(tiny_schnell, tiny_dev, tmp_path, mflux_home):
     twin = write_bfl_twin(tiny_dev, tmp_path / "flux1-dev.safetensors")
     msg = assert_refused(

@@ -163,7 +163,12 @@ def test_single_safetensors_file(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     report = inspect(str(path), tensors=True)
     assert report["kind"] == "safetensors" and report["layout"] == "bfl-transformer"
+    assert report["variant"] == "dev"  # it has guidance_in
     assert report["metadata"] == {"format": "pt"}
+    assert "variant       dev" in format_inspect(report)
+    schnell = tmp_path / "flux1-schnell.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("guidance_in")}, str(schnell))
+    assert inspect(str(schnell))["variant"] == "schnell"
     (c,) = report["components"].values()
     assert c["parameters"] == sum(t.size for t in tensors.values())
     assert c["bytes"] == sum(t.nbytes for t in tensors.values())

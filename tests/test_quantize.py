@@ -1,5 +1,8 @@
 """`mflux quantize`: stored quantization against runtime quantization, modes, components and refusals."""
 
+import io
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from mlx.utils import tree_flatten
 from mflux import Flux1
 from mflux.convert import convert, quantize
 from mflux.errors import InvalidArgument
+from mflux.manifest import COMPONENTS
 from mflux.runtime.loader import load_component, open_folder
 from mflux.runtime.quantization import QuantSpec
 from mflux.runtime.weights import TensorSource
@@ -180,3 +184,18 @@ def test_converting_a_quantized_model_carries_its_quantization(tiny_schnell):
     assert t.dtype("img_in.weight") == "U32" and t.dtype("img_in.scales") == "F32"
     # the loader casts stored scales to the run's precision, so both give the same float32 image
     assert np.array_equal(image(stored.path), image(Store().path("q4")))
+
+
+def test_a_progress_bar_per_component_on_a_terminal(tiny_schnell, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    quantize(str(tiny_schnell), bits=8, name="bars")
+    lines = err.getvalue().replace("\r", "\n").splitlines()
+    finals = {c: [line for line in lines if line.startswith(f"{c}:")][-1] for c in COMPONENTS}
+    for line in finals.values():
+        assert "100%" in line, line  # each component's bar ends full, at the bytes written
+    assert Store().exists("bars")
