@@ -376,6 +376,8 @@ def test_planted_pickle_in_a_model_folder(home, tmp_path, tiny_schnell):
     before = snapshot(home)
     refused(mflux("convert", folder, "--name", "pickled"), "pickle-based")
     refused(mflux("quantize", folder, "--bits", "4", "--name", "pickled"), "pickle-based")
+    run = ["run", "--path", folder, "--prompt", "a cat", "--width", "32", "--height", "32", "--steps", "1"]
+    refused(mflux(*run, "--seed", "1", cwd=tmp_path), "pickle-based")
     assert not marker.exists() and snapshot(home) == before
     consistent(home)
 
