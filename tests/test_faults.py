@@ -1,6 +1,6 @@
 """Fault injection (issue 14), through the installed command: corrupt and missing files, broken headers
-and manifests, unsafe names, planted pickles, read-only and full disks, kills mid-build, races, and a
-hostile or failing Hub (tests/test_faults_hub.py).
+and manifests, unsafe names, planted pickles, malformed LoRAs, read-only and full disks, kills mid-build,
+races, and a hostile or failing Hub (the local one of tests/hub_server.py).
 
 Every refused case asserts one clear line on stderr (`error: ...`), a non-zero exit and no traceback;
 then that the store is unchanged, or consistent: nothing half-built in `mflux list`, no temp entry left
