@@ -2,13 +2,15 @@
 
 MLX's `quantized_matmul` on CUDA is 3-4x slower than a bf16 matmul at FLUX's shapes (4352 tokens), while
 `mx.dequantize` of the layer's weight followed by a float matmul costs 1.2-1.6x (issue 12, measured on
-an H200). For one token the quantized matmul wins (0.098 vs 0.102 ms). So from `min_rows` rows on a
-layer dequantizes its weight just before the matmul. Memory stays quantized: the float weight is a
-temporary of that one call, never stored.
+an H200). From `min_rows` rows on, a layer dequantizes its weight just before the matmul. Memory stays
+quantized: the float weight is a temporary of that one call, never stored.
 
 The choice is per backend (`MIN_ROWS`):
-- CUDA: dequantize from 32 rows (text encoders' 77-512 tokens and the transformer's thousands), keep
-  `quantized_matmul` for fewer (one token). `bench_flux.py --sections qmatmul` measures the crossover.
+- CUDA: dequantize at every size (from 1 row). For one token the quantized matmul is 4% faster (0.098
+  vs 0.102 ms), but FLUX multiplies single rows only in the modulations, once per generation, and MLX
+  builds its quantized matmul kernels at run time on first use (tens of seconds each on a fresh
+  machine: +104 s on the first 8-bit step). Never calling them keeps those builds out of a first run.
+  `bench_flux.py --sections qmatmul` measures both paths from 1 row up, with each one's first call.
 - Metal: unchanged (`quantized_matmul` always). No Mac was available to measure it.
 - CPU: unchanged. On the 2 shared cores here, dequantize-then-matmul measured within 0-25% of the
   quantized matmul at 64-320 rows (noisy), not a clear enough gain to change the CPU's numbers.
@@ -20,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-MIN_ROWS = {"cuda": 32, "metal": None, "cpu": None}
+MIN_ROWS = {"cuda": 1, "metal": None, "cpu": None}
 
 
 def backend() -> str:
