@@ -12,7 +12,8 @@
 #   c: (nothing carried)       load + first image in a fresh process with a warm cache: the Hugging
 #                              Face layout (diffusers, then mflux at bf16/q8/q4), then MLX-native
 #                              (written, read at GB/s, then a pipeline); the VAE decode, whole against
-#                              row bands; T5 + CLIP with both paths; the quantized matmul sweep; the peer
+#                              row bands; T5 + CLIP with both paths; the quantized matmul sweep (the peer
+#                              only if more than 330 s are left after mflux on the HF layout)
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #
@@ -101,7 +102,7 @@ case "${1:-}" in
     step hf-mflux 60 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX" --folder "$HF" \
       --quant bf16,q8,q4 --time-limit $(($(left) - 240)) 2>&1 | tee -a "$OUT/hf.jsonl"
     if [ "$SIZE" = full ] && [ -d /tmp/peer ]; then
-      step hf-peer 200 "$PY" bench/peer.py all --folder "$HF" --peer /tmp/peer --impls peer --quants bf16 \
+      step hf-peer 330 "$PY" bench/peer.py all --folder "$HF" --peer /tmp/peer --impls peer --quants bf16 \
         --time-limit 100 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
     fi
     rm -rf "$HF"  # the disk holds one 34 GB model at a time
