@@ -656,7 +656,8 @@ def section_decode(size: Size, args, budget: Budget) -> None:
     free()
     vae = build("vae", size, args.dtype, None)
     weights = nbytes(vae) / 1e9
-    z = mx.random.normal((1, size.res // 8, size.res // 8, size.vae.latent_channels)).astype(args.dtype)
+    res = args.res or size.res
+    z = mx.random.normal((1, res // 8, res // 8, size.vae.latent_channels)).astype(args.dtype)
     mx.eval(z)
     images = {}
     for band_mb in args.band_mb:
@@ -671,7 +672,7 @@ def section_decode(size: Size, args, budget: Budget) -> None:
         mx.eval(images[band_mb])
         report(
             what="decode",
-            res=size.res,
+            res=res,
             band_mb=band_mb,
             **r,
             peak_gb=peak_gb(),
@@ -682,7 +683,7 @@ def section_decode(size: Size, args, budget: Budget) -> None:
         for band_mb, img in images.items():
             if band_mb:
                 diff = mx.abs(img - images[0]).max().item() * 255
-                report(what="decode_diff", res=size.res, band_mb=band_mb, max_diff_255=diff)
+                report(what="decode_diff", res=res, band_mb=band_mb, max_diff_255=diff)
 
 
 class _Phases:
@@ -1123,7 +1124,7 @@ def main(argv=None) -> None:
         "--folder", default=None, help="pipeline/firstrun: a model folder to load (default: random)"
     )
     parser.add_argument(
-        "--res", type=int, default=None, help="pipeline/firstrun: image side (default: the size's)"
+        "--res", type=int, default=None, help="pipeline/firstrun/decode: image side (default: the size's)"
     )
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
