@@ -891,7 +891,8 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
 def section_load(size: Size, args, budget: Budget) -> None:
     """Write an MLX-native model (the converter's layout: one folder of shards per component) with
     random weights to local disk, then time the loader reading it back, component by component."""
-    from mflux.runtime.loader import COMPONENTS, ModelFolder, load_component
+    from mflux.runtime.folder import COMPONENTS, ModelFolder
+    from mflux.runtime.loader import load_component
     from mflux.runtime.weights import save_shards
 
     root = (
@@ -928,7 +929,8 @@ def section_load(size: Size, args, budget: Budget) -> None:
             quantization = {
                 c: spec.to_dict() for c in ("transformer", "text_encoder", "text_encoder_2") if spec
             }
-            mf = ModelFolder(folder, "mlx", "schnell", architecture, quantization or None, quant)
+            defaults = {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
+            mf = ModelFolder(folder, "mlx", "schnell", architecture, quantization or None, quant, defaults)
             seconds = {}
             free()
             for c in COMPONENTS:
