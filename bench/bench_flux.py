@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mflux.runtime import layers, pipeline, qmatmul, sampler
+from mflux.runtime import engine, layers, qmatmul, sampler
 from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
 from mflux.runtime.clip import CLIPTextConfig, CLIPTextModel
 from mflux.runtime.model import Flux, FluxParams
@@ -719,14 +719,12 @@ class _Source:
         self.size, self.args, self.spec = size, args, spec
         self.folder = None
         if args.folder:
-            from mflux.runtime.loader import open_folder
+            from mflux.folders import open_folder
 
             self.folder = open_folder(args.folder)
         self.variant = self.folder.variant if self.folder else "schnell"
         d = self.folder.defaults if self.folder else {"max_sequence_length": size.txt["schnell"]}
         self.txt_len = d["max_sequence_length"]
-        arch = self.folder.architecture if self.folder else None
-        self.scheduler = (arch or {}).get("scheduler", {})
         self.res = args.res or size.res
 
     def module(self, component: str) -> nn.Module:
@@ -750,12 +748,9 @@ class _Source:
         return clip_ids(clip_tok, prompt), t5_ids(t5_tok, prompt, self.txt_len)
 
     def sigmas(self, steps: int) -> list[float]:
-        sched = self.scheduler
-        return sampler.sigmas(
-            steps,
-            (self.res // 16) ** 2,
-            shift=self.variant == "dev" and bool(sched.get("use_dynamic_shifting", True)),
-        )
+        # the folder's defaults carry dev's shift settings, as Flux1 passes them to the engine
+        d = self.folder.defaults if self.folder else {}
+        return engine.schedule(steps, (self.res // 16) ** 2, d if d.get("use_dynamic_shifting") else None)
 
 
 def section_pipeline(size: Size, args, budget: Budget) -> None:
@@ -779,7 +774,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     conds = []
     for i in range(n):
         with ph(f"encode_{i}"):
-            cond = pipeline.encode_prompt(clip, t5, clip_ids, t5_ids, args.dtype)
+            cond = engine.encode_prompt(clip, t5, clip_ids, t5_ids, args.dtype)
             mx.eval(cond)
         conds.append(cond)
     weights = {"text": (nbytes(t5) + nbytes(clip)) / 1e9}
@@ -792,7 +787,8 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     for i, (txt, pooled) in enumerate(conds):
         with ph(f"denoise_{i}"):
             noise = sampler.noise(i, res, res).astype(args.dtype)
-            for x in pipeline.denoise(flux, txt, pooled, noise, sigmas, res, res, guidance):
+            mods = engine.modulations(flux, pooled, sigmas, guidance)
+            for x in engine.denoise(flux, txt, noise, sigmas, res, res, mods):
                 mx.eval(x)
         latents.append(x)
     if not args.keep_transformer:
@@ -802,7 +798,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     weights["vae"] = nbytes(vae) / 1e9
     for i, x in enumerate(latents):
         with ph(f"decode_{i}"):
-            pipeline.decode(vae, x, res, res)  # evaluated: it returns the uint8 pixels
+            engine.decode(vae, x, res, res)  # evaluated: it returns the uint8 pixels
     f = ph.figures
     image = [f[f"encode_{i}"]["s"] + f[f"denoise_{i}"]["s"] + f[f"decode_{i}"]["s"] for i in range(n)]
     load = sum(f[k]["s"] for k in ("load_text", "load_transformer", "load_vae"))

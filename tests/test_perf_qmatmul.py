@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mflux.runtime import pipeline, qmatmul, sampler
-from mflux.runtime.loader import COMPONENTS, load_component, open_folder
+from mflux.folders import open_folder
+from mflux.runtime import engine, qmatmul, sampler
+from mflux.runtime.folder import COMPONENTS
+from mflux.runtime.loader import load_component
 from mflux.runtime.quantization import QuantSpec
 from mflux.runtime.tokenizers import clip_ids, load_tokenizers, t5_ids
 from tests.fixtures import packed_latents
@@ -23,7 +25,7 @@ def _models(folder, dtype, bits):
 
 def _image(folder, models, dtype) -> np.ndarray:
     clip_tok, t5_tok = load_tokenizers(folder)
-    txt, pooled = pipeline.encode_prompt(
+    txt, pooled = engine.encode_prompt(
         models["text_encoder"],
         models["text_encoder_2"],
         clip_ids(clip_tok, [PROMPT]),
@@ -32,9 +34,10 @@ def _image(folder, models, dtype) -> np.ndarray:
     )
     sigmas = sampler.sigmas(STEPS, (SIZE // 16) ** 2, shift=False)
     noise = mx.array(packed_latents(3, SIZE, SIZE)).astype(dtype)
-    for x in pipeline.denoise(models["transformer"], txt, pooled, noise, sigmas, SIZE, SIZE, None):
+    mods = engine.modulations(models["transformer"], pooled, sigmas, None)
+    for x in engine.denoise(models["transformer"], txt, noise, sigmas, SIZE, SIZE, mods):
         mx.eval(x)
-    return pipeline.decode(models["vae"], x, SIZE, SIZE)[0]
+    return engine.decode(models["vae"], x, SIZE, SIZE)[0]
 
 
 def _quantized_layers(models) -> list:
