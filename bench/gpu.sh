@@ -100,7 +100,7 @@ case "${1:-}" in
       step hf-diffusers 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee "$OUT/hf.jsonl"
     fi
     step hf-mflux 60 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX" --folder "$HF" \
-      --quant bf16,q8,q4 --time-limit $(($(left) - 240)) 2>&1 | tee -a "$OUT/hf.jsonl"
+      --quant bf16,q8,q4 --time-limit $(($(left) - 200)) 2>&1 | tee -a "$OUT/hf.jsonl"
     if [ "$SIZE" = full ] && [ -d /tmp/peer ]; then
       step hf-peer 330 "$PY" bench/peer.py all --folder "$HF" --peer /tmp/peer --impls peer --quants bf16 \
         --time-limit 100 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
