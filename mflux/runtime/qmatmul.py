@@ -29,7 +29,8 @@ def backend() -> str:
     """ "cpu", "cuda" or "metal": the backend of MLX's default device."""
     if mx.default_device() == mx.cpu:
         return "cpu"
-    return "cuda" if mx.cuda.is_available() else "metal"
+    cuda = getattr(mx, "cuda", None)  # a build without CUDA may lack the module
+    return "cuda" if cuda is not None and cuda.is_available() else "metal"
 
 
 def default_min_rows() -> int | None:
