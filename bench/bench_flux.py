@@ -112,7 +112,8 @@ SIZES = {
     "mid": Size(
         _flux_config((4, 128), (2, 4), (16, 56, 56), 1024, 768),
         T5Config(d_model=1024, d_ff=2048, num_layers=2, num_heads=16),
-        CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
+        # CLIP-L's width: its pooled output feeds the transformer's 768-wide vector input
+        CLIPTextConfig(hidden_size=768, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
         AutoencoderConfig(block_out_channels=(32, 64, 64, 64)),
         res=256,
         txt={"schnell": 64, "dev": 128},
