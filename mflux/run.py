@@ -330,6 +330,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         previews=previews,
         free_text_encoders=True,
         free_modulation_weights=True,
+        free_transformer=True,
     )
     shown: dict[int, list] = {}  # row -> [(step, preview)]
     phases: dict[str, float] = {}
