@@ -1,0 +1,129 @@
+"""mflux's own small dialect, what the web UI speaks: one generation as server-sent events (a preview at
+every step, each image with its settings), and cancelling a queued or running job by its id.
+
+Seeds travel as strings: JavaScript numbers lose precision above 2**53, and seeds go up to 2**64 - 1.
+"""
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from mflux.server.core import ApiError, b64, check_seed, fit, random_seed
+from mflux.server.worker import End, Job, Result, Step
+
+router = APIRouter(prefix="/mflux/v1")
+
+
+class LoraChoice(BaseModel):
+    name: str
+    scale: float = 1.0
+
+
+class GenerateRequest(BaseModel):
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = None
+    width: int = 1024
+    height: int = 1024
+    steps: int | None = None
+    guidance: float | None = None
+    true_cfg_scale: float | None = None
+    seed: str = ""  # decimal digits; "" or "-1": random
+    count: int = 1
+    loras: list[LoraChoice] = []
+    image: str | None = None  # img2img: a data: URL or base64
+    strength: float | None = Field(None, gt=0, le=1)
+    previews: bool = True
+
+
+class ImageOut(BaseModel):
+    index: int
+    seed: str
+    png: str  # base64 PNG with its metadata
+    settings: dict
+
+
+@router.post("/generate")
+async def generate(request: Request, body: GenerateRequest):
+    server = request.app.state.server
+    job = _job(server, body)
+    server.submit(job)
+    return StreamingResponse(_stream(server, job), media_type="text/event-stream")
+
+
+@router.delete("/jobs/{job_id}")
+def cancel(request: Request, job_id: str) -> dict:
+    if not request.app.state.server.worker.cancel(job_id):
+        raise ApiError(404, f"no queued or running job {job_id!r}", "job_id")
+    return {"cancelled": job_id}
+
+
+def _job(server, body: GenerateRequest) -> Job:
+    server.check_prompt(body.prompt)
+    server.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
+    n = server.check_count(body.count, "count")
+    width, height = server.check_size(body.width, body.height)
+    seed = body.seed.strip()
+    if seed in ("", "-1"):
+        first = random_seed()
+    elif seed.isdigit():
+        first = check_seed(int(seed))
+    else:
+        raise ApiError(400, f"seed must be digits (or empty for random), got {body.seed!r}", "seed")
+    job = Job(
+        prompt=body.prompt,
+        seeds=[check_seed(first + i) for i in range(n)],
+        model=server.check_model(body.model),
+        width=width,
+        height=height,
+        steps=server.check_steps(body.steps),
+        guidance=body.guidance,
+        negative_prompt=body.negative_prompt or None,
+        true_cfg_scale=body.true_cfg_scale,
+        loras=server.resolve_loras([(lo.name, lo.scale) for lo in body.loras]),
+        every_preview=body.previews,
+    )
+    if body.image:
+        job.image = fit(server.decode_image(body.image, "image"), width, height)
+        job.strength = body.strength or 0.6
+    return job
+
+
+async def _stream(server, job: Job):
+    yield _sse("queued", {"job_id": job.id, "seeds": [str(s) for s in job.seeds]})
+    try:
+        async for event in job.events():
+            if isinstance(event, Step):
+                data = {"step": event.step, "total": event.total}
+                if event.preview:
+                    data["preview"] = b64(event.preview)
+                yield _sse("step", data)
+            elif isinstance(event, Result):
+                settings = {k: (str(v) if k == "seed" else v) for k, v in event.metadata.items() if _plain(v)}
+                out = ImageOut(index=event.index, seed=str(event.seed), png=b64(event.png), settings=settings)
+                yield _sse("image", out.model_dump())
+            elif isinstance(event, End):
+                yield _sse("end", {"status": event.status, "error": _message(server, event)})
+    finally:
+        if job.status in ("queued", "running"):
+            server.worker.cancel(job.id)  # the page closed the stream
+
+
+def _message(server, end: End) -> str | None:
+    from mflux.server.core import raise_for
+
+    try:
+        raise_for(end, server.settings.timeout)
+    except ApiError as e:
+        return e.message
+    return None
+
+
+def _plain(v) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, dict))
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"

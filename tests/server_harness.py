@@ -1,0 +1,58 @@
+"""The server under test: `mflux serve`'s app in uvicorn on a free loopback port, in a thread of this process."""
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import uvicorn
+
+from mflux.server.app import create_app
+from mflux.server.core import Settings
+
+
+@contextmanager
+def serving(settings: Settings, loader=None):
+    """Yields (base URL, the app's Server); stops the server (and its worker) on exit."""
+    app = create_app(settings, loader)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app.state.server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+class Gate:
+    """A real Flux1 whose generation waits until the gate opens, so a test can fill the queue first."""
+
+    def __init__(self, flux, gate: threading.Event, order: list):
+        self._flux, self._gate, self._order = flux, gate, order
+        if hasattr(flux, "generate"):
+            self.generate = self._generate
+
+    def __getattr__(self, name):
+        return getattr(self._flux, name)
+
+    def _generate(self, seeds, prompt, *args, **kwargs):
+        self._wait(prompt)
+        yield from self._flux.generate(seeds, prompt, *args, **kwargs)
+
+    def generate_image(self, seed, prompt, *args, **kwargs):
+        self._wait(prompt)
+        return self._flux.generate_image(seed, prompt, *args, **kwargs)
+
+    def _wait(self, prompt):
+        if not self._gate.wait(timeout=60):
+            raise RuntimeError("the test never opened the gate")
+        self._order.append(prompt)
