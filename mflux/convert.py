@@ -40,15 +40,16 @@ import mlx.core as mx
 from mflux.converters import bfl
 from mflux.converters.plan import execute
 from mflux.errors import InvalidArgument, MfluxError
+from mflux.folders import open_folder
 from mflux.manifest import (
     COMPONENTS,
     DTYPES,
-    config_values,
     new_manifest,
     quantization_label,
     write_manifest,
 )
-from mflux.runtime.loader import ModelFolder, cast_and_quantize, iter_weights, open_folder
+from mflux.runtime.folder import ModelFolder, config_values
+from mflux.runtime.loader import cast_and_quantize, iter_weights
 from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, TensorSource, refuse_pickle, save_shards
 from mflux.store import Store, StoredModel, format_size, validate_name

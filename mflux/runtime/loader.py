@@ -5,14 +5,11 @@ Both formats go through one path: a plan maps checkpoint names onto the module's
 stays near the quantized size. A module is quantized exactly where its weights carry `<path>.scales`.
 """
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.manifest import COMPONENTS, architecture_from_hf, defaults_for, read_manifest, variant_of
+from mflux.runtime.folder import COMPONENTS, ModelFolder
 from mflux.runtime.quantization import (
     QuantSpec,
     quantize_model_from_weights,
@@ -20,40 +17,6 @@ from mflux.runtime.quantization import (
     should_quantize,
 )
 from mflux.runtime.weights import TensorSource
-
-
-@dataclass
-class ModelFolder:
-    """What the runtime needs to know about a folder before loading any weights."""
-
-    path: Path
-    format: str  # "hf" | "mlx"
-    variant: str  # "schnell" | "dev"
-    architecture: dict  # component -> config values, under Hugging Face's key names
-    quantization: dict | None  # stored quantization (mlx format), per component
-    name: str
-
-    def quant_spec(self, component: str, layer: str | None = None) -> QuantSpec | None:
-        q = (self.quantization or {}).get(component)
-        if not q:
-            return None
-        return QuantSpec.from_dict({**q, **q.get("layers", {}).get(layer, {})} if layer else q)
-
-    @property
-    def defaults(self) -> dict:
-        return defaults_for(self.variant, self.architecture)
-
-
-def open_folder(path: str | Path, name: str | None = None) -> ModelFolder:
-    """Describe a model folder: from its manifest.toml if it has one, else from its config files."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise MfluxError(f"{path}: no such folder (give a FLUX.1 model folder, or a store name with --model)")
-    if (path / "manifest.toml").is_file():
-        m = read_manifest(path)
-        return ModelFolder(path, m.format, m.variant, m.architecture, m.quantization, m.name)
-    arch = architecture_from_hf(path)
-    return ModelFolder(path, "hf", variant_of(arch), arch, None, name or path.name)
 
 
 def build_module(component: str, architecture: dict) -> nn.Module:
