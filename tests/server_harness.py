@@ -38,21 +38,12 @@ class Gate:
 
     def __init__(self, flux, gate: threading.Event, order: list):
         self._flux, self._gate, self._order = flux, gate, order
-        if hasattr(flux, "generate"):
-            self.generate = self._generate
 
     def __getattr__(self, name):
         return getattr(self._flux, name)
 
-    def _generate(self, seeds, prompt, *args, **kwargs):
-        self._wait(prompt)
-        yield from self._flux.generate(seeds, prompt, *args, **kwargs)
-
-    def generate_image(self, seed, prompt, *args, **kwargs):
-        self._wait(prompt)
-        return self._flux.generate_image(seed, prompt, *args, **kwargs)
-
-    def _wait(self, prompt):
+    def generate(self, seeds, prompt, *args, **kwargs):
         if not self._gate.wait(timeout=60):
             raise RuntimeError("the test never opened the gate")
         self._order.append(prompt)
+        yield from self._flux.generate(seeds, prompt, *args, **kwargs)

@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict
 
 from mflux import __version__
-from mflux.server.core import ApiError, b64, check_seed, fit, random_seed
+from mflux.server.core import ApiError, b64, check_seed, random_seed
 from mflux.server.worker import Job, Result
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -166,18 +166,21 @@ async def img2img(request: Request, body: Img2ImgRequest) -> GenerationResponse:
         raise ApiError(
             400, f"denoising_strength must be in (0, 1], got {body.denoising_strength}", "denoising_strength"
         )
-    job.image = fit(server.decode_image(body.init_images[0], "init_images"), job.width, job.height)
+    job.image = server.decode_image(body.init_images[0], "init_images").convert("RGB")
     if body.mask:
-        job.mask = a1111_mask(server.decode_image(body.mask, "mask"), body, job.width, job.height)
+        job.mask = a1111_mask(server.decode_image(body.mask, "mask"), body, job.image.size)
     job.strength = body.denoising_strength
     return await _generate(server, body, job)
 
 
-def a1111_mask(mask: Image.Image, body: Img2ImgRequest, width: int, height: int) -> Image.Image:
-    """A1111's mask as mflux's: white is repainted, after the invert and the blur A1111 applies."""
+def a1111_mask(mask: Image.Image, body: Img2ImgRequest, size: tuple[int, int]) -> Image.Image:
+    """A1111's mask as mflux's, at the init image's size: white is repainted, after the invert and the
+    blur A1111 applies (the engine then repaints where the result is at least half white)."""
     if mask.mode in ("RGBA", "LA"):
         mask = Image.alpha_composite(Image.new("RGBA", mask.size, "black"), mask.convert("RGBA"))
-    mask = fit(mask, width, height, "L")
+    mask = mask.convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.LANCZOS)
     if body.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
     blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)

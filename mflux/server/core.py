@@ -16,9 +16,9 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from mflux.errors import MfluxError
+from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
 from mflux.server.worker import End, Job, Models, QueueFull, Result, Worker
 
-MAX_SEED = 2**64 - 1
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
 
@@ -29,8 +29,8 @@ class Limits:
 
     prompt_chars: int = 4000
     n: int = 10  # images per request (OpenAI's n; A1111's batch_size * n_iter)
-    pixels: int = 2048 * 2048  # width * height of one image
-    side: int = 2048  # and each side
+    pixels: int = MAX_PIXELS  # width * height of one image: the engine's maximum
+    side: int = MAX_SIDE  # and each side
     steps: int = 100
     body_bytes: int = 64 * 2**20  # a whole request body
     upload_bytes: int = 20 * 2**20  # one uploaded or base64-decoded image
@@ -265,11 +265,6 @@ def check_seed(seed: int, param: str = "seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise ApiError(400, f"seed must be in 0..{MAX_SEED} (or -1 for random), got {seed}", param)
     return seed
-
-
-def fit(image: Image.Image, width: int, height: int, mode: str = "RGB") -> Image.Image:
-    image = image.convert(mode)
-    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
 
 
 def b64(data: bytes) -> str:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from mflux.server.core import ApiError, b64, check_seed, fit, random_seed
+from mflux.server.core import ApiError, b64, check_seed, random_seed
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter(prefix="/mflux/v1")
@@ -86,8 +86,8 @@ def _job(server, body: GenerateRequest) -> Job:
         every_preview=body.previews,
     )
     if body.image:
-        job.image = fit(server.decode_image(body.image, "image"), width, height)
-        job.strength = body.strength or 0.6
+        job.image = server.decode_image(body.image, "image").convert("RGB")
+        job.strength = body.strength  # None: the engine's default
     return job
 
 

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mflux.server.core import ApiError, b64, check_seed, fit, random_seed
+from mflux.server.core import ApiError, b64, check_seed, random_seed
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -165,9 +165,15 @@ async def edit(request: Request):
     )
     width, height = _size(server, body.size, _image_size(image))
     job = _job(server, body, (width, height))
-    job.image = fit(image, width, height)
+    job.image = image.convert("RGB")  # the engine scales it to cover the size and centre-crops
     if mask is not None:
-        job.mask = fit(openai_mask_to_mflux(mask), width, height, "L")
+        if mask.size != image.size:
+            raise ApiError(
+                400,
+                f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",
+                "mask",
+            )
+        job.mask = openai_mask_to_mflux(mask)
     job.strength = body.strength or (INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH)
     return await _reply(request, body, job, "image_edit")
 

@@ -15,7 +15,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from PIL import Image
 
@@ -313,19 +312,19 @@ def preview_steps(partial_images: int, steps: int) -> frozenset[int]:
 
 def _events(flux, job: Job, config, previews):
     """The engine's events for `job` as the worker's Step and Result, PNGs encoded here on the worker."""
-    if not hasattr(flux, "generate"):
-        yield from _events_without_engine_generator(flux, job, config)
-        return
     from mflux.flux1 import ImageEvent
 
-    kwargs = dict(
+    stream = flux.generate(
+        job.seeds,
+        job.prompt,
+        config,
         negative_prompt=job.negative_prompt,
         true_cfg_scale=job.true_cfg_scale,
         image=job.image,
         mask_image=job.mask,
         strength=job.strength,
+        previews=previews,
     )
-    stream = flux.generate(job.seeds, job.prompt, config, previews=previews, **kwargs)
     try:
         for event in stream:
             if isinstance(event, ImageEvent):
@@ -336,29 +335,6 @@ def _events(flux, job: Job, config, previews):
                 yield Step(event.step, event.total, _png(preview) if preview is not None else None)
     finally:
         stream.close()
-
-
-def _events_without_engine_generator(flux, job: Job, config):
-    # Today's Flux1 has no generate(): one image per seed, no previews, no img2img or true CFG.
-    from mflux.metadata import full_metadata  # noqa: F401 - checked to exist
-
-    if job.image is not None or job.true_cfg_scale:
-        raise MfluxError("this mflux build cannot run img2img, inpainting or true CFG yet")
-    steps: list[Step] = []
-    for i, seed in enumerate(job.seeds):
-        g = flux.generate_image(
-            seed, job.prompt, config, progress=lambda s, t: steps.append(Step(s, t, None))
-        )
-        yield from steps
-        steps.clear()
-        yield Result(i, seed, _png_with_metadata(g), g.metadata)
-
-
-def _png_with_metadata(g) -> bytes:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return g.save(Path(tmp) / "image.png").read_bytes()
 
 
 def _png(image: Image.Image) -> bytes:
