@@ -251,8 +251,10 @@ function message(text, error = false) {
 }
 
 $("form").addEventListener("submit", generate);
+// Cancel by job id (queued or running); before the id has arrived, closing the stream cancels it too.
 $("cancel").addEventListener("click", async () => {
   if (currentJob) await api(`/mflux/v1/jobs/${currentJob}`, { method: "DELETE" }).catch(() => {});
+  else if (streamAbort) streamAbort.abort();
   message("cancelled");
 });
 $("random_seed").addEventListener("change", () => { if (!$("random_seed").checked) $("seed").focus(); });
