@@ -242,12 +242,16 @@ def test_a1111_txt2img(a1111):
     assert r.images[0].text["parameters"] == r.info["infotexts"][0]
 
 
-def test_a1111_default_cfg_7_without_negative_prompt_is_not_true_cfg(a1111):
-    # cfg_scale 7 with an empty negative prompt (every A1111 client's default) must equal plain sampling
-    plain = a1111.txt2img(prompt="a red fox", width=PX, height=PX, seed=5, cfg_scale=1)
+def test_a1111_cfg_scale_is_true_cfg_only_with_a_negative_prompt(a1111, ref):
+    # cfg_scale 7 with an empty negative prompt (every A1111 client's default) is plain sampling
     default = a1111.txt2img(prompt="a red fox", width=PX, height=PX, seed=5, cfg_scale=7)
-    assert np.array_equal(pixels(plain.image), pixels(default.image))
-    assert any("true CFG needs a negative prompt" in n for n in default.info["notes"])
+    assert np.array_equal(pixels(default.image), ref(5))
+    assert "CFG scale 7 ignored (true CFG needs a negative prompt)" in default.info["notes"]
+    cfg = a1111.txt2img(
+        prompt="a red fox", negative_prompt="blurry", width=PX, height=PX, seed=5, cfg_scale=3
+    )
+    assert np.array_equal(pixels(cfg.image), ref(5, negative_prompt="blurry", true_cfg_scale=3.0))
+    assert not np.array_equal(pixels(cfg.image), ref(5))
 
 
 def test_a1111_random_seed_and_raw_and_data_url_images(a1111, srv):

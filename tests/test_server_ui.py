@@ -135,8 +135,8 @@ def test_generate_shows_progress_then_the_apis_image(page, ui, tmp_path):
     same = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
     assert np.array_equal(np.asarray(shown), np.asarray(same))
 
-    page.wait_for_timeout(100)
-    page.screenshot(path=os.environ.get("MFLUX_SCREENSHOT") or str(tmp_path / "serve.png"))
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=os.environ.get("MFLUX_SCREENSHOT") or str(tmp_path / "serve.png"), full_page=True)
 
 
 def test_use_these_settings_again(page):

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from PIL import Image, ImageFilter, ImageOps
@@ -27,18 +28,25 @@ _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
 _TITLE_HASH = re.compile(r"^(?P<name>.+?)(?:\.safetensors)? \[[0-9a-f]+\]$")
 
 
-def a1111_cfg(cfg_scale: float | None, negative_prompt: str | None, distilled_cfg_scale: float | None):
-    """(true_cfg_scale, guidance) from A1111/Forge's CFG fields.
+@dataclass(frozen=True)
+class Cfg:
+    guidance: float | None  # dev's distilled guidance
+    true_cfg: float | None
+    note: str | None = None  # why a CFG scale was ignored
 
-    `cfg_scale` is true CFG only when it is above 1 and a negative prompt is given: a default A1111
-    request (cfg_scale 7, empty negative prompt) must not double the work for nothing. Forge's
-    `distilled_cfg_scale` is dev's guidance. This is the one copy of the rule until mflux.settings
-    (engineer `features`) lands with the same mapping.
-    """
-    true_cfg = (
-        cfg_scale if cfg_scale is not None and cfg_scale > 1 and (negative_prompt or "").strip() else None
-    )
-    return true_cfg, distilled_cfg_scale
+
+def a1111_cfg(cfg_scale: float | None, distilled_cfg_scale: float | None, negative_prompt: str | None) -> Cfg:
+    """A1111/Forge's CFG fields as mflux's: `distilled_cfg_scale` is dev's guidance; `cfg_scale` is true
+    CFG only when above 1 with a non-empty negative prompt, so a default A1111 request (cfg_scale 7, no
+    negative prompt) is not turned into twice the work. The same rule as mflux.settings.a1111_cfg
+    (engineer `features`), which replaces this copy once it is on main."""
+    guidance = None if distilled_cfg_scale is None else float(distilled_cfg_scale)
+    if cfg_scale is None:
+        return Cfg(guidance, None)
+    if cfg_scale > 1 and negative_prompt and negative_prompt.strip():
+        return Cfg(guidance, float(cfg_scale))
+    why = "a scale of 1 or less is no CFG" if cfg_scale <= 1 else "true CFG needs a negative prompt"
+    return Cfg(guidance, None, f"CFG scale {cfg_scale:g} ignored ({why})")
 
 
 class Txt2ImgRequest(BaseModel):
@@ -284,7 +292,7 @@ def _job(server, body: Txt2ImgRequest) -> Job:
     n = server.check_count(body.batch_size * body.n_iter, "batch_size * n_iter")
     width, height = server.check_size(body.width, body.height, "width")
     first = random_seed() if body.seed == -1 else check_seed(body.seed)
-    true_cfg, guidance = a1111_cfg(body.cfg_scale, body.negative_prompt, body.distilled_cfg_scale)
+    cfg = a1111_cfg(body.cfg_scale, body.distilled_cfg_scale, body.negative_prompt)
     model = (body.override_settings or {}).get("sd_model_checkpoint")
     return Job(
         prompt=prompt,
@@ -293,9 +301,9 @@ def _job(server, body: Txt2ImgRequest) -> Job:
         width=width,
         height=height,
         steps=server.check_steps(body.steps),
-        guidance=guidance,
+        guidance=cfg.guidance,
         negative_prompt=body.negative_prompt or None,
-        true_cfg_scale=true_cfg,
+        true_cfg_scale=cfg.true_cfg,
         loras=server.resolve_loras(lora_names, "prompt"),
     )
 
@@ -319,8 +327,9 @@ def _info(server, body: Txt2ImgRequest, job: Job, results: list[Result], interru
             notes.append(f"{field} {value!r} ignored: mflux samples FLUX with flow-matching Euler")
         elif value and value.lower() == "automatic":
             notes.append(f"{field} 'automatic': FLUX's flow-matching Euler")
-    if body.cfg_scale > 1 and job.true_cfg_scale is None:
-        notes.append(f"cfg_scale {body.cfg_scale:g} ignored: true CFG needs a negative prompt")
+    note = a1111_cfg(body.cfg_scale, body.distilled_cfg_scale, body.negative_prompt).note
+    if note:
+        notes.append(note)
     infotexts = [_infotext(r.png) for r in results]
     name = job.model or server.models.name
     return {
