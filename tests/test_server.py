@@ -5,8 +5,11 @@ import base64
 import io
 import json
 import logging
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -207,7 +210,7 @@ def test_openai_edit_with_mask_repaints_where_transparent(oai, ref):
 def test_openai_mask_alpha_zero_becomes_white():
     mask = Image.new("RGBA", (4, 1), (9, 9, 9, 255))
     mask.putpixel((1, 0), (9, 9, 9, 0))
-    assert list(openai_mask_to_mflux(mask).getdata()) == [0, 255, 0, 0]
+    assert np.asarray(openai_mask_to_mflux(mask)).tolist() == [[0, 255, 0, 0]]
 
 
 def test_openai_errors_have_openai_types(oai, srv):
@@ -566,6 +569,34 @@ def test_api_key_on_every_route_but_health(keyed):
     page = requests.get(f"{url}/", timeout=10)
     assert page.status_code == 401 and "mflux_api_key" in page.text  # the page asks for the key
     assert requests.get(f"{url}/", cookies={"mflux_api_key": "sekrit"}, timeout=10).status_code == 200
+
+
+def test_the_readmes_curl_commands(srv, tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = block.replace("\\\n", " ").replace("|\n", "| ").strip().splitlines()
+    assert len(commands) == 3 and all(c.startswith("curl ") for c in commands)
+    source = source_image((90, 90, 200))
+    (tmp_path / "photo.png").write_bytes(png_bytes(source))
+    (tmp_path / "mask.png").write_bytes(png_bytes(Image.new("RGBA", source.size, (0, 0, 0, 0))))
+    for command in commands:
+        # the same requests at the tests' size: the tiny model is slow only at real sizes
+        small = (
+            command.replace("http://127.0.0.1:7860", srv.url)
+            .replace("1024x768", SIZE)
+            .replace("768", str(PX))
+        )
+        subprocess.run(
+            ["bash", "-c", "set -eo pipefail; " + small],
+            cwd=tmp_path,
+            check=True,
+            timeout=120,
+            env={**os.environ, "MFLUX_API_KEY": ""},
+        )
+    assert [Image.open(tmp_path / f"out{i}.png").text["Seed"] for i in range(2)] == ["7", "8"]
+    assert len(json.loads((tmp_path / "edit.json").read_text())["data"]) == 1
+    a1111 = json.loads((tmp_path / "a1111.json").read_text())
+    assert len(a1111["images"]) == 1 and json.loads(a1111["info"])["prompt"] == "a lighthouse at dusk"
 
 
 # --- the command ------------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class Worker:
         job._events = asyncio.Queue()
         with self._cond:
             if len(self._queue) >= self.max_queue:
+                self._log(job, "rejected", 0.0, 0.0, "queue full")
                 raise QueueFull(self.max_queue, self.retry_after())
             job.submitted = time.monotonic()
             self._queue.append(job)
@@ -288,6 +289,20 @@ class Worker:
         if job.status == "ok" and not job.load_only:
             n = 0.8 * self._seconds_per_job + 0.2 * (job.finished - started)
             self._seconds_per_job = n
+        self._log(job, end.status, started - job.submitted, job.finished - started, end.error)
+        job._emit(end)
+
+    def _log(self, job: Job, status: str, queued: float, generating: float, error=None) -> None:
+        """The one line per request."""
+        if job.load_only:
+            log.info(
+                "load model=%s seconds=%.2f status=%s%s",
+                job.model,
+                generating,
+                status,
+                f" error={error}" if error else "",
+            )
+            return
         log.info(
             "%s model=%s size=%dx%d steps=%s images=%d queued=%.2fs generating=%.2fs status=%s%s",
             "load" if job.load_only else "generate",
@@ -296,12 +311,11 @@ class Worker:
             job.height,
             job.steps or "default",
             len(job.seeds),
-            started - job.submitted,
-            job.finished - started,
-            end.status,
-            f" error={end.error}" if end.error else "",
+            queued,
+            generating,
+            status,
+            f" error={error}" if error else "",
         )
-        job._emit(end)
 
 
 def preview_steps(partial_images: int, steps: int) -> frozenset[int]:
