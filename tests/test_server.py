@@ -428,6 +428,24 @@ def test_a1111_progress_and_interrupt(srv, a1111):
     wait_for(lambda: a1111.get_progress()["state"]["job_count"] == 0, "an idle server")
 
 
+def test_a_client_that_goes_away_cancels_its_job(srv, caplog):
+    srv.gate.clear()
+    body = {"prompt": "nobody waits", "size": SIZE, "steps": 1}
+    try:
+        with caplog.at_level(logging.INFO, logger="mflux.server"):
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                requests.post(f"{srv.url}/v1/images/generations", json=body, timeout=(5, 0.5))
+            wait_for(
+                lambda: srv.server.worker.current and srv.server.worker.current.cancelled.is_set(),
+                "the cancel",
+            )
+            srv.gate.set()
+            wait_for(lambda: srv.server.worker.job_count() == 0, "an idle worker")
+    finally:
+        srv.gate.set()
+    assert any("status=cancelled" in r.getMessage() for r in caplog.records if r.name == "mflux.server")
+
+
 def test_timeout(srv, oai):
     srv.gate.clear()
     srv.server.settings.timeout = 0.3

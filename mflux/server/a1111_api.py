@@ -161,7 +161,7 @@ class ProgressResponse(BaseModel):
 @router.post("/txt2img")
 async def txt2img(request: Request, body: Txt2ImgRequest) -> GenerationResponse:
     server = request.app.state.server
-    return await _generate(server, body, _job(server, body))
+    return await _generate(request, body, _job(server, body))
 
 
 @router.post("/img2img")
@@ -178,7 +178,7 @@ async def img2img(request: Request, body: Img2ImgRequest) -> GenerationResponse:
     if body.mask:
         job.mask = a1111_mask(server.decode_image(body.mask, "mask"), body, job.image.size)
     job.strength = body.denoising_strength
-    return await _generate(server, body, job)
+    return await _generate(request, body, job)
 
 
 def a1111_mask(mask: Image.Image, body: Img2ImgRequest, size: tuple[int, int]) -> Image.Image:
@@ -227,7 +227,7 @@ async def set_options(request: Request, body: dict) -> None:
             "sd_model_checkpoint",
         )
     name = server.check_model(_name_from_title(title), "sd_model_checkpoint")
-    await server.run(Job(model=name, load_only=True))
+    await server.run(Job(model=name, load_only=True), request)
     return None
 
 
@@ -308,8 +308,9 @@ def _job(server, body: Txt2ImgRequest) -> Job:
     )
 
 
-async def _generate(server, body: Txt2ImgRequest, job: Job) -> GenerationResponse:
-    results, end = await server.run(job)
+async def _generate(request: Request, body: Txt2ImgRequest, job: Job) -> GenerationResponse:
+    server = request.app.state.server
+    results, end = await server.run(job, request)
     info = _info(server, body, job, results, interrupted=end.status == "cancelled")
     images = [b64(r.png) for r in results] if body.send_images else []
     return GenerationResponse(

@@ -9,6 +9,7 @@ import io
 import os
 import re
 import secrets
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,9 +202,10 @@ class Server:
                 429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}
             ) from None
 
-    async def run(self, job: Job) -> tuple[list[Result], End]:
-        """Submit `job` and wait for its end; the images in seed order. A handler cancelled (the client
-        went away) or out of time cancels the job."""
+    async def run(self, job: Job, request=None) -> tuple[list[Result], End]:
+        """Submit `job` and wait for its end; the images in seed order. The job is cancelled when the
+        client of `request` goes away, or when the wait outlives the timeout (a load that never returns;
+        the worker itself ends a job past its timeout at its next step)."""
         self.submit(job)
 
         async def collect():
@@ -213,13 +215,20 @@ class Server:
                     results.append(event)
             return sorted(results, key=lambda r: r.index), event
 
+        waiting = asyncio.ensure_future(collect())
+        deadline = time.monotonic() + self.settings.timeout + 30
         try:
-            # the worker ends a job past its timeout at its next step; this covers a load that never returns
-            results, end = await asyncio.wait_for(collect(), self.settings.timeout + 30)
-        except asyncio.TimeoutError:
-            end = End("timeout")
-            results = []
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=0.25)
+                if request is not None and not waiting.done() and await request.is_disconnected():
+                    raise ApiError(499, "the client closed the connection", code="cancelled")
+                if time.monotonic() > deadline:
+                    raise ApiError(
+                        504, f"the request timed out after {self.settings.timeout:g} s", code="timeout"
+                    )
+            results, end = waiting.result()
         finally:
+            waiting.cancel()
             if job.status in ("queued", "running"):
                 self.worker.cancel(job.id)
         raise_for(end, self.settings.timeout)

@@ -220,7 +220,7 @@ async def _reply(request: Request, body: ImageGenerateRequest, job: Job, kind: s
     if body.stream:
         server.submit(job)  # a full queue answers 429 before the stream starts
         return StreamingResponse(_stream(server, body, job, kind, size), media_type="text/event-stream")
-    results, end = await server.run(job)
+    results, end = await server.run(job, request)
     if end.status == "cancelled":
         raise ApiError(500, "the request was cancelled on the server", code="cancelled")
     base = str(request.base_url).rstrip("/")
