@@ -8,11 +8,11 @@ from contextlib import contextmanager
 import uvicorn
 
 from mflux.server.app import create_app
-from mflux.server.core import Settings
+from mflux.server.core import ServerSettings
 
 
 @contextmanager
-def serving(settings: Settings, loader=None):
+def serving(settings: ServerSettings, loader=None):
     """Yields (base URL, the app's Server); stops the server (and its worker) on exit."""
     app = create_app(settings, loader)
     with socket.socket() as s:

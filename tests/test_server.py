@@ -22,7 +22,7 @@ from PIL import Image, PngImagePlugin
 
 import tests.lora_files as lf
 from mflux import Config, Flux1
-from mflux.server.core import Limits, Settings
+from mflux.server.core import Limits, ServerSettings
 from mflux.server.openai_api import IMG2IMG_STRENGTH, INPAINT_STRENGTH, openai_mask_to_mflux
 from mflux.server.worker import _load_flux, preview_steps
 from tests.fixtures import store_hf_folder
@@ -67,7 +67,7 @@ def srv(mflux_home, tiny_schnell, tiny_dev, lora_dir):
         loads.append((name, loras))
         return Gate(_load_flux(name, loras), gate, order)
 
-    settings = Settings(model="schnell", lora_dir=lora_dir, queue=10)
+    settings = ServerSettings(model="schnell", lora_dir=lora_dir, queue=10)
     with serving(settings, loader) as (url, server):
         yield SimpleNamespace(url=url, server=server, gate=gate, order=order, loads=loads)
 
@@ -554,7 +554,10 @@ def test_bad_input_gets_one_clear_error_and_the_server_keeps_serving(srv):
 @pytest.fixture(scope="module")
 def keyed(srv):
     loads = []
-    with serving(Settings(api_key="sekrit"), loader=lambda name, loras: loads.append(name)) as (url, server):
+    with serving(ServerSettings(api_key="sekrit"), loader=lambda name, loras: loads.append(name)) as (
+        url,
+        server,
+    ):
         yield SimpleNamespace(url=url, server=server, loads=loads)
 
 
@@ -637,4 +640,4 @@ def test_serve_warns_on_an_open_bind_without_a_key(monkeypatch):
 
 
 def test_limits_defaults_allow_ten_queued():
-    assert Settings().queue >= 10 and Limits().n == 10
+    assert ServerSettings().queue >= 10 and Limits().n == 10

@@ -16,7 +16,7 @@ import openai
 import pytest
 from PIL import Image, PngImagePlugin
 
-from mflux.server.core import Settings
+from mflux.server.core import ServerSettings
 from mflux.server.worker import _load_flux
 from tests.fixtures import store_hf_folder
 from tests.server_harness import Gate, serving
@@ -68,7 +68,10 @@ def ui(mflux_home, tiny_schnell):
     store_hf_folder(tiny_schnell, "schnell")
     gate = threading.Event()
     gate.set()
-    with serving(Settings(model="schnell"), lambda n, lo: Gate(_load_flux(n, lo), gate, [])) as (url, server):
+    with serving(ServerSettings(model="schnell"), lambda n, lo: Gate(_load_flux(n, lo), gate, [])) as (
+        url,
+        server,
+    ):
         yield url, gate
 
 

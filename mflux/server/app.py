@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from mflux.server import a1111_api, mflux_api, openai_api
-from mflux.server.core import ApiError, Server, Settings
+from mflux.server.core import ApiError, Server, ServerSettings
 from mflux.server.worker import Job
 
 log = logging.getLogger("mflux.server")
@@ -26,7 +26,7 @@ KEY_COOKIE = "mflux_api_key"
 UI = resources.files("mflux.server") / "ui"
 
 
-def create_app(settings: Settings, loader=None) -> FastAPI:
+def create_app(settings: ServerSettings, loader=None) -> FastAPI:
     """The app over one Server; `loader(name, loras)` replaces Flux1.from_name (tests only)."""
     server = Server(settings, loader)
     own_output = settings.output_dir is None

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 import os
 import re
 import secrets
@@ -38,7 +39,7 @@ class Limits:
 
 
 @dataclass
-class Settings:
+class ServerSettings:
     model: str | None = None
     api_key: str | None = None
     lora_dir: Path | None = None
@@ -68,7 +69,7 @@ class ApiError(Exception):
 class Server:
     """The state behind every route: settings, the store, the model slot and the worker."""
 
-    def __init__(self, settings: Settings, loader=None):
+    def __init__(self, settings: ServerSettings, loader=None):
         from mflux.store import Store
 
         self.settings = settings
@@ -250,19 +251,34 @@ class Server:
         return path if path.is_file() else None
 
 
-def raise_for(end: End, timeout: float) -> None:
-    """An unsuccessful end as the ApiError a client gets (a cancelled job's caller decides for itself)."""
+def end_error(end: End, timeout: float) -> ApiError | None:
+    """What a client is told about a job that did not end well; None for one that did."""
+    if end.status == "ok":
+        return None
+    if end.status == "cancelled":
+        return ApiError(500, "the request was cancelled on the server", code="cancelled")
     if end.status == "timeout":
-        raise ApiError(
+        return ApiError(
             504, f"the request timed out after {timeout:g} s (queued and generating)", code="timeout"
         )
-    if end.status == "error":
-        e = end.error
-        if isinstance(e, ApiError):
-            raise e
-        if isinstance(e, MfluxError):
-            raise ApiError(400, str(e))
-        raise ApiError(500, "the generation failed on the server (see its log)", code="server_error")
+    e = end.error
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, MfluxError):
+        return ApiError(400, str(e))
+    return ApiError(500, "the generation failed on the server (see its log)", code="server_error")
+
+
+def raise_for(end: End, timeout: float) -> None:
+    """Raise a timed-out or failed end as its ApiError; a cancelled job's caller decides for itself."""
+    e = end_error(end, timeout)
+    if e is not None and end.status != "cancelled":
+        raise e
+
+
+def sse(event: str, data: dict) -> str:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 def random_seed() -> int:

@@ -4,13 +4,11 @@ every step, each image with its settings), and cancelling a queued or running jo
 Seeds travel as strings: JavaScript numbers lose precision above 2**53, and seeds go up to 2**64 - 1.
 """
 
-import json
-
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from mflux.server.core import ApiError, b64, check_seed, random_seed
+from mflux.server.core import ApiError, b64, check_seed, end_error, random_seed, sse
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter(prefix="/mflux/v1")
@@ -92,38 +90,25 @@ def _job(server, body: GenerateRequest) -> Job:
 
 
 async def _stream(server, job: Job):
-    yield _sse("queued", {"job_id": job.id, "seeds": [str(s) for s in job.seeds]})
+    yield sse("queued", {"job_id": job.id, "seeds": [str(s) for s in job.seeds]})
     try:
         async for event in job.events():
             if isinstance(event, Step):
                 data = {"step": event.step, "total": event.total}
                 if event.preview:
                     data["preview"] = b64(event.preview)
-                yield _sse("step", data)
+                yield sse("step", data)
             elif isinstance(event, Result):
                 settings = {k: (str(v) if k == "seed" else v) for k, v in event.metadata.items() if _plain(v)}
                 out = ImageOut(index=event.index, seed=str(event.seed), png=b64(event.png), settings=settings)
-                yield _sse("image", out.model_dump())
+                yield sse("image", out.model_dump())
             elif isinstance(event, End):
-                yield _sse("end", {"status": event.status, "error": _message(server, event)})
+                e = end_error(event, server.settings.timeout)
+                yield sse("end", {"status": event.status, "error": e.message if e else None})
     finally:
         if job.status in ("queued", "running"):
             server.worker.cancel(job.id)  # the page closed the stream
 
 
-def _message(server, end: End) -> str | None:
-    from mflux.server.core import raise_for
-
-    try:
-        raise_for(end, server.settings.timeout)
-    except ApiError as e:
-        return e.message
-    return None
-
-
 def _plain(v) -> bool:
     return isinstance(v, (str, int, float, bool, type(None), list, dict))
-
-
-def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mflux.server.core import ApiError, b64, check_seed, random_seed
+from mflux.server.core import ApiError, b64, check_seed, end_error, random_seed, sse
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -251,33 +251,25 @@ async def _stream(server, body: ImageGenerateRequest, job: Job, kind: str, size:
                     **common,
                 )
                 partial += 1
-                yield _sse(e.type, e.model_dump())
+                yield sse(e.type, e.model_dump())
             elif isinstance(event, Result):
                 e = CompletedEvent(
                     type=f"{kind}.completed", b64_json=b64(event.png), created_at=now, **common
                 )
-                yield _sse(e.type, e.model_dump())
+                yield sse(e.type, e.model_dump())
             elif isinstance(event, End) and event.status != "ok":
-                yield _sse("error", {"error": _end_error(server, event)})
+                e = end_error(event, server.settings.timeout)
+                yield sse(
+                    "error",
+                    {
+                        "error": ErrorBody(
+                            message=e.message, type=e.type, param=e.param, code=e.code
+                        ).model_dump()
+                    },
+                )
     finally:
         if job.status in ("queued", "running"):
             server.worker.cancel(job.id)  # the client closed the stream
-
-
-def _end_error(server, end: End) -> dict:
-    from mflux.server.core import raise_for
-
-    try:
-        raise_for(end, server.settings.timeout)
-        return ErrorBody(
-            message="the request was cancelled on the server", type="server_error", code="cancelled"
-        ).model_dump()
-    except ApiError as e:
-        return ErrorBody(message=e.message, type=e.type, param=e.param, code=e.code).model_dump()
-
-
-def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 def _size(server, size: str, auto: tuple[int, int]) -> tuple[int, int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mflux.errors import MfluxError
-from mflux.server.core import Settings
+from mflux.server.core import ServerSettings
 
 
 def serve(
@@ -38,7 +38,7 @@ def serve(
             "server (set --api-key or MFLUX_API_KEY)",
             err=True,
         )
-    settings = Settings(
+    settings = ServerSettings(
         model=model,
         api_key=api_key or None,
         lora_dir=Path(lora_dir).expanduser() if lora_dir else None,

@@ -114,8 +114,10 @@ function onEvent(type, data) {
     if (data.status === "ok") {
       $("progress").value = 1;
       message("done");
+    } else if (data.status === "cancelled") {
+      message("cancelled");
     } else {
-      message(data.error || data.status, data.status !== "cancelled");
+      message(data.error || data.status, true);
     }
   }
 }
