@@ -76,7 +76,8 @@ def ui(mflux_home, tiny_schnell):
 
 
 @pytest.fixture(scope="module")
-def page(ui):
+def new_page():
+    """Pages of one headless chromium; any request a page makes off this machine fails the module."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)"
@@ -91,15 +92,24 @@ def page(ui):
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        context = browser.new_context(viewport={"width": 1000, "height": 640})
-        context.route("**/*", only_loopback)
-        context.add_init_script(WATCH)
-        page = context.new_page()
-        page.goto(ui[0] + "/")
-        page.wait_for_function("document.querySelector('#model').value === 'schnell'")
-        yield page
+
+        def make():
+            context = browser.new_context(viewport={"width": 1000, "height": 640})
+            context.route("**/*", only_loopback)
+            context.add_init_script(WATCH)
+            return context.new_page()
+
+        yield make
         browser.close()
     assert outside == [], f"the page made requests off this machine: {outside}"
+
+
+@pytest.fixture(scope="module")
+def page(ui, new_page):
+    page = new_page()
+    page.goto(ui[0] + "/")
+    page.wait_for_function("document.querySelector('#model').value === 'schnell'")
+    return page
 
 
 def fill_form(page, prompt=PROMPT, seed=SEED):
@@ -198,3 +208,22 @@ def test_cancel_button(page, ui):
     page.wait_for_function("!document.querySelector('#generate').disabled")
     assert page.text_content("#message") == "cancelled"
     assert page.locator("figure.result").count() == results
+
+
+def test_the_page_asks_for_the_key_once_and_keeps_it(ui, new_page):
+    with serving(ServerSettings(api_key="sekrit")) as (url, _):
+        page = new_page()
+        page.goto(url + "/")
+        page.fill("#key", "wrong")
+        with page.expect_navigation():
+            page.click("button[type=submit]")
+        assert page.locator("#key").count() == 1 and page.locator("#model").count() == 0  # asked again
+        page.fill("#key", "sekrit")
+        with page.expect_navigation():
+            page.click("button[type=submit]")
+        page.wait_for_function(
+            "document.querySelector('#model') && document.querySelector('#model').value === 'schnell'"
+        )
+        assert any(c["name"] == "mflux_api_key" for c in page.context.cookies())
+        page.reload()  # the cookie carries the key from now on
+        page.wait_for_function("document.querySelector('#model').value === 'schnell'")
