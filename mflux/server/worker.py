@@ -240,6 +240,7 @@ class Worker:
     def _run(self, job: Job) -> None:
         job.started = time.monotonic()
         job.status = "running"
+        self.preview = None  # never show one job's preview as another's
         if job.started - job.submitted > job.timeout:
             return self._finish(job, End("timeout"))
         try:
