@@ -76,6 +76,7 @@ def run(
     metadata: bool = False,
     precision: str | None = None,
     pull: bool = True,
+    verify: bool = False,
     verbose: bool = False,
 ) -> list[Path]:
     """Generate one image per seed and return the files written."""
@@ -92,9 +93,9 @@ def run(
 
     kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)
     if kind == "path":
-        flux = Flux1.from_path(where, variant=variant, **kwargs)
+        flux = Flux1.from_path(where, variant=variant, verify=verify, **kwargs)
     else:
-        flux = Flux1.from_name(where, **kwargs)
+        flux = Flux1.from_name(where, verify=verify, **kwargs)
     if guidance is not None and flux.variant == "schnell":
         click.echo("warning: --guidance applies to dev only; schnell ignores it", err=True)
 
