@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 
@@ -31,6 +32,19 @@ def serving(settings: ServerSettings, loader=None):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def write_lora(folder: Path, tiny_pipeline: Path, name: str = "ink") -> Path:
+    """A PEFT LoRA for the tiny transformer that visibly changes its images."""
+    import numpy as np
+
+    import tests.lora_files as lf
+
+    d = lf.transformer_shapes(tiny_pipeline)
+    rng = np.random.default_rng(0)
+    modules = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out", "x_embedder"]
+    spec = {f"transformer.{m}": lf.pair(rng, 4, d[m][1], d[m][0], 2.0) for m in modules}
+    return lf.save(folder / f"{name}.safetensors", lf.peft(spec))
 
 
 class Gate:

@@ -20,13 +20,12 @@ import webuiapi
 from click.testing import CliRunner
 from PIL import Image, PngImagePlugin
 
-import tests.lora_files as lf
 from mflux import Config, Flux1
 from mflux.server.core import Limits, ServerSettings
 from mflux.server.openai_api import IMG2IMG_STRENGTH, INPAINT_STRENGTH, openai_mask_to_mflux
 from mflux.server.worker import _load_flux, preview_steps
 from tests.fixtures import store_hf_folder
-from tests.server_harness import Gate, serving
+from tests.server_harness import Gate, serving, write_lora
 
 SIZE = "32x32"  # the smallest size the tiny VAE decodes quickly; the server is what is tested
 PX = 32
@@ -45,13 +44,7 @@ def mflux_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory, tiny_schnell):
     folder = tmp_path_factory.mktemp("loras")
-    d = lf.transformer_shapes(tiny_schnell)
-    rng = np.random.default_rng(0)
-    modules = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out", "x_embedder"]
-    lf.save(
-        folder / "ink.safetensors",
-        lf.peft({f"transformer.{m}": lf.pair(rng, 4, d[m][1], d[m][0], 2.0) for m in modules}),
-    )
+    write_lora(folder, tiny_schnell)
     (folder / "notes.txt").write_text("not a LoRA")
     return folder
 
@@ -140,6 +133,10 @@ def test_openai_stream_sends_partial_images_then_the_image(oai):
         assert abs(e.created_at - time.time()) < 120 and png(e.b64_json).size == (PX, PX)
     plain = oai.images.generate(prompt="a red fox", size=SIZE, extra_body={"seed": 8, **FAST})
     assert np.array_equal(pixels(png(events[-1].b64_json)), pixels(png(plain.data[0].b64_json)))
+    two = oai.images.generate(
+        prompt="a red fox", n=2, size=SIZE, stream=True, partial_images=1, extra_body=FAST
+    )
+    assert [e.type.split(".")[1] for e in two] == ["partial_image", "completed", "completed"]  # the first's
 
 
 def test_preview_steps_are_evenly_spaced():

@@ -6,6 +6,7 @@ MFLUX_SCREENSHOT=docs/serve.png writes the README's screenshot (else it goes to 
 
 import base64
 import io
+import json
 import os
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image, PngImagePlugin
 from mflux.server.core import ServerSettings
 from mflux.server.worker import _load_flux
 from tests.fixtures import store_hf_folder
-from tests.server_harness import Gate, serving
+from tests.server_harness import Gate, serving, write_lora
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -64,14 +65,14 @@ def mflux_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ui(mflux_home, tiny_schnell):
+def ui(mflux_home, tiny_schnell, tmp_path_factory):
     store_hf_folder(tiny_schnell, "schnell")
+    loras = tmp_path_factory.mktemp("loras")
+    write_lora(loras, tiny_schnell)
     gate = threading.Event()
     gate.set()
-    with serving(ServerSettings(model="schnell"), lambda n, lo: Gate(_load_flux(n, lo), gate, [])) as (
-        url,
-        server,
-    ):
+    settings = ServerSettings(model="schnell", lora_dir=loras)
+    with serving(settings, lambda n, lo: Gate(_load_flux(n, lo), gate, [])) as (url, _):
         yield url, gate
 
 
@@ -194,6 +195,29 @@ def test_dropping_a_png_loads_its_settings(page):
     assert (page.input_value("#width"), page.input_value("#steps")) == ("64", "2")
 
 
+def test_loras_and_img2img_from_the_form(page, tmp_path):
+    fill_form(page, seed="9")
+    page.check("[data-lora=ink]")
+    page.locator(".lora input[type=number]").fill("0.5")
+    source = tmp_path / "source.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(source)
+    page.set_input_files("#init_image", str(source))
+    page.wait_for_function("!document.querySelector('#init_preview').hidden")
+    page.fill("#strength", "0.4")
+    results = page.locator("figure.result").count()
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('figure.result').length === {results + 1}")
+    made = json.loads(
+        data_url_png(page.locator("figure.result img").first.get_attribute("src")).text["mflux"]
+    )
+    assert [Path(p).name for p in made["lora_paths"]] == ["ink.safetensors"] and made["lora_scales"] == [0.5]
+    assert made["strength"] == 0.4 and made["seed"] == 9
+    # back to plain text-to-image for the tests after this one
+    page.uncheck("[data-lora=ink]")
+    page.set_input_files("#init_image", [])
+    page.wait_for_function("document.querySelector('#init_preview').hidden")
+
+
 def test_cancel_button(page, ui):
     gate = ui[1]
     results = page.locator("figure.result").count()
@@ -211,14 +235,14 @@ def test_cancel_button(page, ui):
 
 
 def test_the_page_asks_for_the_key_once_and_keeps_it(ui, new_page):
-    with serving(ServerSettings(api_key="sekrit")) as (url, _):
+    with serving(ServerSettings(api_key="se=kr;it +%")) as (url, _):
         page = new_page()
         page.goto(url + "/")
         page.fill("#key", "wrong")
         with page.expect_navigation():
             page.click("button[type=submit]")
         assert page.locator("#key").count() == 1 and page.locator("#model").count() == 0  # asked again
-        page.fill("#key", "sekrit")
+        page.fill("#key", "se=kr;it +%")
         with page.expect_navigation():
             page.click("button[type=submit]")
         page.wait_for_function(

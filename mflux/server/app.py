@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
 from importlib import resources
 from pathlib import Path
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,11 +31,11 @@ def create_app(settings: ServerSettings, loader=None) -> FastAPI:
     """The app over one Server; `loader(name, loras)` replaces Flux1.from_name (tests only)."""
     server = Server(settings, loader)
     own_output = settings.output_dir is None
-    if own_output:
-        server.output_dir = Path(tempfile.mkdtemp(prefix="mflux-serve-"))
 
     @asynccontextmanager
     async def lifespan(app):
+        if own_output:
+            server.output_dir = Path(tempfile.mkdtemp(prefix="mflux-serve-"))
         server.worker.start()
         if settings.model:
             server.submit(Job(model=settings.model, load_only=True))  # warm before the first request
@@ -43,6 +44,7 @@ def create_app(settings: ServerSettings, loader=None) -> FastAPI:
         if own_output:
             shutil.rmtree(server.output_dir, ignore_errors=True)
 
+    # no /docs: FastAPI's Swagger page loads its scripts from a CDN, and the server's pages load nothing remote
     app = FastAPI(title="mflux", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.include_router(openai_api.router)
@@ -182,7 +184,8 @@ def authorized(headers: dict, path: str, key: str) -> bool:
         cookie.load(headers.get("cookie", ""))
     except Exception:  # noqa: BLE001 - a malformed cookie header is just no key
         return False
-    return KEY_COOKIE in cookie and _same(cookie[KEY_COOKIE].value, key)
+    # the page stores the key URL-encoded (encodeURIComponent), so any character survives the cookie
+    return KEY_COOKIE in cookie and _same(unquote(cookie[KEY_COOKIE].value), key)
 
 
 def _same(a: str, b: str) -> bool:

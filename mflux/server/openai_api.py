@@ -238,11 +238,11 @@ async def _stream(server, body: ImageGenerateRequest, job: Job, kind: str, size:
     common = dict(
         size=size, quality=body.quality or "auto", background=body.background or "auto", output_format="png"
     )
-    partial = 0
+    partial = done = 0
     try:
         async for event in job.events():
             now = int(time.time())
-            if isinstance(event, Step) and event.preview:
+            if isinstance(event, Step) and event.preview and not done:  # the first image's previews
                 e = PartialImageEvent(
                     type=f"{kind}.partial_image",
                     b64_json=b64(event.preview),
@@ -257,6 +257,7 @@ async def _stream(server, body: ImageGenerateRequest, job: Job, kind: str, size:
                     type=f"{kind}.completed", b64_json=b64(event.png), created_at=now, **common
                 )
                 yield sse(e.type, e.model_dump())
+                done += 1
             elif isinstance(event, End) and event.status != "ok":
                 e = end_error(event, server.settings.timeout)
                 yield sse(
