@@ -130,7 +130,9 @@ class Models:
 def _load_flux(name: str, loras: tuple):
     from mflux.flux1 import Flux1
 
-    return Flux1.from_name(name, lora_paths=[p for p, _ in loras], lora_scales=[s for _, s in loras])
+    flux = Flux1.from_name(name, lora_paths=[p for p, _ in loras], lora_scales=[s for _, s in loras])
+    flux.load()  # the transformer and the VAE now, not in the first request (T5 and CLIP load with it)
+    return flux
 
 
 def _clear_cache() -> None:
