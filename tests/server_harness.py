@@ -6,10 +6,20 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import uvicorn
 
 from mflux.server.app import create_app
 from mflux.server.core import ServerSettings
+
+
+def module_store(tmp_path_factory):
+    """One store for a module's server, in place of conftest's per-test one: a test module yields from
+    this in its own module-scoped `mflux_home` fixture."""
+    home = tmp_path_factory.mktemp("serve_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MFLUX_HOME", str(home))
+        yield home
 
 
 @contextmanager

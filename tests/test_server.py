@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from PIL import Image, PngImagePlugin
 
 from mflux import Config, Flux1
-from mflux.server.core import Limits, ServerSettings
+from mflux.server.core import ApiError, Limits, ServerSettings, seed_run
 from mflux.server.openai_api import IMG2IMG_STRENGTH, INPAINT_STRENGTH, openai_mask_to_mflux
 from mflux.server.worker import _load_flux, preview_steps
 from tests.fixtures import store_hf_folder
-from tests.server_harness import Gate, serving, write_lora
+from tests.server_harness import Gate, module_store, serving, write_lora
 
 SIZE = "32x32"  # the smallest size the tiny VAE decodes quickly; the server is what is tested
 PX = 32
@@ -34,11 +34,7 @@ FAST = {"steps": 2}
 
 @pytest.fixture(scope="module")
 def mflux_home(tmp_path_factory):
-    """One store for the module's server (overrides conftest's per-test store)."""
-    home = tmp_path_factory.mktemp("serve_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MFLUX_HOME", str(home))
-        yield home
+    yield from module_store(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +133,13 @@ def test_openai_stream_sends_partial_images_then_the_image(oai):
         prompt="a red fox", n=2, size=SIZE, stream=True, partial_images=1, extra_body=FAST
     )
     assert [e.type.split(".")[1] for e in two] == ["partial_image", "completed", "completed"]  # the first's
+
+
+def test_seed_runs():
+    assert seed_run(0, 3) == [0, 1, 2] and seed_run(2**64 - 2, 2) == [2**64 - 2, 2**64 - 1]
+    with pytest.raises(ApiError, match="seed must be in 0.."):
+        seed_run(2**64 - 1, 2)
+    assert 0 <= seed_run(None, 1)[0] < 2**32
 
 
 def test_preview_steps_are_evenly_spaced():

@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 from mflux.server.core import ServerSettings
 from mflux.server.worker import _load_flux
 from tests.fixtures import store_hf_folder
-from tests.server_harness import Gate, serving, write_lora
+from tests.server_harness import Gate, module_store, serving, write_lora
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -57,11 +57,7 @@ DROP = """async ([data, name]) => {
 
 @pytest.fixture(scope="module")
 def mflux_home(tmp_path_factory):
-    """One store for the module's server (overrides conftest's per-test store)."""
-    home = tmp_path_factory.mktemp("serve_ui_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MFLUX_HOME", str(home))
-        yield home
+    yield from module_store(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict
 
 from mflux import __version__
-from mflux.server.core import ApiError, b64, check_seed, random_seed
+from mflux.server.core import ApiError, b64, seed_run
 from mflux.server.worker import Job, Result
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -291,12 +291,11 @@ def _job(server, body: Txt2ImgRequest) -> Job:
     server.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
     n = server.check_count(body.batch_size * body.n_iter, "batch_size * n_iter")
     width, height = server.check_size(body.width, body.height, "width")
-    first = random_seed() if body.seed == -1 else check_seed(body.seed)
     cfg = a1111_cfg(body.cfg_scale, body.distilled_cfg_scale, body.negative_prompt)
     model = (body.override_settings or {}).get("sd_model_checkpoint")
     return Job(
         prompt=prompt,
-        seeds=[check_seed(first + i) for i in range(n)],
+        seeds=seed_run(None if body.seed == -1 else body.seed, n),
         model=server.check_model(_name_from_title(model), "override_settings") if model else None,
         width=width,
         height=height,

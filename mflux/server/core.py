@@ -286,6 +286,13 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+def seed_run(first: int | None, n: int, param: str = "seed") -> list[int]:
+    """`n` seeds from `first` (None: random), one more each image, as A1111 numbers a batch."""
+    first = random_seed() if first is None else check_seed(first, param)
+    check_seed(first + n - 1, param)  # the last image's seed fits too
+    return [first + i for i in range(n)]
+
+
 def check_seed(seed: int, param: str = "seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise ApiError(400, f"seed must be in 0..{MAX_SEED} (or -1 for random), got {seed}", param)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from mflux.server.core import ApiError, b64, check_seed, end_error, random_seed, sse
+from mflux.server.core import ApiError, b64, end_error, seed_run, sse
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter(prefix="/mflux/v1")
@@ -64,15 +64,11 @@ def _job(server, body: GenerateRequest) -> Job:
     n = server.check_count(body.count, "count")
     width, height = server.check_size(body.width, body.height)
     seed = body.seed.strip()
-    if seed in ("", "-1"):
-        first = random_seed()
-    elif seed.isdigit():
-        first = check_seed(int(seed))
-    else:
+    if seed not in ("", "-1") and not seed.isdigit():
         raise ApiError(400, f"seed must be digits (or empty for random), got {body.seed!r}", "seed")
     job = Job(
         prompt=body.prompt,
-        seeds=[check_seed(first + i) for i in range(n)],
+        seeds=seed_run(int(seed) if seed.isdigit() else None, n),
         model=server.check_model(body.model),
         width=width,
         height=height,

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mflux.server.core import ApiError, b64, check_seed, end_error, random_seed, sse
+from mflux.server.core import ApiError, b64, end_error, seed_run, sse
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -197,11 +197,10 @@ def _job(server, body: ImageGenerateRequest, size: tuple[int, int]) -> Job:
     n = server.check_count(body.n)
     if body.negative_prompt:
         server.check_prompt(body.negative_prompt, "negative_prompt")
-    first = random_seed() if body.seed is None or body.seed == -1 else check_seed(body.seed)
     width, height = size
     return Job(
         prompt=body.prompt,
-        seeds=[check_seed(first + i) for i in range(n)],
+        seeds=seed_run(None if body.seed in (None, -1) else body.seed, n),
         model=server.check_model(body.model),
         width=width,
         height=height,
