@@ -366,7 +366,7 @@ def _lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """`a cat <lora:ink:0.7>` -> ("a cat", [("ink", 0.7)]), as A1111's extra networks write them."""
     if not isinstance(prompt, str):
         return prompt, []
-    found = [(m[1], float(m[2]) if m[2] else 1.0) for m in _LORA_TAG.finditer(prompt)]
+    found = [(m[1], m[2] or 1.0) for m in _LORA_TAG.finditer(prompt)]  # scales checked with the names
     return " ".join(_LORA_TAG.sub(" ", prompt).split()) if found else prompt, found
 
 

@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import secrets
@@ -121,12 +122,18 @@ class Server:
                 raise ApiError(
                     400, f"invalid LoRA name {name!r} (a file name from GET /sdapi/v1/loras, no path)", param
                 )
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                scale = math.nan
+            if not math.isfinite(scale):
+                raise ApiError(400, f"the scale of LoRA {name!r} must be a finite number", param)
             files = self.lora_files()
             path = files.get(name.removesuffix(".safetensors"))
             if path is None:
                 known = ", ".join(files) or "none (start the server with --lora-dir DIR)"
                 raise ApiError(404, f"unknown LoRA {name!r} (available: {known})", param, "lora_not_found")
-            out.append((str(path), float(scale)))
+            out.append((str(path), scale))
         return tuple(out)
 
     # --- inputs ---------------------------------------------------------------------------------------
