@@ -522,6 +522,12 @@ def test_bad_input_gets_one_clear_error_and_the_server_keeps_serving(srv):
         ("/sdapi/v1/img2img", {"json": {"prompt": "fox", "init_images": ["%%%"]}}, 400, "not valid base64"),
         (
             "/sdapi/v1/img2img",
+            {"json": {"prompt": "fox", "init_images": ["data:image/png"]}},
+            400,
+            "not an image",
+        ),
+        (
+            "/sdapi/v1/img2img",
             {"json": {"prompt": "fox", "init_images": [base64.b64encode(b"hello").decode()]}},
             400,
             "not an image",

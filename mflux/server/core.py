@@ -172,7 +172,7 @@ class Server:
     def decode_image(self, data: str | bytes, param: str) -> Image.Image:
         """An uploaded image (bytes) or a base64 string, raw or as a data URL, checked and fully read."""
         if isinstance(data, str):
-            text = data.split(",", 1)[1] if data.startswith("data:") else data
+            text = data.partition(",")[2] if data.startswith("data:") else data
             if len(text) > self.limits.upload_bytes * 4 // 3 + 4:
                 raise ApiError(
                     413, f"{param} is larger than the {_mib(self.limits.upload_bytes)} upload limit", param
@@ -247,8 +247,12 @@ class Server:
         name = secrets.token_urlsafe(16) + ".png"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.output_dir / f".{name}.tmp"
-        tmp.write_bytes(png)
-        os.replace(tmp, self.output_dir / name)
+        try:
+            tmp.write_bytes(png)
+            os.replace(tmp, self.output_dir / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # nothing half-written is left to serve
+            raise
         return name
 
     def output_path(self, name: str) -> Path | None:
