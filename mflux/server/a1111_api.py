@@ -10,7 +10,6 @@ import io
 import json
 import re
 import time
-from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from PIL import Image, ImageFilter, ImageOps
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from mflux import __version__
 from mflux.server.core import ApiError, b64, seed_run
 from mflux.server.worker import Job, Result
+from mflux.settings import a1111_cfg  # the CFG table shared with `mflux run --from` and the PNG metadata
 
 router = APIRouter(prefix="/sdapi/v1")
 
@@ -26,27 +26,6 @@ SAMPLER = "Euler"  # FLUX's flow-matching Euler: the only sampler mflux has
 SCHEDULER = "simple"
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
 _TITLE_HASH = re.compile(r"^(?P<name>.+?)(?:\.safetensors)? \[[0-9a-f]+\]$")
-
-
-@dataclass(frozen=True)
-class Cfg:
-    guidance: float | None  # dev's distilled guidance
-    true_cfg: float | None
-    note: str | None = None  # why a CFG scale was ignored
-
-
-def a1111_cfg(cfg_scale: float | None, distilled_cfg_scale: float | None, negative_prompt: str | None) -> Cfg:
-    """A1111/Forge's CFG fields as mflux's: `distilled_cfg_scale` is dev's guidance; `cfg_scale` is true
-    CFG only when above 1 with a non-empty negative prompt, so a default A1111 request (cfg_scale 7, no
-    negative prompt) is not turned into twice the work. The same rule as mflux.settings.a1111_cfg
-    (engineer `features`), which replaces this copy once it is on main."""
-    guidance = None if distilled_cfg_scale is None else float(distilled_cfg_scale)
-    if cfg_scale is None:
-        return Cfg(guidance, None)
-    if cfg_scale > 1 and negative_prompt and negative_prompt.strip():
-        return Cfg(guidance, float(cfg_scale))
-    why = "a scale of 1 or less is no CFG" if cfg_scale <= 1 else "true CFG needs a negative prompt"
-    return Cfg(guidance, None, f"CFG scale {cfg_scale:g} ignored ({why})")
 
 
 class Txt2ImgRequest(BaseModel):

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from mflux.errors import MfluxError
 from mflux.server import a1111_api, mflux_api, openai_api
 from mflux.server.core import ApiError, Server, ServerSettings
 from mflux.server.worker import Job
@@ -88,6 +89,10 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return error_response(request.url.path, e)
+
+    @app.exception_handler(MfluxError)
+    async def user_error(request: Request, e: MfluxError):
+        return error_response(request.url.path, ApiError(400, str(e)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
