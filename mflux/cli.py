@@ -581,5 +581,76 @@ def quantize(model, bits, group_size, mode, name, dtype, components, force):
     )
 
 
+@cli.command()
+@click.option(
+    "--model", "-m", callback=_check_name, help="Store model to load at start (a request may name another)."
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; other than loopback, use --api-key.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=7860,
+    show_default=True,
+    help="A1111's port, what clients expect.",
+)
+@click.option(
+    "--api-key",
+    envvar="MFLUX_API_KEY",
+    help="Require this key on every route but /health [env: MFLUX_API_KEY].",
+)
+@click.option(
+    "--lora-dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder of LoRA .safetensors clients choose from by name.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    help="Where response_format=url images go (default: a temporary folder).",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(1, 1000),
+    default=16,
+    show_default=True,
+    help="Jobs that may wait; past it, 429.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=600,
+    show_default=True,
+    help="Seconds a request may take, queued time included.",
+)
+def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout):
+    """Serve the OpenAI Images API, the A1111 API and a web page.
+
+    One worker owns the model: requests queue first in, first out.
+
+    \b
+    Examples:
+      mflux serve --model schnell
+      mflux serve --model dev-q8 --port 8080 --lora-dir ~/loras
+      MFLUX_API_KEY=secret mflux serve --host 0.0.0.0 --model schnell
+    """
+    from mflux.server.serve import serve as serve_http
+
+    serve_http(
+        model=model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        lora_dir=lora_dir,
+        output_dir=output_dir,
+        queue=queue,
+        timeout=timeout,
+    )
+
+
 def main() -> None:
     cli.main(prog_name="mflux")
