@@ -5,11 +5,7 @@ from dataclasses import dataclass, field, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.converters.plan import Plan, Target
 from mflux.errors import MfluxError
-
-# diffusers' attention names before 0.15; FLUX's own VAE uses the new ones, older exports the old.
-_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 @dataclass
@@ -239,25 +235,3 @@ class Autoencoder(nn.Module):
         """VAE space -> the transformer's latent; the inverse of `unscale`, for an encoded image."""
         z32 = (z.astype(mx.float32) - self.config.shift_factor) * self.config.scaling_factor
         return z32.astype(z.dtype)
-
-
-def plan(source) -> Plan:
-    """diffusers' AutoencoderKL names kept; 4-D conv weights OIHW -> OHWI. `source` is a TensorSource."""
-    targets = []
-    for key in source.keys():
-        name = _modern_name(key)
-        if ".attentions." in name and len(source.shape(key)) == 4:
-            # a 1x1 conv used as a linear layer (old exports): (O, I, 1, 1) -> (O, I)
-            targets.append(Target(name, (key,), lambda a: a[0].reshape(a[0].shape[:2])))
-        elif len(source.shape(key)) == 4:
-            targets.append(Target(name, (key,), lambda a: a[0].transpose(0, 2, 3, 1)))
-        else:
-            targets.append(Target(name, (key,)))
-    return Plan(targets)
-
-
-def _modern_name(key: str) -> str:
-    parts = key.split(".")
-    if ".attentions." in key and len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION:
-        parts[-2] = _LEGACY_ATTENTION[parts[-2]]
-    return ".".join(parts)

@@ -1,16 +1,22 @@
 """Read a model folder, Hugging Face diffusers layout (`hf`) or MLX-native (`mlx`), into the runtime's modules.
 
-Both formats go through one path: a plan maps checkpoint names onto the module's (the identity for
-`mlx`), each tensor is cast and, under a QuantSpec, quantized as soon as it is read, so peak memory
-stays near the quantized size. A module is quantized exactly where its weights carry `<path>.scales`.
+One path for every format: `mx.load` each shard (lazy: nothing is read yet), the format's `sanitize`
+from `mflux.converters` (renaming and fusing, still lazy), a key-set check against an empty module of
+the checkpoint's sizes, a lazy cast and, under a QuantSpec, quantization, then
+`load_weights(strict=True)` and evaluation a group of parameters at a time, so peak memory stays near
+the loaded size. A module is quantized exactly where its weights carry `<path>.scales`. The files'
+headers are checked first, since `mx.load` on a damaged file can crash or explain poorly.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
+from mflux.converters import bfl, diffusers
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.manifest import COMPONENTS, architecture_from_hf, defaults_for, read_manifest, variant_of
 from mflux.runtime.quantization import (
@@ -20,6 +26,9 @@ from mflux.runtime.quantization import (
     should_quantize,
 )
 from mflux.runtime.weights import TensorSource
+
+# Parameters evaluated together: large enough for MLX to read several at once, small against a model.
+EVAL_GROUP_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -92,60 +101,127 @@ def check_quantize(folder: ModelFolder, quantize: QuantSpec | None, components=C
 def load_component(
     folder: ModelFolder, component: str, dtype: mx.Dtype, quantize: QuantSpec | None = None
 ) -> nn.Module:
-    """Build one component and load its weights, quantizing tensor by tensor under `quantize`."""
+    """Build one component and load its weights, quantizing them under `quantize`."""
     check_quantize(folder, quantize, (component,))
-    stored = folder.quantization and folder.quantization.get(component)
-    weights = dict(iter_weights(folder, component, dtype, quantize if not stored else None))
-    module = build_module(component, folder.architecture)
-    quantize_model_from_weights(
-        module, weights, lambda path: folder.quant_spec(component, path) if stored else quantize
-    )
-    try:
-        module.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise MfluxError(f"{folder.path}/{component}: weights do not fit the model ({e})") from None
-    mx.eval(module.parameters())
+    module, weights = _prepare(folder, component, dtype, quantize)
+    module.load_weights(list(weights.items()), strict=True)
+    del weights  # the module holds the only references now, so evaluated sources are released
+    evaluate(module.parameters())
     return module
 
 
 def iter_weights(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None):
-    """(runtime name, mx.array) for each tensor of a component: mapped, cast to `dtype` (floats), and
-    quantized under `spec` as soon as it is read. Loading and `mflux convert`/`quantize` share it."""
-    source = TensorSource.from_folder(folder.path / component)
-    try:
-        if folder.format == "mlx":
-            tensors = _native_tensors(source)
-        else:
-            from mflux.converters.diffusers import component_plan
-            from mflux.converters.plan import execute
-
-            plan = component_plan(component, source)
-            plan.check(source.keys(), f"{folder.path}/{component}")
-            tensors = execute(plan, source)
-        yield from cast_and_quantize(component, tensors, dtype, spec)
-    finally:
-        source.close()
+    """(runtime name, lazy mx.array) for each tensor of a component: renamed, checked, cast to `dtype`
+    (floats) and quantized under `spec`, exactly as `load_component` loads them. Each pair is dropped
+    from the iterator once yielded, so a caller that evaluates and releases keeps memory bounded;
+    `mflux convert`/`quantize` write them one shard at a time."""
+    _, weights = _prepare(folder, component, dtype, spec)
+    yield from drain(weights)
 
 
-def cast_and_quantize(component: str, tensors, dtype, spec: QuantSpec | None):
-    """Cast floats to `dtype` and quantize under `spec`, one (runtime name, mx.array) at a time."""
-    for name, arr in tensors:
+def prepare(
+    where: Path,
+    component: str,
+    fmt: str,
+    architecture: dict,
+    dtype,
+    spec: QuantSpec | None = None,
+    stored=None,
+) -> tuple[nn.Module, dict]:
+    """An empty module of the checkpoint's sizes, and its weights from `where` (a component folder, or
+    one file), lazily: read, renamed from format `fmt` ("hf", "bfl" or "mlx"), checked against the
+    module, cast and quantized under `spec`. `stored(path)` gives the QuantSpec of each layer of a
+    component stored quantized; the module is quantized to match either way."""
+    weights = read_weights(where, component, fmt)
+    module = build_module(component, architecture)
+    if stored is not None:
+        quantize_model_from_weights(module, weights, stored)
+    check_keys(weights, module, str(where))
+    if stored is None and spec is not None:
+        weights = cast_and_quantize(component, weights, dtype, spec)
+        quantize_model_from_weights(module, weights, lambda path: spec)
+    else:
+        weights = cast_and_quantize(component, weights, dtype, None)
+    return module, weights
+
+
+def read_weights(where: Path, component: str, fmt: str) -> dict:
+    """Lazily loaded weights of a component folder (every shard) or one file, under the runtime's names.
+    Each file's header is checked before `mx.load` sees it."""
+    files = [where] if Path(where).is_file() else weight_files(where)
+    weights = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    if fmt == "hf":
+        return diffusers.sanitize(component, weights)
+    if fmt == "bfl":
+        return bfl.sanitize(weights)
+    if fmt == "mlx":
+        return weights  # MLX-native shards already hold the runtime's names
+    raise ValueError(f"unknown weight format {fmt!r} (hf, bfl, mlx)")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A component folder's .safetensors files, each header checked (pickles refused by name)."""
+    return [f.path for f in TensorSource.from_folder(folder).files]
+
+
+def check_keys(names, module: nn.Module, what: str) -> None:
+    """Refuse weights whose names differ from the module's, naming the missing and unexpected in one line."""
+    expected = {k for k, _ in tree_flatten(module.parameters())}
+    missing, unexpected = sorted(expected - set(names)), sorted(set(names) - expected)
+    if not missing and not unexpected:
+        return
+    parts = []
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors match nothing in FLUX.1 ({_shown(unexpected)})")
+    if missing:
+        parts.append(f"{len(missing)} missing ({_shown(missing)})")
+    raise MfluxError(f"{what}: {'; '.join(parts)} (is this a complete FLUX.1 checkpoint of this component?)")
+
+
+def cast_and_quantize(component: str, weights: dict, dtype, spec: QuantSpec | None) -> dict:
+    """Cast floats to `dtype` and quantize under `spec`, lazily."""
+    out = {}
+    for name, arr in weights.items():
         if mx.issubdtype(arr.dtype, mx.floating):  # stored scales and biases follow the precision too
             arr = arr.astype(dtype)
         if should_quantize(component, name, arr.shape, spec):
-            parts = quantize_tensor(name, arr, spec)
-            mx.eval(list(parts.values()))  # release the float tensor now
-            yield from parts.items()
+            out.update(quantize_tensor(name, arr, spec))
         else:
-            mx.eval(arr)
-            yield name, arr
+            out[name] = arr
+    return out
 
 
-def _native_tensors(source: TensorSource):
-    # MLX-native shards already hold the runtime's names, and are at most 1 GiB: mx.load reads a whole
-    # shard about twice as fast as reading it tensor by tensor (measured 4.1 vs 1.7 GB/s on this CPU).
-    for f in source.files:
-        yield from mx.load(str(f.path)).items()
+def evaluate(params, group_bytes: int = EVAL_GROUP_BYTES) -> None:
+    """Evaluate lazy parameters a group at a time: a group's sources are read and released before the
+    next, so peak memory stays near the result plus one group."""
+    group, size = [], 0
+    for _, arr in tree_flatten(params):
+        group.append(arr)
+        size += arr.nbytes
+        if size >= group_bytes:
+            mx.eval(group)
+            group, size = [], 0
+    mx.eval(group)
+
+
+def drain(weights: dict):
+    """Yield and forget each (name, array) of `weights`, so the dict holds no evaluated array."""
+    while weights:
+        name = next(iter(weights))
+        yield name, weights.pop(name)
+
+
+def _prepare(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None):
+    stored = partial(folder.quant_spec, component) if (folder.quantization or {}).get(component) else None
+    return prepare(
+        folder.path / component, component, folder.format, folder.architecture, dtype, spec, stored
+    )
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _describe(q: dict) -> str:
