@@ -6,8 +6,10 @@ them, and the MLX-native layout (Black Forest Labs' names, fused qkv, 1 GiB shar
 with `loader.load_component`, and the seconds cover building the module, reading, renaming/fusing,
 casting and evaluating every parameter. GB/s is the bytes on disk over those seconds.
 
-Before each cold read the files are dropped from the page cache with posix_fadvise(DONTNEED), which
-needs no root; a warm read follows with the files still cached. `--diffusers` also times diffusers'
+Each read runs in a fresh process, so its peak RSS is its own (it includes Python, MLX and the
+loaded model). `cpu_s` is the CPU time of all its threads during the load, which a busy shared
+machine disturbs less than the wall time; `load_avg` says how busy it was. Before each cold read the files are dropped from the page cache with
+posix_fadvise(DONTNEED), which needs no root; a warm read follows with the files still cached. `--diffusers` also times diffusers'
 `FluxTransformer2DModel.from_pretrained` on the same hf folder, as an anchor.
 
     python bench/bench_load.py [--dir /tmp] [--dtype bfloat16|float32] [--diffusers]
@@ -19,6 +21,8 @@ import os
 import resource
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,74 +45,86 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers' from_pretrained")
     ap.add_argument("--repeat", type=int, default=2, help="cold/warm pairs per layout")
+    ap.add_argument(
+        "--keep", type=Path, help="write the checkpoints here once and keep them (reused if there)"
+    )
+    ap.add_argument("--child", nargs=4, metavar=("WHO", "LAYOUT", "CACHE", "ROOT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="mflux-bench-load-", dir=args.dir))
+    if args.child:
+        return child(*args.child, args.dtype)
+    root = args.keep or Path(tempfile.mkdtemp(prefix="mflux-bench-load-", dir=args.dir))
     try:
-        shapes = _bfl_shapes()
-        config = _diffusers_config()
-        write_layout(root / "hf" / "transformer", _diffusers_shapes(shapes), 3, "diffusion_pytorch_model")
-        (root / "hf" / "transformer" / "config.json").write_text(json.dumps(config))
-        write_layout(root / "mlx" / "transformer", shapes, None, "model")
-        for layout in ("hf", "mlx"):
+        if not (root / "mlx").is_dir():
+            write_checkpoints(root)
+        runs = [("mflux", "hf"), ("mflux", "mlx")] + ([("diffusers", "hf")] if args.diffusers else [])
+        for who, layout in runs:
             for _ in range(args.repeat):
                 for cache in ("cold", "warm"):
-                    report(
+                    # a fresh process each time, so its peak RSS is this load's alone
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--dtype",
+                        args.dtype,
+                        "--child",
+                        who,
                         layout,
                         cache,
-                        args.dtype,
-                        *time_mflux(root / layout, layout, config, args.dtype, cache),
-                    )
-        if args.diffusers:
-            for _ in range(args.repeat):
-                for cache in ("cold", "warm"):
-                    report(
-                        "hf",
-                        cache,
-                        args.dtype,
-                        *time_diffusers(root / "hf", args.dtype, cache),
-                        who="diffusers",
-                    )
+                        str(root),
+                    ]
+                    subprocess.run(cmd, check=True)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
-def time_mflux(folder: Path, layout: str, config: dict, dtype: str, cache: str) -> tuple[float, int]:
+def write_checkpoints(root: Path) -> None:
+    hf = root / "hf" / "transformer"
+    write_layout(hf, _diffusers_shapes(_bfl_shapes()), 3, "diffusion_pytorch_model")
+    (hf / "config.json").write_text(json.dumps(_diffusers_config()))
+    write_layout(root / "mlx" / "transformer", _bfl_shapes(), None, "model")
+
+
+def child(who: str, layout: str, cache: str, root: str, dtype: str) -> None:
+    folder = Path(root) / layout
+    files = _files(folder)
+    if cache == "cold":
+        _evict(files)
+    load = time_mflux if who == "mflux" else time_diffusers
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = load(folder, layout, dtype)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime  # all threads
+    report(who, layout, cache, dtype, seconds, cpu, sum(f.stat().st_size for f in files))
+
+
+def time_mflux(folder: Path, layout: str, dtype: str) -> float:
     import mlx.core as mx
 
     from mflux.runtime.loader import ModelFolder, load_component
 
-    files = _files(folder)
-    if cache == "cold":
-        _evict(files)
-    mf = ModelFolder(folder, layout, "schnell", {"transformer": config}, None, layout)
+    mf = ModelFolder(folder, layout, "schnell", {"transformer": _diffusers_config()}, None, layout)
     t = time.perf_counter()
-    module = load_component(mf, "transformer", getattr(mx, dtype))
-    seconds = time.perf_counter() - t
-    del module
-    mx.clear_cache()
-    return seconds, sum(f.stat().st_size for f in files)
+    load_component(mf, "transformer", getattr(mx, dtype))
+    return time.perf_counter() - t
 
 
-def time_diffusers(folder: Path, dtype: str, cache: str) -> tuple[float, int]:
+def time_diffusers(folder: Path, layout: str, dtype: str) -> float:
     import torch
     from diffusers import FluxTransformer2DModel
+    from diffusers.utils import logging
 
-    files = _files(folder)
-    if cache == "cold":
-        _evict(files)
+    logging.disable_progress_bar()
     t = time.perf_counter()
-    model = FluxTransformer2DModel.from_pretrained(
-        folder, subfolder="transformer", torch_dtype=getattr(torch, dtype)
-    )
-    seconds = time.perf_counter() - t
-    del model
-    return seconds, sum(f.stat().st_size for f in files)
+    FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=getattr(torch, dtype))
+    return time.perf_counter() - t
 
 
-def report(layout: str, cache: str, dtype: str, seconds: float, nbytes: int, who: str = "mflux") -> None:
+def report(who: str, layout: str, cache: str, dtype: str, seconds: float, cpu: float, nbytes: int) -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     line = dict(who=who, layout=layout, cache=cache, dtype=dtype, gb=round(nbytes / 1e9, 3))
-    line.update(s=round(seconds, 3), gb_per_s=round(nbytes / 1e9 / seconds, 2), peak_rss_gb=round(peak_gb, 2))
+    line.update(s=round(seconds, 3), gb_per_s=round(nbytes / 1e9 / seconds, 2), cpu_s=round(cpu, 3))
+    line.update(peak_rss_gb=round(peak_gb, 2), load_avg=round(os.getloadavg()[0], 1))
     print(json.dumps(line), flush=True)
 
 
