@@ -171,6 +171,8 @@ def test_the_loader_checks_headers_before_mx_load(tmp_path):
         read_weights(folder, "vae", "mlx")
     cut.unlink()
     assert set(read_weights(folder, "vae", "mlx")) == {"w"}
+    with pytest.raises(MfluxError, match="no such folder"):
+        read_weights(tmp_path / "text_encoder", "text_encoder", "hf")
 
 
 def test_inspect_prints_one_line(tmp_path):

@@ -251,6 +251,14 @@ def test_key_check_reports_unmapped_and_missing(saved):
     message = str(e.value)
     assert "\n" not in message and "final_layer.linear.bias" in message and extra in message
     assert "1 tensors match nothing" in message and "1 missing" in message
+    # a tensor of the wrong size is named with both shapes, before load_weights sees it
+    bias = sanitize_transformer(raw)
+    hidden = bias["img_in.bias"].shape[0]
+    bias["img_in.bias"] = mx.zeros((hidden + 1,))
+    with pytest.raises(
+        MfluxError, match=rf"1 of the wrong shape \(img_in.bias \({hidden + 1},\) for \({hidden},\)\)"
+    ):
+        check_keys(bias, module, "transformer")
 
 
 def test_params_from_shapes_equal_config(saved):

@@ -25,7 +25,7 @@ from mflux.runtime.quantization import (
     quantize_tensor,
     should_quantize,
 )
-from mflux.runtime.weights import TensorSource
+from mflux.runtime.weights import SafetensorsFile, TensorSource
 
 # Loaded bytes evaluated together. A quantized group's float sources are 4-8 times its size, so groups stay
 # small: at 16 MiB, peak RSS under -q matched tensor-by-tensor loading (0.52 vs 0.49 GB for a 0.4 GB
@@ -106,7 +106,10 @@ def load_component(
     """Build one component and load its weights, quantizing them under `quantize`."""
     check_quantize(folder, quantize, (component,))
     module, weights = _prepare(folder, component, dtype, quantize)
-    module.load_weights(list(weights.items()), strict=True)
+    try:
+        module.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:  # check_keys has compared names and shapes; this is a last guard
+        raise MfluxError(f"{folder.path}/{component}: weights do not fit the model ({e})") from None
     del weights  # the module holds the only references now, so evaluated sources are released
     evaluate(module.parameters())
     return module
@@ -150,7 +153,7 @@ def prepare(
 def read_weights(where: Path, component: str, fmt: str) -> dict:
     """Lazily loaded weights of a component folder (every shard) or one file, under the runtime's names.
     Each file's header is checked before `mx.load` sees it."""
-    files = [where] if Path(where).is_file() else weight_files(where)
+    files = [SafetensorsFile(where).path] if Path(where).is_file() else weight_files(where)
     weights = {}
     for f in files:
         weights.update(mx.load(str(f)))
@@ -165,21 +168,33 @@ def read_weights(where: Path, component: str, fmt: str) -> dict:
 
 def weight_files(folder: Path) -> list[Path]:
     """A component folder's .safetensors files, each header checked (pickles refused by name)."""
+    if not Path(folder).is_dir():
+        raise MfluxError(f"{folder}: no such folder (is the model folder complete?)")
     return [f.path for f in TensorSource.from_folder(folder).files]
 
 
-def check_keys(names, module: nn.Module, what: str) -> None:
-    """Refuse weights whose names differ from the module's, naming the missing and unexpected in one line."""
-    expected = {k for k, _ in tree_flatten(module.parameters())}
-    missing, unexpected = sorted(expected - set(names)), sorted(set(names) - expected)
-    if not missing and not unexpected:
-        return
+def check_keys(weights: dict, module: nn.Module, what: str) -> None:
+    """Refuse weights that do not fit the module: the missing, unexpected and misshapen names in one
+    line. `weights` maps names to arrays or to shapes."""
+    expected = dict(tree_flatten(module.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    misshapen = [
+        f"{k} {_shape(weights[k])} for {tuple(expected[k].shape)}"
+        for k in sorted(set(weights) & set(expected))
+        if _shape(weights[k]) != tuple(expected[k].shape)
+    ]
     parts = []
     if unexpected:
         parts.append(f"{len(unexpected)} tensors match nothing in FLUX.1 ({_shown(unexpected)})")
     if missing:
         parts.append(f"{len(missing)} missing ({_shown(missing)})")
-    raise MfluxError(f"{what}: {'; '.join(parts)} (is this a complete FLUX.1 checkpoint of this component?)")
+    if misshapen:
+        parts.append(f"{len(misshapen)} of the wrong shape ({_shown(misshapen)})")
+    if parts:
+        raise MfluxError(
+            f"{what}: {'; '.join(parts)} (is this a complete FLUX.1 checkpoint of this component?)"
+        )
 
 
 def cast_and_quantize(component: str, weights: dict, dtype, spec: QuantSpec | None) -> dict:
@@ -220,6 +235,10 @@ def _prepare(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None)
     return prepare(
         folder.path / component, component, folder.format, folder.architecture, dtype, spec, stored
     )
+
+
+def _shape(value) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else tuple(value.shape)
 
 
 def _shown(names: list[str]) -> str:
