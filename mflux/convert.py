@@ -51,10 +51,10 @@ from mflux.runtime.loader import (
     ModelFolder,
     build_module,
     check_keys,
-    drain,
     iter_weights,
     open_folder,
     prepare,
+    stream,
 )
 from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, save_shards
@@ -220,7 +220,7 @@ def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
         return
     arch = {"transformer": bfl.diffusers_config(_header_shapes(src.transformer_file))}
     _, weights = prepare(src.transformer_file, component, "bfl", arch, getattr(mx, dtype), spec)
-    yield from drain(weights)
+    yield from stream(weights)
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:

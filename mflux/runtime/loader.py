@@ -116,12 +116,11 @@ def load_component(
 
 
 def iter_weights(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None):
-    """(runtime name, lazy mx.array) for each tensor of a component: renamed, checked, cast to `dtype`
-    (floats) and quantized under `spec`, exactly as `load_component` loads them. Each pair is dropped
-    from the iterator once yielded, so a caller that evaluates and releases keeps memory bounded;
-    `mflux convert`/`quantize` write them one shard at a time."""
+    """(runtime name, mx.array) for each tensor of a component: renamed, checked, cast to `dtype`
+    (floats) and quantized under `spec`, exactly as `load_component` loads them, evaluated one at a
+    time (see `stream`). `mflux convert`/`quantize` write them one shard at a time."""
     _, weights = _prepare(folder, component, dtype, spec)
-    yield from drain(weights)
+    yield from stream(weights)
 
 
 def prepare(
@@ -223,11 +222,15 @@ def evaluate(params, group_bytes: int = EVAL_GROUP_BYTES) -> None:
     mx.eval(group)
 
 
-def drain(weights: dict):
-    """Yield and forget each (name, array) of `weights`, so the dict holds no evaluated array."""
+def stream(weights: dict):
+    """Evaluate, yield and forget each (name, lazy array) of `weights`: memory stays near what the
+    caller keeps plus one tensor's sources. A shard of quantized tensors evaluated at once would hold
+    all their float sources and temporaries too (4-8 times the shard)."""
     while weights:
         name = next(iter(weights))
-        yield name, weights.pop(name)
+        arr = weights.pop(name)
+        mx.eval(arr)  # a quantized weight's scales and biases come out of the same evaluation
+        yield name, arr
 
 
 def _prepare(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None):
