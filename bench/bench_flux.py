@@ -530,7 +530,8 @@ def section_decode(size: Size, args, budget: Budget) -> None:
 def section_load(size: Size, args, budget: Budget) -> None:
     """Write an MLX-native model (the converter's layout: one folder of shards per component) with
     random weights to local disk, then time the loader reading it back, component by component."""
-    from mflux.runtime.loader import COMPONENTS, ModelFolder, load_component
+    from mflux.runtime.folder import COMPONENTS, ModelFolder
+    from mflux.runtime.loader import load_component
     from mflux.runtime.weights import save_shards
 
     root = Path(tempfile.mkdtemp(prefix="mflux-bench-", dir=args.tmp))
@@ -556,7 +557,8 @@ def section_load(size: Size, args, budget: Budget) -> None:
             quantization = {
                 c: spec.to_dict() for c in ("transformer", "text_encoder", "text_encoder_2") if spec
             }
-            mf = ModelFolder(folder, "mlx", "schnell", architecture, quantization or None, quant)
+            defaults = {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
+            mf = ModelFolder(folder, "mlx", "schnell", architecture, quantization or None, quant, defaults)
             seconds = {}
             free()
             for c in COMPONENTS:

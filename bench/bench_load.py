@@ -101,9 +101,10 @@ def child(who: str, layout: str, cache: str, root: str, dtype: str) -> None:
 def time_mflux(folder: Path, layout: str, dtype: str) -> float:
     import mlx.core as mx
 
-    from mflux.runtime.loader import ModelFolder, load_component
+    from mflux.runtime.folder import ModelFolder
+    from mflux.runtime.loader import load_component
 
-    mf = ModelFolder(folder, layout, "schnell", {"transformer": _diffusers_config()}, None, layout)
+    mf = ModelFolder(folder, layout, "schnell", {"transformer": _diffusers_config()}, None, layout, {})
     t = time.perf_counter()
     load_component(mf, "transformer", getattr(mx, dtype))
     return time.perf_counter() - t

@@ -226,9 +226,26 @@ def pull(model_or_repo, name, revision, dry_run, force):
     metavar="SCALE...",
     help="One scale per LoRA (default 1.0).",
 )
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Denoise up to this many images at once (default: 1 on a CPU or a Mac, up to 4 on CUDA). "
+    "A batched image equals the same seed made alone.",
+)
+@click.option(
+    "--variant",
+    type=click.Choice(["schnell", "dev"]),
+    help="With --path: the FLUX.1 variant, where the folder's architecture can't tell.",
+)
 @click.option("--metadata", is_flag=True, help="Also write the parameters to <output stem>.json.")
 @click.option("--precision", type=click.Choice(DTYPES), help="Default: float32 on a CPU, else bfloat16.")
 @click.option("--no-pull", is_flag=True, help="Never download: fail if the model is not in the store.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Re-hash every file of a stored model against its manifest first (always checked: sizes, and "
+    "that no file changed after it was stored).",
+)
 @click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")
 def run(
     prompt,
@@ -243,9 +260,12 @@ def run(
     quantize,
     lora_paths,
     lora_scales,
+    batch_size,
+    variant,
     metadata,
     precision,
     no_pull,
+    verify,
     verbose,
 ):
     """Generate images from a prompt.
@@ -253,7 +273,7 @@ def run(
     \b
     Examples:
       mflux run --model schnell-q8 --prompt "Luxury food photograph"
-      mflux run -m dev --prompt "A lighthouse at dusk" --steps 20 --seed 1 2 3
+      mflux run -m dev --prompt "A lighthouse at dusk" --steps 20 --seed 1 2 3 --batch-size 3
       mflux run --path ./FLUX.1-schnell --prompt "A cat" --height 512 --width 768
     """
     from mflux.run import run as run_model
@@ -271,9 +291,12 @@ def run(
         quantize=quantize,
         lora_paths=list(lora_paths),
         lora_scales=list(lora_scales),
+        batch_size=batch_size,
+        variant=variant,
         metadata=metadata,
         precision=precision,
         pull=not no_pull,
+        verify=verify,
         verbose=verbose,
     )
 

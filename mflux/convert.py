@@ -39,23 +39,16 @@ import mlx.core as mx
 
 from mflux.converters import bfl
 from mflux.errors import InvalidArgument, MfluxError
+from mflux.folders import open_folder
 from mflux.manifest import (
     COMPONENTS,
     DTYPES,
-    config_values,
     new_manifest,
     quantization_label,
     write_manifest,
 )
-from mflux.runtime.loader import (
-    ModelFolder,
-    build_module,
-    check_keys,
-    iter_weights,
-    open_folder,
-    prepare,
-    stream,
-)
+from mflux.runtime.folder import ModelFolder, config_values
+from mflux.runtime.loader import build_module, check_keys, iter_weights, prepare, stream
 from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, save_shards
 from mflux.store import Store, StoredModel, format_size, validate_name

@@ -1,7 +1,21 @@
-"""The Python API: `Flux1` loads a model once and generates many images; `Config` holds one image's settings."""
+"""The Python API: `Flux1` holds a model folder's modules and drives the engine; `Config` holds the
+settings images share.
 
+    flux = Flux1.from_name("schnell")
+    image = flux.generate_image(seed=1, prompt="Luxury food photograph", config=Config(height=512, width=512))
+    image.save("food.png")
+
+The generation arguments that diffusers' pipelines take (`negative_prompt`, `true_cfg_scale`, `image`,
+`mask_image`, `strength`) go on `generate_image`, `generate_images` and `generate`, with diffusers'
+meanings. Store names, `-q<bits>` and the catalog are resolved here, in the toolchain; the runtime only
+sees the folder.
+"""
+
+import hashlib
+import io
 import re
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +26,19 @@ from PIL import Image
 
 from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.runtime import pipeline, sampler
-from mflux.runtime.loader import ModelFolder, check_quantize, load_component, load_tokenizers, open_folder
+from mflux.folders import open_folder
+from mflux.runtime import engine
+from mflux.runtime.folder import ModelFolder
+from mflux.runtime.loader import check_quantize, load_component
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _QUANT_NAME = re.compile(r"^(?P<base>.+)-q(?P<bits>\d)$")
+MAX_SEED = 2**64 - 1
+# FLUX.1 was trained up to about 2 MP; past 4 MP (2048 x 2048) memory, not quality, is what grows.
+MAX_SIDE = 4096
+MAX_PIXELS = 2048 * 2048
+DEFAULT_STRENGTH = 0.6  # diffusers' default for FluxImg2ImgPipeline and FluxInpaintPipeline
 
 
 @dataclass
@@ -31,12 +52,21 @@ class Config:
     def __post_init__(self):
         for side in ("height", "width"):
             v = getattr(self, side)
-            if not isinstance(v, int) or v <= 0 or v % 16:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % 16:
                 raise InvalidArgument(f"{side} must be a positive multiple of 16, got {v!r}")
+            if v > MAX_SIDE:
+                raise InvalidArgument(f"{side} {v} is above the maximum of {MAX_SIDE} pixels")
+        if self.height * self.width > MAX_PIXELS:
+            raise InvalidArgument(
+                f"{self.width}x{self.height} is {self.width * self.height / 1e6:.1f} MP, above the maximum of "
+                f"{MAX_PIXELS / 1e6:.1f} MP (2048x2048)"
+            )
         if self.num_inference_steps is not None and (
             not isinstance(self.num_inference_steps, int) or self.num_inference_steps <= 0
         ):
             raise InvalidArgument(f"steps must be a positive integer, got {self.num_inference_steps!r}")
+        if not np.isfinite(self.guidance):
+            raise InvalidArgument(f"guidance must be a finite number, got {self.guidance}")
         if self.max_sequence_length is not None and not 0 < self.max_sequence_length <= 512:
             raise InvalidArgument(f"max_sequence_length must be in 1..512, got {self.max_sequence_length}")
 
@@ -47,10 +77,35 @@ class GeneratedImage:
     metadata: dict = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)  # phase -> bytes, MLX's allocator peak
 
-    def save(self, path: str | Path, export_json_metadata: bool = False, overwrite: bool = True) -> Path:
+    def save(self, path: str | Path, export_json_metadata: bool = False, overwrite: bool = False) -> Path:
+        """Write a PNG with the generation settings inside; returns the path written. Like the CLI it
+        never replaces a file: an existing name gets the first free `<stem>_N.png`, unless `overwrite`."""
         from mflux.metadata import save_png
 
         return save_png(self.image, Path(path), self.metadata, export_json_metadata, overwrite)
+
+    def png_bytes(self) -> bytes:
+        """The PNG file `save` would write, in memory."""
+        from mflux.metadata import png_info
+
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG", pnginfo=png_info(self.metadata))
+        return buf.getvalue()
+
+
+@dataclass
+class StepEvent:
+    step: int  # 1-based
+    total: int
+    indices: list[int]  # the images being denoised, as positions in the seeds given
+    previews: list[Image.Image] | None = None  # this step's latents decoded, when asked for
+
+
+@dataclass
+class ImageEvent:
+    index: int  # position in the seeds given
+    image: GeneratedImage
+    batch: list[int]  # the images denoised together with this one (its metadata's timings are theirs)
 
 
 class Flux1:
@@ -81,32 +136,33 @@ class Flux1:
         self.lora_scales = _lora_scales(self.lora_paths, lora_scales)
         self._modules: dict = {}
         self._tokenizers = None
-        self._cache: tuple | None = None  # (key, txt, pooled): the last prompt's conditioning
-        self._mods: tuple | None = None  # (key, modulations): the last image's, reused by the next seed
-        # False: drop the transformer's conditioning layers (3.2B parameters at full size) once an image's
-        # modulations are computed; a later prompt or schedule reloads the transformer.
-        self.keep_modulation_weights = True
+        self._loading = 0.0  # seconds spent loading modules so far, kept apart from the phase times
 
     @classmethod
-    def from_path(cls, path: str | Path, **kwargs) -> "Flux1":
-        return cls(open_folder(path), **kwargs)
+    def from_path(
+        cls, path: str | Path, variant: str | None = None, verify: bool = False, **kwargs
+    ) -> "Flux1":
+        """Any model folder; `variant` only where its architecture can't tell (see mflux.runtime.folder)."""
+        return cls(open_folder(path, variant=variant, verify=verify), **kwargs)
 
     @classmethod
-    def from_name(cls, name: str, **kwargs) -> "Flux1":
-        """A store model by name; `<base>-q<bits>` quantizes a stored `<base>` at load time. Never downloads."""
+    def from_name(cls, name: str, verify: bool = False, **kwargs) -> "Flux1":
+        """A store model by name; `<base>-q<bits>` quantizes a stored `<base>` at load time. Never
+        downloads. Its files' sizes and mtimes are checked against the manifest; `verify` re-hashes them."""
         from mflux.store import Store
 
         store = Store()
         if not store.exists(name):
             m = _QUANT_NAME.match(name)
             if m and store.exists(m["base"]):
+                check_bits(name, int(m["bits"]))
                 if kwargs.get("quantize") not in (None, int(m["bits"])):
                     raise InvalidArgument(f"{name} means {m['bits']}-bit, but quantize={kwargs['quantize']}")
                 kwargs["quantize"] = int(m["bits"])
                 name = m["base"]
             else:
                 _missing(store, name)
-        return cls(open_folder(store.path(name), name=name), **kwargs)
+        return cls(open_folder(store.path(name), name=name, verify=verify), **kwargs)
 
     @classmethod
     def from_alias(cls, alias: str, **kwargs) -> "Flux1":
@@ -120,67 +176,175 @@ class Flux1:
     def model_name(self) -> str:
         return self.folder.name + (f"-q{self.quantize.bits}" if self.quantize else "")
 
+    # -- modules: the engine asks for them by name; each loads on first use ------------------------
+
+    def get(self, component: str):
+        if component not in self._modules:
+            start = time.perf_counter()
+            with self._files():
+                module = load_component(self.folder, component, self.dtype, self.quantize)
+            # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing.
+            if self.lora_paths:
+                from mflux.runtime.lora import apply_loras
+
+                apply_loras({component: module}, self.lora_paths, self.lora_scales)
+            self._modules[component] = module
+            self._loading += time.perf_counter() - start
+        return self._modules[component]
+
+    def tokenizers(self) -> tuple:
+        if self._tokenizers is None:
+            from mflux.runtime.tokenizers import load_tokenizers
+
+            with self._files():
+                self._tokenizers = load_tokenizers(self.folder.path)
+        return self._tokenizers
+
+    @contextmanager
+    def _files(self):
+        """Reading the folder: a folder removed meanwhile (`mflux rm` in another shell) or a file gone
+        is one clear error."""
+        try:
+            yield
+        except (FileNotFoundError, MfluxError) as e:
+            if not self.folder.path.exists():
+                raise MfluxError(
+                    f"{self.folder.name} was removed while in use ({self.folder.path} is gone); "
+                    "pull or convert it again"
+                ) from None
+            if isinstance(e, FileNotFoundError):
+                raise MfluxError(
+                    f"{e.filename}: missing from {self.folder.name} (check it with: mflux inspect "
+                    f"{self.folder.name} --verify, then pull or convert it again)"
+                ) from None
+            raise
+
     def load(self) -> float:
         """Load the transformer and the VAE now (else the first image does), in seconds. Weights load
         lazily so that a caller can encode its prompts and free T5 and CLIP first: peak memory is then
         the larger of the two halves, not their sum (what lets a 16 GB Mac run schnell-q8)."""
-        return self._load(("transformer", "vae"))
-
-    def _load(self, components) -> float:
         start = time.perf_counter()
-        loaded = {}
-        for c in components:
-            if c not in self._modules:
-                self._modules[c] = loaded[c] = load_component(self.folder, c, self.dtype, self.quantize)
-        # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing.
-        if self.lora_paths and loaded:
-            from mflux.runtime.lora import apply_loras
-
-            apply_loras(loaded, self.lora_paths, self.lora_scales)
+        self.get("transformer")
+        self.get("vae")
         return time.perf_counter() - start
-
-    def _modulations(self, pooled: mx.array, sigmas: list[float], guidance: float | None) -> mx.array:
-        key = (self._cache[0] if self._cache else None, tuple(sigmas), guidance)
-        if self._mods and self._mods[0] == key:
-            return self._mods[1]
-        if not self.keep_modulation_weights and "time_in" not in self._modules["transformer"]:
-            # freed after an earlier image: a new prompt or schedule needs them back
-            self._modules.pop("transformer")
-            self._load(("transformer",))
-        mods = pipeline.modulations(self._modules["transformer"], pooled, sigmas, guidance)
-        mx.eval(mods)
-        self._mods = (key, mods)
-        if not self.keep_modulation_weights:
-            self._modules["transformer"].free_modulation_weights()
-            mx.clear_cache()
-        return mods
 
     def free_text_encoders(self) -> None:
         """Drop T5 and CLIP (about 10 GB at bf16); a later prompt reloads them."""
-        self._modules.pop("text_encoder", None)
-        self._modules.pop("text_encoder_2", None)
+        self._free("text_encoder", "text_encoder_2")
+
+    def free_transformer(self) -> None:
+        """Drop the transformer (23.8 GB at bf16), e.g. before decoding the last image; reloaded when needed."""
+        self._free("transformer")
+
+    def _free(self, *components: str) -> None:
+        for c in components:
+            self._modules.pop(c, None)
         mx.clear_cache()
 
-    def encode(self, prompt: str, max_sequence_length: int) -> tuple[mx.array, mx.array]:
-        key = (prompt, max_sequence_length)
-        if self._cache and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
-        from mflux.runtime.tokenizers import clip_ids, t5_ids
+    # -- generation --------------------------------------------------------------------------------
 
-        self._load(("text_encoder", "text_encoder_2"))
-        if self._tokenizers is None:
-            self._tokenizers = load_tokenizers(self.folder)
-        clip_tok, t5_tok = self._tokenizers
-        txt, pooled = pipeline.encode_prompt(
-            self._modules["text_encoder"],
-            self._modules["text_encoder_2"],
-            clip_ids(clip_tok, [prompt]),
-            t5_ids(t5_tok, [prompt], max_sequence_length),
-            self.dtype,
+    def generate(
+        self,
+        seeds: Iterable[int],
+        prompt: str | list[str],
+        config: Config | None = None,
+        *,
+        negative_prompt: str | list[str] | None = None,
+        true_cfg_scale: float | None = None,
+        image=None,
+        mask_image=None,
+        strength: float | None = None,
+        latents: np.ndarray | None = None,
+        batch_size: int | None = None,
+        previews: bool | Iterable[int] = False,
+        free_text_encoders: bool = False,
+        free_modulation_weights: bool = False,
+    ) -> Iterator[StepEvent | ImageEvent]:
+        """Images for `seeds` (one prompt for all, or one per seed), `batch_size` at a time, as events:
+        a StepEvent after every step of a batch and an ImageEvent per finished image. Stopping the
+        iteration cancels what is left.
+
+        - `negative_prompt` with `true_cfg_scale` > 1: true CFG, two transformer passes a step (one
+          batched pass of twice the rows), `v = v_neg + scale * (v_pos - v_neg)` as diffusers.
+        - `image` (PIL image, path or uint8 array): img2img at `strength` (0, 1], default 0.6; 1.0
+          starts from pure noise. With `mask_image`, inpainting: white is repainted. An image of another
+          size is scaled to cover the target size and centre-cropped.
+        - `latents`: the packed initial noise (B, L, 64), instead of noise drawn from each seed.
+        - `previews`: True decodes every step's latents, or an iterable of 1-based steps to decode.
+        - `free_text_encoders` drops T5 and CLIP once the prompts are encoded; `free_modulation_weights`
+          computes every batch's modulations first and then drops the transformer's conditioning layers
+          (3.2B parameters at full size); the next generation that needs them reloads the transformer.
+        """
+        config = config or Config()
+        request, records = self._request(
+            list(seeds),
+            prompt,
+            config,
+            negative_prompt,
+            true_cfg_scale,
+            image,
+            mask_image,
+            strength,
+            latents,
+            batch_size,
         )
-        mx.eval(txt, pooled)
-        self._cache = (key, txt, pooled)
-        return txt, pooled
+        if free_modulation_weights:
+            request.precompute_modulations = True
+            if "transformer" in self._modules and "time_in" not in self._modules["transformer"]:
+                self.free_transformer()  # freed by an earlier call: this one's modulations need them back
+        want = set() if previews is False else (None if previews is True else set(previews))
+        # Each phase's seconds and MLX allocator peak; loading modules is its own phase, whenever it happens.
+        timings = {"load": 0.0, "text_encoding": 0.0, "denoising": 0.0, "decoding": 0.0}
+        peaks: dict[str, int] = {}
+        mx.reset_peak_memory()
+        phase, phase_start, loaded = "text_encoding", time.perf_counter(), self._loading
+
+        def close(next_phase: str) -> None:
+            nonlocal phase, phase_start, loaded
+            now, load = time.perf_counter(), self._loading - loaded
+            timings["load"] += load
+            timings[phase] += now - phase_start - load
+            peaks[phase] = max(peaks.get(phase, 0), mx.get_peak_memory())
+            mx.reset_peak_memory()
+            phase, phase_start, loaded = next_phase, now, self._loading
+
+        for event in engine.generate(self, request):
+            if isinstance(event, engine.Conditioned):
+                close("denoising")
+                if free_text_encoders:
+                    self.free_text_encoders()
+            elif isinstance(event, engine.Modulated):
+                self._modules["transformer"].free_modulation_weights()
+                mx.clear_cache()
+            elif isinstance(event, engine.Step):
+                shown = None
+                if want is None or event.step in want:
+                    vae = self.get("vae")
+                    shown = [
+                        Image.fromarray(p)
+                        for p in engine.decode(vae, event.latents, config.height, config.width)
+                    ]
+                if event.step == event.total:
+                    close("decoding")
+                yield StepEvent(event.step, event.total, event.indices, shown)
+            elif isinstance(event, engine.Decoded):
+                close("denoising")
+                for row, pixels in zip(event.indices, event.pixels):
+                    meta = {**records[row], "timings": {k: round(v, 3) for k, v in timings.items()}}
+                    yield ImageEvent(
+                        row, GeneratedImage(Image.fromarray(pixels), meta, dict(peaks)), event.indices
+                    )
+                timings.update(denoising=0.0, decoding=0.0)  # each batch reports its own
+
+    def generate_images(
+        self, seeds: Iterable[int], prompt: str | list[str], config: Config | None = None, **kwargs
+    ):
+        """The images of `generate`, as a list in the order of `seeds`."""
+        out = {}
+        for event in self.generate(seeds, prompt, config, **kwargs):
+            if isinstance(event, ImageEvent):
+                out[event.index] = event.image
+        return [out[i] for i in sorted(out)]
 
     def generate_image(
         self,
@@ -189,61 +353,80 @@ class Flux1:
         config: Config | None = None,
         latents: np.ndarray | None = None,
         progress=None,
+        **kwargs,
     ) -> GeneratedImage:
-        """One image. `latents` are diffusers' packed initial latents (1, H*W/256, 64); else noise from `seed`.
+        """One image. `latents` are diffusers' packed initial noise (1, H*W/256, 64); else noise from
+        `seed`. `progress(step, total)`, if given, is called after each denoising step. Takes the
+        keywords of `generate`."""
+        for event in self.generate([seed], prompt, config, latents=latents, **kwargs):
+            if isinstance(event, StepEvent) and progress:
+                progress(event.step, event.total)
+            elif isinstance(event, ImageEvent):
+                return event.image
+        raise MfluxError("no image was generated")
 
-        `progress(step, total)`, if given, is called after each denoising step.
-        """
-        config = config or Config()
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidArgument("prompt must be a non-empty string")
+    def _request(self, seeds, prompt, config, negative, true_cfg, image, mask, strength, latents, batch_size):
+        """Check every argument, then the engine's Request and each image's metadata record."""
+        if not seeds:
+            raise InvalidArgument("give at least one seed")
+        for s in seeds:
+            check_seed(s)
+        prompts = _per_image("prompt", prompt, len(seeds))
+        negatives = (
+            _per_image("negative_prompt", negative, len(seeds), allow_empty=True) if negative else None
+        )
+        scale = 1.0 if true_cfg_scale_off(true_cfg) else float(true_cfg)
+        if not np.isfinite(scale):
+            raise InvalidArgument(f"true_cfg_scale must be a finite number, got {true_cfg}")
         d = self.folder.defaults
-        steps = config.num_inference_steps or d["steps"]
-        seq_len = config.max_sequence_length or d["max_sequence_length"]
         h, w = config.height, config.width
-        shape = (1, (h // 16) * (w // 16), 64)
-        if latents is None:
-            x = sampler.noise(seed, h, w)
-        else:
+        init = mask_px = None
+        if image is None and (mask is not None or strength is not None):
+            raise InvalidArgument("mask_image and strength need an init image (image=...)")
+        if image is not None:
+            strength = DEFAULT_STRENGTH if strength is None else strength
+            if not (isinstance(strength, int | float) and 0 < strength <= 1):
+                raise InvalidArgument(f"strength must be in (0, 1] (1.0 is pure noise), got {strength!r}")
+            source = _open_image(image)
+            init = fit_image(source, w, h, "RGB")
+            if mask is not None:
+                mask_source = _open_image(mask)
+                if mask_source.size != source.size:
+                    raise InvalidArgument(
+                        f"the mask is {mask_source.size[0]}x{mask_source.size[1]} but the image is "
+                        f"{source.size[0]}x{source.size[1]}; give a mask of the image's size"
+                    )
+                mask_px = np.asarray(fit_image(mask_source, w, h, "L")) >= 128  # diffusers binarizes at 0.5
+        if latents is not None:
             latents = np.asarray(latents)
+            shape = (len(seeds), (h // 16) * (w // 16), 64)
             if latents.shape != shape:
                 raise InvalidArgument(f"latents must have shape {shape} for {w}x{h}, got {latents.shape}")
-            x = mx.array(latents.astype(np.float32))
-        x = x.astype(self.dtype)
-
-        phases = Phases()
-        with phases("text_encoding"):
-            txt, pooled = self.encode(prompt, seq_len)
-
-        self._load(("transformer", "vae"))
-        sched = self.folder.architecture["scheduler"]
-        sigmas = sampler.sigmas(
-            steps,
-            shape[1],
-            shift=bool(sched.get("use_dynamic_shifting")),
-            base_seq_len=sched.get("base_image_seq_len", 256),
-            max_seq_len=sched.get("max_image_seq_len", 4096),
-            base_shift=sched.get("base_shift", 0.5),
-            max_shift=sched.get("max_shift", 1.15),
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
+        guidance = config.guidance if self.folder.architecture["transformer"].get("guidance_embeds") else None
+        request = engine.Request(
+            prompts=prompts,
+            seeds=list(seeds),
+            height=h,
+            width=w,
+            steps=config.num_inference_steps or d["steps"],
+            guidance=guidance,
+            max_sequence_length=config.max_sequence_length or d["max_sequence_length"],
+            shift=d if d.get("use_dynamic_shifting") else None,
+            negative_prompts=negatives,
+            true_cfg_scale=scale,
+            image=None if init is None else np.asarray(init),
+            mask=mask_px,
+            strength=1.0 if strength is None else float(strength),
+            noise=latents,
+            batch_size=batch_size or default_batch_size(len(seeds)),
+            dtype=self.dtype,
         )
-        guidance = config.guidance if self.variant == "dev" else None
-        with phases("denoising"):
-            mods = self._modulations(pooled, sigmas, guidance)
-            steps_iter = pipeline.denoise(
-                self._modules["transformer"], txt, pooled, x, sigmas, h, w, guidance, mods
-            )
-            for i, x in enumerate(steps_iter, 1):
-                mx.eval(x)
-                if progress:
-                    progress(i, steps)
-        with phases("decoding"):
-            pixels = pipeline.decode(self._modules["vae"], x, h, w)
-        metadata = {
-            "prompt": prompt,
+        base = {
             "model": self.model_name,
             "variant": self.variant,
-            "seed": seed,
-            "steps": steps,
+            "steps": request.steps,
             "guidance": guidance,
             "height": h,
             "width": w,
@@ -251,9 +434,21 @@ class Flux1:
             "quantization": self.quantization_summary(),
             "lora_paths": [str(p) for p in self.lora_paths],
             "lora_scales": self.lora_scales,
-            "timings": {k: round(v, 3) for k, v in phases.seconds.items()},
+            "batch_size": request.batch_size,
         }
-        return GeneratedImage(Image.fromarray(pixels[0]), metadata, phases.peak_bytes)
+        if request.true_cfg:
+            base["true_cfg_scale"] = scale
+        if image is not None:
+            base.update(strength=request.strength, **_source("image", image))
+            if mask is not None:
+                base.update(_source("mask", mask))
+        records = []
+        for i, seed in enumerate(seeds):
+            r = {**base, "prompt": prompts[i], "seed": seed}
+            if negatives:
+                r["negative_prompt"] = negatives[i]
+            records.append(r)
+        return request, records
 
     def quantization_summary(self) -> str | None:
         if self.quantize:
@@ -265,20 +460,77 @@ class Flux1:
         return ", ".join(parts) + " (stored)"
 
 
-class Phases:
-    """Times and peak memory of named phases: `with phases("decoding"): ...`."""
+def check_bits(name: str, bits: int) -> None:
+    if bits not in AFFINE_BITS:
+        raise InvalidArgument(
+            f"{name}: {bits}-bit is not a quantization mflux makes "
+            f"(-q{' / -q'.join(map(str, AFFINE_BITS))}, or mflux quantize --mode for the fp modes)"
+        )
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.peak_bytes: dict[str, int] = {}
 
-    @contextmanager
-    def __call__(self, name: str):
-        mx.reset_peak_memory()
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = time.perf_counter() - start
-        self.peak_bytes[name] = mx.get_peak_memory()
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+        raise InvalidArgument(f"seed must be an integer in 0..{MAX_SEED} (2**64 - 1), got {seed!r}")
+    return int(seed)
+
+
+def true_cfg_scale_off(scale) -> bool:
+    return scale is None or scale == 1
+
+
+def default_batch_size(n_images: int) -> int:
+    """How many images to denoise at once when not told: 1 on a CPU (batching gains nothing there) and
+    on Metal (unified memory is tight on the smaller Macs), up to 4 on CUDA."""
+    return min(n_images, 4) if mx.default_device().type == mx.gpu and mx.cuda.is_available() else 1
+
+
+def fit_image(source, width: int, height: int, mode: str) -> Image.Image:
+    """An image (PIL, path or uint8 array) in `mode`, scaled to cover width x height and centre-cropped."""
+    img = _open_image(source).convert(mode)
+    if img.size == (width, height):
+        return img
+    scale = max(width / img.width, height / img.height)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    img = img.resize(size, Image.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def _open_image(source) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source)
+    path = Path(source)
+    if not path.is_file():
+        raise InvalidArgument(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"{path}: not an image PIL can read ({e})") from None
+
+
+def _source(key: str, source) -> dict:
+    """The metadata of an init image or mask: its path and sha256 where it came from a file."""
+    if isinstance(source, str | Path):
+        return {f"{key}_path": str(Path(source).resolve()), f"{key}_sha256": _sha256(Path(source))}
+    return {}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _per_image(name: str, value, n: int, allow_empty: bool = False) -> list[str]:
+    values = [value] * n if isinstance(value, str) else list(value)
+    if len(values) != n:
+        raise InvalidArgument(f"got {len(values)} values for {name} but {n} seeds; give one, or one per seed")
+    for v in values:
+        if not isinstance(v, str) or (not allow_empty and not v.strip()):
+            raise InvalidArgument(f"{name} must be a non-empty string")
+    return values
 
 
 def _lora_scales(paths: list, scales: list[float] | None) -> list[float]:

@@ -50,9 +50,9 @@ from mflux.manifest import (
     architecture_from_hf,
     defaults_for,
     read_manifest,
-    variant_of,
     write_manifest,
 )
+from mflux.runtime.folder import detect_variant
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile
 from mflux.store import Store, StoredModel, format_size, validate_name
 
@@ -408,7 +408,7 @@ def _install(store: Store, source: _Source, commit: str, files, sha256s, partial
     name = source.name
     # Read the architecture before moving anything, so a bad config can't cost the downloaded files.
     architecture = architecture_from_hf(partial)
-    variant = variant_of(architecture)
+    variant = detect_variant(architecture)
     manifest = Manifest(
         name=name,
         variant=variant,

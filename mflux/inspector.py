@@ -17,8 +17,8 @@ from mflux.manifest import (
     quantization_summary,
     read_manifest,
     sha256_file,
-    variant_of,
 )
+from mflux.runtime.folder import detect_variant
 from mflux.runtime.quantization import AFFINE_BITS, FP_MODES
 from mflux.runtime.weights import _DTYPES, BYTES_PER_ELEMENT, SafetensorsFile, refuse_pickle
 from mflux.store import Store, format_size, validate_name
@@ -68,7 +68,7 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
         quantization = manifest.quantization or {}
     else:
         try:  # a diffusers-layout folder that mflux did not write
-            report.update(format="hf", variant=variant_of(architecture_from_hf(path)))
+            report.update(format="hf", variant=detect_variant(architecture_from_hf(path)))
         except MfluxError:
             pass
     groups: dict[str, list[Path]] = {}

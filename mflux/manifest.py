@@ -5,7 +5,6 @@ here, with every file's size and sha256, so later commands never guess from name
 """
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -19,32 +18,19 @@ except ModuleNotFoundError:  # Python 3.10
 
 from mflux import __version__
 from mflux.errors import InvalidArgument, MfluxError
+from mflux.runtime.folder import COMPONENTS, CONFIG_FILES, detect_variant
+from mflux.runtime.folder import VARIANTS as RUNTIME_VARIANTS
+from mflux.runtime.folder import read_architecture as architecture_from_hf
 from mflux.runtime.quantization import QuantSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.toml"
 FAMILIES = ("flux1",)
-VARIANTS = ("schnell", "dev")
+VARIANTS = tuple(RUNTIME_VARIANTS)
 FORMATS = ("hf", "mlx")
 DTYPES = ("bfloat16", "float16", "float32")
-COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
-CONFIG_FILES = {
-    "transformer": "transformer/config.json",
-    "text_encoder": "text_encoder/config.json",
-    "text_encoder_2": "text_encoder_2/config.json",
-    "vae": "vae/config.json",
-    "scheduler": "scheduler/scheduler_config.json",
-}
 SOURCE_KEYS = {"hub": ("repo", "revision", "commit"), "path": ("path",), "model": ("name",)}
 SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
-# diffusers' FlowMatchEulerDiscreteScheduler values for FLUX.1-dev, used where a config omits one
-_DEV_SHIFT = {
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
 _CHUNK = 2**20
 
 
@@ -89,7 +75,7 @@ def new_manifest(
     """A manifest for the files now in `folder`: hashes them, and reads the architecture from its
     config files unless given (an `mlx` folder passes its source's)."""
     arch = architecture if architecture is not None else architecture_from_hf(folder)
-    variant = variant_of(arch)
+    variant = detect_variant(arch)
     return Manifest(
         name=name,
         variant=variant,
@@ -279,44 +265,19 @@ def hash_files(folder: Path) -> list[dict]:
     return out
 
 
-def architecture_from_hf(folder: Path) -> dict:
-    """The config values of a diffusers-layout folder, per component, under Hugging Face's key names."""
-    folder = Path(folder)
-    arch = {}
-    for component, rel in CONFIG_FILES.items():
-        path = folder / rel
-        if not path.is_file():
-            raise MfluxError(f"{folder} is not a FLUX.1 checkpoint: missing {rel} (for {component})")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MfluxError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise MfluxError(f"{path}: expected a JSON object")
-        arch[component] = config_values(config)
-    return arch
-
-
-def config_values(config: dict) -> dict:
-    """A config.json as the manifest keeps it: without diffusers' bookkeeping keys (_class_name,
-    _diffusers_version), and without nulls, which TOML lacks."""
-    return _toml_ready({k: v for k, v in config.items() if not k.startswith("_")})
-
-
-def variant_of(architecture: dict) -> str:
-    return "dev" if architecture.get("transformer", {}).get("guidance_embeds") else "schnell"
-
-
 def defaults_for(variant: str, architecture: dict) -> dict:
-    """The runtime's defaults: schnell 4 steps and 256 T5 tokens; dev 25 steps, 512 tokens and its shift."""
-    if variant == "schnell":
-        # guidance is ignored by schnell (no guidance embedder); kept so every model has the same keys
-        return {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
-    if variant != "dev":
+    """The variant's defaults as its catalog entry gives them; a shifting variant (dev) takes its sigma
+    shift settings from the folder's scheduler config where it has them."""
+    from mflux.catalog import catalog
+
+    entry = catalog().get(variant)
+    if entry is None:
         raise InvalidArgument(f"unknown variant {variant!r} (expected one of {', '.join(VARIANTS)})")
-    scheduler = (architecture or {}).get("scheduler", {})
-    shift = {k: scheduler.get(k, _DEV_SHIFT[k]) for k in SHIFT_KEYS}
-    return {"steps": 25, "guidance": 3.5, "max_sequence_length": 512, **shift}
+    defaults = dict(entry.defaults)
+    if defaults.get("use_dynamic_shifting"):
+        scheduler = (architecture or {}).get("scheduler", {})
+        defaults.update({k: scheduler[k] for k in SHIFT_KEYS if k in scheduler})
+    return defaults
 
 
 def quantization_summary(quantization: dict | None) -> dict | None:

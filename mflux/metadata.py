@@ -76,12 +76,7 @@ def save_png(image: Image.Image, path: Path, metadata: dict, export_json: bool, 
     if not overwrite:
         path = free_path(path)
     m = full_metadata(metadata)
-    info = PngImagePlugin.PngInfo()
-    for keyword, key in _FIELDS.items():
-        if m.get(key) is not None:
-            info.add_text(keyword, str(m[key]))
-    info.add_text("parameters", a1111_parameters(m))
-    info.add_text("mflux", json.dumps(m, sort_keys=True))
+    info = png_info(metadata)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -92,6 +87,19 @@ def save_png(image: Image.Image, path: Path, metadata: dict, export_json: bool, 
     except OSError as e:
         raise MfluxError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks for a generation record: one per field, A1111's `parameters`, and `mflux`
+    (the whole record as JSON)."""
+    m = full_metadata(metadata)
+    info = PngImagePlugin.PngInfo()
+    for keyword, key in _FIELDS.items():
+        if m.get(key) is not None:
+            info.add_text(keyword, str(m[key]))
+    info.add_text("parameters", a1111_parameters(m))
+    info.add_text("mflux", json.dumps(m, sort_keys=True))
+    return info
 
 
 def read_png_metadata(path: str | Path) -> dict:

@@ -1,6 +1,5 @@
 """`mflux run`: resolve the model (pulling it when missing), then write one image per seed."""
 
-import sys
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from mflux.errors import InvalidArgument, MfluxError
 
 def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool):
     """(folder path or store name, quantize) for `--model`/`--path`; pulls a missing catalog model."""
-    from mflux.flux1 import _QUANT_NAME
+    from mflux.flux1 import _QUANT_NAME, check_bits
     from mflux.store import Store
 
     if model and path:
@@ -24,6 +23,8 @@ def resolve_model(model: str | None, path: str | None, quantize: int | None, pul
         return ("name", model), quantize
     m = _QUANT_NAME.match(model)
     base = m["base"] if m else model
+    if m:
+        check_bits(model, int(m["bits"]))
     if m and quantize not in (None, int(m["bits"])):
         raise InvalidArgument(f"--model {model} means {m['bits']}-bit, but --quantize is {quantize}")
     if not store.exists(base):
@@ -61,6 +62,7 @@ def run(
     *,
     model: str | None = None,
     path: str | None = None,
+    variant: str | None = None,
     output: str = "image.png",
     seeds: list[int] | None = None,
     height: int = 1024,
@@ -70,55 +72,62 @@ def run(
     quantize: int | None = None,
     lora_paths: list[str] | None = None,
     lora_scales: list[float] | None = None,
+    batch_size: int | None = None,
     metadata: bool = False,
     precision: str | None = None,
     pull: bool = True,
+    verify: bool = False,
     verbose: bool = False,
 ) -> list[Path]:
     """Generate one image per seed and return the files written."""
 
-    from mflux.flux1 import Config, Flux1, Phases
+    from mflux.flux1 import Config, Flux1, ImageEvent, StepEvent, check_seed
 
     if not prompt or not prompt.strip():
         raise InvalidArgument("--prompt is empty; describe the image to generate")
     config = Config(
         num_inference_steps=steps, height=height, width=width, guidance=3.5 if guidance is None else guidance
     )
-    seeds = list(seeds) if seeds else [int(time.time())]
+    seeds = [check_seed(s) for s in seeds] if seeds else [int(time.time())]
     (kind, where), quantize = resolve_model(model, path, quantize, pull)
 
     kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)
-    flux = Flux1.from_path(where, **kwargs) if kind == "path" else Flux1.from_name(where, **kwargs)
+    if kind == "path":
+        flux = Flux1.from_path(where, variant=variant, verify=verify, **kwargs)
+    else:
+        flux = Flux1.from_name(where, verify=verify, **kwargs)
     if guidance is not None and flux.variant == "schnell":
         click.echo("warning: --guidance applies to dev only; schnell ignores it", err=True)
 
-    # Encode once for every seed, then free T5 and CLIP before the transformer loads: peak memory is
-    # the larger half of the pipeline, not the whole.
-    phases = Phases()
-    with phases("text_encoding"):
-        flux.encode(prompt, flux.folder.defaults["max_sequence_length"])
-    flux.free_text_encoders()
-    with phases("load"):
-        flux.load()
-    # Every seed shares the prompt and schedule, so the modulations computed for the first image serve
-    # all of them and the layers that make them can go: 6.4 GB at bf16.
-    flux.keep_modulation_weights = False
-    seconds, memory = dict(phases.seconds), dict(phases.peak_bytes)
-
+    # Encode once for every seed, free T5 and CLIP before the transformer loads (peak memory is the
+    # larger half of the pipeline, not the whole), and compute every step's modulations up front so
+    # the layers that make them can go: 6.4 GB at bf16.
+    events = flux.generate(
+        seeds,
+        prompt,
+        config,
+        batch_size=batch_size,
+        free_text_encoders=True,
+        free_modulation_weights=True,
+    )
+    seconds: dict[str, float] = {}
+    memory: dict[str, int] = {}
     written = []
-    for seed, out in zip(seeds, output_paths(output, seeds)):
-        with click.progressbar(
-            length=config.num_inference_steps or flux.folder.defaults["steps"],
-            label=f"seed {seed}",
-            file=sys.stderr,
-            show_pos=True,
-        ) as bar:
-            image = flux.generate_image(seed, prompt, config, progress=lambda i, n: bar.update(1))
-        written.append(image.save(out, export_json_metadata=metadata, overwrite=False))
-        click.echo(f"wrote {written[-1]}")
-        for k in ("denoising", "decoding"):
-            seconds[k] = seconds.get(k, 0.0) + image.metadata["timings"][k]
-            memory[k] = max(memory.get(k, 0), image.peak_memory[k])
+    outputs = output_paths(output, seeds)
+    for event in events:
+        if isinstance(event, StepEvent):
+            _progress(event, seeds)
+        elif isinstance(event, ImageEvent):
+            image = event.image
+            written.append(image.save(outputs[event.index], export_json_metadata=metadata, overwrite=False))
+            click.echo(f"wrote {written[-1]}")
+            for k, v in image.metadata["timings"].items():
+                # load and text encoding count up over the run; each batch has its own denoising and decoding
+                if k in ("load", "text_encoding"):
+                    seconds[k] = v
+                elif event.index == event.batch[0]:
+                    seconds[k] = seconds.get(k, 0.0) + v
+                memory[k] = max(memory.get(k, 0), image.peak_memory.get(k, 0))
 
     click.echo("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in seconds.items()), err=True)
     if verbose:
@@ -128,3 +137,14 @@ def run(
             err=True,
         )
     return written
+
+
+def _progress(event, seeds: list[int]) -> None:
+    """One progress line per batch on stderr: `seed 1, 2 [####    ] 2/4`."""
+    width = 24
+    done = width * event.step // event.total
+    label = "seed " + ", ".join(str(seeds[i]) for i in event.indices)
+    end = "\n" if event.step == event.total else ""
+    click.echo(
+        f"\r{label} [{'#' * done}{' ' * (width - done)}] {event.step}/{event.total}{end}", err=True, nl=False
+    )

@@ -21,8 +21,9 @@ from mflux import Config, Flux1
 from mflux.cli import cli
 from mflux.convert import convert
 from mflux.errors import MfluxError
+from mflux.folders import open_folder
 from mflux.manifest import FORMAT_VERSION, MANIFEST, hash_files
-from mflux.runtime.loader import COMPONENTS, build_module, iter_weights, open_folder
+from mflux.runtime.loader import COMPONENTS, build_module, iter_weights
 from mflux.runtime.weights import SafetensorsFile, TensorSource
 from mflux.store import Store
 from tests.fixtures import packed_latents, store_hf_folder

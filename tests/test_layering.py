@@ -28,13 +28,6 @@ RUNTIME = {
     "mflux.runtime",
 }
 CONVERTERS = {"mlx", "numpy", "mflux.errors", "mflux.converters"}
-# Imports that break the rule today, each with the change that removes it. The test fails when an
-# entry is no longer needed, so the list only shrinks.
-KNOWN = {
-    # ModelFolder/open_folder read manifest.toml; their rewrite (the runtime reading only config.json
-    # files, the toolchain passing the variant in) moves that into the toolchain.
-    ("runtime/loader.py", "mflux.manifest"),
-}
 
 
 def imports(path: Path, package: str) -> set[str]:
@@ -82,8 +75,7 @@ def converters_violations() -> set[tuple[str, str]]:
 
 def test_runtime_imports_nothing_of_the_toolchain():
     found = runtime_violations()
-    assert found - KNOWN == set(), f"the runtime imports the toolchain: {sorted(found - KNOWN)}"
-    assert KNOWN - found == set(), f"no longer needed, remove from KNOWN: {sorted(KNOWN - found)}"
+    assert found == set(), f"the runtime imports the toolchain: {sorted(found)}"
 
 
 def test_converters_are_a_leaf():
@@ -124,9 +116,6 @@ def test_importing_the_runtime_loads_no_toolchain_module(what):
         for m in loaded
         if m.startswith("mflux.") and not any(allowed(m, {p}) for p in RUNTIME if p.startswith("mflux."))
     }
+    assert toolchain == set(), sorted(toolchain)
     if what == "package":
-        # importing the package alone loads nothing heavy either
-        assert toolchain == set() and "mlx.core" not in loaded, loaded
-    else:
-        # the known exceptions pull in only what they name, and what that module itself imports
-        assert toolchain <= {m for _, m in KNOWN}, sorted(toolchain)
+        assert "mlx.core" not in loaded  # importing the package alone loads nothing heavy either

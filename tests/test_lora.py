@@ -11,7 +11,8 @@ from mlx.utils import tree_flatten
 
 from mflux import Config, Flux1
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.runtime.loader import load_component, open_folder
+from mflux.folders import open_folder
+from mflux.runtime.loader import load_component
 from mflux.runtime.lora import LoRALinear, apply_loras, inspect_lora, resolve
 from mflux.runtime.quantization import QuantSpec, should_quantize
 from tests import lora_files as lf

@@ -8,7 +8,8 @@ from mlx.utils import tree_flatten
 from mflux import Flux1
 from mflux.convert import convert, quantize
 from mflux.errors import InvalidArgument
-from mflux.runtime.loader import load_component, open_folder
+from mflux.folders import open_folder
+from mflux.runtime.loader import load_component
 from mflux.runtime.quantization import QuantSpec
 from mflux.runtime.weights import TensorSource
 from mflux.store import Store

@@ -1,10 +1,12 @@
 """`mflux run` and the Python API on the tiny checkpoints, through the store and through --path."""
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from PIL import Image
 
 from mflux import Config, Flux1
 from mflux.cli import cli
-from mflux.errors import MfluxError
+from mflux.errors import InvalidArgument, MfluxError
 from tests.fixtures import store_hf_folder
 
 PROMPT = "Luxury food photograph"
@@ -197,9 +199,113 @@ def test_freeing_modulation_weights_keeps_images_identical(tiny_dev):
     config = Config(num_inference_steps=2, height=32, width=48, guidance=4.0)
     kept = Flux1.from_path(tiny_dev, precision="float32")
     lean = Flux1.from_path(tiny_dev, precision="float32")
-    lean.keep_modulation_weights = False
     for seed, prompt in [(1, PROMPT), (2, PROMPT), (1, "a red bicycle")]:
         want = np.array(kept.generate_image(seed, prompt, config).image)
-        got = np.array(lean.generate_image(seed, prompt, config).image)
+        got = np.array(lean.generate_image(seed, prompt, config, free_modulation_weights=True).image)
         assert np.array_equal(want, got), (seed, prompt)
-        assert "time_in" not in lean._modules["transformer"]  # freed again after each new prompt
+        assert "time_in" not in lean._modules["transformer"]  # freed again after each generation
+    assert "time_in" in kept._modules["transformer"]
+
+
+def test_a_batch_equals_its_images_made_alone(tiny_dev):
+    """Four seeds denoised as one batch give the four single images (float32, within 1/255)."""
+    flux = Flux1.from_path(tiny_dev, precision="float32")
+    config = Config(num_inference_steps=2, height=32, width=48, guidance=4.0)
+    seeds = [3, 1, 4, 1 + 2**63]
+    batched = flux.generate_images(seeds, PROMPT, config, batch_size=4)
+    assert [im.metadata["seed"] for im in batched] == seeds
+    for seed, image in zip(seeds, batched):
+        alone = np.array(flux.generate_image(seed, PROMPT, config).image).astype(int)
+        assert np.abs(np.array(image.image).astype(int) - alone).max() <= 1, seed
+    assert not np.array_equal(np.array(batched[0].image), np.array(batched[1].image))
+
+
+def test_generate_streams_one_event_per_step(tiny_schnell):
+    flux = Flux1.from_path(tiny_schnell, precision="float32")
+    config = Config(num_inference_steps=3, height=32, width=32)
+    events = list(flux.generate([5, 6, 7], PROMPT, config, batch_size=2, previews=[2]))
+    kinds = [(type(e).__name__, getattr(e, "step", None), getattr(e, "indices", None)) for e in events]
+    assert kinds == [
+        ("StepEvent", 1, [0, 1]), ("StepEvent", 2, [0, 1]), ("StepEvent", 3, [0, 1]),
+        ("ImageEvent", None, None), ("ImageEvent", None, None),
+        ("StepEvent", 1, [2]), ("StepEvent", 2, [2]), ("StepEvent", 3, [2]),
+        ("ImageEvent", None, None),
+    ]  # fmt: skip
+    previews = [e.previews for e in events if type(e).__name__ == "StepEvent"]
+    assert [p is not None for p in previews] == [False, True, False] * 2
+    assert previews[1][0].size == (32, 32) and len(previews[1]) == 2
+    # the last step's latents decoded are the image itself
+    last = list(flux.generate([7], PROMPT, config, previews=True))
+    assert np.array_equal(np.array(last[2].previews[0]), np.array(last[3].image.image))
+
+
+def test_stopping_the_iteration_stops_the_work(tiny_schnell):
+    flux = Flux1.from_path(tiny_schnell, precision="float32")
+    events = flux.generate([1, 2], PROMPT, Config(num_inference_steps=4, height=32, width=32))
+    first = next(events)
+    assert first.step == 1
+    events.close()  # a cancelled job: nothing further runs
+    assert list(events) == []
+
+
+def test_seed_range_is_checked_before_anything_loads(tiny_schnell):
+    flux = Flux1.from_path(tiny_schnell, precision="float32")
+    for bad in (-1, 2**64, 1.5, "3"):
+        with pytest.raises(InvalidArgument, match=r"0\.\.18446744073709551615"):
+            flux.generate_image(bad, PROMPT, Config(num_inference_steps=1, height=32, width=32))
+    assert flux._modules == {}
+
+
+def test_save_never_overwrites_unless_asked(tiny_schnell, tmp_path):
+    image = Flux1.from_path(tiny_schnell, precision="float32").generate_image(
+        1, PROMPT, Config(num_inference_steps=1, height=32, width=32)
+    )
+    first = image.save(tmp_path / "a.png")
+    second = image.save(tmp_path / "a.png")
+    assert (first.name, second.name) == ("a.png", "a_1.png")
+    assert image.save(tmp_path / "a.png", overwrite=True).name == "a.png"
+    assert Image.open(io.BytesIO(image.png_bytes())).text["Prompt"] == PROMPT
+
+
+def test_a_bits_suffix_mflux_cannot_make_is_refused_before_any_suggestion(tiny_schnell, tmp_path):
+    store_hf_folder(tiny_schnell, "tiny")
+    result = CliRunner().invoke(cli, ["run", "-m", "tiny-q7", "--prompt", PROMPT, "--no-pull"])
+    assert result.exit_code != 0
+    assert "7-bit is not a quantization mflux makes" in result.output
+    assert "mflux quantize tiny --bits 7" not in result.output
+    with pytest.raises(InvalidArgument, match="7-bit"):
+        Flux1.from_name("tiny-q7")
+
+
+def test_a_model_removed_while_in_use_is_named(tiny_schnell):
+    stored = store_hf_folder(tiny_schnell, "gone")
+    flux = Flux1.from_name("gone")
+    shutil.rmtree(stored)  # what `mflux rm gone` does while this process runs
+    with pytest.raises(MfluxError, match="gone was removed while in use"):
+        flux.generate_image(1, PROMPT, Config(num_inference_steps=1, height=32, width=32))
+
+
+def test_damaged_store_files_are_caught_when_the_model_opens(tiny_schnell):
+    stored = store_hf_folder(tiny_schnell, "dmg")
+    vae = stored / "vae" / "diffusion_pytorch_model.safetensors"
+    Flux1.from_name("dmg")  # intact: opens
+    before = vae.stat()
+    data = bytearray(vae.read_bytes())
+    data[-1] ^= 0xFF  # a flipped byte, same size
+    vae.write_bytes(bytes(data))
+    later = time.time() + 60
+    os.utime(vae, (later, later))  # as if edited a minute after it was stored
+    with pytest.raises(MfluxError, match="changed after the model was stored.*--verify"):
+        Flux1.from_name("dmg")
+    os.utime(vae, ns=(before.st_atime_ns, before.st_mtime_ns))  # the cheap check can't see this one
+    Flux1.from_name("dmg")
+    with pytest.raises(MfluxError, match="does not match its sha256"):
+        Flux1.from_name("dmg", verify=True)
+    result = CliRunner().invoke(cli, ["run", "-m", "dmg", "--prompt", PROMPT, "--verify", "--no-pull"])
+    assert result.exit_code != 0 and "does not match its sha256" in result.output
+    vae.write_bytes(bytes(data[:-10]))
+    with pytest.raises(MfluxError, match="is damaged: vae/diffusion_pytorch_model.safetensors is .* bytes"):
+        Flux1.from_name("dmg")
+    vae.unlink()
+    with pytest.raises(MfluxError, match="is missing .*mflux inspect dmg --verify"):
+        Flux1.from_name("dmg")

@@ -8,7 +8,6 @@ the loaded size. A module is quantized exactly where its weights carry `<path>.s
 headers are checked first, since `mx.load` on a damaged file can crash or explain poorly.
 """
 
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from mflux.converters import bfl, diffusers
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.manifest import COMPONENTS, architecture_from_hf, defaults_for, read_manifest, variant_of
+from mflux.runtime.folder import COMPONENTS, ModelFolder
 from mflux.runtime.quantization import (
     QuantSpec,
     quantize_model_from_weights,
@@ -31,40 +30,6 @@ from mflux.runtime.weights import SafetensorsFile, TensorSource
 # small: at 16 MiB, peak RSS under -q matched tensor-by-tensor loading (0.52 vs 0.49 GB for a 0.4 GB
 # 4-bit model), where 64 MiB gave 0.67 GB; on this CPU the group size changed no timing measurably.
 EVAL_GROUP_BYTES = 16 * 2**20
-
-
-@dataclass
-class ModelFolder:
-    """What the runtime needs to know about a folder before loading any weights."""
-
-    path: Path
-    format: str  # "hf" | "mlx"
-    variant: str  # "schnell" | "dev"
-    architecture: dict  # component -> config values, under Hugging Face's key names
-    quantization: dict | None  # stored quantization (mlx format), per component
-    name: str
-
-    def quant_spec(self, component: str, layer: str | None = None) -> QuantSpec | None:
-        q = (self.quantization or {}).get(component)
-        if not q:
-            return None
-        return QuantSpec.from_dict({**q, **q.get("layers", {}).get(layer, {})} if layer else q)
-
-    @property
-    def defaults(self) -> dict:
-        return defaults_for(self.variant, self.architecture)
-
-
-def open_folder(path: str | Path, name: str | None = None) -> ModelFolder:
-    """Describe a model folder: from its manifest.toml if it has one, else from its config files."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise MfluxError(f"{path}: no such folder (give a FLUX.1 model folder, or a store name with --model)")
-    if (path / "manifest.toml").is_file():
-        m = read_manifest(path)
-        return ModelFolder(path, m.format, m.variant, m.architecture, m.quantization, m.name)
-    arch = architecture_from_hf(path)
-    return ModelFolder(path, "hf", variant_of(arch), arch, None, name or path.name)
 
 
 def build_module(component: str, architecture: dict) -> nn.Module:

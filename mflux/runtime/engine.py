@@ -1,0 +1,270 @@
+"""The generation engine: one generator over loaded modules that every caller drives.
+
+`generate(models, request)` encodes the prompts, prepares each batch's starting latents, denoises them
+step by step and decodes them, yielding an event at each stage. Seeds, prompts and the two halves of
+true CFG are all rows of one batch axis. The caller owns evaluation timing, progress bars, freeing
+memory and saving: after `Conditioned` it may free the text encoders before the transformer is asked
+for; after `Modulated` it may free the transformer's conditioning layers. Stopping the iteration stops
+the work.
+
+The arithmetic follows diffusers' FluxPipeline (text-to-image, true CFG), FluxImg2ImgPipeline and
+FluxInpaintPipeline step for step, so the same noise gives the same image.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import mlx.core as mx
+import numpy as np
+
+from mflux.runtime import sampler
+
+
+class Models(Protocol):
+    """Where the engine gets its modules; each is loaded when first asked for."""
+
+    def get(self, component: str): ...
+
+    def tokenizers(self) -> tuple: ...
+
+
+@dataclass
+class Request:
+    """What to make. Rows i of `prompts` and `seeds` are image i."""
+
+    prompts: list[str]
+    seeds: list[int]
+    height: int
+    width: int
+    steps: int
+    guidance: float | None  # dev's distilled guidance; None for a model without a guidance embedder
+    max_sequence_length: int
+    shift: dict | None = None  # the sigma shift settings (dev), None for no shift
+    negative_prompts: list[str] | None = None  # with true_cfg_scale > 1: true CFG
+    true_cfg_scale: float = 1.0
+    image: np.ndarray | None = None  # (H, W, 3) uint8 init image, already at height x width
+    mask: np.ndarray | None = None  # (H, W) bool, True repaints (inpainting; needs image)
+    strength: float = 1.0  # img2img / inpainting: 1.0 starts from pure noise
+    noise: np.ndarray | None = None  # (B, L, 64) packed initial noise; else drawn from each seed
+    batch_size: int = 1
+    precompute_modulations: bool = False  # all batches' modulations before the first step
+    dtype: mx.Dtype = mx.float32
+
+    @property
+    def true_cfg(self) -> bool:
+        return self.true_cfg_scale > 1 and self.negative_prompts is not None
+
+
+@dataclass
+class Conditioned:
+    """The prompts are encoded: the text encoders are no longer needed."""
+
+    prompts: list[str]
+
+
+@dataclass
+class Modulated:
+    """Every batch's modulations are computed: the transformer's conditioning layers are no longer needed."""
+
+
+@dataclass
+class Step:
+    step: int  # 1-based
+    total: int
+    indices: list[int]  # the images of this batch, as rows of the request
+    latents: mx.array  # (B, L, 64) after this step
+
+
+@dataclass
+class Decoded:
+    indices: list[int]
+    pixels: np.ndarray  # (B, H, W, 3) uint8
+
+
+def generate(models: Models, request: Request) -> Iterator[Conditioned | Modulated | Step | Decoded]:
+    r = request
+    texts = _unique([*r.prompts, *(r.negative_prompts or [])]) if r.true_cfg else _unique(r.prompts)
+    encoded = encode_prompts(models, texts, r.max_sequence_length, r.dtype)
+    yield Conditioned(texts)
+
+    sigmas = schedule(
+        r.steps, _seq_len(r.height, r.width), r.shift, r.strength if r.image is not None else 1.0
+    )
+    image_latents = mask = None
+    if r.image is not None:
+        image_latents = encode_image(models.get("vae"), r.image[None], r.dtype)  # (1, L, 64)
+        mx.eval(image_latents)
+        if r.mask is not None:
+            mask = latent_mask(r.mask, r.height, r.width).astype(r.dtype)
+
+    transformer = models.get("transformer")
+    batches = [
+        list(range(i, min(i + r.batch_size, len(r.seeds)))) for i in range(0, len(r.seeds), r.batch_size)
+    ]
+    mods = {}
+    if r.precompute_modulations:
+        for rows in batches:
+            mods[rows[0]] = _modulations(transformer, r, encoded, rows, sigmas)
+        mx.eval(list(mods.values()))
+        yield Modulated()
+
+    for rows in batches:
+        txt, pooled = _conditioning(r, encoded, rows)
+        noise = _noise(r, rows)
+        x = start_latents(noise, sigmas[0], image_latents)
+        m = mods.pop(rows[0]) if rows[0] in mods else _modulations(transformer, r, encoded, rows, sigmas)
+        steps = denoise(
+            transformer, txt, x, sigmas, r.height, r.width, m, r.true_cfg_scale, image_latents, mask, noise
+        )
+        for i, x in enumerate(steps, 1):
+            mx.eval(x)
+            yield Step(i, len(sigmas) - 1, rows, x)
+        yield Decoded(rows, decode(models.get("vae"), x, r.height, r.width))
+
+
+def encode_prompts(models: Models, prompts: list[str], max_sequence_length: int, dtype) -> dict:
+    """prompt -> (txt (1, S, 4096), pooled (1, 768)), one prompt at a time so a prompt's encoding does
+    not depend on what else is in the request."""
+    from mflux.runtime.tokenizers import clip_ids, t5_ids
+
+    clip_tok, t5_tok = models.tokenizers()
+    clip, t5 = models.get("text_encoder"), models.get("text_encoder_2")
+    out = {}
+    for p in prompts:
+        out[p] = encode_prompt(
+            clip, t5, clip_ids(clip_tok, [p]), t5_ids(t5_tok, [p], max_sequence_length), dtype
+        )
+        mx.eval(out[p])
+    return out
+
+
+def encode_prompt(clip, t5, clip_ids: np.ndarray, t5_ids: np.ndarray, dtype) -> tuple[mx.array, mx.array]:
+    """(txt (B, S, 4096), pooled (B, 768)) in the transformer's dtype."""
+    txt = t5(mx.array(t5_ids))
+    _, pooled = clip(mx.array(clip_ids))
+    return txt.astype(dtype), pooled.astype(dtype)
+
+
+def schedule(steps: int, image_seq_len: int, shift: dict | None, strength: float = 1.0) -> list[float]:
+    """The sigmas to step through, ending in 0. Below strength 1 the first steps are cut as
+    FluxImg2ImgPipeline.get_timesteps cuts them, so ceil(steps * strength) steps remain."""
+    s = sampler.sigmas(
+        steps,
+        image_seq_len,
+        shift=bool(shift and shift.get("use_dynamic_shifting")),
+        base_seq_len=(shift or {}).get("base_image_seq_len", 256),
+        max_seq_len=(shift or {}).get("max_image_seq_len", 4096),
+        base_shift=(shift or {}).get("base_shift", 0.5),
+        max_shift=(shift or {}).get("max_shift", 1.15),
+    )
+    t_start = int(max(steps - min(steps * strength, steps), 0))
+    return s[t_start:]
+
+
+def start_latents(noise: mx.array, sigma: float, image_latents: mx.array | None) -> mx.array:
+    """Pure noise, or the init image noised to `sigma` (the scheduler's scale_noise)."""
+    if image_latents is None:
+        return noise
+    return scale_noise(image_latents, sigma, noise)
+
+
+def scale_noise(sample: mx.array, sigma: float, noise: mx.array) -> mx.array:
+    s = mx.array(sigma, dtype=mx.float32).astype(sample.dtype)
+    return s * noise + (1.0 - s) * sample
+
+
+def denoise(
+    flux,
+    txt: mx.array,  # (B, S, 4096), or (2B, S, 4096) with true CFG: positives, then negatives
+    latents: mx.array,  # (B, L, 64) starting latents
+    sigmas: list[float],
+    height: int,
+    width: int,
+    mods: mx.array,  # (steps, rows of txt, K, hidden) from `modulations`
+    true_cfg_scale: float = 1.0,
+    image_latents: mx.array | None = None,  # inpainting: the init image's latents (1|B, L, 64)
+    mask: mx.array | None = None,  # inpainting: (1, L, 64), 1 repaints
+    noise: mx.array | None = None,  # inpainting: the noise that re-noises the kept area
+) -> Iterator[mx.array]:
+    """Yield the latents after each Euler step of the flow-matching ODE."""
+    b, rows = latents.shape[0], txt.shape[0]
+    img_ids = mx.broadcast_to(sampler.image_ids(height, width), (rows, latents.shape[1], 3))
+    txt_ids = mx.broadcast_to(sampler.text_ids(txt.shape[1]), (rows, txt.shape[1], 3))
+    pe = flux.positions(img_ids, txt_ids)  # depends on no latent: once
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x = mx.concatenate([latents, latents]) if rows > b else latents
+        v = flux.predict(x, txt, pe, mods[i])
+        if rows > b:  # true CFG, as FluxPipeline: neg + scale * (pos - neg)
+            v_pos, v_neg = v[:b], v[b:]
+            v = v_neg + true_cfg_scale * (v_pos - v_neg)
+        latents = sampler.euler_step(latents, v, sigma, sigma_next)
+        if mask is not None:  # keep the unmasked area on the init image's path (FluxInpaintPipeline)
+            kept = image_latents if i == len(sigmas) - 2 else scale_noise(image_latents, sigma_next, noise)
+            latents = (1 - mask) * kept + mask * latents
+        yield latents
+
+
+def modulations(flux, pooled: mx.array, sigmas: list[float], guidance: float | None) -> mx.array:
+    """(steps, B, K, hidden): every step's modulation rows, which depend only on the timestep, the pooled
+    text and the guidance, so they are computed once per generation."""
+    b = pooled.shape[0]
+    g = None if guidance is None else mx.full((b,), guidance, dtype=mx.float32)
+    return flux.modulations(sampler.timesteps(sigmas), pooled, g)
+
+
+def decode(vae, latents: mx.array, height: int, width: int) -> np.ndarray:
+    """Packed latents -> uint8 images (B, H, W, 3), rounded as diffusers' image processor does."""
+    z = vae.unscale(sampler.unpack(latents, height, width))  # (B, H/8, W/8, 16)
+    image = vae.decode(z.astype(vae_dtype(vae)))
+    image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0, 1)
+    return np.array((image * 255).round().astype(mx.uint8))
+
+
+def encode_image(vae, pixels: np.ndarray, dtype) -> mx.array:
+    """uint8 images (B, H, W, 3) -> packed latents (B, L, 64) in the transformer's space: the VAE
+    posterior's mean, shifted and scaled, as FluxImg2ImgPipeline encodes its init image."""
+    x = mx.array(pixels).astype(mx.float32) / 255.0 * 2 - 1  # diffusers' preprocess: [0, 1] then [-1, 1]
+    z = vae.encode(x.astype(vae_dtype(vae)))  # (B, H/8, W/8, 16)
+    return sampler.pack(vae.scale(z).astype(dtype))
+
+
+def latent_mask(mask: np.ndarray, height: int, width: int) -> mx.array:
+    """(H, W) bool -> (1, L, 64): nearest-neighbour down to the latent grid, as FluxInpaintPipeline does
+    (torch's interpolate picks pixel (8i, 8j)), repeated over the 16 latent channels and packed."""
+    h, w = 2 * (height // 16), 2 * (width // 16)
+    small = np.asarray(mask, dtype=np.float32)[::8, ::8][:h, :w]
+    z = mx.broadcast_to(mx.array(small)[None, :, :, None], (1, h, w, 16))
+    return sampler.pack(z)
+
+
+def vae_dtype(vae):
+    return vae.decoder.conv_in.weight.dtype
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _seq_len(height: int, width: int) -> int:
+    return (height // 16) * (width // 16)
+
+
+def _conditioning(r: Request, encoded: dict, rows: list[int]) -> tuple[mx.array, mx.array]:
+    texts = [r.prompts[i] for i in rows]
+    if r.true_cfg:
+        texts += [r.negative_prompts[i] for i in rows]
+    txt = mx.concatenate([encoded[t][0] for t in texts])
+    pooled = mx.concatenate([encoded[t][1] for t in texts])
+    return txt, pooled
+
+
+def _modulations(transformer, r: Request, encoded: dict, rows: list[int], sigmas: list[float]) -> mx.array:
+    return modulations(transformer, _conditioning(r, encoded, rows)[1], sigmas, r.guidance)
+
+
+def _noise(r: Request, rows: list[int]) -> mx.array:
+    if r.noise is not None:
+        return mx.array(np.asarray(r.noise, dtype=np.float32)[rows]).astype(r.dtype)
+    # each image's noise from its own seed, whatever the batch
+    return mx.concatenate([sampler.noise(r.seeds[i], r.height, r.width) for i in rows]).astype(r.dtype)

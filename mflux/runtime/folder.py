@@ -1,0 +1,114 @@
+"""What the runtime knows about a model folder before loading any weights, and the FLUX.1 variants.
+
+The runtime reads a diffusers folder's own config files (`read_architecture`); the toolchain reads a
+stored model's manifest instead and builds the same `ModelFolder`, passing the variant and its defaults
+in. A new FLUX.1 variant is one row of VARIANTS plus its conditioning code in the engine.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mflux.errors import MfluxError
+from mflux.runtime.quantization import QuantSpec
+
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+CONFIG_FILES = {
+    "transformer": "transformer/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
+    "vae": "vae/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A FLUX.1 variant as the runtime sees it: how to recognise its transformer, and how it is driven."""
+
+    name: str
+    guidance_embeds: bool  # dev-style distilled guidance is an input of the transformer
+    in_channels: int = 64  # packed latent channels the transformer takes (Fill/Kontext differ)
+
+    def matches(self, transformer_config: dict) -> bool:
+        return (
+            bool(transformer_config.get("guidance_embeds", False)) == self.guidance_embeds
+            and int(transformer_config.get("in_channels", 64)) == self.in_channels
+        )
+
+
+VARIANTS = {
+    v.name: v for v in (Variant("schnell", guidance_embeds=False), Variant("dev", guidance_embeds=True))
+}
+
+
+def detect_variant(architecture: dict, variant: str | None = None) -> str:
+    """The variant of a transformer config: the one row of VARIANTS it matches, or `variant` when given.
+    Where the architecture can't decide (two rows match), `variant` is required."""
+    transformer = architecture.get("transformer", {})
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise MfluxError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+        if not VARIANTS[variant].matches(transformer):
+            raise MfluxError(f"the transformer's config does not fit variant {variant!r}")
+        return variant
+    found = [v.name for v in VARIANTS.values() if v.matches(transformer)]
+    if not found:
+        raise MfluxError(
+            "the transformer's config fits no known FLUX.1 variant "
+            f"(guidance_embeds={transformer.get('guidance_embeds')}, in_channels={transformer.get('in_channels')})"
+        )
+    if len(found) > 1:
+        raise MfluxError(f"the architecture can't tell {' from '.join(found)}: name it with --variant")
+    return found[0]
+
+
+def read_architecture(folder: Path) -> dict:
+    """The config values of a diffusers-layout folder, per component, under Hugging Face's key names."""
+    folder = Path(folder)
+    arch = {}
+    for component, rel in CONFIG_FILES.items():
+        path = folder / rel
+        if not path.is_file():
+            raise MfluxError(f"{folder} is not a FLUX.1 checkpoint: missing {rel} (for {component})")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MfluxError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise MfluxError(f"{path}: expected a JSON object")
+        arch[component] = config_values(config)
+    return arch
+
+
+def config_values(config: dict) -> dict:
+    """A config.json as mflux keeps it: without diffusers' bookkeeping keys (_class_name,
+    _diffusers_version), and without nulls, which TOML lacks."""
+    return _without_nulls({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {str(k): _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_without_nulls(v) for v in value if v is not None]
+    return value
+
+
+@dataclass
+class ModelFolder:
+    """What the runtime needs to know about a folder before loading any weights."""
+
+    path: Path
+    format: str  # "hf" | "mlx"
+    variant: str  # a key of VARIANTS
+    architecture: dict  # component -> config values, under Hugging Face's key names
+    quantization: dict | None  # stored quantization (mlx format), per component
+    name: str
+    defaults: dict  # steps, guidance, max_sequence_length (+ the sigma shift settings where it shifts)
+
+    def quant_spec(self, component: str, layer: str | None = None) -> QuantSpec | None:
+        q = (self.quantization or {}).get(component)
+        if not q:
+            return None
+        return QuantSpec.from_dict({**q, **q.get("layers", {}).get(layer, {})} if layer else q)
