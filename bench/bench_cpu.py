@@ -2,9 +2,9 @@
 
 diffusers' FluxTransformer2DModel is built at bench_flux.py's `mid` size with random weights, saved,
 and loaded into mflux through the loader's diffusers path, so both run one network on the same inputs
-(their outputs are compared too). Each step is timed as a generation runs it: diffusers' forward, and mflux's
-`predict` with the modulations computed once (its `__call__`, which computes them every step, is
-timed too). float32, the fast precision of both on a CPU.
+(their outputs are compared too). Each step is timed as a generation runs it: diffusers' forward, and
+mflux's `predict` with the modulations computed once (its `__call__`, which computes them every step,
+is timed too). float32, the fast precision of both on a CPU.
 
 MLX's CPU wheel ships a slow reference BLAS, and Debian's OpenBLAS makes it fast when preloaded
 (README.md), but the same preload slows PyTorch down many times. So each runs in its own process:
