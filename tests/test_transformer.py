@@ -331,3 +331,16 @@ def test_sanitize_dispatch(saved):
     assert set(sanitize("transformer", raw)) == set(sanitize_transformer(raw))
     with pytest.raises(ValueError, match="unknown component"):
         sanitize("unet", raw)
+
+
+def test_loading_reads_nothing_until_evaluated(saved):
+    # mx.load and the sanitize (renames, q/k/v concatenation, half swap) stay lazy: no buffer exists
+    # until evaluation, which is what lets the loader and convert bound their memory.
+    _, _, folder = saved
+    before = mx.get_active_memory()
+    weights = read_weights(folder, "transformer", "hf")
+    assert "double_blocks.0.img_attn.qkv.weight" in weights
+    assert mx.get_active_memory() - before == 0
+    total = sum(v.nbytes for v in weights.values())
+    mx.eval(list(weights.values()))
+    assert mx.get_active_memory() - before >= total > 0
