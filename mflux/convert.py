@@ -40,7 +40,6 @@ from pathlib import Path
 import mlx.core as mx
 
 from mflux.converters import bfl
-from mflux.converters.plan import execute
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.manifest import (
@@ -52,9 +51,9 @@ from mflux.manifest import (
     write_manifest,
 )
 from mflux.runtime.folder import ModelFolder, config_values
-from mflux.runtime.loader import cast_and_quantize, iter_weights
+from mflux.runtime.loader import build_module, check_keys, iter_weights, prepare, stream
 from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
-from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, TensorSource, refuse_pickle, save_shards
+from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, save_shards
 from mflux.store import Store, StoredModel, format_size, validate_name
 
 # Peak memory while writing is about one shard plus a few tensors: 1 GiB keeps converting the
@@ -262,15 +261,13 @@ def _path(source: str) -> Path:
 
 
 def _open_single_file(path: Path, store, base: str | None) -> _Source:
-    source = TensorSource([path])
+    shapes = _header_shapes(path)
     try:
-        plan = bfl.plan(source)
-        plan.check(source.keys(), str(path))
-        variant = bfl.detect_variant(source)
+        config = bfl.diffusers_config(shapes)
+        check_keys(bfl.sanitize(shapes), build_module("transformer", {"transformer": config}), str(path))
+        variant = bfl.detect_variant(shapes)
     except MfluxError as e:
         raise MfluxError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
-    finally:
-        source.close()
     if base is None:
         raise MfluxError(
             f"{path.name} holds only the transformer: give the text encoders, VAE and tokenizers with "
@@ -293,11 +290,14 @@ def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
     if component != "transformer" or src.transformer_file is None:
         yield from iter_weights(src.folder, component, getattr(mx, dtype), spec)
         return
-    source = TensorSource([src.transformer_file])
-    try:
-        yield from cast_and_quantize(component, execute(bfl.plan(source), source), getattr(mx, dtype), spec)
-    finally:
-        source.close()
+    arch = {"transformer": bfl.diffusers_config(_header_shapes(src.transformer_file))}
+    _, weights = prepare(src.transformer_file, component, "bfl", arch, getattr(mx, dtype), spec)
+    yield from stream(weights)
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} from a single file's header; nothing is loaded."""
+    return {k: shape for k, (_, shape, _) in SafetensorsFile(path).tensors.items()}
 
 
 class _Counter:
@@ -343,9 +343,7 @@ def _spec(q: dict | None) -> QuantSpec | None:
 def _architecture(src: _Source, dtypes: dict) -> dict:
     arch = copy.deepcopy(src.folder.architecture)
     if src.transformer_file is not None:
-        source = TensorSource([src.transformer_file])
-        arch["transformer"] = bfl.diffusers_config(source)
-        source.close()
+        arch["transformer"] = bfl.diffusers_config(_header_shapes(src.transformer_file))
     for c in ("text_encoder", "text_encoder_2"):
         arch[c]["dtype"] = dtypes[c]  # transformers' own key for the weights' dtype
         arch[c].pop("torch_dtype", None)

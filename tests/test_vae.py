@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from mflux.converters.plan import execute
 from safetensors.torch import save_file
 
 from mflux.errors import MfluxError
-from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig, plan
-from mflux.runtime.weights import TensorSource
+from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
+from mflux.runtime.loader import cast_and_quantize, check_keys, read_weights
 from tests.fixtures import TINY_VAE
 
 CONFIG = TINY_VAE
@@ -32,10 +31,11 @@ def random_vae(seed: int = 0, **overrides) -> AutoencoderKL:
 def load(folder, dtype=None) -> Autoencoder:
     config = AutoencoderConfig.from_dict(json.loads((folder / "config.json").read_text()))
     model = Autoencoder(config)
-    source = TensorSource.from_folder(folder)
-    p = plan(source)
-    p.check(source.keys(), "vae")
-    model.load_weights(list(execute(p, source, dtype=dtype)), strict=True)
+    weights = read_weights(folder, "vae", "hf")
+    check_keys(weights, model, "vae")
+    if dtype is not None:
+        weights = cast_and_quantize("vae", weights, dtype, None)
+    model.load_weights(list(weights.items()), strict=True)
     return model
 
 

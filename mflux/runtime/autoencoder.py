@@ -5,11 +5,7 @@ from dataclasses import dataclass, field, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.converters.plan import Plan, Target
 from mflux.errors import MfluxError
-
-# diffusers' attention names before 0.15; FLUX's own VAE uses the new ones, older exports the old.
-_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 # A full-resolution layer's working memory per band, by default. At 1024x1024 in bfloat16 the largest
 # layers need about 5 GB whole; bands of this size keep the decode's peak near 1 GB over its weights.
@@ -412,25 +408,3 @@ class BandedDecoder:
         bands.clear()
         mx.eval(out)
         return out
-
-
-def plan(source) -> Plan:
-    """diffusers' AutoencoderKL names kept; 4-D conv weights OIHW -> OHWI. `source` is a TensorSource."""
-    targets = []
-    for key in source.keys():
-        name = _modern_name(key)
-        if ".attentions." in name and len(source.shape(key)) == 4:
-            # a 1x1 conv used as a linear layer (old exports): (O, I, 1, 1) -> (O, I)
-            targets.append(Target(name, (key,), lambda a: a[0].reshape(a[0].shape[:2])))
-        elif len(source.shape(key)) == 4:
-            targets.append(Target(name, (key,), lambda a: a[0].transpose(0, 2, 3, 1)))
-        else:
-            targets.append(Target(name, (key,)))
-    return Plan(targets)
-
-
-def _modern_name(key: str) -> str:
-    parts = key.split(".")
-    if ".attentions." in key and len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION:
-        parts[-2] = _LEGACY_ATTENTION[parts[-2]]
-    return ".".join(parts)
