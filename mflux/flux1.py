@@ -257,6 +257,7 @@ class Flux1:
         previews: bool | Iterable[int] = False,
         free_text_encoders: bool = False,
         free_modulation_weights: bool = False,
+        free_transformer: bool = False,
     ) -> Iterator[StepEvent | ImageEvent]:
         """Images for `seeds` (one prompt for all, or one per seed), `batch_size` at a time, as events:
         a StepEvent after every step of a batch and an ImageEvent per finished image. Stopping the
@@ -271,7 +272,8 @@ class Flux1:
         - `previews`: True decodes every step's latents, or an iterable of 1-based steps to decode.
         - `free_text_encoders` drops T5 and CLIP once the prompts are encoded; `free_modulation_weights`
           computes every batch's modulations first and then drops the transformer's conditioning layers
-          (3.2B parameters at full size); the next generation that needs them reloads the transformer.
+          (3.2B parameters at full size); the next generation that needs them reloads the transformer;
+          `free_transformer` drops the transformer once the last batch is denoised, before its decode.
         """
         config = config or Config()
         request, records = self._request(
@@ -311,6 +313,9 @@ class Flux1:
                 close("denoising")
                 if free_text_encoders:
                     self.free_text_encoders()
+            elif isinstance(event, engine.Denoised):
+                if free_transformer:
+                    self.free_transformer()
             elif isinstance(event, engine.Modulated):
                 self._modules["transformer"].free_modulation_weights()
                 mx.clear_cache()

@@ -221,7 +221,8 @@ def run(
     seconds: dict[str, float] = {}
     memory: dict[str, int] = {}
     flux, loras = None, None
-    for group in _by_loras(st.groups(p.jobs)):
+    groups = _by_loras(st.groups(p.jobs))
+    for n, group in enumerate(groups, 1):
         s = group[0].settings
         if flux is None or s.loras != loras:
             flux = None  # free the last model before the next loads
@@ -229,8 +230,9 @@ def run(
             verify = False  # the files were re-hashed when the first set of LoRAs opened the model
             _notes_on(flux, explicit, p.precision)
         previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
+        last = n == len(groups)  # only then may the transformer go before the decode
         for done in _generate(
-            flux, group, p.outputs, batch_size, metadata, stepwise, previews, seconds, memory
+            flux, group, p.outputs, batch_size, metadata, stepwise, previews, seconds, memory, last
         ):
             written[done.index] = done.written
     results = [written[i] for i in sorted(written)]
@@ -305,7 +307,7 @@ def _preview_steps(flux, s: st.Settings, every: int | None):
     return sorted({*range(every, total + 1, every), total})
 
 
-def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, seconds, memory):
+def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, seconds, memory, last):
     """Run one group of jobs (shared settings) through Flux1.generate; yields each image as it is saved."""
     from mflux.flux1 import Config, ImageEvent, StepEvent
 
@@ -330,6 +332,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         previews=previews,
         free_text_encoders=True,
         free_modulation_weights=True,
+        free_transformer=last,
     )
     shown: dict[int, list] = {}  # row -> [(step, preview)]
     phases: dict[str, float] = {}
