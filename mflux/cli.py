@@ -241,6 +241,14 @@ def pull(model_or_repo, name, revision, dry_run, force):
 @click.option("--precision", type=click.Choice(DTYPES), help="Default: float32 on a CPU, else bfloat16.")
 @click.option("--no-pull", is_flag=True, help="Never download: fail if the model is not in the store.")
 @click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")
+@click.option(
+    "--parallel",
+    type=click.Choice(["data", "sequence"]),
+    default="data",
+    show_default=True,
+    help="Under mlx.launch: split the seeds over the ranks (data), or spread each image's transformer "
+    "over them (sequence). One process ignores it.",
+)
 def run(
     prompt,
     model,
@@ -260,6 +268,7 @@ def run(
     precision,
     no_pull,
     verbose,
+    parallel,
 ):
     """Generate images from a prompt.
 
@@ -290,6 +299,7 @@ def run(
         precision=precision,
         pull=not no_pull,
         verbose=verbose,
+        parallel=parallel,
     )
 
 

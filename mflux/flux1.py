@@ -233,6 +233,7 @@ class Flux1:
         previews: bool | Iterable[int] = False,
         free_text_encoders: bool = False,
         free_modulation_weights: bool = False,
+        sequence_parallel=None,
     ) -> Iterator[StepEvent | ImageEvent]:
         """Images for `seeds` (one prompt for all, or one per seed), `batch_size` at a time, as events:
         a StepEvent after every step of a batch and an ImageEvent per finished image. Stopping the
@@ -248,6 +249,8 @@ class Flux1:
         - `free_text_encoders` drops T5 and CLIP once the prompts are encoded; `free_modulation_weights`
           computes every batch's modulations first and then drops the transformer's conditioning layers
           (3.2B parameters at full size); the next generation that needs them reloads the transformer.
+        - `sequence_parallel`: a `mflux.runtime.parallel.SequenceParallel`; every rank of its group
+          calls `generate` with the same arguments and each transformer pass is spread over them.
         """
         config = config or Config()
         request, records = self._request(
@@ -262,6 +265,7 @@ class Flux1:
             latents,
             batch_size,
         )
+        request.sequence_parallel = sequence_parallel
         if free_modulation_weights:
             request.precompute_modulations = True
             if "transformer" in self._modules and "time_in" not in self._modules["transformer"]:

@@ -1,5 +1,6 @@
 """`mflux run`: resolve the model (pulling it when missing), then write one image per seed."""
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -75,17 +76,28 @@ def run(
     precision: str | None = None,
     pull: bool = True,
     verbose: bool = False,
+    parallel: str = "data",
 ) -> list[Path]:
-    """Generate one image per seed and return the files written."""
+    """Generate one image per seed and return the files this process wrote. Under `mlx.launch`,
+    `parallel` "data" splits the seeds over the ranks and "sequence" spreads each image over them
+    (see mflux.distributed); in one process both are the plain run."""
 
-    from mflux.flux1 import Config, Flux1, ImageEvent, StepEvent, check_seed
+    from mflux import distributed
+    from mflux.flux1 import Config, Flux1, check_seed
+    from mflux.runtime.parallel import SequenceParallel, shard_rows
 
     if not prompt or not prompt.strip():
         raise InvalidArgument("--prompt is empty; describe the image to generate")
+    if parallel not in distributed.PARALLEL_MODES:
+        raise InvalidArgument(
+            f"--parallel must be one of {', '.join(distributed.PARALLEL_MODES)}, got {parallel!r}"
+        )
     config = Config(
         num_inference_steps=steps, height=height, width=width, guidance=3.5 if guidance is None else guidance
     )
-    seeds = [check_seed(s) for s in seeds] if seeds else [int(time.time())]
+    group = distributed.world()
+    rank, size = group.rank(), group.size()
+    seeds = [check_seed(s) for s in seeds] if seeds else [distributed.agree(group, int(time.time()))]
     (kind, where), quantize = resolve_model(model, path, quantize, pull)
 
     kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)
@@ -96,36 +108,34 @@ def run(
     if guidance is not None and flux.variant == "schnell":
         click.echo("warning: --guidance applies to dev only; schnell ignores it", err=True)
 
+    # Names come from the whole seed list, so every rank names an image as one process would.
+    outputs = output_paths(output, seeds)
+    sequence = parallel == "sequence" and size > 1
+    mine = list(range(len(seeds))) if sequence or size == 1 else shard_rows(len(seeds), rank, size)
+    writes = rank == 0 or not sequence  # in sequence parallel every rank holds the image; rank 0 writes it
+    owed = distributed.Owed(rank, [outputs[i] for i in mine] if writes else [])
     # Encode once for every seed, free T5 and CLIP before the transformer loads (peak memory is the
     # larger half of the pipeline, not the whole), and compute every step's modulations up front so
     # the layers that make them can go: 6.4 GB at bf16.
     events = flux.generate(
-        seeds,
+        [seeds[i] for i in mine],
         prompt,
         config,
         batch_size=batch_size,
         free_text_encoders=True,
         free_modulation_weights=True,
+        sequence_parallel=SequenceParallel(group) if sequence else None,
     )
-    seconds: dict[str, float] = {}
-    memory: dict[str, int] = {}
-    written = []
-    outputs = output_paths(output, seeds)
-    for event in events:
-        if isinstance(event, StepEvent):
-            _progress(event, seeds)
-        elif isinstance(event, ImageEvent):
-            image = event.image
-            written.append(image.save(outputs[event.index], export_json_metadata=metadata, overwrite=False))
-            click.echo(f"wrote {written[-1]}")
-            for k, v in image.metadata["timings"].items():
-                # load and text encoding count up over the run; each batch has its own denoising and decoding
-                if k in ("load", "text_encoding"):
-                    seconds[k] = v
-                elif event.index == event.batch[0]:
-                    seconds[k] = seconds.get(k, 0.0) + v
-                memory[k] = max(memory.get(k, 0), image.peak_memory.get(k, 0))
-
+    with owed if size > 1 else contextlib.nullcontext():
+        written, seconds, memory = _write_images(
+            events, [seeds[i] for i in mine], [outputs[i] for i in mine], writes, owed, metadata, rank == 0
+        )
+    count = distributed.total(group, len(written))
+    if rank:
+        return written
+    if size > 1:
+        over = "each image over" if sequence else "the images over"
+        click.echo(f"{count} of {len(seeds)} images written, {over} {size} ranks", err=True)
     click.echo("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in seconds.items()), err=True)
     if verbose:
         click.echo(
@@ -134,6 +144,35 @@ def run(
             err=True,
         )
     return written
+
+
+def _write_images(events, seeds, outputs, save: bool, owed, metadata: bool, progress: bool):
+    """Drive the events, writing each image as it is done: (files written, seconds, peak memory)."""
+    from mflux.flux1 import ImageEvent, StepEvent
+
+    seconds: dict[str, float] = {}
+    memory: dict[str, int] = {}
+    written = []
+    for event in events:
+        if isinstance(event, StepEvent):
+            if progress:
+                _progress(event, seeds)
+        elif isinstance(event, ImageEvent):
+            image = event.image
+            if save:
+                written.append(
+                    image.save(outputs[event.index], export_json_metadata=metadata, overwrite=False)
+                )
+                owed.paid(outputs[event.index])
+                click.echo(f"wrote {written[-1]}")
+            for k, v in image.metadata["timings"].items():
+                # load and text encoding count up over the run; each batch has its own denoising and decoding
+                if k in ("load", "text_encoding"):
+                    seconds[k] = v
+                elif event.index == event.batch[0]:
+                    seconds[k] = seconds.get(k, 0.0) + v
+                memory[k] = max(memory.get(k, 0), image.peak_memory.get(k, 0))
+    return written, seconds, memory
 
 
 def _progress(event, seeds: list[int]) -> None:
