@@ -11,6 +11,7 @@ When a rank fails, mlx.launch sends SIGTERM to the others and may still exit 0, 
 SIGTERM which images it still owed; a user (or a test) reads that, not the exit code.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -44,9 +45,20 @@ class Owed:
     def __init__(self, rank: int, paths: list[Path]):
         self.rank = rank
         self.left = dict.fromkeys(paths)
+        self._writing = self._pending = False
 
-    def paid(self, path: Path) -> None:
-        self.left.pop(path, None)
+    @contextlib.contextmanager
+    def writing(self, path: Path):
+        """Write `path` inside: a SIGTERM meanwhile waits until it is written and crossed off, so the
+        list printed is exactly the files missing."""
+        self._writing = True
+        try:
+            yield
+            self.left.pop(path, None)
+        finally:
+            self._writing = False
+        if self._pending:
+            self._stop(signal.SIGTERM, None)
 
     def __enter__(self) -> "Owed":
         self._previous = signal.signal(signal.SIGTERM, self._stop)
@@ -56,9 +68,15 @@ class Owed:
         signal.signal(signal.SIGTERM, self._previous)
 
     def _stop(self, signum, frame) -> None:
+        if self._writing:
+            self._pending = True
+            return
         left = ", ".join(str(p) for p in self.left) or "none"
-        # os.write, not print: the handler may run while the main thread is inside a print
-        os.write(sys.stderr.fileno(), f"rank {self.rank}: stopped by SIGTERM; not written: {left}\n".encode())
+        # os.write, not print: the handler may run while the main thread is inside a print; the
+        # newline first ends a progress line
+        os.write(
+            sys.stderr.fileno(), f"\nrank {self.rank}: stopped by SIGTERM; not written: {left}\n".encode()
+        )
         os._exit(128 + signum)
 
 

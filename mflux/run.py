@@ -160,11 +160,11 @@ def _write_images(events, seeds, outputs, save: bool, owed, metadata: bool, prog
         elif isinstance(event, ImageEvent):
             image = event.image
             if save:
-                written.append(
-                    image.save(outputs[event.index], export_json_metadata=metadata, overwrite=False)
-                )
-                owed.paid(outputs[event.index])
-                click.echo(f"wrote {written[-1]}")
+                with owed.writing(outputs[event.index]):
+                    written.append(
+                        image.save(outputs[event.index], export_json_metadata=metadata, overwrite=False)
+                    )
+                    click.echo(f"wrote {written[-1]}")
             for k, v in image.metadata["timings"].items():
                 # load and text encoding count up over the run; each batch has its own denoising and decoding
                 if k in ("load", "text_encoding"):

@@ -1,0 +1,138 @@
+"""Data and sequence parallelism with real ring-backend processes on localhost, started by mlx.launch.
+
+Each test reads what the ranks wrote (files, output lines), never mlx.launch's exit code: when a rank
+fails, mlx.launch stops the others and may still exit 0. Every launch runs in its own process group
+with a deadline, and the test checks that no rank is left behind.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mflux import Config, Flux1
+from mflux.runtime.parallel import shard_rows
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "Luxury food photograph"
+TINY = ["--height", "32", "--width", "32", "--steps", "2"]
+LAUNCH = "from mlx._distributed_utils.launch import main; main()"  # the `mlx.launch` script's body
+
+
+def launch(ranks: int, command: list[str], timeout: float = 150) -> tuple[str, str]:
+    """(stdout, stderr) of `mlx.launch -n ranks --backend ring -- command`, run from the repo root."""
+    cmd = [sys.executable, "-c", LAUNCH, "-n", str(ranks), "--backend", "ring"]
+    cmd += ["--starting-port", str(_free_port()), "--", sys.executable, *command]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mlx.launch ran past {timeout}s:\n{out}\n{err}")
+    # the ranks run in the launcher's process group: none may outlive it
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a rank outlived mlx.launch")
+    except ProcessLookupError:
+        pass
+    return out, err
+
+
+def _free_port() -> int:
+    # the ring backend listens on this port and the next ones, one per rank
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.array(Image.open(path)).astype(int)
+
+
+def one_process(folder: Path, seeds: list[int]) -> list[np.ndarray]:
+    flux = Flux1.from_path(folder, precision="float32")
+    images = flux.generate_images(seeds, PROMPT, Config(num_inference_steps=2, height=32, width=32))
+    return [np.array(i.image).astype(int) for i in images]
+
+
+@pytest.mark.parametrize("count,size", [(1, 2), (3, 2), (7, 3), (2, 3)])
+def test_shard_rows_give_each_image_to_exactly_one_rank(count, size):
+    rows = [shard_rows(count, r, size) for r in range(size)]
+    assert sorted(i for r in rows for i in r) == list(range(count))
+    assert max(map(len, rows)) - min(map(len, rows)) <= 1
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sequence_parallel_transformer_equals_one_process(ranks, tmp_path):
+    launch(ranks, ["-m", "tests.distributed_worker", "transformer", str(tmp_path)], timeout=90)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+    # 7 text and 10 image tokens sharded: ceil(7/N) and ceil(10/N) rows per rank, padding included
+    s, l = -(-7 // ranks), -(-10 // ranks)
+    # per step, float32: each of the 4 blocks passes this rank's k and v (s + l rows of 64), then its
+    # velocity rows (l of 64) are gathered once
+    per_step = 4 * (4 * (s + l) * 2 * 64 + l * 64)
+    for r, result in enumerate(results):
+        assert (result["rank"], result["size"]) == (r, ranks)
+        assert result["max_abs_diff"] <= 1e-5, result
+        assert result["step_bytes"] == per_step
+        assert result["sent_bytes"] == result["steps"] * per_step == 2 * per_step
+
+
+def test_sequence_parallel_image_equals_one_process(tiny_schnell, tmp_path):
+    out, err = launch(
+        2,
+        ["-m", "mflux", "run", "--path", str(tiny_schnell), "--prompt", PROMPT, *TINY, "--seed", "5"]
+        + ["--parallel", "sequence", "--output", str(tmp_path / "image.png")],
+    )
+    assert out.count("wrote ") == 1, out + err  # rank 0 writes; rank 1 only helps
+    assert "1 of 1 images written, each image over 2 ranks" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png"]
+    (alone,) = one_process(tiny_schnell, [5])
+    assert np.abs(pixels(tmp_path / "image.png") - alone).max() <= 1
+
+
+def test_data_parallel_run_makes_each_seed_once_as_one_process_would(tiny_schnell, tmp_path):
+    seeds = [1, 2, 3]
+    out, err = launch(
+        2,
+        ["-m", "mflux", "run", "--path", str(tiny_schnell), "--prompt", PROMPT, *TINY]
+        + ["--seed", *map(str, seeds), "--output", str(tmp_path / "image.png")],
+    )
+    names = [f"image_seed_{s}.png" for s in seeds]
+    wrote = sorted(Path(p).name for p in re.findall(r"^wrote (\S+)$", out, re.M))
+    assert wrote == names, out + err  # none twice, none skipped
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert err.count("images written") == 1 and "3 of 3 images written, the images over 2 ranks" in err
+    for name, alone in zip(names, one_process(tiny_schnell, seeds)):
+        assert np.array_equal(pixels(tmp_path / name), alone), name
+
+
+def test_a_rank_stopped_by_sigterm_says_which_images_it_still_owed(tiny_schnell, tmp_path):
+    seeds = [1, 2, 3, 4, 5, 6]
+    out, err = launch(
+        2,
+        ["-m", "tests.distributed_worker", "sigterm", str(tmp_path), "--path", str(tiny_schnell)]
+        + ["--prompt", PROMPT, *TINY, "--seed", *map(str, seeds), "--output", str(tmp_path / "image.png")],
+    )
+    owed = {}
+    for rank, names in re.findall(r"rank (\d): stopped by SIGTERM; not written: (.*)$", err, re.M):
+        owed[int(rank)] = [] if names == "none" else [Path(n).name for n in names.split(", ")]
+    # rank 1 (seeds 2, 4, 6) is stopped right after writing seed 2's image
+    assert owed[1] == ["image_seed_4.png", "image_seed_6.png"], err
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert "image_seed_2.png" in written
+    # rank 0 was either stopped too, listing what it had left, or finished and then heard rank 1 was gone
+    assert 0 in owed or "another rank stopped before the end" in err, err
+    missing = [n for r in owed.values() for n in r]
+    assert sorted(written + missing) == sorted(f"image_seed_{s}.png" for s in seeds), (written, missing)
