@@ -2,12 +2,13 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "Flux1", "GeneratedImage", "__version__"]
+_API = ("Flux1", "Config", "GeneratedImage", "StepEvent", "ImageEvent")
+__all__ = [*_API, "__version__"]
 
 
 def __getattr__(name: str):
     # The API pulls in mlx; keep `import mflux` (and so `mflux --help`) light.
-    if name in ("Flux1", "Config", "GeneratedImage"):
+    if name in _API:
         from mflux.backend import import_mlx
 
         import_mlx()  # a clear hint where MLX has no backend, before flux1 imports it

@@ -16,6 +16,7 @@ import io
 import re
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +152,7 @@ class Flux1:
         if not store.exists(name):
             m = _QUANT_NAME.match(name)
             if m and store.exists(m["base"]):
+                check_bits(name, int(m["bits"]))
                 if kwargs.get("quantize") not in (None, int(m["bits"])):
                     raise InvalidArgument(f"{name} means {m['bits']}-bit, but quantize={kwargs['quantize']}")
                 kwargs["quantize"] = int(m["bits"])
@@ -176,7 +178,8 @@ class Flux1:
     def get(self, component: str):
         if component not in self._modules:
             start = time.perf_counter()
-            module = load_component(self.folder, component, self.dtype, self.quantize)
+            with self._files():
+                module = load_component(self.folder, component, self.dtype, self.quantize)
             # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing.
             if self.lora_paths:
                 from mflux.runtime.lora import apply_loras
@@ -190,8 +193,28 @@ class Flux1:
         if self._tokenizers is None:
             from mflux.runtime.tokenizers import load_tokenizers
 
-            self._tokenizers = load_tokenizers(self.folder.path)
+            with self._files():
+                self._tokenizers = load_tokenizers(self.folder.path)
         return self._tokenizers
+
+    @contextmanager
+    def _files(self):
+        """Reading the folder: a folder removed meanwhile (`mflux rm` in another shell) or a file gone
+        is one clear error."""
+        try:
+            yield
+        except (FileNotFoundError, MfluxError) as e:
+            if not self.folder.path.exists():
+                raise MfluxError(
+                    f"{self.folder.name} was removed while in use ({self.folder.path} is gone); "
+                    "pull or convert it again"
+                ) from None
+            if isinstance(e, FileNotFoundError):
+                raise MfluxError(
+                    f"{e.filename}: missing from {self.folder.name} (check it with: mflux inspect "
+                    f"{self.folder.name} --verify, then pull or convert it again)"
+                ) from None
+            raise
 
     def load(self) -> float:
         """Load the transformer and the VAE now (else the first image does), in seconds. Weights load
@@ -436,6 +459,14 @@ class Flux1:
             return None
         parts = sorted({f"{v['bits']}-bit {v.get('mode', 'affine')}" for v in q.values()})
         return ", ".join(parts) + " (stored)"
+
+
+def check_bits(name: str, bits: int) -> None:
+    if bits not in AFFINE_BITS:
+        raise InvalidArgument(
+            f"{name}: {bits}-bit is not a quantization mflux makes "
+            f"(-q{' / -q'.join(map(str, AFFINE_BITS))}, or mflux quantize --mode for the fp modes)"
+        )
 
 
 def check_seed(seed) -> int:

@@ -11,7 +11,7 @@ from mflux.errors import InvalidArgument, MfluxError
 
 def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool):
     """(folder path or store name, quantize) for `--model`/`--path`; pulls a missing catalog model."""
-    from mflux.flux1 import _QUANT_NAME
+    from mflux.flux1 import _QUANT_NAME, check_bits
     from mflux.store import Store
 
     if model and path:
@@ -24,6 +24,8 @@ def resolve_model(model: str | None, path: str | None, quantize: int | None, pul
         return ("name", model), quantize
     m = _QUANT_NAME.match(model)
     base = m["base"] if m else model
+    if m:
+        check_bits(model, int(m["bits"]))
     if m and quantize not in (None, int(m["bits"])):
         raise InvalidArgument(f"--model {model} means {m['bits']}-bit, but --quantize is {quantize}")
     if not store.exists(base):

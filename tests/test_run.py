@@ -264,3 +264,21 @@ def test_save_never_overwrites_unless_asked(tiny_schnell, tmp_path):
     assert (first.name, second.name) == ("a.png", "a_1.png")
     assert image.save(tmp_path / "a.png", overwrite=True).name == "a.png"
     assert Image.open(io.BytesIO(image.png_bytes())).text["Prompt"] == PROMPT
+
+
+def test_a_bits_suffix_mflux_cannot_make_is_refused_before_any_suggestion(tiny_schnell, tmp_path):
+    store_hf_folder(tiny_schnell, "tiny")
+    result = CliRunner().invoke(cli, ["run", "-m", "tiny-q7", "--prompt", PROMPT, "--no-pull"])
+    assert result.exit_code != 0
+    assert "7-bit is not a quantization mflux makes" in result.output
+    assert "mflux quantize tiny --bits 7" not in result.output
+    with pytest.raises(InvalidArgument, match="7-bit"):
+        Flux1.from_name("tiny-q7")
+
+
+def test_a_model_removed_while_in_use_is_named(tiny_schnell):
+    stored = store_hf_folder(tiny_schnell, "gone")
+    flux = Flux1.from_name("gone")
+    shutil.rmtree(stored)  # what `mflux rm gone` does while this process runs
+    with pytest.raises(MfluxError, match="gone was removed while in use"):
+        flux.generate_image(1, PROMPT, Config(num_inference_steps=1, height=32, width=32))
