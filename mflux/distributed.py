@@ -30,12 +30,14 @@ def world():
 
 
 def agree(group, value: int) -> int:
-    """The largest of every rank's `value`, so that, say, a time-based seed is one seed for all ranks."""
+    """Rank 0's `value` on every rank, so that, say, a time-based seed is one seed for all of them.
+    all_sum, not a broadcast or all_max: every backend has it (early NCCL builds had nothing else)."""
     import mlx.core as mx
 
     if group.size() == 1:
         return value
-    return int(mx.distributed.all_max(mx.array([value], dtype=mx.int64), group=group).item())
+    mine = mx.array([value if group.rank() == 0 else 0], dtype=mx.int64)
+    return int(mx.distributed.all_sum(mine, group=group).item())
 
 
 class Owed:
