@@ -59,8 +59,22 @@ def transformer(out: Path) -> None:
         "sent_bytes": sp.sent_bytes,
         "step_bytes": sp.step_bytes(1, S, L, params.hidden_size, 64, blocks, 4),
         "steps": len(sigmas) - 1,
+        "collectives": collectives(group),
     }
     (out / f"rank{group.rank()}.json").write_text(json.dumps(result))
+
+
+def collectives(group) -> dict:
+    """Which of MLX's collectives this backend runs: True, or the error it raises."""
+    x = mx.ones((group.size() * 2,))  # sum_scatter needs a first axis that divides by the ranks
+    found = {}
+    for name in ("all_sum", "all_gather", "all_max", "sum_scatter"):
+        try:
+            mx.eval(getattr(mx.distributed, name)(x, group=group))
+            found[name] = True
+        except RuntimeError as e:
+            found[name] = str(e)
+    return found
 
 
 def sigterm(out: Path, args: list[str]) -> None:
