@@ -240,6 +240,12 @@ def pull(model_or_repo, name, revision, dry_run, force):
 @click.option("--metadata", is_flag=True, help="Also write the parameters to <output stem>.json.")
 @click.option("--precision", type=click.Choice(DTYPES), help="Default: float32 on a CPU, else bfloat16.")
 @click.option("--no-pull", is_flag=True, help="Never download: fail if the model is not in the store.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Re-hash every file of a stored model against its manifest first (always checked: sizes, and "
+    "that no file changed after it was stored).",
+)
 @click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")
 @click.option(
     "--parallel",
@@ -267,6 +273,7 @@ def run(
     metadata,
     precision,
     no_pull,
+    verify,
     verbose,
     parallel,
 ):
@@ -298,6 +305,7 @@ def run(
         metadata=metadata,
         precision=precision,
         pull=not no_pull,
+        verify=verify,
         verbose=verbose,
         parallel=parallel,
     )

@@ -139,13 +139,16 @@ class Flux1:
         self._loading = 0.0  # seconds spent loading modules so far, kept apart from the phase times
 
     @classmethod
-    def from_path(cls, path: str | Path, variant: str | None = None, **kwargs) -> "Flux1":
+    def from_path(
+        cls, path: str | Path, variant: str | None = None, verify: bool = False, **kwargs
+    ) -> "Flux1":
         """Any model folder; `variant` only where its architecture can't tell (see mflux.runtime.folder)."""
-        return cls(open_folder(path, variant=variant), **kwargs)
+        return cls(open_folder(path, variant=variant, verify=verify), **kwargs)
 
     @classmethod
-    def from_name(cls, name: str, **kwargs) -> "Flux1":
-        """A store model by name; `<base>-q<bits>` quantizes a stored `<base>` at load time. Never downloads."""
+    def from_name(cls, name: str, verify: bool = False, **kwargs) -> "Flux1":
+        """A store model by name; `<base>-q<bits>` quantizes a stored `<base>` at load time. Never
+        downloads. Its files' sizes and mtimes are checked against the manifest; `verify` re-hashes them."""
         from mflux.store import Store
 
         store = Store()
@@ -159,7 +162,7 @@ class Flux1:
                 name = m["base"]
             else:
                 _missing(store, name)
-        return cls(open_folder(store.path(name), name=name), **kwargs)
+        return cls(open_folder(store.path(name), name=name, verify=verify), **kwargs)
 
     @classmethod
     def from_alias(cls, alias: str, **kwargs) -> "Flux1":

@@ -77,6 +77,7 @@ def run(
     metadata: bool = False,
     precision: str | None = None,
     pull: bool = True,
+    verify: bool = False,
     verbose: bool = False,
     parallel: str = "data",
 ) -> list[Path]:
@@ -104,9 +105,9 @@ def run(
 
     kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)
     if kind == "path":
-        flux = Flux1.from_path(where, variant=variant, **kwargs)
+        flux = Flux1.from_path(where, variant=variant, verify=verify, **kwargs)
     else:
-        flux = Flux1.from_name(where, **kwargs)
+        flux = Flux1.from_name(where, verify=verify, **kwargs)
     if guidance is not None and flux.variant == "schnell":
         click.echo("warning: --guidance applies to dev only; schnell ignores it", err=True)
 

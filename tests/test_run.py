@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -282,3 +283,29 @@ def test_a_model_removed_while_in_use_is_named(tiny_schnell):
     shutil.rmtree(stored)  # what `mflux rm gone` does while this process runs
     with pytest.raises(MfluxError, match="gone was removed while in use"):
         flux.generate_image(1, PROMPT, Config(num_inference_steps=1, height=32, width=32))
+
+
+def test_damaged_store_files_are_caught_when_the_model_opens(tiny_schnell):
+    stored = store_hf_folder(tiny_schnell, "dmg")
+    vae = stored / "vae" / "diffusion_pytorch_model.safetensors"
+    Flux1.from_name("dmg")  # intact: opens
+    before = vae.stat()
+    data = bytearray(vae.read_bytes())
+    data[-1] ^= 0xFF  # a flipped byte, same size
+    vae.write_bytes(bytes(data))
+    later = time.time() + 60
+    os.utime(vae, (later, later))  # as if edited a minute after it was stored
+    with pytest.raises(MfluxError, match="changed after the model was stored.*--verify"):
+        Flux1.from_name("dmg")
+    os.utime(vae, ns=(before.st_atime_ns, before.st_mtime_ns))  # the cheap check can't see this one
+    Flux1.from_name("dmg")
+    with pytest.raises(MfluxError, match="does not match its sha256"):
+        Flux1.from_name("dmg", verify=True)
+    result = CliRunner().invoke(cli, ["run", "-m", "dmg", "--prompt", PROMPT, "--verify", "--no-pull"])
+    assert result.exit_code != 0 and "does not match its sha256" in result.output
+    vae.write_bytes(bytes(data[:-10]))
+    with pytest.raises(MfluxError, match="is damaged: vae/diffusion_pytorch_model.safetensors is .* bytes"):
+        Flux1.from_name("dmg")
+    vae.unlink()
+    with pytest.raises(MfluxError, match="is missing .*mflux inspect dmg --verify"):
+        Flux1.from_name("dmg")
