@@ -9,7 +9,7 @@ import click
 from mflux.errors import InvalidArgument, MfluxError
 
 
-def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool):
+def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool, ranks: int = 1):
     """(folder path or store name, quantize) for `--model`/`--path`; pulls a missing catalog model."""
     from mflux.flux1 import _QUANT_NAME, check_bits
     from mflux.store import Store
@@ -36,6 +36,11 @@ def resolve_model(model: str | None, path: str | None, quantize: int | None, pul
         if not pull:
             raise MfluxError(
                 f"model {base!r} is not in the store and --no-pull was given (run: mflux pull {base})"
+            )
+        if ranks > 1:  # the ranks would pull it at once, into one store or several
+            raise MfluxError(
+                f"model {base!r} is not in the store; under mlx.launch, pull it on every host first "
+                f"(mflux pull {base})"
             )
         from mflux.hub import pull as hub_pull
 
@@ -101,7 +106,7 @@ def run(
     group = distributed.world()
     rank, size = group.rank(), group.size()
     seeds = [check_seed(s) for s in seeds] if seeds else [distributed.agree(group, int(time.time()))]
-    (kind, where), quantize = resolve_model(model, path, quantize, pull)
+    (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
 
     kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)
     if kind == "path":
@@ -120,15 +125,17 @@ def run(
     # Encode once for every seed, free T5 and CLIP before the transformer loads (peak memory is the
     # larger half of the pipeline, not the whole), and compute every step's modulations up front so
     # the layers that make them can go: 6.4 GB at bf16.
-    events = flux.generate(
-        [seeds[i] for i in mine],
-        prompt,
-        config,
-        batch_size=batch_size,
-        free_text_encoders=True,
-        free_modulation_weights=True,
-        sequence_parallel=SequenceParallel(group) if sequence else None,
-    )
+    events = iter(())  # more ranks than images: this one has none
+    if mine:
+        events = flux.generate(
+            [seeds[i] for i in mine],
+            prompt,
+            config,
+            batch_size=batch_size,
+            free_text_encoders=True,
+            free_modulation_weights=True,
+            sequence_parallel=SequenceParallel(group) if sequence else None,
+        )
     with owed if size > 1 else contextlib.nullcontext():
         written, seconds, memory = _write_images(
             events, [seeds[i] for i in mine], [outputs[i] for i in mine], writes, owed, metadata, rank == 0

@@ -112,9 +112,10 @@ def test_sequence_parallel_image_equals_one_process(tiny_schnell, tmp_path):
 
 
 def test_data_parallel_run_makes_each_seed_once_as_one_process_would(tiny_schnell, tmp_path):
-    seeds = [1, 2, 3]
+    # three ranks, two images: rank 2 has nothing to make and must still finish cleanly
+    seeds = [1, 2]
     out, err = launch(
-        2,
+        3,
         ["-m", "mflux", "run", "--path", str(tiny_schnell), "--prompt", PROMPT, *TINY]
         + ["--seed", *map(str, seeds), "--output", str(tmp_path / "image.png")],
     )
@@ -122,9 +123,17 @@ def test_data_parallel_run_makes_each_seed_once_as_one_process_would(tiny_schnel
     wrote = sorted(Path(p).name for p in re.findall(r"^wrote (\S+)$", out, re.M))
     assert wrote == names, out + err  # none twice, none skipped
     assert sorted(p.name for p in tmp_path.iterdir()) == names
-    assert err.count("images written") == 1 and "3 of 3 images written, the images over 2 ranks" in err
+    assert err.count("images written") == 1 and "2 of 2 images written, the images over 3 ranks" in err, err
     for name, alone in zip(names, one_process(tiny_schnell, seeds)):
         assert np.array_equal(pixels(tmp_path / name), alone), name
+
+
+def test_under_several_ranks_a_missing_model_is_not_pulled(tmp_path):
+    from mflux.errors import MfluxError
+    from mflux.run import resolve_model
+
+    with pytest.raises(MfluxError, match=r"pull it on every host first \(mflux pull schnell\)"):
+        resolve_model("schnell", None, None, pull=True, ranks=2)
 
 
 def test_a_rank_stopped_by_sigterm_says_which_images_it_still_owed(tiny_schnell, tmp_path):
