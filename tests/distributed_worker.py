@@ -3,6 +3,8 @@ OUT/rank<r>.json for the test to read, since mlx.launch's exit code says little.
 
     python -m tests.distributed_worker transformer OUT       a tiny random transformer, 2 Euler steps,
                                                              sharded and not: latents and bytes sent
+    python -m tests.distributed_worker training OUT          three optimizer steps, the batch split over
+                                                             the ranks and not: the parameters
     python -m tests.distributed_worker sigterm OUT ARGS...   `mflux run ARGS` where rank 1 is sent SIGTERM
                                                              right after writing its first image
 """
@@ -77,6 +79,42 @@ def collectives(group) -> dict:
     return found
 
 
+def training(out: Path) -> None:
+    """Three Adam steps on a small model with a global batch of 4 rows: split over the ranks with the
+    gradients averaged, and whole in this one process."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from mflux.runtime.parallel import average_gradients
+
+    group = mx.distributed.init(strict=True)
+    rows = 4 // group.size()
+    mx.random.seed(1)
+    x, y = mx.random.normal((3, 4, 8)), mx.random.normal((3, 4, 2))  # 3 steps of 4 rows
+
+    def train(shard: bool):
+        mx.random.seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))
+        opt = optim.Adam(learning_rate=0.05)
+        grad = nn.value_and_grad(model, lambda m, a, b: nn.losses.mse_loss(m(a), b, reduction="mean"))
+        for step in range(3):
+            a, b = x[step], y[step]
+            if shard:  # this rank's rows of the global batch
+                mine = slice(group.rank() * rows, (group.rank() + 1) * rows)
+                a, b = a[mine], b[mine]
+            _, g = grad(model, a, b)
+            if shard:
+                g = average_gradients(g, group)
+            opt.update(model, g)
+            mx.eval(model.parameters(), opt.state)
+        return dict(tree_flatten(model.parameters()))
+
+    whole, split = train(False), train(True)
+    diff = max(mx.abs(whole[k] - split[k]).max().item() for k in whole)
+    (out / f"rank{group.rank()}.json").write_text(json.dumps({"rank": group.rank(), "max_abs_diff": diff}))
+
+
 def sigterm(out: Path, args: list[str]) -> None:
     """`mflux run` with rank 1 stopped by SIGTERM after its first image, as mlx.launch stops the ranks
     that are left when one fails."""
@@ -99,5 +137,7 @@ if __name__ == "__main__":
     what, where = sys.argv[1], Path(sys.argv[2])
     if what == "transformer":
         transformer(where)
+    elif what == "training":
+        training(where)
     else:
         sigterm(where, sys.argv[3:])

@@ -96,6 +96,14 @@ def test_sequence_parallel_transformer_equals_one_process(ranks, tmp_path):
         assert "sum_scatter not supported" in ops["sum_scatter"], ops
 
 
+def test_averaged_gradients_over_two_ranks_train_as_one_process(tmp_path):
+    out, err = launch(2, ["-m", "tests.distributed_worker", "training", str(tmp_path)], timeout=90)
+    files = [tmp_path / f"rank{r}.json" for r in range(2)]
+    assert all(f.exists() for f in files), out + err
+    for f in files:
+        assert json.loads(f.read_text())["max_abs_diff"] <= 1e-6, f.read_text()
+
+
 def test_sequence_parallel_image_equals_one_process(tiny_schnell, tmp_path):
     # no --seed: the ranks must agree on one time-based seed, or the shards would not fit together
     out, err = launch(

@@ -98,3 +98,22 @@ def shard_rows(count: int, rank: int, size: int) -> list[int]:
     """Data parallelism: the rows (images) of a request that `rank` of `size` makes, every size-th one.
     Noise comes from each image's seed, never the rank, so each image equals a single process's."""
     return list(range(rank, count, size))
+
+
+def average_gradients(grads, group: "mx.distributed.Group"):
+    """Data-parallel training: the mean of every rank's gradients, in one all_sum. With each rank's loss
+    the mean over its B rows, N ranks then step exactly as one process with the N*B rows would."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    n = group.size()
+    if n == 1:
+        return grads
+    flat = tree_flatten(grads)
+    # one collective for the whole tree (a LoRA has hundreds of small tensors), summed in float32
+    joined = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in flat])
+    joined = mx.distributed.all_sum(joined, group=group) / n
+    out, start = [], 0
+    for name, g in flat:
+        out.append((name, joined[start : start + g.size].reshape(g.shape).astype(g.dtype)))
+        start += g.size
+    return tree_unflatten(out)
