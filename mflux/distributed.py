@@ -29,15 +29,19 @@ def world():
     return mx.distributed.init()
 
 
-def agree(group, value: int) -> int:
-    """Rank 0's `value` on every rank, so that, say, a time-based seed is one seed for all of them.
-    all_sum, not a broadcast or all_max: every backend has it (early NCCL builds had nothing else)."""
+def agree(group, values: list[int]) -> list[int]:
+    """Rank 0's `values` (integers in 0..2**64-1, such as seeds drawn at random) on every rank.
+
+    An all_sum to which only rank 0 adds anything: every backend has all_sum (early NCCL builds had
+    nothing else). MLX has no 64-bit unsigned array from Python beyond 2**63, so each value travels as
+    two 32-bit halves in int64."""
     import mlx.core as mx
 
     if group.size() == 1:
-        return value
-    mine = mx.array([value if group.rank() == 0 else 0], dtype=mx.int64)
-    return int(mx.distributed.all_sum(mine, group=group).item())
+        return list(values)
+    halves = [[v >> 32, v & 0xFFFFFFFF] if group.rank() == 0 else [0, 0] for v in values]
+    summed = mx.distributed.all_sum(mx.array(halves, dtype=mx.int64).reshape(-1, 2), group=group)
+    return [(int(hi) << 32) | int(lo) for hi, lo in summed.tolist()]
 
 
 class Owed:

@@ -105,7 +105,7 @@ def run(
     )
     group = distributed.world()
     rank, size = group.rank(), group.size()
-    seeds = [check_seed(s) for s in seeds] if seeds else [distributed.agree(group, int(time.time()))]
+    seeds = [check_seed(s) for s in seeds] if seeds else distributed.agree(group, [int(time.time())])
     (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
 
     kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 
 def transformer(out: Path) -> None:
+    from mflux.distributed import agree
     from mflux.runtime import engine, sampler
     from mflux.runtime.model import Flux, FluxParams
     from mflux.runtime.parallel import SequenceParallel
@@ -62,6 +63,7 @@ def transformer(out: Path) -> None:
         "step_bytes": sp.step_bytes(1, S, L, params.hidden_size, 64, blocks, 4),
         "steps": len(sigmas) - 1,
         "collectives": collectives(group),
+        "agreed": agree(group, [2**64 - 1, 12345678901234567890, group.rank()]),
     }
     (out / f"rank{group.rank()}.json").write_text(json.dumps(result))
 

@@ -94,6 +94,7 @@ def test_sequence_parallel_transformer_equals_one_process(ranks, tmp_path):
         ops = result["collectives"]
         assert ops["all_sum"] is ops["all_gather"] is ops["all_max"] is True, ops
         assert "sum_scatter not supported" in ops["sum_scatter"], ops
+        assert result["agreed"] == [2**64 - 1, 12345678901234567890, 0]  # rank 0's values, 64 bits whole
 
 
 def test_averaged_gradients_over_two_ranks_train_as_one_process(tmp_path):
