@@ -1,7 +1,7 @@
 """One rank of a test under `mlx.launch` (tests/test_distributed.py starts it); writes what it saw to
 OUT/rank<r>.json for the test to read, since mlx.launch's exit code says little.
 
-    python -m tests.distributed_worker transformer OUT       a tiny random transformer, 2 Euler steps,
+    python -m tests.distributed_worker transformer OUT       a tiny random transformer, 2 images, 2 steps,
                                                              sharded and not: latents and bytes sent
     python -m tests.distributed_worker training OUT          three optimizer steps, the batch split over
                                                              the ranks and not: the parameters
@@ -41,8 +41,9 @@ def transformer(out: Path) -> None:
     mx.eval(flux.parameters())
     # 7 text tokens and a 32x80 image (10 tokens): neither divides by 2 or 3 ranks both ways
     height, width, S = 32, 80, 7
-    txt, pooled = mx.random.normal((1, S, 64)), mx.random.normal((1, 64))
-    noise = sampler.noise(3, height, width)
+    # two images in one batch, as seeds or true CFG's halves make rows
+    txt, pooled = mx.random.normal((2, S, 64)), mx.random.normal((2, 64))
+    noise = mx.concatenate([sampler.noise(3, height, width), sampler.noise(4, height, width)])
     sigmas = engine.schedule(2, (height // 16) * (width // 16), None)
     mods = engine.modulations(flux, pooled, sigmas, None)
 
@@ -60,7 +61,7 @@ def transformer(out: Path) -> None:
         "size": group.size(),
         "max_abs_diff": mx.abs(alone - sharded).max().item(),
         "sent_bytes": sp.sent_bytes,
-        "step_bytes": sp.step_bytes(1, S, L, params.hidden_size, 64, blocks, 4),
+        "step_bytes": sp.step_bytes(2, S, L, params.hidden_size, 64, blocks, 4),
         "steps": len(sigmas) - 1,
         "collectives": collectives(group),
         "agreed": agree(group, [2**64 - 1, 12345678901234567890, group.rank()]),

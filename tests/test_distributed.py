@@ -82,9 +82,9 @@ def test_sequence_parallel_transformer_equals_one_process(ranks, tmp_path):
     results = [json.loads(f.read_text()) for f in files]
     # 7 text and 10 image tokens sharded: ceil(7/N) and ceil(10/N) rows per rank, padding included
     s, l = -(-7 // ranks), -(-10 // ranks)
-    # per step, float32: each of the 4 blocks passes this rank's k and v (s + l rows of 64), then its
-    # velocity rows (l of 64) are gathered once
-    per_step = 4 * (4 * (s + l) * 2 * 64 + l * 64)
+    # per step, float32, 2 images: each of the 4 blocks passes this rank's k and v (s + l rows of 64),
+    # then its velocity rows (l of 64) are gathered once
+    per_step = 4 * 2 * (4 * (s + l) * 2 * 64 + l * 64)
     for r, result in enumerate(results):
         assert (result["rank"], result["size"]) == (r, ranks)
         assert result["max_abs_diff"] <= 1e-5, result
