@@ -146,7 +146,10 @@ def run(
     if size > 1:
         over = "each image over" if sequence else "the images over"
         click.echo(f"{count} of {len(seeds)} images written, {over} {size} ranks", err=True)
-    click.echo("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in seconds.items()), err=True)
+    label = "time (rank 0)" if size > 1 else "time"  # each rank has its own; rank 0 speaks for the run
+    click.echo(
+        f"{label}: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in seconds.items()), err=True
+    )
     if verbose:
         click.echo(
             "peak memory: "
