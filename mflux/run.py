@@ -140,7 +140,8 @@ def run(
         written, seconds, memory = _write_images(
             events, [seeds[i] for i in mine], [outputs[i] for i in mine], writes, owed, metadata, rank == 0
         )
-    count = distributed.total(group, len(written))
+        # inside: a SIGTERM while waiting for the other ranks still says what is missing (nothing)
+        count = distributed.total(group, len(written))
     if rank:
         return written
     if size > 1:
