@@ -121,18 +121,6 @@ def _check_name(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def _check_size(ctx, param, value):
-    if value is not None and (value <= 0 or value % 16):
-        raise click.BadParameter(f"{value} is not a positive multiple of 16 (for example 512, 768 or 1024)")
-    return value
-
-
-def _check_prompt(ctx, param, value):
-    if value is not None and not value.strip():
-        raise click.BadParameter("the prompt is empty")
-    return value
-
-
 def _check_components(ctx, param, value):
     if value is None:
         return None
@@ -186,31 +174,91 @@ def pull(model_or_repo, name, revision, dry_run, force):
 
 
 @cli.command()
-@click.option("--prompt", required=True, callback=_check_prompt, help="What to draw.")
+@click.option("--prompt", "-p", help="What to draw (or give --prompt-file or --from).")
+@click.option(
+    "--negative-prompt",
+    help="What to steer away from, with true CFG: two transformer passes a step, so each step takes "
+    "about twice as long. Alone it uses --true-cfg 4.0, the scale diffusers' FluxPipeline documents.",
+)
+@click.option(
+    "--true-cfg",
+    type=float,
+    help="True CFG scale, above 1, with --negative-prompt (default 4.0): v = v_neg + S * (v_pos - v_neg). "
+    "Works on schnell and dev; on dev it adds to the distilled --guidance.",
+)
 @click.option("--model", "-m", help="A store model; `<name>-q<bits>` quantizes a stored <name> at load time.")
 @click.option("--path", type=click.Path(file_okay=False), help="Run a model folder that is not in the store.")
 @click.option(
     "--output",
+    "-o",
     type=click.Path(dir_okay=False),
     default="image.png",
     show_default=True,
-    help="The image file; an existing file is never overwritten.",
+    help="The image file (.png); several images get `_seed_<seed>` (and `_line<N>` from a prompt file). "
+    "An existing file is never overwritten: the next free `_1`, `_2`... name is used.",
 )
 @click.option(
     "--seed",
     cls=MultiValueOption,
     type=int,
     metavar="SEED...",
-    help="One or more seeds, one image each (default: time-based).",
+    help="One or more seeds in 0..2**64-1, one image each (default: one random seed).",
+)
+@click.option("-n", "count", type=int, metavar="N", help="Make N images from N random seeds.")
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Denoise up to this many images at once (default: 1 on a CPU or a Mac, up to 4 on CUDA). "
+    "A batched image equals the same seed made alone.",
+)
+@click.option("--height", type=int, help="A multiple of 16 (default 1024, or the --image's height).")
+@click.option("--width", type=int, help="A multiple of 16 (default 1024, or the --image's width).")
+@click.option("--steps", type=int, help="Denoising steps (default: schnell 4, dev 25).")
+@click.option("--guidance", type=float, help="Distilled guidance, dev only (default 3.5).")
+@click.option(
+    "--image",
+    type=click.Path(dir_okay=False),
+    help="An init image: img2img (with --mask, inpainting). Scaled to cover the size and centre-cropped; "
+    "without --width/--height the size is the image's, rounded down to multiples of 16.",
 )
 @click.option(
-    "--height", type=int, default=1024, show_default=True, callback=_check_size, help="A multiple of 16."
+    "--mask",
+    type=click.Path(dir_okay=False),
+    help="Inpainting mask, the size of --image: white is repainted, black kept.",
 )
 @click.option(
-    "--width", type=int, default=1024, show_default=True, callback=_check_size, help="A multiple of 16."
+    "--strength",
+    type=float,
+    help="How much of --image to repaint, in (0, 1] (default 0.6): 1.0 starts from pure noise, as in "
+    "diffusers (upstream mflux had this the other way round).",
 )
-@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps (default: schnell 4, dev 25).")
-@click.option("--guidance", type=float, help="Guidance scale, dev only (default 3.5).")
+@click.option(
+    "--prompt-file",
+    type=click.Path(dir_okay=False),
+    help="One prompt a line, or JSON lines with per-line settings (prompt, negative_prompt, seed(s), "
+    "steps, width, height, guidance, true_cfg, image, mask, strength, loras); flags give the defaults.",
+)
+@click.option(
+    "--from",
+    "-C",
+    "from_image",
+    type=click.Path(dir_okay=False),
+    help="Reuse the settings of an earlier image (mflux's PNG, its .json, or A1111 parameters); "
+    "flags given override them.",
+)
+@click.option(
+    "--stepwise",
+    type=click.Path(),
+    metavar="DIR",
+    help="Write each step's decoded image to DIR, and a strip of them all. Each costs one VAE decode: "
+    "at 1024x1024 on an H100 0.081 s, half a schnell step (docs/PERFORMANCE.md).",
+)
+@click.option(
+    "--stepwise-every",
+    type=int,
+    metavar="K",
+    help="With --stepwise: decode only every K-th step and the last, for K times fewer decodes.",
+)
 @click.option("--quantize", "-q", **_int_choice(AFFINE_BITS), help="Quantize at load time to this many bits.")
 @click.option(
     "--lora-paths",
@@ -227,12 +275,6 @@ def pull(model_or_repo, name, revision, dry_run, force):
     help="One scale per LoRA (default 1.0).",
 )
 @click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    help="Denoise up to this many images at once (default: 1 on a CPU or a Mac, up to 4 on CUDA). "
-    "A batched image equals the same seed made alone.",
-)
-@click.option(
     "--variant",
     type=click.Choice(["schnell", "dev"]),
     help="With --path: the FLUX.1 variant, where the folder's architecture can't tell.",
@@ -246,69 +288,52 @@ def pull(model_or_repo, name, revision, dry_run, force):
     help="Re-hash every file of a stored model against its manifest first (always checked: sizes, and "
     "that no file changed after it was stored).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (files, seeds, seconds).")
 @click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")
 @click.option(
     "--parallel",
     type=click.Choice(["data", "sequence"]),
     default="data",
     show_default=True,
-    help="Under mlx.launch: split the seeds over the ranks (data), or spread each image's transformer "
+    help="Under mlx.launch: split the images over the ranks (data), or spread each image's transformer "
     "over them (sequence). One process ignores it.",
 )
-def run(
-    prompt,
-    model,
-    path,
-    output,
-    seed,
-    height,
-    width,
-    steps,
-    guidance,
-    quantize,
-    lora_paths,
-    lora_scales,
-    batch_size,
-    variant,
-    metadata,
-    precision,
-    no_pull,
-    verify,
-    verbose,
-    parallel,
-):
-    """Generate images from a prompt.
+@click.pass_context
+def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
+    """Generate images from a prompt, a prompt file or an earlier image's settings.
+
+    Every setting is checked before the model is pulled or loaded. At the end it prints one line per
+    image (file, seed, seconds: its batch's time shared among the batch) and the total.
 
     \b
     Examples:
       mflux run --model schnell-q8 --prompt "Luxury food photograph"
       mflux run -m dev --prompt "A lighthouse at dusk" --steps 20 --seed 1 2 3 --batch-size 3
-      mflux run --path ./FLUX.1-schnell --prompt "A cat" --height 512 --width 768
+      mflux run -m dev --prompt "A portrait" --negative-prompt "blurry, lowres" --true-cfg 4
+      mflux run --prompt "A watercolor fox" --image photo.png --strength 0.7
+      mflux run --prompt "A red door" --image house.png --mask door.png --strength 1
+      mflux run --prompt-file prompts.jsonl -n 2 --json
+      mflux run --from image.png --seed 7 --stepwise steps/
     """
+    from click.core import ParameterSource
+
     from mflux.run import run as run_model
 
+    given = {p for p in ctx.params if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE}
+    explicit = {_SETTING.get(p, p) for p in given}
     run_model(
-        prompt,
-        model=model,
-        path=path,
-        output=output,
-        seeds=list(seed) or None,
-        height=height,
-        width=width,
-        steps=steps,
-        guidance=guidance,
-        quantize=quantize,
+        seeds=list(seed),
+        n=count,
         lora_paths=list(lora_paths),
         lora_scales=list(lora_scales),
-        batch_size=batch_size,
-        variant=variant,
-        metadata=metadata,
-        precision=precision,
         pull=not no_pull,
-        verify=verify,
-        verbose=verbose,
-        parallel=parallel,
+        explicit=explicit,
+        **flags,
     )
+
+
+# `mflux run` flag -> the Settings field it sets (mflux.settings), where the names differ
+_SETTING = {"seed": "seeds", "lora_paths": "loras", "lora_scales": "loras"}
 
 
 @cli.command("list")

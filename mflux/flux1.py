@@ -32,13 +32,11 @@ from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import check_quantize, load_component
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 
+# the limits and defaults the CLI checks too (mflux.settings says why these)
+from mflux.settings import DEFAULT_STRENGTH, MAX_PIXELS, MAX_SEED, MAX_SIDE
+
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _QUANT_NAME = re.compile(r"^(?P<base>.+)-q(?P<bits>\d)$")
-MAX_SEED = 2**64 - 1
-# FLUX.1 was trained up to about 2 MP; past 4 MP (2048 x 2048) memory, not quality, is what grows.
-MAX_SIDE = 4096
-MAX_PIXELS = 2048 * 2048
-DEFAULT_STRENGTH = 0.6  # diffusers' default for FluxImg2ImgPipeline and FluxInpaintPipeline
 
 
 @dataclass

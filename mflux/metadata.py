@@ -18,6 +18,14 @@ _FIELDS = {
     "Seed": "seed",
     "Steps": "steps",
     "Guidance": "guidance",
+    "NegativePrompt": "negative_prompt",
+    "TrueCFG": "true_cfg_scale",
+    "Strength": "strength",
+    "InitImage": "image_path",
+    "InitImageSHA256": "image_sha256",
+    "Mask": "mask_path",
+    "MaskSHA256": "mask_sha256",
+    "PromptFileLine": "prompt_file_line",
     "Size": "size",
     "Quantization": "quantization",
     "LoRAs": "loras",
@@ -41,21 +49,33 @@ def full_metadata(metadata: dict) -> dict:
 
 
 def a1111_parameters(m: dict) -> str:
-    """`<prompt>\\nSteps: 4, Sampler: Euler, Seed: 2, Size: 1024x1024, Model: schnell, ...`"""
+    """`<prompt>\\nNegative prompt: <text>\\nSteps: 4, Sampler: Euler, Seed: 2, Size: 1024x1024, ...`
+
+    `CFG scale` is the true-CFG scale (1 is none, as Forge writes for FLUX) and `Distilled CFG Scale` is
+    dev's guidance, the names Forge gives them; settings.a1111_cfg reads them back."""
     fields = [
         ("Steps", m.get("steps")),
         ("Sampler", "Euler"),
         ("Schedule type", "flow-matching"),
+        ("CFG scale", m.get("true_cfg_scale") or 1),
+        ("Distilled CFG Scale", m.get("guidance")),
         ("Seed", m.get("seed")),
         ("Size", m.get("size")),
+        ("Denoising strength", m.get("strength")),
         ("Model", m.get("model")),
-        ("Guidance", m.get("guidance")),
         ("Quantization", m.get("quantization")),
         ("LoRAs", m.get("loras")),
         ("Version", f"mflux {__version__}"),
     ]
-    line = ", ".join(f"{k}: {v}" for k, v in fields if v is not None)
-    return f"{m.get('prompt', '')}\n{line}"
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None)
+    negative = f"\nNegative prompt: {m['negative_prompt']}" if m.get("negative_prompt") else ""
+    return f"{m.get('prompt', '')}{negative}\n{line}"
+
+
+def _quote(value) -> str:
+    # A1111's own rule: a value holding a comma, colon, quote or newline is written as a JSON string
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text
 
 
 def free_path(path: Path) -> Path:
@@ -76,14 +96,16 @@ def save_png(image: Image.Image, path: Path, metadata: dict, export_json: bool, 
     if not overwrite:
         path = free_path(path)
     m = full_metadata(metadata)
-    info = png_info(metadata)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=png_info(metadata))
         os.replace(tmp, path)
         if export_json:
-            path.with_suffix(".json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+            sidecar = path.with_suffix(".json")
+            tmp = sidecar.with_name(f".{sidecar.name}.tmp")
+            tmp.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, sidecar)
     except OSError as e:
         raise MfluxError(f"cannot write {path}: {e.strerror}") from None
     return path

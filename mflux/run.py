@@ -1,11 +1,19 @@
-"""`mflux run`: resolve the model (pulling it when missing), then write one image per seed."""
+"""`mflux run`: check every setting, resolve the model (pulling it when missing), then generate the images
+in batches, save them, and print one line per image and a total.
+
+Every check runs before the model is resolved, pulled or loaded (mflux.settings), so a bad seed, size,
+file or prompt-file line costs nothing.
+"""
 
 import contextlib
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
+from mflux import settings as st
 from mflux.errors import InvalidArgument, MfluxError
 
 
@@ -56,25 +64,119 @@ def resolve_model(model: str | None, path: str | None, quantize: int | None, pul
     return ("name", base), quantize
 
 
-def output_paths(output: str, seeds: list[int]) -> list[Path]:
-    out = Path(output)
-    if len(seeds) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_seed_{s}{out.suffix}") for s in seeds]
+@dataclass
+class Plan:
+    """Everything `run` will make, checked: the generations, their images in order, and notes."""
+
+    generations: list[st.Settings]
+    jobs: list[st.Job]
+    outputs: dict[int, Path]  # job index -> the file it is meant for (a taken name gets `_N`)
+    notes: list[str] = field(default_factory=list)
+    model: str | None = None  # the model an image given to --from was made with
+    precision: str | None = None  # and its precision
+
+
+def plan(
+    values: dict,
+    explicit: set[str],
+    *,
+    output: str = "image.png",
+    n: int | None = None,
+    batch_size: int | None = None,
+    prompt_file: str | None = None,
+    from_image: str | None = None,
+    stepwise: str | None = None,
+    stepwise_every: int | None = None,
+    agree=list,
+) -> Plan:
+    """Check every setting and name every output, touching no model. `values` are Settings fields as
+    the flags give them; `explicit` names those given on the command line. `agree` makes random seeds
+    the same on every rank (mflux.distributed.agree)."""
+    _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every)
+    out = st.check_output(output)
+    if n is not None:  # -n replaces the seeds, also those an image records
+        values, explicit = {**values, "seeds": []}, explicit | {"seeds"}
+    notes, model, precision = [], None, None
+    if from_image:
+        s, recalled, notes = st.recall(from_image, values, explicit)
+        generations, model, precision = [s], recalled.model, recalled.precision
+    elif prompt_file:
+        base = st.Settings(**{k: v for k, v in values.items() if k != "prompt"})
+        generations = st.read_prompt_file(prompt_file, base, explicit)
+    else:
+        generations = [st.check(st.Settings(**values), explicit)]
+    for s in generations:
+        if not s.seeds:
+            s.seeds = agree(st.random_seeds(n or 1))
+    jobs = st.jobs(generations)
+    return Plan(generations, jobs, output_paths(out, jobs, bool(prompt_file)), notes, model, precision)
+
+
+def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every) -> None:
+    """The flags that exclude or need each other, and the counts."""
+    if prompt_file and from_image:
+        raise InvalidArgument("give --prompt-file or --from, not both")
+    if prompt_file and "prompt" in explicit:
+        raise InvalidArgument("give --prompt or --prompt-file, not both (the file holds the prompts)")
+    if not (prompt_file or from_image or values.get("prompt")):
+        raise InvalidArgument("give --prompt, --prompt-file or --from (see: mflux run --help)")
+    if n is not None and values.get("seeds"):
+        raise InvalidArgument("give --seed or -n, not both")
+    if n is not None and n < 1:
+        raise InvalidArgument(f"-n must be at least 1, got {n}")
+    if batch_size is not None and batch_size < 1:
+        raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
+    if stepwise is not None and Path(stepwise).exists() and not Path(stepwise).is_dir():
+        raise InvalidArgument(f"--stepwise {stepwise} is a file; give a folder for the step images")
+    if stepwise_every is not None and (stepwise is None or stepwise_every < 1):
+        raise InvalidArgument(
+            f"--stepwise-every must be at least 1, with --stepwise DIR (got {stepwise_every})"
+        )
+
+
+def output_paths(output: Path, jobs: list[st.Job], from_file: bool) -> dict[int, Path]:
+    """`image.png` for one image; `image_seed_<seed>.png` for several seeds; `image_line<N>_seed_<seed>.png`
+    for line N of a prompt file. A name already taken gets `_1`, `_2`... when it is written."""
+    if len(jobs) == 1 and not from_file:
+        return {jobs[0].index: output}
+    names = {}
+    for j in jobs:
+        line = f"_line{j.settings.source.rsplit(':', 1)[1]}" if from_file else ""
+        names[j.index] = output.with_name(f"{output.stem}{line}_seed_{j.seed}{output.suffix}")
+    return names
+
+
+@dataclass
+class Written:
+    path: Path
+    seed: int
+    seconds: float  # its batch's denoising and decoding, divided among the batch's images
+    prompt: str
+    source: str | None  # the prompt file line
 
 
 def run(
-    prompt: str,
+    prompt: str | None = None,
     *,
     model: str | None = None,
     path: str | None = None,
     variant: str | None = None,
     output: str = "image.png",
     seeds: list[int] | None = None,
-    height: int = 1024,
-    width: int = 1024,
+    n: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    negative_prompt: str | None = None,
+    true_cfg: float | None = None,
+    image: str | None = None,
+    mask: str | None = None,
+    strength: float | None = None,
+    prompt_file: str | None = None,
+    from_image: str | None = None,
+    stepwise: str | None = None,
+    stepwise_every: int | None = None,
     quantize: int | None = None,
     lora_paths: list[str] | None = None,
     lora_scales: list[float] | None = None,
@@ -84,109 +186,303 @@ def run(
     pull: bool = True,
     verify: bool = False,
     verbose: bool = False,
+    as_json: bool = False,
+    explicit: set[str] | None = None,
     parallel: str = "data",
-) -> list[Path]:
-    """Generate one image per seed and return the files this process wrote. Under `mlx.launch`,
-    `parallel` "data" splits the seeds over the ranks and "sequence" spreads each image over them
-    (see mflux.distributed); in one process both are the plain run."""
-
+) -> list[Written]:
+    """Generate every image the settings ask for and return what this process wrote. `explicit` names
+    the Settings fields given on the command line (default: every one that is not None). Under
+    `mlx.launch`, `parallel` "data" splits the images over the ranks and "sequence" spreads each image
+    over them (mflux.distributed); in one process both are the plain run."""
     from mflux import distributed
-    from mflux.flux1 import Config, Flux1, check_seed
-    from mflux.runtime.parallel import SequenceParallel, shard_rows
 
-    if not prompt or not prompt.strip():
-        raise InvalidArgument("--prompt is empty; describe the image to generate")
+    start = time.perf_counter()
     if parallel not in distributed.PARALLEL_MODES:
         raise InvalidArgument(
             f"--parallel must be one of {', '.join(distributed.PARALLEL_MODES)}, got {parallel!r}"
         )
-    config = Config(
-        num_inference_steps=steps, height=height, width=width, guidance=3.5 if guidance is None else guidance
+    world = distributed.world()
+    rank, size = world.rank(), world.size()
+    if as_json and size > 1:
+        raise InvalidArgument(
+            "--json under mlx.launch: every rank would print its own document (drop --json)"
+        )
+    values = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seeds": list(seeds or []),
+        "steps": steps,
+        "width": width,
+        "height": height,
+        "guidance": guidance,
+        "true_cfg": true_cfg,
+        "image": image,
+        "mask": mask,
+        "strength": strength,
+        "loras": st.loras(lora_paths, lora_scales),
+    }
+    if explicit is None:
+        explicit = {k for k, v in values.items() if v not in (None, [])}
+    p = plan(
+        values,
+        set(explicit),
+        output=output,
+        n=n,
+        batch_size=batch_size,
+        prompt_file=prompt_file,
+        from_image=from_image,
+        stepwise=stepwise,
+        stepwise_every=stepwise_every,
+        agree=lambda seeds: distributed.agree(world, seeds),
     )
-    group = distributed.world()
-    rank, size = group.rank(), group.size()
-    seeds = [check_seed(s) for s in seeds] if seeds else distributed.agree(group, [int(time.time())])
+    for note in [*p.notes, *(x for s in p.generations for x in s.notes)]:
+        click.echo(f"note: {note}", err=True)
+    if from_image and not (model or path):
+        model = _recalled_model(p.model)
     (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
 
-    kwargs = dict(precision=precision, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales)
-    if kind == "path":
-        flux = Flux1.from_path(where, variant=variant, verify=verify, **kwargs)
-    else:
-        flux = Flux1.from_name(where, verify=verify, **kwargs)
-    if guidance is not None and flux.variant == "schnell":
-        click.echo("warning: --guidance applies to dev only; schnell ignores it", err=True)
+    from mflux.runtime.parallel import SequenceParallel, shard_rows
 
-    # Names come from the whole seed list, so every rank names an image as one process would.
-    outputs = output_paths(output, seeds)
     sequence = parallel == "sequence" and size > 1
-    mine = list(range(len(seeds))) if sequence or size == 1 else shard_rows(len(seeds), rank, size)
-    writes = rank == 0 or not sequence  # in sequence parallel every rank holds the image; rank 0 writes it
-    owed = distributed.Owed(rank, [outputs[i] for i in mine] if writes else [])
-    # Encode once for every seed, free T5 and CLIP before the transformer loads (peak memory is the
-    # larger half of the pipeline, not the whole), and compute every step's modulations up front so
-    # the layers that make them can go: 6.4 GB at bf16.
-    events = iter(())  # more ranks than images: this one has none
-    if mine:
-        events = flux.generate(
-            [seeds[i] for i in mine],
-            prompt,
-            config,
-            batch_size=batch_size,
-            free_text_encoders=True,
-            free_modulation_weights=True,
-            sequence_parallel=SequenceParallel(group) if sequence else None,
-        )
+    # data parallel: every size-th image; sequence parallel: all of them, rank 0 writes
+    jobs = p.jobs if sequence else [p.jobs[i] for i in shard_rows(len(p.jobs), rank, size)]
+    saves = rank == 0 or not sequence
+    owed = distributed.Owed(rank, [p.outputs[j.index] for j in jobs] if saves else [])
+    out = _Out(owed, saves, rank == 0, SequenceParallel(world) if sequence else None)
+    written: dict[int, Written] = {}
+    seconds: dict[str, float] = {}
+    memory: dict[str, int] = {}
     with owed if size > 1 else contextlib.nullcontext():
-        written, seconds, memory = _write_images(
-            events, [seeds[i] for i in mine], [outputs[i] for i in mine], writes, owed, metadata, rank == 0
-        )
+        flux, loras = None, None
+        for group in _by_loras(st.groups(jobs)):
+            s = group[0].settings
+            if flux is None or s.loras != loras:
+                flux = None  # free the last model before the next loads
+                flux, loras = _open(kind, where, variant, precision, quantize, s.loras, verify), s.loras
+                verify = False  # the files were re-hashed when the first set of LoRAs opened the model
+                _notes_on(flux, explicit, p.precision)
+            previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
+            for done in _generate(
+                flux, group, p.outputs, batch_size, metadata, stepwise, previews, seconds, memory, out
+            ):
+                written[done.index] = done.written
         # inside: a SIGTERM while waiting for the other ranks still says what is missing (nothing)
-        count = distributed.total(group, len(written))
-    if rank:
-        return written
-    if size > 1:
+        count = distributed.total(world, len(written))
+    results = [written[i] for i in sorted(written)]
+    if results:
+        _summary(results, seconds, memory, time.perf_counter() - start, verbose, as_json)
+    if rank == 0 and size > 1:
         over = "each image over" if sequence else "the images over"
-        click.echo(f"{count} of {len(seeds)} images written, {over} {size} ranks", err=True)
-    label = "time (rank 0)" if size > 1 else "time"  # each rank has its own; rank 0 speaks for the run
-    click.echo(
-        f"{label}: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in seconds.items()), err=True
+        click.echo(f"{count} of {len(p.jobs)} images written, {over} {size} ranks")
+    return results
+
+
+@dataclass
+class _Out:
+    """What this rank does with a finished image (mflux.distributed)."""
+
+    owed: object  # distributed.Owed: the files still to write, printed on SIGTERM
+    saves: bool  # False on the helping ranks of sequence parallelism
+    progress: bool  # the progress bar: rank 0 only
+    sp: object | None  # a runtime.parallel.SequenceParallel, or None
+
+
+def _by_loras(groups: list[list[st.Job]]) -> list[list[st.Job]]:
+    """The groups with the same LoRAs next to each other, so each set of LoRAs loads the model once."""
+    first: dict[tuple, int] = {}
+    for g in groups:
+        first.setdefault(tuple(g[0].settings.loras), len(first))
+    return sorted(groups, key=lambda g: first[tuple(g[0].settings.loras)])
+
+
+def _recalled_model(name: str | None) -> str | None:
+    """The model an image was made with, where this store has it or can pull it; else the default."""
+    if not name:
+        return None
+    from mflux.catalog import catalog
+    from mflux.flux1 import _QUANT_NAME
+    from mflux.store import Store
+
+    m = _QUANT_NAME.match(name)
+    if Store().exists(name) or (m and Store().exists(m["base"])) or (m["base"] if m else name) in catalog():
+        click.echo(f"note: model {name}, from the image (give -m to use another)", err=True)
+        return name
+    click.echo(f"note: the image was made with {name!r}, which mflux does not know; using schnell", err=True)
+    return None
+
+
+def _open(kind, where, variant, precision, quantize, loras, verify: bool):
+    from mflux.flux1 import Flux1
+
+    kwargs = dict(
+        precision=precision,
+        quantize=quantize,
+        lora_paths=[path for path, _ in loras],
+        lora_scales=[scale for _, scale in loras],
+        verify=verify,
     )
+    if kind == "path":
+        return Flux1.from_path(where, variant=variant, **kwargs)
+    return Flux1.from_name(where, **kwargs)
+
+
+def _notes_on(flux, explicit: set, recorded_precision: str | None) -> None:
+    if "guidance" in explicit and flux.variant == "schnell":
+        click.echo("warning: --guidance applies to dev only; schnell ignores it", err=True)
+    if recorded_precision and recorded_precision != flux.precision:
+        click.echo(
+            f"note: the image was made at {recorded_precision}, this run uses {flux.precision} "
+            f"(give --precision {recorded_precision} to replay it exactly)",
+            err=True,
+        )
+
+
+@dataclass
+class _Done:
+    index: int
+    written: Written
+
+
+def _preview_steps(flux, s: st.Settings, every: int | None):
+    """What Flux1.generate's `previews` takes: True (every step), or every `every`-th step and the last."""
+    if not every or every == 1:
+        return True
+    from mflux.runtime.engine import schedule
+
+    steps = s.steps or flux.folder.defaults["steps"]
+    total = len(schedule(steps, 1, None, s.strength if s.image else 1.0)) - 1  # img2img cuts steps
+    return sorted({*range(every, total + 1, every), total})
+
+
+def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, seconds, memory, out):
+    """Run one group of jobs (shared settings) through Flux1.generate; yields each image as it is saved."""
+    from mflux.flux1 import Config, ImageEvent, StepEvent
+
+    s = group[0].settings
+    config = Config(
+        num_inference_steps=s.steps,
+        height=s.height,
+        width=s.width,
+        guidance=st.DEFAULT_GUIDANCE if s.guidance is None else s.guidance,
+    )
+    seeds = [j.seed for j in group]
+    events = flux.generate(
+        seeds,
+        [j.settings.prompt for j in group],
+        config,
+        negative_prompt=[j.settings.negative_prompt for j in group] if s.true_cfg else None,
+        true_cfg_scale=s.true_cfg,
+        image=s.image,
+        mask_image=s.mask,
+        strength=s.strength,
+        batch_size=batch_size,
+        previews=previews,
+        free_text_encoders=True,
+        free_modulation_weights=True,
+        sequence_parallel=out.sp,
+    )
+    shown: dict[int, list] = {}  # row -> [(step, preview)]
+    phases: dict[str, float] = {}
+    for event in events:
+        if isinstance(event, StepEvent):
+            if out.progress:
+                _progress(event, seeds)
+            for row, preview in zip(event.indices, event.previews or []):
+                shown.setdefault(row, []).append((event.step, preview))
+        elif isinstance(event, ImageEvent):
+            job = group[event.index]
+            image = event.image
+            if job.settings.source:
+                image.metadata["prompt_file_line"] = job.settings.source
+            t = image.metadata["timings"]
+            _add_timings(phases, memory, image, first=event.index == event.batch[0])
+            if not out.saves:
+                continue
+            with out.owed.writing(outputs[job.index]):
+                path = image.save(outputs[job.index], export_json_metadata=metadata, overwrite=False)
+                click.echo(f"wrote {path}", err=True)
+            if stepwise is not None:
+                write_steps(Path(stepwise), path.stem, shown.pop(event.index, []))
+            share = (t.get("denoising", 0.0) + t.get("decoding", 0.0)) / len(event.batch)
+            yield _Done(job.index, Written(path, job.seed, share, job.settings.prompt, job.settings.source))
+    for k, v in phases.items():
+        seconds[k] = seconds.get(k, 0.0) + v
+
+
+def _add_timings(seconds: dict, memory: dict, image, first: bool) -> None:
+    """Fold one image's phase times into this generate call's. Load and text encoding are running
+    totals of the call; denoising and decoding are its batch's, the same on each image of it."""
+    for k, v in image.metadata["timings"].items():
+        if k in ("load", "text_encoding"):
+            seconds[k] = v
+        elif first:
+            seconds[k] = seconds.get(k, 0.0) + v
+        memory[k] = max(memory.get(k, 0), image.peak_memory.get(k, 0))
+
+
+def write_steps(folder: Path, stem: str, steps: list) -> list[Path]:
+    """Each (step, decoded image) as `<stem>_step_<k>.png`, and `<stem>_steps.png`, all of them side by
+    side (each scaled to at most 256 pixels high)."""
+    from PIL import Image
+
+    from mflux.metadata import free_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    width = len(str(steps[-1][0])) if steps else 1
+    paths = [_save_plain(im, free_path(folder / f"{stem}_step_{k:0{width}d}.png")) for k, im in steps]
+    if steps:
+        first = steps[0][1]
+        scale = min(1.0, 256 / first.height)
+        tile = (max(1, round(first.width * scale)), max(1, round(first.height * scale)))
+        strip = Image.new("RGB", (tile[0] * len(steps), tile[1]))
+        for i, (_, im) in enumerate(steps):
+            strip.paste(im.resize(tile, Image.LANCZOS) if scale < 1 else im, (i * tile[0], 0))
+        paths.append(_save_plain(strip, free_path(folder / f"{stem}_steps.png")))
+    return paths
+
+
+def _save_plain(image, path: Path) -> Path:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _summary(results: list[Written], seconds: dict, memory: dict, total: float, verbose: bool, as_json: bool):
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "images": [
+                        {
+                            "file": str(w.path),
+                            "seed": w.seed,
+                            "seconds": round(w.seconds, 3),
+                            "prompt": w.prompt,
+                            "prompt_file_line": w.source,
+                        }
+                        for w in results
+                    ],
+                    "seconds": round(total, 3),
+                    "phases": {k: round(v, 3) for k, v in seconds.items()},
+                },
+                indent=2,
+            )
+        )
+        return
+    width = max(len(str(w.path)) for w in results)
+    for w in results:
+        click.echo(f"{str(w.path):<{width}}  seed {w.seed}  {w.seconds:.2f}s")
+    phases = ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in seconds.items())
+    click.echo(f"{len(results)} image{'s' * (len(results) != 1)} in {total:.2f}s ({phases})")
     if verbose:
         click.echo(
             "peak memory: "
             + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GB" for k, v in memory.items()),
             err=True,
         )
-    return written
-
-
-def _write_images(events, seeds, outputs, save: bool, owed, metadata: bool, progress: bool):
-    """Drive the events, writing each image as it is done: (files written, seconds, peak memory)."""
-    from mflux.flux1 import ImageEvent, StepEvent
-
-    seconds: dict[str, float] = {}
-    memory: dict[str, int] = {}
-    written = []
-    for event in events:
-        if isinstance(event, StepEvent):
-            if progress:
-                _progress(event, seeds)
-        elif isinstance(event, ImageEvent):
-            image = event.image
-            if save:
-                with owed.writing(outputs[event.index]):
-                    written.append(
-                        image.save(outputs[event.index], export_json_metadata=metadata, overwrite=False)
-                    )
-                    click.echo(f"wrote {written[-1]}")
-            for k, v in image.metadata["timings"].items():
-                # load and text encoding count up over the run; each batch has its own denoising and decoding
-                if k in ("load", "text_encoding"):
-                    seconds[k] = v
-                elif event.index == event.batch[0]:
-                    seconds[k] = seconds.get(k, 0.0) + v
-                memory[k] = max(memory.get(k, 0), image.peak_memory.get(k, 0))
-    return written, seconds, memory
 
 
 def _progress(event, seeds: list[int]) -> None:

@@ -61,9 +61,9 @@ def pixels(path: Path) -> np.ndarray:
     return np.array(Image.open(path)).astype(int)
 
 
-def one_process(folder: Path, seeds: list[int]) -> list[np.ndarray]:
+def one_process(folder: Path, seeds: list[int], prompt: str = PROMPT) -> list[np.ndarray]:
     flux = Flux1.from_path(folder, precision="float32")
-    images = flux.generate_images(seeds, PROMPT, Config(num_inference_steps=2, height=32, width=32))
+    images = flux.generate_images(seeds, prompt, Config(num_inference_steps=2, height=32, width=32))
     return [np.array(i.image).astype(int) for i in images]
 
 
@@ -106,14 +106,14 @@ def test_averaged_gradients_over_two_ranks_train_as_one_process(tmp_path):
 
 
 def test_sequence_parallel_image_equals_one_process(tiny_schnell, tmp_path):
-    # no --seed: the ranks must agree on one time-based seed, or the shards would not fit together
+    # -n 1: a random seed, which the ranks must agree on, or the shards would not fit together
     out, err = launch(
         2,
-        ["-m", "mflux", "run", "--path", str(tiny_schnell), "--prompt", PROMPT, *TINY]
+        ["-m", "mflux", "run", "--path", str(tiny_schnell), "--prompt", PROMPT, *TINY, "-n", "1"]
         + ["--parallel", "sequence", "--output", str(tmp_path / "image.png")],
     )
     both = out + err  # where a line goes (stdout or stderr) is the run command's business
-    assert re.findall(r"^wrote (\S+)$", both, re.M) == [str(tmp_path / "image.png")], (
+    assert re.findall(r"wrote (\S+\.png)", both) == [str(tmp_path / "image.png")], (
         both
     )  # rank 1 only helps
     assert "1 of 1 images written, each image over 2 ranks" in both, both
@@ -123,22 +123,26 @@ def test_sequence_parallel_image_equals_one_process(tiny_schnell, tmp_path):
     assert np.abs(pixels(tmp_path / "image.png") - alone).max() <= 1
 
 
-def test_data_parallel_run_makes_each_seed_once_as_one_process_would(tiny_schnell, tmp_path):
-    # three ranks, two images: rank 2 has nothing to make and must still finish cleanly
-    seeds = [1, 2]
+def test_data_parallel_prompt_file_makes_each_image_once_as_one_process_would(tiny_schnell, tmp_path):
+    # three ranks, four images (two lines, two seeds each): ranks 1 and 2 make one each, rank 0 two
+    prompts = ["a red cube", "a blue sphere"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "out").mkdir()
     out, err = launch(
         3,
-        ["-m", "mflux", "run", "--path", str(tiny_schnell), "--prompt", PROMPT, *TINY]
-        + ["--seed", *map(str, seeds), "--output", str(tmp_path / "image.png")],
+        ["-m", "mflux", "run", "--path", str(tiny_schnell), "--prompt-file", str(tmp_path / "prompts.txt")]
+        + [*TINY, "--seed", "1", "2", "--output", str(tmp_path / "out" / "image.png")],
     )
-    names = [f"image_seed_{s}.png" for s in seeds]
+    names = [f"image_line{line}_seed_{seed}.png" for line in (1, 2) for seed in (1, 2)]
     both = out + err
-    wrote = sorted(Path(p).name for p in re.findall(r"^wrote (\S+)$", both, re.M))
-    assert wrote == names, both  # none twice, none skipped
-    assert sorted(p.name for p in tmp_path.iterdir()) == names
-    assert both.count("images written") == 1 and "2 of 2 images written, the images over 3 ranks" in both
-    for name, alone in zip(names, one_process(tiny_schnell, seeds)):
-        assert np.array_equal(pixels(tmp_path / name), alone), name
+    wrote = sorted(Path(p).name for p in re.findall(r"wrote (\S+\.png)", both))
+    assert wrote == sorted(names), both  # none twice, none skipped
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
+    assert both.count("images written") == 1 and "4 of 4 images written, the images over 3 ranks" in both
+    for line, prompt in enumerate(prompts, 1):
+        for seed, alone in zip((1, 2), one_process(tiny_schnell, [1, 2], prompt)):
+            name = f"image_line{line}_seed_{seed}.png"
+            assert np.array_equal(pixels(tmp_path / "out" / name), alone), name
 
 
 def test_under_several_ranks_a_missing_model_is_not_pulled(tmp_path):

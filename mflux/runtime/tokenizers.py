@@ -1,5 +1,6 @@
 """The two FLUX.1 tokenizers, loaded and called exactly as diffusers' FluxPipeline does."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,22 @@ def t5_ids(tok, prompts: list[str], max_length: int) -> np.ndarray:
     """(B, max_length) int32 ids, as FluxPipeline._get_t5_prompt_embeds makes them."""
     if not 1 <= max_length <= MAX_T5_LENGTH:
         raise InvalidArgument(f"max sequence length must be between 1 and {MAX_T5_LENGTH}, got {max_length}")
-    return _ids(tok, prompts, max_length)
+    ids = _ids(tok, prompts, max_length)
+    for prompt in prompts:
+        _warn_truncated(tok, prompt, max_length)
+    return ids
+
+
+def _warn_truncated(tok, prompt: str, max_length: int) -> None:
+    # the count includes the closing </s>, which truncation keeps: the difference is what T5 never sees
+    n = len(tok(prompt, truncation=False, verbose=False)["input_ids"])
+    if n > max_length:
+        start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+        warnings.warn(
+            f"the prompt {start!r} is {n} T5 tokens, longer than the window of {max_length}: "
+            f"its last {n - max_length} tokens were dropped",
+            stacklevel=3,
+        )
 
 
 def _ids(tok, prompts: list[str], max_length: int) -> np.ndarray:

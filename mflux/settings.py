@@ -1,0 +1,675 @@
+"""The settings of one generation, and the checks they pass before anything is downloaded or loaded.
+
+Settings come from CLI flags, from a prompt file's lines (`read_prompt_file`) and from an earlier image
+(`recall`: mflux's PNG metadata, its JSON sidecar, or the A1111 `parameters` text other tools write).
+Each bad value raises InvalidArgument with one line naming it and the fix.
+
+Limits, and why:
+- seeds are integers in 0..2**64-1, the range of MLX's random key;
+- width and height are multiples of 16 (8x VAE, then 2x2 packing), at most 4096 a side and 2048x2048
+  pixels in all (4.2 megapixels), the limits flux1.Config shares: FLUX.1 is trained up to about 2
+  megapixels; the limit leaves room above that, and past it attention's cost, quadratic in the image's
+  tokens (16,384 at 2048x2048), makes a step many times slower for an image the model was not made for;
+- a prompt is at most 10,000 characters: T5 reads 512 tokens at most (about 2,000 characters of
+  English), so a longer text is a file pasted by mistake;
+- `--negative-prompt` alone runs true CFG at 4.0, the scale diffusers' FluxPipeline documentation uses
+  (`true_cfg_scale=4.0`); at 1 or less true CFG does nothing, which diffusers accepts silently and mflux
+  refuses when the scale is given explicitly;
+- strength follows diffusers (1.0 is pure noise, 0 is refused) and defaults to diffusers' 0.6.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from mflux.errors import InvalidArgument, MfluxError
+
+MAX_SEED = 2**64 - 1
+RANDOM_SEED_BELOW = 2**32  # `-n` draws seeds below this: the 32-bit seeds other tools show
+MAX_SIDE = 4096
+MAX_PIXELS = 2048 * 2048
+MAX_PROMPT_CHARS = 10_000
+DEFAULT_SIZE = 1024
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_TRUE_CFG = 4.0
+DEFAULT_STRENGTH = 0.6
+
+# a field's name as the CLI spells it; prompt files use the field names themselves
+FLAGS = {
+    "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
+    "seeds": "--seed",
+    "steps": "--steps",
+    "width": "--width",
+    "height": "--height",
+    "guidance": "--guidance",
+    "true_cfg": "--true-cfg",
+    "image": "--image",
+    "mask": "--mask",
+    "strength": "--strength",
+    "loras": "--lora-paths",
+}
+
+
+@dataclass
+class Settings:
+    """One generation: a prompt and its seeds (one image each), as given; `check` fills the defaults."""
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seeds: list[int] = field(default_factory=list)  # empty: the caller draws random seeds
+    steps: int | None = None  # None: the model's default (schnell 4, dev 25)
+    width: int | None = None  # None: the init image's size, else 1024
+    height: int | None = None
+    guidance: float | None = None  # None: 3.5; dev only
+    true_cfg: float | None = None
+    image: str | None = None  # img2img / inpaint init image
+    mask: str | None = None  # white is repainted
+    strength: float | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale)
+    image_sha256: str | None = None
+    mask_sha256: str | None = None
+    source: str | None = None  # "prompts.jsonl:3": the prompt file line it came from
+    notes: list[str] = field(default_factory=list, compare=False)  # what check decided, for the user
+
+    def batch_key(self) -> tuple:
+        """Settings that must be equal for two generations to share one Flux1.generate call, and so
+        its denoising batches: one init image, one schedule, one CFG scale, one set of LoRAs."""
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.true_cfg,
+            self.image,
+            self.mask,
+            self.strength,
+            tuple(self.loras),
+        )
+
+
+class _Where:
+    """How errors name things: CLI flags, or `FILE line N:` and the prompt file's keys."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def name(self, key: str) -> str:
+        return key if self.prefix else FLAGS.get(key, key)
+
+    def fail(self, message: str) -> InvalidArgument:
+        return InvalidArgument(self.prefix + message)
+
+
+def check(s: Settings, explicit: Iterable[str] = (), where: str = "") -> Settings:
+    """A copy of `s` with defaults filled in and every value checked; raises InvalidArgument.
+
+    `explicit` names the fields the user gave directly (flags, prompt file keys): the true-CFG usage
+    errors apply to those only, never to settings recalled from an image."""
+    w = _Where(where)
+    s = replace(s, seeds=list(s.seeds), loras=list(s.loras), notes=list(s.notes))
+    s.prompt = _prompt(s.prompt, "prompt", w, required=True)
+    s.negative_prompt = _prompt(s.negative_prompt, "negative_prompt", w) or None
+    s.seeds = [_seed(v, w) for v in s.seeds]
+    if s.steps is not None and (not _is_int(s.steps) or s.steps < 1):
+        raise w.fail(f"{w.name('steps')} must be a whole number of at least 1, got {s.steps!r}")
+    for key in ("guidance", "true_cfg", "strength"):
+        setattr(s, key, _finite(getattr(s, key), key, w))
+    image_size = _images(s, w)
+    _size(s, image_size, w)
+    _strength(s, w)
+    _true_cfg(s, set(explicit), w)
+    s.loras = [_lora(path, scale, w) for path, scale in s.loras]
+    return s
+
+
+def _prompt(text, key: str, w: _Where, required: bool = False) -> str:
+    if text is None or (isinstance(text, str) and not text.strip()):
+        if required:
+            raise w.fail(f"the prompt is empty (give {w.name('prompt')} with the image to describe)")
+        return ""
+    if not isinstance(text, str):
+        raise w.fail(f"{w.name(key)} must be text, got {text!r}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise w.fail(
+            f"{w.name(key)} is {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,} "
+            "(T5 reads at most 512 tokens, about 2,000 characters)"
+        )
+    return text
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _seed(v, w: _Where) -> int:
+    if not _is_int(v) or not 0 <= v <= MAX_SEED:
+        raise w.fail(f"seed {v!r} is out of range (a seed is a whole number from 0 to 2**64-1 = {MAX_SEED})")
+    return v
+
+
+def _finite(v, key: str, w: _Where) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise w.fail(f"{w.name(key)} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
+    """The init image's size (width, height), after checking it and the mask; fills their sha256."""
+    if s.mask is not None and s.image is None:
+        raise w.fail(f"{w.name('mask')} needs {w.name('image')}: a mask marks what to repaint in an image")
+    if s.image is None:
+        return None
+    size = image_size(s.image, w.name("image"), w.prefix)
+    if s.mask is not None:
+        mask = image_size(s.mask, w.name("mask"), w.prefix)
+        if mask != size:
+            raise w.fail(
+                f"the mask {s.mask} is {mask[0]}x{mask[1]} but the image {s.image} is {size[0]}x{size[1]} "
+                "(they must be the same size)"
+            )
+        s.mask_sha256 = sha256(s.mask)
+    s.image_sha256 = sha256(s.image)
+    return size
+
+
+def image_size(path: str, name: str = "--image", prefix: str = "") -> tuple[int, int]:
+    """(width, height) of an image file, decoded once so that a damaged file is caught here."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgument(f"{prefix}{name} {path}: no such file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidArgument(f"{prefix}{name} {path}: not an image PIL can read ({e})") from None
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _size(s: Settings, image: tuple[int, int] | None, w: _Where) -> None:
+    if image is not None and s.width is None and s.height is None:
+        s.width, s.height = _fit(*image)
+        s.notes.append(f"size {s.width}x{s.height}, from the image ({image[0]}x{image[1]})")
+    elif image is not None and (s.width is None or s.height is None):
+        # one side given: the other keeps the image's aspect ratio
+        if s.width is None:
+            s.width = max(16, round(s.height * image[0] / image[1] / 16) * 16)
+        else:
+            s.height = max(16, round(s.width * image[1] / image[0] / 16) * 16)
+    s.width = DEFAULT_SIZE if s.width is None else s.width
+    s.height = DEFAULT_SIZE if s.height is None else s.height
+    for key in ("width", "height"):
+        v = getattr(s, key)
+        if not _is_int(v) or v <= 0 or v % 16:
+            raise w.fail(f"{w.name(key)} must be a positive multiple of 16 (e.g. 512, 768, 1024), got {v!r}")
+        if v > MAX_SIDE:
+            raise w.fail(f"{w.name(key)} {v} is above the limit of {MAX_SIDE} pixels a side")
+    if s.width * s.height > MAX_PIXELS:
+        raise w.fail(
+            f"{s.width}x{s.height} is {s.width * s.height:,} pixels, above the limit of {MAX_PIXELS:,} "
+            "(2048x2048 or 4096x1024; FLUX.1 is trained up to about 2 megapixels)"
+        )
+
+
+def _fit(width: int, height: int) -> tuple[int, int]:
+    """An image's size rounded down to multiples of 16, scaled down first to fit the limits."""
+    scale = min(1.0, MAX_SIDE / max(width, height), math.sqrt(MAX_PIXELS / (width * height)))
+    return max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)
+
+
+def _strength(s: Settings, w: _Where) -> None:
+    if s.strength is not None and s.image is None:
+        raise w.fail(
+            f"{w.name('strength')} needs {w.name('image')} (strength says how much of it to repaint)"
+        )
+    if s.image is None:
+        return
+    if s.strength is None:
+        s.strength = DEFAULT_STRENGTH
+    elif not 0 < s.strength <= 1:
+        raise w.fail(
+            f"{w.name('strength')} must be in (0, 1], got {s.strength:g} (1.0 repaints everything, "
+            "as pure noise; near 0 keeps the image)"
+        )
+
+
+def _true_cfg(s: Settings, explicit: set, w: _Where) -> None:
+    if "true_cfg" in explicit and s.true_cfg is not None:
+        if not s.negative_prompt:
+            raise w.fail(
+                f"{w.name('true_cfg')} needs {w.name('negative_prompt')} "
+                "(true CFG steers away from a negative prompt)"
+            )
+        if s.true_cfg <= 1:
+            raise w.fail(
+                f"{w.name('true_cfg')} {s.true_cfg:g} with a negative prompt does nothing: true CFG needs "
+                f"a scale above 1 (diffusers would ignore the negative prompt; the default is {DEFAULT_TRUE_CFG:g})"
+            )
+    if s.negative_prompt and s.true_cfg is None:
+        s.true_cfg = DEFAULT_TRUE_CFG
+    elif s.true_cfg is not None and (not s.negative_prompt or s.true_cfg <= 1):
+        s.notes.append(f"true CFG {s.true_cfg:g} ignored: it needs a negative prompt and a scale above 1")
+        s.true_cfg = None
+
+
+def _lora(path, scale, w: _Where) -> tuple[str, float]:
+    scale = _finite(scale, "lora scale", w)
+    if not isinstance(path, str | os.PathLike):
+        raise w.fail(f"a LoRA path must be text, got {path!r}")
+    p = Path(path)
+    if not p.is_file():
+        raise w.fail(f"LoRA {path}: no such file")
+    try:
+        n = _lora_modules(str(p.resolve()), p.stat().st_mtime_ns)
+    except MfluxError as e:
+        raise w.fail(str(e)) from None
+    if n == 0:
+        raise w.fail(f"{path} is not a LoRA: none of its tensors is a LoRA layer of FLUX.1")
+    return str(p.resolve()), scale  # absolute, so that --from finds it from any folder
+
+
+_LORA_CACHE: dict[tuple[str, int], int] = {}
+
+
+def _lora_modules(path: str, mtime_ns: int) -> int:
+    # a prompt file names the same LoRA on many lines: read each header once
+    key = (path, mtime_ns)
+    if key not in _LORA_CACHE:
+        from mflux.runtime.lora import open_lora
+
+        lora = open_lora(path)
+        _LORA_CACHE[key] = len(lora.modules)
+        lora.file.close()
+    return _LORA_CACHE[key]
+
+
+def loras(paths: list[str] | None, scales: list[float] | None) -> list[tuple[str, float]]:
+    """`--lora-paths` and `--lora-scales` as (path, scale) pairs; scales default to 1.0."""
+    paths, scales = list(paths or []), list(scales or [])
+    if scales and len(scales) != len(paths):
+        raise InvalidArgument(
+            f"got {len(paths)} LoRA paths but {len(scales)} scales (give one --lora-scales value per LoRA)"
+        )
+    return list(zip(paths, scales or [1.0] * len(paths)))
+
+
+def random_seeds(n: int) -> list[int]:
+    if not _is_int(n) or n < 1:
+        raise InvalidArgument(f"-n must be at least 1, got {n!r}")
+    return [secrets.randbelow(RANDOM_SEED_BELOW) for _ in range(n)]
+
+
+def check_output(path: str | Path) -> Path:
+    """The `--output` file: a .png whose folder exists or can be made and is writable. An existing file is
+    not replaced: mflux writes the next free name beside it (metadata.free_path)."""
+    p = Path(path)
+    if p.suffix.lower() != ".png":
+        raise InvalidArgument(f"--output {path}: mflux writes PNG images; use a name ending in .png")
+    if p.is_dir():
+        raise InvalidArgument(f"--output {path} is a folder; give a file name such as {p / 'image.png'}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InvalidArgument(f"--output {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"--output {path}: cannot write in {parent} (permission denied)")
+    return p
+
+
+# --- prompt files ---------------------------------------------------------------------------------
+
+PROMPT_FILE_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "seeds",
+    "steps",
+    "width",
+    "height",
+    "guidance",
+    "true_cfg",
+    "image",
+    "mask",
+    "strength",
+    "loras",
+)
+
+
+def read_prompt_file(path: str | Path, base: Settings, explicit: Iterable[str] = ()) -> list[Settings]:
+    """Every generation of a prompt file, checked: one prompt a line, or a JSON object a line (JSONL)
+    with per-line settings that override `base` (the command's flags). Blank lines and lines starting
+    with `#` are skipped; relative paths are relative to the file's folder. Raises InvalidArgument
+    naming the first bad line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidArgument(f"--prompt-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"--prompt-file {path}: cannot read it as UTF-8 text ({e})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{p.name} line {n}: "
+        given, keys = _line_settings(line, p.parent, where)
+        s = replace(base, **given, source=f"{p.name}:{n}")
+        out.append(check(s, set(explicit) | keys, where))
+    if not out:
+        raise InvalidArgument(f"--prompt-file {path} holds no prompts (one a line, or JSON objects)")
+    return out
+
+
+def _line_settings(line: str, folder: Path, where: str) -> tuple[dict, set]:
+    if not line.startswith("{"):
+        return {"prompt": line}, {"prompt"}
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"{where}not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{where}a JSON line must be an object with a prompt")
+    unknown = sorted(set(obj) - set(PROMPT_FILE_KEYS))
+    if unknown:
+        raise InvalidArgument(f"{where}unknown key {unknown[0]!r} (known: {', '.join(PROMPT_FILE_KEYS)})")
+    if "seed" in obj and "seeds" in obj:
+        raise InvalidArgument(f"{where}give seed or seeds, not both")
+    given = {k: v for k, v in obj.items() if k not in ("seed", "seeds", "loras")}
+    if "seed" in obj:
+        given["seeds"] = [obj["seed"]]
+    elif "seeds" in obj:
+        if not isinstance(obj["seeds"], list) or not obj["seeds"]:
+            raise InvalidArgument(f"{where}seeds must be a non-empty list of whole numbers")
+        given["seeds"] = obj["seeds"]
+    for key in ("image", "mask"):
+        if isinstance(obj.get(key), str):
+            given[key] = str(folder / obj[key])
+    if "loras" in obj:
+        given["loras"] = _line_loras(obj["loras"], folder, where)
+    keys = set(given) | ({"true_cfg"} if "true_cfg" in obj else set())
+    return given, keys
+
+
+def _line_loras(value, folder: Path, where: str) -> list[tuple[str, float]]:
+    """`"loras": ["a.safetensors", {"path": "b.safetensors", "scale": 0.5}, ["c.safetensors", 0.8]]`"""
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{where}loras must be a list of paths or {{path, scale}} objects")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            path, scale = item, 1.0
+        elif isinstance(item, dict) and isinstance(item.get("path"), str) and set(item) <= {"path", "scale"}:
+            path, scale = item["path"], item.get("scale", 1.0)
+        elif isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
+            path, scale = item
+        else:
+            raise InvalidArgument(
+                f'{where}bad LoRA entry {item!r} (a path, or {{"path": ..., "scale": ...}})'
+            )
+        out.append((str(folder / path), scale))
+    return out
+
+
+@dataclass
+class Job:
+    """One image: its settings, its seed, and its position among all the images of the command."""
+
+    settings: Settings
+    seed: int
+    index: int
+
+
+def jobs(generations: list[Settings]) -> list[Job]:
+    """One Job per image: each generation's seeds in order."""
+    out = []
+    for s in generations:
+        out += [Job(s, seed, len(out) + i) for i, seed in enumerate(s.seeds)]
+    return out
+
+
+def groups(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs whose settings allow them to be denoised together (Settings.batch_key), in the order
+    of each group's first job. Prompts and negative prompts may differ within a group."""
+    out: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        out.setdefault(j.settings.batch_key(), []).append(j)
+    return list(out.values())
+
+
+# --- settings from an image -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cfg:
+    guidance: float | None  # dev's distilled guidance
+    true_cfg: float | None
+    note: str | None = None  # why a CFG scale was ignored
+
+
+def a1111_cfg(cfg_scale: float | None, distilled_cfg_scale: float | None, negative_prompt: str | None) -> Cfg:
+    """The one mapping of A1111/Forge CFG fields onto mflux's, for `--from` and the A1111 API:
+    `Distilled CFG Scale` is dev's guidance; `CFG scale` is true CFG only when it is above 1 and the
+    negative prompt is non-empty, otherwise it is ignored with a note. No usage error here: an A1111
+    request may carry `CFG scale: 7` with no negative prompt."""
+    for name, v in (("CFG scale", cfg_scale), ("Distilled CFG Scale", distilled_cfg_scale)):
+        if v is not None and (isinstance(v, bool) or not math.isfinite(v)):
+            raise InvalidArgument(f"{name} must be a finite number, got {v!r}")
+    guidance = None if distilled_cfg_scale is None else float(distilled_cfg_scale)
+    if cfg_scale is None:
+        return Cfg(guidance, None)
+    if cfg_scale > 1 and negative_prompt and negative_prompt.strip():
+        return Cfg(guidance, float(cfg_scale))
+    why = "a scale of 1 or less is no CFG" if cfg_scale <= 1 else "true CFG needs a negative prompt"
+    return Cfg(guidance, None, f"CFG scale {cfg_scale:g} ignored ({why})")
+
+
+# A1111's own pattern for one `Key: value` of the parameters line; values with , : or " are JSON-quoted
+_A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_a1111(text: str) -> dict[str, str]:
+    """A1111's `parameters` text: {"prompt", "negative_prompt", and each `Key` of the last line: value}."""
+    lines = text.strip().split("\n")
+    params = {}
+    if lines and len(_A1111_PARAM.findall(lines[-1])) >= 3:
+        for key, value in _A1111_PARAM.findall(lines.pop()):
+            if value.startswith('"') and value.endswith('"'):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            params[key] = value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    return {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip(), **params}
+
+
+@dataclass
+class Recalled:
+    """What an earlier image records: Settings fields, the model it was made with, and notes."""
+
+    values: dict
+    model: str | None
+    source: str  # "mflux metadata", "JSON sidecar" or "A1111 parameters"
+    notes: list[str] = field(default_factory=list)
+    precision: str | None = None
+
+
+def read_image_settings(path: str | Path) -> Recalled:
+    """The settings recorded in an image made by mflux or another tool, or in mflux's JSON sidecar."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgument(f"--from {path}: no such file")
+    if p.suffix.lower() == ".json":
+        return _from_mflux(_json_file(p), "JSON sidecar")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            text, pixels = dict(getattr(im, "text", {}) or im.info), im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise InvalidArgument(f"--from {path}: not an image or a JSON sidecar ({e})") from None
+    if "mflux" in text:
+        try:
+            return _from_mflux(json.loads(text["mflux"]), "mflux metadata")
+        except (json.JSONDecodeError, TypeError):
+            pass  # damaged: fall through to the sidecar or the A1111 text
+    sidecar = p.with_suffix(".json")
+    if sidecar.is_file():
+        return _from_mflux(_json_file(sidecar), "JSON sidecar")
+    if isinstance(text.get("parameters"), str):
+        return _from_a1111(text["parameters"], pixels, p)
+    raise InvalidArgument(
+        f"--from {path}: no generation settings found (no mflux metadata, JSON sidecar or A1111 parameters)"
+    )
+
+
+def _json_file(p: Path) -> dict:
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"--from {p}: not a valid JSON sidecar ({e})") from None
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise InvalidArgument(f"--from {p}: not an mflux JSON sidecar (it has no prompt)")
+    return obj
+
+
+def _from_mflux(m: dict, source: str) -> Recalled:
+    values = {
+        "prompt": m.get("prompt"),
+        "negative_prompt": m.get("negative_prompt"),
+        "seeds": [m["seed"]] if m.get("seed") is not None else [],
+        "steps": m.get("steps"),
+        "width": m.get("width"),
+        "height": m.get("height"),
+        "guidance": m.get("guidance"),
+        "true_cfg": m.get("true_cfg_scale", m.get("true_cfg")),
+        "image": m.get("image_path"),
+        "mask": m.get("mask_path"),
+        "strength": m.get("strength"),
+        "image_sha256": m.get("image_sha256"),
+        "mask_sha256": m.get("mask_sha256"),
+        "loras": list(zip(m.get("lora_paths") or [], m.get("lora_scales") or [])),
+    }
+    values = {k: v for k, v in values.items() if v not in (None, [])}
+    if m.get("variant") == "schnell":
+        values.setdefault("guidance", None)  # schnell has none: not a missing setting
+    return Recalled(values, m.get("model"), source, precision=m.get("precision"))
+
+
+def _from_a1111(text: str, pixels: tuple[int, int], path: Path) -> Recalled:
+    a = parse_a1111(text)
+    values = {"prompt": a["prompt"]}
+    notes = []
+    if a["negative_prompt"]:
+        values["negative_prompt"] = a["negative_prompt"]
+    if "Seed" in a:
+        values["seeds"] = [_number(a, "Seed", int, path)]
+    if "Steps" in a:
+        values["steps"] = _number(a, "Steps", int, path)
+    if m := re.fullmatch(r"(\d+)x(\d+)", a.get("Size", "")):
+        width, height = int(m[1]), int(m[2])
+        values["width"], values["height"] = max(16, width // 16 * 16), max(16, height // 16 * 16)
+        if (width, height) != (values["width"], values["height"]):
+            notes.append(
+                f"size {values['width']}x{values['height']}: {a['Size']} rounded down to multiples of 16"
+            )
+    elif pixels[0] % 16 == 0 and pixels[1] % 16 == 0:
+        values["width"], values["height"] = pixels
+        notes.append(f"size {pixels[0]}x{pixels[1]}, from the image's pixels")
+    # `Guidance:` is what mflux 0.1 wrote for dev's guidance
+    distilled = next((k for k in ("Distilled CFG Scale", "Guidance") if k in a), None)
+    cfg = a1111_cfg(
+        _number(a, "CFG scale", float, path) if "CFG scale" in a else None,
+        _number(a, distilled, float, path) if distilled else None,
+        a["negative_prompt"],
+    )
+    if cfg.guidance is not None:
+        values["guidance"] = cfg.guidance
+    if cfg.true_cfg is not None:
+        values["true_cfg"] = cfg.true_cfg
+    notes += [cfg.note] if cfg.note else []
+    if "Denoising strength" in a:
+        values["strength"] = _number(a, "Denoising strength", float, path)
+    return Recalled(values, a.get("Model"), "A1111 parameters", notes)
+
+
+def _number(a: dict, key: str, kind, path: Path):
+    try:
+        return kind(a[key])
+    except ValueError:
+        raise InvalidArgument(
+            f"--from {path}: {key} {a[key]!r} in its A1111 parameters is not a number"
+        ) from None
+
+
+# Fields the user is told were taken from the defaults when an image lacks them.
+_REPORTED = ("prompt", "seeds", "steps", "width", "height", "guidance")
+
+
+def recall(
+    path: str | Path, given: dict, explicit: Iterable[str] = ()
+) -> tuple[Settings, Recalled, list[str]]:
+    """Settings for `--from`: what the image records, overridden by the explicitly given `given` values
+    (Settings fields), checked. Returns (settings, what the image records, notes for the user).
+
+    An img2img or inpaint image needs its init image and mask, unchanged, unless --image/--mask replace
+    them; a mask recorded without its image being kept is dropped with the image."""
+    r = read_image_settings(path)
+    explicit = set(explicit)
+    values = {k: v for k, v in r.values.items() if k not in explicit}
+    if "image" in explicit:  # a new init image: the recorded mask and hashes belong to the old one
+        for k in ("mask", "image_sha256", "mask_sha256"):
+            values.pop(k, None)
+    _check_init_files(path, values)
+    if "strength" in values and "image" not in values and "image" not in explicit:
+        r.notes.append(f"strength {values.pop('strength'):g} ignored: the image records no init image")
+    notes = [f"settings from {path} ({r.source})", *r.notes]
+    defaulted = [FLAGS[k] for k in _REPORTED if k not in values and k not in explicit]
+    if defaulted:
+        notes.append(f"{path} lacks {', '.join(defaulted)}: using the defaults")
+    s = check(Settings(**{**values, **{k: given[k] for k in explicit if k in given}}), explicit)
+    return s, r, notes + s.notes
+
+
+def _check_init_files(path, values: dict) -> None:
+    for key, name in (("image", "init image"), ("mask", "mask")):
+        if values.get(key) is None:
+            continue
+        f, want = Path(values[key]), values.get(f"{key}_sha256")
+        if not f.is_file():
+            raise InvalidArgument(
+                f"--from {path}: its {name} {f} is missing (restore it, or give {FLAGS[key]} PATH)"
+            )
+        if want and sha256(f) != want:
+            raise InvalidArgument(
+                f"--from {path}: its {name} {f} has changed since (sha256 differs; "
+                f"give {FLAGS[key]} {f} to use it as it is now)"
+            )
+
+
+def as_dict(s: Settings) -> dict:
+    return {k: v for k, v in asdict(s).items() if k != "notes"}
