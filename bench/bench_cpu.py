@@ -1,10 +1,10 @@
 """mflux against diffusers on a CPU: one mid-size FLUX.1 transformer, the same weights, the same shapes.
 
 diffusers' FluxTransformer2DModel is built at bench_flux.py's `mid` size with random weights, saved,
-and loaded into mflux through the diffusers plan, so both run one network on the same inputs (their
-outputs are compared too). Each step is timed as a generation runs it: diffusers' forward, and mflux's
-`predict` with the modulations computed once (its `__call__`, which computes them every step, is
-timed too). float32, the fast precision of both on a CPU.
+and loaded into mflux through the loader's diffusers path, so both run one network on the same inputs
+(their outputs are compared too). Each step is timed as a generation runs it: diffusers' forward, and
+mflux's `predict` with the modulations computed once (its `__call__`, which computes them every step,
+is timed too). float32, the fast precision of both on a CPU.
 
 MLX's CPU wheel ships a slow reference BLAS, and Debian's OpenBLAS makes it fast when preloaded
 (README.md), but the same preload slows PyTorch down many times. So each runs in its own process:
@@ -36,16 +36,13 @@ TXT = SIZE.txt["schnell"]
 
 def load_ours(folder: Path, config: dict):
     import mlx.core as mx
-    from mflux.converters.diffusers import transformer_plan
-    from mflux.converters.plan import execute
 
-    from mflux.runtime.model import Flux, FluxParams
-    from mflux.runtime.weights import TensorSource
+    from mflux.runtime.loader import evaluate, prepare
 
-    source = TensorSource.from_folder(folder)
-    flux = Flux(FluxParams.from_diffusers_config(config))
-    flux.load_weights(list(execute(transformer_plan(source), source, mx.float32)), strict=True)
-    mx.eval(flux.parameters())
+    flux, weights = prepare(folder, "transformer", "hf", {"transformer": config}, mx.float32)
+    flux.load_weights(list(weights.items()), strict=True)
+    del weights
+    evaluate(flux.parameters())
     return flux
 
 

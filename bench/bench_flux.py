@@ -30,16 +30,34 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mflux.runtime import layers
+from mflux.runtime import engine, layers, qmatmul, sampler
 from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
 from mflux.runtime.clip import CLIPTextConfig, CLIPTextModel
 from mflux.runtime.model import Flux, FluxParams
-from mflux.runtime.quantization import QuantSpec, should_quantize
+from mflux.runtime.quantization import (
+    QuantSpec,
+    quantize_model_from_weights,
+    quantize_tensor,
+    should_quantize,
+)
 from mflux.runtime.t5 import T5Config, T5Encoder
 
-SECTIONS = ("step", "levers", "micro", "decode", "encode", "load")
+SECTIONS = ("step", "levers", "qmatmul", "micro", "decode", "encode", "pipeline", "firstrun", "load")
 # seconds per section; a section stops starting new items once its time is up (or the run's is)
-BUDGETS = {"step": 150, "levers": 50, "micro": 150, "decode": 40, "encode": 70, "load": 140}
+BUDGETS = {
+    "step": 150,
+    "levers": 50,
+    "qmatmul": 90,
+    "micro": 150,
+    "decode": 40,
+    "encode": 70,
+    "pipeline": 150,
+    "firstrun": 360,
+    "load": 140,
+}
+# the two ways a quantized layer multiplies (mflux.runtime.qmatmul): MLX's quantized_matmul at every
+# size, or dequantize-then-matmul from `--min-rows` rows on (the CUDA default)
+PATHS = ("qmm", "dequant")
 QUANTS = {"q8": QuantSpec(8), "q4": QuantSpec(4)}
 MICRO_QUANTS = {
     "q8": QuantSpec(8),
@@ -94,7 +112,8 @@ SIZES = {
     "mid": Size(
         _flux_config((4, 128), (2, 4), (16, 56, 56), 1024, 768),
         T5Config(d_model=1024, d_ff=2048, num_layers=2, num_heads=16),
-        CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
+        # CLIP-L's width: its pooled output feeds the transformer's 768-wide vector input
+        CLIPTextConfig(hidden_size=768, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
         AutoencoderConfig(block_out_channels=(32, 64, 64, 64)),
         res=256,
         txt={"schnell": 64, "dev": 128},
@@ -198,7 +217,8 @@ def randomize(module: nn.Module, dtype: mx.Dtype) -> nn.Module:
 
 
 def quantize(module: nn.Module, component: str, spec: QuantSpec | None) -> nn.Module:
-    """The project's rule (mflux.runtime.quantization.should_quantize) decides which layers."""
+    """The project's rule (mflux.runtime.quantization.should_quantize) decides which layers, and the
+    backend which matmul they take (mflux.runtime.qmatmul), as the loader does."""
     if spec is None:
         return module
 
@@ -208,8 +228,24 @@ def quantize(module: nn.Module, component: str, spec: QuantSpec | None) -> nn.Mo
         )
 
     nn.quantize(module, group_size=spec.group_size, bits=spec.bits, mode=spec.mode, class_predicate=predicate)
+    qmatmul.use_backend_matmul(module)
     mx.eval(module.parameters())
     return module
+
+
+def set_path(module: nn.Module, path: str, args) -> None:
+    """`qmm`: quantized_matmul at every size; `dequant`: dequantize-then-matmul from `--min-rows` rows."""
+    qmatmul.choose_matmul(module, None if path == "qmm" else args.min_rows)
+
+
+def largest_layer_gb(module: nn.Module, dtype) -> float:
+    """The float size of the largest quantized layer: what one dequantize-then-matmul call adds."""
+    sizes = [
+        m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+        for _, m in module.named_modules()
+        if isinstance(m, nn.QuantizedLinear)
+    ]
+    return max(sizes, default=0) * dtype.size / 1e9
 
 
 def params_count(module: nn.Module) -> int:
@@ -232,7 +268,26 @@ def construct(component: str, size: Size, variant: str = "schnell") -> nn.Module
 
 
 def build(component: str, size: Size, dtype, spec: QuantSpec | None, variant: str = "schnell") -> nn.Module:
-    return quantize(randomize(construct(component, size, variant), dtype), component, spec)
+    """Random weights drawn on the device and quantized tensor by tensor, as the loader reads them, so
+    building a quantized model never holds its float weights (peak memory stays near the quantized
+    size). Norms keep their ones."""
+    module = construct(component, size, variant)
+    weights = []
+    for name, p in tree_flatten(module.parameters()):
+        if p.ndim >= 2:
+            p = mx.random.normal(p.shape, dtype=dtype, scale=p.shape[-1] ** -0.5)
+        p = p.astype(dtype)
+        if should_quantize(component, name, p.shape, spec):
+            parts = quantize_tensor(name, p, spec)
+            mx.eval(list(parts.values()))
+            weights += parts.items()
+        else:
+            mx.eval(p)
+            weights.append((name, p))
+    quantize_model_from_weights(module, [n for n, _ in weights], lambda path: spec)
+    module.load_weights(weights, strict=True)
+    mx.eval(module.parameters())
+    return module
 
 
 def image_ids(res: int, txt_len: int, batch: int = 1) -> tuple[mx.array, mx.array]:
@@ -273,36 +328,54 @@ def section_step(size: Size, args, budget: Budget) -> None:
 
 def _step_figures(size: Size, args, quant: str, budget: Budget) -> None:
     flux = build("transformer", size, args.dtype, QUANTS.get(quant), "dev")
-    for variant in ("schnell", "dev"):
-        if budget.skip("step", f"{variant} {quant}"):
-            continue
-        x = step_inputs(flux, size, variant, args.dtype)
-        t = time.perf_counter()
-        pe = flux.positions(x["img_ids"], x["txt_ids"])
-        mods = flux.modulations([1.0, 0.75, 0.5, 0.25], x["y"], mx.array([3.5]))
-        mx.eval(pe, mods)
-        prepare = time.perf_counter() - t
-        # the graph is built in Python before it runs: its cost is part of every step
-        t = time.perf_counter()
-        flux.predict(x["img"], x["txt"], pe, mods[0])
-        graph = time.perf_counter() - t
-        r = timeit(
-            lambda x=x, pe=pe, mods=mods: flux.predict(x["img"], x["txt"], pe, mods[0]),
-            args.warmup,
-            args.steps,
-        )
-        report(
-            what="step",
-            variant=variant,
-            quant=_label(quant, args),
-            res=size.res,
-            txt=size.txt[variant],
-            **r,
-            modulations_once_s=prepare,
-            graph_build_s=graph,
-            peak_gb=peak_gb(),
-            weights_gb=nbytes(flux) / 1e9,
-        )
+    weights = nbytes(flux) / 1e9
+    for variant in args.variants:
+        for path in args.paths if quant in QUANTS else ("float",):
+            if budget.skip("step", f"{variant} {quant} {path}"):
+                continue
+            if quant in QUANTS:
+                set_path(flux, path, args)
+            _step_figure(flux, size, args, quant, variant, path, weights)
+
+
+def _step_figure(flux, size: Size, args, quant: str, variant: str, path: str, weights: float) -> None:
+    x = step_inputs(flux, size, variant, args.dtype)
+    t = time.perf_counter()
+    pe = flux.positions(x["img_ids"], x["txt_ids"])
+    mods = flux.modulations([1.0, 0.75, 0.5, 0.25], x["y"], mx.array([3.5]))
+    mx.eval(pe, mods)
+    prepare = time.perf_counter() - t
+    mx.reset_peak_memory()
+    # the graph is built in Python before it runs: its cost is part of every step
+    t = time.perf_counter()
+    flux.predict(x["img"], x["txt"], pe, mods[0])
+    graph = time.perf_counter() - t
+    r = timeit(lambda: flux.predict(x["img"], x["txt"], pe, mods[0]), args.warmup, args.steps)
+    fig = dict(
+        what="step",
+        variant=variant,
+        quant=_label(quant, args),
+        path=path,
+        res=size.res,
+        txt=size.txt[variant],
+        **r,
+        modulations_once_s=prepare,
+        graph_build_s=graph,
+        peak_gb=peak_gb(),
+        weights_gb=weights,
+    )
+    # the issue's memory bound for a quantized step: its weights, one layer dequantized, and the
+    # activations of the float step (its peak over its weights)
+    act = ACTIVATIONS_GB.get(variant)
+    if quant == "bf16":
+        ACTIVATIONS_GB[variant] = fig["peak_gb"] - weights
+    elif act is not None:
+        fig["bound_gb"] = weights + largest_layer_gb(flux, args.dtype) + act
+        fig["within_bound"] = fig["peak_gb"] <= fig["bound_gb"]
+    report(**fig)
+
+
+ACTIVATIONS_GB: dict[str, float] = {}
 
 
 def section_levers(size: Size, args, budget: Budget) -> None:
@@ -371,6 +444,57 @@ def _lowp_rotate(x0, x1, a, b):
     return x0 * a.astype(x0.dtype) + x1 * b.astype(x0.dtype)
 
 
+def section_qmatmul(size: Size, args, budget: Budget) -> None:
+    """One layer's product at FLUX's and T5's shapes, for 1 row up to the step's tokens: the float
+    matmul, MLX's quantized_matmul and dequantize-then-matmul, at 8 and 4 bits. It shows where each
+    path wins (the crossover that `qmatmul.MIN_ROWS` encodes) and what the first call costs (kernels
+    built at run time)."""
+    p = FluxParams.from_diffusers_config({**size.flux, "guidance_embeds": False})
+    D, F = p.hidden_size, size.t5.d_ff
+    shapes = {
+        "linear1": (D, 7 * D),
+        "linear2": (5 * D, D),
+        "qkv": (D, 3 * D),
+        "t5_wi": (size.t5.d_model, F),
+        "t5_wo": (F, size.t5.d_model),
+    }
+    tokens = (size.res // 16) ** 2 + size.txt["schnell"]
+    rows_list = sorted({1, 8, 32, 77, size.txt["schnell"], size.txt["dev"], tokens})
+    for layer, (k, n) in shapes.items():
+        w = mx.random.normal((n, k), dtype=args.dtype, scale=k**-0.5)
+        packed = {b: mx.quantize(w, 64, b) for b in (8, 4)}
+        mx.eval(w, packed)
+        for rows in rows_list:
+            if budget.skip("qmatmul", f"{layer} {rows}"):
+                return
+            x = mx.random.normal((1, rows, k)).astype(args.dtype)
+            mx.eval(x)
+            fig = {"float": timeit(lambda x=x, w=w: x @ w.T, args.warmup, args.steps * 2)}
+            for b, (q, sc, bi) in packed.items():
+                fig[f"q{b}_qmm"] = timeit(
+                    lambda x=x, q=q, sc=sc, bi=bi, b=b: mx.quantized_matmul(x, q, sc, bi, True, 64, b),
+                    args.warmup,
+                    args.steps * 2,
+                )
+                fig[f"q{b}_dequant"] = timeit(
+                    lambda x=x, q=q, sc=sc, bi=bi, b=b: x @ mx.dequantize(q, sc, bi, 64, b, dtype=x.dtype).T,
+                    args.warmup,
+                    args.steps * 2,
+                )
+            report(
+                what="qmatmul",
+                layer=layer,
+                k=k,
+                n=n,
+                rows=rows,
+                **{f"{name}_ms": r["s"] * 1e3 for name, r in fig.items()},
+                **{f"{name}_first_s": r["first_s"] for name, r in fig.items()},
+                q8_faster="dequant" if fig["q8_dequant"]["s"] < fig["q8_qmm"]["s"] else "qmm",
+                q4_faster="dequant" if fig["q4_dequant"]["s"] < fig["q4_qmm"]["s"] else "qmm",
+            )
+        free()
+
+
 def section_micro(size: Size, args, budget: Budget) -> None:
     """One single-stream block at the schnell sequence length: bf16 against every quantization mode,
     the double block, the parts of a block, and the matmul and attention ceilings."""
@@ -426,12 +550,16 @@ def _quant_block(p: FluxParams, spec: QuantSpec, name: str, x, mod, pe, bf16_s: 
     report(
         what="single_block",
         quant=name,
+        path="qmm"
+        if qmatmul.default_min_rows() is None
+        else f"backend (dequant from {qmatmul.default_min_rows()} rows)",
         mode=spec.mode,
         bits=spec.bits,
         group_size=spec.group_size,
         tokens=x.shape[1],
         ms=r["s"] * 1e3,
         vs_bf16=r["s"] / bf16_s,
+        vs=_dtype_name(args.dtype),  # what vs_bf16 is against: the float pass, fp32 on a CPU
         first_s=r["first_s"],
         bytes_per_param=stored / (lin.weight.size * 32 // spec.bits),
     )
@@ -502,29 +630,260 @@ def _encode_figures(size: Size, args, quant: str) -> None:
     spec = QUANTS.get(quant)
     t5 = build("text_encoder_2", size, args.dtype, spec)
     clip = build("text_encoder", size, args.dtype, spec)
+    weights = (nbytes(t5) + nbytes(clip)) / 1e9
     clip_ids = mx.random.randint(0, size.clip.vocab_size, (1, size.clip.max_position_embeddings))
-    for variant in ("schnell", "dev"):
-        ids = mx.random.randint(0, size.t5.vocab_size, (1, size.txt[variant]))
-        r = timeit(lambda ids=ids: [t5(ids), clip(clip_ids)[1]], args.warmup, args.steps)
-        report(
-            what="encode",
-            quant=_label(quant, args),
-            variant=variant,
-            txt=size.txt[variant],
-            **r,
-            peak_gb=peak_gb(),
-            weights_gb=(nbytes(t5) + nbytes(clip)) / 1e9,
-        )
+    for path in args.paths if spec else ("float",):
+        if spec:
+            set_path(t5, path, args)
+            set_path(clip, path, args)
+        for variant in args.variants:
+            ids = mx.random.randint(0, size.t5.vocab_size, (1, size.txt[variant]))
+            mx.reset_peak_memory()
+            r = timeit(lambda ids=ids: [t5(ids), clip(clip_ids)[1]], args.warmup, args.steps)
+            report(
+                what="encode",
+                quant=_label(quant, args),
+                path=path,
+                variant=variant,
+                txt=size.txt[variant],
+                **r,
+                peak_gb=peak_gb(),
+                weights_gb=weights,
+            )
 
 
 def section_decode(size: Size, args, budget: Budget) -> None:
-    if budget.skip("decode", "vae"):
-        return
+    """The VAE decode, whole-tensor layers (`band_mb` 0, the old path) against row bands (the default),
+    with each one's peak over its weights and the largest pixel difference between them."""
     free()
     vae = build("vae", size, args.dtype, None)
-    z = mx.random.normal((1, size.res // 8, size.res // 8, size.vae.latent_channels)).astype(args.dtype)
-    r = timeit(lambda: vae.decode(z), max(1, args.warmup - 1), max(1, args.steps // 2))
-    report(what="decode", res=size.res, **r, peak_gb=peak_gb())
+    weights = nbytes(vae) / 1e9
+    res = args.res or size.res
+    z = mx.random.normal((1, res // 8, res // 8, size.vae.latent_channels)).astype(args.dtype)
+    mx.eval(z)
+    images = {}
+    for band_mb in args.band_mb:
+        if budget.skip("decode", f"band {band_mb} MB"):
+            continue
+        free()
+        band = band_mb * 2**20 if band_mb else None
+        r = timeit(
+            lambda band=band: vae.decode(z, band_bytes=band), max(1, args.warmup - 1), max(1, args.steps // 2)
+        )
+        images[band_mb] = mx.clip(vae.decode(z, band_bytes=band).astype(mx.float32) / 2 + 0.5, 0, 1)
+        mx.eval(images[band_mb])
+        report(
+            what="decode",
+            res=res,
+            band_mb=band_mb,
+            **r,
+            peak_gb=peak_gb(),
+            weights_gb=weights,
+            over_weights_gb=peak_gb() - weights,
+        )
+    if 0 in images:
+        for band_mb, img in images.items():
+            if band_mb:
+                diff = mx.abs(img - images[0]).max().item() * 255
+                report(what="decode_diff", res=res, band_mb=band_mb, max_diff_255=diff)
+
+
+class _Phases:
+    """Seconds and MLX's allocator peak per phase of one generation; the peak is reset as each starts."""
+
+    def __init__(self):
+        self.figures: dict[str, dict] = {}
+
+    def __call__(self, name: str):
+        phases = self
+
+        class _Phase:
+            def __enter__(self):
+                gc.collect()
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                self.start = mx.get_active_memory() / 1e9
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                mx.synchronize()
+                s = time.perf_counter() - self.t
+                phases.figures[name] = {"s": s, "peak_gb": peak_gb(), "start_gb": self.start}
+
+        return _Phase()
+
+
+class _Source:
+    """Where the pipeline section's modules come from: a model folder (`--folder`, Hugging Face layout
+    or MLX-native, read by mflux's loader) or random weights built on the device."""
+
+    def __init__(self, size: Size, args, spec: QuantSpec | None):
+        self.size, self.args, self.spec = size, args, spec
+        self.folder = None
+        if args.folder:
+            from mflux.folders import open_folder
+
+            self.folder = open_folder(args.folder)
+        self.variant = self.folder.variant if self.folder else "schnell"
+        d = self.folder.defaults if self.folder else {"max_sequence_length": size.txt["schnell"]}
+        self.txt_len = d["max_sequence_length"]
+        self.res = args.res or size.res
+
+    def module(self, component: str) -> nn.Module:
+        if self.folder is None:
+            return build(component, self.size, self.args.dtype, self.spec, self.variant)
+        from mflux.runtime.loader import load_component
+
+        stored = self.folder.quant_spec(component)
+        return load_component(self.folder, component, self.args.dtype, None if stored else self.spec)
+
+    def token_ids(self) -> tuple:
+        if self.folder is None or not (self.folder.path / "tokenizer").is_dir():  # the load section's models
+            clip_ids = mx.random.randint(
+                0, self.size.clip.vocab_size, (1, self.size.clip.max_position_embeddings)
+            )
+            return clip_ids, mx.random.randint(0, self.size.t5.vocab_size, (1, self.txt_len))
+        from mflux.runtime.tokenizers import clip_ids, load_tokenizers, t5_ids
+
+        clip_tok, t5_tok = load_tokenizers(self.folder.path)
+        prompt = ["Luxury food photograph of a chocolate cake on a marble table"]
+        return clip_ids(clip_tok, prompt), t5_ids(t5_tok, prompt, self.txt_len)
+
+    def sigmas(self, steps: int) -> list[float]:
+        # the folder's defaults carry dev's shift settings, as Flux1 passes them to the engine
+        d = self.folder.defaults if self.folder else {}
+        return engine.schedule(steps, (self.res // 16) ** 2, d if d.get("use_dynamic_shifting") else None)
+
+
+def section_pipeline(size: Size, args, budget: Budget) -> None:
+    for quant in args.quants:
+        if not budget.skip("pipeline", quant):
+            free()
+            _pipeline_run(size, args, quant)
+
+
+def _pipeline_run(size: Size, args, quant: str) -> None:
+    """`--images` images as `mflux run` makes them, phase by phase: load T5 and CLIP, encode, free them;
+    load the transformer, denoise every image; free the transformer (unless `--keep-transformer`), load
+    the VAE, decode. The first image pays for building kernels; later ones show the warm figure."""
+    src = _Source(size, args, QUANTS.get(quant))
+    ph = _Phases()
+    res, steps, n = src.res, args.pipeline_steps, args.images
+    guidance = 3.5 if src.variant == "dev" else None
+    with ph("load_text"):
+        t5, clip = src.module("text_encoder_2"), src.module("text_encoder")
+    clip_ids, t5_ids = src.token_ids()
+    conds = []
+    for i in range(n):
+        with ph(f"encode_{i}"):
+            cond = engine.encode_prompt(clip, t5, clip_ids, t5_ids, args.dtype)
+            mx.eval(cond)
+        conds.append(cond)
+    weights = {"text": (nbytes(t5) + nbytes(clip)) / 1e9}
+    del t5, clip  # the prompt is encoded: free T5 and CLIP before the transformer loads
+    with ph("load_transformer"):
+        flux = src.module("transformer")
+    weights["transformer"] = nbytes(flux) / 1e9
+    sigmas = src.sigmas(steps)
+    latents = []
+    for i, (txt, pooled) in enumerate(conds):
+        with ph(f"denoise_{i}"):
+            noise = sampler.noise(i, res, res).astype(args.dtype)
+            mods = engine.modulations(flux, pooled, sigmas, guidance)
+            for x in engine.denoise(flux, txt, noise, sigmas, res, res, mods):
+                mx.eval(x)
+        latents.append(x)
+    if not args.keep_transformer:
+        del flux  # every image is denoised: the decode needs only the VAE
+    with ph("load_vae"):
+        vae = src.module("vae")
+    weights["vae"] = nbytes(vae) / 1e9
+    for i, x in enumerate(latents):
+        with ph(f"decode_{i}"):
+            engine.decode(vae, x, res, res)  # evaluated: it returns the uint8 pixels
+    f = ph.figures
+    image = [f[f"encode_{i}"]["s"] + f[f"denoise_{i}"]["s"] + f[f"decode_{i}"]["s"] for i in range(n)]
+    load = sum(f[k]["s"] for k in ("load_text", "load_transformer", "load_vae"))
+    report(
+        what="pipeline",
+        source=args.folder and src.folder.format or "random",
+        quant=_label(quant, args),
+        res=res,
+        steps=steps,
+        txt=src.txt_len,
+        kept_transformer=args.keep_transformer,
+        load_s=load,
+        first_image_s=image[0],
+        load_plus_first_s=load + image[0],
+        **({"second_image_s": image[1], "step_s": f["denoise_1"]["s"] / steps} if n > 1 else {}),
+        peak_gb=max(v["peak_gb"] for v in f.values()),
+        **{f"{k}_s": v["s"] for k, v in f.items()},
+        **{f"{k}_peak_gb": v["peak_gb"] for k, v in f.items()},
+        # what was held when each phase began: shows T5/CLIP and the transformer freed in time
+        **{f"{k}_start_gb": v["start_gb"] for k, v in f.items()},
+        **{f"{k}_weights_gb": v for k, v in weights.items()},
+    )
+
+
+def section_firstrun(size: Size, args, budget: Budget) -> None:
+    """A fresh process with an empty kernel cache, then a fresh process with the cache it left, each
+    running the pipeline section (load + two images). MLX's CUDA backend compiles its fused
+    (`mx.compile`) and JIT kernels with NVRTC on first use and keeps them in MLX_PTX_CACHE_DIR
+    (default `$TMPDIR/mlx/<version>/ptx`); the count of modules it wrote says how many were built.
+    `--ptx-cache DIR` keeps the caches (DIR/<quant>) for a later run's `--caches warm`."""
+    root = (
+        Path(args.ptx_cache) if args.ptx_cache else Path(tempfile.mkdtemp(prefix="mflux-ptx-", dir=args.tmp))
+    )
+    try:
+        for quant in args.quants:
+            cache = root / quant
+            for state in args.caches:
+                if budget.skip("firstrun", f"{quant} {state}"):
+                    continue
+                if state == "empty":
+                    shutil.rmtree(cache, ignore_errors=True)
+                before = _cached(cache)
+                figs = _child_pipeline(size, args, quant, cache, budget)
+                built = _cached(cache) - before
+                for r in figs:
+                    report(**{**r, "what": "firstrun", "cache": state, "modules_built": len(built)})
+                if built:
+                    kinds = sorted({b.split("_")[0] for b in built})
+                    report(
+                        what="firstrun_kernels",
+                        quant=_label(quant, args),
+                        cache=state,
+                        built=len(built),
+                        kinds=kinds[:40],
+                    )
+    finally:
+        if not args.ptx_cache:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _cached(cache: Path) -> set[str]:
+    return {p.stem for p in cache.glob("*.ptx")} if cache.exists() else set()
+
+
+def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -> list[dict]:
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--size", args.size, "--sections", "pipeline"]
+    cmd += ["--quant", quant, "--images", "2", "--dtype", DTYPE_ARGS[_dtype_name(args.dtype)]]
+    cmd += ["--folder", args.folder] if args.folder else []
+    cmd += ["--res", str(args.res)] if args.res else []
+    env = {**os.environ, "MLX_PTX_CACHE_DIR": str(cache)}
+    left = max(10.0, budget.section_end - time.monotonic())
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left)
+    except subprocess.TimeoutExpired:
+        report(what="failed", section="firstrun", quant=quant, why="timeout")
+        return []
+    figs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"what": "pipeline"')]
+    if out.returncode or not figs:
+        report(what="failed", section="firstrun", quant=quant, rc=out.returncode, stderr=out.stderr[-800:])
+    return figs
 
 
 def section_load(size: Size, args, budget: Budget) -> None:
@@ -534,12 +893,23 @@ def section_load(size: Size, args, budget: Budget) -> None:
     from mflux.runtime.loader import load_component
     from mflux.runtime.weights import save_shards
 
-    root = Path(tempfile.mkdtemp(prefix="mflux-bench-", dir=args.tmp))
+    root = (
+        Path(args.keep_model)
+        if args.keep_model
+        else Path(tempfile.mkdtemp(prefix="mflux-bench-", dir=args.tmp))
+    )
     architecture = {
         "transformer": {**size.flux, "guidance_embeds": False},
         "text_encoder": vars(size.clip),
         "text_encoder_2": vars(size.t5),
         "vae": {**vars(size.vae), "block_out_channels": list(size.vae.block_out_channels)},
+        # schnell's FlowMatchEulerDiscreteScheduler, so a kept model's manifest is complete
+        "scheduler": {
+            "shift": 1.0,
+            "use_dynamic_shifting": False,
+            "base_image_seq_len": 256,
+            "max_image_seq_len": 4096,
+        },
     }
     try:
         for quant in args.quants:
@@ -583,13 +953,43 @@ def section_load(size: Size, args, budget: Budget) -> None:
                     component=c,
                     bytes_per_param=sizes[c] / params,
                 )
-            shutil.rmtree(folder)
+            if args.keep_model:
+                mf.dtype = args.dtype
+                _write_manifest(mf, spec)
+            else:
+                shutil.rmtree(folder)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.keep_model:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _write_manifest(mf, spec: QuantSpec | None) -> None:
+    """Leave the MLX-native model as a store would (a manifest.toml), so `--folder` can load it."""
+    from mflux.manifest import Manifest, defaults_for, write_manifest
+
+    quantization = (
+        {c: spec.to_dict() for c in ("transformer", "text_encoder", "text_encoder_2")} if spec else None
+    )
+    # no file hashes: hashing 34 GB would cost more device time than the load being measured
+    man = Manifest(
+        name=mf.name,
+        variant=mf.variant,
+        format="mlx",
+        dtype=DTYPE_ARGS[_dtype_name(mf.dtype)],
+        source={"kind": "path", "path": str(mf.path)},
+        files=[],
+        architecture=mf.architecture,
+        defaults=defaults_for(mf.variant, mf.architecture),
+        quantization=quantization,
+    )
+    write_manifest(mf.path, man)
 
 
 def _label(quant: str, args) -> str:
     return _dtype_name(args.dtype) if quant == "bf16" else quant
+
+
+DTYPE_ARGS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _dtype_name(dtype) -> str:
@@ -604,13 +1004,24 @@ def table() -> str:
     for r in RESULTS:
         what = r["what"]
         if what == "step":
+            bound = f", bound {r['bound_gb']:.2f} GB" if "bound_gb" in r else ""
             rows.append(
-                f"| step {r['variant']} {r['res']}px, {r['txt']} txt | {r['quant']} | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.1f} | weights {r['weights_gb']:.1f} GB, graph {r['graph_build_s'] * 1e3:.1f} ms |"
+                f"| step {r['variant']} {r['res']}px, {r['txt']} txt | {r['quant']} {r['path']} | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.2f} | weights {r['weights_gb']:.2f} GB{bound}, graph {r['graph_build_s'] * 1e3:.1f} ms |"
+            )
+        elif what == "qmatmul":
+            rows.append(
+                f"| {r['layer']} {r['k']}->{r['n']}, {r['rows']} rows | float / q8 qmm, dequant / q4 qmm, dequant | {r['float_ms']:.3f} / {r['q8_qmm_ms']:.3f}, {r['q8_dequant_ms']:.3f} / {r['q4_qmm_ms']:.3f}, {r['q4_dequant_ms']:.3f} ms | | | faster: q8 {r['q8_faster']}, q4 {r['q4_faster']} |"
+            )
+        elif what in ("pipeline", "firstrun"):
+            second = f", second image {r['second_image_s']:.2f} s" if "second_image_s" in r else ""
+            phases = ", ".join(f"{k[:-8]} {v:.2f}" for k, v in r.items() if k.endswith("_peak_gb"))
+            rows.append(
+                f"| {what} {r['source']} {r.get('cache', '')} | {r['quant']} | load {r['load_s']:.2f} s + first image {r['first_image_s']:.2f} s | | {r['peak_gb']:.2f} | {second.lstrip(', ')}; peaks GB: {phases} |"
             )
         elif what == "lever":
             rows.append(f"| lever: {r['lever']} | {r['variant']} | {r['s']:.4f} s | | | |")
         elif what == "single_block" and "ms" in r:
-            extra = f"{r['vs_bf16']:.2f}x bf16, " if "vs_bf16" in r else ""
+            extra = f"{r['vs_bf16']:.2f}x {r.get('vs', 'bf16')}, " if "vs_bf16" in r else ""
             rows.append(
                 f"| single block {r['tokens']} tok | {r['quant']} | {r['ms']:.2f} ms | {r['first_s']:.2f} s | | {extra}{r['bytes_per_param']:.3f} B/param |"
             )
@@ -628,11 +1039,19 @@ def table() -> str:
             rows.append(f"| {what} | | | | | {r['tflops']:.1f} TFLOP/s |")
         elif what == "encode":
             rows.append(
-                f"| encode T5+CLIP, {r['txt']} tok | {r['quant']} | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.1f} | weights {r['weights_gb']:.1f} GB |"
+                f"| encode T5+CLIP, {r['txt']} tok | {r['quant']} {r['path']} | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.1f} | weights {r['weights_gb']:.1f} GB |"
             )
         elif what == "decode":
             rows.append(
-                f"| VAE decode {r['res']}px | | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.1f} | |"
+                f"| VAE decode {r['res']}px | bands {r['band_mb']} MB | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.2f} | {r['over_weights_gb']:.2f} GB over its weights |"
+            )
+        elif what == "decode_diff":
+            rows.append(
+                f"| VAE decode {r['res']}px, bands vs whole | bands {r['band_mb']} MB | | | | max diff {r['max_diff_255']:.2f}/255 |"
+            )
+        elif what == "failed":
+            rows.append(
+                f"| failed: {r.get('section')} {r.get('quant', '')} | | | | | {r.get('why', r.get('rc'))} |"
             )
         elif what == "load":
             rows.append(
@@ -674,7 +1093,46 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--tmp", default=None, help="folder for the load section's model (default: the system's temp)"
     )
+    parser.add_argument(
+        "--variants", default="schnell,dev", help="step/encode shapes: schnell (256 text tokens), dev (512)"
+    )
+    parser.add_argument(
+        "--paths", default=",".join(PATHS), help="quantized matmul paths to time: qmm, dequant"
+    )
+    parser.add_argument(
+        "--min-rows",
+        type=int,
+        default=qmatmul.MIN_ROWS["cuda"],
+        help="rows from which the dequant path dequantizes (default: CUDA's choice)",
+    )
+    parser.add_argument(
+        "--band-mb", default="0,256", help="decode: row-band sizes in MB to time (0: whole-tensor layers)"
+    )
+    parser.add_argument("--images", type=int, default=1, help="pipeline: images per run (2 shows a warm one)")
+    parser.add_argument("--pipeline-steps", type=int, default=4, help="pipeline: denoising steps per image")
+    parser.add_argument(
+        "--keep-transformer", action="store_true", help="pipeline: keep the transformer during the decode"
+    )
+    parser.add_argument("--caches", default="empty,warm", help="firstrun: cache states to run, in order")
+    parser.add_argument(
+        "--ptx-cache", default=None, help="firstrun: keep the kernel caches here (DIR/<quant>)"
+    )
+    parser.add_argument(
+        "--keep-model", default=None, help="load: write the MLX-native models here and keep them"
+    )
+    parser.add_argument(
+        "--folder", default=None, help="pipeline/firstrun: a model folder to load (default: random)"
+    )
+    parser.add_argument(
+        "--res", type=int, default=None, help="pipeline/firstrun/decode: image side (default: the size's)"
+    )
     args = parser.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.paths = [p for p in args.paths.split(",") if p]
+    args.band_mb = [int(b) for b in args.band_mb.split(",") if b]
+    args.caches = [c for c in args.caches.split(",") if c]
+    if not set(args.paths) <= set(PATHS) or not set(args.variants) <= {"schnell", "dev"}:
+        parser.error(f"--paths takes {', '.join(PATHS)}; --variants takes schnell, dev")
     args.dtype = getattr(mx, args.dtype or ("float32" if mx.default_device() == mx.cpu else "bfloat16"))
     args.quants = [q for q in args.quant.split(",") if q]
     for q in args.quants:

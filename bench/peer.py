@@ -173,7 +173,8 @@ def run_ours(folder: Path, quant: int | None, res: int, dtype: str | None) -> No
     flux = Flux1.from_path(folder, precision=dtype, quantize=quant)
     # Flux1 loads on first use; load all four now, as diffusers does (the peer reads lazily)
     flux.load()
-    flux._load(("text_encoder", "text_encoder_2"))
+    for c in ("text_encoder", "text_encoder_2"):
+        flux.get(c)
     load = time.perf_counter() - t
     runs = _images(
         lambda steps: flux.generate_image(1, PROMPT, Config(num_inference_steps=steps, height=res, width=res))
@@ -198,7 +199,7 @@ def _transformer_step(flux, res: int) -> float:
 
     from mflux.runtime import sampler
 
-    model = flux._modules["transformer"]
+    model = flux.get("transformer")
     txt_len = flux.folder.defaults["max_sequence_length"]
     img = mx.random.normal((1, (res // 16) ** 2, model.params.in_channels)).astype(model.dtype)
     txt = mx.random.normal((1, txt_len, model.params.context_in_dim)).astype(model.dtype)

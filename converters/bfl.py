@@ -5,17 +5,19 @@ Sources it takes, each one `.safetensors` file holding only the FLUX.1 transform
   `double_blocks.0.img_attn.qkv.weight`, `single_blocks.0.linear1.weight`);
 - the same with ComfyUI's `model.diffusion_model.` prefix, or a bare `diffusion_model.` prefix.
 
-The runtime keeps BFL's names and fused layouts, so the plan only strips the prefix. A file that also
-carries a VAE or text encoders (a full ComfyUI checkpoint) is refused, naming those keys.
+The runtime keeps BFL's names and fused layouts, so `sanitize` only strips the prefix. The companions
+read everything else from the header's shapes (`{name: shape}`, nothing loaded): `check` refuses a
+file that is not a transformer only (a full ComfyUI checkpoint), `params` gives the sizes as a plain
+dict, `diffusers_config` the config.json diffusers would write.
 """
 
-import mlx.utils
-from mflux.converters.plan import Plan, Target
+from mflux.converters.diffusers import count_blocks
 
 from mflux.errors import MfluxError
-from mflux.runtime.model import Flux, FluxParams
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# The released models' rope split of a 128-wide head: one axis (unused, zero) and two image axes.
+REAL_AXES_DIM = (16, 56, 56)
 # Tensors every FLUX.1 transformer has; their absence means the file is something else.
 _LANDMARKS = (
     "img_in.weight",
@@ -33,75 +35,93 @@ def prefix(keys) -> str:
     return ""
 
 
-def shapes(source) -> dict[str, tuple[int, ...]]:
-    """Shapes by runtime name, for the keys under the transformer's prefix."""
-    p = prefix(source.keys())
-    return {k[len(p) :]: tuple(source.shape(k)) for k in source.keys() if k.startswith(p)}
+def sanitize(weights: dict) -> dict:
+    """The file's lazily loaded weights under the runtime's names: the prefix stripped."""
+    p = prefix(weights)
+    return {k.removeprefix(p): v for k, v in weights.items()}
 
 
-def plan(source) -> Plan:
-    """Map a BFL single file onto the runtime's transformer names (only the prefix is stripped)."""
-    keys = source.keys()
-    p = prefix(keys)
-    _check_transformer_only(keys, p)
-    found = shapes(source)
-    _check_flux(found)
-    # The expected names come from an empty module of the file's sizes; mlx builds it lazily.
-    expected = [k for k, _ in mlx.utils.tree_flatten(Flux(params(source)).parameters())]
-    return Plan([Target(k, (p + k,)) for k in expected])
-
-
-def detect_variant(source) -> str:
-    """'dev' when the file has a guidance embedder (`guidance_in`), else 'schnell'."""
-    return "dev" if "guidance_in.in_layer.weight" in shapes(source) else "schnell"
-
-
-def params(source) -> FluxParams:
-    """FluxParams from the tensor shapes, refusing sizes that diffusers' FLUX.1 config cannot express."""
-    found = shapes(source)
-    _check_flux(found)
-    p = FluxParams.from_shapes(found)
-    if p.mlp_ratio != 4.0 or not p.qkv_bias:
-        raise MfluxError(
-            f"transformer has mlp ratio {p.mlp_ratio} and qkv bias {p.qkv_bias}: "
-            "only FLUX.1 schnell/dev layouts (4.0, with bias) are supported"
-        )
-    return p
-
-
-def diffusers_config(source) -> dict:
-    """The transformer's config.json as diffusers writes it, from the tensor shapes."""
-    p = params(source)
-    return {
-        "_class_name": "FluxTransformer2DModel",
-        "attention_head_dim": p.hidden_size // p.num_heads,
-        "axes_dims_rope": list(p.axes_dim),
-        "guidance_embeds": p.guidance_embed,
-        "in_channels": p.in_channels,
-        "joint_attention_dim": p.context_in_dim,
-        "num_attention_heads": p.num_heads,
-        "num_layers": p.depth,
-        "num_single_layers": p.depth_single_blocks,
-        "out_channels": None,
-        "patch_size": 1,
-        "pooled_projection_dim": p.vec_in_dim,
-    }
-
-
-def _check_transformer_only(keys, p: str) -> None:
-    others = sorted(k for k in keys if not k.startswith(p))
+def check(shapes: dict) -> None:
+    """Refuse a file that holds more than a FLUX.1 transformer, or something else altogether."""
+    p = prefix(shapes)
+    others = sorted(k for k in shapes if not k.startswith(p))
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise MfluxError(
             f"the file holds {len(others)} tensors besides the transformer ({shown}); "
             "give a transformer-only single file, with --base for the rest"
         )
-
-
-def _check_flux(found: dict) -> None:
-    missing = [k for k in _LANDMARKS if k not in found]
+    missing = [k for k in _LANDMARKS if p + k not in shapes]
     if missing:
         raise MfluxError(
             f"not a FLUX.1 transformer checkpoint: no tensor {missing[0]} "
             "(expected Black Forest Labs names such as double_blocks.0.img_attn.qkv.weight)"
         )
+
+
+def detect_variant(shapes: dict) -> str:
+    """'dev' when the file has a guidance embedder (`guidance_in`), else 'schnell'."""
+    return "dev" if prefix(shapes) + "guidance_in.in_layer.weight" in shapes else "schnell"
+
+
+def params(shapes: dict) -> dict:
+    """The transformer's sizes (FluxParams' fields) from the shapes of BFL-named tensors.
+
+    Every size shows in some tensor except the rope split of a head, which no weight carries: it is
+    the released (16, 56, 56) scaled to the head width, each image axis getting 56/128 of it rounded
+    to an even count and the first axis the rest. Heads of 128, 64 and 32 give (16, 56, 56),
+    (8, 28, 28) and (4, 14, 14).
+    """
+    p = prefix(shapes)
+    s = {k.removeprefix(p): tuple(v) for k, v in shapes.items() if k.startswith(p)}
+    try:
+        hidden, in_channels = s["img_in.weight"]
+        head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        return {
+            "in_channels": in_channels,
+            "hidden_size": hidden,
+            "num_heads": hidden // head_dim,
+            "depth": count_blocks(s, "double_blocks"),
+            "depth_single_blocks": count_blocks(s, "single_blocks"),
+            "axes_dim": _scaled_axes(head_dim),
+            "context_in_dim": s["txt_in.weight"][1],
+            "vec_in_dim": s["vector_in.in_layer.weight"][1],
+            "guidance_embed": "guidance_in.in_layer.weight" in s,
+            "mlp_ratio": s["double_blocks.0.img_mlp.0.weight"][0] / hidden,
+            "qkv_bias": "double_blocks.0.img_attn.qkv.bias" in s,
+        }
+    except KeyError as e:
+        raise MfluxError(f"not a FLUX.1 transformer checkpoint: no tensor {e.args[0]}") from None
+
+
+def diffusers_config(shapes: dict) -> dict:
+    """The transformer's config.json as diffusers writes it, refusing sizes it cannot express."""
+    check(shapes)
+    p = params(shapes)
+    if p["mlp_ratio"] != 4.0 or not p["qkv_bias"]:
+        raise MfluxError(
+            f"transformer has mlp ratio {p['mlp_ratio']} and qkv bias {p['qkv_bias']}: "
+            "only FLUX.1 schnell/dev layouts (4.0, with bias) are supported"
+        )
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "attention_head_dim": p["hidden_size"] // p["num_heads"],
+        "axes_dims_rope": list(p["axes_dim"]),
+        "guidance_embeds": p["guidance_embed"],
+        "in_channels": p["in_channels"],
+        "joint_attention_dim": p["context_in_dim"],
+        "num_attention_heads": p["num_heads"],
+        "num_layers": p["depth"],
+        "num_single_layers": p["depth_single_blocks"],
+        "out_channels": None,
+        "patch_size": 1,
+        "pooled_projection_dim": p["vec_in_dim"],
+    }
+
+
+def _scaled_axes(head_dim: int) -> tuple[int, int, int]:
+    image_axis = 2 * round(head_dim * REAL_AXES_DIM[1] / sum(REAL_AXES_DIM) / 2)
+    first = head_dim - 2 * image_axis
+    if first <= 0 or first % 2:
+        raise MfluxError(f"cannot split a head of width {head_dim} into three even rope axes")
+    return first, image_axis, image_axis

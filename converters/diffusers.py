@@ -1,15 +1,22 @@
-"""diffusers / Hugging Face names -> the runtime's names, as plans.
+"""diffusers / Hugging Face names -> the runtime's names, on lazily loaded weights.
 
-The transformer keeps Black Forest Labs' names and fused layouts, so its plan is the inverse of
+`sanitize(component, weights)` takes a dict of `mx.array`s as `mx.load` gives them (nothing read yet)
+and returns the runtime's names; every operation is lazy, so nothing is read before it is evaluated.
+Keys it does not know pass through unchanged, so the loader's key-set check names them.
+
+The transformer keeps Black Forest Labs' names and fused layouts, so its sanitize is the inverse of
 diffusers' `convert_flux_transformer_checkpoint_to_diffusers`: q/k/v (and the single blocks' MLP input)
 are concatenated back into one matrix, norms' `weight` becomes `scale`, and the final modulation's two
-halves go back from (scale, shift) to (shift, scale). The other components keep Hugging Face's names;
-their plans live beside their modules.
+halves go back from (scale, shift) to (shift, scale). T5 and CLIP keep Hugging Face's names, and the
+VAE diffusers' names with conv weights OIHW -> OHWI.
 """
 
-from mflux.converters.plan import Plan, Target, concat
+import re
+from collections.abc import Iterable
 
-from mflux.runtime.model import count_blocks
+import mlx.core as mx
+
+from mflux.errors import MfluxError
 
 # diffusers module -> Black Forest Labs module. A tuple of diffusers modules is concatenated along the
 # output axis, in that order.
@@ -51,15 +58,135 @@ SINGLE_BLOCK_MODULES = {
     "proj_out": "linear2",
 }
 _SWAPPED = "final_layer.adaLN_modulation.1"
+# diffusers' VAE attention names before 0.15; FLUX's own VAE uses the new ones, older exports the old.
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+
+
+def sanitize(component: str, weights: dict) -> dict:
+    """One diffusers pipeline component's lazily loaded weights under the runtime's names."""
+    if component not in _SANITIZE:
+        raise ValueError(f"unknown component {component!r} ({', '.join(COMPONENTS)})")
+    return _SANITIZE[component](weights)
+
+
+def count_blocks(names: Iterable[str], prefix: str) -> int:
+    """How many `<prefix>.N.` blocks the names hold (the highest N plus one)."""
+    found = {int(m.group(1)) for k in names if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def sanitize_transformer(weights: dict) -> dict:
+    """diffusers' FluxTransformer2DModel -> Black Forest Labs' names, fusing q/k/v lazily.
+
+    Block counts and the guidance embedder are read from the names. A fused matrix with some of its
+    parts missing is refused here, naming the part; anything else missing or left over is for the
+    loader's key-set check.
+    """
+    rest = dict(weights)
+    out = {}
+    for name, sources, combine in _targets(*_layout(rest)):
+        present = [s for s in sources if s in rest]
+        if not present:
+            continue  # the whole tensor is absent: the key-set check names it
+        if len(present) < len(sources):
+            missing = next(s for s in sources if s not in rest)
+            raise MfluxError(
+                f"missing tensor {missing}, needed for {name} (is this a complete FLUX.1 checkpoint?)"
+            )
+        arrays = [rest.pop(s) for s in sources]
+        out[name] = combine(arrays) if combine else arrays[0]
+    return {**out, **rest}
+
+
+def transformer_to_diffusers(bfl: dict) -> dict:
+    """Black Forest Labs-named transformer tensors -> diffusers' names and split layouts (lazy)."""
+    hidden = bfl["img_in.weight"].shape[0]
+    targets = _targets(
+        count_blocks(bfl, "double_blocks"),
+        count_blocks(bfl, "single_blocks"),
+        "guidance_in.in_layer.weight" in bfl,
+    )
+    unknown = sorted(set(bfl) - {name for name, _, _ in targets})
+    if unknown:
+        raise ValueError(f"not FLUX.1 transformer tensors: {', '.join(unknown[:5])}")
+    out = {}
+    for name, sources, combine in targets:
+        arr = _swap_halves([bfl[name]]) if combine is _swap_halves else bfl[name]
+        # q, k and v are `hidden` rows each; the single blocks' MLP input takes the rest
+        parts = mx.split(arr, [hidden * (j + 1) for j in range(len(sources) - 1)], axis=0)
+        out.update(zip(sources, parts))
+    return out
+
+
+def sanitize_t5(weights: dict) -> dict:
+    """transformers' T5EncoderModel: the names are the runtime's; `encoder.embed_tokens` is tied to
+    `shared`, and a checkpoint may carry either one or both."""
+    out = dict(weights)
+    embed = out.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in out and embed is not None:
+        out["shared.weight"] = embed
+    return out
+
+
+def sanitize_clip(weights: dict) -> dict:
+    """transformers' CLIPTextModel, with or without the `text_model.` prefix (transformers 4 writes it,
+    transformers 5 save_pretrained drops it)."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("position_ids"):
+            continue  # a non-persistent buffer older transformers saved
+        if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
+            k = f"text_model.{k}"
+        out[k] = v
+    return out
+
+
+def sanitize_vae(weights: dict) -> dict:
+    """diffusers' AutoencoderKL names kept (old attention names renamed); 4-D conv weights OIHW -> OHWI."""
+    out = {}
+    for k, v in weights.items():
+        name = _modern_vae_name(k)
+        if ".attentions." in name and v.ndim == 4:
+            v = v.reshape(
+                v.shape[:2]
+            )  # a 1x1 conv used as a linear layer (old exports): (O, I, 1, 1) -> (O, I)
+        elif v.ndim == 4:
+            v = v.transpose(0, 2, 3, 1)
+        out[name] = v
+    return out
+
+
+_SANITIZE = {
+    "transformer": sanitize_transformer,
+    "text_encoder": sanitize_clip,
+    "text_encoder_2": sanitize_t5,
+    "vae": sanitize_vae,
+}
+
+
+def _modern_vae_name(key: str) -> str:
+    parts = key.split(".")
+    if ".attentions." in key and len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION:
+        parts[-2] = _LEGACY_ATTENTION[parts[-2]]
+    return ".".join(parts)
+
+
+def _layout(keys) -> tuple[int, int, bool]:
+    # (double blocks, single blocks, guidance embedder), from a diffusers checkpoint's names
+    guidance = any(k.startswith("time_text_embed.guidance_embedder.") for k in keys)
+    return count_blocks(keys, "transformer_blocks"), count_blocks(keys, "single_transformer_blocks"), guidance
 
 
 def _swap_halves(arrays: list):
     # diffusers' AdaLayerNormContinuous chunks (scale, shift); BFL's LastLayer chunks (shift, scale).
-    import mlx.core as mx
-
     a = arrays[0]
     half = a.shape[0] // 2
     return mx.concatenate([a[half:], a[:half]], axis=0)
+
+
+def _concat(arrays: list):
+    return mx.concatenate(arrays, axis=0)
 
 
 def _leaves(bfl_module: str) -> tuple[tuple[str, str], ...]:
@@ -84,61 +211,11 @@ def _rules(n_double: int, n_single: int, guidance: bool) -> list[tuple[tuple[str
     return rules
 
 
-def _targets(n_double: int, n_single: int, guidance: bool) -> list[Target]:
+def _targets(n_double: int, n_single: int, guidance: bool) -> list[tuple[str, tuple[str, ...], object]]:
+    # (BFL tensor, its diffusers sources, how to combine them: None takes the one source as it is)
     targets = []
     for modules, bfl in _rules(n_double, n_single, guidance):
         for leaf, bfl_leaf in _leaves(bfl):
-            combine = _swap_halves if bfl == _SWAPPED else (concat(0) if len(modules) > 1 else None)
-            targets.append(Target(f"{bfl}.{bfl_leaf}", tuple(f"{m}.{leaf}" for m in modules), combine))
+            combine = _swap_halves if bfl == _SWAPPED else (_concat if len(modules) > 1 else None)
+            targets.append((f"{bfl}.{bfl_leaf}", tuple(f"{m}.{leaf}" for m in modules), combine))
     return targets
-
-
-def transformer_plan(source) -> Plan:
-    """Plan mapping a diffusers FluxTransformer2DModel checkpoint onto Black Forest Labs' names.
-
-    The block counts and the guidance embedder are read from the source's names; every tensor the
-    model needs is named, so `Plan.check` reports both missing and unmapped tensors.
-    """
-    keys = list(source.keys())
-    n_double = count_blocks(keys, "transformer_blocks")
-    n_single = count_blocks(keys, "single_transformer_blocks")
-    guidance = any(k.startswith("time_text_embed.guidance_embedder.") for k in keys)
-    return Plan(_targets(n_double, n_single, guidance))
-
-
-def transformer_to_diffusers(bfl: dict) -> dict:
-    """Black Forest Labs-named transformer tensors -> diffusers' names and split layouts (mx arrays)."""
-    import mlx.core as mx
-
-    hidden = bfl["img_in.weight"].shape[0]
-    guidance = "guidance_in.in_layer.weight" in bfl
-    targets = _targets(count_blocks(bfl, "double_blocks"), count_blocks(bfl, "single_blocks"), guidance)
-    unknown = sorted(set(bfl) - {t.name for t in targets})
-    if unknown:
-        raise ValueError(f"not FLUX.1 transformer tensors: {', '.join(unknown[:5])}")
-    out = {}
-    for t in targets:
-        arr = _swap_halves([bfl[t.name]]) if t.combine is _swap_halves else bfl[t.name]
-        # q, k and v are `hidden` rows each; the single blocks' MLP input takes the rest
-        parts = mx.split(arr, [hidden * (j + 1) for j in range(len(t.sources) - 1)], axis=0)
-        out.update(zip(t.sources, parts))
-    return out
-
-
-def component_plan(component: str, source) -> Plan:
-    """The plan of one diffusers pipeline component folder."""
-    if component == "transformer":
-        return transformer_plan(source)
-    if component == "vae":
-        from mflux.runtime import autoencoder
-
-        return autoencoder.plan(source)
-    if component == "text_encoder":
-        from mflux.runtime import clip
-
-        return clip.plan(source)
-    if component == "text_encoder_2":
-        from mflux.runtime import t5
-
-        return t5.plan(source)
-    raise ValueError(f"unknown component {component!r} (transformer, vae, text_encoder, text_encoder_2)")

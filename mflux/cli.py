@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import click
 
 from mflux import __version__
-from mflux.errors import MfluxError
+from mflux.errors import Interrupted, MfluxError
 from mflux.runtime.quantization import AFFINE_BITS, GROUP_SIZES, MODES, QUANTIZABLE_COMPONENTS
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -66,7 +66,7 @@ class MfluxGroup(click.Group):
         try:
             code = super().main(args, prog_name or "mflux", complete_var, standalone_mode=False, **extra)
         except MfluxError as e:
-            _fail(str(e), 1)
+            _fail(str(e), 130 if isinstance(e, Interrupted) else 1)
         except ImportError as e:
             if not (e.name or "").startswith("mlx") and "libmlx" not in str(e):
                 raise
@@ -361,6 +361,11 @@ def list_(as_json, available):
         rows = [("NAME", "FORMAT", "QUANT", "SIZE", "MODIFIED")]
         rows += [_model_row(m) for m in models]
         click.echo(_columns(rows))
+        if not models and not store.broken():
+            click.echo(f"the store {store.root} is empty (get a model with: mflux pull schnell)", err=True)
+    for m in models:
+        if m.damaged:
+            click.echo(f"warning: {m.damage_hint()}", err=True)
     for name, why in store.broken().items():
         click.echo(f"warning: {name} is not a usable model: {why}", err=True)
 
@@ -377,6 +382,7 @@ def _model_json(m) -> dict:
         "dtype": man.dtype,
         "quantization": quantization_summary(man.quantization),
         "size_bytes": m.size_bytes,
+        "damaged": m.damaged,
         "modified": m.modified.isoformat(timespec="seconds"),
         "source": man.source,
         "path": str(m.path),
@@ -460,6 +466,12 @@ def inspect_(target, tensors, verify, as_json):
 
     report = inspect(target, tensors=tensors, verify=verify)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_inspect(report))
+    if report.get("damaged") and not verify:
+        shown = "; ".join(report["damaged"][:3])
+        raise MfluxError(
+            f"{target} is damaged ({shown}) (see every file: mflux inspect {target} --verify; then pull or "
+            "convert it again)"
+        )
     if verify and not report["verify"]["ok"]:
         bad = report["verify"]["mismatches"]
         shown = "; ".join(f"{m['path']}: {m['problem']}" for m in bad[:3])
@@ -485,6 +497,7 @@ def rm(names, yes):
     from mflux.store import Store, format_size
 
     store = Store()
+    store.check_root()
     for name in names:
         if not store.path(name).is_dir():
             store.get(name)  # raises: unknown model, with close names
@@ -538,7 +551,9 @@ def convert(source, name, dtype, base, force):
     help="affine, or an fp mode with its own bits and group size.",
 )
 @click.option(
-    "--name", callback=_check_name, help="Store name (default: <model>-q<bits>, or <model>-<mode>)."
+    "--name",
+    callback=_check_name,
+    help="Store name (default: <model>-q<bits>, <model>-q<bits>-g<group size> when not 64, or <model>-<mode>).",
 )
 @click.option("--dtype", type=click.Choice(DTYPES), help="Dtype of the scales and unquantized layers.")
 @click.option(
@@ -551,7 +566,8 @@ def convert(source, name, dtype, base, force):
 def quantize(model, bits, group_size, mode, name, dtype, components, force):
     """Quantize a stored model into a new store model.
 
-    MODEL defaults to the model most recently pulled, converted or quantized.
+    MODEL defaults to the model most recently pulled or converted, if unquantized; after a quantize,
+    to the store model that one was made from.
 
     \b
     Examples:
@@ -570,6 +586,77 @@ def quantize(model, bits, group_size, mode, name, dtype, components, force):
         dtype=dtype,
         components=list(components) if components else None,
         force=force,
+    )
+
+
+@cli.command()
+@click.option(
+    "--model", "-m", callback=_check_name, help="Store model to load at start (a request may name another)."
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; other than loopback, use --api-key.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=7860,
+    show_default=True,
+    help="A1111's port, what clients expect.",
+)
+@click.option(
+    "--api-key",
+    envvar="MFLUX_API_KEY",
+    help="Require this key on every route but /health [env: MFLUX_API_KEY].",
+)
+@click.option(
+    "--lora-dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder of LoRA .safetensors clients choose from by name.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    help="Where response_format=url images go (default: a temporary folder).",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(1, 1000),
+    default=16,
+    show_default=True,
+    help="Jobs that may wait; past it, 429.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=600,
+    show_default=True,
+    help="Seconds a request may take, queued time included.",
+)
+def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout):
+    """Serve the OpenAI Images API, the A1111 API and a web page.
+
+    One worker owns the model: requests queue first in, first out.
+
+    \b
+    Examples:
+      mflux serve --model schnell
+      mflux serve --model dev-q8 --port 8080 --lora-dir ~/loras
+      MFLUX_API_KEY=secret mflux serve --host 0.0.0.0 --model schnell
+    """
+    from mflux.server.serve import serve as serve_http
+
+    serve_http(
+        model=model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        lora_dir=lora_dir,
+        output_dir=output_dir,
+        queue=queue,
+        timeout=timeout,
     )
 
 

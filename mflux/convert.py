@@ -30,15 +30,16 @@ The MLX-native format (manifest `format = "mlx"`), one folder in the store:
 """
 
 import copy
+import errno
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
 from mflux.converters import bfl
-from mflux.converters.plan import execute
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.manifest import (
@@ -46,18 +47,20 @@ from mflux.manifest import (
     DTYPES,
     new_manifest,
     quantization_label,
+    read_manifest,
     write_manifest,
 )
 from mflux.runtime.folder import ModelFolder, config_values
-from mflux.runtime.loader import cast_and_quantize, iter_weights
+from mflux.runtime.loader import build_module, check_keys, iter_weights, prepare, stream
 from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
-from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, TensorSource, refuse_pickle, save_shards
+from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, save_shards
 from mflux.store import Store, StoredModel, format_size, validate_name
 
 # Peak memory while writing is about one shard plus a few tensors: 1 GiB keeps converting the
 # 34 GB pipeline within a 16 GB machine.
 MAX_SHARD_BYTES = 2**30
 COPIED = ("tokenizer", "tokenizer_2", "scheduler", "model_index.json")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -77,17 +80,19 @@ def convert(
     base: str | None = None,
     force: bool = False,
     store: Store | None = None,
+    progress: bool = True,
 ) -> StoredModel:
     """Convert a store model (format hf or mlx), a diffusers-layout folder, or a Black Forest Labs
     single-file transformer (with `base` for the rest) into an MLX-native store model `name`
     (default `<source name>-mlx`). Returns the StoredModel."""
     _check_dtype(dtype)
     store = store or Store()
+    store.check_root()
     src = _open(source, store, base)
     name = name or f"{src.name}-mlx"
     _refuse_self(store, name, src)
     dtypes = {c: _component_dtype(c, dtype, _source_dtype(src, c)) for c in COMPONENTS}
-    return _write(store, name, force, src, dtype, dtypes, dict.fromkeys(COMPONENTS))
+    return _write(store, name, force, src, dtype, dtypes, dict.fromkeys(COMPONENTS), progress)
 
 
 def quantize(
@@ -101,45 +106,102 @@ def quantize(
     components: list[str] | None = None,
     force: bool = False,
     store: Store | None = None,
+    progress: bool = True,
 ) -> StoredModel:
     """Quantize a store model or folder (hf or unquantized mlx) into a new MLX-native store model `name`
-    (default `<model>-q<bits>`, or `<model>-<mode>` for fp modes), in one pass. `model` defaults to the
-    model most recently pulled, converted or quantized. Returns the StoredModel."""
+    (default `<model>-<label>`: `-q4`, `-q4-g32` for a group size other than 64, `-mxfp4` for an fp
+    mode), in one pass. `model` defaults to the unquantized model most recently pulled or converted
+    (or the source of the quantized one used last). Returns the StoredModel."""
     spec = QuantSpec.for_mode(mode, bits, group_size)
     if dtype is not None:
         _check_dtype(dtype)
     chosen = _components(components)
     store = store or Store()
+    store.check_root()
     if model is None:
-        model = store.last_used()
-        if model is None:
-            raise MfluxError("no model given and none used yet (name one: mflux quantize MODEL --bits 4)")
-        print(f"quantizing {model} (the model used last)")
+        model = _default_source(store)
     src = _open(model, store, None)
     if src.folder.quantization:
         raise MfluxError(
-            f"{src.name} is already quantized ({quantization_label(src.folder.quantization)}); quantize its unquantized "
-            "source instead"
+            f"{src.name} is already quantized ({quantization_label(src.folder.quantization)}); quantize "
+            f"its unquantized source instead ({_recorded_source(src.path)})"
         )
-    name = name or (f"{src.name}-q{spec.bits}" if spec.mode == "affine" else f"{src.name}-{spec.mode}")
+    name = name or default_name(src.name, spec)
     _refuse_self(store, name, src)
     dtypes = {c: _source_dtype(src, c) for c in COMPONENTS}
     if dtype is not None:
         dtypes = {c: _component_dtype(c, dtype, d) for c, d in dtypes.items()}
     specs = {c: spec if c in chosen else None for c in COMPONENTS}
-    return _write(store, name, force, src, dtype or dtypes["transformer"], dtypes, specs)
+    return _write(store, name, force, src, dtype or dtypes["transformer"], dtypes, specs, progress)
 
 
-def _write(store: Store, name: str, force: bool, src: _Source, dtype: str, dtypes: dict, specs: dict):
+def default_name(source_name: str, spec: QuantSpec) -> str:
+    """`<source>-<label>`, the label as `mflux list` shows it: q8, q4-g32, mxfp4. Each setting gets its
+    own name, so a group-32 copy never collides with the group-64 one."""
+    return f"{source_name}-{quantization_label({'transformer': spec.to_dict()})}"
+
+
+def _default_source(store: Store) -> str:
+    """The model used last when it is unquantized, else the store model it was quantized from."""
+    last = store.last_used()
+    if last is None:
+        raise MfluxError("no model given and none used yet (name one: mflux quantize MODEL --bits 4)")
+    manifest = store.get(last).manifest
+    if not manifest.quantization:
+        print(f"quantizing {last} (the model used last)")
+        return last
+    source = manifest.source
+    if source.get("kind") == "model" and store.exists(source["name"]):
+        if not store.get(source["name"]).manifest.quantization:
+            print(f"quantizing {source['name']} (the source of {last}, the model used last)")
+            return source["name"]
+    raise MfluxError(
+        f"no model given, and the model used last, {last}, is already quantized "
+        f"({quantization_label(manifest.quantization)}; {_source_text(source)}) (name an unquantized "
+        "one: mflux quantize MODEL --bits 4; see: mflux list)"
+    )
+
+
+def _recorded_source(folder: Path) -> str:
+    try:
+        return _source_text(read_manifest(folder).source)
+    except MfluxError:
+        return "its manifest records no source"
+
+
+def _source_text(source: dict) -> str:
+    kind = source.get("kind")
+    if kind == "model":
+        return f"its manifest records the source model {source.get('name')!r}"
+    if kind == "hub":
+        return f"its manifest records the source {source.get('repo')}@{str(source.get('commit'))[:12]}"
+    return f"its manifest records the source {source.get('path')}"
+
+
+def _write(
+    store: Store,
+    name: str,
+    force: bool,
+    src: _Source,
+    dtype: str,
+    dtypes: dict,
+    specs: dict,
+    progress: bool,
+):
     """Write every component, quantizing it under specs[c]; a component the source stores quantized
     stays as it is, and its quantization is carried into the new manifest."""
     carried = _stored_quantization(src)
     quantization = {**carried, **{c: s.to_dict() for c, s in specs.items() if s is not None}}
+    estimates = {c: _estimate(src, c, dtypes[c], specs[c]) for c in COMPONENTS}
+    _check_space(store, name, sum(estimates.values()))
     reports = []
-    with store.build(name, force=force, size_hint=_size(src)) as tmp:
+    with store.build(name, force=force, size_hint=sum(estimates.values())) as tmp, _write_errors(store):
         for c in COMPONENTS:
             counted = _Counter(_weights(src, c, dtypes[c], specs[c]), _spec(quantization.get(c)))
-            save_shards(iter(counted), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
+            with _progress_bar(c, estimates[c], progress) as bar:
+                save_shards(counted.reporting(bar), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
+                bar.total = bar.n  # the estimate gives way to the exact count
+                bar.refresh()
             if counted.quantized:
                 reports.append(f"{c}: {counted.bits_per_weight:.2f} bits/weight")
         for rel in COPIED:
@@ -164,7 +226,7 @@ def _write(store: Store, name: str, force: bool, src: _Source, dtype: str, dtype
 
 def _open(source: str, store, base: str | None) -> _Source:
     """A store model or folder; or a BFL single file, with `base` giving the other components."""
-    path = Path(source).expanduser()
+    path = _path(source)
     if path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         refuse_pickle(path)
         if not path.is_file():
@@ -174,6 +236,8 @@ def _open(source: str, store, base: str | None) -> _Source:
         raise InvalidArgument("--base applies to a single-file transformer checkpoint only; drop it")
     if _is_name(source) and store.exists(source):
         stored = store.get(source)
+        if stored.damaged:  # before any compute: a missing or cut file would fail halfway
+            raise MfluxError(stored.damage_hint())
         folder = open_folder(stored.path, name=stored.name)
         return _Source(folder, {"kind": "model", "name": stored.name}, stored.name, stored.path.resolve())
     if path.is_dir():
@@ -184,16 +248,26 @@ def _open(source: str, store, base: str | None) -> _Source:
     raise MfluxError(f"{source}: no such model, folder or file (see: mflux list)")
 
 
-def _open_single_file(path: Path, store, base: str | None) -> _Source:
-    source = TensorSource([path])
+def _path(source: str) -> Path:
+    """`source` as a path, checked so that a NUL or an over-long name is one clear error, not an OSError."""
+    path = Path(source).expanduser()
     try:
-        plan = bfl.plan(source)
-        plan.check(source.keys(), str(path))
-        variant = bfl.detect_variant(source)
+        path.exists()
+    except ValueError:
+        raise MfluxError(f"{source!r}: not a valid path (it holds a NUL character)") from None
+    except OSError as e:
+        raise MfluxError(f"{source[:80]}...: not a valid path ({e.strerror})") from None
+    return path
+
+
+def _open_single_file(path: Path, store, base: str | None) -> _Source:
+    shapes = _header_shapes(path)
+    try:
+        config = bfl.diffusers_config(shapes)
+        check_keys(bfl.sanitize(shapes), build_module("transformer", {"transformer": config}), str(path))
+        variant = bfl.detect_variant(shapes)
     except MfluxError as e:
         raise MfluxError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
-    finally:
-        source.close()
     if base is None:
         raise MfluxError(
             f"{path.name} holds only the transformer: give the text encoders, VAE and tokenizers with "
@@ -206,7 +280,9 @@ def _open_single_file(path: Path, store, base: str | None) -> _Source:
             f"{path.name} is a {variant} transformer (it {has} guidance_in) but base {base!r} is "
             f"{b.folder.variant} (pass --base {variant})"
         )
-    record = {"kind": "path", "path": str(path.resolve()), "base": base}
+    # A folder base is recorded resolved, so the manifest means the same from any working directory.
+    base_record = base if _is_name(base) and store.exists(base) else str(Path(base).expanduser().resolve())
+    record = {"kind": "path", "path": str(path.resolve()), "base": base_record}
     return _Source(b.folder, record, path.stem, b.path, transformer_file=path.resolve())
 
 
@@ -214,11 +290,14 @@ def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
     if component != "transformer" or src.transformer_file is None:
         yield from iter_weights(src.folder, component, getattr(mx, dtype), spec)
         return
-    source = TensorSource([src.transformer_file])
-    try:
-        yield from cast_and_quantize(component, execute(bfl.plan(source), source), getattr(mx, dtype), spec)
-    finally:
-        source.close()
+    arch = {"transformer": bfl.diffusers_config(_header_shapes(src.transformer_file))}
+    _, weights = prepare(src.transformer_file, component, "bfl", arch, getattr(mx, dtype), spec)
+    yield from stream(weights)
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} from a single file's header; nothing is loaded."""
+    return {k: shape for k, (_, shape, _) in SafetensorsFile(path).tensors.items()}
 
 
 class _Counter:
@@ -227,6 +306,12 @@ class _Counter:
     def __init__(self, tensors, spec: QuantSpec | None):
         self.tensors, self.spec = tensors, spec
         self.bits = self.weights = self.quantized = 0
+
+    def reporting(self, bar):
+        """The tensors, each one's bytes added to `bar` once the writer asks for the next."""
+        for name, arr in self:
+            yield name, arr
+            bar.update(arr.nbytes)
 
     def __iter__(self):
         for name, arr in self.tensors:
@@ -258,9 +343,7 @@ def _spec(q: dict | None) -> QuantSpec | None:
 def _architecture(src: _Source, dtypes: dict) -> dict:
     arch = copy.deepcopy(src.folder.architecture)
     if src.transformer_file is not None:
-        source = TensorSource([src.transformer_file])
-        arch["transformer"] = bfl.diffusers_config(source)
-        source.close()
+        arch["transformer"] = bfl.diffusers_config(_header_shapes(src.transformer_file))
     for c in ("text_encoder", "text_encoder_2"):
         arch[c]["dtype"] = dtypes[c]  # transformers' own key for the weights' dtype
         arch[c].pop("torch_dtype", None)
@@ -323,13 +406,73 @@ def _is_name(s: str) -> bool:
     return True
 
 
-def _size(src: _Source) -> int:
-    bfl = [src.transformer_file] if src.transformer_file else []
-    skip = ("transformer",) if bfl else ()
-    files = bfl + [
-        p for c in COMPONENTS if c not in skip for p in (src.folder.path / c).glob("*.safetensors")
-    ]
-    return sum(p.stat().st_size for p in files)
+def _source_files(src: _Source, component: str) -> list[Path]:
+    if component == "transformer" and src.transformer_file is not None:
+        return [src.transformer_file]
+    return sorted((src.folder.path / component).glob("*.safetensors"))
+
+
+def _estimate(src: _Source, component: str, dtype: str, spec: QuantSpec | None) -> int:
+    """The bytes this component will take in the new model, from the source's file sizes: a cast
+    scales them by the itemsizes; quantizing stores `bits` per weight plus a scale (and an affine
+    bias) per group. Good to a few percent, which is what a free-space check and a bar need."""
+    size = sum(p.stat().st_size for p in _source_files(src, component))
+    if component in _stored_quantization(src):
+        return size  # kept as stored
+    weights = size / _ITEMSIZE.get(_source_dtype(src, component), 4)
+    if spec is None:
+        return int(weights * _ITEMSIZE[dtype])
+    per_group = _ITEMSIZE[dtype] * (2 if spec.mode == "affine" else 1)
+    return int(weights * (spec.bits / 8 + per_group / spec.group_size))
+
+
+def _check_space(store: Store, name: str, needed: int) -> None:
+    # Before any compute, as `pull` does; the margin covers the copied tokenizers and the estimate.
+    free = store.free_bytes()
+    if needed * 1.05 > free:
+        raise MfluxError(
+            f"not enough disk space to write {name}: it needs about {format_size(needed)} in {store.root}, "
+            f"and {format_size(free)} is free (free some space, or set MFLUX_HOME to a larger disk)"
+        )
+
+
+@contextmanager
+def _write_errors(store: Store):
+    """A failed write becomes one clear line. mx.save_safetensors reports a full disk as
+    `RuntimeError("[write] ...")`, and shutil.copytree as `shutil.Error` with errno None; neither is an
+    ENOSPC the store sees. Free space is measured here, before the build folder is deleted."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith("[write]"):
+            raise
+        _raise_write_error(store, str(e))
+    except shutil.Error as e:
+        if e.errno is not None:
+            raise
+        _raise_write_error(store, "; ".join(str(why) for *_, why in (e.args[0] if e.args else [])))
+
+
+def _raise_write_error(store: Store, reason: str):
+    if "No space left" in reason or store.free_bytes() < 2**20:
+        raise OSError(errno.ENOSPC, "No space left on device") from None  # the store's disk-full line
+    raise MfluxError(f"cannot write in {store.root}: {reason[:300]} (is the disk failing?)") from None
+
+
+def _progress_bar(component: str, total: int, enabled: bool):
+    # As `mflux pull` shows each file: one bar per component, in bytes written.
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    return hf_tqdm(
+        total=total,
+        desc=component,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not enabled or None,
+        name="mflux.convert",
+    )
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -258,6 +258,7 @@ class Flux1:
         free_text_encoders: bool = False,
         free_modulation_weights: bool = False,
         sequence_parallel=None,
+        free_transformer: bool = False,
     ) -> Iterator[StepEvent | ImageEvent]:
         """Images for `seeds` (one prompt for all, or one per seed), `batch_size` at a time, as events:
         a StepEvent after every step of a batch and an ImageEvent per finished image. Stopping the
@@ -272,7 +273,8 @@ class Flux1:
         - `previews`: True decodes every step's latents, or an iterable of 1-based steps to decode.
         - `free_text_encoders` drops T5 and CLIP once the prompts are encoded; `free_modulation_weights`
           computes every batch's modulations first and then drops the transformer's conditioning layers
-          (3.2B parameters at full size); the next generation that needs them reloads the transformer.
+          (3.2B parameters at full size); the next generation that needs them reloads the transformer;
+          `free_transformer` drops the transformer once the last batch is denoised, before its decode.
         - `sequence_parallel`: a `mflux.runtime.parallel.SequenceParallel`; every rank of its group
           calls `generate` with the same arguments and each transformer pass is spread over them.
         """
@@ -315,6 +317,9 @@ class Flux1:
                 close("denoising")
                 if free_text_encoders:
                     self.free_text_encoders()
+            elif isinstance(event, engine.Denoised):
+                if free_transformer:
+                    self.free_transformer()
             elif isinstance(event, engine.Modulated):
                 self._modules["transformer"].free_modulation_weights()
                 mx.clear_cache()

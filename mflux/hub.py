@@ -22,6 +22,7 @@ import errno
 import fcntl
 import fnmatch
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from huggingface_hub import HfApi, constants, get_token, hf_hub_url
 from huggingface_hub.errors import (
@@ -44,7 +46,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 
 from mflux import __version__
 from mflux.catalog import catalog
-from mflux.errors import InvalidArgument, MfluxError
+from mflux.errors import Interrupted, InvalidArgument, MfluxError
 from mflux.manifest import (
     Manifest,
     architecture_from_hf,
@@ -58,6 +60,10 @@ from mflux.store import Store, StoredModel, format_size, validate_name
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _OFFLINE = "pulling needs the network, and HF_HUB_OFFLINE is set (unset it to pull)"
+_OFFLINE_DRY_RUN = (
+    "--dry-run asks the Hub for the file list, so it needs the network too, and HF_HUB_OFFLINE is set "
+    "(unset it; the catalog's download estimate is in: mflux list --available)"
+)
 LICENSE_HOST = "https://huggingface.co"
 # The files of a FLUX.1 pipeline in diffusers layout; the root single-file checkpoints are never taken.
 DIFFUSERS_PATTERNS = (
@@ -148,6 +154,7 @@ def pull(
     """
     store = store if store is not None else Store()
     source = _source(model_or_repo, revision, name)
+    store.check_root()
     stored = _stored_source(store, source.name)
     if stored is not None and stored.get("repo") != source.repo and not force:
         raise MfluxError(
@@ -158,7 +165,7 @@ def pull(
         # A pinned commit that is already here needs no network at all.
         if _up_to_date(store, source.name, stored, source.revision):
             return _done(store, source, source.revision, dry_run, progress)
-    endpoint, token = _client_settings()
+    endpoint, token = _client_settings(dry_run)
     with _hub_errors(source, model_or_repo, token, endpoint, None):
         commit, files = _remote_files(endpoint, token, source)
     if stored and not force and _up_to_date(store, source.name, stored, commit):
@@ -168,6 +175,7 @@ def pull(
     if dry_run:
         return plan
     _check_space(store, plan)
+    store.make_folder(partial.parent)  # a read-only store, or a file as the store, fails here
     _say(progress, f"pulling {source.name} from {source.repo}@{commit[:12]}: {format_size(plan.total_bytes)}")
     with _hub_errors(source, model_or_repo, token, endpoint, partial), _exclusive(partial, source.repo):
         sha256s = _download_all(endpoint, token, source.repo, commit, files, partial, progress)
@@ -195,11 +203,11 @@ def _source(model_or_repo: str, revision: str | None, name: str | None) -> _Sour
     )
 
 
-def _client_settings() -> tuple[str, str | None]:
+def _client_settings(dry_run: bool = False) -> tuple[str, str | None]:
     # huggingface_hub read HF_HUB_OFFLINE and HF_ENDPOINT at import; honour them as they are now.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     if offline:
-        raise MfluxError(_OFFLINE)
+        raise MfluxError(_OFFLINE_DRY_RUN if dry_run else _OFFLINE)
     constants.HF_HUB_OFFLINE = False
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     return endpoint, get_token()
@@ -214,6 +222,7 @@ def _remote_files(endpoint: str, token: str | None, source: _Source) -> tuple[st
         RemoteFile(s.rfilename, s.size or 0, s.blob_id or "", s.lfs.sha256 if s.lfs else None)
         for s in info.siblings or []
     ]
+    _check_paths(source.repo, [f.path for f in files])
     _check_layout(source.repo, [f.path for f in files])
     chosen = [f for f in files if _wanted(f.path, source.patterns)]
     # Small files first: a gated repo or a bad layout shows before gigabytes move.
@@ -223,7 +232,34 @@ def _remote_files(endpoint: str, token: str | None, source: _Source) -> tuple[st
 def _wanted(path: str, patterns: tuple[str, ...]) -> bool:
     if path.lower().endswith(PICKLE_SUFFIXES):
         return False
-    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+    return any(_matches(path, p) for p in patterns)
+
+
+def _matches(path: str, pattern: str) -> bool:
+    # Segment by segment, so `tokenizer/*` takes `tokenizer/vocab.json` but never
+    # `tokenizer/../../x` or `tokenizer/sub/x`: fnmatch's `*` alone would cross `/`.
+    parts, wanted = path.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(map(fnmatch.fnmatchcase, parts, wanted))
+
+
+def _check_paths(repo: str, paths: list[str]) -> None:
+    """Refuse the whole listing if any path could land outside the download folder, before anything
+    is downloaded: a Hub or mirror never lists such a path for a real repo."""
+    for path in paths:
+        parts = path.split("/")
+        if path.startswith("/") or "\\" in path or "\0" in path or {"", ".", ".."} & set(parts):
+            raise MfluxError(
+                f"{repo}: the Hub lists an unsafe file path {path!r}, which would be written outside the "
+                "model folder; nothing was downloaded (check HF_ENDPOINT: is it a trusted Hub or mirror?)"
+            )
+
+
+def _inside(folder: Path, rel: str) -> Path:
+    # The last guard before a write: the resolved target stays inside `folder`.
+    target = folder / rel
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise MfluxError(f"refusing to write {rel!r} outside {folder}")
+    return target
 
 
 def _check_layout(repo: str, paths: list[str]) -> None:
@@ -315,7 +351,7 @@ def _download_all(
 
 def _download(url: str, f: RemoteFile, partial: Path, headers: dict, progress: bool) -> str:
     """Fetch one file into `partial`, verify it, and return its sha256."""
-    done = partial / f.path
+    done = _inside(partial, f.path)
     if _size_of(done) == f.size:
         # Verified when it was completed; a small file is rehashed for the manifest.
         return f.sha256 if f.lfs else _digests(done, blob=False)[0]
@@ -421,8 +457,9 @@ def _install(store: Store, source: _Source, commit: str, files, sha256s, partial
     )
     with store.build(name, force=replace, size_hint=sum(f.size for f in files)) as folder:
         for f in files:
-            (folder / f.path).parent.mkdir(parents=True, exist_ok=True)
-            _place(partial / f.path, folder / f.path)
+            target = _inside(folder, f.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _place(partial / f.path, target)
         write_manifest(folder, manifest)
     shutil.rmtree(partial, ignore_errors=True)
     return store.get(name)
@@ -473,7 +510,7 @@ def _hub_errors(source: _Source, asked: str, token: str | None, endpoint: str, p
         yield
     except KeyboardInterrupt:
         kept = "; the partial download is kept" if partial is not None else ""
-        raise MfluxError(f"pull interrupted{kept} ({again})") from None
+        raise Interrupted(f"pull interrupted{kept} ({again})") from None
     except GatedRepoError as e:
         raise MfluxError(_gated_message(source.repo, token, e)) from None
     except RevisionNotFoundError:
@@ -492,18 +529,40 @@ def _hub_errors(source: _Source, asked: str, token: str | None, endpoint: str, p
     except HTTPError as e:
         where = f"; {again}" if partial is not None else ""
         raise MfluxError(
-            f"cannot reach the Hugging Face Hub at {endpoint}: {_first_line(e)} "
+            f"cannot reach {_failed_host(e, endpoint)}: {_first_line(e)} "
             f"(pulling needs the network: check the connection, a proxy, or HF_ENDPOINT{where})"
         ) from None
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
+    except json.JSONDecodeError:
         raise MfluxError(
-            f"the disk is full ({e.filename or partial}); free some space, then {again}"
+            f"the Hugging Face Hub at {endpoint} answered with something that is not JSON, such as a "
+            "captive portal's or a proxy's page (log in to the network, or check HF_ENDPOINT)"
         ) from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MfluxError(
+                f"the disk is full ({e.filename or partial}); free some space, then {again}"
+            ) from None
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+            raise MfluxError(
+                f"cannot write {e.filename or partial}: {e.strerror} (fix the store's permissions, or "
+                "point MFLUX_HOME at a writable folder)"
+            ) from None
+        raise
     finally:
         if partial is not None:
             _prune(partial.parent)
+
+
+def _failed_host(error: HTTPError, endpoint: str) -> str:
+    """The Hub, or the host it redirected to (a CDN, a mirror's storage) when that is what failed."""
+    try:
+        url = str(error.request.url)
+    except (AttributeError, RuntimeError):  # an error raised before any request was made
+        return f"the Hugging Face Hub at {endpoint}"
+    host, hub = urlsplit(url).netloc, urlsplit(endpoint).netloc
+    if host and host != hub:
+        return f"{host} (where the Hugging Face Hub at {endpoint} redirected the download)"
+    return f"the Hugging Face Hub at {endpoint}"
 
 
 def _gated_message(repo: str, token: str | None, error: GatedRepoError) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.manifest import (
+    COMPONENTS,
     MANIFEST,
     architecture_from_hf,
     quantization_summary,
@@ -21,7 +22,7 @@ from mflux.manifest import (
 from mflux.runtime.folder import detect_variant
 from mflux.runtime.quantization import AFFINE_BITS, FP_MODES
 from mflux.runtime.weights import _DTYPES, BYTES_PER_ELEMENT, SafetensorsFile, refuse_pickle
-from mflux.store import Store, format_size, validate_name
+from mflux.store import Store, files_on_disk, format_size, validate_name
 
 _LORA_MARKS = ("lora_A", "lora_B", "lora_down", "lora_up")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -51,14 +52,35 @@ def _resolve(target: str) -> Path:
     if is_name and store.exists(target):
         return store.path(target)
     path = Path(target).expanduser()
-    if path.exists():
+    if _exists(path):
         return path
     if is_name:
         store.get(target)  # raises: unknown model, with close names
     raise MfluxError(f"{target}: no such model, folder or file (see: mflux list)")
 
 
+def _looks_like_a_model(path: Path) -> bool:
+    markers = [path / MANIFEST, path / "model_index.json", *(path / c for c in COMPONENTS)]
+    return any(p.exists() for p in markers)
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; a name too long for the file system, or one with a NUL, is one clear error."""
+    try:
+        return path.exists()
+    except ValueError:  # an embedded NUL
+        raise MfluxError(f"{str(path)!r}: not a valid path (it holds a NUL character)") from None
+    except OSError as e:
+        raise MfluxError(f"{str(path)[:80]}...: not a valid path ({e.strerror})") from None
+
+
 def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
+    if not _looks_like_a_model(path):
+        raise MfluxError(
+            f"{path} does not look like a model folder: it has no {MANIFEST}, model_index.json or "
+            f"component folders ({', '.join(COMPONENTS)}) (give a model folder, a store name or a "
+            ".safetensors file)"
+        )
     manifest = read_manifest(path) if (path / MANIFEST).is_file() else None
     report: dict = {"path": str(path), "kind": "model" if manifest else "folder"}
     quantization = {}
@@ -66,15 +88,17 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
         report.update(manifest.to_dict())
         report["quantization"] = quantization_summary(manifest.quantization)
         quantization = manifest.quantization or {}
+        report["damaged"] = files_on_disk(path, manifest.files)[1]
     else:
         try:  # a diffusers-layout folder that mflux did not write
             report.update(format="hf", variant=detect_variant(architecture_from_hf(path)))
         except MfluxError:
             pass
     groups: dict[str, list[Path]] = {}
-    for f in sorted(path.rglob("*.safetensors")):
+    # A model keeps its weights at the top or one folder down; deeper files are not its own.
+    for f in sorted([*path.glob("*.safetensors"), *path.glob("*/*.safetensors")]):
         rel = f.relative_to(path)
-        if not any(part.startswith(".") for part in rel.parts):
+        if not any(part.startswith(".") for part in rel.parts) and f.is_file():
             groups.setdefault(rel.parts[0] if len(rel.parts) > 1 else ".", []).append(f)
     if not groups:
         raise MfluxError(f"{path}: no .safetensors files found (is this a model folder?)")
@@ -89,7 +113,7 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
             sfs = [SafetensorsFile(f) for f in files]
             report["components"][c] = _component(sfs, quantization.get(c), dtype, tensors)
         except MfluxError as e:
-            if not verify:
+            if not (verify or report.get("damaged")):
                 raise
             report["components"][c] = {"error": str(e)}  # a damaged file: the verify report says more
     report["total"] = _total(report["components"])
@@ -100,6 +124,8 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
 
 def _inspect_file(path: Path, tensors: bool) -> dict:
     refuse_pickle(path)
+    if not path.is_file():  # a FIFO or a device would block the read, or never end
+        raise MfluxError(f"{path}: not a regular file (give a .safetensors file or a model folder)")
     if path.suffix != ".safetensors":
         raise MfluxError(f"{path}: not a .safetensors file or a model folder")
     sf = SafetensorsFile(path)
@@ -109,6 +135,8 @@ def _inspect_file(path: Path, tensors: bool) -> dict:
         if inspect_lora is not None:
             return inspect_lora(path, tensors=tensors)
     report = {"path": str(path), "kind": "safetensors", "layout": _layout(keys), "metadata": sf.metadata}
+    if report["layout"] == "bfl-transformer":
+        report["variant"] = _bfl_variant(keys)
     report["components"] = {path.name: _component([sf], None, None, tensors)}
     report["total"] = _total(report["components"])
     return report
@@ -131,6 +159,12 @@ def _layout(keys: list[str]) -> str | None:
     if any(k.startswith("transformer_blocks.") for k in keys):
         return "diffusers-transformer"
     return None
+
+
+def _bfl_variant(keys: list[str]) -> str:
+    # As mflux.converters.bfl.detect_variant: only dev has the guidance embedder.
+    plain = (k.removeprefix("model.diffusion_model.") for k in keys)
+    return "dev" if any(k.startswith("guidance_in.") for k in plain) else "schnell"
 
 
 def _component(files: list[SafetensorsFile], quant: dict | None, dtype: str | None, tensors: bool) -> dict:
@@ -242,6 +276,8 @@ def format_inspect(report: dict) -> str:
         if "tensors" in c:
             lines += ["", f"{name}:"]
             lines += [f"  {t['name']}  {tuple(t['shape'])}  {t['dtype']}" for t in c["tensors"]]
+    if report.get("damaged"):
+        lines += ["", f"damaged: {'; '.join(report['damaged'])}"]
     if "verify" in report:
         lines += ["", _verify_line(report["verify"])]
     return "\n".join(lines)
@@ -268,6 +304,7 @@ def _summary(report: dict) -> list[tuple[str, str]]:
     # Anything else a specialised report (a LoRA's) adds, shown plainly.
     shown = {k for k, _ in rows} | {"components", "total", "verify", "architecture", "mflux_version"}
     shown |= {"format_version", "quantization", "source", "created", "defaults", "files", "metadata"}
+    shown |= {"damaged"}
     rows += [(k, str(v)) for k, v in report.items() if k not in shown and not isinstance(v, (dict, list))]
     return rows
 

@@ -5,6 +5,7 @@ here, with every file's size and sha256, so later commands never guess from name
 """
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,51 @@ DTYPES = ("bfloat16", "float16", "float32")
 SOURCE_KEYS = {"hub": ("repo", "revision", "commit"), "path": ("path",), "model": ("name",)}
 SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 _CHUNK = 2**20
+# The architecture keys the runtime reads, with their kind: "size" a positive integer, "int" any integer,
+# "number" a finite int or float, "sizes" a non-empty list of positive integers. A key may be absent
+# (the runtime then takes diffusers' default), but never of another kind.
+ARCHITECTURE_KINDS = {
+    "transformer": {
+        **dict.fromkeys(("in_channels", "out_channels", "patch_size", "attention_head_dim"), "size"),
+        **dict.fromkeys(("num_layers", "num_single_layers", "num_attention_heads"), "size"),
+        **dict.fromkeys(("joint_attention_dim", "pooled_projection_dim"), "size"),
+        "axes_dims_rope": "sizes",
+        "guidance_embeds": "bool",
+    },
+    "text_encoder": {
+        **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"), "size"),
+        **dict.fromkeys(("num_attention_heads", "max_position_embeddings"), "size"),
+        "eos_token_id": "int",
+        "layer_norm_eps": "number",
+        "hidden_act": "str",
+    },
+    "text_encoder_2": {
+        **dict.fromkeys(("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"), "size"),
+        **dict.fromkeys(("relative_attention_num_buckets", "relative_attention_max_distance"), "size"),
+        "layer_norm_epsilon": "number",
+        "feed_forward_proj": "str",
+    },
+    "vae": {
+        **dict.fromkeys(("in_channels", "out_channels", "latent_channels", "layers_per_block"), "size"),
+        "norm_num_groups": "size",
+        "block_out_channels": "sizes",
+        **dict.fromkeys(("scaling_factor", "shift_factor"), "number"),
+        **dict.fromkeys(("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"), "bool"),
+    },
+    "scheduler": {
+        "use_dynamic_shifting": "bool",
+        **dict.fromkeys(("base_shift", "max_shift"), "number"),
+        **dict.fromkeys(("base_image_seq_len", "max_image_seq_len"), "size"),
+    },
+}
+_KIND_TEXT = {
+    "size": "a positive integer",
+    "int": "an integer",
+    "number": "a finite number",
+    "sizes": "a list of positive integers",
+    "bool": "true or false",
+    "str": "a string",
+}
 
 
 def _now() -> str:
@@ -133,7 +179,8 @@ def _check_version(data: dict, path: Path) -> None:
     if v > FORMAT_VERSION:
         raise MfluxError(
             f"{path}: written by a newer mflux (manifest format {v}; this mflux {__version__} reads up to "
-            f"{FORMAT_VERSION}) (upgrade mflux: pip install -U mflux)"
+            f"{FORMAT_VERSION}) (upgrade mflux: reinstall it from this project's repository, `git pull` then "
+            "`pip install '.[cpu]'` or `'.[cuda]'`; not `pip install -U mflux`, an unrelated PyPI project)"
         )
     if v < 1:
         raise MfluxError(f"{path}: manifest format {v} is not supported{_fix(path)}")
@@ -168,10 +215,7 @@ def _validate(data: dict, path: Path) -> None:
             bad("created", f"not an ISO 8601 time: {data['created']!r}")
     _validate_source(want("source", dict), bad)
     _validate_files(want("files", list), bad)
-    arch = want("architecture", dict)
-    for c in CONFIG_FILES:
-        if not isinstance(arch.get(c), dict):
-            bad(f"architecture.{c}", "missing")
+    _validate_architecture(want("architecture", dict), bad)
     _validate_defaults(want("defaults", dict), bad)
     if data.get("quantization") is not None:
         _validate_quantization(want("quantization", dict), bad)
@@ -200,14 +244,36 @@ def _validate_files(files: list, bad) -> None:
             bad(f"{where}.sha256", f"expected 64 lowercase hex digits, got {f.get('sha256')!r}")
 
 
+def _validate_architecture(arch: dict, bad) -> None:
+    for c in CONFIG_FILES:
+        if not isinstance(arch.get(c), dict):
+            bad(f"architecture.{c}", "missing" if c not in arch else f"expected a table, got {arch[c]!r}")
+        for key, kind in ARCHITECTURE_KINDS[c].items():
+            if key in arch[c] and not _is_kind(arch[c][key], kind):
+                bad(f"architecture.{c}.{key}", f"expected {_KIND_TEXT[kind]}, got {arch[c][key]!r}")
+
+
+def _is_kind(v, kind: str) -> bool:
+    integer = isinstance(v, int) and not isinstance(v, bool)
+    if kind == "size":
+        return integer and v > 0
+    if kind == "int":
+        return integer
+    if kind == "number":
+        return (integer or isinstance(v, float)) and math.isfinite(v)
+    if kind == "sizes":
+        return isinstance(v, list) and bool(v) and all(_is_kind(x, "size") for x in v)
+    return isinstance(v, {"bool": bool, "str": str}[kind])
+
+
 def _validate_defaults(defaults: dict, bad) -> None:
     for k in ("steps", "max_sequence_length"):
         v = defaults.get(k)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             bad(f"defaults.{k}", f"expected a positive integer, got {v!r}")
-    g = defaults.get("guidance")
-    if not isinstance(g, (int, float)) or isinstance(g, bool):
-        bad("defaults.guidance", f"expected a number, got {g!r}")
+    for k, kind in {"guidance": "number", **ARCHITECTURE_KINDS["scheduler"]}.items():
+        if (k == "guidance" or k in defaults) and not _is_kind(defaults.get(k), kind):
+            bad(f"defaults.{k}", f"expected {_KIND_TEXT[kind]}, got {defaults.get(k)!r}")
 
 
 def _validate_quantization(q: dict, bad) -> None:

@@ -254,7 +254,8 @@ def run(
     memory: dict[str, int] = {}
     with owed if size > 1 else contextlib.nullcontext():
         flux, loras = None, None
-        for group in _by_loras(st.groups(jobs)):
+        groups = _by_loras(st.groups(jobs))
+        for n, group in enumerate(groups, 1):
             s = group[0].settings
             if flux is None or s.loras != loras:
                 flux = None  # free the last model before the next loads
@@ -262,8 +263,9 @@ def run(
                 verify = False  # the files were re-hashed when the first set of LoRAs opened the model
                 _notes_on(flux, explicit, p.precision)
             previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
+            last = n == len(groups)  # only then may the transformer go before the decode
             for done in _generate(
-                flux, group, p.outputs, batch_size, metadata, stepwise, previews, seconds, memory, out
+                flux, group, p.outputs, batch_size, metadata, stepwise, previews, seconds, memory, last, out
             ):
                 written[done.index] = done.written
         # inside: a SIGTERM while waiting for the other ranks still says what is missing (nothing)
@@ -354,7 +356,7 @@ def _preview_steps(flux, s: st.Settings, every: int | None):
     return sorted({*range(every, total + 1, every), total})
 
 
-def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, seconds, memory, out):
+def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, seconds, memory, last, out):
     """Run one group of jobs (shared settings) through Flux1.generate; yields each image as it is saved."""
     from mflux.flux1 import Config, ImageEvent, StepEvent
 
@@ -379,6 +381,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         previews=previews,
         free_text_encoders=True,
         free_modulation_weights=True,
+        free_transformer=last,
         sequence_parallel=out.sp,
     )
     shown: dict[int, list] = {}  # row -> [(step, preview)]

@@ -22,7 +22,7 @@ import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +34,7 @@ LAST = ".last"
 MAX_NAME = 100
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TMP_ENTRY = re.compile(r"(?P<stem>.+\.(?P<pid>\d+)\.[0-9a-f]{8})(?P<suffix>\.lock|\.old|\.rm)?")
-_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -66,8 +66,17 @@ class StoredModel:
     name: str
     path: Path
     manifest: Manifest
-    size_bytes: int
+    size_bytes: int  # of the manifest's files as they are on disk now
     modified: datetime  # when it was committed (the manifest's mtime), UTC
+    damaged: list[str] = field(default_factory=list)  # "<path>: missing" or a size that differs
+
+    def damage_hint(self) -> str:
+        """One line naming what is wrong and the fix, for a damaged model."""
+        shown = "; ".join(self.damaged[:3]) + ("; ..." if len(self.damaged) > 3 else "")
+        return (
+            f"{self.name} is damaged ({shown}) (check it with: mflux inspect {self.name} --verify; then "
+            f"pull or convert it again)"
+        )
 
 
 class Store:
@@ -80,6 +89,25 @@ class Store:
     def exists(self, name: str) -> bool:
         return (self.path(name) / MANIFEST).is_file()
 
+    def check_root(self) -> None:
+        """The store is a folder, or not created yet; anything else (a file) is one clear error."""
+        if self.root.exists() and not self.root.is_dir():
+            what = "MFLUX_HOME" if os.environ.get("MFLUX_HOME") else "the model store"
+            raise MfluxError(
+                f"{what} {self.root} is not a folder (point MFLUX_HOME at a folder, or move that file away)"
+            )
+
+    def make_folder(self, folder: Path) -> None:
+        """Create a folder inside the store, as one clear error when the store is not writable."""
+        self.check_root()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test.{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise self._os_error(e, f"cannot write in {folder}") from None
+
     def get(self, name: str) -> StoredModel:
         if not self.exists(name):
             raise self._unknown(name)
@@ -87,15 +115,16 @@ class Store:
 
     def list(self) -> list[StoredModel]:
         """The complete models (a valid manifest), by name."""
-        return self._scan()[0]
+        return self.scan()[0]
 
     def broken(self) -> dict[str, str]:
         """Folders in the store that are not usable models: name -> the reason."""
-        return self._scan()[1]
+        return self.scan()[1]
 
     def remove(self, names: str | Iterable[str]) -> int:
         """Remove models (all names are checked first); returns the bytes freed on disk."""
         names = list(dict.fromkeys([names] if isinstance(names, str) else names))
+        self.check_root()
         self.cleanup()
         for name in names:
             if not self.path(name).is_dir():
@@ -124,6 +153,7 @@ class Store:
         included) it is deleted and the store is left as it was. `size_hint` (bytes) improves the
         disk-full message."""
         validate_name(name)
+        self.check_root()
         self._refuse_existing(name, force)
         self.cleanup()
         stem, lock_fd = self._start(name)
@@ -189,8 +219,10 @@ class Store:
         except (OSError, InvalidArgument):
             return None
 
-    def _scan(self) -> tuple[list[StoredModel], dict[str, str]]:
+    def scan(self) -> tuple[list[StoredModel], dict[str, str]]:
+        """(the complete models, the broken folders: name -> reason), in one pass over the store."""
         models, broken = [], {}
+        self.check_root()
         if not self.root.is_dir():
             return models, broken
         for folder in sorted(self.root.iterdir()):
@@ -209,7 +241,8 @@ class Store:
         manifest = read_manifest(folder)
         mtime = (folder / MANIFEST).stat().st_mtime
         modified = datetime.fromtimestamp(mtime, tz=timezone.utc)
-        return StoredModel(folder.name, folder, manifest, manifest.size_bytes, modified)
+        size, damaged = files_on_disk(folder, manifest.files)
+        return StoredModel(folder.name, folder, manifest, size, modified, damaged)
 
     def _names(self) -> list[str]:
         if not self.root.is_dir():
@@ -218,6 +251,8 @@ class Store:
 
     def _unknown(self, name: str) -> MfluxError:
         from mflux.catalog import catalog
+
+        self.check_root()  # "not in the store" would hide that there is no store
 
         known = catalog()
         if name in known:
@@ -336,6 +371,24 @@ def _rmtree(path: Path) -> None:
     else:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+def files_on_disk(folder: Path, files: list[dict]) -> tuple[int, list[str]]:
+    """The bytes of the manifest's files present now, and each missing or wrong-size one: a stat per
+    file, so `mflux list` stays fast (`mflux inspect NAME --verify` checks the contents)."""
+    size, damaged = 0, []
+    for f in files:
+        try:
+            st = os.stat(folder / f["path"])
+        except OSError:
+            damaged.append(f"{f['path']}: missing")
+            continue
+        size += st.st_size
+        if not stat.S_ISREG(st.st_mode):
+            damaged.append(f"{f['path']}: not a regular file")
+        elif st.st_size != f["size"]:
+            damaged.append(f"{f['path']}: {st.st_size} bytes, the manifest says {f['size']}")
+    return size, damaged
 
 
 def _freeable_bytes(folder: Path) -> int:

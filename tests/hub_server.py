@@ -1,7 +1,8 @@
 """A local server that speaks enough of the Hugging Face Hub's API for huggingface_hub 2.4.
 
 It serves folders as model repos at fake commits, with the Hub's headers and error codes, and can
-inject faults: a dropped connection, a corrupted byte, a stalled download, or no server at all.
+inject faults: a dropped connection, a corrupted byte, a stalled download, an error status, an HTML page
+where JSON belongs (a captive portal), a redirect to a dead host, or no server at all.
 """
 
 import hashlib
@@ -75,6 +76,9 @@ class HubServer:
         self.drop_after: dict[str, int] = {}  # file path -> close after this many bytes, once
         self.stall_after: dict[str, int] = {}  # file path -> hang after this many bytes, once
         self.corrupt: set[str] = set()  # file paths served with one byte flipped
+        self.fail: dict[str, int] = {}  # file path -> HTTP status it is answered with, every time
+        self.redirect: dict[str, str] = {}  # file path -> URL it is redirected to (302)
+        self.html_api = False  # answer the API with a captive portal's HTML page
         self.release = threading.Event()  # ends a stall
         self._httpd: _Server | None = None
         self.port = _free_port()
@@ -174,7 +178,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         # Split before unquoting: a revision such as refs%2Fpr%2F1 is one segment.
         parts = url.path.strip("/").split("/")
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+        if parts[:2] == ["api", "models"] and hub.html_api:
+            page = b"<html><body>Please log in to the Wi-Fi</body></html>"
+            self._send(200, {"Content-Type": "text/html"}, page)
+        elif parts[:2] == ["api", "models"] and len(parts) >= 4:
             self._api("/".join(parts[2:4]), parts[4:], query)
         elif len(parts) >= 5 and parts[2] == "resolve":
             self._resolve("/".join(parts[:2]), unquote(parts[3]), unquote("/".join(parts[4:])), body)
@@ -260,6 +267,12 @@ class _HubHandler(BaseHTTPRequestHandler):
             self._error(401 if anonymous else 403, "GatedRepo", message)
             return
         blob = repo.commits[commit].get(path)
+        if path in self.server_hub.fail:
+            self._error(self.server_hub.fail[path], None, "Internal Error - We're working hard to fix this")
+            return
+        if path in self.server_hub.redirect:
+            self._send(302, {"Location": self.server_hub.redirect[path], **_etag_headers(blob, commit)}, b"")
+            return
         if blob is None:
             self._error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
             return
@@ -323,6 +336,16 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+
+def _etag_headers(blob: Blob | None, commit: str) -> dict:
+    # As the Hub's 302 to its CDN: the file's identity comes with the redirect.
+    if blob is None:
+        return {"X-Repo-Commit": commit}
+    headers = {"ETag": f'"{blob.etag}"', "X-Repo-Commit": commit}
+    if blob.lfs:
+        headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.data))})
+    return headers
 
 
 def _flag(query: dict, key: str) -> bool:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mflux.converters import diffusers
-from mflux.converters.plan import execute
 
 from mflux import Config, Flux1
 from mflux.cli import cli
@@ -50,9 +49,10 @@ def source_image(folder: Path) -> np.ndarray:
 
 def write_bfl_twin(folder: Path, path: Path, prefix: str = "", extra: dict | None = None) -> Path:
     """The diffusers transformer of `folder` as a Black Forest Labs single file: the inverse of
-    diffusers' conversion, i.e. the transformer plan executed on the diffusers weights."""
-    source = TensorSource.from_folder(folder / "transformer")
-    tensors = {prefix + k: v for k, v in execute(diffusers.transformer_plan(source), source)}
+    diffusers' conversion, i.e. the transformer's sanitize applied to the diffusers weights."""
+    files = sorted((folder / "transformer").glob("*.safetensors"))
+    raw = {k: v for f in files for k, v in mx.load(str(f)).items()}
+    tensors = {prefix + k: v for k, v in diffusers.sanitize_transformer(raw).items()}
     mx.save_safetensors(str(path), {**tensors, **(extra or {})})
     return path
 
@@ -215,6 +215,13 @@ def test_bfl_single_file_matches_its_diffusers_twin(
         f"BFL {variant} (prefix {prefix!r}) vs diffusers folder: max |diff| = {np.abs(ours.astype(int) - ref).max()}"
     )
     assert np.array_equal(ours, ref)
+
+
+def test_a_relative_base_is_recorded_resolved(tiny_schnell, tmp_path, monkeypatch, mflux_home):
+    twin = write_bfl_twin(tiny_schnell, tmp_path / "flux1-schnell.safetensors")
+    monkeypatch.chdir(tiny_schnell.parent)
+    stored = convert(str(twin), base=f"./{tiny_schnell.name}", progress=False)
+    assert stored.manifest.source["base"] == str(tiny_schnell.resolve())
 
 
 def test_bfl_variant_must_match_the_base(tiny_schnell, tiny_dev, tmp_path, mflux_home):

@@ -113,9 +113,7 @@ def test_sequence_parallel_image_equals_one_process(tiny_schnell, tmp_path):
         + ["--parallel", "sequence", "--output", str(tmp_path / "image.png")],
     )
     both = out + err  # where a line goes (stdout or stderr) is the run command's business
-    assert re.findall(r"wrote (\S+\.png)", both) == [str(tmp_path / "image.png")], (
-        both
-    )  # rank 1 only helps
+    assert re.findall(r"wrote (\S+\.png)", both) == [str(tmp_path / "image.png")], both  # rank 1 only helps
     assert "1 of 1 images written, each image over 2 ranks" in both, both
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png"]
     seed = json.loads(read_png_metadata(tmp_path / "image.png")["mflux"])["seed"]

@@ -163,7 +163,12 @@ def test_single_safetensors_file(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     report = inspect(str(path), tensors=True)
     assert report["kind"] == "safetensors" and report["layout"] == "bfl-transformer"
+    assert report["variant"] == "dev"  # it has guidance_in
     assert report["metadata"] == {"format": "pt"}
+    assert "variant       dev" in format_inspect(report)
+    schnell = tmp_path / "flux1-schnell.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("guidance_in")}, str(schnell))
+    assert inspect(str(schnell))["variant"] == "schnell"
     (c,) = report["components"].values()
     assert c["parameters"] == sum(t.size for t in tensors.values())
     assert c["bytes"] == sum(t.nbytes for t in tensors.values())
@@ -219,6 +224,9 @@ def test_bad_targets(mflux_home, tmp_path):
     with pytest.raises(MfluxError, match="pickle-based weights are refused"):
         inspect(str(tmp_path / "model.ckpt"))
     (tmp_path / "empty").mkdir()
+    with pytest.raises(MfluxError, match="empty does not look like a model folder"):
+        inspect(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "vae").mkdir()
     with pytest.raises(MfluxError, match="no .safetensors files"):
         inspect(str(tmp_path / "empty"))
     with pytest.raises(MfluxError, match="no manifest.toml to verify against"):

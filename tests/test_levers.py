@@ -124,23 +124,24 @@ def _count(module) -> int:
     )
 
 
+def _bench(*args: str, timeout: int = 180) -> str:
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench/bench_flux.py"),
+        "--size",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+    ]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
 def test_bench_flux_tiny_runs_every_section():
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench/bench_flux.py"),
-            "--size",
-            "tiny",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    # firstrun starts child processes of the pipeline section; it has its own test below
+    sections = "step,levers,qmatmul,micro,decode,encode,pipeline,load"
+    out = _bench("--sections", sections)
     figures = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     seen = {f["what"] for f in figures}
     assert {
@@ -154,11 +155,23 @@ def test_bench_flux_tiny_runs_every_section():
         "load",
     } <= seen
     assert "skipped" not in seen
+    assert {"qmatmul", "pipeline", "decode_diff"} <= seen
     steps = [f for f in figures if f["what"] == "step"]
-    assert {(f["variant"], f["quant"]) for f in steps} == {
-        (v, q) for v in ("schnell", "dev") for q in ("fp32", "q8", "q4")
+    # both quantized paths are timed, each with its peak memory and the bound
+    assert {(f["variant"], f["quant"], f["path"]) for f in steps} == {
+        (v, q, p)
+        for v in ("schnell", "dev")
+        for q, p in [("fp32", "float")] + [(q, p) for q in ("q8", "q4") for p in ("qmm", "dequant")]
     }
-    assert all(f["s"] > 0 for f in steps)
+    assert all(f["s"] > 0 and f["peak_gb"] > 0 for f in steps)
+    assert all("bound_gb" in f for f in steps if f["quant"] != "fp32")
+    pipe = {f["quant"]: f for f in figures if f["what"] == "pipeline"}
+    assert set(pipe) == {"fp32", "q8", "q4"}
+    # the transformer is freed before the decode, and T5/CLIP before the transformer loads
+    for f in pipe.values():
+        assert f["load_transformer_start_gb"] < f["text_weights_gb"] / 2
+        assert f["load_vae_start_gb"] < f["transformer_weights_gb"] / 2
+    assert pipe["q4"]["transformer_weights_gb"] < pipe["fp32"]["transformer_weights_gb"] / 4
     bpp = {
         (f["quant"], f["component"]): f["bytes_per_param"] for f in figures if f["what"] == "bytes_per_param"
     }
@@ -166,6 +179,14 @@ def test_bench_flux_tiny_runs_every_section():
     assert bpp[("q4", "vae")] == pytest.approx(4.0, rel=0.02)  # never quantized
     assert bpp[("q8", "transformer")] < 1.2 and bpp[("q4", "transformer")] < 0.7
     assert "| figure |" in out  # the closing table
+
+
+def test_bench_firstrun_times_an_empty_and_a_warm_cache(tmp_path):
+    out = _bench("--sections", "firstrun", "--quant", "q4", "--ptx-cache", str(tmp_path))
+    runs = [json.loads(line) for line in out.splitlines() if line.startswith('{"what": "firstrun"')]
+    assert [r["cache"] for r in runs] == ["empty", "warm"]
+    assert all(r["quant"] == "q4" and r["first_image_s"] > 0 and r["second_image_s"] > 0 for r in runs)
+    assert all(r["modules_built"] == 0 for r in runs)  # MLX's CPU backend compiles no kernels at run time
 
 
 @pytest.mark.parametrize("script", ["bench_flux.py", "bench_cpu.py", "peer.py"])

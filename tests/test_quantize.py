@@ -1,5 +1,8 @@
 """`mflux quantize`: stored quantization against runtime quantization, modes, components and refusals."""
 
+import io
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from mflux import Flux1
 from mflux.convert import convert, quantize
 from mflux.errors import InvalidArgument
 from mflux.folders import open_folder
+from mflux.manifest import COMPONENTS
 from mflux.runtime.loader import load_component
 from mflux.runtime.quantization import QuantSpec
 from mflux.runtime.weights import TensorSource
@@ -86,7 +90,15 @@ def test_model_defaults_to_the_last_used(tiny_schnell, mflux_home):
     assert "quantizing schnell (the model used last)" in out
     assert "transformer: " in out and "bits/weight" in out
     assert Store().exists("schnell-q8") and Store().last_used() == "schnell-q8"
-    assert_refused(mflux_home, ["quantize", "--bits", "4"], "already quantized")
+    # A quantized model used last leads back to its unquantized source (issue 14, item 5).
+    code, out, err = invoke("quantize", "--bits", "4", "--group-size", "32")
+    assert code == 0, err
+    assert "quantizing schnell (the source of schnell-q8, the model used last)" in out
+    assert Store().exists("schnell-q4-g32")
+    # With that source gone there is no unquantized default: the error names the recorded source.
+    Store().remove("schnell")
+    Store().mark_used("schnell-q8")
+    assert_refused(mflux_home, ["quantize", "--bits", "4"], "already quantized", "source model 'schnell'")
 
 
 def test_refusals(tiny_schnell, mflux_home):
@@ -152,16 +164,16 @@ def test_cli_quantize_end_to_end(tiny_dev):
     assert [line.split(":")[0] for line in lines[:3]] == ["transformer", "text_encoder", "text_encoder_2"]
     bpw = float(lines[0].split()[1])
     assert 4 + 32 * 2 / 32 <= bpw < 8  # 4-bit weights plus a float32 scale and bias per 32 weights
-    assert lines[-1].startswith("stored dev-q4")
-    man = Store().get("dev-q4").manifest
+    assert lines[-1].startswith("stored dev-q4-g32")
+    man = Store().get("dev-q4-g32").manifest
     assert man.quantization["transformer"] == {"bits": 4, "group_size": 32, "mode": "affine"}
     assert man.source == {"kind": "model", "name": "dev"}
     spec = QuantSpec(bits=4, group_size=32)
     in_memory = load_component(open_folder(tiny_dev), "transformer", mx.float32, spec)
-    from_disk = load_component(open_folder(Store().path("dev-q4")), "transformer", mx.float32)
+    from_disk = load_component(open_folder(Store().path("dev-q4-g32")), "transformer", mx.float32)
     a, b = dict(tree_flatten(in_memory.parameters())), dict(tree_flatten(from_disk.parameters()))
     assert a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
-    assert image(Store().path("dev-q4")).std() > 10
+    assert image(Store().path("dev-q4-g32")).std() > 10
 
 
 def test_converting_a_quantized_model_carries_its_quantization(tiny_schnell):
@@ -173,3 +185,18 @@ def test_converting_a_quantized_model_carries_its_quantization(tiny_schnell):
     assert t.dtype("img_in.weight") == "U32" and t.dtype("img_in.scales") == "F32"
     # the loader casts stored scales to the run's precision, so both give the same float32 image
     assert np.array_equal(image(stored.path), image(Store().path("q4")))
+
+
+def test_a_progress_bar_per_component_on_a_terminal(tiny_schnell, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    quantize(str(tiny_schnell), bits=8, name="bars")
+    lines = err.getvalue().replace("\r", "\n").splitlines()
+    finals = {c: [line for line in lines if line.startswith(f"{c}:")][-1] for c in COMPONENTS}
+    for line in finals.values():
+        assert "100%" in line, line  # each component's bar ends full, at the bytes written
+    assert Store().exists("bars")

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from mflux.converters.plan import execute
 from safetensors.torch import load_file, save_file
 
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.runtime import clip, t5
+from mflux.runtime.loader import cast_and_quantize, check_keys, read_weights
 from mflux.runtime.tokenizers import clip_ids, load_tokenizers, t5_ids
-from mflux.runtime.weights import TensorSource
 from tests.fixtures import CORPUS
 
 T5_VOCAB = 300
@@ -82,12 +81,11 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
 
 def _load(module, config_cls, model_cls, folder: Path, dtype=mx.float32):
     cfg = config_cls.from_dict(json.loads((folder / "config.json").read_text()))
-    source = TensorSource.from_folder(folder)
-    plan = module.plan(source)
-    plan.check(source.keys(), str(folder))
+    component = "text_encoder_2" if module is t5 else "text_encoder"
+    weights = read_weights(folder, component, "hf")
     model = model_cls(cfg)
-    model.load_weights(list(execute(plan, source, dtype)), strict=True)
-    source.close()
+    check_keys(weights, model, str(folder))
+    model.load_weights(list(cast_and_quantize(component, weights, dtype, None).items()), strict=True)
     return model
 
 
@@ -164,7 +162,7 @@ def test_relative_position_buckets_equal_transformers():
         np.testing.assert_array_equal(np.array(ours), ref.numpy())
 
 
-def test_t5_plan_accepts_tied_embedding_copies(t5_saved, tmp_path):
+def test_t5_sanitize_accepts_tied_embedding_copies(t5_saved, tmp_path):
     model, folder = t5_saved
     both = _rewrite(
         folder, tmp_path / "both", lambda d: {**d, "encoder.embed_tokens.weight": d["shared.weight"].clone()}
@@ -177,8 +175,8 @@ def test_t5_plan_accepts_tied_embedding_copies(t5_saved, tmp_path):
     ids = _t5_ids(1, 16, 3)
     for f in (both, only_embed):
         assert _t5_diff(_load(t5, t5.T5Config, t5.T5Encoder, f), model, ids) < F32_ATOL
-    source = TensorSource.from_folder(both)
-    assert t5.plan(source).ignored == {"encoder.embed_tokens.weight"}
+    weights = read_weights(both, "text_encoder_2", "hf")
+    assert "shared.weight" in weights and "encoder.embed_tokens.weight" not in weights
 
 
 def test_t5_config_is_tolerant_and_refuses_unknown_activation():
@@ -271,18 +269,19 @@ def test_clip_bfloat16_matches_transformers(clip_saved):
     _assert_bf16_close(pooled, ref16.pooler_output, ref32.pooler_output, CLIP_BF16_ATOL)
 
 
-def test_clip_plan_ignores_position_ids_and_reports_strays(clip_saved, tmp_path):
+def test_clip_sanitize_drops_position_ids_and_strays_are_reported(clip_saved, tmp_path):
     _, _, prefixed = clip_saved
     extra = {
         "text_model.embeddings.position_ids": torch.arange(77)[None],
         "text_projection.weight": torch.zeros(4, 4),
     }
     folder = _rewrite(prefixed, tmp_path / "x", lambda d: {**d, **extra})
-    source = TensorSource.from_folder(folder)
-    p = clip.plan(source)
-    assert p.unmapped(source.keys()) == ["text_projection.weight"]
-    with pytest.raises(MfluxError, match="text_projection.weight"):
-        p.check(source.keys(), "clip")
+    weights = read_weights(folder, "text_encoder", "hf")
+    cfg = clip.CLIPTextConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    with pytest.raises(MfluxError, match="text_projection.weight") as e:
+        check_keys(weights, clip.CLIPTextModel(cfg), "clip")
+    assert "1 tensors match nothing in FLUX.1 (text_projection.weight)" in str(e.value)
+    assert "position_ids" not in str(e.value) and "missing" not in str(e.value)
 
 
 # ---- tokenizers, against what diffusers' FluxPipeline feeds its encoders

@@ -1,4 +1,4 @@
-"""The MLX FLUX.1 transformer against diffusers' FluxTransformer2DModel, through the diffusers plan."""
+"""The MLX FLUX.1 transformer against diffusers' FluxTransformer2DModel, through the diffusers sanitize."""
 
 import copy
 import json
@@ -11,11 +11,11 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb, get_timestep_embedding
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
-from mflux.converters.diffusers import component_plan, transformer_plan, transformer_to_diffusers
-from mflux.converters.plan import Plan, execute
+from mflux.converters.diffusers import sanitize, sanitize_transformer, transformer_to_diffusers
 
 from mflux.errors import MfluxError
 from mflux.runtime.layers import apply_rope, rope, timestep_embedding
+from mflux.runtime.loader import check_keys, prepare, read_weights
 from mflux.runtime.model import Flux, FluxParams
 from mflux.runtime.weights import TensorSource
 
@@ -95,13 +95,15 @@ def _torch_forward(model, x: dict, dtype) -> np.ndarray:
 
 
 def _load(folder, dtype) -> Flux:
-    source = TensorSource.from_folder(folder)
     config = json.loads((folder / "config.json").read_text())
-    plan = transformer_plan(source)
-    plan.check(source.keys(), "transformer")
-    flux = Flux(FluxParams.from_diffusers_config(config))
-    flux.load_weights(list(execute(plan, source, dtype)), strict=True)
+    flux, weights = prepare(folder, "transformer", "hf", {"transformer": config}, dtype)
+    flux.load_weights(list(weights.items()), strict=True)
     return flux
+
+
+def _raw(folder) -> dict:
+    # the checkpoint as mx.load gives it: diffusers' names, nothing read yet
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
 
 
 def _mlx_forward(flux: Flux, x: dict) -> np.ndarray:
@@ -220,8 +222,7 @@ def test_guidance(saved):
 
 def test_round_trip_to_diffusers(saved):
     _, model, folder = saved
-    source = TensorSource.from_folder(folder)
-    bfl = dict(execute(transformer_plan(source), source))
+    bfl = read_weights(folder, "transformer", "hf")
     back = transformer_to_diffusers(bfl)
     original = model.state_dict()
     assert set(back) == set(original)
@@ -231,33 +232,38 @@ def test_round_trip_to_diffusers(saved):
         transformer_to_diffusers({**bfl, "double_blocks.0.img_attn.extra": bfl["img_in.bias"]})
 
 
-def test_plan_reports_unmapped_and_missing(saved):
+def test_key_check_reports_unmapped_and_missing(saved):
     _, _, folder = saved
-    source = TensorSource.from_folder(folder)
-    keys = source.keys()
-    plan = transformer_plan(source)
-    assert plan.unmapped(keys) == []
+    raw = _raw(folder)
+    module = Flux(FluxParams.from_diffusers_config(json.loads((folder / "config.json").read_text())))
+    check_keys(sanitize_transformer(raw), module, "transformer")  # complete: no error
     extra = "transformer_blocks.0.attn.to_qkv.weight"
-    assert plan.unmapped([*keys, extra]) == [extra]
     with pytest.raises(MfluxError, match="to_qkv"):
-        plan.check([*keys, extra], "transformer")
-    without = [k for k in keys if k != "transformer_blocks.1.attn.add_k_proj.bias"]
+        check_keys(sanitize_transformer({**raw, extra: raw["x_embedder.weight"]}), module, "transformer")
+    # a part of a fused matrix is named by its diffusers name
+    without = {k: v for k, v in raw.items() if k != "transformer_blocks.1.attn.add_k_proj.bias"}
     with pytest.raises(MfluxError, match="add_k_proj.bias"):
-        transformer_plan(_Names(without)).check(without, "transformer")
-
-
-class _Names:
-    def __init__(self, keys):
-        self._keys = keys
-
-    def keys(self):
-        return self._keys
+        sanitize_transformer(without)
+    # a whole tensor missing and one left over: both in one line
+    both = {k: v for k, v in raw.items() if k != "proj_out.bias"} | {extra: raw["x_embedder.weight"]}
+    with pytest.raises(MfluxError) as e:
+        check_keys(sanitize_transformer(both), module, "transformer")
+    message = str(e.value)
+    assert "\n" not in message and "final_layer.linear.bias" in message and extra in message
+    assert "1 tensors match nothing" in message and "1 missing" in message
+    # a tensor of the wrong size is named with both shapes, before load_weights sees it
+    bias = sanitize_transformer(raw)
+    hidden = bias["img_in.bias"].shape[0]
+    bias["img_in.bias"] = mx.zeros((hidden + 1,))
+    with pytest.raises(
+        MfluxError, match=rf"1 of the wrong shape \(img_in.bias \({hidden + 1},\) for \({hidden},\)\)"
+    ):
+        check_keys(bias, module, "transformer")
 
 
 def test_params_from_shapes_equal_config(saved):
     variant, model, folder = saved
-    source = TensorSource.from_folder(folder)
-    shapes = {name: tuple(a.shape) for name, a in execute(transformer_plan(source), source)}
+    shapes = {name: tuple(a.shape) for name, a in read_weights(folder, "transformer", "hf").items()}
     config = json.loads((folder / "config.json").read_text())
     params = FluxParams.from_diffusers_config(config)
     assert FluxParams.from_shapes(shapes) == params
@@ -319,9 +325,22 @@ def test_rope_matches_diffusers_at_real_size():
     assert np.abs(ours - ref).max() < 1e-4
 
 
-def test_component_plan_dispatch(saved):
+def test_sanitize_dispatch(saved):
     _, _, folder = saved
-    source = TensorSource.from_folder(folder)
-    assert isinstance(component_plan("transformer", source), Plan)
+    raw = _raw(folder)
+    assert set(sanitize("transformer", raw)) == set(sanitize_transformer(raw))
     with pytest.raises(ValueError, match="unknown component"):
-        component_plan("unet", source)
+        sanitize("unet", raw)
+
+
+def test_loading_reads_nothing_until_evaluated(saved):
+    # mx.load and the sanitize (renames, q/k/v concatenation, half swap) stay lazy: no buffer exists
+    # until evaluation, which is what lets the loader and convert bound their memory.
+    _, _, folder = saved
+    before = mx.get_active_memory()
+    weights = read_weights(folder, "transformer", "hf")
+    assert "double_blocks.0.img_attn.qkv.weight" in weights
+    assert mx.get_active_memory() - before == 0
+    total = sum(v.nbytes for v in weights.values())
+    mx.eval(list(weights.values()))
+    assert mx.get_active_memory() - before >= total > 0

@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from mflux.converters.plan import execute
 from safetensors.torch import save_file
 
 from mflux.errors import MfluxError
-from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig, plan
-from mflux.runtime.weights import TensorSource
+from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
+from mflux.runtime.loader import cast_and_quantize, check_keys, read_weights
 from tests.fixtures import TINY_VAE
 
 CONFIG = TINY_VAE
@@ -32,10 +31,11 @@ def random_vae(seed: int = 0, **overrides) -> AutoencoderKL:
 def load(folder, dtype=None) -> Autoencoder:
     config = AutoencoderConfig.from_dict(json.loads((folder / "config.json").read_text()))
     model = Autoencoder(config)
-    source = TensorSource.from_folder(folder)
-    p = plan(source)
-    p.check(source.keys(), "vae")
-    model.load_weights(list(execute(p, source, dtype=dtype)), strict=True)
+    weights = read_weights(folder, "vae", "hf")
+    check_keys(weights, model, "vae")
+    if dtype is not None:
+        weights = cast_and_quantize("vae", weights, dtype, None)
+    model.load_weights(list(weights.items()), strict=True)
     return model
 
 
@@ -178,3 +178,57 @@ def test_scale_and_unscale_match_flux_pipeline(saved):
     vae_space = model.unscale(nhwc(z))
     np.testing.assert_allclose(nchw(vae_space), (z / 0.3611 + 0.1159).numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(nchw(model.scale(vae_space)), z.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _pixels(a: mx.array) -> np.ndarray:
+    return np.array((mx.clip(a.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8)).astype(
+        int
+    )
+
+
+# Measured on this CPU (128x96 image, 16 KB bands: 1-3 rows a band): float32 max |diff| 1.4e-5 against
+# outputs up to 3.6, at most 1/255 after rounding to pixels (mean 0.000). bfloat16: max 11/255, mean
+# 0.99, since the group norms' statistics are summed in another order and one-ulp flips of their
+# bfloat16 outputs grow through the decoder; today's whole bfloat16 decode is as far from its float32
+# decode (max 11/255, mean 1.06).
+@pytest.mark.parametrize("dtype, max_px", [(mx.float32, 1), (mx.bfloat16, 16)])
+def test_banded_decode_equals_the_whole_tensor_decode(saved, monkeypatch, dtype, max_px):
+    import mflux.runtime.autoencoder as ae
+
+    folder, *_ = saved
+    model = load(folder, dtype=dtype)
+    z = nhwc(torch.randn(1, 16, 16, 12, generator=torch.Generator().manual_seed(2))).astype(dtype)
+    whole = model.decode(z, band_bytes=None)
+    joins = []
+    join = ae.BandedDecoder._join
+    monkeypatch.setattr(
+        ae.BandedDecoder, "_join", staticmethod(lambda bands: joins.append(len(bands)) or join(bands))
+    )
+    banded = model.decode(z, band_bytes=2**14)
+    assert len(joins) > 10 and max(joins) >= 16  # every layer ran in bands, the largest in many
+    diff = np.abs(_pixels(banded) - _pixels(whole))
+    err = float(mx.abs(banded.astype(mx.float32) - whole.astype(mx.float32)).max())
+    print(
+        f"{dtype}: banded vs whole, max |diff| {err:.2e}, pixels max {diff.max()}/255 mean {diff.mean():.3f}"
+    )
+    assert diff.max() <= max_px
+    if dtype == mx.float32:
+        assert err <= 1e-4 * float(mx.abs(whole).max())
+    # against today's own bfloat16 error: the whole decode in bfloat16 vs float32
+    if dtype == mx.bfloat16:
+        ref = _pixels(load(folder).decode(z.astype(mx.float32), band_bytes=None))
+        today = np.abs(_pixels(whole) - ref)
+        print(f"today: whole bfloat16 vs float32, pixels max {today.max()}/255 mean {today.mean():.3f}")
+        assert diff.mean() <= 2 * today.mean() + 0.05
+
+
+def test_small_decodes_keep_the_whole_tensor_path(saved):
+    from mflux.runtime.autoencoder import BAND_BYTES, BandedDecoder
+
+    folder, *_ = saved
+    model = load(folder)
+    z = mx.zeros((1, 16, 16, 16))  # a 128 px image: far below one band
+    assert not BandedDecoder(model.decoder, BAND_BYTES).needed(z)
+    # the real VAE's widths at 1024x1024 need bands
+    full = Autoencoder(AutoencoderConfig())
+    assert BandedDecoder(full.decoder, BAND_BYTES).needed(mx.zeros((1, 128, 128, 16), mx.bfloat16))

@@ -5,11 +5,11 @@ from dataclasses import dataclass, field, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.converters.plan import Plan, Target
 from mflux.errors import MfluxError
 
-# diffusers' attention names before 0.15; FLUX's own VAE uses the new ones, older exports the old.
-_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+# A full-resolution layer's working memory per band, by default. At 1024x1024 in bfloat16 the largest
+# layers need about 5 GB whole; bands of this size keep the decode's peak near 1 GB over its weights.
+BAND_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -216,11 +216,19 @@ class Autoencoder(nn.Module):
         if config.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(c, c, 1)
 
-    def decode(self, z: mx.array) -> mx.array:
-        """(B, h, w, C_latent) in VAE space (see `unscale`) -> (B, 8h, 8w, 3), roughly in [-1, 1]."""
+    def decode(self, z: mx.array, band_bytes: int | None = BAND_BYTES) -> mx.array:
+        """(B, h, w, C_latent) in VAE space (see `unscale`) -> (B, 8h, 8w, 3), roughly in [-1, 1].
+
+        When a full-resolution layer would need more than `band_bytes` of working memory, the decoder
+        runs layer by layer in row bands (`BandedDecoder`): the same pixels, at a fraction of the peak.
+        `band_bytes=None` always runs each layer on the whole tensor at once.
+        """
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        banded = BandedDecoder(self.decoder, band_bytes) if band_bytes else None
+        if banded is None or not banded.needed(z):
+            return self.decoder(z)
+        return banded(z)
 
     def encode(self, x: mx.array) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> the posterior mean (B, H/8, W/8, C_latent), in VAE space."""
@@ -241,23 +249,162 @@ class Autoencoder(nn.Module):
         return z32.astype(z.dtype)
 
 
-def plan(source) -> Plan:
-    """diffusers' AutoencoderKL names kept; 4-D conv weights OIHW -> OHWI. `source` is a TensorSource."""
-    targets = []
-    for key in source.keys():
-        name = _modern_name(key)
-        if ".attentions." in name and len(source.shape(key)) == 4:
-            # a 1x1 conv used as a linear layer (old exports): (O, I, 1, 1) -> (O, I)
-            targets.append(Target(name, (key,), lambda a: a[0].reshape(a[0].shape[:2])))
-        elif len(source.shape(key)) == 4:
-            targets.append(Target(name, (key,), lambda a: a[0].transpose(0, 2, 3, 1)))
+class BandedDecoder:
+    """The decoder, evaluated layer by layer, each layer in bands of rows.
+
+    Between layers the activation is one evaluated tensor. A 3x3 convolution computes each band of
+    output rows from its input rows plus one halo row on each side (zeros at the image's edge, as the
+    convolution's padding), so the result equals the whole-tensor convolution. A group norm's mean and
+    variance are accumulated over every band first (two passes, float32), so the statistics are exact,
+    and then applied band by band just before the convolution that reads them. Attention runs over
+    bands of queries against all keys, which is exact too. Only one band's temporaries (the norm's
+    float32 copy, the convolution's workspace) exist at a time.
+    """
+
+    def __init__(self, decoder: "Decoder", band_bytes: int):
+        self.d = decoder
+        self.band_bytes = band_bytes
+
+    def needed(self, z: mx.array) -> bool:
+        """Whether the widest full-resolution convolution's working set exceeds one band."""
+        B, h, w, _ = z.shape
+        ch = [r.conv1.weight.shape[-1] for r in self.d.up_blocks[-1].resnets]
+        return self._row_bytes(B * 8 * w, max(ch), z.dtype) * 8 * h > self.band_bytes
+
+    def __call__(self, z: mx.array) -> mx.array:
+        d = self.d
+        x = self.conv(d.conv_in, z)
+        x = self.resnet(d.mid_block.resnets[0], x)
+        if "attentions" in d.mid_block:
+            x = self.attention(d.mid_block.attentions[0], x)
+        x = self.resnet(d.mid_block.resnets[1], x)
+        for block in d.up_blocks:
+            for resnet in block.resnets:
+                x = self.resnet(resnet, x)
+            if "upsamplers" in block:
+                x = self.conv(block.upsamplers[0].conv, x, upsample=True)
+        return self.conv(d.conv_out, x, norm=d.conv_norm_out)
+
+    # ------------------------------------------------------------ layers
+
+    def resnet(self, r: "ResnetBlock", x: mx.array) -> mx.array:
+        h = self.conv(r.conv1, x, norm=r.norm1)
+        shortcut = r.conv_shortcut if "conv_shortcut" in r else None
+
+        def residual(a, b):
+            band = x[:, a:b]
+            return self._conv(shortcut, band, 0) if shortcut is not None else band
+
+        return self.conv(r.conv2, h, norm=r.norm2, residual=residual)
+
+    def attention(self, att: "Attention", x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        h = att.group_norm(x).reshape(B, 1, H * W, C)
+        k, v = att.to_k(h), att.to_v(h)
+        mx.eval(k, v)
+        # a band of query rows against every key: its scores are (band * W) x (H * W) floats
+        rows = self._rows(H, B * W * H * W * 4 * 3 + B * W * C * 16)
+        out = []
+        for a in range(0, H, rows):
+            b = min(a + rows, H)
+            q = att.to_q(h[:, :, a * W : b * W])
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+            band = x[:, a:b] + att.to_out[0](o).reshape(B, b - a, W, C)
+            mx.eval(band)
+            out.append(band)
+        return self._join(out)
+
+    def conv(self, conv: nn.Conv2d, x: mx.array, norm=None, upsample=False, residual=None) -> mx.array:
+        """conv(silu(norm(x))) (or conv(x), or conv(upsample(x))), plus `residual(a, b)` for output rows
+        [a, b), one band of output rows at a time."""
+        B, H, W, C = x.shape
+        stats = self._group_stats(norm, x) if norm is not None else None
+        scale = 2 if upsample else 1
+        out_h, out_w = H * scale, W * scale
+        pad = conv.weight.shape[1] // 2
+        rows = self._rows(out_h, self._row_bytes(B * out_w, C, x.dtype), multiple=scale)
+        out = []
+        for a in range(0, out_h, rows):
+            b = min(a + rows, out_h)
+            band = self._input_rows(x, a - pad, b + pad, scale, norm, stats)
+            y = self._conv(conv, band, pad)
+            if residual is not None:
+                y = residual(a, b) + y
+            mx.eval(y)
+            out.append(y)
+        return self._join(out)
+
+    # ------------------------------------------------------------ pieces
+
+    def _input_rows(self, x, lo: int, hi: int, scale: int, norm, stats) -> mx.array:
+        """Rows [lo, hi) of the convolution's input (x normed and activated, or x upsampled), with zero
+        rows where they fall outside the image."""
+        H = x.shape[1] * scale
+        a, b = max(lo, 0), min(hi, H)
+        if scale == 1:
+            band = x[:, a:b]
+            if norm is not None:
+                band = nn.silu(self._apply_norm(norm, band, stats))
         else:
-            targets.append(Target(name, (key,)))
-    return Plan(targets)
+            src = x[:, a // scale : (b - 1) // scale + 1]
+            Bn, h, w, C = src.shape
+            up = mx.broadcast_to(src[:, :, None, :, None, :], (Bn, h, scale, w, scale, C))
+            up = up.reshape(Bn, h * scale, w * scale, C)
+            band = up[:, a - (a // scale) * scale : a - (a // scale) * scale + (b - a)]
+        if a - lo or hi - b:
+            band = mx.pad(band, [(0, 0), (a - lo, hi - b), (0, 0), (0, 0)])
+        return band
 
+    @staticmethod
+    def _conv(conv: nn.Conv2d, band: mx.array, pad: int) -> mx.array:
+        # rows are already padded (halo or zeros); columns get the layer's own zero padding
+        y = mx.conv2d(band, conv.weight, padding=(0, pad))
+        return y + conv.bias if "bias" in conv else y
 
-def _modern_name(key: str) -> str:
-    parts = key.split(".")
-    if ".attentions." in key and len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION:
-        parts[-2] = _LEGACY_ATTENTION[parts[-2]]
-    return ".".join(parts)
+    def _group_stats(self, norm: "GroupNorm", x: mx.array) -> tuple[mx.array, mx.array]:
+        """Per (batch, group) mean and variance over all of x, accumulated band by band in float32."""
+        B, H, W, C = x.shape
+        G = norm.num_groups
+        count = H * W * (C // G)
+        rows = self._rows(H, B * W * C * 4 * 3)
+
+        def per_group(band):
+            return band.reshape(B, -1, G, C // G).sum(axis=(1, 3))
+
+        total = mx.zeros((B, G), mx.float32)
+        for a in range(0, H, rows):
+            total = total + per_group(x[:, a : a + rows].astype(mx.float32))
+            mx.eval(total)
+        mean = total / count
+        mean_c = mx.repeat(mean, C // G, axis=1)[:, None, None, :]
+        sq = mx.zeros((B, G), mx.float32)
+        for a in range(0, H, rows):
+            sq = sq + per_group(mx.square(x[:, a : a + rows].astype(mx.float32) - mean_c))
+            mx.eval(sq)
+        var = sq / count
+        return mean_c, mx.repeat(mx.rsqrt(var + norm.eps), C // G, axis=1)[:, None, None, :]
+
+    @staticmethod
+    def _apply_norm(norm: "GroupNorm", band: mx.array, stats) -> mx.array:
+        mean, inv_std = stats
+        y = (band.astype(mx.float32) - mean) * inv_std
+        return (norm.weight * y + norm.bias).astype(band.dtype)
+
+    @staticmethod
+    def _row_bytes(pixels: int, channels: int, dtype) -> int:
+        # one output row's working set: the float32 normed input, the convolution's 3x3 unfolding of
+        # it in the model dtype, and the output
+        return pixels * channels * (8 + 10 * dtype.size)
+
+    def _rows(self, total: int, row_bytes: int, multiple: int = 1) -> int:
+        rows = max(multiple, self.band_bytes // max(row_bytes, 1) // multiple * multiple)
+        return min(rows, total)
+
+    @staticmethod
+    def _join(bands: list) -> mx.array:
+        if len(bands) == 1:
+            return bands[0]
+        out = mx.concatenate(bands, axis=1)
+        bands.clear()
+        mx.eval(out)
+        return out

@@ -8,7 +8,6 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.converters.plan import Plan, Target
 from mflux.errors import MfluxError
 
 
@@ -137,17 +136,3 @@ class CLIPTextModel(nn.Module):
 
     def __call__(self, input_ids: mx.array) -> tuple[mx.array, mx.array]:
         return self.text_model(input_ids)  # (B, L, D), (B, D)
-
-
-def plan(source) -> Plan:
-    """Map a transformers CLIPTextModel checkpoint onto CLIPTextModel, with or without the `text_model.` prefix
-    (transformers 4 writes it, transformers 5 save_pretrained drops it)."""
-    targets, ignored = [], set()
-    for k in source.keys():
-        if k.endswith("position_ids"):
-            ignored.add(k)  # a non-persistent buffer older transformers saved
-        elif k.startswith("text_model."):
-            targets.append(Target(k, (k,)))
-        elif k.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
-            targets.append(Target(f"text_model.{k}", (k,)))
-    return Plan(targets, ignored)

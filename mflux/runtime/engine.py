@@ -4,8 +4,8 @@
 step by step and decodes them, yielding an event at each stage. Seeds, prompts and the two halves of
 true CFG are all rows of one batch axis. The caller owns evaluation timing, progress bars, freeing
 memory and saving: after `Conditioned` it may free the text encoders before the transformer is asked
-for; after `Modulated` it may free the transformer's conditioning layers. Stopping the iteration stops
-the work.
+for; after `Modulated` it may free the transformer's conditioning layers; after `Denoised` it may free
+the transformer before the last decode. Stopping the iteration stops the work.
 
 The arithmetic follows diffusers' FluxPipeline (text-to-image, true CFG), FluxImg2ImgPipeline and
 FluxInpaintPipeline step for step, so the same noise gives the same image.
@@ -70,6 +70,11 @@ class Modulated:
 
 
 @dataclass
+class Denoised:
+    """The last batch is denoised, before it is decoded: the transformer is no longer needed."""
+
+
+@dataclass
 class Step:
     step: int  # 1-based
     total: int
@@ -83,7 +88,9 @@ class Decoded:
     pixels: np.ndarray  # (B, H, W, 3) uint8
 
 
-def generate(models: Models, request: Request) -> Iterator[Conditioned | Modulated | Step | Decoded]:
+def generate(
+    models: Models, request: Request
+) -> Iterator[Conditioned | Modulated | Step | Denoised | Decoded]:
     r = request
     texts = _unique([*r.prompts, *(r.negative_prompts or [])]) if r.true_cfg else _unique(r.prompts)
     encoded = encode_prompts(models, texts, r.max_sequence_length, r.dtype)
@@ -110,7 +117,7 @@ def generate(models: Models, request: Request) -> Iterator[Conditioned | Modulat
         mx.eval(list(mods.values()))
         yield Modulated()
 
-    for rows in batches:
+    for n, rows in enumerate(batches, 1):
         txt, pooled = _conditioning(r, encoded, rows)
         noise = _noise(r, rows)
         x = start_latents(noise, sigmas[0], image_latents)
@@ -132,6 +139,10 @@ def generate(models: Models, request: Request) -> Iterator[Conditioned | Modulat
         for i, x in enumerate(steps, 1):
             mx.eval(x)
             yield Step(i, len(sigmas) - 1, rows, x)
+        if n == len(batches):
+            del steps, m  # hold no reference to the transformer, so the caller can free it
+            transformer = None
+            yield Denoised()
         yield Decoded(rows, decode(models.get("vae"), x, r.height, r.width))
 
 

@@ -300,6 +300,13 @@ def _module(sf: SafetensorsFile, name: str, g: dict, site: Site, fmt: str) -> Lo
                 f"{sf.path}: {d} {tuple(ds)} and {u} {tuple(us)} are not a LoRA pair "
                 "(expected down (rank, in) and up (out, rank))"
             )
+    if g["alpha"] is not None:
+        dtype, shape, _ = sf.tensors[g["alpha"]]
+        if math.prod(shape) != 1 or dtype not in ("F64", "F32", "F16", "BF16", "I64", "I32"):
+            raise MfluxError(
+                f"{sf.path}: {g['alpha']} is a {dtype} tensor of shape {tuple(shape)}, not a number "
+                "(a LoRA's alpha is one scalar; the file is malformed)"
+            )
     return LoraModule(name, fmt, site, down, up, g["alpha"], g["keys"])
 
 
@@ -310,13 +317,40 @@ def _peft_alphas(lora: LoraFile) -> dict[str, dict]:
         return {}
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise MfluxError(f"{lora.path}: lora_adapter_metadata is not valid json") from None
+    if not isinstance(meta, dict):
+        raise MfluxError(f"{lora.path}: lora_adapter_metadata is not a JSON object (the file is malformed)")
     out: dict[str, dict] = {}
     for k, v in meta.items():
         prefix, _, name = k.partition(".")
         out.setdefault(prefix, {})[name] = v
+    for prefix, cfg in out.items():
+        _check_peft(lora.path, prefix, cfg)
     return out
+
+
+def _check_peft(path: Path, prefix: str, cfg: dict) -> None:
+    # The values _scale reads: numbers where PEFT writes numbers, a table of them for alpha_pattern.
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    pattern = cfg.get("alpha_pattern")
+    bad = [k for k in ("lora_alpha", "r") if k in cfg and not number(cfg[k])]
+    if pattern is not None and not (isinstance(pattern, dict) and all(map(number, pattern.values()))):
+        bad.append("alpha_pattern")
+    for key in pattern if isinstance(pattern, dict) else ():
+        try:
+            re.compile(key)
+        except re.error:
+            raise MfluxError(
+                f"{path}: lora_adapter_metadata alpha_pattern {key!r} is not a pattern"
+            ) from None
+    if bad:
+        raise MfluxError(
+            f"{path}: lora_adapter_metadata {prefix}.{bad[0]} is {cfg[bad[0]]!r}, not a number"
+            f"{' table' if bad[0] == 'alpha_pattern' else ''} (the file is malformed)"
+        )
 
 
 def _scale(lora: LoraFile, m: LoraModule, rank: int, peft: dict) -> tuple[float, float | None]:

@@ -1,12 +1,11 @@
 """The FLUX.1 transformer: its sizes and the network, in Black Forest Labs' parameter names."""
 
-import re
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mflux.converters import bfl
 from mflux.errors import MfluxError
 from mflux.runtime.layers import (
     DoubleStreamBlock,
@@ -17,8 +16,7 @@ from mflux.runtime.layers import (
     timestep_embedding,
 )
 
-# The released models' rope split of a 128-wide head: one axis (unused, zero) and two image axes.
-REAL_AXES_DIM = (16, 56, 56)
+REAL_AXES_DIM = bfl.REAL_AXES_DIM  # the released rope split of a 128-wide head
 
 
 @dataclass
@@ -81,44 +79,8 @@ class FluxParams:
 
     @classmethod
     def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> "FluxParams":
-        """Sizes from the shapes of Black Forest Labs-named tensors (a single-file checkpoint).
-
-        Every size shows in some tensor except the rope split of a head, which no weight carries:
-        it is the released (16, 56, 56) scaled to the head width, each image axis getting 56/128 of
-        it rounded to an even count and the first axis the rest. Heads of 128, 64 and 32 give
-        (16, 56, 56), (8, 28, 28) and (4, 14, 14).
-        """
-        try:
-            hidden, in_channels = shapes["img_in.weight"]
-            head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-            return cls(
-                in_channels=in_channels,
-                hidden_size=hidden,
-                num_heads=hidden // head_dim,
-                depth=count_blocks(shapes, "double_blocks"),
-                depth_single_blocks=count_blocks(shapes, "single_blocks"),
-                axes_dim=_scaled_axes(head_dim),
-                context_in_dim=shapes["txt_in.weight"][1],
-                vec_in_dim=shapes["vector_in.in_layer.weight"][1],
-                guidance_embed="guidance_in.in_layer.weight" in shapes,
-                mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / hidden,
-                qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
-            )
-        except KeyError as e:
-            raise MfluxError(f"not a FLUX.1 transformer checkpoint: no tensor {e.args[0]}") from None
-
-
-def count_blocks(names: Iterable[str], prefix: str) -> int:
-    found = {int(m.group(1)) for k in names if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    return max(found) + 1 if found else 0
-
-
-def _scaled_axes(head_dim: int) -> tuple[int, int, int]:
-    image_axis = 2 * round(head_dim * REAL_AXES_DIM[1] / sum(REAL_AXES_DIM) / 2)
-    first = head_dim - 2 * image_axis
-    if first <= 0 or first % 2:
-        raise MfluxError(f"cannot split a head of width {head_dim} into three even rope axes")
-    return first, image_axis, image_axis
+        """Sizes from the shapes of Black Forest Labs-named tensors (a single-file checkpoint)."""
+        return cls(**bfl.params(shapes))
 
 
 class Flux(nn.Module):

@@ -109,3 +109,7 @@ def quantize_model_from_weights(model, weights_names, spec_for) -> None:
         return {"group_size": s.group_size, "bits": s.bits, "mode": s.mode}
 
     nn.quantize(model, class_predicate=predicate)
+    # on CUDA, large inputs dequantize just before a float matmul (see mflux.runtime.qmatmul)
+    from mflux.runtime.qmatmul import use_backend_matmul
+
+    use_backend_matmul(model)

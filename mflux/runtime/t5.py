@@ -10,7 +10,6 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.converters.plan import Plan, Target
 from mflux.errors import MfluxError
 
 
@@ -183,19 +182,3 @@ class T5Encoder(nn.Module):
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         return self.encoder(self.shared(input_ids))  # (B, L, D)
-
-
-def plan(source) -> Plan:
-    """Map a transformers T5EncoderModel checkpoint onto T5Encoder: the names are the same."""
-    keys = list(source.keys())
-    targets = [
-        Target(k, (k,)) for k in keys if k.startswith("encoder.") and k != "encoder.embed_tokens.weight"
-    ]
-    ignored = set()
-    # encoder.embed_tokens is tied to shared; a checkpoint may carry either one or both
-    if "shared.weight" in keys:
-        targets.insert(0, Target("shared.weight", ("shared.weight",)))
-        ignored = {"encoder.embed_tokens.weight"}
-    elif "encoder.embed_tokens.weight" in keys:
-        targets.insert(0, Target("shared.weight", ("encoder.embed_tokens.weight",)))
-    return Plan(targets, ignored)

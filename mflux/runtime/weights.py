@@ -5,8 +5,11 @@ The format is an 8-byte little-endian header length, a JSON header mapping names
 size of that tensor, which is what lets a 16 GB machine convert the 34 GB pipeline.
 """
 
+import errno
 import json
+import math
 import os
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,6 +37,7 @@ _DTYPES = {
     "BOOL": (np.bool_, "bool_"),
 }
 BYTES_PER_ELEMENT = {k: np.dtype(v[0]).itemsize for k, v in _DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 2**20  # the real checkpoints' headers are under 1 MiB
 
 
 def refuse_pickle(path: Path) -> None:
@@ -45,43 +49,21 @@ def refuse_pickle(path: Path) -> None:
 
 
 class SafetensorsFile:
-    """One .safetensors file, opened lazily. `tensors` maps name -> (dtype, shape, (begin, end))."""
+    """One .safetensors file, opened lazily. `tensors` maps name -> (dtype, shape, (begin, end)).
+
+    Opening reads and checks the header only, so a damaged or hostile file is refused with one line
+    before anything (mx.load included) reads its data.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         refuse_pickle(self.path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("file is shorter than the 8-byte header length")
-                (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, 100 * 2**20):
-                    raise ValueError(f"header length {n} does not fit in the file")
-                header = json.loads(f.read(n))
-        except FileNotFoundError:
-            raise MfluxError(f"{self.path}: no such file") from None
-        except (ValueError, UnicodeDecodeError, struct.error) as e:
-            raise MfluxError(f"{self.path}: not a valid safetensors file ({e})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
+        header, self._data_start, size = _read_header(self.path)
+        self.metadata = _metadata(self.path, header.pop("__metadata__", None))
         self.tensors: dict[str, tuple[str, tuple[int, ...], tuple[int, int]]] = {}
         for name, info in header.items():
-            try:
-                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise MfluxError(f"{self.path}: malformed header entry for {name!r}") from None
-            if dtype not in _DTYPES:
-                raise MfluxError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * BYTES_PER_ELEMENT[dtype]:
-                raise MfluxError(f"{self.path}: tensor {name!r} has a size that does not match its shape")
-            if self._data_start + end > size:
-                raise MfluxError(
-                    f"{self.path}: file is truncated ({size} bytes, tensor {name!r} needs "
-                    f"{self._data_start + end}); download or copy it again"
-                )
-            self.tensors[name] = (dtype, shape, (begin, end))
+            self.tensors[name] = _entry(self.path, name, info)
+        _check_extents(self.path, self.tensors, size - self._data_start)
         self._fd: int | None = None
 
     def keys(self) -> list[str]:
@@ -121,6 +103,84 @@ class SafetensorsFile:
             self._fd = None
 
 
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    """The parsed JSON header, where the data starts, and the file's size."""
+    try:
+        st = os.stat(path)  # stat, not open: opening a FIFO would block
+        if not stat.S_ISREG(st.st_mode):
+            raise MfluxError(f"{path}: not a regular file (give a .safetensors file)")
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file is shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(st.st_size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {n} does not fit in the file ({st.st_size} bytes)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise MfluxError(f"{path}: no such file") from None
+    except RecursionError:
+        raise MfluxError(f"{path}: not a valid safetensors file (header nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise MfluxError(f"{path}: not a valid safetensors file ({e})") from None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise MfluxError(f"{str(path)[:80]}...: file name too long (use a shorter path)") from None
+        raise MfluxError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        raise MfluxError(f"{path}: not a valid safetensors file (header is not a JSON object)")
+    return header, 8 + n, st.st_size
+
+
+def _metadata(path: Path, meta) -> dict[str, str]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise MfluxError(f"{path}: malformed header (__metadata__ must map names to strings)")
+    return meta
+
+
+def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """One header entry, checked: a known dtype, a shape and offsets of non-negative integers that agree."""
+    try:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError):
+        raise MfluxError(f"{path}: malformed header entry for {name!r}") from None
+    if not isinstance(dtype, str):
+        raise MfluxError(f"{path}: malformed header entry for {name!r} (dtype must be a string)")
+    if dtype not in _DTYPES:
+        raise MfluxError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise MfluxError(f"{path}: malformed header entry for {name!r} (shape must be non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise MfluxError(
+            f"{path}: malformed header entry for {name!r} (data_offsets must be two non-negative integers)"
+        )
+    begin, end = offsets
+    # Python integers: a shape whose product overflows 64 bits can never match two in-file offsets
+    if end < begin or end - begin != math.prod(shape) * BYTES_PER_ELEMENT[dtype]:
+        raise MfluxError(f"{path}: tensor {name!r} has a size that does not match its shape")
+    return dtype, tuple(shape), (begin, end)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_extents(path: Path, tensors: dict, data_bytes: int) -> None:
+    """Refuse tensors that overlap or that reach past the end of the file."""
+    last_end, last_name = 0, None
+    for name, (_, _, (begin, end)) in sorted(tensors.items(), key=lambda t: t[1][2]):
+        if end > data_bytes:
+            raise MfluxError(
+                f"{path}: file is truncated ({data_bytes} data bytes, tensor {name!r} needs "
+                f"{end}); download or copy it again"
+            )
+        if begin < last_end:
+            raise MfluxError(f"{path}: malformed header (tensors {last_name!r} and {name!r} overlap)")
+        last_end, last_name = max(last_end, end), name
+
+
 class TensorSource:
     """All the .safetensors files of one component folder (or one file), as one lazy name -> tensor map."""
 
@@ -139,7 +199,10 @@ class TensorSource:
             pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
             if pickles:
                 refuse_pickle(folder / pickles[0])
-            raise MfluxError(f"{folder}: no .safetensors weights found")
+            raise MfluxError(
+                f"{folder}: no .safetensors weights found (the model may be damaged: check it with "
+                f"`mflux inspect {folder.parent} --verify`, then pull or convert it again)"
+            )
         return cls(paths)
 
     def keys(self) -> list[str]:

@@ -1,0 +1,10 @@
+"""`mflux serve`: OpenAI's Images API, the A1111 API and a web page over one worker that owns the model.
+
+app.py         the FastAPI app: routers, the key and body-size guard, the error shapes
+core.py        settings, limits, errors, names, image decoding, running a job
+worker.py      the bounded FIFO queue and the one thread that touches Flux1 and MLX
+openai_api.py  /v1/images/generations, /v1/images/edits, /v1/models
+a1111_api.py   /sdapi/v1/*
+mflux_api.py   /mflux/v1/*, what the web page speaks
+ui/            the web page (no CDN, no analytics)
+"""

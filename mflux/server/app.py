@@ -1,0 +1,208 @@
+"""The FastAPI app: the dialects' routers, and in one place the key check, the body limit and the error
+shapes (OpenAI's everywhere, A1111's under /sdapi), so no route repeats them."""
+
+import hmac
+import logging
+import shutil
+import tempfile
+from base64 import b64decode
+from contextlib import asynccontextmanager
+from http.cookies import SimpleCookie
+from importlib import resources
+from pathlib import Path
+from urllib.parse import unquote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from mflux.errors import MfluxError
+from mflux.server import a1111_api, mflux_api, openai_api
+from mflux.server.core import ApiError, Server, ServerSettings
+from mflux.server.worker import Job
+
+log = logging.getLogger("mflux.server")
+KEY_COOKIE = "mflux_api_key"
+UI = resources.files("mflux.server") / "ui"
+
+
+def create_app(settings: ServerSettings, loader=None) -> FastAPI:
+    """The app over one Server; `loader(name, loras)` replaces Flux1.from_name (tests only)."""
+    server = Server(settings, loader)
+    own_output = settings.output_dir is None
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if own_output:
+            server.output_dir = Path(tempfile.mkdtemp(prefix="mflux-serve-"))
+        server.worker.start()
+        if settings.model:
+            server.submit(Job(model=settings.model, load_only=True))  # warm before the first request
+        yield
+        server.worker.stop()
+        if own_output:
+            shutil.rmtree(server.output_dir, ignore_errors=True)
+
+    # no /docs: FastAPI's Swagger page loads its scripts from a CDN, and the server's pages load nothing remote
+    app = FastAPI(title="mflux", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.include_router(openai_api.router)
+    app.include_router(a1111_api.router)
+    app.include_router(mflux_api.router)
+    _pages(app, server)
+    _errors(app)
+    app.add_middleware(Guard, server=server)
+    return app
+
+
+def _pages(app: FastAPI, server: Server) -> None:
+    @app.get("/health")
+    def health() -> dict:
+        w = server.worker
+        return {
+            "status": "ok",
+            "model": server.models.key[0] if server.models.key else None,
+            "default_model": server.models.name,
+            "queue": w.queued(),
+            "running": w.current is not None,
+            "queue_limit": w.max_queue,
+            "backend": w.backend,
+        }
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return HTMLResponse((UI / "index.html").read_text())
+
+    @app.get("/outputs/{name}", include_in_schema=False)
+    def output(name: str):
+        path = server.output_path(name)
+        if path is None:
+            raise ApiError(404, f"no output image {name!r}", "name")
+        return FileResponse(path, media_type="image/png")
+
+    app.mount("/ui", StaticFiles(directory=str(UI)), name="ui")
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(request.url.path, e)
+
+    @app.exception_handler(MfluxError)
+    async def user_error(request: Request, e: MfluxError):
+        return error_response(request.url.path, ApiError(400, str(e)))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        err = e.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            return error_response(
+                request.url.path,
+                ApiError(400, f"the body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})"),
+            )
+        if not loc and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            return error_response(
+                request.url.path,
+                ApiError(400, "the body must be a JSON object (Content-Type: application/json)"),
+            )
+        param = ".".join(loc) or None
+        message = f"{param}: {err['msg']}" if param else err["msg"]
+        return error_response(request.url.path, ApiError(400, message, param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = (
+            f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        )
+        return error_response(request.url.path, ApiError(e.status_code, message))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, e: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(request.url.path, ApiError(500, "internal server error (see the server's log)"))
+
+
+def error_response(path: str, e: ApiError) -> JSONResponse:
+    if path.startswith("/sdapi/"):
+        body = {"error": e.type, "detail": e.message, "body": "", "errors": ""}
+    else:
+        body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+    return JSONResponse(body, e.status, headers=e.headers)
+
+
+class BodyTooLarge(HTTPException):
+    # an HTTPException, since FastAPI turns any other error raised while reading a body into a 400
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than the {limit / 2**20:g} MiB limit")
+
+
+class Guard:
+    """ASGI middleware: the API key (Bearer, HTTP Basic for /sdapi, or the web UI's cookie) on every route
+    but /health, checked before any work; and the body limit, by Content-Length and while reading."""
+
+    def __init__(self, app, server: Server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key = self.server.settings.api_key
+        if key and path != "/health" and not authorized(headers, path, key):
+            return await _unauthorized(path)(scope, receive, send)
+        limit = self.server.limits.body_bytes
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            e = BodyTooLarge(limit)
+            return await error_response(path, ApiError(413, e.detail))(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def authorized(headers: dict, path: str, key: str) -> bool:
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and _same(value.strip(), key):
+        return True
+    if scheme.lower() == "basic" and path.startswith("/sdapi/"):
+        try:
+            _, _, password = b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+        except ValueError:
+            return False
+        return _same(password, key)
+    cookie = SimpleCookie()
+    try:
+        cookie.load(headers.get("cookie", ""))
+    except Exception:  # noqa: BLE001 - a malformed cookie header is just no key
+        return False
+    # the page stores the key URL-encoded (encodeURIComponent), so any character survives the cookie
+    return KEY_COOKIE in cookie and _same(unquote(cookie[KEY_COOKIE].value), key)
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _unauthorized(path: str) -> Response:
+    if path == "/":
+        # the web UI asks for the key once; its script keeps it in a cookie
+        return HTMLResponse((UI / "login.html").read_text(), 401)
+    e = ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+    if path.startswith("/sdapi/"):
+        e = ApiError(401, "missing or wrong API key (HTTP Basic with the key as password, or Bearer KEY)")
+        e.headers = {"WWW-Authenticate": 'Basic realm="mflux"'}
+    return error_response(path, e)

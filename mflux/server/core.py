@@ -1,0 +1,318 @@
+"""What every dialect shares: the server's settings and limits, errors, model and LoRA names, image
+decoding, and running a job to its end. Handlers call these; nothing here touches MLX."""
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import secrets
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from mflux.errors import MfluxError
+from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
+from mflux.server.worker import End, Job, Models, QueueFull, Result, Worker
+
+_LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
+_OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
+
+
+@dataclass
+class Limits:
+    """Every request limit, in one place; the README's table lists them."""
+
+    prompt_chars: int = 4000
+    n: int = 10  # images per request (OpenAI's n; A1111's batch_size * n_iter)
+    pixels: int = MAX_PIXELS  # width * height of one image: the engine's maximum
+    side: int = MAX_SIDE  # and each side
+    steps: int = 100
+    body_bytes: int = 64 * 2**20  # a whole request body
+    upload_bytes: int = 20 * 2**20  # one uploaded or base64-decoded image
+
+
+@dataclass
+class ServerSettings:
+    model: str | None = None
+    api_key: str | None = None
+    lora_dir: Path | None = None
+    output_dir: Path | None = None  # where response_format=url images go (a temporary folder if None)
+    queue: int = 16
+    timeout: float = 600.0
+    limits: Limits = field(default_factory=Limits)
+
+
+class ApiError(Exception):
+    """A request the server refuses: the status, one line, and OpenAI's `type`/`param`/`code`."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+
+
+class Server:
+    """The state behind every route: settings, the store, the model slot and the worker."""
+
+    def __init__(self, settings: ServerSettings, loader=None):
+        from mflux.store import Store
+
+        self.settings = settings
+        self.limits = settings.limits
+        self.store = Store()
+        self.models = Models(settings.model, loader)
+        self.worker = Worker(self.models, settings.queue)
+        self.output_dir = settings.output_dir
+
+    # --- names ----------------------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.store.list()]
+
+    def check_model(self, name: str | None, param: str = "model") -> str | None:
+        """A store name (or `<name>-q<bits>` of one), or 404 naming the choices. None: the loaded model."""
+        if name in (None, ""):
+            if self.models.name is None:
+                raise ApiError(
+                    400, f"no model is loaded; name one of: {', '.join(self.model_names())}", param
+                )
+            return None
+        from mflux.flux1 import _QUANT_NAME
+
+        try:
+            m = _QUANT_NAME.match(name)
+            if self.store.exists(name) or (m and self.store.exists(m["base"])):
+                return name
+        except MfluxError:
+            pass  # an invalid store name is just an unknown model here
+        choices = ", ".join(self.model_names()) or "none (add one with: mflux pull schnell)"
+        raise ApiError(404, f"unknown model {name!r} (the store has: {choices})", param, "model_not_found")
+
+    def model_hash(self, name: str) -> str:
+        """A short hash of the model's files, for A1111's checkpoint titles."""
+        files = self.store.get(name).manifest.files
+        return hashlib.sha256("".join(f["sha256"] for f in files).encode()).hexdigest()[:10]
+
+    def lora_files(self) -> dict[str, Path]:
+        d = self.settings.lora_dir
+        if d is None or not d.is_dir():
+            return {}
+        return {p.stem: p for p in sorted(d.glob("*.safetensors")) if p.is_file()}
+
+    def resolve_loras(self, loras, param: str = "loras") -> tuple[tuple[str, float], ...]:
+        """[(name, scale)] -> [(path, scale)], by name inside --lora-dir only: never a client's path."""
+        out = []
+        for name, scale in loras or ():
+            if not isinstance(name, str) or not _LORA_NAME.fullmatch(name) or ".." in name:
+                raise ApiError(
+                    400, f"invalid LoRA name {name!r} (a file name from GET /sdapi/v1/loras, no path)", param
+                )
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                scale = math.nan
+            if not math.isfinite(scale):
+                raise ApiError(400, f"the scale of LoRA {name!r} must be a finite number", param)
+            files = self.lora_files()
+            path = files.get(name.removesuffix(".safetensors"))
+            if path is None:
+                known = ", ".join(files) or "none (start the server with --lora-dir DIR)"
+                raise ApiError(404, f"unknown LoRA {name!r} (available: {known})", param, "lora_not_found")
+            out.append((str(path), scale))
+        return tuple(out)
+
+    # --- inputs ---------------------------------------------------------------------------------------
+    def check_prompt(self, prompt, param: str = "prompt", empty_ok: bool = False) -> str:
+        if not isinstance(prompt, str) or (not empty_ok and not prompt.strip()):
+            raise ApiError(400, f"{param} must be a non-empty string", param)
+        if len(prompt) > self.limits.prompt_chars:
+            raise ApiError(
+                400, f"{param} is {len(prompt)} characters; the limit is {self.limits.prompt_chars}", param
+            )
+        return prompt
+
+    def check_size(self, width: int, height: int, param: str = "size") -> tuple[int, int]:
+        lim = self.limits
+        for side in (width, height):
+            if side <= 0 or side % 16:
+                raise ApiError(
+                    400, f"width and height must be positive multiples of 16, got {width}x{height}", param
+                )
+            if side > lim.side:
+                raise ApiError(400, f"{width}x{height} is too large: each side is at most {lim.side}", param)
+        if width * height > lim.pixels:
+            raise ApiError(400, f"{width}x{height} is too large: at most {lim.pixels} pixels an image", param)
+        return width, height
+
+    def check_steps(self, steps: int | None, param: str = "steps") -> int | None:
+        if steps is not None and not 1 <= steps <= self.limits.steps:
+            raise ApiError(400, f"steps must be in 1..{self.limits.steps}, got {steps}", param)
+        return steps
+
+    def check_count(self, n: int, param: str = "n") -> int:
+        if not 1 <= n <= self.limits.n:
+            raise ApiError(400, f"{param} must be in 1..{self.limits.n} images a request, got {n}", param)
+        return n
+
+    def decode_image(self, data: str | bytes, param: str) -> Image.Image:
+        """An uploaded image (bytes) or a base64 string, raw or as a data URL, checked and fully read."""
+        if isinstance(data, str):
+            text = data.partition(",")[2] if data.startswith("data:") else data
+            if len(text) > self.limits.upload_bytes * 4 // 3 + 4:
+                raise ApiError(
+                    413, f"{param} is larger than the {_mib(self.limits.upload_bytes)} upload limit", param
+                )
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(
+                    400, f"{param} is not valid base64 (send raw base64 or a data: URL)", param
+                ) from None
+        if len(data) > self.limits.upload_bytes:
+            raise ApiError(
+                413, f"{param} is larger than the {_mib(self.limits.upload_bytes)} upload limit", param
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                if image.width * image.height > 4 * self.limits.pixels:
+                    raise ApiError(400, f"{param} is {image.width}x{image.height}: too many pixels", param)
+                image.load()
+        except ApiError:
+            raise
+        except Exception:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+            raise ApiError(400, f"{param} is not an image PIL can read (send a PNG or JPEG)", param) from None
+        return ImageOps.exif_transpose(image)
+
+    # --- running --------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        job.timeout = self.settings.timeout
+        try:
+            return self.worker.submit(job)
+        except QueueFull as e:
+            raise ApiError(
+                429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}
+            ) from None
+
+    async def run(self, job: Job, request=None) -> tuple[list[Result], End]:
+        """Submit `job` and wait for its end; the images in seed order. The job is cancelled when the
+        client of `request` goes away, or when the wait outlives the timeout (a load that never returns;
+        the worker itself ends a job past its timeout at its next step)."""
+        self.submit(job)
+
+        async def collect():
+            results = []
+            async for event in job.events():
+                if isinstance(event, Result):
+                    results.append(event)
+            return sorted(results, key=lambda r: r.index), event
+
+        waiting = asyncio.ensure_future(collect())
+        deadline = time.monotonic() + self.settings.timeout + 30
+        try:
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=0.25)
+                if request is not None and not waiting.done() and await request.is_disconnected():
+                    raise ApiError(499, "the client closed the connection", code="cancelled")
+                if time.monotonic() > deadline:
+                    raise ApiError(
+                        504, f"the request timed out after {self.settings.timeout:g} s", code="timeout"
+                    )
+            results, end = waiting.result()
+        finally:
+            waiting.cancel()
+            if job.status in ("queued", "running"):
+                self.worker.cancel(job.id)
+        raise_for(end, self.settings.timeout)
+        return results, end
+
+    def save_output(self, png: bytes) -> str:
+        """Write a PNG under a random name in the output folder; returns the name."""
+        name = secrets.token_urlsafe(16) + ".png"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / f".{name}.tmp"
+        try:
+            tmp.write_bytes(png)
+            os.replace(tmp, self.output_dir / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # nothing half-written is left to serve
+            raise
+        return name
+
+    def output_path(self, name: str) -> Path | None:
+        if not _OUTPUT_NAME.fullmatch(name):
+            return None
+        path = self.output_dir / name
+        return path if path.is_file() else None
+
+
+def end_error(end: End, timeout: float) -> ApiError | None:
+    """What a client is told about a job that did not end well; None for one that did."""
+    if end.status == "ok":
+        return None
+    if end.status == "cancelled":
+        return ApiError(500, "the request was cancelled on the server", code="cancelled")
+    if end.status == "timeout":
+        return ApiError(
+            504, f"the request timed out after {timeout:g} s (queued and generating)", code="timeout"
+        )
+    e = end.error
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, MfluxError):
+        return ApiError(400, str(e))
+    return ApiError(500, "the generation failed on the server (see its log)", code="server_error")
+
+
+def raise_for(end: End, timeout: float) -> None:
+    """Raise a timed-out or failed end as its ApiError; a cancelled job's caller decides for itself."""
+    e = end_error(end, timeout)
+    if e is not None and end.status != "cancelled":
+        raise e
+
+
+def sse(event: str, data: dict) -> str:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def random_seed() -> int:
+    # 32 bits, as A1111 draws them: they fit every client's integers, JavaScript's included
+    return secrets.randbelow(2**32)
+
+
+def seed_run(first: int | None, n: int, param: str = "seed") -> list[int]:
+    """`n` seeds from `first` (None: random), one more each image, as A1111 numbers a batch."""
+    first = random_seed() if first is None else check_seed(first, param)
+    check_seed(first + n - 1, param)  # the last image's seed fits too
+    return [first + i for i in range(n)]
+
+
+def check_seed(seed: int, param: str = "seed") -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise ApiError(400, f"seed must be in 0..{MAX_SEED} (or -1 for random), got {seed}", param)
+    return seed
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB"

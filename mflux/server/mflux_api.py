@@ -1,0 +1,110 @@
+"""mflux's own small dialect, what the web UI speaks: one generation as server-sent events (a preview at
+every step, each image with its settings), and cancelling a queued or running job by its id.
+
+Seeds travel as strings: JavaScript numbers lose precision above 2**53, and seeds go up to 2**64 - 1.
+"""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from mflux.server.core import ApiError, b64, end_error, seed_run, sse
+from mflux.server.worker import End, Job, Result, Step
+
+router = APIRouter(prefix="/mflux/v1")
+
+
+class LoraChoice(BaseModel):
+    name: str
+    scale: float = 1.0
+
+
+class GenerateRequest(BaseModel):
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = None
+    width: int = 1024
+    height: int = 1024
+    steps: int | None = None
+    guidance: float | None = None
+    true_cfg_scale: float | None = None
+    seed: str = ""  # decimal digits; "" or "-1": random
+    count: int = 1
+    loras: list[LoraChoice] = []
+    image: str | None = None  # img2img: a data: URL or base64
+    strength: float | None = Field(None, gt=0, le=1)
+    previews: bool = True
+
+
+class ImageOut(BaseModel):
+    index: int
+    seed: str
+    png: str  # base64 PNG with its metadata
+    settings: dict
+
+
+@router.post("/generate")
+async def generate(request: Request, body: GenerateRequest):
+    server = request.app.state.server
+    job = _job(server, body)
+    server.submit(job)
+    return StreamingResponse(_stream(server, job), media_type="text/event-stream")
+
+
+@router.delete("/jobs/{job_id}")
+def cancel(request: Request, job_id: str) -> dict:
+    if not request.app.state.server.worker.cancel(job_id):
+        raise ApiError(404, f"no queued or running job {job_id!r}", "job_id")
+    return {"cancelled": job_id}
+
+
+def _job(server, body: GenerateRequest) -> Job:
+    server.check_prompt(body.prompt)
+    server.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
+    n = server.check_count(body.count, "count")
+    width, height = server.check_size(body.width, body.height)
+    seed = body.seed.strip()
+    if seed not in ("", "-1") and not seed.isdigit():
+        raise ApiError(400, f"seed must be digits (or empty for random), got {body.seed!r}", "seed")
+    job = Job(
+        prompt=body.prompt,
+        seeds=seed_run(int(seed) if seed.isdigit() else None, n),
+        model=server.check_model(body.model),
+        width=width,
+        height=height,
+        steps=server.check_steps(body.steps),
+        guidance=body.guidance,
+        negative_prompt=body.negative_prompt or None,
+        true_cfg_scale=body.true_cfg_scale,
+        loras=server.resolve_loras([(lo.name, lo.scale) for lo in body.loras]),
+        every_preview=body.previews,
+    )
+    if body.image:
+        job.image = server.decode_image(body.image, "image").convert("RGB")
+        job.strength = body.strength  # None: the engine's default
+    return job
+
+
+async def _stream(server, job: Job):
+    yield sse("queued", {"job_id": job.id, "seeds": [str(s) for s in job.seeds]})
+    try:
+        async for event in job.events():
+            if isinstance(event, Step):
+                data = {"step": event.step, "total": event.total}
+                if event.preview:
+                    data["preview"] = b64(event.preview)
+                yield sse("step", data)
+            elif isinstance(event, Result):
+                settings = {k: (str(v) if k == "seed" else v) for k, v in event.metadata.items() if _plain(v)}
+                out = ImageOut(index=event.index, seed=str(event.seed), png=b64(event.png), settings=settings)
+                yield sse("image", out.model_dump())
+            elif isinstance(event, End):
+                e = end_error(event, server.settings.timeout)
+                yield sse("end", {"status": event.status, "error": e.message if e else None})
+    finally:
+        if job.status in ("queued", "running"):
+            server.worker.cancel(job.id)  # the page closed the stream
+
+
+def _plain(v) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, dict))

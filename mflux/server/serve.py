@@ -1,0 +1,68 @@
+"""`mflux serve`: check the settings, warn about an open bind without a key, then run uvicorn."""
+
+import ipaddress
+import logging
+from pathlib import Path
+
+import click
+
+from mflux.errors import MfluxError
+from mflux.server.core import ServerSettings
+
+
+def serve(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    api_key: str | None = None,
+    lora_dir: str | None = None,
+    output_dir: str | None = None,
+    queue: int = 16,
+    timeout: float = 600.0,
+) -> None:
+    """Serve until interrupted; the model (if named) is checked now and loaded before the first request."""
+    import uvicorn
+
+    from mflux.server.app import create_app
+    from mflux.store import Store
+
+    if model is not None and not Store().exists(model):
+        from mflux.flux1 import _QUANT_NAME, _missing
+
+        m = _QUANT_NAME.match(model)
+        if not (m and Store().exists(m["base"])):
+            _missing(Store(), model)
+    if not is_loopback(host) and not api_key:
+        click.echo(
+            f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
+            "server (set --api-key or MFLUX_API_KEY)",
+            err=True,
+        )
+    settings = ServerSettings(
+        model=model,
+        api_key=api_key or None,
+        lora_dir=Path(lora_dir).expanduser() if lora_dir else None,
+        output_dir=Path(output_dir).expanduser() if output_dir else None,
+        queue=queue,
+        timeout=timeout,
+    )
+    log = logging.getLogger("mflux.server")  # the one line per request
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s mflux %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    click.echo(f"mflux serve: http://{host}:{port}/ (OpenAI: /v1, A1111: /sdapi/v1)", err=True)
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    except OSError as e:
+        raise MfluxError(f"cannot listen on {host}:{port}: {e.strerror} (choose another --port)") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

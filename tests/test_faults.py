@@ -1,0 +1,734 @@
+"""Fault injection (issue 14), through the installed command: corrupt and missing files, broken headers
+and manifests, unsafe names, planted pickles, malformed LoRAs, read-only and full disks, kills mid-build,
+races, and a hostile or failing Hub (the local one of tests/hub_server.py).
+
+Every refused case asserts one clear line on stderr (`error: ...`), a non-zero exit and no traceback;
+then that the store is unchanged, or consistent: nothing half-built in `mflux list`, no temp entry left
+once the next command has run, and every model that was good still passes `inspect --verify`.
+Each test gets its own copy of one store built once per module, so the cases stay fast.
+"""
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mflux.cli import cli
+from mflux.errors import MfluxError
+from mflux.inspector import inspect
+from mflux.runtime.weights import TensorSource
+from mflux.store import TMP, Store
+from tests.fixtures import store_hf_folder
+from tests.hub_server import GOOD_TOKEN, NO_ACCESS_TOKEN, HubServer
+
+MODELS = ("schnell", "schnell-q8")  # the store every test starts from: an hf model and an mlx one
+SHARD = "transformer/diffusion_pytorch_model-00001-of-00003.safetensors"
+
+
+# --- the harness -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def golden(tiny_schnell, tmp_path_factory) -> Path:
+    from mflux.convert import quantize
+
+    root = tmp_path_factory.mktemp("golden") / "store"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MFLUX_HOME", str(root))
+        store_hf_folder(tiny_schnell, "schnell")
+        quantize("schnell", bits=8, progress=False)
+    return root
+
+
+@pytest.fixture
+def home(golden, mflux_home) -> Path:
+    """This test's store: a fresh copy of the golden one, at $MFLUX_HOME."""
+    shutil.copytree(golden, mflux_home, symlinks=True)
+    return mflux_home
+
+
+SCHNELL = "black-forest-labs/FLUX.1-schnell"
+DEV = "black-forest-labs/FLUX.1-dev"
+VAE = "vae/diffusion_pytorch_model.safetensors"
+PWNED = "PWNED.txt"
+
+
+class _Hub:
+    """The local Hub of tests/hub_server.py, with the environment that points a child at it."""
+
+    def __init__(self, server: HubServer, hf_home: Path):
+        self.server = server
+        self.env = {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(hf_home)}
+
+    def resolves(self) -> list[str]:
+        return [r["path"] for r in self.server.requests if "/resolve/" in r["path"]]
+
+
+@pytest.fixture(scope="module")
+def hub_server(tiny_schnell, tiny_dev, tmp_path_factory):
+    from mflux.catalog import catalog
+
+    pickled = pickle.dumps(_Planted(tmp_path_factory.getbasetemp() / "UNPICKLED-BY-PULL"))
+    with HubServer() as server:
+        server.add_repo(SCHNELL, tiny_schnell, commit=catalog()["schnell"].revision)
+        server.add_repo(DEV, tiny_dev, gated=True, commit=catalog()["dev"].revision)
+        server.add_repo("evil/traversal", tiny_schnell, extra={f"tokenizer/../../../../{PWNED}": b"pwned"})
+        server.add_repo("evil/absolute", tiny_schnell, extra={f"/tmp/{PWNED}": b"pwned"})
+        server.add_repo("evil/deeper", tiny_schnell, extra={f"tokenizer/sub/{PWNED}": b"pwned"})
+        server.add_repo(
+            "evil/pickled", tiny_schnell, extra={"transformer/diffusion_pytorch_model.bin": pickled}
+        )
+        yield server
+
+
+@pytest.fixture
+def hub(hub_server, tmp_path):
+    hub_server.requests.clear()
+    for faults in (hub_server.drop_after, hub_server.stall_after, hub_server.fail, hub_server.redirect):
+        faults.clear()
+    hub_server.corrupt.clear()
+    hub_server.html_api = False
+    hub_server.release.clear()
+    yield _Hub(hub_server, tmp_path / "hf_home")
+    hub_server.release.set()
+
+
+def child_env(env: dict | None = None) -> dict:
+    # Offline and without a token unless the test says otherwise.
+    environ = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    return {**environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+
+
+def mflux(*args, env: dict | None = None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The installed command, in a child process, on this test's $MFLUX_HOME."""
+    command = [sys.executable, "-m", "mflux", *map(str, args)]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=child_env(env), cwd=cwd, timeout=timeout
+    )
+
+
+def start(*args, env: dict | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "mflux", *map(str, args)]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(env)
+    )
+
+
+def finish(child: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    out, err = child.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+def refused(result: subprocess.CompletedProcess, *words: str, code: int = 1, note: str = "") -> str:
+    """The one error line of a refused command, checked: exit code (2 for a bad flag, as click gives),
+    no traceback, the words in it. `note` allows the one progress line a pull prints before it starts
+    downloading ("pulling NAME from REPO@COMMIT: SIZE")."""
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = result.stderr.strip().splitlines()
+    if note and len(lines) == 2 and lines[0].startswith(note):
+        lines = lines[1:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.returncode == code, (result.returncode, result.stderr)
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(home: Path) -> dict:
+    """Every file of the store but its temp area, with size and mtime: what 'unchanged' compares."""
+    if not home.is_dir():
+        return {}
+    files = {}
+    for p in home.rglob("*"):
+        rel = p.relative_to(home).as_posix()
+        if p.is_file() and not rel.startswith((TMP + "/", ".downloads/")):
+            st = p.stat()
+            files[rel] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def consistent(home: Path, listed=MODELS, good=MODELS) -> None:
+    """`listed` are exactly the models `mflux list` shows, nothing is broken or half-built, and each of
+    `good` passes `inspect --verify`. Temp entries are those of live processes only: after a cleanup
+    (which every building command runs first) none is left."""
+    store = Store(home)
+    assert sorted(m.name for m in store.list()) == sorted(listed)
+    assert store.broken() == {}
+    store.cleanup()
+    assert not (home / TMP).is_dir() or list((home / TMP).iterdir()) == []
+    for name in good:
+        report = inspect(name, verify=True)
+        assert report["verify"]["ok"] and report["verify"]["unlisted"] == [], (name, report["verify"])
+
+
+def write_header(path: Path, header, data: bytes = b"", raw: bytes | None = None) -> Path:
+    """A .safetensors file with exactly this header (JSON, or raw bytes) and data."""
+    h = raw if raw is not None else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return path
+
+
+class _Planted:
+    """Unpickling this creates the marker file: proof that a loader unpickled it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def plant_pickle(path: Path, marker: Path) -> Path:
+    path.write_bytes(pickle.dumps(_Planted(marker)))
+    return path
+
+
+# --- damaged files in the store --------------------------------------------------------------------
+
+
+def flip(p: Path):
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def truncate(p: Path):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+DAMAGE = {
+    "flipped-byte": flip,
+    "truncated": truncate,
+    "zero-bytes": lambda p: p.write_bytes(b""),
+    "deleted": lambda p: p.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_file_in_the_store(home, damage):
+    DAMAGE[damage](home / "schnell" / SHARD)
+    line = refused(mflux("inspect", "schnell", "--verify"), "do not match the manifest", SHARD)
+    assert "pull or convert it again" in line
+    if damage != "flipped-byte":  # a same-size change shows only to --verify, which hashes
+        refused(mflux("inspect", "schnell"), "schnell is damaged", SHARD, "mflux inspect schnell --verify")
+        listing = mflux("list")
+        assert listing.returncode == 0 and "schnell " in listing.stdout
+        warning = listing.stderr.strip().splitlines()
+        assert len(warning) == 1 and warning[0].startswith("warning: schnell is damaged"), listing.stderr
+        assert SHARD in warning[0] and "mflux inspect schnell --verify" in warning[0]
+        before = snapshot(home)
+        refused(mflux("quantize", "schnell", "--bits", "4"), "schnell is damaged", SHARD)
+        refused(mflux("convert", "schnell"), "schnell is damaged")
+        assert snapshot(home) == before
+    consistent(home, good=["schnell-q8"])
+
+
+def test_a_component_without_weights_names_the_fix(home):
+    for shard in (home / "schnell" / "vae").glob("*.safetensors"):
+        shard.unlink()
+    with pytest.raises(MfluxError) as e:
+        TensorSource.from_folder(home / "schnell" / "vae")
+    assert f"mflux inspect {home / 'schnell'} --verify" in str(e.value) and "again" in str(e.value)
+
+
+# --- broken safetensors headers, through inspect and convert ---------------------------------------
+
+_OK = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+HEADERS = {
+    "length-past-the-end": lambda p: p.write_bytes(struct.pack("<Q", 10**9) + b"{}"),
+    "garbage-json": lambda p: write_header(p, None, raw=b"{not json"),
+    "offsets-past-the-end": lambda p: write_header(
+        p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8
+    ),
+    "unknown-dtype": lambda p: write_header(
+        p, {"w": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
+    "shorter-than-its-length": lambda p: p.write_bytes(b"\x01\x00"),
+}
+
+
+@pytest.mark.parametrize("fault", HEADERS)
+def test_broken_safetensors_header(home, tmp_path, fault):
+    bad = tmp_path / "flux1-schnell.safetensors"
+    HEADERS[fault](bad)
+    before = snapshot(home)
+    refused(mflux("inspect", bad), str(bad))
+    refused(mflux("convert", bad, "--base", "schnell"), str(bad))
+    assert snapshot(home) == before
+    consistent(home)
+
+
+# --- malformed manifests ---------------------------------------------------------------------------
+
+
+def _edit(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+MANIFESTS = {
+    "syntax-error": (lambda t: t + "\n[[[not toml\n", "not valid TOML"),
+    "missing-field": (lambda t: _edit(t, 'variant = "schnell"\n', ""), "'variant': missing"),
+    "wrong-type": (lambda t: _edit(t, "format_version = 1", 'format_version = "1"'), "format_version"),
+    "files-not-a-list": (lambda t: t.replace("[[files]]", "[[filez]]") + '\nfiles = "x"\n', "'files'"),
+    "parent-path": (
+        lambda t: _edit(t, 'path = "model_index.json"', 'path = "../model_index.json"'),
+        "files[",
+    ),
+    "absolute-path": (lambda t: _edit(t, 'path = "model_index.json"', 'path = "/etc/passwd"'), "files["),
+    "architecture-string": (lambda t: _edit(t, "num_layers = ", 'num_layers = "two" #'), "architecture."),
+    "architecture-list": (lambda t: _edit(t, "patch_size = 1", "patch_size = [1]"), "architecture."),
+    "newer-format": (lambda t: _edit(t, "format_version = 1", "format_version = 99"), "newer mflux"),
+}
+
+
+@pytest.mark.parametrize("fault", MANIFESTS)
+def test_malformed_manifest(home, fault):
+    edit, words = MANIFESTS[fault]
+    manifest = home / "schnell" / "manifest.toml"
+    manifest.write_text(edit(manifest.read_text()))
+    before = snapshot(home)
+    line = refused(mflux("inspect", "schnell"), str(manifest), words)
+    if fault == "newer-format":
+        assert "git pull" in line and "not `pip install -U mflux`" in line
+    refused(mflux("quantize", "schnell", "--bits", "4"), str(manifest), words)
+    listing = mflux("list")
+    assert listing.returncode == 0 and "schnell-q8" in listing.stdout
+    assert listing.stderr.startswith("warning: schnell is not a usable model")
+    assert snapshot(home) == before
+    assert mflux("rm", "schnell", "-y").returncode == 0  # a broken model can always be removed
+    consistent(home, listed=["schnell-q8"], good=["schnell-q8"])
+
+
+# --- unsafe names ----------------------------------------------------------------------------------
+
+UNSAFE = ["../evil", "a/b", "/abs", "x" * 300, "schnéll", "-dash", ".hidden", ""]
+
+
+@pytest.mark.parametrize(
+    "name", UNSAFE, ids=["parent", "slash", "absolute", "long", "unicode", "dash", "dot", "empty"]
+)
+def test_unsafe_names(home, tmp_path, name):
+    before = snapshot(home)
+    for args in (
+        ["quantize", "schnell", "--bits", "8", "--name", name],
+        ["convert", "schnell", "--name", name],
+        ["pull", "schnell", "--name", name],
+    ):
+        refused(mflux(*args), "invalid model name", code=2)
+    refused(mflux("rm", "-y", "--", name), "invalid model name")
+    refused(mflux("inspect", "--", name))  # taken as a path, which does not exist
+    assert snapshot(home) == before and list(tmp_path.parent.glob("evil*")) == []
+    consistent(home)
+
+
+def test_nul_in_a_name(home):
+    # A NUL can't reach a child process's argv, so this one goes through the command in process.
+    before = snapshot(home)
+    for args in (
+        ["rm", "a\0b", "-y"],
+        ["quantize", "schnell", "--bits", "8", "--name", "a\0b"],
+        ["inspect", "a\0b"],
+    ):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert snapshot(home) == before
+
+
+# --- planted pickles -------------------------------------------------------------------------------
+
+PICKLES = ["evil.bin", "evil.pt", "evil.ckpt", "evil.pth", "renamed.safetensors"]
+
+
+@pytest.mark.parametrize("filename", PICKLES)
+def test_planted_pickle_is_never_unpickled(home, tmp_path, filename):
+    marker = tmp_path / "UNPICKLED"
+    evil = plant_pickle(tmp_path / filename, marker)
+    words = "not a valid safetensors file" if filename.endswith(".safetensors") else "pickle-based"
+    before = snapshot(home)
+    refused(mflux("inspect", evil), words)
+    refused(mflux("convert", evil, "--base", "schnell"), words)
+    refused(mflux("quantize", evil, "--bits", "4"), words)
+    assert not marker.exists() and snapshot(home) == before
+    consistent(home)
+
+
+def test_planted_pickle_in_a_model_folder(home, tmp_path, tiny_schnell):
+    marker = tmp_path / "UNPICKLED"
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_schnell, folder)
+    for shard in (folder / "transformer").glob("*.safetensors"):
+        shard.unlink()
+    plant_pickle(folder / "transformer" / "diffusion_pytorch_model.bin", marker)
+    before = snapshot(home)
+    refused(mflux("convert", folder, "--name", "pickled"), "pickle-based")
+    refused(mflux("quantize", folder, "--bits", "4", "--name", "pickled"), "pickle-based")
+    run = ["run", "--path", folder, "--prompt", "a cat", "--width", "32", "--height", "32", "--steps", "1"]
+    refused(mflux(*run, "--seed", "1", cwd=tmp_path), "pickle-based")
+    assert not marker.exists() and snapshot(home) == before
+    consistent(home)
+
+
+@pytest.mark.parametrize("filename", ["evil.pt", "renamed.safetensors"])
+def test_planted_pickle_as_a_lora(home, tmp_path, filename):
+    marker = tmp_path / "UNPICKLED"
+    evil = plant_pickle(tmp_path / filename, marker)
+    run = ["run", "-m", "schnell", "--no-pull", "--prompt", "a cat", "--width", "32", "--height", "32"]
+    refused(mflux(*run, "--steps", "1", "--seed", "1", "--lora-paths", evil, cwd=tmp_path))
+    refused(mflux("inspect", evil))
+    assert not marker.exists() and not (tmp_path / "image.png").exists()
+    consistent(home)
+
+
+# --- malformed LoRA files --------------------------------------------------------------------------
+
+LORA_MODULE = "transformer.single_transformer_blocks.0.attn.to_q"
+
+
+def _lora(path: Path, alpha=None, metadata=None) -> Path:
+    from tests.lora_files import peft, save
+
+    down = np.zeros((4, 64), np.float32)
+    tensors = peft({LORA_MODULE: (down, down.T.copy())})
+    if alpha is not None:
+        tensors[f"{LORA_MODULE}.alpha"] = alpha
+    return save(path, tensors, metadata)
+
+
+LORAS = {
+    "alpha-not-a-scalar": (dict(alpha=np.ones(3, np.float32)), "not a number"),
+    "metadata-a-list": (dict(metadata={"lora_adapter_metadata": "[1, 2]"}), "not a JSON object"),
+    "metadata-alpha-a-string": (
+        dict(metadata={"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": "eight"})}),
+        "not a number",
+    ),
+    "metadata-pattern-a-list": (
+        dict(metadata={"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": [1]})}),
+        "alpha_pattern",
+    ),
+    "metadata-not-json": (dict(metadata={"lora_adapter_metadata": "{"}), "not valid json"),
+}
+
+
+@pytest.mark.parametrize("fault", LORAS)
+def test_malformed_lora(home, tmp_path, fault):
+    kwargs, words = LORAS[fault]
+    lora = _lora(tmp_path / "lora.safetensors", **kwargs)
+    refused(mflux("inspect", lora), str(lora), words)
+
+
+# --- paths that are not models ---------------------------------------------------------------------
+
+
+def test_inspect_refuses_what_is_not_a_model(home, tmp_path):
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    write_header(tmp_path / "deep" / "er" / "x.safetensors", _OK, b"\0" * 8)
+    refused(mflux("inspect", tmp_path), "does not look like a model folder")
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    refused(mflux("inspect", fifo, timeout=30), "not a regular file")
+    long = tmp_path / ("a" * 300 + ".safetensors")
+    refused(mflux("inspect", long), "File name too long")
+    refused(mflux("convert", long, "--base", "schnell"), "File name too long")
+
+
+def test_mflux_home_is_a_file(tmp_path):
+    store = tmp_path / "not-a-folder"
+    store.write_text("x")
+    env = {"MFLUX_HOME": str(store)}
+    for args in (
+        ["list"],
+        ["pull", "schnell"],
+        ["convert", "schnell"],
+        ["quantize", "schnell", "--bits", "8"],
+        ["rm", "schnell", "-y"],
+    ):
+        refused(mflux(*args, env=env), f"MFLUX_HOME {store} is not a folder")
+    assert store.read_text() == "x"
+
+
+def test_empty_store_says_how_to_begin(mflux_home):
+    result = mflux("list")
+    assert result.returncode == 0 and result.stdout.split() == ["NAME", "FORMAT", "QUANT", "SIZE", "MODIFIED"]
+    assert result.stderr.strip() == f"the store {mflux_home} is empty (get a model with: mflux pull schnell)"
+
+
+# --- kills and interrupts mid-build ----------------------------------------------------------------
+
+
+def _building(home: Path, name: str, child: subprocess.Popen, timeout: float = 60) -> bool:
+    """Wait until `child` writes weights into its build folder for `name`; False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        with contextlib.suppress(OSError):  # the folder appears and vanishes under us
+            for entry in (home / TMP).iterdir():
+                if entry.name.startswith(f"{name}.") and any(entry.glob("*/*.safetensors")):
+                    return True
+        time.sleep(0.002)
+    return False
+
+
+def _interrupt_build(home: Path, args: list, name: str, sig: int) -> subprocess.CompletedProcess:
+    """Run `mflux *args` and send `sig` while it writes weights. Retried, since a tiny model can be
+    stored before the signal lands; a run counts only if the model was not stored."""
+    for _ in range(8):
+        child = start(*args)
+        caught = _building(home, name, child)
+        if caught:
+            child.send_signal(sig)
+        result = finish(child)
+        if caught and not Store(home).exists(name):
+            return result
+        if Store(home).exists(name):
+            Store(home).remove(name)
+    raise AssertionError(f"never caught `mflux {' '.join(args)}` mid-build")
+
+
+BUILDS = {
+    "convert": (["convert", "schnell", "--dtype", "float32"], "schnell-mlx"),
+    "quantize": (["quantize", "schnell", "--bits", "4"], "schnell-q4"),
+}
+
+
+@pytest.mark.parametrize("command", BUILDS)
+def test_kill_9_mid_build_then_the_next_command_cleans_up(home, command):
+    args, name = BUILDS[command]
+    killed = _interrupt_build(home, args, name, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in (home / TMP).iterdir() if p.is_dir()]  # the dead build is still there
+    listing = mflux("list")
+    assert listing.returncode == 0 and name not in listing.stdout and listing.stderr == ""
+    again = mflux(*args)
+    assert again.returncode == 0, again.stderr
+    assert list((home / TMP).iterdir()) == []  # the re-run removed the dead build first
+    consistent(home, listed=[*MODELS, name], good=[*MODELS, name])
+
+
+@pytest.mark.parametrize("command", BUILDS)
+def test_ctrl_c_mid_build_leaves_nothing(home, command):
+    args, name = BUILDS[command]
+    before = snapshot(home)
+    refused(_interrupt_build(home, args, name, signal.SIGINT), "interrupted", code=130)
+    assert not (home / TMP).exists() or list((home / TMP).iterdir()) == []
+    assert snapshot(home) == before
+    assert mflux(*args).returncode == 0
+    consistent(home, listed=[*MODELS, name], good=[*MODELS, name])
+
+
+def test_two_quantize_runs_to_one_name(home):
+    children = [start("quantize", "schnell", "--bits", "4", "--name", "twin") for _ in range(2)]
+    results = [finish(c) for c in children]
+    assert sorted(r.returncode for r in results) == [0, 1], [r.stderr for r in results]
+    loser = next(r for r in results if r.returncode == 1)
+    line = refused(loser)
+    assert "'twin' already exists" in line or "'twin' was created by another command meanwhile" in line
+    consistent(home, listed=[*MODELS, "twin"], good=[*MODELS, "twin"])
+
+
+# --- a read-only store and a full disk (a tmpfs: needs root, as CI has) ----------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs; the test gets a function (size, read_only) -> mount point."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs (CI runs as root); not run, so not counted as passing")
+    mounted = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); not counted as passing")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def _remount_read_only(point: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+
+
+def test_read_only_store(golden, tmpfs, monkeypatch, hub):
+    point = tmpfs("32m")
+    store = point / "store"
+    shutil.copytree(golden, store)
+    _remount_read_only(point)
+    monkeypatch.setenv("MFLUX_HOME", str(store))
+    before = snapshot(store)
+    for args in (
+        ["pull", "schnell", "--name", "other"],
+        ["convert", "schnell"],
+        ["quantize", "schnell", "--bits", "4"],
+        ["rm", "schnell-q8", "-y"],
+    ):
+        refused(mflux(*args, env=hub.env), "not writable")
+    assert mflux("list").returncode == 0
+    assert snapshot(store) == before
+    for name in MODELS:
+        assert inspect(name, verify=True)["verify"]["ok"]
+
+
+def test_full_disk_is_checked_before_any_work(golden, tmpfs, monkeypatch, hub):
+    point = tmpfs("12m")  # the store takes 9.4 MB: a float32 copy of schnell (9.9 MB) can't fit
+    store = point / "store"
+    shutil.copytree(golden, store)
+    monkeypatch.setenv("MFLUX_HOME", str(store))
+    before = snapshot(store)
+    refused(mflux("convert", "schnell", "--dtype", "float32"), "not enough disk space", "needs about")
+    refused(mflux("pull", "schnell", "--name", "other", env=hub.env), "not enough disk space")
+    assert snapshot(store) == before
+    consistent(store)
+
+
+@pytest.mark.parametrize("what", ["convert", "quantize", "tokenizers"])
+def test_disk_full_while_writing(golden, tmpfs, monkeypatch, what):
+    """The write itself fills the disk (the free-space check is bypassed): mx.save_safetensors raises
+    RuntimeError("[write] ..."), copying the tokenizers a shutil.Error with errno None."""
+    import mflux.convert as convert
+
+    point = tmpfs("11m")
+    store = point / "store"
+    shutil.copytree(golden, store)
+    monkeypatch.setenv("MFLUX_HOME", str(store))
+    monkeypatch.setattr(convert, "_check_space", lambda *a: None)
+    if what == "tokenizers":  # weights written as nothing, and a disk with room for no tokenizer
+        monkeypatch.setattr(
+            convert, "save_shards", lambda tensors, folder, **kw: [folder.mkdir(parents=True), *tensors][:0]
+        )
+        ballast = point / "ballast"
+        free = shutil.disk_usage(point).free
+        ballast.write_bytes(b"\0" * (free - 8192))
+    before = snapshot(store)
+    with pytest.raises(MfluxError) as e:
+        if what == "quantize":
+            convert.quantize("schnell", bits=8, dtype="float32", name="big", progress=False)
+        else:
+            convert.convert("schnell", dtype="float32", name="big", progress=False)
+    assert str(e.value).startswith("disk full while writing model 'big'") and "\n" not in str(e.value)
+    assert snapshot(store) == before
+    consistent(store)
+
+
+# --- a failing or hostile Hub ----------------------------------------------------------------------
+
+
+def _pull(hub: _Hub, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return mflux("pull", *args, env={**hub.env, **(env or {})})
+
+
+def _pulled(result: subprocess.CompletedProcess, home: Path, *names: str) -> None:
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    consistent(home, listed=[*MODELS, *names], good=[*MODELS, *names])
+
+
+HUB_REFUSALS = {
+    # name: (set the fault, pull arguments, extra environment, words in the error)
+    "500": (lambda s: s.fail.update({VAE: 500}), ["schnell", "--name", "x"], {}, ["answered 500"]),
+    "404-file": (lambda s: s.fail.update({VAE: 404}), ["schnell", "--name", "x"], {}, ["404"]),
+    "404-repo": (None, ["someone/nothing"], {"HF_TOKEN": GOOD_TOKEN}, ["'someone/nothing' not found"]),
+    "401-gated": (None, ["dev"], {}, [f"{DEV} is gated", "HF_TOKEN"]),
+    "403-no-access": (None, ["dev"], {"HF_TOKEN": NO_ACCESS_TOKEN}, ["no access to the gated"]),
+    "401-bad-token": (None, ["schnell", "--name", "x"], {"HF_TOKEN": "hf_expired"}, ["refused your token"]),
+    "wrong-content": (lambda s: s.corrupt.add(VAE), ["schnell", "--name", "x"], {}, [f"{VAE} is corrupt"]),
+    "captive-portal": (lambda s: setattr(s, "html_api", True), ["schnell", "--name", "x"], {}, ["not JSON"]),
+    "offline": (None, ["schnell", "--name", "x"], {"HF_HUB_OFFLINE": "1"}, ["HF_HUB_OFFLINE is set"]),
+    "offline-dry-run": (
+        None,
+        ["schnell", "--name", "x", "--dry-run"],
+        {"HF_HUB_OFFLINE": "1"},
+        ["--dry-run", "needs the network"],
+    ),
+    "traversal": (None, ["evil/traversal"], {}, ["unsafe file path", "nothing was downloaded"]),
+    "absolute-path": (None, ["evil/absolute"], {}, ["unsafe file path"]),
+}
+
+
+@pytest.mark.parametrize("fault", HUB_REFUSALS)
+def test_hub_fault_is_one_line(home, hub, tmp_path, fault):
+    inject, args, env, words = HUB_REFUSALS[fault]
+    if inject:
+        inject(hub.server)
+    before = snapshot(home)
+    refused(_pull(hub, *args, env=env), *words, note="pulling ")
+    assert snapshot(home) == before
+    if fault.startswith(("offline", "traversal", "absolute")):
+        assert hub.resolves() == []  # refused before any download
+    assert list(tmp_path.parent.rglob(PWNED)) == [] and not Path(f"/tmp/{PWNED}").exists()
+    consistent(home)
+    if fault == "wrong-content":  # the corrupt file was deleted, not kept to be resumed
+        assert list(home.glob(f".downloads/*/{VAE}*")) == []
+
+
+def test_hub_faults_that_a_pull_survives(home, hub):
+    # A dropped connection and a stall mid-file: the pull resumes with a Range and completes.
+    hub.server.drop_after[VAE] = 1_000_000
+    hub.server.stall_after["transformer/diffusion_pytorch_model-00001-of-00003.safetensors"] = 100_000
+    result = _pull(hub, "schnell", "--name", "x", env={"HF_HUB_DOWNLOAD_TIMEOUT": "1"})
+    _pulled(result, home, "x")
+    assert hub.server.ranges(VAE) == ["", "bytes=1000000-"]
+
+
+def test_corrupt_download_then_a_clean_one(home, hub):
+    hub.server.corrupt.add(VAE)
+    refused(_pull(hub, "schnell", "--name", "x"), "is corrupt", "deleted it", note="pulling ")
+    hub.server.corrupt.clear()
+    _pulled(_pull(hub, "schnell", "--name", "x"), home, "x")
+
+
+def test_listed_files_outside_the_patterns_are_never_fetched(home, hub, tmp_path):
+    # `tokenizer/*` matches one path segment, and pickles are never taken, even inside the patterns.
+    _pulled(_pull(hub, "evil/deeper"), home, "deeper")
+    _pulled(_pull(hub, "evil/pickled"), home, "deeper", "pickled")
+    assert not any(p.endswith((PWNED, ".bin")) for p in hub.resolves())
+    assert not (home / "deeper" / "tokenizer" / "sub").exists()
+    assert not (tmp_path.parent.parent / "UNPICKLED-BY-PULL").exists()
+
+
+def test_redirect_to_a_dead_host_names_that_host(home, hub):
+    dead = HubServer()  # never started: its port refuses connections
+    hub.server.redirect[VAE] = f"{dead.url}/cdn/{VAE}"
+    line = refused(
+        _pull(hub, "schnell", "--name", "x"), f"cannot reach 127.0.0.1:{dead.port}", note="pulling "
+    )
+    assert "redirected the download" in line
+    consistent(home)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_pull_resumes(home, hub, sig):
+    hub.server.stall_after[VAE] = 1_000_000
+    child = start("pull", "schnell", "--name", "x", env=hub.env)
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size >= 1_000_000 for p in home.glob(f".downloads/*/{VAE}.part")):
+        assert time.monotonic() < deadline and child.poll() is None, "the pull never reached the stall"
+        time.sleep(0.02)
+    child.send_signal(sig)
+    result = finish(child)
+    hub.server.release.set()
+    if sig == signal.SIGINT:
+        refused(result, "pull interrupted; the partial", "again to resume", code=130, note="pulling ")
+    else:
+        assert result.returncode == -signal.SIGKILL
+    consistent(home)  # nothing half-built; the partial download waits in .downloads
+    _pulled(_pull(hub, "schnell", "--name", "x"), home, "x")
+    assert hub.server.ranges(VAE)[-1] == "bytes=1000000-"
