@@ -170,22 +170,31 @@ class Flux(nn.Module):
         """The rotary tables for text then image tokens; ids (B, S, 3) and (B, L, 3)."""
         return rope(mx.concatenate([txt_ids, img_ids], axis=1), self.params.axes_dim, self.params.theta)
 
-    def predict(self, img: mx.array, txt: mx.array, pe: tuple[mx.array, mx.array], mod: mx.array) -> mx.array:
+    def predict(
+        self, img: mx.array, txt: mx.array, pe: tuple[mx.array, mx.array], mod: mx.array, sp=None
+    ) -> mx.array:
         """The velocity (B, L, in_channels) for packed latents img (B, L, in_channels) and text
-        txt (B, S, context), with pe from `positions` and mod (B, K, hidden) from `block_modulations`."""
+        txt (B, S, context), with pe from `positions` and mod (B, K, hidden) from `block_modulations`.
+        With `sp` (a mflux.runtime.parallel.SequenceParallel) this rank computes its shard of the
+        tokens and the result is the whole velocity, as without it."""
         dtype = self.dtype
+        kv = None
+        if sp is not None:
+            img, txt, pe = sp.shard(img, txt, pe)
+            kv = sp.gather_kv
         img = self.img_in(img.astype(dtype))  # (B, L, hidden)
         txt = self.txt_in(txt.astype(dtype))  # (B, S, hidden)
         mod = mod.astype(dtype)
         i = 0
         for block in self.double_blocks:
-            img, txt = block.forward(img, txt, mod[:, i : i + 12], pe)
+            img, txt = block.forward(img, txt, mod[:, i : i + 12], pe, kv)
             i += 12
         x = mx.concatenate([txt, img], axis=1)  # (B, S+L, hidden)
         for block in self.single_blocks:
-            x = block.forward(x, mod[:, i : i + 3], pe)
+            x = block.forward(x, mod[:, i : i + 3], pe, kv)
             i += 3
-        return self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, in_channels)
+        out = self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, in_channels)
+        return out if sp is None else sp.gather_image(out)
 
     def __call__(
         self,
