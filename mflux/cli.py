@@ -290,6 +290,14 @@ def pull(model_or_repo, name, revision, dry_run, force):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (files, seeds, seconds).")
 @click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")
+@click.option(
+    "--parallel",
+    type=click.Choice(["data", "sequence"]),
+    default="data",
+    show_default=True,
+    help="Under mlx.launch: split the images over the ranks (data), or spread each image's transformer "
+    "over them (sequence). One process ignores it.",
+)
 @click.pass_context
 def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
     """Generate images from a prompt, a prompt file or an earlier image's settings.

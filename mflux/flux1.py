@@ -257,6 +257,7 @@ class Flux1:
         previews: bool | Iterable[int] = False,
         free_text_encoders: bool = False,
         free_modulation_weights: bool = False,
+        sequence_parallel=None,
         free_transformer: bool = False,
     ) -> Iterator[StepEvent | ImageEvent]:
         """Images for `seeds` (one prompt for all, or one per seed), `batch_size` at a time, as events:
@@ -274,6 +275,8 @@ class Flux1:
           computes every batch's modulations first and then drops the transformer's conditioning layers
           (3.2B parameters at full size); the next generation that needs them reloads the transformer;
           `free_transformer` drops the transformer once the last batch is denoised, before its decode.
+        - `sequence_parallel`: a `mflux.runtime.parallel.SequenceParallel`; every rank of its group
+          calls `generate` with the same arguments and each transformer pass is spread over them.
         """
         config = config or Config()
         request, records = self._request(
@@ -288,6 +291,7 @@ class Flux1:
             latents,
             batch_size,
         )
+        request.sequence_parallel = sequence_parallel
         if free_modulation_weights:
             request.precompute_modulations = True
             if "transformer" in self._modules and "time_in" not in self._modules["transformer"]:

@@ -5,6 +5,7 @@ Every check runs before the model is resolved, pulled or loaded (mflux.settings)
 file or prompt-file line costs nothing.
 """
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from mflux import settings as st
 from mflux.errors import InvalidArgument, MfluxError
 
 
-def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool):
+def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool, ranks: int = 1):
     """(folder path or store name, quantize) for `--model`/`--path`; pulls a missing catalog model."""
     from mflux.flux1 import _QUANT_NAME, check_bits
     from mflux.store import Store
@@ -43,6 +44,11 @@ def resolve_model(model: str | None, path: str | None, quantize: int | None, pul
         if not pull:
             raise MfluxError(
                 f"model {base!r} is not in the store and --no-pull was given (run: mflux pull {base})"
+            )
+        if ranks > 1:  # the ranks would pull it at once, into one store or several
+            raise MfluxError(
+                f"model {base!r} is not in the store; under mlx.launch, pull it on every host first "
+                f"(mflux pull {base})"
             )
         from mflux.hub import pull as hub_pull
 
@@ -81,9 +87,11 @@ def plan(
     from_image: str | None = None,
     stepwise: str | None = None,
     stepwise_every: int | None = None,
+    agree=list,
 ) -> Plan:
     """Check every setting and name every output, touching no model. `values` are Settings fields as
-    the flags give them; `explicit` names those given on the command line."""
+    the flags give them; `explicit` names those given on the command line. `agree` makes random seeds
+    the same on every rank (mflux.distributed.agree)."""
     _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every)
     out = st.check_output(output)
     if n is not None:  # -n replaces the seeds, also those an image records
@@ -99,7 +107,7 @@ def plan(
         generations = [st.check(st.Settings(**values), explicit)]
     for s in generations:
         if not s.seeds:
-            s.seeds = st.random_seeds(n or 1)
+            s.seeds = agree(st.random_seeds(n or 1))
     jobs = st.jobs(generations)
     return Plan(generations, jobs, output_paths(out, jobs, bool(prompt_file)), notes, model, precision)
 
@@ -180,10 +188,25 @@ def run(
     verbose: bool = False,
     as_json: bool = False,
     explicit: set[str] | None = None,
+    parallel: str = "data",
 ) -> list[Written]:
-    """Generate every image the settings ask for and return what was written. `explicit` names the
-    Settings fields given on the command line (default: every one that is not None)."""
+    """Generate every image the settings ask for and return what this process wrote. `explicit` names
+    the Settings fields given on the command line (default: every one that is not None). Under
+    `mlx.launch`, `parallel` "data" splits the images over the ranks and "sequence" spreads each image
+    over them (mflux.distributed); in one process both are the plain run."""
+    from mflux import distributed
+
     start = time.perf_counter()
+    if parallel not in distributed.PARALLEL_MODES:
+        raise InvalidArgument(
+            f"--parallel must be one of {', '.join(distributed.PARALLEL_MODES)}, got {parallel!r}"
+        )
+    world = distributed.world()
+    rank, size = world.rank(), world.size()
+    if as_json and size > 1:
+        raise InvalidArgument(
+            "--json under mlx.launch: every rank would print its own document (drop --json)"
+        )
     values = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -210,34 +233,60 @@ def run(
         from_image=from_image,
         stepwise=stepwise,
         stepwise_every=stepwise_every,
+        agree=lambda seeds: distributed.agree(world, seeds),
     )
     for note in [*p.notes, *(x for s in p.generations for x in s.notes)]:
         click.echo(f"note: {note}", err=True)
     if from_image and not (model or path):
         model = _recalled_model(p.model)
-    (kind, where), quantize = resolve_model(model, path, quantize, pull)
+    (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
 
+    from mflux.runtime.parallel import SequenceParallel, shard_rows
+
+    sequence = parallel == "sequence" and size > 1
+    # data parallel: every size-th image; sequence parallel: all of them, rank 0 writes
+    jobs = p.jobs if sequence else [p.jobs[i] for i in shard_rows(len(p.jobs), rank, size)]
+    saves = rank == 0 or not sequence
+    owed = distributed.Owed(rank, [p.outputs[j.index] for j in jobs] if saves else [])
+    out = _Out(owed, saves, rank == 0, SequenceParallel(world) if sequence else None)
     written: dict[int, Written] = {}
     seconds: dict[str, float] = {}
     memory: dict[str, int] = {}
-    flux, loras = None, None
-    groups = _by_loras(st.groups(p.jobs))
-    for n, group in enumerate(groups, 1):
-        s = group[0].settings
-        if flux is None or s.loras != loras:
-            flux = None  # free the last model before the next loads
-            flux, loras = _open(kind, where, variant, precision, quantize, s.loras, verify), s.loras
-            verify = False  # the files were re-hashed when the first set of LoRAs opened the model
-            _notes_on(flux, explicit, p.precision)
-        previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
-        last = n == len(groups)  # only then may the transformer go before the decode
-        for done in _generate(
-            flux, group, p.outputs, batch_size, metadata, stepwise, previews, seconds, memory, last
-        ):
-            written[done.index] = done.written
+    with owed if size > 1 else contextlib.nullcontext():
+        flux, loras = None, None
+        groups = _by_loras(st.groups(jobs))
+        for n, group in enumerate(groups, 1):
+            s = group[0].settings
+            if flux is None or s.loras != loras:
+                flux = None  # free the last model before the next loads
+                flux, loras = _open(kind, where, variant, precision, quantize, s.loras, verify), s.loras
+                verify = False  # the files were re-hashed when the first set of LoRAs opened the model
+                _notes_on(flux, explicit, p.precision)
+            previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
+            last = n == len(groups)  # only then may the transformer go before the decode
+            for done in _generate(
+                flux, group, p.outputs, batch_size, metadata, stepwise, previews, seconds, memory, last, out
+            ):
+                written[done.index] = done.written
+        # inside: a SIGTERM while waiting for the other ranks still says what is missing (nothing)
+        count = distributed.total(world, len(written))
     results = [written[i] for i in sorted(written)]
-    _summary(results, seconds, memory, time.perf_counter() - start, verbose, as_json)
+    if results:
+        _summary(results, seconds, memory, time.perf_counter() - start, verbose, as_json)
+    if rank == 0 and size > 1:
+        over = "each image over" if sequence else "the images over"
+        click.echo(f"{count} of {len(p.jobs)} images written, {over} {size} ranks")
     return results
+
+
+@dataclass
+class _Out:
+    """What this rank does with a finished image (mflux.distributed)."""
+
+    owed: object  # distributed.Owed: the files still to write, printed on SIGTERM
+    saves: bool  # False on the helping ranks of sequence parallelism
+    progress: bool  # the progress bar: rank 0 only
+    sp: object | None  # a runtime.parallel.SequenceParallel, or None
 
 
 def _by_loras(groups: list[list[st.Job]]) -> list[list[st.Job]]:
@@ -307,7 +356,7 @@ def _preview_steps(flux, s: st.Settings, every: int | None):
     return sorted({*range(every, total + 1, every), total})
 
 
-def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, seconds, memory, last):
+def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, seconds, memory, last, out):
     """Run one group of jobs (shared settings) through Flux1.generate; yields each image as it is saved."""
     from mflux.flux1 import Config, ImageEvent, StepEvent
 
@@ -333,12 +382,14 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         free_text_encoders=True,
         free_modulation_weights=True,
         free_transformer=last,
+        sequence_parallel=out.sp,
     )
     shown: dict[int, list] = {}  # row -> [(step, preview)]
     phases: dict[str, float] = {}
     for event in events:
         if isinstance(event, StepEvent):
-            _progress(event, seeds)
+            if out.progress:
+                _progress(event, seeds)
             for row, preview in zip(event.indices, event.previews or []):
                 shown.setdefault(row, []).append((event.step, preview))
         elif isinstance(event, ImageEvent):
@@ -346,12 +397,15 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
             image = event.image
             if job.settings.source:
                 image.metadata["prompt_file_line"] = job.settings.source
-            path = image.save(outputs[job.index], export_json_metadata=metadata, overwrite=False)
-            click.echo(f"wrote {path}", err=True)
-            if stepwise is not None:
-                write_steps(Path(stepwise), path.stem, shown.pop(event.index, []))
             t = image.metadata["timings"]
             _add_timings(phases, memory, image, first=event.index == event.batch[0])
+            if not out.saves:
+                continue
+            with out.owed.writing(outputs[job.index]):
+                path = image.save(outputs[job.index], export_json_metadata=metadata, overwrite=False)
+                click.echo(f"wrote {path}", err=True)
+            if stepwise is not None:
+                write_steps(Path(stepwise), path.stem, shown.pop(event.index, []))
             share = (t.get("denoising", 0.0) + t.get("decoding", 0.0)) / len(event.batch)
             yield _Done(job.index, Written(path, job.seed, share, job.settings.prompt, job.settings.source))
     for k, v in phases.items():

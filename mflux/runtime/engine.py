@@ -49,6 +49,7 @@ class Request:
     noise: np.ndarray | None = None  # (B, L, 64) packed initial noise; else drawn from each seed
     batch_size: int = 1
     precompute_modulations: bool = False  # all batches' modulations before the first step
+    sequence_parallel: object | None = None  # a runtime.parallel.SequenceParallel: each step over its ranks
     dtype: mx.Dtype = mx.float32
 
     @property
@@ -122,7 +123,18 @@ def generate(
         x = start_latents(noise, sigmas[0], image_latents)
         m = mods.pop(rows[0]) if rows[0] in mods else _modulations(transformer, r, encoded, rows, sigmas)
         steps = denoise(
-            transformer, txt, x, sigmas, r.height, r.width, m, r.true_cfg_scale, image_latents, mask, noise
+            transformer,
+            txt,
+            x,
+            sigmas,
+            r.height,
+            r.width,
+            m,
+            r.true_cfg_scale,
+            image_latents,
+            mask,
+            noise,
+            r.sequence_parallel,
         )
         for i, x in enumerate(steps, 1):
             mx.eval(x)
@@ -197,6 +209,7 @@ def denoise(
     image_latents: mx.array | None = None,  # inpainting: the init image's latents (1|B, L, 64)
     mask: mx.array | None = None,  # inpainting: (1, L, 64), 1 repaints
     noise: mx.array | None = None,  # inpainting: the noise that re-noises the kept area
+    sp=None,  # a runtime.parallel.SequenceParallel: each transformer pass sharded over its ranks
 ) -> Iterator[mx.array]:
     """Yield the latents after each Euler step of the flow-matching ODE."""
     b, rows = latents.shape[0], txt.shape[0]
@@ -205,7 +218,7 @@ def denoise(
     pe = flux.positions(img_ids, txt_ids)  # depends on no latent: once
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x = mx.concatenate([latents, latents]) if rows > b else latents
-        v = flux.predict(x, txt, pe, mods[i])
+        v = flux.predict(x, txt, pe, mods[i], sp)
         if rows > b:  # true CFG, as FluxPipeline: neg + scale * (pos - neg)
             v_pos, v_neg = v[:b], v[b:]
             v = v_neg + true_cfg_scale * (v_pos - v_neg)

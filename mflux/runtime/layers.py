@@ -187,9 +187,10 @@ class DoubleStreamBlock(nn.Module):
         return self.forward(img, txt, self.modulations(vec), pe)
 
     def forward(
-        self, img: mx.array, txt: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array]
+        self, img: mx.array, txt: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array], kv=None
     ) -> tuple[mx.array, mx.array]:
-        """mod (B, 12, D) from `modulations`; pe for the text tokens, then the image tokens."""
+        """mod (B, 12, D) from `modulations`; pe for the text tokens, then the image tokens. `kv`, when
+        given, maps this shard's k and v to the whole sequence's (mflux.runtime.parallel)."""
         S = txt.shape[1]
         pe_txt = tuple(t[:, :S] for t in pe)
         pe_img = tuple(t[:, S:] for t in pe)
@@ -199,6 +200,8 @@ class DoubleStreamBlock(nn.Module):
         q = mx.concatenate([txt_q, img_q], axis=1)  # (B, S+L, H, D)
         k = mx.concatenate([txt_k, img_k], axis=1)
         v = mx.concatenate([txt_v, img_v], axis=1)
+        if kv is not None:
+            k, v = kv(k, v)
         attn = attention(q, k, v)  # (B, S+L, hidden)
 
         img = gated(img, mod[:, 2], self.img_attn.proj(attn[:, S:]))
@@ -227,10 +230,12 @@ class SingleStreamBlock(nn.Module):
     def __call__(self, x: mx.array, vec: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
         return self.forward(x, self.modulations(vec), pe)
 
-    def forward(self, x: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
+    def forward(self, x: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array], kv=None) -> mx.array:
         h = self.linear1(modulate(x, mod[:, 0], mod[:, 1]))  # (B, L, 3*hidden + mlp_hidden)
         q, k, v = split_heads(h[..., : 3 * self.hidden_size], self.num_heads)
         q, k = self.norm(q, k, pe)
+        if kv is not None:
+            k, v = kv(k, v)
         mlp = self.mlp_act(h[..., 3 * self.hidden_size :])
         return gated(x, mod[:, 2], self.linear2(mx.concatenate([attention(q, k, v), mlp], axis=-1)))
 

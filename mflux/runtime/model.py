@@ -176,24 +176,32 @@ class Flux(nn.Module):
         txt: mx.array,
         pe: tuple[mx.array, mx.array],
         mod: mx.array,
+        sp=None,
         checkpoint: bool = False,
     ) -> mx.array:
         """The velocity (B, L, in_channels) for packed latents img (B, L, in_channels) and text
         txt (B, S, context), with pe from `positions` and mod (B, K, hidden) from `block_modulations`.
-        `checkpoint` recomputes each block's activations in the backward pass (training)."""
+        With `sp` (a mflux.runtime.parallel.SequenceParallel) this rank computes its shard of the
+        tokens and the result is the whole velocity, as without it. `checkpoint` recomputes each
+        block's activations in the backward pass (training)."""
         dtype = self.dtype
+        kv = None
+        if sp is not None:
+            img, txt, pe = sp.shard(img, txt, pe)
+            kv = sp.gather_kv
         img = self.img_in(img.astype(dtype))  # (B, L, hidden)
         txt = self.txt_in(txt.astype(dtype))  # (B, S, hidden)
         mod = mod.astype(dtype)
         i = 0
         for block in self.double_blocks:
-            img, txt = _forward(block, checkpoint)(img, txt, mod[:, i : i + 12], pe)
+            img, txt = _forward(block, checkpoint, kv)(img, txt, mod[:, i : i + 12], pe)
             i += 12
         x = mx.concatenate([txt, img], axis=1)  # (B, S+L, hidden)
         for block in self.single_blocks:
-            x = _forward(block, checkpoint)(x, mod[:, i : i + 3], pe)
+            x = _forward(block, checkpoint, kv)(x, mod[:, i : i + 3], pe)
             i += 3
-        return self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, in_channels)
+        out = self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, in_channels)
+        return out if sp is None else sp.gather_image(out)
 
     def __call__(
         self,
@@ -209,14 +217,19 @@ class Flux(nn.Module):
         return self.predict(img, txt, self.positions(img_ids, txt_ids), mod)
 
 
-def _forward(block: nn.Module, checkpoint: bool):
-    """block.forward, or the same under mx.checkpoint: only the block's inputs are kept for the
-    backward pass, which runs the block again (as mlx-lm's tuner checkpoints its layers)."""
+def _forward(block: nn.Module, checkpoint: bool, kv=None):
+    """block.forward (with the sequence-parallel `kv` gather, if any), or the same under mx.checkpoint:
+    only the block's inputs are kept for the backward pass, which runs the block again (as mlx-lm's
+    tuner checkpoints its layers)."""
+
+    def forward(*args):
+        return block.forward(*args, kv)
+
     if not checkpoint:
-        return block.forward
+        return forward
 
     def inner(params, *args):
         block.update(params)
-        return block.forward(*args)
+        return forward(*args)
 
     return lambda *args: mx.checkpoint(inner)(block.trainable_parameters(), *args)
