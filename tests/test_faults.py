@@ -255,6 +255,21 @@ HEADERS = {
         p, {"w": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8
     ),
     "shorter-than-its-length": lambda p: p.write_bytes(b"\x01\x00"),
+    "not-an-object": lambda p: write_header(p, [1, 2]),
+    "string-offsets": lambda p: write_header(
+        p, {"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, b"\0" * 8
+    ),
+    "list-dtype": lambda p: write_header(
+        p, {"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
+    "metadata-not-a-table": lambda p: write_header(p, {"__metadata__": [1]}),
+    "deep-nesting": lambda p: write_header(p, None, raw=b"[" * 100_000 + b"]" * 100_000),
+    "negative-offsets": lambda p: write_header(
+        p, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, b"\0" * 8
+    ),
+    "overflowing-shape": lambda p: write_header(
+        p, {"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 0]}}
+    ),
 }
 
 
