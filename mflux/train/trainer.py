@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mflux.backend import default_precision
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
-from mflux.runtime import sampler
+from mflux.runtime import memory, sampler
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import load_component
 from mflux.runtime.quantization import QuantSpec
@@ -253,7 +253,7 @@ class Trainer:
                 idx = mx.array(order.indices(state["step"]))
                 t0 = time.perf_counter()
                 loss, key = step_fn(key, idx)
-                mx.eval(flux.state, optimizer.state, loss, key)
+                memory.evaluate(flux.state, optimizer.state, loss, key)
                 state["step"] += 1
                 state["key"] = key
                 seconds = time.perf_counter() - t0
