@@ -1,4 +1,6 @@
-"""Data and sequence parallelism with real ring-backend processes on localhost, started by mlx.launch.
+"""Data and sequence parallelism with real ring-backend processes on localhost, started by mlx.launch:
+`mflux run` (images split over the ranks, or each image over them) and `mflux train` (each batch split
+over the ranks, the gradients averaged).
 
 Each test reads what the ranks wrote (files, output lines), never mlx.launch's exit code: when a rank
 fails, mlx.launch stops the others and may still exit 0. Every launch runs in its own process group
@@ -14,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,6 +24,8 @@ from PIL import Image
 from mflux import Config, Flux1
 from mflux.metadata import read_png_metadata
 from mflux.runtime.parallel import shard_rows
+from mflux.train import train
+from tests.fixtures import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Luxury food photograph"
@@ -169,3 +174,115 @@ def test_a_rank_stopped_by_sigterm_says_which_images_it_still_owed(tiny_schnell,
     assert 0 in owed or "another rank stopped before the end" in err, err
     missing = [n for r in owed.values() for n in r]
     assert sorted(written + missing) == sorted(f"image_seed_{s}.png" for s in seeds), (written, missing)
+
+
+# --- data-parallel training: `mlx.launch -n 2 -- mflux train` against one process ---
+
+# A global batch of 2 (one row per rank), 4 steps over the 5 images (the order crosses an epoch).
+TRAIN = dict(steps=4, batch_size=2, rank=4, lr=1e-3, resolution=32, max_sequence_length=16, seed=3)
+TRAIN |= dict(precision="float32", checkpoint_every=0)
+# float32 rounding: the ranks average two one-row means where one process takes one two-row mean, and
+# the matmuls see one row instead of two (measured: see test_two_ranks_train_the_lora_one_process_does)
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_schnell, tmp_path_factory):
+    """The data, and one process's run of TRAIN on it (in this process: no launcher, one rank)."""
+    root = tmp_path_factory.mktemp("alone")
+    data = write_dataset(root / "data")
+    return data, train(str(tiny_schnell), str(data), str(root / "lora.safetensors"), **TRAIN)
+
+
+def train_args(model: Path, data: Path, output: Path, **options) -> list[str]:
+    """`mflux train`'s arguments for these TrainConfig options."""
+    args = ["train", "--model", str(model), "--data", str(data), "--output", str(output)]
+    return args + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+
+
+def lora_difference(got: Path, want: Path) -> float:
+    """The largest |got - want| over two LoRA files' tensors, each within RTOL/ATOL."""
+    a, b = mx.load(str(got)), mx.load(str(want))
+    assert a.keys() == b.keys()
+    # the LoRA has moved well past the tolerance (PEFT starts B at zero), so agreeing means something
+    assert max(np.abs(np.array(v)).max() for k, v in b.items() if "lora_B" in k) > 100 * ATOL
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=RTOL, atol=ATOL, err_msg=k)
+    return max(float(np.abs(np.array(a[k]) - np.array(b[k])).max()) for k in a)
+
+
+def assert_same_log(work: Path, alone_work: Path) -> None:
+    rows = [json.loads(line) for line in (work / "loss.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (alone_work / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in want] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in want], rtol=RTOL)
+
+
+def test_two_ranks_train_the_lora_one_process_does(tiny_schnell, alone, tmp_path):
+    data, one = alone
+    out = tmp_path / "lora.safetensors"
+    stdout, stderr = launch(2, ["-m", "mflux", *train_args(tiny_schnell, data, out, **TRAIN)])
+    both = stdout + stderr
+    # rank 0 alone prints and writes; rank 1 says nothing
+    assert re.findall(r"^wrote .*$", both, re.M) == [
+        f"wrote {out} (step 4; work folder {tmp_path / 'lora.train'}; each batch over 2 ranks)"
+    ], both
+    assert "error" not in both and "Traceback" not in both, both
+    work = tmp_path / "lora.train"
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert written == [
+        "lora.safetensors",
+        "lora.train",
+        "lora.train/cache.safetensors",
+        "lora.train/checkpoints",
+        "lora.train/checkpoints/step-000004.safetensors",
+        "lora.train/loss.jsonl",
+        "lora.train/loss.png",
+    ]
+    diff = lora_difference(out, one.output)
+    print(f"2 ranks against 1 process, 4 steps: max |LoRA difference| {diff:.2e}")
+    assert_same_log(work, one.work_dir)
+
+
+def test_ctrl_c_on_one_rank_stops_both_and_resume_continues_exactly(tiny_schnell, alone, tmp_path):
+    data, one = alone
+    out, work = tmp_path / "lora.safetensors", tmp_path / "lora.train"
+    args = train_args(tiny_schnell, data, out, **TRAIN)
+    # rank 1 alone gets SIGINT after step 2: both stop there, and rank 0 saves the checkpoint
+    _, stderr = launch(2, ["-m", "tests.distributed_worker", "ctrl-c", str(tmp_path), *args[1:]])
+    saved = work / "checkpoints" / "step-000002.safetensors"
+    assert re.findall(r"interrupted at step (\d+): saved (\S+)", stderr) == [("2", str(saved))], stderr
+    assert "another rank stopped" not in stderr and "Traceback" not in stderr, stderr
+    assert not out.exists() and sorted((work / "checkpoints").iterdir()) == [saved]
+    # two ranks resume: rank 0 reads the checkpoint and the cache and shares them with rank 1
+    stdout, stderr = launch(2, ["-m", "mflux", *args, "--resume", str(work)])
+    assert f"wrote {out} (step 4;" in stdout, stdout + stderr
+    diff = lora_difference(out, one.output)
+    print(f"2 ranks, interrupted at step 2 and resumed, against 1 process: max |LoRA difference| {diff:.2e}")
+    assert_same_log(work, one.work_dir)
+
+
+def test_a_batch_that_does_not_divide_among_the_ranks_is_one_line(tiny_schnell, tmp_path):
+    data = write_dataset(tmp_path / "data")
+    args = train_args(tiny_schnell, data, tmp_path / "lora.safetensors", batch_size=3, steps=1)
+    stdout, stderr = launch(2, ["-m", "mflux", *args])
+    # what is left once mlx.launch's own "[WARN] Node with rank R exited with code 1" lines are dropped
+    ours = [line for line in (stdout + stderr).splitlines() if "[WARN] Node with rank" not in line]
+    assert ours == [
+        "error: --batch-size 3 does not divide among the 2 ranks of mlx.launch (each rank takes an equal "
+        "share of every batch; use a multiple of 2)"
+    ], stdout + stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing encoded or written
+
+
+def test_when_rank_0_fails_rank_1_says_so_in_one_line(tiny_schnell, tmp_path):
+    # rank 0 fails as it encodes, while rank 1 waits for the encodings
+    data = write_dataset(tmp_path / "data")
+    args = train_args(tiny_schnell, data, tmp_path / "lora.safetensors", batch_size=2, resolution=32)
+    stdout, stderr = launch(2, ["-m", "tests.distributed_worker", "encode-fails", str(tmp_path), *args[1:]])
+    both = stdout + stderr
+    assert "error: the disk is full (the test's)" in both and "Traceback" not in both, both
+    # rank 1 either noticed (the "[ring] ..." lines before it are MLX's own) or mlx.launch stopped it first
+    noticed = "error: rank 1: another rank stopped before the end ([ring] connection to a peer was lost)"
+    assert noticed in both or "Node with rank 1 exited with code -15" in both, both
+    assert not list(tmp_path.rglob("*.safetensors"))
