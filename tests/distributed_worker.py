@@ -141,9 +141,13 @@ def sigterm(out: Path, args: list[str]) -> None:
 
 
 def ctrl_c(args: list[str]) -> None:
-    """`mflux train` with a Ctrl-C that reaches rank 1 alone, after step 2: every rank must stop there."""
+    """`mflux train` with a Ctrl-C that reaches rank 1 alone, after step 2: every rank must stop there.
+    Rank 1 is given a --data folder that does not exist, since it must never read the data."""
     from mflux.cli import cli
     from mflux.train import trainer
+
+    if os.environ.get("MLX_RANK") == "1":
+        args = [a if a != args[args.index("--data") + 1] else "/nonexistent/data" for a in args]
 
     train = trainer.train
 
