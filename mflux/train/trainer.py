@@ -37,7 +37,7 @@ from mflux import distributed
 from mflux.backend import default_precision
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
-from mflux.runtime import sampler
+from mflux.runtime import memory, sampler
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import load_component
 from mflux.runtime.parallel import average_gradients
@@ -298,7 +298,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss, key = step_fn(key, idx)
                 with distributed.lost_peer(self.group, "its messages say why"):  # the all_sums
-                    mx.eval(flux.state, optimizer.state, loss, key)
+                    memory.evaluate(flux.state, optimizer.state, loss, key)
                 state["step"] += 1
                 state["key"] = key
                 seconds = time.perf_counter() - t0
