@@ -112,11 +112,21 @@ def lost_peer(group, hint: str):
 
 
 def settle(group, error: MfluxError | None) -> None:
-    """After each rank's own checks, before any work: every rank stops when one refused. A rank raises
-    its own error; one that had none raises ReportedElsewhere, which the CLI does not print, so checks
-    made by rank 0 alone read as one line. Without a launcher, simply raises `error`."""
-    failed = total(group, int(error is not None))
-    if error is not None:
+    """After each rank's own checks, before any work: every rank stops when one refused, and the reason
+    is said once. Rank 0's error is the one raised when it has one (the others' are then the same
+    checks failing alike, or come second); else each rank that refused raises its own. The rest raise
+    ReportedElsewhere, which the CLI does not print. Without a launcher: raises `error`, if any."""
+    import mlx.core as mx
+
+    if group.size() == 1:
+        if error is not None:
+            raise error
+        return
+    mine = int(error is not None)
+    with lost_peer(group, "its messages say why"):
+        votes = [mine if group.rank() == 0 else 0, mine]
+        lead, failed = mx.distributed.all_sum(mx.array(votes, dtype=mx.int64), group=group).tolist()
+    if error is not None and (group.rank() == 0 or not lead):
         raise error
     if failed:
         raise ReportedElsewhere(f"rank {group.rank()}: another rank refused the run (its error says why)")

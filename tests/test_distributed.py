@@ -290,16 +290,29 @@ def test_ctrl_c_on_one_rank_stops_both_and_resume_continues_exactly(tiny_schnell
     )
 
 
-def test_a_batch_that_does_not_divide_among_the_ranks_is_one_line(tiny_schnell, tmp_path):
+@pytest.mark.parametrize(
+    "flags,line",
+    [
+        # checked by both ranks alike: rank 0 says it, rank 1 exits without a line
+        (
+            ["--batch-size=3"],
+            "error: --batch-size 3 does not divide among the 2 ranks of mlx.launch (each rank takes an "
+            "equal share of every batch; use a multiple of 2)",
+        ),
+        # the data, checked by rank 0 alone: rank 1 hears that it refused
+        (
+            ["--batch-size=2", "--data=/nonexistent/data"],
+            "error: /nonexistent/data: no such data folder (give a folder of images with .txt captions)",
+        ),
+    ],
+)
+def test_a_refusal_under_two_ranks_is_one_line(tiny_schnell, tmp_path, flags, line):
     data = write_dataset(tmp_path / "data")
-    args = train_args(tiny_schnell, data, tmp_path / "lora.safetensors", batch_size=3, steps=1)
+    args = train_args(tiny_schnell, data, tmp_path / "lora.safetensors", steps=1) + flags
     stdout, stderr = launch(2, ["-m", "mflux", *args])
     # what is left once mlx.launch's own "[WARN] Node with rank R exited with code 1" lines are dropped
-    ours = [line for line in (stdout + stderr).splitlines() if "[WARN] Node with rank" not in line]
-    assert ours == [
-        "error: --batch-size 3 does not divide among the 2 ranks of mlx.launch (each rank takes an equal "
-        "share of every batch; use a multiple of 2)"
-    ], stdout + stderr
+    ours = [row for row in (stdout + stderr).splitlines() if "[WARN] Node with rank" not in row]
+    assert ours == [line], stdout + stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing encoded or written
 
 

@@ -139,8 +139,14 @@ def train(model: str, data: str, output: str, on_step=None, **options) -> TrainR
     Options are TrainConfig's fields; `on_step(step, loss)` is called after each step. Raises
     MfluxError for bad input, before anything loads or is encoded. Under mlx.launch every rank calls
     this and gets the same losses; rank 0 writes the files."""
-    cfg = TrainConfig(model=model, data=data, output=output, **options)
-    return Trainer(cfg, on_step).run()
+    group = distributed.world()
+    trainer, error = None, None
+    try:
+        trainer = Trainer(TrainConfig(model=model, data=data, output=output, **options), on_step, group)
+    except MfluxError as e:
+        error = e
+    distributed.settle(group, error)  # under mlx.launch every rank stops when one refused
+    return trainer.run()
 
 
 def resolve_model(model: str) -> ModelFolder:
@@ -160,46 +166,35 @@ def resolve_model(model: str) -> ModelFolder:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, on_step=None):
+    """One run; constructing it checks every input, before anything loads. Under mlx.launch (`group`
+    of several ranks) rank 0 alone checks the output, the data and a checkpoint, which only it reads."""
+
+    def __init__(self, cfg: TrainConfig, on_step=None, group=None):
         self.cfg = cfg
         self.on_step = on_step
         self.output = Path(cfg.output).expanduser()
         self.work = Path(cfg.work_dir).expanduser() if cfg.work_dir else self.output.with_suffix(".train")
-        self.group = distributed.world()
+        self.group = group or distributed.world()
         self.rank, self.ranks = self.group.rank(), self.group.size()
         self.lead = self.rank == 0  # reads the data and checkpoints, writes every file, prints
+        if cfg.batch_size % self.ranks:
+            raise InvalidArgument(
+                f"--batch-size {cfg.batch_size} does not divide among the {self.ranks} ranks of mlx.launch "
+                f"(each rank takes an equal share of every batch; use a multiple of {self.ranks})"
+            )
+        if self.lead and self.output.exists() and not cfg.force:
+            raise MfluxError(f"{self.output} exists (pass --force to replace it, or pick another --output)")
+        self.folder = resolve_model(cfg.model)
         self.examples, self.resume_from, self.encoded = None, None, False
-        error = None
-        try:
-            self.check()
-        except MfluxError as e:
-            error = e
-        distributed.settle(self.group, error)
+        if self.lead:
+            self.examples = dataset.scan(cfg.data, cfg.trigger)
+            self.resume_from = find_checkpoint(cfg.resume) if cfg.resume else None
+        if self.resume_from:
+            check_checkpoint(self.resume_from, self.folder.name, cfg)
         self.precision = cfg.precision or default_precision()
         self.dtype = getattr(mx, self.precision)
         self.peak: dict[str, int] = {}
         self.validation_images: list[Path] = []
-
-    def check(self) -> None:
-        """Every input, before anything loads. Under mlx.launch rank 0 checks the run (batch, output,
-        data, checkpoint) and every rank its own model folder; `settle` then stops them all together."""
-        cfg = self.cfg
-        if self.lead:
-            if cfg.batch_size % self.ranks:
-                raise InvalidArgument(
-                    f"--batch-size {cfg.batch_size} does not divide among the {self.ranks} ranks of "
-                    f"mlx.launch (each rank takes an equal share of every batch; use a multiple of {self.ranks})"
-                )
-            if self.output.exists() and not cfg.force:
-                raise MfluxError(
-                    f"{self.output} exists (pass --force to replace it, or pick another --output)"
-                )
-        self.folder = resolve_model(cfg.model)
-        if self.lead:
-            self.examples = dataset.scan(cfg.data, cfg.trigger)
-            self.resume_from = find_checkpoint(cfg.resume) if cfg.resume else None
-            if self.resume_from:
-                check_checkpoint(self.resume_from, self.folder.name, cfg)
 
     # --- the run ---
 
