@@ -15,7 +15,11 @@ still has the headroom's worth of queued work, so it is not starved, and the res
 arrays: only when the host waits changes.
 
 The headroom is per backend (`HEADROOM`, bytes; None leaves MLX's limit alone):
-- CUDA: set from the H200 sweep (`bench_flux.py --sections step --headroom ...`, docs/PERFORMANCE.md).
+- CUDA: 2 GB, from the H200 sweep (`bench_flux.py --sections step --headroom none,2,1`, round 3 in
+  docs/PERFORMANCE.md). A schnell step at 1024x1024: bf16 0.160 s and 32.9 GB unbounded, 0.161 s and
+  26.1 GB at 2 GB, 0.167 s and 25.0 GB at 1 GB; q4 0.188 s and 19.8 GB, 0.184 s and 9.0 GB, 0.215 s and
+  8.2 GB. The whole-tensor VAE decode: 18.4 GB over its weights unbounded, 3.8 GB at 2 GB, no slower
+  than 0.006 s. Below 2 GB the GPU starts to wait for the host.
 - Metal: unchanged. Metal queues the same way, but no Mac was available to measure what a bound costs.
 - CPU: unchanged. The CPU backend runs each kernel as it is encoded; a mid-size step held 17 MB over
   its weights here with or without a bound.
