@@ -8,6 +8,7 @@ the loaded size. A module is quantized exactly where its weights carry `<path>.s
 headers are checked first, since `mx.load` on a damaged file can crash or explain poorly.
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mlx.utils import tree_flatten
 from mflux.converters import bfl, diffusers
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.runtime.folder import COMPONENTS, ModelFolder
+from mflux.runtime.qmatmul import backend
 from mflux.runtime.quantization import (
     QuantSpec,
     quantize_model_from_weights,
@@ -30,6 +32,12 @@ from mflux.runtime.weights import SafetensorsFile, TensorSource
 # small: at 16 MiB, peak RSS under -q matched tensor-by-tensor loading (0.52 vs 0.49 GB for a 0.4 GB
 # 4-bit model), where 64 MiB gave 0.67 GB; on this CPU the group size changed no timing measurably.
 EVAL_GROUP_BYTES = 16 * 2**20
+
+# Threads that read and evaluate a component's parameters at once, per backend. On the H200 one thread
+# moved about 2 GB/s from the page cache onto the device and eight threads 4.4 GB/s
+# (bench/probe_load.py, round 3 in docs/PERFORMANCE.md). Metal is unmeasured (no Mac), and this
+# 2-core CPU gains nothing, so both keep one.
+LOAD_THREADS = {"cuda": 8, "metal": 1, "cpu": 1}
 
 
 def build_module(component: str, architecture: dict) -> nn.Module:
@@ -71,6 +79,9 @@ def load_component(
     """Build one component and load its weights, quantizing them under `quantize`."""
     check_quantize(folder, quantize, (component,))
     module, weights = _prepare(folder, component, dtype, quantize)
+    threads = LOAD_THREADS[backend()]
+    if threads > 1:
+        weights = read_in_threads(lambda: _prepare(folder, component, dtype, quantize)[1], weights, threads)
     try:
         module.load_weights(list(weights.items()), strict=True)
     except ValueError as e:  # check_keys has compared names and shapes; this is a last guard
@@ -174,6 +185,30 @@ def cast_and_quantize(component: str, weights: dict, dtype, spec: QuantSpec | No
     return out
 
 
+def read_in_threads(lazy_weights, weights: dict, threads: int) -> dict:
+    """`weights` (name -> lazy array) evaluated by `threads` threads, each over a contiguous run of
+    the layers. MLX evaluates an array only on the thread that built its graph, so each thread calls
+    `lazy_weights()` for its own lazy copy (reading headers and renaming again: milliseconds) and
+    evaluates its run of it; a layer's weight, scales and biases stay in one run."""
+    layers: dict[str, list[str]] = {}
+    for name in weights:
+        layers.setdefault(name.rpartition(".")[0], []).append(name)
+    sizes = [sum(weights[n].nbytes for n in names) for names in layers.values()]
+    runs = _split(list(layers.values()), sizes, threads)
+
+    def read(run: list[list[str]]) -> dict:
+        mine = lazy_weights()
+        out = {n: mine[n] for names in run for n in names}
+        evaluate(out)
+        return out
+
+    result = {}
+    with ThreadPoolExecutor(len(runs), thread_name_prefix="mflux-load") as pool:
+        for part in pool.map(read, runs):  # re-raises a thread's error here
+            result.update(part)
+    return {n: result[n] for n in weights}  # the order the module's loading expects
+
+
 def evaluate(params, group_bytes: int = EVAL_GROUP_BYTES) -> None:
     """Evaluate lazy parameters a group at a time: a group's sources are read and released before the
     next, so peak memory stays near the result plus one group."""
@@ -185,6 +220,19 @@ def evaluate(params, group_bytes: int = EVAL_GROUP_BYTES) -> None:
             mx.eval(group)
             group, size = [], 0
     mx.eval(group)
+
+
+def _split(items: list, sizes: list[int], n: int) -> list[list]:
+    """`items` cut into at most n contiguous runs of about equal total size."""
+    total = sum(sizes)
+    runs, run, done = [], [], 0
+    for item, size in zip(items, sizes):
+        run.append(item)
+        done += size
+        if done >= total * (len(runs) + 1) / n and len(runs) < n - 1:
+            runs.append(run)
+            run = []
+    return [r for r in [*runs, run] if r]
 
 
 def stream(weights: dict):
