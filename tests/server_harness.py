@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from mflux.server.app import create_app
 from mflux.server.core import ServerSettings
@@ -79,6 +79,15 @@ class Gate:
 
 def png(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def png_bytes(image: Image.Image, **text) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -18,14 +18,14 @@ import pytest
 import requests
 import webuiapi
 from click.testing import CliRunner
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from mflux import Config, Flux1
 from mflux.server.core import ApiError, Limits, ServerSettings, seed_run
 from mflux.server.openai_api import IMG2IMG_STRENGTH, INPAINT_STRENGTH, openai_mask_to_mflux
 from mflux.server.worker import _load_flux, preview_steps
 from tests.fixtures import store_hf_folder
-from tests.server_harness import Gate, module_store, pixels, png, serving, wait_for, write_lora
+from tests.server_harness import Gate, module_store, pixels, png, png_bytes, serving, wait_for, write_lora
 
 SIZE = "32x32"  # the smallest size the tiny VAE decodes quickly; the server is what is tested
 PX = 32
@@ -70,15 +70,6 @@ def oai(srv):
 def a1111(srv):
     host, port = srv.url.removeprefix("http://").split(":")
     return webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=2)
-
-
-def png_bytes(image: Image.Image, **text) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    for k, v in text.items():
-        info.add_text(k, v)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 # --- OpenAI -----------------------------------------------------------------------------------------------

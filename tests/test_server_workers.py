@@ -17,11 +17,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from mflux.errors import MfluxError
 from mflux.server.core import ServerSettings, worker_devices
 from tests.fixtures import store_hf_folder
-from tests.server_harness import module_store, pixels, png, serving, wait_for
+from tests.server_harness import module_store, pixels, png, png_bytes, serving, wait_for
 
 SIZE, PX = "32x32", 32
 
@@ -34,8 +35,9 @@ def mflux_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two(mflux_home, tiny_schnell):
+def two(mflux_home, tiny_schnell, tiny_dev):
     store_hf_folder(tiny_schnell, "schnell")
+    store_hf_folder(tiny_dev, "dev")
     with serving(ServerSettings(model="schnell", devices=(None, None))) as (url, server):
         wait_for(lambda: idle(url, 2), "two warm workers", 120)
         yield SimpleNamespace(url=url, server=server)
@@ -46,8 +48,9 @@ def health(url: str) -> dict:
 
 
 def idle(url: str, n: int) -> bool:
+    """`n` workers, each idle with a model loaded."""
     workers = health(url)["workers"]
-    return len(workers) == n and all(w["state"] == "idle" and w["model"] == "schnell" for w in workers)
+    return len(workers) == n and all(w["state"] == "idle" and w["model"] for w in workers)
 
 
 def generate(url: str, prompt: str, seed: int, steps: int) -> requests.Response:
@@ -55,12 +58,25 @@ def generate(url: str, prompt: str, seed: int, steps: int) -> requests.Response:
     return requests.post(f"{url}/v1/images/generations", json=body, timeout=120)
 
 
+def inpaint(url: str, seed: int, steps: int) -> requests.Response:
+    """An edit with a mask: the image and the mask travel to the worker process with the job."""
+    image = Image.new("RGB", (PX, PX), (200, 40, 40))
+    mask = Image.new("RGBA", (PX, PX), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, PX // 2, PX))  # repaint the left half
+    files = {
+        "image": ("in.png", png_bytes(image), "image/png"),
+        "mask": ("m.png", png_bytes(mask), "image/png"),
+    }
+    data = {"prompt": "a red door", "seed": str(seed), "steps": str(steps)}
+    return requests.post(f"{url}/v1/images/edits", files=files, data=data, timeout=120)
+
+
 def test_two_requests_run_at_once_on_two_workers_and_match_one_worker(two, caplog):
-    requests_ = [("a red fox", 1), ("a blue jay", 2)]
+    jobs = [lambda url: generate(url, "a red fox", 1, 8), lambda url: inpaint(url, 2, 8)]
     with caplog.at_level(logging.INFO, logger="mflux.server"):
         with ThreadPoolExecutor(2) as pool:
-            replies = list(pool.map(lambda a: generate(two.url, *a, steps=8), requests_))
-    assert [r.status_code for r in replies] == [200, 200]
+            replies = list(pool.map(lambda job: job(two.url), jobs))
+    assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
     lines = [r for r in caplog.records if r.name == "mflux.server" and "generate " in r.getMessage()]
     assert len(lines) == 2 and all("status=ok" in r.getMessage() for r in lines)
     pids = {int(re.search(r" pid=(\d+)", r.getMessage())[1]) for r in lines}
@@ -73,7 +89,7 @@ def test_two_requests_run_at_once_on_two_workers_and_match_one_worker(two, caplo
     assert a0 < b1 and b0 < a1, spans
 
     with serving(ServerSettings(model="schnell")) as (url, _):  # the default: one worker thread
-        alone = [generate(url, *a, steps=8) for a in requests_]
+        alone = [job(url) for job in jobs]
     for got, want in zip(replies, alone, strict=True):
         image = png(got.json()["data"][0]["b64_json"])
         assert image.size == (PX, PX)
@@ -97,19 +113,32 @@ def test_a_worker_killed_mid_job_fails_that_job_and_is_restarted(two):
     assert again["pid"] != victim["pid"] and again["restarts"] == 1
 
 
-def test_cancel_and_interrupt_reach_the_worker_processes(two):
+def test_queue_bound_cancel_and_interrupt_with_worker_processes(two):
     pids = [w["pid"] for w in health(two.url)["workers"]]
     body = {"prompt": "cancel me", "width": PX, "height": PX, "steps": LONG, "previews": False}
-    streams = [
-        requests.post(f"{two.url}/mflux/v1/generate", json=body, stream=True, timeout=60) for _ in range(2)
-    ]
-    # one line iterator per stream, kept: dropping one closes its connection, which cancels its job
-    lines = [s.iter_lines(decode_unicode=True, delimiter="\n\n") for s in streams]
-    ids = [json.loads(next(it).split("data: ", 1)[1])["job_id"] for it in lines]
+    streams = []
+    two.server.worker.max_queue = 1
+    try:
+        for n in range(3):  # two run, one waits
+            streams.append(requests.post(f"{two.url}/mflux/v1/generate", json=body, stream=True, timeout=60))
+            if n == 1:
+                wait_for(
+                    lambda: all(w["state"] == "busy" for w in health(two.url)["workers"]), "two running jobs"
+                )
+        # one line iterator per stream, kept: dropping one closes its connection, which cancels its job
+        lines = [s.iter_lines(decode_unicode=True, delimiter="\n\n") for s in streams]
+        ids = [json.loads(next(it).split("data: ", 1)[1])["job_id"] for it in lines]
+        full = requests.post(
+            f"{two.url}/v1/images/generations", json={"prompt": "one too many", "size": SIZE}
+        )
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    finally:
+        two.server.worker.max_queue = 16
     step = seconds_per_step(two.url)
     started = time.monotonic()
-    assert requests.delete(f"{two.url}/mflux/v1/jobs/{ids[0]}", timeout=10).status_code == 200
-    assert requests.post(f"{two.url}/sdapi/v1/interrupt", timeout=10).status_code == 200  # the others
+    for job_id in (ids[2], ids[0]):  # the waiting one, then a running one
+        assert requests.delete(f"{two.url}/mflux/v1/jobs/{job_id}", timeout=10).status_code == 200
+    assert requests.post(f"{two.url}/sdapi/v1/interrupt", timeout=10).status_code == 200  # the running ones
     for it in lines:
         events = [block for block in it if block]
         assert events[-1].startswith("event: end") and '"status": "cancelled"' in events[-1]
@@ -130,6 +159,33 @@ def seconds_per_step(url: str) -> float:
     first, t = min(steps()), time.monotonic()
     wait_for(lambda: min(steps()) >= first + 5, "five more steps")
     return (time.monotonic() - t) / 5
+
+
+def test_timeout_stops_the_job_in_its_worker_process(two, caplog):
+    two.server.settings.timeout = 0.5
+    try:
+        with caplog.at_level(logging.INFO, logger="mflux.server"):
+            r = generate(two.url, "too slow", 5, LONG)
+            wait_for(lambda: idle(two.url, 2), "two idle workers")
+    finally:
+        two.server.settings.timeout = 600.0
+    assert r.status_code == 504 and "timed out after 0.5 s" in r.json()["error"]["message"]
+    (line,) = [r.getMessage() for r in caplog.records if "status=timeout" in r.getMessage()]
+    # its process stopped it at the step after the timeout; its 100 steps take about 5 s here
+    assert float(re.search(r"generating=([\d.]+)s", line)[1]) < 2.0, line
+
+
+def test_a_model_switch_reaches_each_worker_with_its_next_job(two):
+    options = f"{two.url}/sdapi/v1/options"
+    assert requests.post(options, json={"sd_model_checkpoint": "dev"}, timeout=60).status_code == 200
+    try:
+        assert health(two.url)["default_model"] == "dev"
+        with ThreadPoolExecutor(2) as pool:  # neither names a model: both get dev, the last one set
+            replies = list(pool.map(lambda seed: generate(two.url, "a fox", seed, 8), (1, 2)))
+        assert [png(r.json()["data"][0]["b64_json"]).text["Model"] for r in replies] == ["dev", "dev"]
+        assert [w["model"] for w in health(two.url)["workers"]] == ["dev", "dev"]
+    finally:
+        requests.post(options, json={"sd_model_checkpoint": "schnell"}, timeout=60)
 
 
 def test_worker_devices_from_the_flags():
