@@ -88,7 +88,7 @@ def worker_devices(workers: int | None, devices: tuple[int, ...] | None, gpus: i
 
 
 def cuda_gpus() -> int:
-    """The CUDA GPUs MLX sees (0 on a CPU or a Mac); counting them creates no context on any GPU."""
+    """The CUDA GPUs MLX sees (0 on a CPU or a Mac): the parent counts them; it runs nothing on them."""
     from mflux.backend import import_mlx
 
     mx = import_mlx()
