@@ -28,9 +28,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from flux_sizes import FLUX
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mflux.runtime import engine, layers, qmatmul, sampler
+from mflux.runtime import engine, layers, memory, qmatmul, sampler
 from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
 from mflux.runtime.clip import CLIPTextConfig, CLIPTextModel
 from mflux.runtime.model import Flux, FluxParams
@@ -83,25 +84,9 @@ class Size:
     matmul: int  # side of the square matmul that measures the ceiling
 
 
-def _flux_config(
-    hidden_heads: tuple[int, int], depth: tuple[int, int], axes: tuple, context: int, vec: int
-) -> dict:
-    heads, head_dim = hidden_heads
-    return {
-        "in_channels": 64,
-        "num_layers": depth[0],
-        "num_single_layers": depth[1],
-        "attention_head_dim": head_dim,
-        "num_attention_heads": heads,
-        "joint_attention_dim": context,
-        "pooled_projection_dim": vec,
-        "axes_dims_rope": list(axes),
-    }
-
-
 SIZES = {
     "full": Size(
-        _flux_config((24, 128), (19, 38), (16, 56, 56), 4096, 768),
+        FLUX["full"],
         T5Config(),
         CLIPTextConfig(),
         AutoencoderConfig(),
@@ -110,7 +95,7 @@ SIZES = {
         matmul=8192,
     ),
     "mid": Size(
-        _flux_config((4, 128), (2, 4), (16, 56, 56), 1024, 768),
+        FLUX["mid"],
         T5Config(d_model=1024, d_ff=2048, num_layers=2, num_heads=16),
         # CLIP-L's width: its pooled output feeds the transformer's 768-wide vector input
         CLIPTextConfig(hidden_size=768, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
@@ -120,7 +105,7 @@ SIZES = {
         matmul=1024,
     ),
     "tiny": Size(
-        _flux_config((2, 64), (1, 1), (8, 28, 28), 64, 64),
+        FLUX["tiny"],
         T5Config(vocab_size=512, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=2),
         CLIPTextConfig(
             vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
@@ -339,6 +324,14 @@ def _step_figures(size: Size, args, quant: str, budget: Budget) -> None:
 
 
 def _step_figure(flux, size: Size, args, quant: str, variant: str, path: str, weights: float) -> None:
+    for headroom in args.headrooms:
+        _step_figure_at(flux, size, args, quant, variant, path, weights, headroom)
+
+
+def _step_figure_at(
+    flux, size: Size, args, quant: str, variant: str, path: str, weights: float, headroom
+) -> None:
+    """One step figure with MLX's queue bounded at `headroom` bytes over what is held (runtime.memory)."""
     x = step_inputs(flux, size, variant, args.dtype)
     t = time.perf_counter()
     pe = flux.positions(x["img_ids"], x["txt_ids"])
@@ -350,12 +343,14 @@ def _step_figure(flux, size: Size, args, quant: str, variant: str, path: str, we
     t = time.perf_counter()
     flux.predict(x["img"], x["txt"], pe, mods[0])
     graph = time.perf_counter() - t
-    r = timeit(lambda: flux.predict(x["img"], x["txt"], pe, mods[0]), args.warmup, args.steps)
+    with memory.bounded(headroom):
+        r = timeit(lambda: flux.predict(x["img"], x["txt"], pe, mods[0]), args.warmup, args.steps)
     fig = dict(
         what="step",
         variant=variant,
         quant=_label(quant, args),
         path=path,
+        headroom_gb=_headroom_gb(headroom),
         res=size.res,
         txt=size.txt[variant],
         **r,
@@ -366,16 +361,22 @@ def _step_figure(flux, size: Size, args, quant: str, variant: str, path: str, we
     )
     # the issue's memory bound for a quantized step: its weights, one layer dequantized, and the
     # activations of the float step (its peak over its weights)
-    act = ACTIVATIONS_GB.get(variant)
+    act = ACTIVATIONS_GB.get((variant, fig["headroom_gb"]))
     if quant == "bf16":
-        ACTIVATIONS_GB[variant] = fig["peak_gb"] - weights
+        ACTIVATIONS_GB[variant, fig["headroom_gb"]] = fig["peak_gb"] - weights
     elif act is not None:
         fig["bound_gb"] = weights + largest_layer_gb(flux, args.dtype) + act
         fig["within_bound"] = fig["peak_gb"] <= fig["bound_gb"]
     report(**fig)
 
 
-ACTIVATIONS_GB: dict[str, float] = {}
+ACTIVATIONS_GB: dict[tuple, float] = {}  # (variant, headroom) -> the bf16 step's peak over its weights
+
+
+def _headroom_gb(headroom) -> float | None:
+    """The bound actually applied, in GB of 2**30 bytes (None: MLX's own limit)."""
+    h = memory.default_headroom() if headroom == "auto" else headroom
+    return None if h is None else h / memory.GB
 
 
 def section_levers(size: Size, args, budget: Budget) -> None:
@@ -663,24 +664,31 @@ def section_decode(size: Size, args, budget: Budget) -> None:
     mx.eval(z)
     images = {}
     for band_mb in args.band_mb:
-        if budget.skip("decode", f"band {band_mb} MB"):
-            continue
-        free()
-        band = band_mb * 2**20 if band_mb else None
-        r = timeit(
-            lambda band=band: vae.decode(z, band_bytes=band), max(1, args.warmup - 1), max(1, args.steps // 2)
-        )
-        images[band_mb] = mx.clip(vae.decode(z, band_bytes=band).astype(mx.float32) / 2 + 0.5, 0, 1)
-        mx.eval(images[band_mb])
-        report(
-            what="decode",
-            res=res,
-            band_mb=band_mb,
-            **r,
-            peak_gb=peak_gb(),
-            weights_gb=weights,
-            over_weights_gb=peak_gb() - weights,
-        )
+        for headroom in args.headrooms:
+            if budget.skip("decode", f"band {band_mb} MB, headroom {headroom}"):
+                continue
+            free()
+            band = band_mb * 2**20 if band_mb else None
+            with memory.bounded(headroom):
+                r = timeit(
+                    lambda band=band: vae.decode(z, band_bytes=band),
+                    max(1, args.warmup - 1),
+                    max(1, args.steps // 2),
+                )
+            peak = peak_gb()
+            if band_mb not in images:
+                images[band_mb] = mx.clip(vae.decode(z, band_bytes=band).astype(mx.float32) / 2 + 0.5, 0, 1)
+                mx.eval(images[band_mb])
+            report(
+                what="decode",
+                res=res,
+                band_mb=band_mb,
+                headroom_gb=_headroom_gb(headroom),
+                **r,
+                peak_gb=peak,
+                weights_gb=weights,
+                over_weights_gb=peak - weights,
+            )
     if 0 in images:
         for band_mb, img in images.items():
             if band_mb:
@@ -791,7 +799,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
             noise = sampler.noise(i, res, res).astype(args.dtype)
             mods = engine.modulations(flux, pooled, sigmas, guidance)
             for x in engine.denoise(flux, txt, noise, sigmas, res, res, mods):
-                mx.eval(x)
+                memory.evaluate(x, headroom=args.headrooms[0])
         latents.append(x)
     if not args.keep_transformer:
         del flux  # every image is denoised: the decode needs only the VAE
@@ -873,7 +881,9 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
     cmd += ["--quant", quant, "--images", "2", "--dtype", DTYPE_ARGS[_dtype_name(args.dtype)]]
     cmd += ["--folder", args.folder] if args.folder else []
     cmd += ["--res", str(args.res)] if args.res else []
-    env = {**os.environ, "MLX_PTX_CACHE_DIR": str(cache)}
+    cmd += ["--headroom", args.headroom.split(",")[0]]
+    # the driver's own cache of compiled kernels lives beside MLX's, so "empty" empties both
+    env = {**os.environ, "MLX_PTX_CACHE_DIR": str(cache), "CUDA_CACHE_PATH": str(cache / "nv")}
     left = max(10.0, budget.section_end - time.monotonic())
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left)
@@ -1003,10 +1013,11 @@ def table() -> str:
     rows = ["", "| figure | setting | time | first call | peak GB | other |", "|---|---|---|---|---|---|"]
     for r in RESULTS:
         what = r["what"]
+        queue = f", queue {_bound_label(r['headroom_gb'])}" if "headroom_gb" in r else ""
         if what == "step":
             bound = f", bound {r['bound_gb']:.2f} GB" if "bound_gb" in r else ""
             rows.append(
-                f"| step {r['variant']} {r['res']}px, {r['txt']} txt | {r['quant']} {r['path']} | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.2f} | weights {r['weights_gb']:.2f} GB{bound}, graph {r['graph_build_s'] * 1e3:.1f} ms |"
+                f"| step {r['variant']} {r['res']}px, {r['txt']} txt | {r['quant']} {r['path']}{queue} | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.2f} | weights {r['weights_gb']:.2f} GB{bound}, graph {r['graph_build_s'] * 1e3:.1f} ms |"
             )
         elif what == "qmatmul":
             rows.append(
@@ -1043,7 +1054,7 @@ def table() -> str:
             )
         elif what == "decode":
             rows.append(
-                f"| VAE decode {r['res']}px | bands {r['band_mb']} MB | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.2f} | {r['over_weights_gb']:.2f} GB over its weights |"
+                f"| VAE decode {r['res']}px | bands {r['band_mb']} MB{queue} | {r['s']:.4f} s | {r['first_s']:.2f} s | {r['peak_gb']:.2f} | {r['over_weights_gb']:.2f} GB over its weights |"
             )
         elif what == "decode_diff":
             rows.append(
@@ -1062,6 +1073,14 @@ def table() -> str:
         elif what == "skipped":
             rows.append(f"| skipped {r['section']}: {r['item']} | | | | | {r['why']} |")
     return "\n".join(rows)
+
+
+def _bound_label(headroom_gb: float | None) -> str:
+    return "unbounded" if headroom_gb is None else f"+{headroom_gb:g} GB"
+
+
+def _parse_headroom(h: str):
+    return {"auto": "auto", "none": None}.get(h) if h in ("auto", "none") else int(float(h) * memory.GB)
 
 
 def main(argv=None) -> None:
@@ -1108,6 +1127,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--band-mb", default="0,256", help="decode: row-band sizes in MB to time (0: whole-tensor layers)"
     )
+    parser.add_argument(
+        "--headroom",
+        default="auto",
+        help="step/decode/pipeline: MLX's queue bound in GB over what is held, comma-separated "
+        "(auto: the backend's, mflux.runtime.memory.HEADROOM; none: no bound); pipeline takes the first",
+    )
     parser.add_argument("--images", type=int, default=1, help="pipeline: images per run (2 shows a warm one)")
     parser.add_argument("--pipeline-steps", type=int, default=4, help="pipeline: denoising steps per image")
     parser.add_argument(
@@ -1131,6 +1156,7 @@ def main(argv=None) -> None:
     args.paths = [p for p in args.paths.split(",") if p]
     args.band_mb = [int(b) for b in args.band_mb.split(",") if b]
     args.caches = [c for c in args.caches.split(",") if c]
+    args.headrooms = [_parse_headroom(h) for h in args.headroom.split(",") if h]
     if not set(args.paths) <= set(PATHS) or not set(args.variants) <= {"schnell", "dev"}:
         parser.error(f"--paths takes {', '.join(PATHS)}; --variants takes schnell, dev")
     args.dtype = getattr(mx, args.dtype or ("float32" if mx.default_device() == mx.cpu else "bfloat16"))

@@ -37,9 +37,9 @@ DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shiftin
 
 
 def flux_config(size: str) -> dict:
-    from bench_flux import SIZES
+    from flux_sizes import FLUX  # no MLX: diffusers' child runs where MLX may not be installed
 
-    return {**SIZES[size].flux, "guidance_embeds": True}
+    return {**FLUX[size], "guidance_embeds": True}
 
 
 def run_mflux(args) -> dict:
@@ -47,6 +47,7 @@ def run_mflux(args) -> dict:
     import mlx.optimizers as optim
     from bench_flux import QUANTS, build, nbytes
 
+    from mflux.runtime import memory
     from mflux.train import lora
     from mflux.train.trainer import make_step
 
@@ -77,7 +78,7 @@ def run_mflux(args) -> dict:
     def one():
         nonlocal key
         loss, key = step(key, idx)
-        mx.eval(flux.state, optimizer.state, loss, key)
+        memory.evaluate(flux.state, optimizer.state, loss, key)  # as the trainer's loop evaluates it
         mx.synchronize()
         return loss.item()
 

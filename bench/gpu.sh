@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# The device calls behind docs/PERFORMANCE.md (issue 12), made back to back on one lent GPU machine
-# (each call starts within ~30 s of the last, while the machine, what was installed and what was
-# written to its disk stay). Each call stops starting new work after CALL_LIMIT seconds (default 530),
-# so it ends within 9 minutes. Results go to $OUT (the device tool's output folder) as JSON lines.
-#   a: carry .gpu1 and .gpuw   MLX's CUDA wheel (first half), diffusers, the peer; the diffusers anchor
-#                              (eager and torch.compile); then the random Hugging Face checkpoint for c
-#   b: carry .gpu2             MLX's CUDA wheel (second half), mflux. The first run on this machine:
-#                              per bf16/q8/q4, a fresh process with an empty kernel cache, then one with
-#                              the cache it left (load + 2 images, MLX's peak per phase); then the
-#                              steps at bf16/q8/q4 with both quantized paths and their peaks
-#   c: (nothing carried)       load + first image in a fresh process with a warm cache: the Hugging
-#                              Face layout (diffusers, then mflux at bf16/q8/q4), then MLX-native
-#                              (written, read at GB/s, then a pipeline); the VAE decode, whole against
-#                              row bands; T5 + CLIP with both paths; the quantized matmul sweep (the peer
-#                              only if more than 330 s are left after mflux on the HF layout)
-#   train: carry .gpu2 and .gpuw, right after a (or after b, with the MLX install still there):
-#                               bench_train.py at full size, 512 then 1024; .gpuw also needs
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
+# The device calls behind docs/PERFORMANCE.md (issues 12 and 15), made back to back on one lent GPU
+# machine (each call starts within ~30 s of the last, while the machine, what was installed and what
+# was written to its disk stay). Each call stops starting new work after CALL_LIMIT seconds (default
+# 530), so it ends within 9 minutes. Results go to $OUT (the device tool's output folder) as JSON lines.
+#   a: carry .gpu1 and .gpuw   MLX's CUDA wheel (first half), diffusers, PEFT; the diffusers anchor
+#                              (eager; torch.compile too with COMPILE=1), then diffusers + PEFT's LoRA
+#                              training step at 512 and 1024 (PyTorch only: MLX is not installed yet)
+#   b: carry .gpu2             MLX's CUDA wheel (second half), mflux. Where a fresh process's first run
+#                              goes (probe_first.py, an empty kernel cache then the one it left); the
+#                              schnell and dev steps at bf16/q8/q4 under each queue bound (runtime.memory)
+#                              with their peaks; mflux's LoRA training step at 512 and 1024, bf16/q8/q4
+#   c: (nothing carried)       the pipeline at bf16/q8/q4 (MLX's peak per phase, first and second image);
+#                              a fresh process's first image, empty cache against warm; the Hugging Face
+#                              layout's load + first image (diffusers, then mflux, fresh processes); an
+#                              MLX-native model written, read at GB/s, each way of reading it probed
+#                              (probe_load.py), then a pipeline from it; the VAE decode under each bound
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
+# (mflux 0.24.0 is the peer, run by `bench/peer.py all --impls peer`; this round did not run it.)
 #
 # On a CPU, `bash bench/gpu.sh a|b|c tiny` runs the same benchmarks at tiny size with no installs
 # (PY=.venv/bin/python), so that changes are checked here before a device call.
@@ -56,86 +56,79 @@ step() {
   timeout "$l" "$@"
 }
 
+HEADROOMS=none,2,1  # the queue bounds swept, GB over what is held (none: MLX's own limit)
+
 case "${1:-}" in
   a)
     if [ "$SIZE" = full ]; then
       { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; df -h / /tmp "$SCRATCH"; free -g; nproc; } \
         2>&1 | tee "$OUT/machine.txt"
       bash .gpu1/mlx-cuda-install.sh 1 || exit 1
-      python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl || exit 1
-      python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/peer \
-        .gpuw/mflux-0.24.0-*.whl .gpuw/piexif-*.whl .gpuw/platformdirs-*.whl .gpuw/toml-*.whl || exit 1
-      step anchor 300 timeout 420 python3 bench/anchor_diffusers.py --compile 2>&1 | tee "$OUT/anchor.jsonl"
+      python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl .gpuw/peft-*.whl \
+        .gpuw/accelerate-*.whl .gpuw/psutil-*.whl || exit 1
+      step anchor 200 timeout 300 python3 bench/anchor_diffusers.py ${COMPILE:+--compile} 2>&1 | tee "$OUT/anchor.jsonl"
     fi
-    rm -rf "$HF"
-    step write-hf 80 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
-      2>&1 | tail -5 | tee "$OUT/write.txt"
+    # diffusers + PEFT's training step (the mflux side runs in b, once MLX is installed)
+    step train-diffusers 60 "$PY" bench/bench_train.py --size "$SIZE" --impl diffusers --steps 3 --warmup 1 \
+      --timeout $(($(left) / 2)) 2>&1 | tee "$OUT/train.jsonl"
     ;;
   b)
     if [ "$SIZE" = full ]; then
       bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
     fi
-    rm -rf "$PTX"
-    # Target 3 and the pipeline peaks: random full-size weights, so no disk read; each child process
-    # loads (builds) T5 + CLIP, encodes, frees them, builds the transformer, denoises two images,
-    # frees it, decodes. "empty" starts from an empty MLX_PTX_CACHE_DIR, "warm" from what it left.
-    step firstrun 120 "${BENCH[@]}" --sections firstrun --quant bf16,q8,q4 --ptx-cache "$PTX" --budget firstrun=250 \
-      --time-limit $(($(left) - 20)) 2>&1 | tee "$OUT/firstrun.jsonl"
-    # one cache for the rest of the lease: every quantization's kernels (module names are unique)
-    mkdir -p "$PTX/all" && for d in "$PTX"/bf16 "$PTX"/q8 "$PTX"/q4; do [ -d "$d" ] && cp -n "$d"/* "$PTX/all/" 2>/dev/null; done
+    rm -rf "$PTX" && mkdir -p "$PTX"
+    # Target 3: what a fresh process builds and sets up, op class by op class; then the same in a new
+    # process on the cache the first one left
+    for state in empty warm; do
+      step "probe-first-$state" 60 timeout 90 "$PY" bench/probe_first.py --size "$SIZE" --cache "$PTX/all" \
+        --state $state 2>&1 | tee -a "$OUT/probe_first.jsonl"
+    done
     export MLX_PTX_CACHE_DIR="$PTX/all"
-    # Target 1: the schnell step, bf16 and both quantized paths, each with its peak and the bound
-    # (quantized weights + one dequantized layer + the bf16 step's activations). The qmm path builds
-    # MLX's quantized matmul kernels on first use (108 s at 8 bits on the H100): its first_s shows it.
-    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant,qmm \
-      --budget step=$(($(left) - 10)) --time-limit $(($(left) - 5)) 2>&1 | tee "$OUT/steps.jsonl"
+    # Targets 1 and 4: the step at bf16/q8/q4 under each queue bound, each with its peak and the bound
+    # the issue states (quantized weights + one dequantized layer + the bf16 step's activations)
+    step steps 60 "${BENCH[@]}" --sections step --variants schnell,dev --quant bf16,q8,q4 --paths dequant \
+      --headroom "$HEADROOMS" --budget step=130 --time-limit 140 2>&1 | tee "$OUT/steps.jsonl"
+    # Issue 15: mflux's LoRA training step (bf16, q8 and q4 bases) at 512 and 1024
+    step train-mflux 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --steps 3 --warmup 1 \
+      --timeout 80 2>&1 | tee -a "$OUT/train.jsonl"
     ;;
   c)
     export MLX_PTX_CACHE_DIR="$PTX/all"
-    if [ ! -f "$HF/model_index.json" ]; then
-      rm -rf "$HF"
-      step write-hf 200 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
-        2>&1 | tail -5 | tee "$OUT/write.txt"
-    fi
-    # Target 2, Hugging Face layout: diffusers (load, first and second image, peak), then mflux in a
-    # fresh process with the warm cache from b, at bf16, q8 and q4
+    # firstrun --caches warm reads DIR/<quant>: every quantization's warm cache is b's one
+    mkdir -p "$PTX/warm" && for q in bf16 q8 q4; do ln -sfn "$PTX/all" "$PTX/warm/$q"; done
+    # Target 4: the pipeline as `mflux run` makes it (T5/CLIP freed before the transformer loads, the
+    # transformer before the decode), MLX's peak per phase, at the runtime's own queue bound
+    step pipeline 60 "${BENCH[@]}" --sections pipeline --images 2 --quant bf16,q8,q4 --budget pipeline=110 \
+      --time-limit 120 2>&1 | tee "$OUT/pipeline.jsonl"
+    # Target 3: a fresh process's first image, an empty kernel cache against the warm one
+    step firstrun 60 "${BENCH[@]}" --sections firstrun --caches empty --quant bf16 --ptx-cache "$PTX/fresh" \
+      --budget firstrun=70 --time-limit 75 2>&1 | tee "$OUT/firstrun.jsonl"
+    # Target 2, Hugging Face layout: written, then diffusers and mflux each load it and make two images
+    # in a fresh process (warm kernel cache)
+    rm -rf "$HF"
+    step write-hf 120 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
+      2>&1 | tail -3 | tee "$OUT/write.txt"
     if [ "$SIZE" = full ]; then
       step hf-diffusers 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee "$OUT/hf.jsonl"
     fi
-    step hf-mflux 60 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX" --folder "$HF" \
-      --quant bf16,q8,q4 --time-limit $(($(left) - 200)) 2>&1 | tee -a "$OUT/hf.jsonl"
-    if [ "$SIZE" = full ] && [ -d /tmp/peer ]; then
-      step hf-peer 330 "$PY" bench/peer.py all --folder "$HF" --peer /tmp/peer --impls peer --quants bf16 \
-        --time-limit 100 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
-    fi
+    step hf-mflux 50 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/warm" --folder "$HF" \
+      --quant bf16 --time-limit 90 2>&1 | tee -a "$OUT/hf.jsonl"
     rm -rf "$HF"  # the disk holds one 34 GB model at a time
-    # Target 2, MLX-native: write, time the loader (GB/s), then load + first image in a fresh process
+    # Target 2, MLX-native: written, the loader's GB/s, each way of reading the shards, a pipeline
     rm -rf "$NATIVE"
-    step native-load 120 "${BENCH[@]}" --sections load --quant bf16 --keep-model "$NATIVE" \
-      --time-limit $(($(left) - 100)) 2>&1 | tee "$OUT/native.jsonl"
-    step native-mflux 60 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX" \
-      --folder "$NATIVE/bf16" --quant bf16 --time-limit $(($(left) - 80)) 2>&1 | tee -a "$OUT/native.jsonl"
+    step native-load 90 "${BENCH[@]}" --sections load --quant bf16 --keep-model "$NATIVE" \
+      --time-limit 150 2>&1 | tee "$OUT/native.jsonl"
+    step probe-load 40 "$PY" bench/probe_load.py "$NATIVE/bf16/transformer" --threads 8 --timeout 30 \
+      2>&1 | tee -a "$OUT/native.jsonl"
+    step native-mflux 40 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/warm" \
+      --folder "$NATIVE/bf16" --quant bf16 --time-limit 60 2>&1 | tee -a "$OUT/native.jsonl"
     rm -rf "$NATIVE"
-    # Target 4: the VAE decode at 1024x1024, whole-tensor layers against 256 MB row bands (peak over
-    # its weights, and the largest pixel difference)
-    step decode 30 "${BENCH[@]}" --sections decode --band-mb 0,256,64 --budget decode=55 --time-limit 60 2>&1 | tee "$OUT/decode.jsonl"
-    # Target 1 for the text encoders, and where each quantized path wins, layer by layer
-    step encode 30 "${BENCH[@]}" --sections encode --quant bf16,q8,q4 --paths dequant,qmm \
-      --time-limit $(($(left) - 40)) 2>&1 | tee "$OUT/encode.jsonl"
-    step qmatmul 20 "${BENCH[@]}" --sections qmatmul --budget qmatmul=$(($(left) - 10)) \
-      --time-limit $(($(left) - 5)) 2>&1 | tee "$OUT/qmatmul.jsonl"
-    ;;
-  train)
-    python3 -c "import mlx.core" 2>/dev/null || bash .gpu2/mlx-cuda-install.sh 2 || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/peft-*.whl .gpuw/accelerate-*.whl \
-      .gpuw/psutil-*.whl && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-    for res in 512 1024; do
-      timeout 280 python3 bench/bench_train.py --size full --res $res --steps 3 --warmup 1 --timeout 130 \
-        2>&1 | tee -a "$OUT/train.jsonl"
-    done
+    # Target 4: the VAE decode at 1024x1024, whole-tensor and 256 MB bands, under each bound
+    step decode 25 "${BENCH[@]}" --sections decode --band-mb 0 --headroom none,2,1 --budget decode=30 \
+      --time-limit 35 2>&1 | tee "$OUT/decode.jsonl"
     ;;
   *)
-    echo "usage: $0 a|b|c [full|tiny] | train" >&2
+    echo "usage: $0 a|b|c [full|tiny]" >&2
     exit 2
     ;;
 esac

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import click
 
 from mflux import __version__
-from mflux.errors import Interrupted, MfluxError
+from mflux.errors import Interrupted, MfluxError, ReportedElsewhere
 from mflux.runtime.quantization import AFFINE_BITS, GROUP_SIZES, MODES, QUANTIZABLE_COMPONENTS
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -65,6 +65,8 @@ class MfluxGroup(click.Group):
         warnings.formatwarning = _one_line_warning
         try:
             code = super().main(args, prog_name or "mflux", complete_var, standalone_mode=False, **extra)
+        except ReportedElsewhere:
+            sys.exit(1)
         except MfluxError as e:
             _fail(str(e), 130 if isinstance(e, Interrupted) else 1)
         except ImportError as e:
@@ -640,12 +642,15 @@ def train(config_file, **flags):
 
     The images are encoded once (VAE, T5, CLIP) into a cache, the encoders freed, and the LoRA
     trained with gradient checkpointing. Ctrl-C saves a checkpoint; --resume continues exactly.
+    Under mlx.launch -n N each batch is split over the ranks (--batch-size a multiple of N) and the
+    gradients averaged; rank 0 writes the files.
 
     \b
     Examples:
       mflux train --model dev --data ./photos --output me.safetensors --trigger sks --steps 1000
       mflux train --config train.toml --steps 2000
       mflux train --config train.toml --resume me.train
+      mlx.launch --backend nccl -n 4 -- mflux train --config train.toml --batch-size 4
     """
     from mflux.train.trainer import read_config_file, summary
     from mflux.train.trainer import train as train_lora
@@ -656,7 +661,8 @@ def train(config_file, **flags):
         if not options.get(required):
             raise MfluxError(f"--{required} is required (as a flag or in --config)")
     result = train_lora(**{"progress": sys.stderr.isatty(), **options})  # no bar in a log file
-    click.echo(summary(result))
+    if result.rank == 0:  # under mlx.launch the other ranks stay quiet
+        click.echo(summary(result))
 
 
 @cli.command()

@@ -5,19 +5,22 @@ joins them into one group (ring over TCP, MPI, NCCL on CUDA, Thunderbolt RDMA on
 launcher set up). Started without a launcher, the group has one rank and nothing here changes a run.
 
 - data parallel: every rank makes every size-th image (mflux.runtime.parallel.shard_rows);
-- sequence parallel: every rank takes part in every image, rank 0 writes it.
+- sequence parallel: every rank takes part in every image, rank 0 writes it;
+- training (mflux.train): every rank takes its rows of each step's batch, the gradients are averaged,
+  and rank 0 alone reads the data, the cache and a checkpoint (`share`, `broadcast`) and writes.
 
 When a rank fails, mlx.launch sends SIGTERM to the others and may still exit 0, so each rank says on
 SIGTERM which images it still owed; a user (or a test) reads that, not the exit code.
 """
 
 import contextlib
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 
-from mflux.errors import MfluxError
+from mflux.errors import MfluxError, ReportedElsewhere
 
 PARALLEL_MODES = ("data", "sequence")
 
@@ -86,16 +89,85 @@ class Owed:
         os._exit(128 + signum)
 
 
-def total(group, count: int) -> int:
-    """The sum of every rank's `count`; one clear error when a rank has gone (its own message says why)."""
+def total(group, count: int, hint: str = "its messages say why") -> int:
+    """The sum of every rank's `count`; one clear error, ending in `hint`, when a rank has gone."""
     import mlx.core as mx
 
     if group.size() == 1:
         return count
-    try:
+    with lost_peer(group, hint):
         return int(mx.distributed.all_sum(mx.array([count], dtype=mx.int64), group=group).item())
+
+
+@contextlib.contextmanager
+def lost_peer(group, hint: str):
+    """A collective that fails because another rank has gone: one line naming this rank, not a
+    traceback. In one process an error passes through unchanged."""
+    try:
+        yield
     except RuntimeError as e:
-        raise MfluxError(
-            f"rank {group.rank()}: another rank stopped before the end ({e}); its messages say which "
-            "images it did not write"
-        ) from None
+        if group.size() == 1:
+            raise
+        raise MfluxError(f"rank {group.rank()}: another rank stopped before the end ({e}); {hint}") from None
+
+
+def settle(group, error: MfluxError | None) -> None:
+    """After each rank's own checks, before any work: every rank stops when one refused, and the reason
+    is said once. Rank 0's error is the one raised when it has one (the others' are then the same
+    checks failing alike, or come second); else each rank that refused raises its own. The rest raise
+    ReportedElsewhere, which the CLI does not print. Without a launcher: raises `error`, if any."""
+    import mlx.core as mx
+
+    if group.size() == 1:
+        if error is not None:
+            raise error
+        return
+    mine = int(error is not None)
+    with lost_peer(group, "its messages say why"):
+        votes = [mine if group.rank() == 0 else 0, mine]
+        lead, failed = mx.distributed.all_sum(mx.array(votes, dtype=mx.int64), group=group).tolist()
+    if error is not None and (group.rank() == 0 or not lead):
+        raise error
+    if failed:
+        raise ReportedElsewhere(f"rank {group.rank()}: another rank refused the run (its error says why)")
+
+
+def broadcast(group, arrays: dict) -> dict:
+    """Rank 0's values for `arrays` on every rank; every rank passes the same names, shapes and dtypes.
+
+    An all_sum to which the other ranks add zeros, so the values arrive exact: floating arrays travel
+    as float32, integers as int64 (what every backend sums), then are cast back. Rank 0 keeps its own."""
+    import mlx.core as mx
+
+    from mflux.runtime.parallel import all_sum_arrays
+
+    if group.size() == 1:
+        return arrays
+    mine = {k: v if group.rank() == 0 else mx.zeros_like(v) for k, v in arrays.items()}
+    out = {}
+    for wide, floating in ((mx.float32, True), (mx.int64, False)):
+        names = sorted(k for k, v in mine.items() if mx.issubdtype(v.dtype, mx.floating) == floating)
+        if names:
+            out |= zip(names, all_sum_arrays([mine[k] for k in names], group, wide))
+    with lost_peer(group, "its messages say why"):
+        mx.eval(out)  # rank 0 too: a collective nobody evaluates never runs, and the others would wait
+    return arrays if group.rank() == 0 else out
+
+
+def share(group, arrays: dict | None) -> dict:
+    """Rank 0's `arrays` on every rank, where the others do not know their names or shapes (they pass
+    None): those first, as JSON through `agree`, then the values through `broadcast`."""
+    import mlx.core as mx
+
+    if group.size() == 1:
+        return arrays
+    spec = b""
+    if group.rank() == 0:
+        spec = json.dumps({k: [list(v.shape), str(v.dtype).split(".")[-1]] for k, v in arrays.items()})
+        spec = spec.encode()
+    with lost_peer(group, "its messages say why"):  # the others wait here while rank 0 encodes
+        (length,) = agree(group, [len(spec)])
+        spec = bytes(agree(group, list(spec) or [0] * length))
+    if group.rank() != 0:
+        arrays = {k: mx.zeros(shape, getattr(mx, dtype)) for k, (shape, dtype) in json.loads(spec).items()}
+    return broadcast(group, arrays)

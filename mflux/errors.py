@@ -8,3 +8,8 @@ class InvalidArgument(MfluxError, ValueError):
 
 class Interrupted(MfluxError):
     """Ctrl-C, with a message saying what was kept; the CLI exits 130, as a shell does for SIGINT."""
+
+
+class ReportedElsewhere(MfluxError):
+    """Under mlx.launch: another rank refused the run and printed why. The CLI exits 1 without a line of
+    its own, so a refusal every rank makes reads as one line, not one per rank."""

@@ -269,7 +269,7 @@ def run(
             ):
                 written[done.index] = done.written
         # inside: a SIGTERM while waiting for the other ranks still says what is missing (nothing)
-        count = distributed.total(world, len(written))
+        count = distributed.total(world, len(written), "its messages say which images it did not write")
     results = [written[i] for i in sorted(written)]
     if results:
         _summary(results, seconds, memory, time.perf_counter() - start, verbose, as_json)

@@ -7,6 +7,10 @@ OUT/rank<r>.json for the test to read, since mlx.launch's exit code says little.
                                                              the ranks and not: the parameters
     python -m tests.distributed_worker sigterm OUT ARGS...   `mflux run ARGS` where rank 1 is sent SIGTERM
                                                              right after writing its first image
+    python -m tests.distributed_worker ctrl-c OUT ARGS...    `mflux train ARGS` where rank 1 alone is sent
+                                                             SIGINT after step 2
+    python -m tests.distributed_worker encode-fails OUT ARGS...  `mflux train ARGS` where rank 0 fails while
+                                                             rank 1 waits for the encodings
 """
 
 import json
@@ -136,11 +140,50 @@ def sigterm(out: Path, args: list[str]) -> None:
     cli.main(["run", *args], standalone_mode=True)
 
 
+def ctrl_c(args: list[str]) -> None:
+    """`mflux train` with a Ctrl-C that reaches rank 1 alone, after step 2: every rank must stop there.
+    Rank 1 is given a --data folder that does not exist, since it must never read the data."""
+    from mflux.cli import cli
+    from mflux.train import trainer
+
+    if os.environ.get("MLX_RANK") == "1":
+        args = [a if a != args[args.index("--data") + 1] else "/nonexistent/data" for a in args]
+
+    train = trainer.train
+
+    def interrupted_on_rank_1(*a, **kw):
+        def on_step(step, loss):
+            if step == 2 and os.environ.get("MLX_RANK") == "1":
+                os.kill(os.getpid(), signal.SIGINT)
+
+        return train(*a, on_step=on_step, **kw)
+
+    trainer.train = interrupted_on_rank_1  # the command imports it when it runs
+    cli.main(["train", *args], standalone_mode=True)
+
+
+def encode_fails(args: list[str]) -> None:
+    """`mflux train` where rank 0 fails as it encodes (as a full disk does), while rank 1 waits for it."""
+    from mflux.cli import cli
+    from mflux.errors import MfluxError
+    from mflux.train.trainer import Trainer
+
+    def fail(self):
+        raise MfluxError("the disk is full (the test's)")
+
+    Trainer.encode = fail  # only rank 0 encodes
+    cli.main(["train", *args], standalone_mode=True)
+
+
 if __name__ == "__main__":
     what, where = sys.argv[1], Path(sys.argv[2])
     if what == "transformer":
         transformer(where)
     elif what == "training":
         training(where)
+    elif what == "ctrl-c":
+        ctrl_c(sys.argv[3:])
+    elif what == "encode-fails":
+        encode_fails(sys.argv[3:])
     else:
         sigterm(where, sys.argv[3:])

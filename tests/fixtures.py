@@ -538,3 +538,23 @@ def store_hf_folder(folder: Path, name: str) -> Path:
         source = {"kind": "path", "path": str(folder)}
         write_manifest(tmp, new_manifest(tmp, name=name, format="hf", dtype="bfloat16", source=source))
     return Store().path(name)
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (40, 190, 60), "yellow": (230, 210, 40)}
+
+
+def write_dataset(folder: Path, size=(80, 64)) -> Path:
+    """A training set for `mflux train`: solid colours and stripes, with captions; wider than tall, so
+    the centre crop runs."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, colour in COLOURS.items():
+        Image.new("RGB", size, colour).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a solid {name} square")
+    stripes = np.zeros((size[1], size[0], 3), np.uint8)
+    stripes[::8] = 255
+    stripes[1::8] = 255
+    Image.fromarray(stripes).save(folder / "stripes.png")
+    (folder / "stripes.txt").write_text("white stripes on black")
+    return folder

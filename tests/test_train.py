@@ -26,30 +26,16 @@ from mflux.runtime.weights import SafetensorsFile
 from mflux.train import lora, train
 from mflux.train.objective import flow_loss, sample_sigmas, training_sigmas
 from tests import lora_files as lf
+from tests.fixtures import write_dataset
 
 RES = 64  # 4x4 latent tokens... 16 packed tokens
 SEQ = 32  # T5 tokens while training and generating (the model's 256 costs 8x the attention)
 GRAD_TOL = 1e-4
 FLOAT32_BOUND = 2
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (40, 190, 60), "yellow": (230, 210, 40)}
 # The held-out-noise loss of the tiny random model falls 1.32x in 120 steps (1.37 -> 1.04) and then
 # levels off: at small sigma the target noise - x0 is nearly unpredictable from x_t whatever is learned.
 LOSS_FACTOR = 1.25
 LEARN = dict(steps=120, rank=8, lr=3e-3, resolution=RES, max_sequence_length=SEQ, precision="float32")
-
-
-def write_dataset(folder, size=(80, 64)):
-    """Solid colours and stripes, with captions; wider than tall, so the centre crop runs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, colour in COLOURS.items():
-        Image.new("RGB", size, colour).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a solid {name} square")
-    stripes = np.zeros((size[1], size[0], 3), np.uint8)
-    stripes[::8] = 255
-    stripes[1::8] = 255
-    Image.fromarray(stripes).save(folder / "stripes.png")
-    (folder / "stripes.txt").write_text("white stripes on black")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from mflux.runtime import sampler
+from mflux.runtime import memory, sampler
 
 
 class Models(Protocol):
@@ -137,7 +137,7 @@ def generate(
             r.sequence_parallel,
         )
         for i, x in enumerate(steps, 1):
-            mx.eval(x)
+            memory.evaluate(x)
             yield Step(i, len(sigmas) - 1, rows, x)
         if n == len(batches):
             del steps, m  # hold no reference to the transformer, so the caller can free it
@@ -158,7 +158,7 @@ def encode_prompts(models: Models, prompts: list[str], max_sequence_length: int,
         out[p] = encode_prompt(
             clip, t5, clip_ids(clip_tok, [p]), t5_ids(t5_tok, [p], max_sequence_length), dtype
         )
-        mx.eval(out[p])
+        memory.evaluate(out[p])
     return out
 
 
@@ -240,9 +240,12 @@ def modulations(flux, pooled: mx.array, sigmas: list[float], guidance: float | N
 def decode(vae, latents: mx.array, height: int, width: int) -> np.ndarray:
     """Packed latents -> uint8 images (B, H, W, 3), rounded as diffusers' image processor does."""
     z = vae.unscale(sampler.unpack(latents, height, width))  # (B, H/8, W/8, 16)
-    image = vae.decode(z.astype(vae_dtype(vae)))
-    image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0, 1)
-    return np.array((image * 255).round().astype(mx.uint8))
+    with memory.bounded():
+        image = vae.decode(z.astype(vae_dtype(vae)))
+        image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0, 1)
+        pixels = (image * 255).round().astype(mx.uint8)
+        mx.eval(pixels)
+    return np.array(pixels)
 
 
 def encode_image(vae, pixels: np.ndarray, dtype) -> mx.array:

@@ -109,11 +109,21 @@ def average_gradients(grads, group: "mx.distributed.Group"):
     if n == 1:
         return grads
     flat = tree_flatten(grads)
-    # one collective for the whole tree (a LoRA has hundreds of small tensors), summed in float32
-    joined = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in flat])
-    joined = mx.distributed.all_sum(joined, group=group) / n
+    summed = all_sum_arrays([g for _, g in flat], group, divide=n)
+    return tree_unflatten([(name, g) for (name, _), g in zip(flat, summed)])
+
+
+def all_sum_arrays(
+    arrays: list[mx.array], group: "mx.distributed.Group", dtype=mx.float32, divide: int = 1
+) -> list[mx.array]:
+    """Each array summed over the ranks (then divided by `divide`), shapes and dtypes kept: one all_sum
+    of `dtype` for the whole list, since a LoRA has hundreds of small tensors."""
+    joined = mx.concatenate([a.astype(dtype).reshape(-1) for a in arrays])
+    joined = mx.distributed.all_sum(joined, group=group)
+    if divide != 1:
+        joined = joined / divide
     out, start = [], 0
-    for name, g in flat:
-        out.append((name, joined[start : start + g.size].reshape(g.shape).astype(g.dtype)))
-        start += g.size
-    return tree_unflatten(out)
+    for a in arrays:
+        out.append(joined[start : start + a.size].reshape(a.shape).astype(a.dtype))
+        start += a.size
+    return out

@@ -10,6 +10,12 @@ an argument and a result, so a checkpoint (LoRA weights, optimizer state, step, 
 Everything a run writes goes into its work folder, `<output>.train/` unless given: `cache.safetensors`,
 `checkpoints/step-NNNNNN.safetensors` (the last `keep_checkpoints`), `loss.jsonl`, `loss.png` and
 `validation/step-NNNNNN.png`. The LoRA itself is the output file, under diffusers/PEFT names.
+
+Under `mlx.launch -n N` (data parallel, docs/PERFORMANCE.md): every rank draws the whole batch's noise
+and sigmas from the same key, as one process does, takes its batch/N rows, and the gradients of the
+rows' mean loss are averaged with all_sum before clipping, so N ranks step as one process with the
+whole batch. Rank 0 alone reads the data, the cache and a checkpoint, shares what it read
+(mflux.distributed.share, broadcast), and writes every file; the others need only the model.
 """
 
 import json
@@ -27,12 +33,14 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mflux import distributed
 from mflux.backend import default_precision
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
-from mflux.runtime import sampler
+from mflux.runtime import memory, sampler
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import load_component
+from mflux.runtime.parallel import average_gradients
 from mflux.runtime.quantization import QuantSpec
 from mflux.train import data as dataset
 from mflux.train import lora
@@ -121,15 +129,24 @@ class TrainResult:
     peak_memory: dict = field(default_factory=dict)  # phase -> bytes
     validation_images: list[Path] = field(default_factory=list)
     encoded: bool = True  # False: the latents and embeddings came from the work folder's cache
+    rank: int = 0  # under mlx.launch: this process's rank (0 wrote the files), of `ranks`
+    ranks: int = 1
 
 
 def train(model: str, data: str, output: str, on_step=None, **options) -> TrainResult:
     """Train a LoRA on the images and captions in `data` and write it to `output` (.safetensors).
 
     Options are TrainConfig's fields; `on_step(step, loss)` is called after each step. Raises
-    MfluxError for bad input, before anything loads or is encoded."""
-    cfg = TrainConfig(model=model, data=data, output=output, **options)
-    return Trainer(cfg, on_step).run()
+    MfluxError for bad input, before anything loads or is encoded. Under mlx.launch every rank calls
+    this and gets the same losses; rank 0 writes the files."""
+    group = distributed.world()
+    trainer, error = None, None
+    try:
+        trainer = Trainer(TrainConfig(model=model, data=data, output=output, **options), on_step, group)
+    except MfluxError as e:
+        error = e
+    distributed.settle(group, error)  # under mlx.launch every rank stops when one refused
+    return trainer.run()
 
 
 def resolve_model(model: str) -> ModelFolder:
@@ -149,16 +166,29 @@ def resolve_model(model: str) -> ModelFolder:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, on_step=None):
+    """One run; constructing it checks every input, before anything loads. Under mlx.launch (`group`
+    of several ranks) rank 0 alone checks the output, the data and a checkpoint, which only it reads."""
+
+    def __init__(self, cfg: TrainConfig, on_step=None, group=None):
         self.cfg = cfg
         self.on_step = on_step
         self.output = Path(cfg.output).expanduser()
         self.work = Path(cfg.work_dir).expanduser() if cfg.work_dir else self.output.with_suffix(".train")
-        if self.output.exists() and not cfg.force:
+        self.group = group or distributed.world()
+        self.rank, self.ranks = self.group.rank(), self.group.size()
+        self.lead = self.rank == 0  # reads the data and checkpoints, writes every file, prints
+        if cfg.batch_size % self.ranks:
+            raise InvalidArgument(
+                f"--batch-size {cfg.batch_size} does not divide among the {self.ranks} ranks of mlx.launch "
+                f"(each rank takes an equal share of every batch; use a multiple of {self.ranks})"
+            )
+        if self.lead and self.output.exists() and not cfg.force:
             raise MfluxError(f"{self.output} exists (pass --force to replace it, or pick another --output)")
         self.folder = resolve_model(cfg.model)
-        self.examples = dataset.scan(cfg.data, cfg.trigger)
-        self.resume_from = find_checkpoint(cfg.resume) if cfg.resume else None
+        self.examples, self.resume_from, self.encoded = None, None, False
+        if self.lead:
+            self.examples = dataset.scan(cfg.data, cfg.trigger)
+            self.resume_from = find_checkpoint(cfg.resume) if cfg.resume else None
         if self.resume_from:
             check_checkpoint(self.resume_from, self.folder.name, cfg)
         self.precision = cfg.precision or default_precision()
@@ -169,17 +199,19 @@ class Trainer:
     # --- the run ---
 
     def run(self) -> TrainResult:
-        self.work.mkdir(parents=True, exist_ok=True)
-        cache = self.encode()
+        if self.lead:
+            self.work.mkdir(parents=True, exist_ok=True)
+        cache = distributed.share(self.group, self.encode() if self.lead else None)
         flux, layers, optimizer = self.build()
         state = self.restore(flux, optimizer)
         losses, seconds = self.loop(flux, optimizer, cache, state)
-        if self.cfg.validation_prompt and not self.cfg.validation_every:
-            self.validate(flux, cache, state["step"])
-        self.save_lora(layers)
-        from mflux.train.report import plot_losses
+        if self.lead:
+            if self.cfg.validation_prompt and not self.cfg.validation_every:
+                self.validate(flux, cache, state["step"])
+            self.save_lora(layers)
+            from mflux.train.report import plot_losses
 
-        plot_losses(read_log(self.work / "loss.jsonl"), self.work / "loss.png")
+            plot_losses(read_log(self.work / "loss.jsonl"), self.work / "loss.png")
         return TrainResult(
             self.output,
             self.work,
@@ -189,6 +221,8 @@ class Trainer:
             self.peak,
             self.validation_images,
             self.encoded,
+            self.rank,
+            self.ranks,
         )
 
     def encode(self) -> dict[str, mx.array]:
@@ -228,6 +262,10 @@ class Trainer:
         if self.resume_from:
             state = load_checkpoint(self.resume_from, flux, optimizer)
         optimizer.init(flux.trainable_parameters())  # fills in a fresh state; keeps a restored one
+        if self.ranks > 1:  # rank 0's (a checkpoint only it read): every rank starts alike
+            arrays = state_arrays(flux, optimizer, state) | {"step": mx.array(state["step"])}
+            arrays = distributed.broadcast(self.group, arrays)
+            state = set_state(arrays, flux, optimizer) | {"step": arrays["step"].item()}
         return state
 
     def loop(self, flux, optimizer, cache, state) -> tuple[list[float], float]:
@@ -242,10 +280,11 @@ class Trainer:
             cfg.guidance,
             cfg.gradient_checkpointing,
             cfg.max_grad_norm,
+            self.group,
         )
-        order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
-        log = LossLog(self.work / "loss.jsonl", state["step"])
-        bar = _progress(cfg, state["step"])
+        order = BatchOrder(cache["latents"].shape[0], cfg.batch_size, cfg.seed)
+        log = LossLog(self.work / "loss.jsonl", state["step"]) if self.lead else None
+        bar = _progress(cfg, state["step"], self.lead)
         losses, start_step, key = [], state["step"], state["key"]
         started = time.perf_counter()
         with StopOnInterrupt() as interrupt:
@@ -253,32 +292,38 @@ class Trainer:
                 idx = mx.array(order.indices(state["step"]))
                 t0 = time.perf_counter()
                 loss, key = step_fn(key, idx)
-                mx.eval(flux.state, optimizer.state, loss, key)
+                with distributed.lost_peer(self.group, "its messages say why"):  # the all_sums
+                    memory.evaluate(flux.state, optimizer.state, loss, key)
                 state["step"] += 1
                 state["key"] = key
                 seconds = time.perf_counter() - t0
                 losses.append(loss.item())
-                log.write(state["step"], losses[-1], seconds, mx.get_peak_memory())
+                if log:
+                    log.write(state["step"], losses[-1], seconds, mx.get_peak_memory())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if self.on_step:
                     self.on_step(state["step"], losses[-1])
-                if cfg.validation_every and state["step"] % cfg.validation_every == 0:
+                if self.lead and cfg.validation_every and state["step"] % cfg.validation_every == 0:
                     self.validate(flux, cache, state["step"])
+                # every rank stops after the same step when any was interrupted (one scalar all_sum)
+                stopped = distributed.total(self.group, int(interrupt.stopped)) > 0
                 due = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
-                if interrupt.stopped or due:
+                if self.lead and (stopped or due):
                     saved = self.checkpoint(flux, optimizer, state)
-                if interrupt.stopped:
+                if stopped:
                     bar.close()
-                    print(
-                        f"interrupted at step {state['step']}: saved {saved} "
-                        f"(continue with --resume {self.work})",
-                        file=sys.stderr,
-                    )
+                    if self.lead:
+                        print(
+                            f"interrupted at step {state['step']}: saved {saved} "
+                            f"(continue with --resume {self.work})",
+                            file=sys.stderr,
+                        )
                     raise KeyboardInterrupt
         bar.close()
         self.peak["training"] = mx.get_peak_memory()
-        if state["step"] > start_step and (not cfg.checkpoint_every or state["step"] % cfg.checkpoint_every):
+        last_saved = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
+        if self.lead and state["step"] > start_step and not last_saved:
             self.checkpoint(flux, optimizer, state)
         ran = state["step"] - start_step
         return losses, (time.perf_counter() - started) / ran if ran else 0.0
@@ -289,9 +334,7 @@ class Trainer:
         folder = self.work / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{state['step']:06d}.safetensors"
-        arrays = {f"lora.{k}": v for k, v in tree_flatten(flux.trainable_parameters())}
-        arrays |= {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
-        arrays["random.key"] = state["key"]
+        arrays = state_arrays(flux, optimizer, state)
         meta = {
             "kind": CHECKPOINT_KIND,
             "step": str(state["step"]),
@@ -353,30 +396,41 @@ def make_step(
     guidance: float = DEV_GUIDANCE,
     checkpoint: bool = True,
     max_grad_norm: float = 1.0,
+    group=None,
 ):
     """One compiled training step: (key, batch indices) -> (loss, next key). The model's and the
     optimizer's state are the compiled function's inputs and outputs, so it updates them in place.
-    `cache` holds the encoded examples (see encode_dataset); `scheduler` is the model's config."""
+    `cache` holds the encoded examples (see encode_dataset); `scheduler` is the model's config.
+
+    With a `group` of N ranks this rank trains on its batch/N rows of the batch one process would
+    draw; the gradients and the loss are averaged over the ranks (each is a mean over equal rows)."""
     latents, txt, pooled, caption = cache["latents"], cache["txt"], cache["pooled"], cache["caption"]
+    n, rank = (group.size(), group.rank()) if group else (1, 0)
+    rows = batch // n
+    mine = slice(rank * rows, (rank + 1) * rows)  # this rank's rows of the batch
     table = training_sigmas(scheduler)
-    img_ids = mx.broadcast_to(sampler.image_ids(resolution, resolution), (batch, latents.shape[1], 3))
-    txt_ids = mx.broadcast_to(sampler.text_ids(txt.shape[1]), (batch, txt.shape[1], 3))
+    img_ids = mx.broadcast_to(sampler.image_ids(resolution, resolution), (rows, latents.shape[1], 3))
+    txt_ids = mx.broadcast_to(sampler.text_ids(txt.shape[1]), (rows, txt.shape[1], 3))
     pe = flux.positions(img_ids, txt_ids)
-    g = mx.full((batch,), guidance, dtype=mx.float32) if flux.params.guidance_embed else None
+    g = mx.full((rows,), guidance, dtype=mx.float32) if flux.params.guidance_embed else None
     loss_and_grad = nn.value_and_grad(flux, flow_loss)
     state = [flux.state, optimizer.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(key, idx):
         key, k_noise, k_sigma = mx.random.split(key, 3)
-        x0 = latents[idx]
-        noise = mx.random.normal(x0.shape, key=k_noise)
-        sigma, timestep = sample_sigmas(k_sigma, batch, table)
-        rows = caption[idx]
+        # the whole batch's noise and sigmas, as one process draws them, then this rank's rows
+        noise = mx.random.normal((batch, *latents.shape[1:]), key=k_noise)[mine]
+        sigma, timestep = (t[mine] for t in sample_sigmas(k_sigma, batch, table))
+        idx = idx[mine]
+        x0, text = latents[idx], caption[idx]
         loss, grads = loss_and_grad(
-            flux, x0, noise, sigma, timestep, txt[rows], pooled[rows], pe, g, checkpoint
+            flux, x0, noise, sigma, timestep, txt[text], pooled[text], pe, g, checkpoint
         )
-        grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
+        if n > 1:
+            grads = average_gradients(grads, group)
+            loss = mx.distributed.all_sum(loss, group=group) / n
+        grads, _ = optim.clip_grad_norm(grads, max_grad_norm)  # the global norm, after averaging
         optimizer.update(flux, grads)
         return loss, key
 
@@ -448,14 +502,14 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
-def _progress(cfg: TrainConfig, start: int):
+def _progress(cfg: TrainConfig, start: int, lead: bool = True):
     from tqdm import tqdm
 
     return tqdm(
         total=cfg.steps,
         initial=start,
         unit="step",
-        disable=not cfg.progress,
+        disable=not (cfg.progress and lead),
         dynamic_ncols=True,
         desc="train",
     )
@@ -511,12 +565,25 @@ def check_checkpoint(path: Path, base_model: str, cfg: TrainConfig) -> None:
 
 def load_checkpoint(path: Path, flux, optimizer) -> dict:
     arrays, meta = mx.load(str(path), return_metadata=True)
+    return set_state(arrays, flux, optimizer) | {"step": int(meta["step"])}
+
+
+def state_arrays(flux, optimizer, state: dict) -> dict[str, mx.array]:
+    """What a checkpoint holds, by name: the LoRA, the optimizer's state and the random key."""
+    arrays = {f"lora.{k}": v for k, v in tree_flatten(flux.trainable_parameters())}
+    arrays |= {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
+    arrays["random.key"] = state["key"]
+    return arrays
+
+
+def set_state(arrays: dict[str, mx.array], flux, optimizer) -> dict:
+    """state_arrays' inverse: the LoRA and optimizer state put back; returns {"key": the random key}."""
     params = [(k[len("lora.") :], v) for k, v in arrays.items() if k.startswith("lora.")]
     flux.update(tree_unflatten(params))
     opt = [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
     optimizer.state = tree_unflatten(opt)
     mx.eval(flux.trainable_parameters(), optimizer.state)
-    return {"step": int(meta["step"]), "key": arrays["random.key"]}
+    return {"key": arrays["random.key"]}
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -559,7 +626,8 @@ def summary(r: TrainResult) -> str:
     if not r.encoded:
         sizes["encoding"] = "none (read from the cache)"
     peaks = ", ".join(f"{phase} {size}" for phase, size in sizes.items())
-    lines = [f"wrote {r.output} (step {r.steps}; work folder {r.work_dir})"]
+    over = f"; each batch over {r.ranks} ranks" if r.ranks > 1 else ""
+    lines = [f"wrote {r.output} (step {r.steps}; work folder {r.work_dir}{over})"]
     if r.losses:
         lines.append(
             f"loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} (mean of the first and last "

@@ -1,0 +1,133 @@
+"""What bounds reading weights onto the device (issue 12, target 2): a folder of safetensors shards read
+several ways, each in its own process, each printing GB/s as a JSON line.
+
+    python bench/probe_load.py DIR [--ways read,mx_load,...] [--threads 8]
+
+- read: the files' bytes into host memory, one file after another (the page cache or disk's rate).
+- read_threads: the same from `--threads` threads at once.
+- mx_load: what mflux's loader does per shard, `mx.load` then `mx.eval` of its arrays, one shard at a time.
+- mx_load_all: every shard's `mx.load` first, then one `mx.eval` of all the arrays.
+- mx_load_threads: `mx.load` + `mx.eval` of a different shard in each of `--threads` threads.
+- numpy_threads: each thread reads its shard's bytes and makes each tensor with `mx.array` from a numpy
+  view of them (no second read of the file).
+
+The files are expected to be in the page cache (bench/gpu.sh writes them just before), so `read` is the
+rate a loader could reach if copying onto the device cost nothing.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+WAYS = ("read", "read_threads", "mx_load", "mx_load_all", "mx_load_threads", "numpy_threads")
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _numpy_arrays(path: Path) -> list:
+    import mlx.core as mx
+    import numpy as np
+
+    data = _read(path)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    base, out = 8 + n, []
+    kinds = {"BF16": (np.uint16, mx.bfloat16), "F16": (np.float16, None), "F32": (np.float32, None)}
+    kinds |= {"U32": (np.uint32, None), "U8": (np.uint8, None)}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        np_dtype, view = kinds[t["dtype"]]
+        a, b = t["data_offsets"]
+        arr = mx.array(
+            np.frombuffer(data, dtype=np_dtype, count=(b - a) // np.dtype(np_dtype).itemsize, offset=base + a)
+        )
+        out.append((arr.view(view) if view else arr).reshape(t["shape"]))
+    mx.eval(out)
+    return out
+
+
+def run_way(way: str, files: list[Path], threads: int) -> None:
+    import mlx.core as mx
+
+    total = sum(f.stat().st_size for f in files)
+    t = time.perf_counter()
+    if way == "read":
+        for f in files:
+            _read(f)
+    elif way == "read_threads":
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(_read, files))
+    elif way == "mx_load":
+        for f in files:
+            arrays = mx.load(str(f))
+            mx.eval(arrays)
+            del arrays
+    elif way == "mx_load_all":
+        arrays = [mx.load(str(f)) for f in files]
+        mx.eval(arrays)
+    elif way == "mx_load_threads":
+
+        def one(f):
+            arrays = mx.load(str(f))
+            mx.eval(arrays)
+            return len(arrays)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, files))
+    elif way == "numpy_threads":
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(_numpy_arrays, files):
+                pass
+    mx.synchronize()
+    s = time.perf_counter() - t
+    line = {
+        "what": "load_probe",
+        "way": way,
+        "threads": threads if "threads" in way else 1,
+        "files": len(files),
+    }
+    line |= {"gb": round(total / 1e9, 3), "s": round(s, 3), "gb_per_s": round(total / 1e9 / s, 3)}
+    line |= {"peak_gb": round(mx.get_peak_memory() / 1e9, 3)}
+    print(json.dumps(line), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder", help="a folder of .safetensors files (searched recursively)")
+    ap.add_argument("--ways", default=",".join(WAYS))
+    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--timeout", type=float, default=120, help="seconds per way")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: one way
+    args = ap.parse_args()
+    files = sorted(Path(args.folder).rglob("*.safetensors"))
+    if not files:
+        sys.exit(f"error: no .safetensors files under {args.folder}")
+    if args.one:
+        run_way(args.one, files, args.threads)
+        return
+    for way in [w for w in args.ways.split(",") if w]:
+        cmd = [sys.executable, __file__, args.folder, "--one", way, "--threads", str(args.threads)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
+        except subprocess.TimeoutExpired:
+            print(json.dumps({"what": "load_probe_failed", "way": way, "why": "timeout"}), flush=True)
+            continue
+        lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+        if out.returncode or not lines:
+            why = {"rc": out.returncode, "stderr": out.stderr[-400:]}
+            print(json.dumps({"what": "load_probe_failed", "way": way, **why}), flush=True)
+        for x in lines:
+            print(x, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The bound on how far MLX runs ahead of the device (mflux.runtime.memory): it sets MLX's memory limit
+for one evaluation only, and an image made under a tight bound is the image made without one."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mflux import Config, Flux1
+from mflux.runtime import memory
+
+
+def test_bounded_sets_the_limit_over_what_is_held_and_puts_it_back():
+    before = mx.get_memory_limit()
+    held = mx.zeros((1 << 20,), dtype=mx.float32)
+    mx.eval(held)
+    with memory.bounded(64 << 20):
+        inside = mx.get_memory_limit()
+        assert mx.get_active_memory() <= inside <= mx.get_active_memory() + (64 << 20)
+        assert inside >= held.nbytes + (64 << 20)
+    assert mx.get_memory_limit() == before
+    with pytest.raises(RuntimeError), memory.bounded(1 << 20):
+        raise RuntimeError("an evaluation that fails")
+    assert mx.get_memory_limit() == before  # put back on the way out of an error too
+
+
+def test_no_bound_leaves_the_limit_alone():
+    before = mx.get_memory_limit()
+    with memory.bounded(None):
+        assert mx.get_memory_limit() == before
+
+
+def test_a_tight_bound_makes_the_same_image(tiny_schnell, monkeypatch):
+    cfg = Config(num_inference_steps=2, height=64, width=64)
+
+    def image(headroom):
+        monkeypatch.setitem(memory.HEADROOM, "cpu", headroom)
+        flux = Flux1.from_path(tiny_schnell, precision="float32")
+        return np.array(flux.generate_image(3, "a photo of a cat", cfg).image)
+
+    free = image(None)
+    assert free.std() > 10  # a real image, so equality means something
+    limits = []
+    real = mx.set_memory_limit
+
+    def spy(limit):
+        limits.append(limit)
+        return real(limit)
+
+    monkeypatch.setattr(mx, "set_memory_limit", spy)
+    tight = image(1 << 16)  # 64 KB over what is held: every evaluation waits on the queue
+    assert limits, "the engine's evaluations ran without the bound"
+    np.testing.assert_array_equal(tight, free)
