@@ -135,6 +135,15 @@ def _check_components(ctx, param, value):
     return tuple(parts)
 
 
+def _check_devices(ctx, param, value):
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise click.BadParameter(f"{value!r} is not a list of GPU numbers (like 0,1)")
+    return tuple(int(p) for p in parts)
+
+
 @click.group(name="mflux", cls=MfluxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mflux")
 def cli():
@@ -702,16 +711,29 @@ def train(config_file, **flags):
     show_default=True,
     help="Seconds a request may take, queued time included.",
 )
-def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout):
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Worker processes, each with its own copy of the model [default: 1, a thread of the server]. "
+    "On CUDA, one per GPU from 0; elsewhere they share the one device.",
+)
+@click.option(
+    "--devices",
+    callback=_check_devices,
+    help="CUDA GPUs, one worker process each, like 0,1 (list a GPU twice for two workers on it).",
+)
+def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout, workers, devices):
     """Serve the OpenAI Images API, the A1111 API and a web page.
 
-    One worker owns the model: requests queue first in, first out.
+    One worker owns the model (or one per device, with --workers or --devices): requests queue first
+    in, first out, and each goes to the next free worker.
 
     \b
     Examples:
       mflux serve --model schnell
       mflux serve --model dev-q8 --port 8080 --lora-dir ~/loras
       MFLUX_API_KEY=secret mflux serve --host 0.0.0.0 --model schnell
+      mflux serve --model schnell --devices 0,1,2,3
     """
     from mflux.server.serve import serve as serve_http
 
@@ -724,6 +746,8 @@ def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout):
         output_dir=output_dir,
         queue=queue,
         timeout=timeout,
+        workers=workers,
+        devices=devices,
     )
 
 

@@ -1,13 +1,17 @@
 """The server under test: `mflux serve`'s app in uvicorn on a free loopback port, in a thread of this process."""
 
+import base64
+import io
 import socket
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import uvicorn
+from PIL import Image, PngImagePlugin
 
 from mflux.server.app import create_app
 from mflux.server.core import ServerSettings
@@ -71,3 +75,27 @@ class Gate:
             raise RuntimeError("the test never opened the gate")
         self._order.append(prompt)
         yield from self._flux.generate(seeds, prompt, *args, **kwargs)
+
+
+def png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def png_bytes(image: Image.Image, **text) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def wait_for(predicate, what: str, seconds: float = 30):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -18,14 +18,14 @@ import pytest
 import requests
 import webuiapi
 from click.testing import CliRunner
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from mflux import Config, Flux1
 from mflux.server.core import ApiError, Limits, ServerSettings, seed_run
 from mflux.server.openai_api import IMG2IMG_STRENGTH, INPAINT_STRENGTH, openai_mask_to_mflux
 from mflux.server.worker import _load_flux, preview_steps
 from tests.fixtures import store_hf_folder
-from tests.server_harness import Gate, module_store, serving, write_lora
+from tests.server_harness import Gate, module_store, pixels, png, png_bytes, serving, wait_for, write_lora
 
 SIZE = "32x32"  # the smallest size the tiny VAE decodes quickly; the server is what is tested
 PX = 32
@@ -70,30 +70,6 @@ def oai(srv):
 def a1111(srv):
     host, port = srv.url.removeprefix("http://").split(":")
     return webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=2)
-
-
-def png(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def png_bytes(image: Image.Image, **text) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    for k, v in text.items():
-        info.add_text(k, v)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def wait_for(predicate, what: str, seconds: float = 30):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # --- OpenAI -----------------------------------------------------------------------------------------------

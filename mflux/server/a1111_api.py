@@ -183,7 +183,7 @@ def sd_models(request: Request) -> list[SDModel]:
 @router.get("/options")
 def get_options(request: Request) -> dict:
     server = request.app.state.server
-    name = server.models.name
+    name = server.worker.model_name
     return {
         "sd_model_checkpoint": _title(server, name) if name else None,
         "sd_checkpoint_hash": server.model_hash(name) if name and server.store.exists(name) else None,
@@ -214,7 +214,7 @@ async def set_options(request: Request, body: dict) -> None:
 def progress(request: Request, skip_current_image: bool = False) -> ProgressResponse:
     worker = request.app.state.server.worker
     job = worker.current
-    step, total = worker.step
+    step, total = job.progress if job else (0, 0)
     done = step / total if total else 0.0
     elapsed = time.monotonic() - job.started if job and job.started else 0.0
     eta = elapsed / done - elapsed if done > 0 else 0.0
@@ -225,7 +225,7 @@ def progress(request: Request, skip_current_image: bool = False) -> ProgressResp
         sampling_step=step,
         sampling_steps=total,
     )
-    preview = worker.preview if job and not skip_current_image else None
+    preview = job.preview if job and not skip_current_image else None
     return ProgressResponse(
         progress=done, eta_relative=eta, state=state, current_image=b64(preview) if preview else None
     )
@@ -233,7 +233,7 @@ def progress(request: Request, skip_current_image: bool = False) -> ProgressResp
 
 @router.post("/interrupt")
 def interrupt(request: Request) -> dict:
-    request.app.state.server.worker.interrupt()
+    request.app.state.server.worker.interrupt()  # every running job: A1111's interrupt names none
     return {}
 
 
@@ -310,7 +310,7 @@ def _info(server, body: Txt2ImgRequest, job: Job, results: list[Result], interru
     if note:
         notes.append(note)
     infotexts = [_infotext(r.png) for r in results]
-    name = job.model or server.models.name
+    name = job.model or server.worker.model_name
     return {
         "prompt": job.prompt,
         "all_prompts": [job.prompt] * len(results),

@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException
 from mflux.errors import MfluxError
 from mflux.server import a1111_api, mflux_api, openai_api
 from mflux.server.core import ApiError, Server, ServerSettings
-from mflux.server.worker import Job
 
 log = logging.getLogger("mflux.server")
 KEY_COOKIE = "mflux_api_key"
@@ -37,9 +36,7 @@ def create_app(settings: ServerSettings, loader=None) -> FastAPI:
     async def lifespan(app):
         if own_output:
             server.output_dir = Path(tempfile.mkdtemp(prefix="mflux-serve-"))
-        server.worker.start()
-        if settings.model:
-            server.submit(Job(model=settings.model, load_only=True))  # warm before the first request
+        server.worker.start()  # each runner loads --model before it takes a job
         yield
         server.worker.stop()
         if own_output:
@@ -63,12 +60,13 @@ def _pages(app: FastAPI, server: Server) -> None:
         w = server.worker
         return {
             "status": "ok",
-            "model": server.models.key[0] if server.models.key else None,
-            "default_model": server.models.name,
+            "model": w.loaded_model(),
+            "default_model": w.model_name,
             "queue": w.queued(),
             "running": w.current is not None,
             "queue_limit": w.max_queue,
             "backend": w.backend,
+            "workers": w.workers(),
         }
 
     @app.get("/", include_in_schema=False)

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from mflux.errors import MfluxError
 from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
-from mflux.server.worker import End, Job, Models, QueueFull, Result, Worker
+from mflux.server.worker import End, Job, Models, QueueFull, Result, ThreadRunner, Worker, WorkerLost
 
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
@@ -47,7 +47,52 @@ class ServerSettings:
     output_dir: Path | None = None  # where response_format=url images go (a temporary folder if None)
     queue: int = 16
     timeout: float = 600.0
+    # one worker process per entry, each seeing that CUDA device (None: sharing the host's one device);
+    # empty: one worker thread in the server's own process. worker_devices() makes it from the flags.
+    devices: tuple[str | None, ...] = ()
     limits: Limits = field(default_factory=Limits)
+
+
+def worker_devices(workers: int | None, devices: tuple[int, ...] | None, gpus: int) -> tuple[str | None, ...]:
+    """`ServerSettings.devices` from `--workers` and `--devices`, given the host's CUDA GPUs (0 without
+    CUDA): each listed GPU gets a worker (a GPU listed twice, two); `--workers N` alone is GPUs 0..N-1
+    on CUDA, and N processes sharing the one device elsewhere; neither is the in-process worker thread."""
+    if workers is not None and workers < 1:
+        raise MfluxError(f"--workers must be at least 1, got {workers}")
+    if devices:
+        listed = ",".join(map(str, devices))
+        if not gpus:
+            raise MfluxError(
+                f"--devices {listed} names CUDA GPUs, and MLX here has no CUDA GPU "
+                "(on a CPU or a Mac, --workers N starts N worker processes sharing the one device)"
+            )
+        if workers is not None and workers != len(devices):
+            raise MfluxError(
+                f"--workers {workers} and --devices {listed} disagree: --devices starts one worker per GPU "
+                "listed (list a GPU twice for two workers on it); give one of them"
+            )
+        bad = [d for d in devices if d >= gpus]
+        if bad:
+            raise MfluxError(f"--devices {listed}: this host has {gpus} CUDA GPU(s), numbered 0..{gpus - 1}")
+        return tuple(str(d) for d in devices)
+    if workers is None or workers == 1:
+        return ()
+    if not gpus:
+        return (None,) * workers
+    if workers > gpus:
+        raise MfluxError(
+            f"--workers {workers} puts one worker on each of CUDA GPUs 0..{workers - 1}, but this host has "
+            f"{gpus} (list them with --devices to put several workers on a GPU, e.g. --devices 0,0,1,1)"
+        )
+    return tuple(str(d) for d in range(workers))
+
+
+def cuda_gpus() -> int:
+    """The CUDA GPUs MLX sees (0 on a CPU or a Mac): the parent counts them; it runs nothing on them."""
+    from mflux.backend import import_mlx
+
+    mx = import_mlx()
+    return mx.device_count(mx.gpu) if mx.cuda.is_available() else 0
 
 
 class ApiError(Exception):
@@ -68,7 +113,7 @@ class ApiError(Exception):
 
 
 class Server:
-    """The state behind every route: settings, the store, the model slot and the worker."""
+    """The state behind every route: settings, the store and the worker (the queue and its runners)."""
 
     def __init__(self, settings: ServerSettings, loader=None):
         from mflux.store import Store
@@ -76,8 +121,7 @@ class Server:
         self.settings = settings
         self.limits = settings.limits
         self.store = Store()
-        self.models = Models(settings.model, loader)
-        self.worker = Worker(self.models, settings.queue)
+        self.worker = Worker(_runners(settings, loader), settings.model, settings.queue)
         self.output_dir = settings.output_dir
 
     # --- names ----------------------------------------------------------------------------------------
@@ -87,7 +131,7 @@ class Server:
     def check_model(self, name: str | None, param: str = "model") -> str | None:
         """A store name (or `<name>-q<bits>` of one), or 404 naming the choices. None: the loaded model."""
         if name in (None, ""):
-            if self.models.name is None:
+            if self.worker.model_name is None:
                 raise ApiError(
                     400, f"no model is loaded; name one of: {', '.join(self.model_names())}", param
                 )
@@ -262,6 +306,16 @@ class Server:
         return path if path.is_file() else None
 
 
+def _runners(settings: ServerSettings, loader) -> list:
+    """One worker thread here (`loader(name, loras)` replaces Flux1.from_name: tests only), or one
+    process per entry of `settings.devices`."""
+    if not settings.devices:
+        return [ThreadRunner(Models(loader))]
+    from mflux.server.process import ProcessRunner
+
+    return [ProcessRunner(i, device) for i, device in enumerate(settings.devices)]
+
+
 def end_error(end: End, timeout: float) -> ApiError | None:
     """What a client is told about a job that did not end well; None for one that did."""
     if end.status == "ok":
@@ -275,6 +329,8 @@ def end_error(end: End, timeout: float) -> ApiError | None:
     e = end.error
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, WorkerLost):
+        return ApiError(500, str(e), code="worker_died")
     if isinstance(e, MfluxError):
         return ApiError(400, str(e))
     return ApiError(500, "the generation failed on the server (see its log)", code="server_error")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mflux.errors import MfluxError
-from mflux.server.core import ServerSettings
+from mflux.server.core import ServerSettings, cuda_gpus, worker_devices
 
 
 def serve(
@@ -19,13 +19,18 @@ def serve(
     output_dir: str | None = None,
     queue: int = 16,
     timeout: float = 600.0,
+    workers: int | None = None,
+    devices: tuple[int, ...] | None = None,
 ) -> None:
-    """Serve until interrupted; the model (if named) is checked now and loaded before the first request."""
+    """Serve until interrupted; the model (if named) is checked now and loaded before the first request.
+    `workers`/`devices`: see `worker_devices` (None and None: one worker thread in this process)."""
     import uvicorn
 
     from mflux.server.app import create_app
     from mflux.store import Store
 
+    several = (workers or 1) > 1 or bool(devices)  # only then is MLX asked for the CUDA GPUs
+    planned = worker_devices(workers, devices, cuda_gpus() if several else 0)
     if model is not None and not Store().exists(model):
         from mflux.flux1 import _QUANT_NAME, _missing
 
@@ -45,6 +50,7 @@ def serve(
         output_dir=Path(output_dir).expanduser() if output_dir else None,
         queue=queue,
         timeout=timeout,
+        devices=planned,
     )
     log = logging.getLogger("mflux.server")  # the one line per request
     if not log.handlers:

@@ -1,8 +1,10 @@
-"""The one worker that owns the model and the device, and the bounded FIFO queue that feeds it.
+"""The bounded FIFO queue, and the runners that take jobs from it: the only code that touches Flux1 and MLX.
 
-HTTP handlers build a `Job`, `submit` it and await its events; only the worker thread touches `Flux1` and
-MLX. Each job's events (steps, previews, images, the end) are handed to the handler's event loop with
-`call_soon_threadsafe`, so a slow client never blocks the worker and the worker never blocks a handler.
+HTTP handlers build a `Job`, `submit` it and await its events. Each runner has a thread of this process that
+takes the next job and runs it: `ThreadRunner` on a model in this process (`mflux serve`'s default), or
+`mflux.server.process.ProcessRunner` in a worker process of its own, one per device (`--workers`,
+`--devices`). Each job's events (steps, previews, images, the end) are handed to the handler's event loop
+with `call_soon_threadsafe`, so a slow client never blocks a runner and a runner never blocks a handler.
 """
 
 import asyncio
@@ -11,10 +13,11 @@ import gc
 import io
 import logging
 import math
+import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from PIL import Image
 
@@ -22,14 +25,19 @@ from mflux.errors import InvalidArgument, MfluxError
 
 log = logging.getLogger("mflux.server")
 
-DEFAULT_QUEUE = 16  # jobs waiting (not counting the one running); past it, 429 with Retry-After
+DEFAULT_QUEUE = 16  # jobs waiting (not counting the running ones); past it, 429 with Retry-After
 DEFAULT_TIMEOUT = 600.0  # seconds from submission to the last image, queued time included
+STOP_GRACE = 10.0  # seconds a running job has to stop at shutdown before its worker process is ended
 
 
 class QueueFull(MfluxError):
     def __init__(self, limit: int, retry_after: int):
         super().__init__(f"the queue is full ({limit} jobs waiting; retry after {retry_after} s)")
         self.retry_after = retry_after
+
+
+class WorkerLost(Exception):
+    """A worker process died (a crash, an out-of-memory kill) or could not start; the runner restarts it."""
 
 
 @dataclass
@@ -48,18 +56,23 @@ class Result:
 
 
 @dataclass
+class Loaded:
+    key: tuple  # (name, loras) of the model the runner now holds
+
+
+@dataclass
 class End:
     status: str  # "ok", "cancelled", "timeout", "error"
     error: Exception | None = None
 
 
 @dataclass
-class Job:
-    """One request's work: `seeds` images of one prompt and settings, or (`load_only`) a model switch."""
+class JobParams:
+    """What a job asks for, as plain picklable data: all that a worker process is sent."""
 
     prompt: str = ""
     seeds: list[int] = field(default_factory=list)
-    model: str | None = None  # a store name; None: the model loaded now (or the server's default)
+    model: str | None = None  # a store name; None: the server's current model (set as a runner takes it)
     width: int = 1024
     height: int = 1024
     steps: int | None = None
@@ -73,15 +86,30 @@ class Job:
     partial_images: int = 0  # this many step previews, evenly spaced (OpenAI's partial_images)
     every_preview: bool = False  # a preview at every step (the web UI)
     load_only: bool = False
-    timeout: float = DEFAULT_TIMEOUT
     id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+
+@dataclass
+class Job(JobParams):
+    """One request's work (`seeds` images of one prompt and settings, or a model switch) and its state."""
+
+    timeout: float = DEFAULT_TIMEOUT
     submitted: float = 0.0
     started: float | None = None
     finished: float | None = None
     status: str = "queued"
     cancelled: threading.Event = field(default_factory=threading.Event)
+    progress: tuple[int, int] = (0, 0)  # (step, total) across all its images
+    preview: bytes | None = None  # the latest step preview (PNG)
     _loop: asyncio.AbstractEventLoop | None = None
     _events: asyncio.Queue | None = None
+
+    def params(self) -> JobParams:
+        return JobParams(**{f.name: getattr(self, f.name) for f in fields(JobParams)})
+
+    def stopped(self) -> bool:
+        """Cancelled, or past its timeout: the runner stops it at its next step."""
+        return self.cancelled.is_set() or time.monotonic() - self.submitted > self.timeout
 
     async def events(self):
         """The job's events in order, ending with its `End`."""
@@ -101,20 +129,15 @@ class Job:
 
 
 class Models:
-    """The one loaded model: switching frees the old one before loading the next, so two never share memory."""
+    """A runner's one loaded model: switching frees the old one before loading the next, so two never
+    share memory."""
 
-    def __init__(self, default: str | None = None, loader=None):
-        self.default = default
+    def __init__(self, loader=None):
         self.flux = None
         self.key: tuple | None = None  # (name, loras) of the loaded model
         self._loader = loader or _load_flux
 
-    @property
-    def name(self) -> str | None:
-        return self.key[0] if self.key else self.default
-
     def get(self, name: str | None, loras: tuple = ()):
-        name = name or self.name
         if name is None:
             raise InvalidArgument("no model is loaded (start with --model NAME, or name one in the request)")
         key = (name, tuple(loras))
@@ -141,184 +164,38 @@ def _clear_cache() -> None:
     mx.clear_cache()
 
 
-class Worker:
-    def __init__(self, models: Models, max_queue: int = DEFAULT_QUEUE):
-        self.models = models
-        self.max_queue = max_queue
-        self._queue: collections.deque[Job] = collections.deque()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.current: Job | None = None
-        self.step = (0, 0)  # (step, total) of the running job, across all its images
-        self.preview: bytes | None = None  # the latest step preview (PNG)
-        self._seconds_per_job = 10.0  # running mean, for Retry-After
-        self.backend: str | None = None  # the MLX device, once the worker has started
+def device_type() -> str:
+    """MLX's default device in this process: "cpu" or "gpu"."""
+    from mflux.backend import import_mlx
 
-    # --- the handlers' side -------------------------------------------------------------------------
-    def submit(self, job: Job) -> Job:
-        """Queue `job` (FIFO); its events go to the calling event loop. Raises QueueFull past the limit."""
-        job._loop = asyncio.get_running_loop()
-        job._events = asyncio.Queue()
-        with self._cond:
-            if len(self._queue) >= self.max_queue:
-                self._log(job, "rejected", 0.0, 0.0, "queue full")
-                raise QueueFull(self.max_queue, self.retry_after())
-            job.submitted = time.monotonic()
-            self._queue.append(job)
-            self._cond.notify()
-        return job
+    return import_mlx().default_device().type.name
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running job; False if no such job is waiting or running."""
-        with self._cond:
-            for job in self._queue:
-                if job.id == job_id:
-                    self._queue.remove(job)
-                    job.cancelled.set()
-                    self._finish(job, End("cancelled"))
-                    return True
-            if self.current and self.current.id == job_id:
-                self.current.cancelled.set()
-                return True
-        return False
 
-    def interrupt(self) -> bool:
-        """Cancel the running job (A1111's interrupt)."""
-        job = self.current
-        if job is None:
-            return False
-        job.cancelled.set()
-        return True
+def execute(models: Models, job: JobParams, emit, stopped) -> None:
+    """Run `job` on this process's model: switch to its model and LoRAs (emitting Loaded), then emit each
+    Step and Result until its images are done or `stopped()`. Raises what failed. The one adapter over
+    Flux1.generate, for the worker thread and every worker process alike."""
+    flux = models.get(job.model, job.loras)
+    emit(Loaded(models.key))
+    if job.load_only:
+        return
+    from mflux.flux1 import Config
 
-    def job_count(self) -> int:
-        with self._cond:
-            return len(self._queue) + (self.current is not None)
-
-    def queued(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
-    def retry_after(self) -> int:
-        return max(1, round(self._seconds_per_job))
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="mflux-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            for job in self._queue:
-                job.cancelled.set()
-                self._finish(job, End("cancelled"))
-            self._queue.clear()
-            if self.current:
-                self.current.cancelled.set()
-            self._cond.notify()
-        if self._thread:
-            self._thread.join(timeout=30)
-
-    # --- the worker thread ----------------------------------------------------------------------------
-    def _loop(self) -> None:
-        import mlx.core as mx
-
-        self.backend = mx.default_device().type.name  # "cpu" or "gpu"
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                job = self._queue.popleft()
-                self.current = job
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self.current = None
-                    self.step = (0, 0)
-
-    def _run(self, job: Job) -> None:
-        job.started = time.monotonic()
-        job.status = "running"
-        self.preview = None  # never show one job's preview as another's
-        if job.started - job.submitted > job.timeout:
-            return self._finish(job, End("timeout"))
-        try:
-            flux = self.models.get(job.model, job.loras)
-            if not job.load_only:
-                self._generate(flux, job)
-        except Exception as e:  # noqa: BLE001 - the job ends with its error, the worker keeps serving
-            if not isinstance(e, MfluxError):
-                log.exception("job %s failed", job.id)
-            return self._finish(job, End("error", e))
-        if job.cancelled.is_set():
-            return self._finish(job, End("cancelled"))
-        if time.monotonic() - job.submitted > job.timeout:
-            return self._finish(job, End("timeout"))
-        self._finish(job, End("ok"))
-
-    def _generate(self, flux, job: Job) -> None:
-        from mflux.flux1 import Config
-
-        config = Config(num_inference_steps=job.steps, height=job.height, width=job.width)
-        if job.guidance is not None:
-            config.guidance = job.guidance
-        steps = job.steps or flux.folder.defaults["steps"]
-        total_steps = steps * len(job.seeds)
-        previews = job.every_preview or (
-            preview_steps(job.partial_images, steps) if job.partial_images else False
-        )
-        done = 0
-        events = _events(flux, job, config, previews)
-        try:
-            for event in events:
-                if job.cancelled.is_set() or time.monotonic() - job.submitted > job.timeout:
-                    break
-                if isinstance(event, Step):
-                    done += 1
-                    self.step = (done, total_steps)
-                    if event.preview:
-                        self.preview = event.preview
-                job._emit(event)
-        finally:
-            events.close()  # stops the engine: the rest of the batch is never computed
-
-    def _finish(self, job: Job, end: End) -> None:
-        job.finished = time.monotonic()
-        job.status = end.status
-        started = job.started or job.finished
-        if job.status == "ok" and not job.load_only:
-            n = 0.8 * self._seconds_per_job + 0.2 * (job.finished - started)
-            self._seconds_per_job = n
-        self._log(job, end.status, started - job.submitted, job.finished - started, end.error)
-        job._emit(end)
-
-    def _log(self, job: Job, status: str, queued: float, generating: float, error=None) -> None:
-        """The one line per request."""
-        if job.load_only:
-            log.info(
-                "load model=%s seconds=%.2f status=%s%s",
-                job.model,
-                generating,
-                status,
-                f" error={error}" if error else "",
-            )
-            return
-        log.info(
-            "%s model=%s size=%dx%d steps=%s images=%d queued=%.2fs generating=%.2fs status=%s%s",
-            "load" if job.load_only else "generate",
-            job.model or self.models.name,
-            job.width,
-            job.height,
-            job.steps or "default",
-            len(job.seeds),
-            queued,
-            generating,
-            status,
-            f" error={error}" if error else "",
-        )
+    config = Config(num_inference_steps=job.steps, height=job.height, width=job.width)
+    if job.guidance is not None:
+        config.guidance = job.guidance
+    steps = job.steps or flux.folder.defaults["steps"]
+    previews = job.every_preview or (
+        preview_steps(job.partial_images, steps) if job.partial_images else False
+    )
+    events = _events(flux, job, config, previews)
+    try:
+        for event in events:
+            if stopped():
+                break
+            emit(event)
+    finally:
+        events.close()  # stops the engine: the rest of the batch is never computed
 
 
 def preview_steps(partial_images: int, steps: int) -> frozenset[int]:
@@ -327,8 +204,8 @@ def preview_steps(partial_images: int, steps: int) -> frozenset[int]:
     return frozenset(min(steps, math.ceil(i * steps / (k + 1))) for i in range(1, k + 1))
 
 
-def _events(flux, job: Job, config, previews):
-    """The engine's events for `job` as the worker's Step and Result, PNGs encoded here on the worker."""
+def _events(flux, job: JobParams, config, previews):
+    """The engine's events for `job` as Step and Result, PNGs encoded here, where the model runs."""
     from mflux.flux1 import ImageEvent
 
     stream = flux.generate(
@@ -358,3 +235,286 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+class ThreadRunner:
+    """Runs jobs on a model in this process, in its runner's thread: `mflux serve` without --workers."""
+
+    def __init__(self, models: Models):
+        self.models = models
+        self.index, self.pid, self.device, self.restarts, self.failures = 0, os.getpid(), None, 0, 0
+        self.backend: str | None = None  # once started
+        self.job: Job | None = None
+        self.model: tuple | None = None  # (name, loras) loaded
+
+    def alive(self) -> bool:
+        return self.backend is not None
+
+    def start(self) -> None:
+        self.backend = device_type()
+
+    def run(self, job: Job, emit) -> Exception | None:
+        try:
+            execute(self.models, job, emit, job.stopped)
+        except Exception as e:  # noqa: BLE001 - the job ends with its error, the runner keeps serving
+            if not isinstance(e, MfluxError):
+                log.exception("job %s failed", job.id)
+            return e
+        return None
+
+    def terminate(self) -> None:
+        pass  # a thread cannot be stopped from outside: it stops at the job's next step
+
+    def close(self) -> None:
+        pass
+
+
+class Worker:
+    """The bounded FIFO queue and its runners: each runner's thread takes the next job when it is free.
+
+    A runner (ThreadRunner, ProcessRunner) has `index`, `pid`, `device`, `backend`, `restarts` and
+    `failures`; `job` and `model` (name, loras), which the Worker keeps; and `alive()`, `start()`,
+    `run(job, emit)` (the job's error or None), `terminate()` and `close()`."""
+
+    def __init__(self, runners: list, default_model: str | None = None, max_queue: int = DEFAULT_QUEUE):
+        self.runners = runners
+        self.default_model = default_model
+        self.model: str | None = None  # the model jobs last named; None: the default
+        self.max_queue = max_queue
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._seconds_per_job = 10.0  # running mean, for Retry-After
+
+    # --- the handlers' side -------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str | None:
+        """The model a job that names none gets."""
+        return self.model or self.default_model
+
+    def loaded_model(self) -> str | None:
+        """`model_name`, once a runner holds it."""
+        name = self.model_name
+        return name if any(r.model and r.model[0] == name for r in self.runners) else None
+
+    @property
+    def backend(self) -> str | None:
+        return next((r.backend for r in self.runners if r.backend), None)
+
+    @property
+    def current(self) -> Job | None:
+        """The running job that started first (what A1111's progress shows)."""
+        jobs = self.running()
+        return min(jobs, key=lambda j: j.started or 0.0) if jobs else None
+
+    def running(self) -> list[Job]:
+        return [job for job in (r.job for r in self.runners) if job is not None]
+
+    def submit(self, job: Job) -> Job:
+        """Queue `job` (FIFO); its events go to the calling event loop. Raises QueueFull past the limit."""
+        job._loop = asyncio.get_running_loop()
+        job._events = asyncio.Queue()
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                self._log(job, "rejected", 0.0, 0.0, "queue full")
+                raise QueueFull(self.max_queue, self.retry_after())
+            job.submitted = time.monotonic()
+            self._queue.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; False if no such job is waiting or running."""
+        with self._cond:
+            for job in self._queue:
+                if job.id == job_id:
+                    self._queue.remove(job)
+                    job.cancelled.set()
+                    self._finish(job, End("cancelled"))
+                    return True
+            for job in self.running():
+                if job.id == job_id:
+                    job.cancelled.set()
+                    return True
+        return False
+
+    def interrupt(self) -> bool:
+        """Cancel the running jobs (A1111's interrupt, which has no job id)."""
+        jobs = self.running()
+        for job in jobs:
+            job.cancelled.set()
+        return bool(jobs)
+
+    def job_count(self) -> int:
+        with self._cond:
+            return len(self._queue) + len(self.running())
+
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def retry_after(self) -> int:
+        return max(1, round(self._seconds_per_job / len(self.runners)))
+
+    def workers(self) -> list[dict]:
+        """Each runner, for /health."""
+        out = []
+        for r in self.runners:
+            job = r.job
+            state = "busy" if job else "idle" if r.alive() else "starting"
+            out.append(
+                {
+                    "id": r.index,
+                    "pid": r.pid,
+                    "device": r.device,
+                    "backend": r.backend,
+                    "state": state,
+                    "model": r.model[0] if r.model else None,
+                    "step": list(job.progress) if job else None,
+                    "restarts": r.restarts,
+                }
+            )
+        return out
+
+    def start(self) -> None:
+        for r in self.runners:
+            thread = threading.Thread(
+                target=self._serve, args=(r,), name=f"mflux-worker-{r.index}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Cancel every job, let the running ones stop at their next step, then end the worker processes."""
+        with self._cond:
+            self._stopping = True
+            for job in self._queue:
+                job.cancelled.set()
+                self._finish(job, End("cancelled"))
+            self._queue.clear()
+            for job in self.running():
+                job.cancelled.set()
+            self._cond.notify_all()
+        deadline = time.monotonic() + STOP_GRACE
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for r in self.runners:
+            r.terminate()  # those still loading a model or inside a long step
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    # --- each runner's thread -------------------------------------------------------------------------
+    def _serve(self, runner) -> None:
+        try:
+            while not self._stopping:
+                if not runner.alive() and not self._start(runner):
+                    continue
+                job = self._take(runner)
+                if job is not None:
+                    self._run(runner, job)
+        finally:
+            runner.close()
+
+    def _start(self, runner) -> bool:
+        """(Re)start `runner`, then load the current model into it; False (after a pause) if it failed."""
+        try:
+            runner.start()
+        except WorkerLost as e:
+            runner.failures += 1
+            delay = min(30, 2 ** (runner.failures - 1))
+            if not self._stopping:
+                log.error("%s; retrying in %d s", e, delay)
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping, timeout=delay)
+            return False
+        runner.failures = 0
+        if self.model_name and not self._stopping:
+            job = Job(model=self.model_name, load_only=True)
+            job.submitted = job.started = time.monotonic()
+            with self._cond:
+                runner.job = job
+            self._run(runner, job)
+        return True
+
+    def _take(self, runner) -> Job | None:
+        """The next job for `runner` (None when stopping, or when its process died while it waited)."""
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait(timeout=1.0)
+                if not runner.alive():
+                    return None
+            if self._stopping:
+                return None
+            job = self._queue.popleft()
+            job.model = job.model or self.model_name  # one choice for every runner, made in queue order
+            if job.model:
+                self.model = job.model
+            job.started = time.monotonic()
+            runner.job = job
+            return job
+
+    def _run(self, runner, job: Job) -> None:
+        job.status = "running"
+        if (job.model, job.loras) != runner.model:
+            runner.model = None  # the runner frees its model before it loads another
+        if job.started - job.submitted > job.timeout:
+            end = End("timeout")
+        else:
+            error = runner.run(job, lambda event: self._on_event(runner, job, event))
+            if error is not None and runner.model is None and self.model == job.model:
+                self.model = None  # a model that failed to load is not the current one: back to the default
+            if error is not None:
+                end = End("error", error)
+            elif job.cancelled.is_set():
+                end = End("cancelled")
+            elif job.stopped():
+                end = End("timeout")
+            else:
+                end = End("ok")
+        self._finish(job, end, runner)
+        with self._cond:
+            runner.job = None
+
+    def _on_event(self, runner, job: Job, event) -> None:
+        if isinstance(event, Loaded):
+            runner.model = event.key
+            return
+        if job.stopped():
+            return  # a stopped job sends nothing more, though its worker process may have
+        if isinstance(event, Step):
+            done = job.progress[0] + 1
+            job.progress = (done, event.total * len(job.seeds))
+            if event.preview:
+                job.preview = event.preview
+        job._emit(event)
+
+    def _finish(self, job: Job, end: End, runner=None) -> None:
+        job.finished = time.monotonic()
+        job.status = end.status
+        started = job.started or job.finished
+        if job.status == "ok" and not job.load_only:
+            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (job.finished - started)
+        self._log(job, end.status, started - job.submitted, job.finished - started, end.error, runner)
+        job._emit(end)
+
+    def _log(self, job: Job, status: str, queued: float, generating: float, error=None, runner=None) -> None:
+        """The one line per request, naming the worker (its index and process id) that ran it."""
+        where = f" worker={runner.index} pid={runner.pid}" if runner else ""
+        failed = f" error={error}" if error else ""
+        if job.load_only:
+            log.info("load model=%s seconds=%.2f status=%s%s%s", job.model, generating, status, where, failed)
+            return
+        log.info(
+            "generate model=%s size=%dx%d steps=%s images=%d queued=%.2fs generating=%.2fs status=%s%s%s",
+            job.model or self.model_name,
+            job.width,
+            job.height,
+            job.steps or "default",
+            len(job.seeds),
+            queued,
+            generating,
+            status,
+            where,
+            failed,
+        )

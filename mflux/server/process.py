@@ -1,0 +1,222 @@
+"""Worker processes (`mflux serve --workers N`, `--devices 0,1`): one per device, each with its own model.
+
+`ProcessRunner` is the parent's side: it starts a process, hands it one job at a time and relays what comes
+back to the queue's `Worker`. `main` is the process's side: MLX on its device, one `Models`, and the same
+`execute` the in-process worker thread runs. Processes start with multiprocessing's "spawn" (forking a
+process in which MLX has started is unsafe). The messages are plain picklable data that mflux creates:
+
+    parent -> process   ("job", JobParams)  ("cancel",)  ("stop",)
+    process -> parent   ("ready", backend)  ("failed", message)  ("event", Step | Result | Loaded)
+                        ("done", None | (is_user_error, message))
+
+This module imports no MLX at its top: a process sets CUDA_VISIBLE_DEVICES before MLX starts.
+"""
+
+import logging
+import multiprocessing
+import os
+import signal
+from multiprocessing import resource_tracker
+
+from mflux.errors import MfluxError
+from mflux.server.worker import Job, JobParams, Models, WorkerLost, device_type, execute, log
+
+START_TIMEOUT = 300.0  # seconds for a process to start MLX and say it is ready
+POLL = 0.1  # seconds between checks of a running job's cancel and timeout
+
+
+class ProcessRunner:
+    """Runs jobs in a worker process of its own; a process that dies is started again by its Worker."""
+
+    def __init__(self, index: int, device: str | None = None):
+        self.index = index
+        self.device = device  # its CUDA_VISIBLE_DEVICES; None: the host's one device, shared
+        self.pid: int | None = None
+        self.backend: str | None = None
+        self.job: Job | None = None
+        self.model: tuple | None = None  # (name, loras) the process holds
+        self.restarts = 0
+        self.failures = 0  # starts that failed in a row (the Worker waits longer after each)
+        self._process = None
+        self._conn = None
+
+    def alive(self) -> bool:
+        """Started and ready for jobs."""
+        return self.backend is not None and self._process is not None and self._process.is_alive()
+
+    def start(self) -> None:
+        """Start the process and wait until MLX runs in it; raises WorkerLost if it cannot."""
+        if self._process is not None:
+            log.error("%s exited while idle (%s); restarting it", self._name(), self._reap())
+        if self.pid is not None:
+            self.restarts += 1
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(
+            target=main,
+            args=(theirs, self.index, self.device),
+            name=f"mflux-worker-{self.index}",
+            daemon=True,
+        )
+        self.model = self.backend = None
+        # Ctrl-C reaches the whole process group; a process starts with SIGINT blocked (the mask outlives
+        # spawn's exec), so one that is still importing does not die of it; `main` then ignores it. The
+        # resource tracker first: starting it unblocks SIGINT in this thread, as it does for its own.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process.start()
+        except Exception as e:  # noqa: BLE001 - e.g. a script that starts a server without `if __name__ ...`
+            ours.close()
+            raise WorkerLost(f"worker {self.index} could not be started: {e}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            theirs.close()  # the parent keeps only its end, so the process's death reads as end-of-file
+        self._process, self._conn, self.pid = process, ours, process.pid
+        try:
+            if not ours.poll(START_TIMEOUT):
+                self._process.kill()
+                self._reap()
+                raise WorkerLost(f"{self._name()} did not start in {START_TIMEOUT:g} s")
+            message = ours.recv()
+        except (EOFError, OSError):
+            raise WorkerLost(f"{self._name()} exited while starting ({self._reap()})") from None
+        if message[0] == "failed":
+            self._reap()
+            raise WorkerLost(f"{self._name()} could not start: {message[1]}")
+        self.backend = message[1]
+
+    def run(self, job: Job, emit) -> Exception | None:
+        """Send `job` to the process and relay its events until it is done; asks the process to stop the
+        job once it is cancelled or past its timeout. Returns the job's error, if any."""
+        cancelling = False
+        try:
+            self._conn.send(("job", job.params()))
+            while True:
+                if self._conn.poll(POLL):
+                    message = self._conn.recv()
+                    if message[0] == "event":
+                        emit(message[1])
+                    elif message[0] == "done":
+                        return _error(message[1])
+                if not cancelling and job.stopped():
+                    self._conn.send(("cancel",))
+                    cancelling = True
+        except (EOFError, OSError):
+            return self._lost(job)
+
+    def terminate(self) -> None:
+        """End the process now (shutdown, after the grace): its runner's thread then sees it gone."""
+        process = self._process
+        if process is not None and process.is_alive():
+            process.terminate()
+
+    def close(self) -> None:
+        """Ask the process to exit and make sure it has: no worker process outlives the server."""
+        if self._process is None:
+            return
+        try:
+            self._conn.send(("stop",))
+        except OSError:
+            pass  # already gone
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+        self._reap()
+
+    def _lost(self, job: Job) -> WorkerLost:
+        pid, how = self.pid, self._reap()
+        log.error("%s died while running job %s (%s); restarting it", self._name(pid), job.id, how)
+        return WorkerLost(
+            f"worker {self.index} (pid {pid}) died while running this job ({how}); it is being restarted"
+        )
+
+    def _reap(self) -> str:
+        """Wait for the dead process; how it ended, in words."""
+        self._process.join(timeout=5)
+        code = self._process.exitcode
+        self._conn.close()
+        self._process = self._conn = None
+        if code is None:
+            return "still running"
+        if code < 0:
+            name = signal.Signals(-code).name
+            return f"killed by {name}" + (", perhaps for lack of memory" if -code == signal.SIGKILL else "")
+        return f"exit code {code}"
+
+    def _name(self, pid: int | None = None) -> str:
+        on = f", CUDA device {self.device}" if self.device is not None else ""
+        return f"worker {self.index} (pid {pid or self.pid}{on})"
+
+
+def _error(error) -> Exception | None:
+    if error is None:
+        return None
+    user, message = error
+    return MfluxError(message) if user else RuntimeError(message)
+
+
+# --- the worker process -------------------------------------------------------------------------------
+def main(conn, index: int, device: str | None) -> None:
+    """A worker process: MLX on its device, one model, one job at a time, until told to stop or the
+    parent is gone (its end of the pipe closes when it exits, however it exits)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us; a pending Ctrl-C is dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    _log_to_stderr(index)
+    try:
+        _serve(conn, device)
+    except (EOFError, ConnectionError):
+        pass  # the parent is gone
+
+
+def _serve(conn, device: str | None) -> None:
+    try:
+        conn.send(("ready", _device_backend(device)))
+    except MfluxError as e:
+        conn.send(("failed", str(e)))
+        return
+    models = Models()
+    while True:
+        message = conn.recv()
+        if message[0] == "stop" or (message[0] == "job" and not _run(conn, models, message[1])):
+            return
+
+
+def _device_backend(device: str | None) -> str:
+    name = device_type()
+    if device is not None and name != "gpu":
+        raise MfluxError(f"MLX sees no GPU with CUDA_VISIBLE_DEVICES={device}")
+    return name
+
+
+def _run(conn, models: Models, job: JobParams) -> bool:
+    """Run one job, sending its events and then its end; False when the process should exit."""
+    seen = None
+
+    def stopped() -> bool:
+        nonlocal seen
+        try:
+            while seen is None and conn.poll():
+                seen = conn.recv()[0]  # "cancel" or "stop"
+        except (EOFError, ConnectionError):
+            seen = "stop"  # the parent is gone
+        return seen is not None
+
+    error = None
+    try:
+        execute(models, job, lambda event: conn.send(("event", event)), stopped)
+    except Exception as e:  # noqa: BLE001 - the job ends with its error, the process keeps serving
+        if not isinstance(e, MfluxError | ConnectionError):  # ConnectionError: the parent is gone
+            log.exception("job %s failed", job.id)
+        error = (isinstance(e, MfluxError), str(e))
+    conn.send(("done", error))
+    return seen != "stop"
+
+
+def _log_to_stderr(index: int) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s mflux worker {index} pid {os.getpid()} %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
