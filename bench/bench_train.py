@@ -100,6 +100,10 @@ def run_diffusers(args) -> dict:
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    if cuda:
+        # On the H200's PyTorch 2.11 the cuDNN attention backward failed (mha_graph.execute, then illegal
+        # addresses), with and without checkpointing; PyTorch's flash attention runs it.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     cfg = {k: v for k, v in flux_config(args.size).items() if k != "in_channels"}
     with torch.device(device):
         model = FluxTransformer2DModel(in_channels=64, **cfg).to(dtype)
@@ -188,7 +192,10 @@ def child(impl: str, quant: str, res: int, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if impl == "mflux" and os.path.exists(OPENBLAS) and not _has_gpu():
         env["LD_PRELOAD"] = OPENBLAS
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {args.timeout:.0f} s (--timeout)"}
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
