@@ -121,10 +121,8 @@ def test_queue_bound_cancel_and_interrupt_with_worker_processes(two):
     try:
         for n in range(3):  # two run, one waits
             streams.append(requests.post(f"{two.url}/mflux/v1/generate", json=body, stream=True, timeout=60))
-            if n == 1:
-                wait_for(
-                    lambda: all(w["state"] == "busy" for w in health(two.url)["workers"]), "two running jobs"
-                )
+            if n < 2:  # each taken by a worker before the next arrives: a queue of one holds the third
+                wait_for(lambda n=n: busy(two.url) == n + 1, f"{n + 1} running jobs")
         # one line iterator per stream, kept: dropping one closes its connection, which cancels its job
         lines = [s.iter_lines(decode_unicode=True, delimiter="\n\n") for s in streams]
         ids = [json.loads(next(it).split("data: ", 1)[1])["job_id"] for it in lines]
@@ -147,6 +145,10 @@ def test_queue_bound_cancel_and_interrupt_with_worker_processes(two):
     # the processes stopped at their next step: far sooner than the 80-odd steps they had left
     assert time.monotonic() - started < 40 * step, (time.monotonic() - started, step)
     assert [w["pid"] for w in health(two.url)["workers"]] == pids  # cancelled, not killed
+
+
+def busy(url: str) -> int:
+    return sum(w["state"] == "busy" for w in health(url)["workers"])
 
 
 def seconds_per_step(url: str) -> float:
