@@ -39,6 +39,20 @@ def test_several_threads_load_the_same_weights(tiny_schnell, monkeypatch, spec):
             )
 
 
+def test_several_threads_load_a_stored_quantized_model(tiny_schnell, monkeypatch):
+    from mflux.convert import quantize
+
+    stored = quantize(str(tiny_schnell), bits=4, dtype="float32").path  # scales read, not computed
+    one, four = _load(stored, 1, monkeypatch), _load(stored, 4, monkeypatch)
+    assert any(name.endswith(".scales") for name in four["transformer"])
+    for c in COMPONENTS:
+        assert one[c].keys() == four[c].keys()
+        for name in one[c]:
+            np.testing.assert_array_equal(
+                np.array(one[c][name]), np.array(four[c][name]), err_msg=f"{c} {name}"
+            )
+
+
 def test_a_threads_error_reaches_the_caller():
     def lazy():
         raise MfluxError("shard 3 could not be read")

@@ -81,7 +81,7 @@ def load_component(
     module, weights = _prepare(folder, component, dtype, quantize)
     threads = LOAD_THREADS[backend()]
     if threads > 1:
-        weights = read_in_threads(lambda: _prepare(folder, component, dtype, quantize)[1], weights, threads)
+        weights = read_in_threads(lambda: _lazy_weights(folder, component, dtype, quantize), weights, threads)
     try:
         module.load_weights(list(weights.items()), strict=True)
     except ValueError as e:  # check_keys has compared names and shapes; this is a last guard
@@ -117,11 +117,9 @@ def prepare(
     if stored is not None:
         quantize_model_from_weights(module, weights, stored)
     check_keys(weights, module, str(where))
+    weights = cast_and_quantize(component, weights, dtype, spec if stored is None else None)
     if stored is None and spec is not None:
-        weights = cast_and_quantize(component, weights, dtype, spec)
         quantize_model_from_weights(module, weights, lambda path: spec)
-    else:
-        weights = cast_and_quantize(component, weights, dtype, None)
     return module, weights
 
 
@@ -188,8 +186,8 @@ def cast_and_quantize(component: str, weights: dict, dtype, spec: QuantSpec | No
 def read_in_threads(lazy_weights, weights: dict, threads: int) -> dict:
     """`weights` (name -> lazy array) evaluated by `threads` threads, each over a contiguous run of
     the layers. MLX evaluates an array only on the thread that built its graph, so each thread calls
-    `lazy_weights()` for its own lazy copy (reading headers and renaming again: milliseconds) and
-    evaluates its run of it; a layer's weight, scales and biases stay in one run."""
+    `lazy_weights()` for its own lazy copy (reading the headers and renaming again, no module built:
+    milliseconds) and evaluates its run of it; a layer's weight, scales and biases stay in one run."""
     layers: dict[str, list[str]] = {}
     for name in weights:
         layers.setdefault(name.rpartition(".")[0], []).append(name)
@@ -247,10 +245,26 @@ def stream(weights: dict):
 
 
 def _prepare(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None):
-    stored = partial(folder.quant_spec, component) if (folder.quantization or {}).get(component) else None
     return prepare(
-        folder.path / component, component, folder.format, folder.architecture, dtype, spec, stored
+        folder.path / component,
+        component,
+        folder.format,
+        folder.architecture,
+        dtype,
+        spec,
+        _stored(folder, component),
     )
+
+
+def _lazy_weights(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None) -> dict:
+    """`_prepare`'s weights alone, without the module or the checks (read_in_threads' copies)."""
+    weights = read_weights(folder.path / component, component, folder.format)
+    return cast_and_quantize(component, weights, dtype, spec if _stored(folder, component) is None else None)
+
+
+def _stored(folder: ModelFolder, component: str):
+    """The component's stored QuantSpec per layer path, or None when it is stored unquantized."""
+    return partial(folder.quant_spec, component) if (folder.quantization or {}).get(component) else None
 
 
 def _shape(value) -> tuple[int, ...]:
