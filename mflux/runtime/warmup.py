@@ -43,6 +43,7 @@ WAIT_S = 90  # the most the first transformer computation waits for the child; t
 STALE_S = 3600  # a staging folder this old was left by a process that died
 MARKER = "mflux-warm-{}.done"
 STAGING = ".mflux-warm-"
+LOG = "mflux-warm.log"  # the child's output; a failed child's is moved beside the cache
 
 
 def key(dtype: mx.Dtype, spec: QuantSpec | None, guidance: bool) -> str:
@@ -68,10 +69,13 @@ class Warmup:
             return False
 
     def stop(self) -> None:
-        """Kill the child if it still runs, and remove its staging folder."""
+        """Kill the child if it still runs, and remove its staging folder; a failed child's output is
+        kept as <cache>/mflux-warm.log."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        elif self.proc.returncode and (self.staging / LOG).exists():
+            os.replace(self.staging / LOG, self.staging.parent / LOG)
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
@@ -100,13 +104,14 @@ def start(
         "guidance": guidance,
     }
     args |= {"cache": str(cache), "marker": MARKER.format(k)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mflux.runtime.warmup", json.dumps(args)],
-        env={**os.environ, "MLX_PTX_CACHE_DIR": str(staging)},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(staging / LOG, "w") as log:  # kept only if the child fails (see Warmup.stop)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mflux.runtime.warmup", json.dumps(args)],
+            env={**os.environ, "MLX_PTX_CACHE_DIR": str(staging)},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
     return Warmup(proc, staging)
 
 
@@ -130,7 +135,7 @@ def publish(staging: Path, cache: Path, marker: str) -> None:
     """Move what was built in `staging` into `cache`, then write the marker. Each file is renamed into
     place (atomic on one file system), a module's kernel list and source before its code: MLX takes
     a module as cached once its code file (.ptx) exists."""
-    files = sorted(p for p in staging.iterdir() if p.is_file())
+    files = sorted(p for p in staging.iterdir() if p.is_file() and p.name != LOG)
     for p in [*(p for p in files if p.suffix != ".ptx"), *(p for p in files if p.suffix == ".ptx")]:
         os.replace(p, cache / p.name)
     (cache / marker).write_text(json.dumps({"built": [p.stem for p in files if p.suffix == ".ptx"]}))
