@@ -6,7 +6,6 @@ cpu), so the names a process built can be compared here: the warm-up's tiny mode
 compiled graph that real generations at another size build.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -14,7 +13,6 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import pytest
 
 from mflux.runtime import warmup
 
@@ -38,12 +36,13 @@ WARM = """
 import mlx.core as mx
 from mflux.runtime import warmup
 
-warmup.exercise(warmup.tiny_models(mx.float32, None, True), mx.float32, True)
+for task in warmup.tasks(mx.float32).values():
+    mx.eval(task())
 """
 
 
 def _built(tmp: Path, script: str, *args: str) -> set[str]:
-    """The compiled graphs a fresh process running `script` builds, by name."""
+    """The compiled graphs a fresh process running `script` builds, by name (on CUDA: the modules)."""
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
     subprocess.run([sys.executable, "-c", script, *args], env=env, check=True, timeout=600)
@@ -56,7 +55,7 @@ def _built(tmp: Path, script: str, *args: str) -> set[str]:
     return names
 
 
-def test_the_warm_up_builds_every_compiled_graph_that_generations_build(tiny_dev, tmp_path):
+def test_the_warm_up_tasks_build_every_compiled_graph_that_generations_build(tiny_dev, tmp_path):
     real = _built(tmp_path / "real", GENERATIONS, str(tiny_dev))
     warm = _built(tmp_path / "warm", WARM)
     assert len(real) >= 5  # silu, rope, the gated residual, the batched modulation, gelu, ...
@@ -65,29 +64,35 @@ def test_the_warm_up_builds_every_compiled_graph_that_generations_build(tiny_dev
 
 def test_publish_renames_each_module_into_the_cache_code_last(tmp_path, monkeypatch):
     staging, cache = tmp_path / "staging", tmp_path / "cache"
-    staging.mkdir()
+    (staging / "long" / "name").mkdir(parents=True)  # MLX makes folders of a '/' in a long graph name
     cache.mkdir()
-    for name in ("a.ptx", "a.txt", "a.cu", "b.ptx", "b.txt"):
+    names = ("a.ptx", "a.txt", "a.cu", "b.ptx", "b.txt", "long/name/c.ptx", "long/name/c.txt", warmup.LOG)
+    for name in names:
         (staging / name).write_text(name)
     moved = []
     real_replace = os.replace
     monkeypatch.setattr(
-        os, "replace", lambda src, dst: moved.append(Path(src).name) or real_replace(src, dst)
+        os,
+        "replace",
+        lambda src, dst: moved.append(str(src)[len(str(staging)) + 1 :]) or real_replace(src, dst),
     )
-    warmup.publish(staging, cache, "done")
-    assert {p.name for p in cache.iterdir()} == {"a.ptx", "a.txt", "a.cu", "b.ptx", "b.txt", "done"}
-    assert not list(staging.iterdir())
-    assert moved.index("a.ptx") > max(moved.index("a.txt"), moved.index("a.cu"))
-    assert moved.index("b.ptx") > moved.index("b.txt")
-    assert json.loads((cache / "done").read_text()) == {"built": ["a", "b"]}
+    assert warmup.publish(staging, cache) == ["a", "b", "long/name/c"]
+    assert {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()} == set(names) - {warmup.LOG}
+    assert [p.name for p in staging.rglob("*") if p.is_file()] == [warmup.LOG]
+    for module in ("a", "b", "long/name/c"):
+        code = moved.index(f"{module}.ptx")
+        assert all(
+            code > i for i, m in enumerate(moved) if m.startswith(module + ".") and m != f"{module}.ptx"
+        )
 
 
-def test_start_runs_the_child_once_per_cache(tmp_path, monkeypatch):
+def test_start_runs_a_child_per_graph_once_per_cache(tmp_path, monkeypatch):
     cache = tmp_path / "ptx"
     assert warmup.start(mx.float32, None, False, cache) is None  # not on this backend
     monkeypatch.setitem(warmup.WARM, "cpu", True)
     job = warmup.start(mx.float32, None, False, cache)
-    assert job is not None and job.staging.parent == cache
+    assert job is not None and len(job.procs) == len(warmup.tasks(mx.float32))
+    assert {s.parent for s in job.stagings} == {cache}
     assert job.wait(timeout=300)
     job.stop()
     markers = list(cache.glob("mflux-warm-*.done"))
@@ -98,6 +103,16 @@ def test_start_runs_the_child_once_per_cache(tmp_path, monkeypatch):
     assert other is not None
     other.stop()
     assert not list(cache.glob(warmup.STAGING + "*"))
+
+
+def test_a_failed_child_leaves_its_output_and_no_marker(tmp_path, monkeypatch):
+    monkeypatch.setitem(warmup.WARM, "cpu", True)
+    monkeypatch.setattr(warmup, "tasks", lambda dtype: {"broken": None})  # the child cannot find it
+    job = warmup.start(mx.float32, None, False, tmp_path)
+    assert not job.wait(timeout=120)
+    job.stop()
+    assert not list(tmp_path.glob("mflux-warm-*.done"))
+    assert "KeyError" in (tmp_path / warmup.LOG).read_text()
 
 
 def test_the_kernel_cache_persists_outside_the_temporary_folder(tmp_path, monkeypatch):
@@ -114,14 +129,3 @@ def test_the_kernel_cache_persists_outside_the_temporary_folder(tmp_path, monkey
     backend.import_mlx()
     assert backend.kernel_cache_dir() == tmp_path / "mine"
     assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "mine")
-
-
-@pytest.mark.parametrize("bits", [None, 4])
-def test_tiny_models_quantize_as_the_loader_does(bits):
-    from mflux.runtime.quantization import QuantSpec
-
-    spec = QuantSpec(bits) if bits else None
-    models = warmup.tiny_models(mx.float32, spec, False)
-    layer = models["transformer"].double_blocks[0].img_attn.qkv
-    assert ("scales" in layer) == (bits is not None)
-    assert "scales" not in models["vae"].decoder.conv_in

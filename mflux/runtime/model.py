@@ -141,9 +141,11 @@ class Flux(nn.Module):
         """
         t = mx.array(timesteps, dtype=mx.float32)
         n, b = t.shape[0], y.shape[0]
-        t = mx.repeat(t, b)  # (N*B,): step-major, matching the tiled y
-        y = mx.tile(y, (n, 1))
-        g = None if guidance is None else mx.tile(guidance, n)
+        # step-major rows (N*B): broadcasts, where repeat and tile would be gathers, whose kernels MLX
+        # builds at run time on CUDA (mflux.runtime.warmup)
+        t = mx.broadcast_to(t[:, None], (n, b)).reshape(-1)
+        y = mx.broadcast_to(y[None], (n, *y.shape)).reshape(n * b, -1)
+        g = None if guidance is None else mx.broadcast_to(guidance[None], (n, b)).reshape(-1)
         mods = self.block_modulations(self.conditioning(t, y, g))  # (N*B, K, hidden)
         return mods.reshape(n, b, *mods.shape[1:])
 
