@@ -31,7 +31,7 @@ import mlx.nn as nn
 from flux_sizes import FLUX
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mflux.runtime import engine, layers, memory, qmatmul, sampler
+from mflux.runtime import engine, layers, memory, qmatmul, sampler, warmup
 from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
 from mflux.runtime.clip import CLIPTextConfig, CLIPTextModel
 from mflux.runtime.model import Flux, FluxParams
@@ -778,6 +778,8 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     ph = _Phases()
     res, steps, n = src.res, args.pipeline_steps, args.images
     guidance = 3.5 if src.variant == "dev" else None
+    # as Flux1 does: the kernels of the transformer's first use are built by a child meanwhile
+    warm = warmup.start(args.dtype, src.spec, src.variant == "dev") if args.kernel_warmup == "on" else None
     with ph("load_text"):
         t5, clip = src.module("text_encoder_2"), src.module("text_encoder")
     clip_ids, t5_ids = src.token_ids()
@@ -791,6 +793,8 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     del t5, clip  # the prompt is encoded: free T5 and CLIP before the transformer loads
     with ph("load_transformer"):
         flux = src.module("transformer")
+        if warm:
+            warm.wait()
     weights["transformer"] = nbytes(flux) / 1e9
     sigmas = src.sigmas(steps)
     latents = []
@@ -881,7 +885,7 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
     cmd += ["--quant", quant, "--images", "2", "--dtype", DTYPE_ARGS[_dtype_name(args.dtype)]]
     cmd += ["--folder", args.folder] if args.folder else []
     cmd += ["--res", str(args.res)] if args.res else []
-    cmd += ["--headroom", args.headroom.split(",")[0]]
+    cmd += ["--headroom", args.headroom.split(",")[0], "--kernel-warmup", args.kernel_warmup]
     # the driver's own cache of compiled kernels lives beside MLX's, so "empty" empties both
     env = {**os.environ, "MLX_PTX_CACHE_DIR": str(cache), "CUDA_CACHE_PATH": str(cache / "nv")}
     left = max(10.0, budget.section_end - time.monotonic())
@@ -1137,6 +1141,13 @@ def main(argv=None) -> None:
     parser.add_argument("--pipeline-steps", type=int, default=4, help="pipeline: denoising steps per image")
     parser.add_argument(
         "--keep-transformer", action="store_true", help="pipeline: keep the transformer during the decode"
+    )
+    parser.add_argument(
+        "--kernel-warmup",
+        choices=("on", "off"),
+        default="on",
+        help="pipeline/firstrun: build the transformer's kernels in a child while loading, as Flux1 does "
+        "(mflux.runtime.warmup; CUDA only, and only where the kernel cache lacks them)",
     )
     parser.add_argument("--caches", default="empty,warm", help="firstrun: cache states to run, in order")
     parser.add_argument(

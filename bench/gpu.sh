@@ -15,6 +15,13 @@
 #                              layout's load + first image (diffusers, then mflux, fresh processes); an
 #                              MLX-native model written, read at GB/s, each way of reading it probed
 #                              (probe_load.py), then a pipeline from it; the VAE decode under each bound
+# Round 4 (the kernel warm-up, mflux.runtime.warmup) made two calls:
+#   d: carry .gpu1 and .gpuw   MLX's CUDA wheel (first half), diffusers; the Hugging Face layout checkpoint
+#                              written; diffusers' load + first image from it (fresh process)
+#   e: carry .gpu2             MLX's CUDA wheel (second half), mflux; mflux's load + first image from that
+#                              folder in a fresh process with an empty kernel cache, warm-up off then on,
+#                              then with the cache they left; the same from random weights (no load to
+#                              hide behind); probe_first on an empty cache; the q4 LoRA step at 512
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -128,8 +135,45 @@ case "${1:-}" in
     step decode 25 "${BENCH[@]}" --sections decode --band-mb 0 --headroom none,2,1 --budget decode=30 \
       --time-limit 35 2>&1 | tee "$OUT/decode.jsonl"
     ;;
+  d)
+    if [ "$SIZE" = full ]; then
+      { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } 2>&1 | tee "$OUT/machine.txt"
+      bash .gpu1/mlx-cuda-install.sh 1 || exit 1
+      python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl || exit 1
+    fi
+    rm -rf "$HF"
+    step write-hf 120 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
+      2>&1 | tail -3 | tee "$OUT/write.txt"
+    if [ "$SIZE" = full ]; then
+      step hf-diffusers 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee "$OUT/hf.jsonl"
+    fi
+    ;;
+  e)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX"
+    # Target 3 from the Hugging Face folder d wrote: a fresh process, empty cache, warm-up off then on;
+    # then a fresh process on the cache the last one left (its marker: no child)
+    for w in off on; do
+      step "hf-empty-warmup-$w" 50 "${BENCH[@]}" --sections firstrun --caches empty --ptx-cache "$PTX/hf-$w" \
+        --folder "$HF" --quant bf16 --kernel-warmup $w --time-limit 80 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    step hf-warm 40 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/hf-on" --folder "$HF" \
+      --quant bf16 --time-limit 60 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    # the same from random weights built on the GPU (load ~1 s: the warm-up has nothing to hide behind)
+    for q in bf16 q8 q4; do
+      step "random-empty-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    step probe-first-empty 40 timeout 60 "$PY" bench/probe_first.py --size "$SIZE" --cache "$PTX/probe" \
+      --state empty 2>&1 | tee -a "$OUT/probe_first.jsonl"
+    export MLX_PTX_CACHE_DIR="$PTX/train"
+    step train-q4-512 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant q4 --res 512 --steps 3 \
+      --warmup 1 --timeout $(($(left) - 10)) 2>&1 | tee -a "$OUT/train.jsonl"
+    ;;
   *)
-    echo "usage: $0 a|b|c [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e [full|tiny]" >&2
     exit 2
     ;;
 esac

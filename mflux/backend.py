@@ -1,4 +1,6 @@
+import os
 import platform
+from pathlib import Path
 
 from mflux.errors import MfluxError
 
@@ -9,8 +11,28 @@ BACKEND_HINT = (
 )
 
 
+def kernel_cache_dir() -> Path:
+    """Where MLX's CUDA backend keeps the kernels it builds at run time: MLX_PTX_CACHE_DIR where set, else
+    `$XDG_CACHE_HOME/mflux/mlx-<version>/ptx` (`~/.cache/...`), which `import_mlx` sets. MLX's own
+    default is in the temporary folder, which many systems clear at boot; each kernel lost is rebuilt
+    on the next first run (seconds each, issue 12). The MLX version is in the path because a new MLX
+    may build different code under the same kernel names."""
+    if os.environ.get("MLX_PTX_CACHE_DIR"):
+        return Path(os.environ["MLX_PTX_CACHE_DIR"])
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mlx_version = version("mlx")
+    except PackageNotFoundError:
+        mlx_version = "unknown"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mflux" / f"mlx-{mlx_version}" / "ptx"
+
+
 def import_mlx():
-    """mlx.core, or an MfluxError with the install hint when no backend is present."""
+    """mlx.core, or an MfluxError with the install hint when no backend is present. Sets
+    MLX_PTX_CACHE_DIR (`kernel_cache_dir`) first where it is unset; MLX reads it at its first kernel build."""
+    os.environ.setdefault("MLX_PTX_CACHE_DIR", str(kernel_cache_dir()))
     try:
         import mlx.core as mx
 

@@ -135,6 +135,7 @@ class Flux1:
         self._modules: dict = {}
         self._tokenizers = None
         self._loading = 0.0  # seconds spent loading modules so far, kept apart from the phase times
+        self._warmup = None  # see _start_warmup
 
     @classmethod
     def from_path(
@@ -178,6 +179,8 @@ class Flux1:
 
     def get(self, component: str):
         if component not in self._modules:
+            if self._warmup is None:
+                self._warmup = self._start_warmup()
             start = time.perf_counter()
             with self._files():
                 module = load_component(self.folder, component, self.dtype, self.quantize)
@@ -187,8 +190,19 @@ class Flux1:
 
                 apply_loras({component: module}, self.lora_paths, self.lora_scales)
             self._modules[component] = module
+            if component == "transformer" and self._warmup:
+                self._warmup.wait()  # the kernels of its first computation, built meanwhile
             self._loading += time.perf_counter() - start
         return self._modules[component]
+
+    def _start_warmup(self):
+        """A process building MLX's run-time kernels while this one loads (mflux.runtime.warmup); False
+        where none runs, so that it is asked once."""
+        from mflux.runtime import warmup
+
+        stored = (self.folder.quantization or {}).get("transformer")
+        spec = self.quantize or (QuantSpec.from_dict(stored) if stored else None)
+        return warmup.start(self.dtype, spec, self.variant == "dev") or False
 
     def tokenizers(self) -> tuple:
         if self._tokenizers is None:

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import MfluxError
+from mflux.runtime import jitfree
 
 
 @dataclass
@@ -94,7 +95,9 @@ class CLIPEmbeddings(nn.Module):
         L = input_ids.shape[1]
         if L > self.position_embedding.weight.shape[0]:
             raise MfluxError(f"CLIP takes at most {self.position_embedding.weight.shape[0]} tokens, got {L}")
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:L]  # (B, L, D)
+        return (
+            jitfree.embed(self.token_embedding, input_ids) + self.position_embedding.weight[:L]
+        )  # (B, L, D)
 
 
 class CLIPEncoder(nn.Module):
@@ -118,7 +121,7 @@ class CLIPTextTransformer(nn.Module):
 
     def __call__(self, input_ids: mx.array) -> tuple[mx.array, mx.array]:
         x = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))  # (B, L, D)
-        return x, x[mx.arange(x.shape[0]), self.pool_positions(input_ids)]  # (B, L, D), (B, D)
+        return x, jitfree.pick(x, self.pool_positions(input_ids))  # (B, L, D), (B, D)
 
     def pool_positions(self, input_ids: mx.array) -> mx.array:
         # The legacy eos_token_id 2 (the real FLUX.1 config) pools at argmax(ids): end-of-text has the highest id.

@@ -1,0 +1,127 @@
+"""The warm-up process (mflux.runtime.warmup) and the kernel cache's place (mflux.backend.kernel_cache_dir).
+
+On CUDA the kernels land in MLX_PTX_CACHE_DIR; this CPU has none to build there. But MLX's CPU backend
+builds the same compiled graphs, under the same names, into its temporary folder (TMPDIR/mlx/<version>/
+cpu), so the names a process built can be compared here: the warm-up's tiny models must build every
+compiled graph that real generations at another size build.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mflux.runtime import warmup
+
+GENERATIONS = """
+import sys
+from PIL import Image
+from mflux import Config, Flux1
+
+flux = Flux1.from_path(sys.argv[1], precision="float32")
+config = Config(2, 48, 64)
+flux.generate_images([1, 2], "a red bicycle", config, batch_size=2)
+flux.generate_images([3], "a lighthouse", config, negative_prompt="fog", true_cfg_scale=2.0)
+init = Image.new("RGB", (64, 48), (200, 30, 30))
+flux.generate_images([4], "a lighthouse", config, image=init, strength=0.6)
+mask = Image.new("L", (64, 48), 0)
+mask.paste(255, (0, 0, 32, 48))
+flux.generate_images([5], "a lighthouse", config, image=init, mask_image=mask)
+"""
+
+WARM = """
+import mlx.core as mx
+from mflux.runtime import warmup
+
+warmup.exercise(warmup.tiny_models(mx.float32, None, True), mx.float32, True)
+"""
+
+
+def _built(tmp: Path, script: str, *args: str) -> set[str]:
+    """The compiled graphs a fresh process running `script` builds, by name."""
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    subprocess.run([sys.executable, "-c", script, *args], env=env, check=True, timeout=600)
+    names = set()
+    for p in tmp.glob("mlx/*/cpu/*.cpp"):
+        # a graph's file per kernel variant: <graph>_<hash>_contiguous, _strided_<ndim>; names too long
+        # for a file are cut and end in a hash of the whole name, variant included
+        stem = re.sub(r"_(contiguous|strided_\d+)$", "", p.stem)
+        names.add(re.sub(r"_[0-9a-f]{16}$", "", stem) if len(stem) > 200 else stem)
+    return names
+
+
+def test_the_warm_up_builds_every_compiled_graph_that_generations_build(tiny_dev, tmp_path):
+    real = _built(tmp_path / "real", GENERATIONS, str(tiny_dev))
+    warm = _built(tmp_path / "warm", WARM)
+    assert len(real) >= 5  # silu, rope, the gated residual, the batched modulation, gelu, ...
+    assert real <= warm, f"not built by the warm-up: {sorted(real - warm)}"
+
+
+def test_publish_renames_each_module_into_the_cache_code_last(tmp_path, monkeypatch):
+    staging, cache = tmp_path / "staging", tmp_path / "cache"
+    staging.mkdir()
+    cache.mkdir()
+    for name in ("a.ptx", "a.txt", "a.cu", "b.ptx", "b.txt"):
+        (staging / name).write_text(name)
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: moved.append(Path(src).name) or real_replace(src, dst)
+    )
+    warmup.publish(staging, cache, "done")
+    assert {p.name for p in cache.iterdir()} == {"a.ptx", "a.txt", "a.cu", "b.ptx", "b.txt", "done"}
+    assert not list(staging.iterdir())
+    assert moved.index("a.ptx") > max(moved.index("a.txt"), moved.index("a.cu"))
+    assert moved.index("b.ptx") > moved.index("b.txt")
+    assert json.loads((cache / "done").read_text()) == {"built": ["a", "b"]}
+
+
+def test_start_runs_the_child_once_per_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "ptx"
+    assert warmup.start(mx.float32, None, False, cache) is None  # not on this backend
+    monkeypatch.setitem(warmup.WARM, "cpu", True)
+    job = warmup.start(mx.float32, None, False, cache)
+    assert job is not None and job.staging.parent == cache
+    assert job.wait(timeout=300)
+    job.stop()
+    markers = list(cache.glob("mflux-warm-*.done"))
+    assert len(markers) == 1 and not list(cache.glob(warmup.STAGING + "*"))
+    assert warmup.start(mx.float32, None, False, cache) is None  # marked: nothing to build
+    # another dtype is another set of kernels
+    other = warmup.start(mx.bfloat16, None, False, cache)
+    assert other is not None
+    other.stop()
+    assert not list(cache.glob(warmup.STAGING + "*"))
+
+
+def test_the_kernel_cache_persists_outside_the_temporary_folder(tmp_path, monkeypatch):
+    from importlib.metadata import version
+
+    from mflux import backend
+
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert backend.kernel_cache_dir() == tmp_path / "mflux" / f"mlx-{version('mlx')}" / "ptx"
+    backend.import_mlx()
+    assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "mflux" / f"mlx-{version('mlx')}" / "ptx")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "mine"))
+    backend.import_mlx()
+    assert backend.kernel_cache_dir() == tmp_path / "mine"
+    assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_tiny_models_quantize_as_the_loader_does(bits):
+    from mflux.runtime.quantization import QuantSpec
+
+    spec = QuantSpec(bits) if bits else None
+    models = warmup.tiny_models(mx.float32, spec, False)
+    layer = models["transformer"].double_blocks[0].img_attn.qkv
+    assert ("scales" in layer) == (bits is not None)
+    assert "scales" not in models["vae"].decoder.conv_in
