@@ -554,6 +554,45 @@ def test_ctrl_c_mid_build_leaves_nothing(home, command):
     consistent(home, listed=[*MODELS, name], good=[*MODELS, name])
 
 
+# Where CI once caught a Ctrl-C mid-build: inside string-compiled code (the methods a dataclass makes at
+# a lazy import), which CPython then took for an unhandled KeyboardInterrupt, exiting -2 after the one
+# line. A sitecustomize (run by `python -m mflux` at start) makes `mflux list` press Ctrl-C at such a
+# spot every time: the exec'd loop stands for that code. "twice": a second press while the first is
+# reported.
+CTRL_C = {
+    "in-string-code": """
+def pressed(self):
+    exec("os.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass", {"os": os, "signal": signal})
+""",
+    "twice": """
+class Twice(Interrupted):
+    def __str__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        return "listing interrupted"
+
+def pressed(self):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        while True:
+            pass
+    except KeyboardInterrupt:
+        raise Twice() from None
+""",
+}
+
+
+@pytest.mark.parametrize("how", CTRL_C)
+def test_ctrl_c_exits_130_wherever_it_lands(home, tmp_path, how):
+    site = tmp_path / "site"
+    site.mkdir()
+    code = f"import os, signal, time\nfrom mflux.errors import Interrupted\nfrom mflux.store import Store\n{CTRL_C[how]}"
+    (site / "sitecustomize.py").write_text(code + "Store.list = pressed\n")
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    result = mflux("list", env={"PYTHONPATH": path})
+    refused(result, "listing interrupted" if how == "twice" else "interrupted", code=130)
+
+
 def test_two_quantize_runs_to_one_name(home):
     children = [start("quantize", "schnell", "--bits", "4", "--name", "twin") for _ in range(2)]
     results = [finish(c) for c in children]

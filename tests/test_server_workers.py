@@ -19,6 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
+import mflux.server.process
 from mflux.errors import MfluxError
 from mflux.server.core import ServerSettings, worker_devices
 from tests.fixtures import store_hf_folder
@@ -175,6 +176,38 @@ def test_timeout_stops_the_job_in_its_worker_process(two, caplog):
     (line,) = [r.getMessage() for r in caplog.records if "status=timeout" in r.getMessage()]
     # its process stopped it at the step after the timeout; its 100 steps take about 5 s here
     assert float(re.search(r"generating=([\d.]+)s", line)[1]) < 2.0, line
+
+
+def test_a_worker_hung_past_the_timeout_is_killed_and_replaced(two, monkeypatch, caplog):
+    with ThreadPoolExecutor(2) as pool:  # both warm (a process's first step is slow): a step comes in time
+        warm = list(pool.map(lambda seed: generate(two.url, "warm", seed, 8), (1, 2)))
+    assert [r.status_code for r in warm] == [200, 200]
+    monkeypatch.setattr(mflux.server.process, "CANCEL_GRACE", 1.0)
+    monkeypatch.setattr(two.server.settings, "timeout", 3.0)
+    before = {w["id"]: w["restarts"] for w in health(two.url)["workers"]}
+    with caplog.at_level(logging.INFO, logger="mflux.server"), ThreadPoolExecutor(1) as pool:
+        doomed = pool.submit(generate, two.url, "hung", 6, LONG)
+        wait_for(lambda: any(w["step"] and w["step"][0] >= 1 for w in health(two.url)["workers"]), "a step")
+        victim = next(w for w in health(two.url)["workers"] if w["state"] == "busy")
+        os.kill(victim["pid"], signal.SIGSTOP)  # stuck: it reads no cancel and sends nothing more
+        stopped = time.monotonic()
+        r = doomed.result(timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith("the request timed out after 3 s") and "Traceback" not in r.text
+    hung = rf"; worker {victim['id']} \(pid {victim['pid']}\) did not stop it within [\d.]+ s, so it was"
+    assert re.search(hung + " killed as hung; it is being restarted$", message), message
+    # the timeout, then the grace with the job's slowest step (a few tens of ms here)
+    assert time.monotonic() - stopped < 10, time.monotonic() - stopped
+    assert not _running(victim["pid"])  # killed outright, though stopped
+    (line,) = [
+        r.getMessage() for r in caplog.records if "generate " in r.getMessage() and "hung" in r.getMessage()
+    ]
+    assert "status=timeout" in line and f"pid={victim['pid']}" in line
+    assert generate(two.url, "the next one", 7, 1).status_code == 200  # the queue keeps moving
+    wait_for(lambda: idle(two.url, 2), "the worker restarted", 60)
+    again = health(two.url)["workers"][victim["id"]]
+    assert again["pid"] != victim["pid"] and again["restarts"] == before[victim["id"]] + 1
 
 
 def test_a_model_switch_reaches_each_worker_with_its_next_job(two):

@@ -322,10 +322,9 @@ def end_error(end: End, timeout: float) -> ApiError | None:
         return None
     if end.status == "cancelled":
         return ApiError(500, "the request was cancelled on the server", code="cancelled")
-    if end.status == "timeout":
-        return ApiError(
-            504, f"the request timed out after {timeout:g} s (queued and generating)", code="timeout"
-        )
+    if end.status == "timeout":  # its error, if any, says its hung worker was killed (WorkerHung)
+        message = f"the request timed out after {timeout:g} s (queued and generating)"
+        return ApiError(504, f"{message}; {end.error}" if end.error else message, code="timeout")
     e = end.error
     if isinstance(e, ApiError):
         return e

@@ -16,13 +16,18 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from multiprocessing import resource_tracker
 
 from mflux.errors import MfluxError
-from mflux.server.worker import Job, JobParams, Models, WorkerLost, device_type, execute, log
+from mflux.server.worker import Job, JobParams, Models, WorkerHung, WorkerLost, device_type, execute, log
 
 START_TIMEOUT = 300.0  # seconds for a process to start MLX and say it is ready
 POLL = 0.1  # seconds between checks of a running job's cancel and timeout
+# Seconds a process has to stop a job, past both its timeout and the cancel it was sent, before it is
+# taken for hung (stuck in a kernel, deadlocked, stopped) and killed; the job's slowest step so far is
+# added, so a slow device is not mistaken for a hung one.
+CANCEL_GRACE = 5.0
 
 
 class ProcessRunner:
@@ -88,20 +93,26 @@ class ProcessRunner:
 
     def run(self, job: Job, emit) -> Exception | None:
         """Send `job` to the process and relay its events until it is done; asks the process to stop the
-        job once it is cancelled or past its timeout. Returns the job's error, if any."""
-        cancelling = False
+        job once it is cancelled or past its timeout, and kills it as hung if it has not stopped the job
+        CANCEL_GRACE s (plus its slowest step) past both. Returns the job's error, if any."""
+        since = None  # once the cancel is sent: when the grace began (then, or at the timeout if later)
+        last = slowest = 0.0  # when the latest event came; the longest wait between two events
         try:
             self._conn.send(("job", job.params()))
             while True:
                 if self._conn.poll(POLL):
                     message = self._conn.recv()
                     if message[0] == "event":
+                        now = time.monotonic()
+                        slowest, last = max(slowest, now - last) if last else 0.0, now
                         emit(message[1])
                     elif message[0] == "done":
                         return _error(message[1])
-                if not cancelling and job.stopped():
+                if since is None and job.stopped():
                     self._conn.send(("cancel",))
-                    cancelling = True
+                    since = max(time.monotonic(), job.submitted + job.timeout)
+                if since is not None and time.monotonic() > since + CANCEL_GRACE + slowest:
+                    return self._hung(job, CANCEL_GRACE + slowest)
         except (EOFError, OSError):
             return self._lost(job)
 
@@ -129,6 +140,21 @@ class ProcessRunner:
         log.error("%s died while running job %s (%s); restarting it", self._name(pid), job.id, how)
         return WorkerLost(
             f"worker {self.index} (pid {pid}) died while running this job ({how}); it is being restarted"
+        )
+
+    def _hung(self, job: Job, grace: float) -> WorkerHung:
+        pid = self.pid
+        self._process.kill()  # SIGKILL: a process that reads no cancel reads no stop either
+        self._reap()
+        log.error(
+            "%s did not stop job %s within %.1f s of its timeout; killed it as hung, restarting it",
+            self._name(pid),
+            job.id,
+            grace,
+        )
+        return WorkerHung(
+            f"worker {self.index} (pid {pid}) did not stop it within {grace:.1f} s, so it was killed as hung; "
+            "it is being restarted"
         )
 
     def _reap(self) -> str:

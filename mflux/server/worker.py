@@ -40,6 +40,11 @@ class WorkerLost(Exception):
     """A worker process died (a crash, an out-of-memory kill) or could not start; the runner restarts it."""
 
 
+class WorkerHung(WorkerLost):
+    """A worker process that did not stop a job past its timeout in time: killed, and restarted like a
+    dead one; the job ends as timed out."""
+
+
 @dataclass
 class Step:
     step: int
@@ -465,7 +470,7 @@ class Worker:
             if error is not None and runner.model is None and self.model == job.model:
                 self.model = None  # a model that failed to load is not the current one: back to the default
             if error is not None:
-                end = End("error", error)
+                end = End("timeout" if isinstance(error, WorkerHung) else "error", error)
             elif job.cancelled.is_set():
                 end = End("cancelled")
             elif job.stopped():

@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mflux import distributed
 from mflux.backend import default_precision
-from mflux.errors import InvalidArgument, MfluxError
+from mflux.errors import CtrlC, InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.runtime import memory, sampler
 from mflux.runtime.folder import ModelFolder
@@ -466,8 +466,8 @@ class StopOnInterrupt:
         return self
 
     def _stop(self, signum, frame):
-        if self.stopped:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if self.stopped:  # a second Ctrl-C stops at once (CtrlC: why not a plain KeyboardInterrupt)
+            raise CtrlC
         self.stopped = True
 
     def __exit__(self, *exc):
