@@ -47,9 +47,13 @@ LOG = "mflux-warm.log"  # the child's output; a failed child's is moved beside t
 
 def key(dtype: mx.Dtype, spec: QuantSpec | None, guidance: bool) -> str:
     """What the built kernels depend on: MLX's and mflux's code, the dtype, the quantization, dev or not."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    what = [mx.__version__, version("mflux"), str(dtype), spec.to_dict() if spec else None, guidance]
+    try:
+        mflux_version = version("mflux")
+    except PackageNotFoundError:  # run from a source tree
+        mflux_version = "source"
+    what = [mx.__version__, mflux_version, str(dtype), spec.to_dict() if spec else None, guidance]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
