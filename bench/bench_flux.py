@@ -58,7 +58,7 @@ BUDGETS = {
 }
 # the two ways a quantized layer multiplies (mflux.runtime.qmatmul): MLX's quantized_matmul at every
 # size, or dequantize-then-matmul from `--min-rows` rows on (the CUDA default)
-PATHS = ("qmm", "dequant")
+PATHS = ("qmm", "dequant", "kernel")
 QUANTS = {"q8": QuantSpec(8), "q4": QuantSpec(4)}
 MICRO_QUANTS = {
     "q8": QuantSpec(8),
@@ -219,8 +219,12 @@ def quantize(module: nn.Module, component: str, spec: QuantSpec | None) -> nn.Mo
 
 
 def set_path(module: nn.Module, path: str, args) -> None:
-    """`qmm`: quantized_matmul at every size; `dequant`: dequantize-then-matmul from `--min-rows` rows."""
-    qmatmul.choose_matmul(module, None if path == "qmm" else args.min_rows)
+    """`qmm`: quantized_matmul at every size; `dequant`: mx.dequantize then a matmul from `--min-rows`
+    rows; `kernel`: the same with qmatmul's own dequantize kernel (CUDA)."""
+    if path == "qmm":
+        qmatmul.choose_matmul(module, None)
+    else:
+        qmatmul.choose_matmul(module, args.min_rows, "kernel" if path == "kernel" else "mlx")
 
 
 def largest_layer_gb(module: nn.Module, dtype) -> float:
@@ -320,7 +324,10 @@ def _step_figures(size: Size, args, quant: str, budget: Budget) -> None:
                 continue
             if quant in QUANTS:
                 set_path(flux, path, args)
-            _step_figure(flux, size, args, quant, variant, path, weights)
+            try:
+                _step_figure(flux, size, args, quant, variant, path, weights)
+            except Exception as e:  # noqa: BLE001 - a path that fails (a custom kernel's build) is reported
+                report(what="failed", section="step", quant=quant, path=path, error=str(e)[:600])
 
 
 def _step_figure(flux, size: Size, args, quant: str, variant: str, path: str, weights: float) -> None:
@@ -461,6 +468,7 @@ def section_qmatmul(size: Size, args, budget: Budget) -> None:
     }
     tokens = (size.res // 16) ** 2 + size.txt["schnell"]
     rows_list = sorted({1, 8, 32, 77, size.txt["schnell"], size.txt["dev"], tokens})
+    use_kernel = "kernel" in args.paths and qmatmul.backend() == "cuda"
     for layer, (k, n) in shapes.items():
         w = mx.random.normal((n, k), dtype=args.dtype, scale=k**-0.5)
         packed = {b: mx.quantize(w, 64, b) for b in (8, 4)}
@@ -482,6 +490,8 @@ def section_qmatmul(size: Size, args, budget: Budget) -> None:
                     args.warmup,
                     args.steps * 2,
                 )
+                if use_kernel:
+                    use_kernel = _kernel_figures(fig, args, x, w, q, sc, bi, b, layer, rows == rows_list[0])
             report(
                 what="qmatmul",
                 layer=layer,
@@ -494,6 +504,36 @@ def section_qmatmul(size: Size, args, budget: Budget) -> None:
                 q4_faster="dequant" if fig["q4_dequant"]["s"] < fig["q4_qmm"]["s"] else "qmm",
             )
         free()
+
+
+def _kernel_figures(fig: dict, args, x, w, q, sc, bi, b: int, layer: str, compare: bool) -> bool:
+    """qmatmul.dequantize_kernel then a matmul into `fig`; with `compare`, the weight's dequantize alone
+    both ways, timed, and how far apart they are. False (reported) if the kernel fails to build or run."""
+    try:
+        fig[f"q{b}_kernel"] = timeit(
+            lambda: x @ qmatmul.dequantize_kernel(q, sc, bi, 64, b).T, args.warmup, args.steps * 2
+        )
+        if compare:
+            ours, theirs = qmatmul.dequantize_kernel(q, sc, bi, 64, b), mx.dequantize(q, sc, bi, 64, b)
+            report(
+                what="dequantize",
+                layer=layer,
+                bits=b,
+                max_diff=float(mx.abs(ours.astype(mx.float32) - theirs.astype(mx.float32)).max()),
+                differing=int((ours != theirs).sum()),
+                mlx_ms=timeit(lambda: mx.dequantize(q, sc, bi, 64, b), args.warmup, args.steps * 2)["s"]
+                * 1e3,
+                kernel_ms=timeit(
+                    lambda: qmatmul.dequantize_kernel(q, sc, bi, 64, b), args.warmup, args.steps * 2
+                )["s"]
+                * 1e3,
+                weights_gb=(q.nbytes + sc.nbytes + bi.nbytes) / 1e9,
+                float_gb=w.nbytes / 1e9,
+            )
+        return True
+    except Exception as e:  # noqa: BLE001
+        report(what="failed", section="qmatmul", path="kernel", error=str(e)[:600])
+        return False
 
 
 def section_micro(size: Size, args, budget: Budget) -> None:
@@ -886,6 +926,7 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
     cmd += ["--folder", args.folder] if args.folder else []
     cmd += ["--res", str(args.res)] if args.res else []
     cmd += ["--headroom", args.headroom.split(",")[0], "--kernel-warmup", args.kernel_warmup]
+    cmd += ["--load-threads", str(args.load_threads)] if args.load_threads else []
     # the driver's own cache of compiled kernels lives beside MLX's, so "empty" empties both
     env = {**os.environ, "MLX_PTX_CACHE_DIR": str(cache), "CUDA_CACHE_PATH": str(cache / "nv")}
     left = max(10.0, budget.section_end - time.monotonic())
@@ -1143,6 +1184,12 @@ def main(argv=None) -> None:
         "--keep-transformer", action="store_true", help="pipeline: keep the transformer during the decode"
     )
     parser.add_argument(
+        "--load-threads",
+        type=int,
+        default=None,
+        help="pipeline/firstrun: the loader's threads (LOAD_THREADS)",
+    )
+    parser.add_argument(
         "--kernel-warmup",
         choices=("on", "off"),
         default="on",
@@ -1165,6 +1212,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.paths = [p for p in args.paths.split(",") if p]
+    if args.load_threads:
+        from mflux.runtime import loader
+
+        loader.LOAD_THREADS[qmatmul.backend()] = args.load_threads
     args.band_mb = [int(b) for b in args.band_mb.split(",") if b]
     args.caches = [c for c in args.caches.split(",") if c]
     args.headrooms = [_parse_headroom(h) for h in args.headroom.split(",") if h]

@@ -22,6 +22,11 @@
 #                              folder in a fresh process with an empty kernel cache, warm-up off then on,
 #                              then with the cache they left; the same from random weights (no load to
 #                              hide behind); probe_first on an empty cache; the q4 LoRA step at 512
+# and, in a second lease (after `bash .gpu1/mlx-cuda-install.sh 1` carrying .gpu1):
+#   f: carry .gpu2             MLX's CUDA wheel (second half), mflux; qmatmul's own dequantize kernel against
+#                              mx.dequantize (their difference, and each one's time); the steps at bf16/q8/q4
+#                              with each; probe_first after the warm-up's children; the HF folder's load with
+#                              8 and 16 loader threads
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -172,8 +177,29 @@ case "${1:-}" in
     step train-q4-512 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant q4 --res 512 --steps 3 \
       --warmup 1 --timeout $(($(left) - 10)) 2>&1 | tee -a "$OUT/train.jsonl"
     ;;
+  f)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX"
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    step dequantize 40 "${BENCH[@]}" --sections qmatmul --paths dequant,kernel --budget qmatmul=45 \
+      --time-limit 55 2>&1 | tee "$OUT/qmatmul.jsonl"
+    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant,kernel \
+      --headroom 2 --budget step=95 --time-limit 105 2>&1 | tee "$OUT/steps.jsonl"
+    step probe-after-warmup 40 timeout 70 "$PY" bench/probe_first.py --size "$SIZE" --cache "$PTX/probe" \
+      --state empty --kernel-warmup 2>&1 | tee "$OUT/probe_first.jsonl"
+    rm -rf "$HF"
+    step write-hf 60 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
+      2>&1 | tail -3 | tee "$OUT/write.txt"
+    mkdir -p "$PTX/warm" && ln -sfn "$PTX/all" "$PTX/warm/bf16"
+    for t in 8 16 8 16; do  # the first run also builds what the steps did not
+      step "hf-threads-$t" 25 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/warm" --folder "$HF" \
+        --quant bf16 --load-threads $t --time-limit 40 2>&1 | grep '"firstrun"' | tee -a "$OUT/hf-threads.jsonl"
+    done
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f [full|tiny]" >&2
     exit 2
     ;;
 esac

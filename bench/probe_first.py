@@ -97,6 +97,11 @@ def main() -> None:
     ap.add_argument("--cache", default=os.environ.get("MLX_PTX_CACHE_DIR", ""), help="MLX_PTX_CACHE_DIR")
     ap.add_argument("--state", default="", help="a label for the cache's state (empty, warm)")
     ap.add_argument("--only", default="", help="comma-separated probe names (default: all)")
+    ap.add_argument(
+        "--kernel-warmup",
+        action="store_true",
+        help="first run mflux.runtime.warmup's children (timed) and wait for them, as Flux1 does",
+    )
     args = ap.parse_args()
     cache = Path(args.cache) if args.cache else None
     if cache is not None and os.environ.get("MLX_PTX_CACHE_DIR") != str(cache):
@@ -107,6 +112,13 @@ def main() -> None:
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     only = {n for n in args.only.split(",") if n}
     total = time.perf_counter()
+    if args.kernel_warmup:
+        from mflux.runtime import warmup
+
+        job = warmup.start(dtype, None, False)
+        done = job.wait() if job else None
+        line = {"what": "warmup", "children": len(job.procs) if job else 0, "ok": done}
+        print(json.dumps(line | {"s": round(time.perf_counter() - total, 2)}), flush=True)
     for name, make in probes(size, dtype):
         if only and name not in only:
             continue

@@ -16,6 +16,13 @@ The choice is per backend (`MIN_ROWS`):
   quantized matmul at 64-320 rows (noisy), not a clear enough gain to change the CPU's numbers.
 
 On the backends whose entry is None, layers are left as MLX's own `nn.QuantizedLinear`.
+
+How the weight is dequantized (`DEQUANTIZE`, per backend): "mlx" is `mx.dequantize`; "kernel" is
+`dequantize_kernel`, this module's CUDA kernel for affine 4- and 8-bit weights. MLX's CUDA dequantize
+writes one or two 2-byte values per thread, far below the card's bandwidth (q8 cost 36 ms a step over
+bf16 on the H200, where reading 12 GB and writing 24 GB at bandwidth takes about 8 ms); the kernel
+reads 16 bytes and writes 32 or 64 per thread, with MLX's arithmetic (`scale * q + bias` in the
+weight's dtype). `bench_flux.py --sections qmatmul` times both and prints their largest difference.
 """
 
 import mlx.core as mx
@@ -23,6 +30,39 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 MIN_ROWS = {"cuda": 1, "metal": None, "cpu": None}
+DEQUANTIZE = {"cuda": "mlx", "metal": "mlx", "cpu": "mlx"}
+KERNEL_BITS = (4, 8)
+KERNEL_DTYPES = ("bfloat16", "float16")
+
+_KERNEL_SOURCE = """
+    constexpr int V = 32 / BITS;  // values per 32-bit word
+    constexpr int N = 4 * V;  // values per thread: one 16-byte read
+    uint32_t t = cooperative_groups::this_grid().thread_rank();
+    if (t >= threads[0]) {
+        return;
+    }
+    const uint4 pack = reinterpret_cast<const uint4*>(w)[t];
+    const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
+    size_t first = size_t(t) * N;
+    T scale = scales[first / GROUP];
+    T bias = biases[first / GROUP];
+    __align__(16) T vals[N];
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        #pragma unroll
+        for (int j = 0; j < V; j++) {
+            uint32_t d = (words[i] >> (BITS * j)) & ((1u << BITS) - 1);
+            vals[i * V + j] = scale * static_cast<T>(d) + bias;
+        }
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out + first);
+    const uint4* src = reinterpret_cast<const uint4*>(vals);
+    #pragma unroll
+    for (int k = 0; k < N * sizeof(T) / 16; k++) {
+        dst[k] = src[k];
+    }
+"""
+_kernel = None
 
 
 def backend() -> str:
@@ -41,6 +81,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` whose call dequantizes the weight first when the input has >= `min_rows` rows."""
 
     min_rows: int | None = None
+    dequantize: str = "mlx"  # or "kernel" (see DEQUANTIZE)
 
     @classmethod
     def wrap(cls, layer: nn.QuantizedLinear, min_rows: int | None) -> "QuantizedLinear":
@@ -51,6 +92,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         for k, v in layer.items():
             new[k] = v
         new.min_rows = min_rows
+        new.dequantize = DEQUANTIZE[backend()]
         new.freeze()
         return new
 
@@ -63,28 +105,33 @@ class QuantizedLinear(nn.QuantizedLinear):
         # layer's dequantize in a checkpointed block's recomputation (training): every layer's float
         # weight then lives from the forward pass to the backward one (issue 15: a q4 base's training
         # step at 512x512 peaked at 25.8 GB on the H200, the bf16 base's at 26.4 GB).
-        w = mx.dequantize(
-            mx.depends(self["weight"], x),
-            self["scales"],
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-            dtype=x.dtype,
-        )
+        weight = mx.depends(self["weight"], x)
+        if self.dequantize == "kernel" and kernel_applies(self, x.dtype):
+            w = dequantize_kernel(weight, self["scales"], self["biases"], self.group_size, self.bits)
+        else:
+            w = mx.dequantize(
+                weight,
+                self["scales"],
+                self.get("biases"),
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+                dtype=x.dtype,
+            )
         y = x @ w.T
         return y + self["bias"] if "bias" in self else y
 
 
-def choose_matmul(model: nn.Module, min_rows: int | None) -> nn.Module:
-    """Set every quantized linear layer of `model` to dequantize from `min_rows` rows (None: never)."""
+def choose_matmul(model: nn.Module, min_rows: int | None, dequantize: str | None = None) -> nn.Module:
+    """Set every quantized linear layer of `model` to dequantize from `min_rows` rows (None: never), with
+    `dequantize` ("mlx" or "kernel"; None: the backend's `DEQUANTIZE`)."""
 
     def swap(_, m):
+        if isinstance(m, nn.QuantizedLinear) and not isinstance(m, QuantizedLinear):
+            m = QuantizedLinear.wrap(m, min_rows)
         if isinstance(m, QuantizedLinear):
             m.min_rows = min_rows
-            return m
-        if isinstance(m, nn.QuantizedLinear):
-            return QuantizedLinear.wrap(m, min_rows)
+            m.dequantize = dequantize or DEQUANTIZE[backend()]
         return m
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
@@ -95,3 +142,40 @@ def use_backend_matmul(model: nn.Module) -> nn.Module:
     """The backend's own choice (`MIN_ROWS`); where that is None the model is left as it is."""
     min_rows = default_min_rows()
     return model if min_rows is None else choose_matmul(model, min_rows)
+
+
+def kernel_applies(layer: nn.QuantizedLinear, dtype) -> bool:
+    """Whether `dequantize_kernel` handles this layer: affine 4 or 8 bits, with biases, into bf16/fp16."""
+    return (
+        layer.mode == "affine"
+        and layer.bits in KERNEL_BITS
+        and "biases" in layer
+        and str(dtype).split(".")[-1] in KERNEL_DTYPES
+        and layer["scales"].dtype == dtype
+    )
+
+
+def dequantize_kernel(
+    w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
+) -> mx.array:
+    """`mx.dequantize(w, scales, biases, group_size, bits)` for affine 4/8-bit weights on CUDA, in
+    scales' dtype: each thread turns one 16-byte read into 32 (8-bit) or 64 (4-bit) bytes of weights."""
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.cuda_kernel(
+            name="mflux_dequantize_v1",  # MLX caches the built kernel by name: a new source needs a new name
+            input_names=["w", "scales", "biases", "threads"],
+            output_names=["out"],
+            source=_KERNEL_SOURCE,
+        )
+    rows, words = w.shape
+    threads = rows * words // 4  # the row's words are a multiple of 4: K is a multiple of the group (>= 32)
+    block = 256
+    return _kernel(
+        inputs=[w, scales, biases, mx.array([threads], dtype=mx.uint32)],
+        template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size)],
+        grid=(-(-threads // block) * block, 1, 1),
+        threadgroup=(block, 1, 1),
+        output_shapes=[(rows, words * 32 // bits)],
+        output_dtypes=[scales.dtype],
+    )[0]
