@@ -18,6 +18,15 @@ def main() -> None:
     except KeyboardInterrupt:  # while the CLI's modules load, or while another error was being reported
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
+    finally:
+        # The exit code is decided; a later press is ignored. A command that finished its work and printed
+        # its result exits 0: nothing was cut short, and a script may go on to use what it made (130 would
+        # say it may not). Left to Python, a press in an atexit callback printed a traceback, and one after
+        # Py_Finalize put back SIGINT's default action killed the process (-2).
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except KeyboardInterrupt:  # pressed just before: its handler ignored the rest, the exit stands
+            pass
 
 
 def _ctrl_c(signum, frame):

@@ -629,6 +629,38 @@ def test_ctrl_c_while_the_command_starts(mflux_home, tmp_path, module, entry):
     assert refused(result, code=130) == "error: interrupted"
 
 
+# Ctrl-C after the command printed its result, while the interpreter shuts down: in an atexit callback
+# (Python code, where a handler would raise), and as the modules are torn down (after Py_Finalize has
+# put back SIGINT's default action). The command's work is done: it exits 0, and prints what it would
+# have printed anyway.
+PRESS_AT_EXIT = {
+    "atexit": """
+import atexit, os, signal, time
+
+@atexit.register
+def press():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+""",
+    "teardown": """
+import os, signal
+
+class Press:
+    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGINT):
+        kill(pid, sig)
+
+press = Press()
+""",
+}
+
+
+@pytest.mark.parametrize("when", PRESS_AT_EXIT)
+def test_ctrl_c_after_the_command_finished(mflux_home, tmp_path, when):
+    pressed, plain = mflux("list", env=with_site(tmp_path, PRESS_AT_EXIT[when])), mflux("list")
+    assert plain.returncode == 0 and "Traceback" not in plain.stderr, plain.stderr
+    assert (pressed.returncode, pressed.stdout, pressed.stderr) == (0, plain.stdout, plain.stderr)
+
+
 def test_two_quantize_runs_to_one_name(home):
     children = [start("quantize", "schnell", "--bits", "4", "--name", "twin") for _ in range(2)]
     results = [finish(c) for c in children]
