@@ -129,3 +129,19 @@ def test_the_kernel_cache_persists_outside_the_temporary_folder(tmp_path, monkey
     backend.import_mlx()
     assert backend.kernel_cache_dir() == tmp_path / "mine"
     assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_an_unwritable_cache_starts_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(warmup.WARM, "cpu", True)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores the mode: make the cache a file's child instead
+            (tmp_path / "file").write_text("")
+            cache = tmp_path / "file" / "ptx"
+        else:
+            cache = locked / "ptx"
+        assert warmup.start(mx.float32, cache) is None
+    finally:
+        locked.chmod(0o700)
