@@ -819,7 +819,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     res, steps, n = src.res, args.pipeline_steps, args.images
     guidance = 3.5 if src.variant == "dev" else None
     # as Flux1 does: the kernels of the transformer's first use are built by a child meanwhile
-    warm = warmup.start(args.dtype, src.spec, src.variant == "dev") if args.kernel_warmup == "on" else None
+    warm = warmup.start(args.dtype) if args.kernel_warmup == "on" else None
     with ph("load_text"):
         t5, clip = src.module("text_encoder_2"), src.module("text_encoder")
     clip_ids, t5_ids = src.token_ids()

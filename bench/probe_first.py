@@ -115,7 +115,7 @@ def main() -> None:
     if args.kernel_warmup:
         from mflux.runtime import warmup
 
-        job = warmup.start(dtype, None, False)
+        job = warmup.start(dtype)
         done = job.wait() if job else None
         line = {"what": "warmup", "children": len(job.procs) if job else 0, "ok": done}
         print(json.dumps(line | {"s": round(time.perf_counter() - total, 2)}), flush=True)

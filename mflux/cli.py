@@ -5,7 +5,6 @@ stays fast. A user-facing error (MfluxError) prints as `error: <message>` on one
 """
 
 import json
-import signal
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -13,7 +12,7 @@ from datetime import datetime, timezone
 import click
 
 from mflux import __version__
-from mflux.errors import CtrlC, Interrupted, MfluxError, ReportedElsewhere
+from mflux.errors import Interrupted, MfluxError, ReportedElsewhere
 from mflux.runtime.quantization import AFFINE_BITS, GROUP_SIZES, MODES, QUANTIZABLE_COMPONENTS
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -753,16 +752,5 @@ def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout, work
 
 
 def main() -> None:
-    """The `mflux` command: Ctrl-C is `error: interrupted` and exit 130, however often it is pressed."""
-    signal.signal(signal.SIGINT, _ctrl_c)
-    try:
-        cli.main(prog_name="mflux")
-    except KeyboardInterrupt:  # a first Ctrl-C while another error was being reported
-        _fail("interrupted", 130)
-
-
-def _ctrl_c(signum, frame):
-    # Later presses are ignored, to the end of the process: the cleanup and its one line are never cut
-    # short by a traceback, nor the exit 130 by the default action restored at interpreter shutdown.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise CtrlC
+    """The `mflux` command, in this process; mflux/__main__.py runs it under its SIGINT handler."""
+    cli.main(prog_name="mflux")

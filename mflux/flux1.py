@@ -200,9 +200,7 @@ class Flux1:
         where none runs, so that it is asked once."""
         from mflux.runtime import warmup
 
-        stored = (self.folder.quantization or {}).get("transformer")
-        spec = self.quantize or (QuantSpec.from_dict(stored) if stored else None)
-        return warmup.start(self.dtype, spec, self.variant == "dev") or False
+        return warmup.start(self.dtype) or False
 
     def tokenizers(self) -> tuple:
         if self._tokenizers is None:

@@ -110,16 +110,25 @@ def child_env(env: dict | None = None) -> dict:
     return {**environ, "HF_HUB_OFFLINE": "1", **(env or {})}
 
 
-def mflux(*args, env: dict | None = None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+# The two ways to start the command: both run mflux/__main__.py's main.
+ENTRIES = {
+    "python-m": [sys.executable, "-m", "mflux"],
+    "script": [str(Path(sys.executable).with_name("mflux"))],
+}
+
+
+def mflux(
+    *args, env: dict | None = None, cwd=None, timeout: float = 120, entry: str = "python-m"
+) -> subprocess.CompletedProcess:
     """The installed command, in a child process, on this test's $MFLUX_HOME."""
-    command = [sys.executable, "-m", "mflux", *map(str, args)]
+    command = [*ENTRIES[entry], *map(str, args)]
     return subprocess.run(
         command, capture_output=True, text=True, env=child_env(env), cwd=cwd, timeout=timeout
     )
 
 
 def start(*args, env: dict | None = None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "mflux", *map(str, args)]
+    command = [*ENTRIES["python-m"], *map(str, args)]
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(env)
     )
@@ -582,15 +591,74 @@ def pressed(self):
 }
 
 
-@pytest.mark.parametrize("how", CTRL_C)
-def test_ctrl_c_exits_130_wherever_it_lands(home, tmp_path, how):
+def with_site(tmp_path: Path, code: str) -> dict:
+    """The environment of a child that runs `code` as its sitecustomize, at start-up."""
     site = tmp_path / "site"
     site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.mark.parametrize("how", CTRL_C)
+def test_ctrl_c_exits_130_wherever_it_lands(home, tmp_path, how):
     code = f"import os, signal, time\nfrom mflux.errors import Interrupted\nfrom mflux.store import Store\n{CTRL_C[how]}"
-    (site / "sitecustomize.py").write_text(code + "Store.list = pressed\n")
-    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    result = mflux("list", env={"PYTHONPATH": path})
+    result = mflux("list", env=with_site(tmp_path, code + "Store.list = pressed\n"))
     refused(result, "listing interrupted" if how == "twice" else "interrupted", code=130)
+
+
+# Ctrl-C right after typing a command lands while Python imports the CLI's modules (about 0.15 s), before
+# any command runs: the sitecustomize presses it as the named module is imported. The first and last
+# modules cli.py imports, and cli.py itself.
+PRESS_AT_IMPORT = """
+import os, signal, sys
+
+class Press:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Press())
+"""
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("module", ["click", "mflux.cli", "mflux.runtime.quantization"])
+def test_ctrl_c_while_the_command_starts(mflux_home, tmp_path, module, entry):
+    result = mflux("list", env=with_site(tmp_path, PRESS_AT_IMPORT.format(module=module)), entry=entry)
+    assert refused(result, code=130) == "error: interrupted"
+
+
+# Ctrl-C after the command printed its result, while the interpreter shuts down: in an atexit callback
+# (Python code, where a handler would raise), and as the modules are torn down (after Py_Finalize has
+# put back SIGINT's default action). The command's work is done: it exits 0, and prints what it would
+# have printed anyway.
+PRESS_AT_EXIT = {
+    "atexit": """
+import atexit, os, signal, time
+
+@atexit.register
+def press():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+""",
+    "teardown": """
+import os, signal
+
+class Press:
+    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGINT):
+        kill(pid, sig)
+
+press = Press()
+""",
+}
+
+
+@pytest.mark.parametrize("when", PRESS_AT_EXIT)
+def test_ctrl_c_after_the_command_finished(mflux_home, tmp_path, when):
+    pressed, plain = mflux("list", env=with_site(tmp_path, PRESS_AT_EXIT[when])), mflux("list")
+    assert plain.returncode == 0 and "Traceback" not in plain.stderr, plain.stderr
+    assert (pressed.returncode, pressed.stdout, pressed.stderr) == (0, plain.stdout, plain.stderr)
 
 
 def test_two_quantize_runs_to_one_name(home):

@@ -88,18 +88,18 @@ def test_publish_renames_each_module_into_the_cache_code_last(tmp_path, monkeypa
 
 def test_start_runs_a_child_per_graph_once_per_cache(tmp_path, monkeypatch):
     cache = tmp_path / "ptx"
-    assert warmup.start(mx.float32, None, False, cache) is None  # not on this backend
+    assert warmup.start(mx.float32, cache) is None  # not on this backend
     monkeypatch.setitem(warmup.WARM, "cpu", True)
-    job = warmup.start(mx.float32, None, False, cache)
+    job = warmup.start(mx.float32, cache)
     assert job is not None and len(job.procs) == len(warmup.tasks(mx.float32))
     assert {s.parent for s in job.stagings} == {cache}
     assert job.wait(timeout=300)
     job.stop()
     markers = list(cache.glob("mflux-warm-*.done"))
     assert len(markers) == 1 and not list(cache.glob(warmup.STAGING + "*"))
-    assert warmup.start(mx.float32, None, False, cache) is None  # marked: nothing to build
+    assert warmup.start(mx.float32, cache) is None  # marked: nothing to build
     # another dtype is another set of kernels
-    other = warmup.start(mx.bfloat16, None, False, cache)
+    other = warmup.start(mx.bfloat16, cache)
     assert other is not None
     other.stop()
     assert not list(cache.glob(warmup.STAGING + "*"))
@@ -108,7 +108,7 @@ def test_start_runs_a_child_per_graph_once_per_cache(tmp_path, monkeypatch):
 def test_a_failed_child_leaves_its_output_and_no_marker(tmp_path, monkeypatch):
     monkeypatch.setitem(warmup.WARM, "cpu", True)
     monkeypatch.setattr(warmup, "tasks", lambda dtype: {"broken": None})  # the child cannot find it
-    job = warmup.start(mx.float32, None, False, tmp_path)
+    job = warmup.start(mx.float32, tmp_path)
     assert not job.wait(timeout=120)
     job.stop()
     assert not list(tmp_path.glob("mflux-warm-*.done"))

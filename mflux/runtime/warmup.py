@@ -35,7 +35,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.runtime.qmatmul import backend
-from mflux.runtime.quantization import QuantSpec
 
 WARM = {"cuda": True, "metal": False, "cpu": False}
 WAIT_S = 90  # the most the first transformer computation waits for the child; then it builds for itself
@@ -45,15 +44,17 @@ STAGING = ".mflux-warm-"
 LOG = "mflux-warm.log"  # the child's output; a failed child's is moved beside the cache
 
 
-def key(dtype: mx.Dtype, spec: QuantSpec | None, guidance: bool) -> str:
-    """What the built kernels depend on: MLX's and mflux's code, the dtype, the quantization, dev or not."""
+def key(dtype: mx.Dtype) -> str:
+    """What the built kernels depend on: MLX's and mflux's code (the graphs), and the dtype. Neither the
+    quantization (dequantizing uses MLX's prebuilt kernel) nor the variant (dev adds a conditioning MLP
+    of the same graphs) changes them."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         mflux_version = version("mflux")
     except PackageNotFoundError:  # run from a source tree
         mflux_version = "source"
-    what = [mx.__version__, mflux_version, str(dtype), spec.to_dict() if spec else None, guidance]
+    what = [mx.__version__, mflux_version, str(dtype)]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
@@ -93,9 +94,7 @@ class Warmup:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def start(
-    dtype: mx.Dtype, spec: QuantSpec | None, guidance: bool, cache: Path | None = None
-) -> Warmup | None:
+def start(dtype: mx.Dtype, cache: Path | None = None) -> Warmup | None:
     """The children for this backend and dtype, or None where none is needed (`WARM`, or the cache holds
     its marker already) or the cache folder can't be written."""
     if not WARM[backend()]:
@@ -103,7 +102,7 @@ def start(
     cache = Path(cache or os.environ.get("MLX_PTX_CACHE_DIR") or "")
     if not str(cache):
         return None
-    marker = cache / MARKER.format(key(dtype, spec, guidance))
+    marker = cache / MARKER.format(key(dtype))
     if marker.exists():
         return None
     try:
