@@ -210,6 +210,57 @@ def test_a_worker_hung_past_the_timeout_is_killed_and_replaced(two, monkeypatch,
     assert again["pid"] != victim["pid"] and again["restarts"] == before[victim["id"]] + 1
 
 
+def test_a_worker_stopped_while_idle_is_replaced_and_its_job_runs_elsewhere(two, monkeypatch, caplog):
+    victim, replies, took = _with_one_idle_worker_stopped(two, monkeypatch, caplog, generate, "idle", 3)
+    assert [r.status_code for r in replies] == [200] * 3, [r.text for r in replies]
+    assert took < 20, took  # TAKE_TIMEOUT (1 s here), then another worker's run: not the 600 s timeout
+    again = health(two.url)["workers"][victim["id"]]
+    assert again["pid"] != victim["pid"] and again["restarts"] == victim["restarts"] + 1
+
+
+def test_a_hung_worker_handed_an_init_image_larger_than_the_pipe_does_not_hang_the_server(
+    two, monkeypatch, caplog
+):
+    side = 512  # the job carries the image at its own size: 512 * 512 * 3 bytes, far past the pipe's buffer
+    a, b = socket.socketpair()  # what multiprocessing's Pipe is made of
+    with a, b:
+        assert side * side * 3 > 2 * a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    image = png_bytes(Image.new("RGB", (side, side), (30, 90, 200)))
+
+    def edit(url: str, prompt: str, seed: int, steps: int) -> requests.Response:
+        files = {"image": ("in.png", image, "image/png")}
+        data = {"prompt": prompt, "seed": str(seed), "steps": str(steps), "size": SIZE}
+        return requests.post(f"{url}/v1/images/edits", files=files, data=data, timeout=30)
+
+    victim, replies, took = _with_one_idle_worker_stopped(two, monkeypatch, caplog, edit, "big", 2)
+    assert [r.status_code for r in replies] == [200] * 2, [r.text for r in replies]
+    assert all(png(r.json()["data"][0]["b64_json"]).size == (PX, PX) for r in replies)
+    assert took < 20, took
+
+
+def _with_one_idle_worker_stopped(two, monkeypatch, caplog, request, prompt: str, n: int):
+    """SIGSTOP one idle worker, then send `n` requests at once, so the stopped worker is handed one: it
+    is killed as hung within TAKE_TIMEOUT and its job runs on another. (victim, replies, seconds taken)."""
+    wait_for(lambda: idle(two.url, 2), "two idle workers", 60)
+    monkeypatch.setattr(mflux.server.process, "TAKE_TIMEOUT", 1.0)
+    monkeypatch.setattr(two.server.settings, "timeout", 30.0)  # without the take: a 504 in 35 s, no hang
+    victim = health(two.url)["workers"][0]
+    os.kill(victim["pid"], signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.INFO, logger="mflux.server"), ThreadPoolExecutor(n) as pool:
+            replies = list(pool.map(lambda seed: request(two.url, prompt, seed, 2), range(n)))
+    finally:
+        if _running(victim["pid"]):
+            os.kill(victim["pid"], signal.SIGKILL)  # not left stopped for the next test
+    took = time.monotonic() - started
+    assert not _running(victim["pid"])  # killed outright, though stopped
+    (line,) = [r.getMessage() for r in caplog.records if "while idle; killed it as hung" in r.getMessage()]
+    assert f"worker {victim['id']} (pid {victim['pid']})" in line, line
+    wait_for(lambda: idle(two.url, 2), "the worker restarted", 60)
+    return victim, replies, took
+
+
 def test_a_model_switch_reaches_each_worker_with_its_next_job(two):
     options = f"{two.url}/sdapi/v1/options"
     assert requests.post(options, json={"sd_model_checkpoint": "dev"}, timeout=60).status_code == 200

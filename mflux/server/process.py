@@ -6,8 +6,11 @@ back to the queue's `Worker`. `main` is the process's side: MLX on its device, o
 process in which MLX has started is unsafe). The messages are plain picklable data that mflux creates:
 
     parent -> process   ("job", JobParams)  ("cancel",)  ("stop",)
-    process -> parent   ("ready", backend)  ("failed", message)  ("event", Step | Result | Loaded)
+    process -> parent   ("ready", backend)  ("failed", message)  ("taken",)  ("event", Step | Result | Loaded)
                         ("done", None | (is_user_error, message))
+
+A process says "taken" as soon as it has read a job, so one that hangs while idle (stopped, deadlocked
+between jobs) is found when it is next handed a job, within TAKE_TIMEOUT, and the job goes back to the queue.
 
 This module imports no MLX at its top: a process sets CUDA_VISIBLE_DEVICES before MLX starts.
 """
@@ -16,11 +19,23 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from multiprocessing import resource_tracker
+from multiprocessing.reduction import ForkingPickler
 
 from mflux.errors import MfluxError
-from mflux.server.worker import Job, JobParams, Models, WorkerHung, WorkerLost, device_type, execute, log
+from mflux.server.worker import (
+    Job,
+    JobParams,
+    Models,
+    NotTaken,
+    WorkerHung,
+    WorkerLost,
+    device_type,
+    execute,
+    log,
+)
 
 START_TIMEOUT = 300.0  # seconds for a process to start MLX and say it is ready
 POLL = 0.1  # seconds between checks of a running job's cancel and timeout
@@ -28,6 +43,9 @@ POLL = 0.1  # seconds between checks of a running job's cancel and timeout
 # taken for hung (stuck in a kernel, deadlocked, stopped) and killed; the job's slowest step so far is
 # added, so a slow device is not mistaken for a hung one.
 CANCEL_GRACE = 5.0
+# Seconds an idle process has to read a job handed to it and say so before it is taken for hung, killed
+# and restarted; the job goes back to the queue. An idle process waits in recv: it answers in milliseconds.
+TAKE_TIMEOUT = 5.0
 
 
 class ProcessRunner:
@@ -94,11 +112,14 @@ class ProcessRunner:
     def run(self, job: Job, emit) -> Exception | None:
         """Send `job` to the process and relay its events until it is done; asks the process to stop the
         job once it is cancelled or past its timeout, and kills it as hung if it has not stopped the job
-        CANCEL_GRACE s (plus its slowest step) past both. Returns the job's error, if any."""
+        CANCEL_GRACE s (plus its slowest step) past both. Returns the job's error, if any: NotTaken when
+        the process never took it (`_hand`)."""
         since = None  # once the cancel is sent: when the grace began (then, or at the timeout if later)
         last = slowest = 0.0  # when the latest event came; the longest wait between two events
+        not_taken = self._hand(job)
+        if not_taken is not None:
+            return not_taken
         try:
-            self._conn.send(("job", job.params()))
             while True:
                 if self._conn.poll(POLL):
                     message = self._conn.recv()
@@ -115,6 +136,42 @@ class ProcessRunner:
                     return self._hung(job, CANCEL_GRACE + slowest)
         except (EOFError, OSError):
             return self._lost(job)
+
+    def _hand(self, job: Job) -> NotTaken | None:
+        """Send `job` and wait until the process says it has taken it; NotTaken if it has not within
+        TAKE_TIMEOUT (then killed as hung) or is gone. The send has a thread of its own: a job larger than
+        the pipe's buffer (one with an init image) blocks until the process reads it, which a hung one never
+        does; the kill ends that send with a broken pipe."""
+        data = ForkingPickler.dumps(("job", job.params()))
+        sender = threading.Thread(
+            target=_send, args=(self._conn, data), name=f"mflux-send-{self.index}", daemon=True
+        )
+        sender.start()
+        try:
+            taken = self._conn.poll(TAKE_TIMEOUT) and self._conn.recv()[0] == "taken"
+        except (EOFError, OSError):
+            taken = None  # the process is gone
+        if taken:
+            sender.join()  # the process has read the whole job: the send is over
+            return None
+        pid = self.pid
+        if taken is False:
+            self._process.kill()  # SIGKILL: a stopped process reads nothing, not even a stop
+        self._process.join(timeout=5)
+        sender.join(timeout=5)  # its send fails once the process's end of the pipe is closed
+        how = self._reap()
+        if taken is False:
+            log.error(
+                "%s did not take job %s within %.1f s while idle; killed it as hung, restarting it",
+                self._name(pid),
+                job.id,
+                TAKE_TIMEOUT,
+            )
+            return NotTaken(
+                f"worker {self.index} (pid {pid}) did not take this job within {TAKE_TIMEOUT:g} s"
+            )
+        log.error("%s exited while idle (%s); restarting it", self._name(pid), how)
+        return NotTaken(f"worker {self.index} (pid {pid}) exited before it took this job ({how})")
 
     def terminate(self) -> None:
         """End the process now (shutdown, after the grace): its runner's thread then sees it gone."""
@@ -175,6 +232,13 @@ class ProcessRunner:
         return f"worker {self.index} (pid {pid or self.pid}{on})"
 
 
+def _send(conn, data: bytes) -> None:
+    try:
+        conn.send_bytes(data)
+    except OSError:
+        pass  # the process is gone, or was killed as hung: its runner's thread says which
+
+
 def _error(error) -> Exception | None:
     if error is None:
         return None
@@ -206,6 +270,8 @@ def _serve(conn, device: str | None) -> None:
     models = Models()
     while True:
         message = conn.recv()
+        if message[0] == "job":
+            conn.send(("taken",))
         if message[0] == "stop" or (message[0] == "job" and not _run(conn, models, message[1])):
             return
 

@@ -45,6 +45,11 @@ class WorkerHung(WorkerLost):
     dead one; the job ends as timed out."""
 
 
+class NotTaken(WorkerLost):
+    """A worker process that did not take a job handed to it (hung while idle, killed; or gone): restarted,
+    and the job goes back to the front of the queue for the next free runner."""
+
+
 @dataclass
 class Step:
     step: int
@@ -279,7 +284,8 @@ class Worker:
 
     A runner (ThreadRunner, ProcessRunner) has `index`, `pid`, `device`, `backend`, `restarts` and
     `failures`; `job` and `model` (name, loras), which the Worker keeps; and `alive()`, `start()`,
-    `run(job, emit)` (the job's error or None), `terminate()` and `close()`."""
+    `run(job, emit)` (the job's error or None; NotTaken puts the job back in the queue), `terminate()` and
+    `close()`."""
 
     def __init__(self, runners: list, default_model: str | None = None, max_queue: int = DEFAULT_QUEUE):
         self.runners = runners
@@ -467,6 +473,9 @@ class Worker:
             end = End("timeout")
         else:
             error = runner.run(job, lambda event: self._on_event(runner, job, event))
+            if isinstance(error, NotTaken):
+                self._put_back(runner, job)
+                return
             if error is not None and runner.model is None and self.model == job.model:
                 self.model = None  # a model that failed to load is not the current one: back to the default
             if error is not None:
@@ -480,6 +489,20 @@ class Worker:
         self._finish(job, end, runner)
         with self._cond:
             runner.job = None
+
+    def _put_back(self, runner, job: Job) -> None:
+        """A job `runner` never started: first in the queue again, unless cancelled meanwhile (stop() cancels
+        running jobs too); a model load is dropped, since the runner loads again as it restarts."""
+        with self._cond:
+            runner.job = None
+            if job.load_only:
+                return
+            if not job.cancelled.is_set():
+                job.status, job.started = "queued", None
+                self._queue.appendleft(job)
+                self._cond.notify()
+                return
+            self._finish(job, End("cancelled"), runner)
 
     def _on_event(self, runner, job: Job, event) -> None:
         if isinstance(event, Loaded):
