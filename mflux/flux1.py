@@ -196,7 +196,7 @@ class Flux1:
         return self._modules[component]
 
     def _start_warmup(self):
-        """A process building MLX's run-time kernels while this one loads (mflux.runtime.warmup); False
+        """Processes building MLX's run-time kernels while this one loads (mflux.runtime.warmup); False
         where none runs, so that it is asked once."""
         from mflux.runtime import warmup
 

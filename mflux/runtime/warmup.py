@@ -37,7 +37,7 @@ import mlx.nn as nn
 from mflux.runtime.qmatmul import backend
 
 WARM = {"cuda": True, "metal": False, "cpu": False}
-WAIT_S = 90  # the most the first transformer computation waits for the child; then it builds for itself
+WAIT_S = 90  # the most the first transformer computation waits for the children; then it builds for itself
 STALE_S = 3600  # a staging folder this old was left by a process that died
 MARKER = "mflux-warm-{}.done"
 STAGING = ".mflux-warm-"
