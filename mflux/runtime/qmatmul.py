@@ -32,7 +32,7 @@ from mlx.utils import tree_map_with_path
 MIN_ROWS = {"cuda": 1, "metal": None, "cpu": None}
 DEQUANTIZE = {"cuda": "mlx", "metal": "mlx", "cpu": "mlx"}
 KERNEL_BITS = (4, 8)
-KERNEL_DTYPES = ("bfloat16", "float16")
+KERNEL_DTYPES = (mx.bfloat16, mx.float16)
 
 _KERNEL_SOURCE = """
     constexpr int V = 32 / BITS;  // values per 32-bit word
@@ -92,7 +92,6 @@ class QuantizedLinear(nn.QuantizedLinear):
         for k, v in layer.items():
             new[k] = v
         new.min_rows = min_rows
-        new.dequantize = DEQUANTIZE[backend()]
         new.freeze()
         return new
 
@@ -150,7 +149,7 @@ def kernel_applies(layer: nn.QuantizedLinear, dtype) -> bool:
         layer.mode == "affine"
         and layer.bits in KERNEL_BITS
         and "biases" in layer
-        and str(dtype).split(".")[-1] in KERNEL_DTYPES
+        and dtype in KERNEL_DTYPES
         and layer["scales"].dtype == dtype
     )
 

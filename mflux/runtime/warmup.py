@@ -45,9 +45,10 @@ LOG = "mflux-warm.log"  # the child's output; a failed child's is moved beside t
 
 
 def key(dtype: mx.Dtype) -> str:
-    """What the built kernels depend on: MLX's and mflux's code (the graphs), and the dtype. Neither the
-    quantization (dequantizing uses MLX's prebuilt kernel) nor the variant (dev adds a conditioning MLP
-    of the same graphs) changes them."""
+    """The marker's key: MLX's version, mflux's and the dtype. Neither the quantization (dequantizing uses
+    MLX's prebuilt kernel) nor the variant (dev adds a conditioning MLP of the same graphs) changes the
+    graphs. A graph changed without a new mflux version keeps the marker: that module is then built by
+    the first process that needs it, as without a warm-up."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -62,8 +63,8 @@ class Warmup:
     """Child processes, each building one graph's kernels into its own staging folder and moving them into
     the cache; `wait` before the first computation that needs them."""
 
-    def __init__(self, procs: list[subprocess.Popen], stagings: list[Path], marker: Path):
-        self.procs, self.stagings, self.marker = procs, stagings, marker
+    def __init__(self, names: list[str], procs: list[subprocess.Popen], stagings: list[Path], marker: Path):
+        self.names, self.procs, self.stagings, self.marker = names, procs, stagings, marker
         atexit.register(self.stop)
 
     def wait(self, timeout: float = WAIT_S) -> bool:
@@ -77,7 +78,7 @@ class Warmup:
         if any(codes):
             return False
         try:
-            self.marker.write_text(json.dumps({"tasks": sorted(tasks(mx.float32))}))
+            self.marker.write_text(json.dumps({"tasks": self.names}))
         except OSError:
             pass
         return True
@@ -105,14 +106,15 @@ def start(dtype: mx.Dtype, cache: Path | None = None) -> Warmup | None:
     marker = cache / MARKER.format(key(dtype))
     if marker.exists():
         return None
+    names = sorted(tasks(dtype))
     try:
         cache.mkdir(parents=True, exist_ok=True)
         _remove_stale(cache)
-        stagings = [Path(_mkdtemp(cache)) for _ in tasks(dtype)]
+        stagings = [Path(_mkdtemp(cache)) for _ in names]
     except OSError:
         return None  # a read-only cache: MLX builds in-process, as without this
     procs = []
-    for task, staging in zip(tasks(dtype), stagings):
+    for task, staging in zip(names, stagings):
         args = {"dtype": str(dtype).split(".")[-1], "task": task, "cache": str(cache)}
         with open(staging / LOG, "w") as log:  # kept only if the child fails (see Warmup.stop)
             procs.append(
@@ -124,7 +126,7 @@ def start(dtype: mx.Dtype, cache: Path | None = None) -> Warmup | None:
                     stderr=log,
                 )
             )
-    return Warmup(procs, stagings, marker)
+    return Warmup(names, procs, stagings, marker)
 
 
 def _mkdtemp(cache: Path) -> str:
