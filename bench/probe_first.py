@@ -30,8 +30,9 @@ import mlx.core as mx  # noqa: E402
 from mflux.runtime.quantization import QuantSpec  # noqa: E402
 
 
-def _modules(cache: Path) -> int:
-    return len(list(cache.glob("*.ptx"))) if cache.is_dir() else 0
+def _modules(cache: Path) -> set[str]:
+    """The modules in MLX's kernel cache, by name: a long name is stored as nested folders."""
+    return {str(p.relative_to(cache))[:-4] for p in cache.rglob("*.ptx")} if cache.is_dir() else set()
 
 
 def probes(size: bf.Size, dtype):
@@ -122,7 +123,7 @@ def main() -> None:
     for name, make in probes(size, dtype):
         if only and name not in only:
             continue
-        before = _modules(cache) if cache else 0
+        before = _modules(cache) if cache else set()
         try:
             call = make()
             mx.synchronize()
@@ -135,13 +136,15 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a probe that fails is reported and the rest go on
             print(json.dumps({"what": "probe_failed", "probe": name, "error": str(e)[:300]}), flush=True)
             continue
-        built = (_modules(cache) - before) if cache else None
+        built = sorted(_modules(cache) - before) if cache else None
         line = {"what": "probe", "probe": name, "cache": args.state, "first_s": round(times[0], 4)}
         line |= {
             "second_s": round(times[1], 4),
             "extra_s": round(times[0] - times[1], 4),
-            "modules_built": built,
+            "modules_built": None if built is None else len(built),
         }
+        if built:
+            line["built"] = [name[:120] for name in built]
         print(json.dumps(line), flush=True)
         bf.free()
     print(json.dumps({"what": "probe_done", "cache": args.state, "s": round(time.perf_counter() - total, 2)}))

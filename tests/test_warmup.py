@@ -62,6 +62,61 @@ def test_the_warm_up_tasks_build_every_compiled_graph_that_generations_build(tin
     assert real <= warm, f"not built by the warm-up: {sorted(real - warm)}"
 
 
+# What MLX's CUDA backend builds with NVRTC at run time besides compiled graphs (mlx/backend/cuda: the
+# users of get_jit_module). None of them may appear where the warm-up can't see them: the children build
+# compiled graphs only, and each of these is a module of its own, about 4 s in a fresh process.
+BUILT_AT_RUN_TIME = {
+    "Gather",
+    "GatherAxis",
+    "Scatter",
+    "ScatterAxis",
+    "GatherMM",
+    "GatherQMM",
+    "QuantizedMatmul",
+    "Hadamard",
+    "DynamicSlice",
+    "DynamicSliceUpdate",
+    "CustomKernel",
+}
+
+
+def test_generations_on_cuda_evaluate_nothing_else_that_is_built_at_run_time(tiny_dev, monkeypatch, tmp_path):
+    from mlx.utils import tree_flatten
+    from PIL import Image
+
+    from mflux import Config, Flux1
+    from mflux.runtime import jitfree, qmatmul
+
+    # this CPU takes CUDA's paths: one-hot lookups in the text encoders, dequantize before a matmul
+    monkeypatch.setitem(jitfree.AVOID_JIT, "cpu", True)
+    monkeypatch.setitem(qmatmul.MIN_ROWS, "cpu", 1)
+    seen: dict[str, int] = {}
+    real_eval, dot = mx.eval, tmp_path / "graph.dot"
+
+    def eval_(*args):
+        arrays = [a for _, a in tree_flatten(list(args)) if isinstance(a, mx.array)]
+        if arrays:
+            mx.export_to_dot(str(dot), *arrays)  # the graph still to run, one node per primitive
+            for name in re.findall(r'label ="?([A-Za-z]+)', dot.read_text()):
+                seen[name] = seen.get(name, 0) + 1
+        return real_eval(*args)
+
+    monkeypatch.setattr(mx, "eval", eval_)
+    init = Image.new("RGB", (64, 48), (200, 30, 30))
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (0, 0, 32, 48))
+    config = Config(2, 48, 64)
+    for quantize in (None, 8):
+        flux = Flux1.from_path(tiny_dev, precision="bfloat16", quantize=quantize)
+        flux.generate_images([1], "a red bicycle", config)
+        flux.generate_images([1, 2], "a red bicycle", config, batch_size=2)
+        flux.generate_images([3], "a lighthouse", config, negative_prompt="fog", true_cfg_scale=2.0)
+        flux.generate_images([4], "a lighthouse", config, image=init, strength=0.6)
+        flux.generate_images([5], "a lighthouse", config, image=init, mask_image=mask)
+    assert seen.get("AddMM", 0) + seen.get("Matmul", 0) > 100  # the graphs were seen
+    assert not {n: c for n, c in seen.items() if n in BUILT_AT_RUN_TIME}
+
+
 def test_publish_renames_each_module_into_the_cache_code_last(tmp_path, monkeypatch):
     staging, cache = tmp_path / "staging", tmp_path / "cache"
     (staging / "long" / "name").mkdir(parents=True)  # MLX makes folders of a '/' in a long graph name

@@ -18,7 +18,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from mflux.runtime import memory, sampler
+from mflux.runtime import jitfree, memory, sampler
 
 
 class Models(Protocol):
@@ -218,7 +218,7 @@ def denoise(
     pe = flux.positions(img_ids, txt_ids)  # depends on no latent: once
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x = mx.concatenate([latents, latents]) if rows > b else latents
-        v = flux.predict(x, txt, pe, mods[i], sp)
+        v = flux.predict(x, txt, pe, jitfree.item(mods, i), sp)
         if rows > b:  # true CFG, as FluxPipeline: neg + scale * (pos - neg)
             v_pos, v_neg = v[:b], v[b:]
             v = v_neg + true_cfg_scale * (v_pos - v_neg)

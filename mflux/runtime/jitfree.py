@@ -11,7 +11,10 @@ anything could build those kernels in the background (`mflux.runtime.warmup`), s
 - a lookup `table[ids]` is a one-hot matrix times the table. With bf16 or fp16 tables that is exact: each
   output is 1 * x plus zeros, accumulated in float32. Float32 tables keep the gather, since a float32
   matmul may round through TF32 on NVIDIA GPUs;
-- the tanh-approximate gelu is written out in plain ops, MLX's own formula uncompiled.
+- the tanh-approximate gelu is written out in plain ops, MLX's own formula uncompiled;
+- `a[i]` with an int i is a gather in MLX too, so `item` takes one entry along the first axis as a
+  slice, a view. This one holds on every backend: the transformer's steps used it, and the first step of
+  a fresh process spent about 4 s building that gather (round 5 in docs/PERFORMANCE.md).
 
 The encoders run once per prompt, so what this costs (a matmul over the vocabulary; a few more
 elementwise passes) is small next to the transformer's steps. `AVOID_JIT` says where it applies:
@@ -32,6 +35,11 @@ _EXACT_ONE_HOT = (mx.bfloat16, mx.float16)
 
 def avoid_jit() -> bool:
     return AVOID_JIT[backend()]
+
+
+def item(a: mx.array, i: int) -> mx.array:
+    """`a[i]` for an int i, as a view: MLX builds `a[i]` as a gather, a kernel CUDA compiles at run time."""
+    return a[i : i + 1].squeeze(0)
 
 
 def one_hot(ids: mx.array, n: int, dtype) -> mx.array:

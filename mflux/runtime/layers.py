@@ -80,7 +80,7 @@ def _scale_shift(x: mx.array, scale1: mx.array, shift: mx.array) -> mx.array:
 def modulate(x: mx.array, shift: mx.array, scale1: mx.array) -> mx.array:
     """LayerNorm(x) * scale1 + shift, with scale1 = 1 + scale; x (B, L, D), shift and scale1 (B, D)."""
     if x.shape[0] == 1:  # one kernel: the layer norm's own affine takes 1-D weights
-        return mx.fast.layer_norm(x, scale1[0], shift[0], EPS)
+        return mx.fast.layer_norm(x, scale1.squeeze(0), shift.squeeze(0), EPS)  # views; [0] is a gather
     return _scale_shift(mx.fast.layer_norm(x, None, None, EPS), scale1[:, None], shift[:, None])
 
 
