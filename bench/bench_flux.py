@@ -58,7 +58,7 @@ BUDGETS = {
 }
 # the two ways a quantized layer multiplies (mflux.runtime.qmatmul): MLX's quantized_matmul at every
 # size, or dequantize-then-matmul from `--min-rows` rows on (the CUDA default)
-PATHS = ("qmm", "dequant", "kernel")
+PATHS = ("qmm", "dequant", "kernel", "stream")
 QUANTS = {"q8": QuantSpec(8), "q4": QuantSpec(4)}
 MICRO_QUANTS = {
     "q8": QuantSpec(8),
@@ -220,11 +220,12 @@ def quantize(module: nn.Module, component: str, spec: QuantSpec | None) -> nn.Mo
 
 def set_path(module: nn.Module, path: str, args) -> None:
     """`qmm`: quantized_matmul at every size; `dequant`: mx.dequantize then a matmul from `--min-rows`
-    rows; `kernel`: the same with qmatmul's own dequantize kernel (CUDA)."""
+    rows; `kernel`: the same with qmatmul's own dequantize kernel (CUDA); `stream`: mx.dequantize on a
+    stream of its own, overlapping earlier layers' matmuls."""
     if path == "qmm":
         qmatmul.choose_matmul(module, None)
     else:
-        qmatmul.choose_matmul(module, args.min_rows, "kernel" if path == "kernel" else "mlx")
+        qmatmul.choose_matmul(module, args.min_rows, {"kernel": "kernel", "stream": "stream"}.get(path, "mlx"))
 
 
 def largest_layer_gb(module: nn.Module, dtype) -> float:
@@ -812,7 +813,8 @@ def section_pipeline(size: Size, args, budget: Budget) -> None:
 
 def _pipeline_run(size: Size, args, quant: str) -> None:
     """`--images` images as `mflux run` makes them, phase by phase: load T5 and CLIP, encode, free them;
-    load the transformer, denoise every image; free the transformer (unless `--keep-transformer`), load
+    load the transformer, compute every image's modulations and free the layers behind them, denoise
+    every image; free the transformer (unless `--keep-transformer`), load
     the VAE, decode. The first image pays for building kernels; later ones show the warm figure."""
     src = _Source(size, args, QUANTS.get(quant))
     ph = _Phases()
@@ -837,12 +839,19 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
             warm.wait()
     weights["transformer"] = nbytes(flux) / 1e9
     sigmas = src.sigmas(steps)
+    # as `mflux run` does (free_modulation_weights): every image's modulations first, then the layers
+    # behind them (3.2B parameters at full size) are dropped before the first step
+    with ph("modulate"):
+        mods = [engine.modulations(flux, pooled, sigmas, guidance) for _, pooled in conds]
+        mx.eval(mods)
+        flux.free_modulation_weights()
+        mx.clear_cache()
+    weights["denoiser"] = nbytes(flux) / 1e9
     latents = []
-    for i, (txt, pooled) in enumerate(conds):
+    for i, (txt, _) in enumerate(conds):
         with ph(f"denoise_{i}"):
             noise = sampler.noise(i, res, res).astype(args.dtype)
-            mods = engine.modulations(flux, pooled, sigmas, guidance)
-            for x in engine.denoise(flux, txt, noise, sigmas, res, res, mods):
+            for x in engine.denoise(flux, txt, noise, sigmas, res, res, mods[i]):
                 memory.evaluate(x, headroom=args.headrooms[0])
         latents.append(x)
     if not args.keep_transformer:
@@ -855,6 +864,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
             engine.decode(vae, x, res, res)  # evaluated: it returns the uint8 pixels
     f = ph.figures
     image = [f[f"encode_{i}"]["s"] + f[f"denoise_{i}"]["s"] + f[f"decode_{i}"]["s"] for i in range(n)]
+    image[0] += f["modulate"]["s"]  # every image's modulations, computed before the first step
     load = sum(f[k]["s"] for k in ("load_text", "load_transformer", "load_vae"))
     report(
         what="pipeline",
@@ -1161,7 +1171,7 @@ def main(argv=None) -> None:
         "--variants", default="schnell,dev", help="step/encode shapes: schnell (256 text tokens), dev (512)"
     )
     parser.add_argument(
-        "--paths", default=",".join(PATHS), help="quantized matmul paths to time: qmm, dequant"
+        "--paths", default=",".join(PATHS), help="quantized matmul paths to time: qmm, dequant, kernel, stream"
     )
     parser.add_argument(
         "--min-rows",

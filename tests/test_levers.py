@@ -162,7 +162,7 @@ def test_bench_flux_tiny_runs_every_section():
     assert {(f["variant"], f["quant"], f["path"]) for f in steps} == {
         (v, q, p)
         for v in ("schnell", "dev")
-        for q, p in [("fp32", "float")] + [(q, p) for q in ("q8", "q4") for p in ("qmm", "dequant", "kernel")]
+        for q, p in [("fp32", "float")] + [(q, p) for q in ("q8", "q4") for p in ("qmm", "dequant", "kernel", "stream")]
     }
     assert all(f["s"] > 0 and f["peak_gb"] > 0 for f in steps)
     assert all("bound_gb" in f for f in steps if f["quant"] != "fp32")
@@ -172,6 +172,9 @@ def test_bench_flux_tiny_runs_every_section():
     for f in pipe.values():
         assert f["load_transformer_start_gb"] < f["text_weights_gb"] / 2
         assert f["load_vae_start_gb"] < f["transformer_weights_gb"] / 2
+        # as `mflux run`: the conditioning layers are dropped before the first step (what it holds)
+        assert f["denoiser_weights_gb"] < 0.9 * f["transformer_weights_gb"]
+        assert f["denoise_0_start_gb"] < f["transformer_weights_gb"]
     assert pipe["q4"]["transformer_weights_gb"] < pipe["fp32"]["transformer_weights_gb"] / 4
     bpp = {
         (f["quant"], f["component"]): f["bytes_per_param"] for f in figures if f["what"] == "bytes_per_param"
