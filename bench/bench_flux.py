@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import mlx.nn as nn
 from flux_sizes import FLUX
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mflux.runtime import engine, layers, memory, qmatmul, sampler, warmup
+from mflux.runtime import engine, layers, loader, memory, qmatmul, sampler, warmup
 from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
 from mflux.runtime.clip import CLIPTextConfig, CLIPTextModel
 from mflux.runtime.model import Flux, FluxParams
@@ -825,6 +826,13 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     with ph("load_text"):
         t5, clip = src.module("text_encoder_2"), src.module("text_encoder")
     clip_ids, t5_ids = src.token_ids()
+    # as Flux1 does where memory allows: the transformer is read in a thread while the prompt encodes
+    overlap = _overlap_load(args, src)
+    pending = None
+    if overlap:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="bench-prefetch")
+        pending = pool.submit(src.module, "transformer")
+        pool.shutdown(wait=False)
     conds = []
     for i in range(n):
         with ph(f"encode_{i}"):
@@ -834,7 +842,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     weights = {"text": (nbytes(t5) + nbytes(clip)) / 1e9}
     del t5, clip  # the prompt is encoded: free T5 and CLIP before the transformer loads
     with ph("load_transformer"):
-        flux = src.module("transformer")
+        flux = pending.result() if pending else src.module("transformer")
         if warm:
             warm.wait()
     weights["transformer"] = nbytes(flux) / 1e9
@@ -874,6 +882,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
         steps=steps,
         txt=src.txt_len,
         kept_transformer=args.keep_transformer,
+        overlap_load=overlap,
         load_s=load,
         first_image_s=image[0],
         load_plus_first_s=load + image[0],
@@ -885,6 +894,14 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
         **{f"{k}_start_gb": v["start_gb"] for k, v in f.items()},
         **{f"{k}_weights_gb": v for k, v in weights.items()},
     )
+
+
+def _overlap_load(args, src) -> bool:
+    if args.overlap_load != "auto":
+        return args.overlap_load == "on"
+    if src.folder is None:
+        return loader.OVERLAP_LOAD[qmatmul.backend()]
+    return loader.may_overlap(src.folder)
 
 
 def section_firstrun(size: Size, args, budget: Budget) -> None:
@@ -937,6 +954,7 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
     cmd += ["--res", str(args.res)] if args.res else []
     cmd += ["--headroom", args.headroom.split(",")[0], "--kernel-warmup", args.kernel_warmup]
     cmd += ["--load-threads", str(args.load_threads)] if args.load_threads else []
+    cmd += ["--overlap-load", args.overlap_load]
     # the driver's own cache of compiled kernels lives beside MLX's, so "empty" empties both
     env = {**os.environ, "MLX_PTX_CACHE_DIR": str(cache), "CUDA_CACHE_PATH": str(cache / "nv")}
     left = max(10.0, budget.section_end - time.monotonic())
@@ -1205,6 +1223,13 @@ def main(argv=None) -> None:
         default="on",
         help="pipeline/firstrun: build the transformer's kernels in a child while loading, as Flux1 does "
         "(mflux.runtime.warmup; CUDA only, and only where the kernel cache lacks them)",
+    )
+    parser.add_argument(
+        "--overlap-load",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="pipeline/firstrun: read the transformer in a thread while the prompt encodes, as Flux1 does "
+        "(auto: where mflux.runtime.loader.may_overlap says so; random weights: the backend's OVERLAP_LOAD)",
     )
     parser.add_argument("--caches", default="empty,warm", help="firstrun: cache states to run, in order")
     parser.add_argument(

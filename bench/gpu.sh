@@ -27,6 +27,18 @@
 #                              mx.dequantize (their difference, and each one's time); the steps at bf16/q8/q4
 #                              with each; probe_first after the warm-up's children; the HF folder's load with
 #                              8 and 16 loader threads
+# Round 5 (the gathers out of the steps, the transformer read while the prompt encodes, the "stream"
+# dequantize, the pipeline freeing its modulation layers as `mflux run` does) made three calls:
+#   g: carry .gpu1 and .gpuw   MLX's CUDA wheel (first half), diffusers; the Hugging Face layout checkpoint
+#                              written; diffusers' load + first image from it (fresh processes, twice);
+#                              the diffusers anchor, eager and torch.compile
+#   h: carry .gpu2             MLX's CUDA wheel (second half), mflux; the HF folder's load + first image,
+#                              empty kernel cache, then warm with the overlapped read and without; random
+#                              weights' first image empty against warm at bf16/q8/q4; probe_first after the
+#                              warm-up; the schnell steps with mx.dequantize and the "stream" dequantize;
+#                              the pipeline at q8/q4; the VAE decode under smaller bounds
+#   i: (nothing carried)       an MLX-native model written, read at GB/s with the loader's threads, then a
+#                              pipeline from it
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -198,8 +210,67 @@ case "${1:-}" in
         --quant bf16 --load-threads $t --time-limit 40 2>&1 | grep '"firstrun"' | tee -a "$OUT/hf-threads.jsonl"
     done
     ;;
+  g)
+    if [ "$SIZE" = full ]; then
+      { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } 2>&1 | tee "$OUT/machine.txt"
+      bash .gpu1/mlx-cuda-install.sh 1 || exit 1
+      python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl || exit 1
+    fi
+    rm -rf "$HF"
+    step write-hf 120 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
+      2>&1 | tail -3 | tee "$OUT/write.txt"
+    if [ "$SIZE" = full ]; then
+      for n in 1 2; do
+        step "hf-diffusers-$n" 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf-diffusers.jsonl"
+      done
+      step anchor 200 timeout $(($(left) - 5)) python3 bench/anchor_diffusers.py --compile 2>&1 | tee "$OUT/anchor.jsonl"
+    fi
+    ;;
+  h)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX"
+    # Targets 2 and 3 from the Hugging Face folder g wrote: a fresh process with an empty kernel cache, then
+    # fresh processes on the cache it left, the transformer read while the prompt encodes (auto) and not
+    step hf-empty 50 "${BENCH[@]}" --sections firstrun --caches empty --ptx-cache "$PTX/hf" --folder "$HF" \
+      --quant bf16 --time-limit 80 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    for o in auto auto off off; do
+      step "hf-warm-overlap-$o" 30 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/hf" --folder "$HF" \
+        --quant bf16 --overlap-load $o --time-limit 45 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    # Target 3 from random weights (nothing to load to hide the warm-up behind), at bf16, q8 and q4
+    for q in bf16 q8 q4; do
+      step "random-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    step probe-after-warmup 40 timeout 70 "$PY" bench/probe_first.py --size "$SIZE" --cache "$PTX/probe" \
+      --state empty --kernel-warmup 2>&1 | tee "$OUT/probe_first.jsonl"
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    # Target 1: the schnell step with each dequantize, at the default bound
+    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant,stream \
+      --headroom 2 --budget step=95 --time-limit 105 2>&1 | tee "$OUT/steps.jsonl"
+    # Target 4: the pipeline as `mflux run` holds it (modulation layers freed), and the decode's bound
+    step pipeline 50 "${BENCH[@]}" --sections pipeline --images 2 --quant q8,q4 --budget pipeline=60 \
+      --time-limit 70 2>&1 | tee "$OUT/pipeline.jsonl"
+    step decode 25 "${BENCH[@]}" --sections decode --band-mb 0 --headroom 2,1,0.5,0.25,0 --budget decode=40 \
+      --time-limit 45 2>&1 | tee "$OUT/decode.jsonl"
+    ;;
+  i)
+    rm -rf "$HF" "$NATIVE"  # the disk holds one 34 GB model at a time
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    mkdir -p "$PTX/warm" && ln -sfn "$PTX/hf" "$PTX/warm/bf16"
+    # Target 2, MLX-native: written, read back at GB/s by the loader (8 threads on CUDA), then a pipeline
+    step native-load 90 "${BENCH[@]}" --sections load --quant bf16 --keep-model "$NATIVE" \
+      --time-limit 200 2>&1 | tee "$OUT/native.jsonl"
+    for n in 1 2; do
+      step "native-mflux-$n" 40 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/warm" \
+        --folder "$NATIVE/bf16" --quant bf16 --time-limit 60 2>&1 | tee -a "$OUT/native.jsonl"
+    done
+    rm -rf "$NATIVE"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i [full|tiny]" >&2
     exit 2
     ;;
 esac

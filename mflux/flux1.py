@@ -16,6 +16,7 @@ import io
 import re
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.runtime import engine
 from mflux.runtime.folder import ModelFolder
-from mflux.runtime.loader import check_quantize, load_component
+from mflux.runtime.loader import check_quantize, load_component, may_overlap
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 
 # the limits and defaults the CLI checks too (mflux.settings says why these)
@@ -136,6 +137,7 @@ class Flux1:
         self._tokenizers = None
         self._loading = 0.0  # seconds spent loading modules so far, kept apart from the phase times
         self._warmup = None  # see _start_warmup
+        self._prefetch = None  # the transformer being read in a thread (see _prefetch_transformer)
 
     @classmethod
     def from_path(
@@ -182,18 +184,38 @@ class Flux1:
             if self._warmup is None:
                 self._warmup = self._start_warmup()
             start = time.perf_counter()
-            with self._files():
-                module = load_component(self.folder, component, self.dtype, self.quantize)
-            # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing.
-            if self.lora_paths:
-                from mflux.runtime.lora import apply_loras
-
-                apply_loras({component: module}, self.lora_paths, self.lora_scales)
+            if component == "transformer" and self._prefetch is not None:
+                pending, self._prefetch = self._prefetch, None
+                module = pending.result()  # re-raises the thread's error here
+            else:
+                module = self._load(component)
             self._modules[component] = module
-            if component == "transformer" and self._warmup:
-                self._warmup.wait()  # the kernels of its first computation, built meanwhile
             self._loading += time.perf_counter() - start
         return self._modules[component]
+
+    def _load(self, component: str):
+        with self._files():
+            module = load_component(self.folder, component, self.dtype, self.quantize)
+        # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing.
+        if self.lora_paths:
+            from mflux.runtime.lora import apply_loras
+
+            apply_loras({component: module}, self.lora_paths, self.lora_scales)
+        if component == "transformer" and self._warmup:
+            self._warmup.wait()  # the kernels of its first computation, built meanwhile
+        return module
+
+    def _prefetch_transformer(self) -> None:
+        """Where the loader allows it (`loader.may_overlap`: CUDA with memory for T5, CLIP and the
+        transformer at once), load the text encoders, then start reading the transformer in a thread,
+        so that the read overlaps the prompt encoding; `get("transformer")` waits for it."""
+        if "transformer" in self._modules or self._prefetch is not None or not may_overlap(self.folder):
+            return
+        self.get("text_encoder")
+        self.get("text_encoder_2")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mflux-prefetch")
+        self._prefetch = pool.submit(self._load, "transformer")
+        pool.shutdown(wait=False)
 
     def _start_warmup(self):
         """Processes building MLX's run-time kernels while this one loads (mflux.runtime.warmup); False
@@ -324,6 +346,7 @@ class Flux1:
             mx.reset_peak_memory()
             phase, phase_start, loaded = next_phase, now, self._loading
 
+        self._prefetch_transformer()
         for event in engine.generate(self, request):
             if isinstance(event, engine.Conditioned):
                 close("denoising")

@@ -59,3 +59,62 @@ def test_a_threads_error_reaches_the_caller():
 
     with pytest.raises(MfluxError, match="shard 3"):
         loader.read_in_threads(lazy, {"a.weight": mx.zeros(4), "b.weight": mx.ones(4)}, 2)
+
+
+def _overlapping(monkeypatch, memory: int):
+    """The CPU told to overlap as CUDA does, on a device of `memory` bytes; returns the threads that
+    loaded the transformer."""
+    monkeypatch.setitem(loader.OVERLAP_LOAD, "cpu", True)
+    monkeypatch.setattr(loader.mx, "device_info", lambda: {"total_memory": memory})
+    threads = set()
+    real = loader.load_component
+
+    def spy(folder, component, *a, **k):
+        if component == "transformer":
+            threads.add(threading.current_thread().name)
+        return real(folder, component, *a, **k)
+
+    monkeypatch.setattr("mflux.flux1.load_component", spy)
+    return threads
+
+
+def test_the_transformer_is_read_while_the_prompt_encodes_where_memory_allows(tiny_schnell, monkeypatch):
+    """`Flux1.generate` on a backend that overlaps loads (CUDA) reads the transformer in a thread of its
+    own once T5 and CLIP are loaded, and the image is the one a sequential load makes."""
+    from mflux import Config, Flux1
+
+    config = Config(2, 64, 64)
+    alone = Flux1.from_path(tiny_schnell, precision="float32").generate_image(seed=3, prompt="a red fox", config=config)
+    threads = _overlapping(monkeypatch, memory=1 << 40)
+    overlapped = Flux1.from_path(tiny_schnell, precision="float32").generate_image(
+        seed=3, prompt="a red fox", config=config
+    )
+    assert threads and all(t.startswith("mflux-prefetch") for t in threads)
+    np.testing.assert_array_equal(np.array(alone.image), np.array(overlapped.image))
+
+
+def test_no_overlap_where_the_device_cannot_hold_both(tiny_schnell, monkeypatch):
+    from mflux import Config, Flux1
+
+    files = sum(f.stat().st_size for c in loader.OVERLAPPED for f in (tiny_schnell / c).glob("*.safetensors"))
+    threads = _overlapping(monkeypatch, memory=2 * files - 1)
+    Flux1.from_path(tiny_schnell, precision="float32").generate_image(
+        seed=3, prompt="a red fox", config=Config(1, 64, 64)
+    )
+    assert threads == {threading.main_thread().name}
+
+
+def test_a_failed_background_read_is_one_error_when_the_transformer_is_needed(tiny_schnell, monkeypatch, tmp_path):
+    import shutil
+
+    from mflux import Config, Flux1
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_schnell, broken)
+    for shard in (broken / "transformer").glob("*.safetensors"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    threads = _overlapping(monkeypatch, memory=1 << 40)
+    flux = Flux1.from_path(broken, precision="float32")
+    with pytest.raises(MfluxError, match="transformer"):
+        flux.generate_image(seed=3, prompt="a red fox", config=Config(1, 64, 64))
+    assert all(t.startswith("mflux-prefetch") for t in threads) and threads

@@ -39,6 +39,25 @@ EVAL_GROUP_BYTES = 16 * 2**20
 # 2-core CPU gains nothing, so both keep one.
 LOAD_THREADS = {"cuda": 8, "metal": 1, "cpu": 1}
 
+# Whether a caller reads the transformer while the prompts encode (`Flux1.generate`, bench_flux's
+# pipeline), per backend. T5, CLIP and the transformer are then held at once (33.6 GB at bf16, where
+# freeing T5 and CLIP first holds 26 GB), so it is done only where the device's memory is at least twice
+# their files (`may_overlap`): an H200 or an H100, not a 24 GB card. Metal keeps one phase at a time:
+# the Mac shares its memory with everything else, and no Mac was here to measure it.
+OVERLAP_LOAD = {"cuda": True, "metal": False, "cpu": False}
+OVERLAPPED = ("text_encoder", "text_encoder_2", "transformer")
+
+
+def may_overlap(folder: ModelFolder) -> bool:
+    """True where the backend overlaps the transformer's read with the prompt encoding (OVERLAP_LOAD)
+    and the device's memory is at least twice the files of T5, CLIP and the transformer."""
+    if not OVERLAP_LOAD[backend()]:
+        return False
+    info = mx.device_info()
+    total = info.get("total_memory") or info.get("memory_size") or 0
+    files = sum(f.stat().st_size for c in OVERLAPPED for f in (folder.path / c).glob("*.safetensors"))
+    return 0 < 2 * files <= total
+
 
 def build_module(component: str, architecture: dict) -> nn.Module:
     """An empty module of the checkpoint's sizes."""
