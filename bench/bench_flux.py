@@ -843,6 +843,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     del t5, clip  # the prompt is encoded: free T5 and CLIP before the transformer loads
     with ph("load_transformer"):
         flux = pending.result() if pending else src.module("transformer")
+        del pending  # else it holds the transformer through the decode
         if warm:
             warm.wait()
     weights["transformer"] = nbytes(flux) / 1e9
@@ -851,7 +852,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     # behind them (3.2B parameters at full size) are dropped before the first step
     with ph("modulate"):
         mods = [engine.modulations(flux, pooled, sigmas, guidance) for _, pooled in conds]
-        mx.eval(mods)
+        memory.evaluate(mods, headroom=args.headrooms[0])
         flux.free_modulation_weights()
         mx.clear_cache()
     weights["denoiser"] = nbytes(flux) / 1e9
@@ -900,8 +901,8 @@ def _overlap_load(args, src) -> bool:
     if args.overlap_load != "auto":
         return args.overlap_load == "on"
     if src.folder is None:
-        return loader.OVERLAP_LOAD[qmatmul.backend()]
-    return loader.may_overlap(src.folder)
+        return loader.OVERLAP_LOAD[qmatmul.backend()] and src.spec is None
+    return loader.may_overlap(src.folder, src.spec)
 
 
 def section_firstrun(size: Size, args, budget: Budget) -> None:

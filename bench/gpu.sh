@@ -38,7 +38,8 @@
 #                              warm-up; the schnell steps with mx.dequantize and the "stream" dequantize;
 #                              the pipeline at q8/q4; the VAE decode under smaller bounds
 #   i: (nothing carried)       an MLX-native model written, read at GB/s with the loader's threads, then a
-#                              pipeline from it
+#                              pipeline from it; the pipeline at bf16/q8/q4 after h's fixes; the decode in
+#                              row bands
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -131,7 +132,7 @@ case "${1:-}" in
     # Target 2, Hugging Face layout: written, then diffusers and mflux each load it and make two images
     # in a fresh process (warm kernel cache)
     rm -rf "$HF"
-    step write-hf 120 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
+    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
       2>&1 | tail -3 | tee "$OUT/write.txt"
     if [ "$SIZE" = full ]; then
       step hf-diffusers 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee "$OUT/hf.jsonl"
@@ -159,7 +160,7 @@ case "${1:-}" in
       python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl || exit 1
     fi
     rm -rf "$HF"
-    step write-hf 120 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
+    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
       2>&1 | tail -3 | tee "$OUT/write.txt"
     if [ "$SIZE" = full ]; then
       step hf-diffusers 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee "$OUT/hf.jsonl"
@@ -217,13 +218,13 @@ case "${1:-}" in
       python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl || exit 1
     fi
     rm -rf "$HF"
-    step write-hf 120 "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
+    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
       2>&1 | tail -3 | tee "$OUT/write.txt"
     if [ "$SIZE" = full ]; then
       for n in 1 2; do
         step "hf-diffusers-$n" 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf-diffusers.jsonl"
       done
-      step anchor 200 timeout $(($(left) - 5)) python3 bench/anchor_diffusers.py --compile 2>&1 | tee "$OUT/anchor.jsonl"
+      [ "${ANCHOR:-1}" = 1 ] && step anchor 200 timeout $(($(left) - 5)) python3 bench/anchor_diffusers.py --compile 2>&1 | tee "$OUT/anchor.jsonl"
     fi
     ;;
   h)
@@ -268,6 +269,13 @@ case "${1:-}" in
         --folder "$NATIVE/bf16" --quant bf16 --time-limit 60 2>&1 | tee -a "$OUT/native.jsonl"
     done
     rm -rf "$NATIVE"
+    # Target 4 again, after h: the pipeline with the modulations evaluated under the bound, the overlap
+    # for unquantized weights only and nothing holding the transformer through the decode; the decode
+    # in row bands (exact), which the bound alone cannot bring under 2 GB
+    step pipeline 50 "${BENCH[@]}" --sections pipeline --images 2 --quant bf16,q8,q4 --budget pipeline=70 \
+      --time-limit 80 2>&1 | tee "$OUT/pipeline.jsonl"
+    step decode-bands 25 "${BENCH[@]}" --sections decode --band-mb 2048,1024,512 --headroom 2 --budget decode=60 \
+      --time-limit 65 2>&1 | tee "$OUT/decode.jsonl"
     ;;
   *)
     echo "usage: $0 a|b|c|d|e|f|g|h|i [full|tiny]" >&2

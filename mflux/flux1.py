@@ -206,10 +206,14 @@ class Flux1:
         return module
 
     def _prefetch_transformer(self) -> None:
-        """Where the loader allows it (`loader.may_overlap`: CUDA with memory for T5, CLIP and the
-        transformer at once), load the text encoders, then start reading the transformer in a thread,
+        """Where the loader allows it (`loader.may_overlap`: unquantized, on CUDA with memory for T5,
+        CLIP and the transformer at once), load the text encoders, then start reading the transformer in a thread,
         so that the read overlaps the prompt encoding; `get("transformer")` waits for it."""
-        if "transformer" in self._modules or self._prefetch is not None or not may_overlap(self.folder):
+        if (
+            "transformer" in self._modules
+            or self._prefetch is not None
+            or not may_overlap(self.folder, self.quantize)
+        ):
             return
         self.get("text_encoder")
         self.get("text_encoder_2")

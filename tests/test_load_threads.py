@@ -118,3 +118,14 @@ def test_a_failed_background_read_is_one_error_when_the_transformer_is_needed(ti
     with pytest.raises(MfluxError, match="transformer"):
         flux.generate_image(seed=3, prompt="a red fox", config=Config(1, 64, 64))
     assert all(t.startswith("mflux-prefetch") for t in threads) and threads
+
+
+def test_no_overlap_for_quantized_weights(tiny_schnell, monkeypatch):
+    """Who quantizes asks for memory: T5 and the transformer are then never held at once."""
+    from mflux import Config, Flux1
+
+    threads = _overlapping(monkeypatch, memory=1 << 40)
+    Flux1.from_path(tiny_schnell, precision="float32", quantize=4).generate_image(
+        seed=3, prompt="a red fox", config=Config(1, 64, 64)
+    )
+    assert threads == {threading.main_thread().name}

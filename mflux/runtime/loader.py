@@ -48,10 +48,12 @@ OVERLAP_LOAD = {"cuda": True, "metal": False, "cpu": False}
 OVERLAPPED = ("text_encoder", "text_encoder_2", "transformer")
 
 
-def may_overlap(folder: ModelFolder) -> bool:
-    """True where the backend overlaps the transformer's read with the prompt encoding (OVERLAP_LOAD)
-    and the device's memory is at least twice the files of T5, CLIP and the transformer."""
-    if not OVERLAP_LOAD[backend()]:
+def may_overlap(folder: ModelFolder, quantize: QuantSpec | None = None) -> bool:
+    """True where the backend overlaps the transformer's read with the prompt encoding (OVERLAP_LOAD),
+    the weights are not quantized (stored or under `quantize`: who quantizes asks for memory, and the
+    overlap would hold T5 and the transformer at once) and the device's memory is at least twice the
+    files of T5, CLIP and the transformer."""
+    if not OVERLAP_LOAD[backend()] or quantize is not None or folder.quantization:
         return False
     info = mx.device_info()
     total = info.get("total_memory") or info.get("memory_size") or 0
