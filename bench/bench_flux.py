@@ -59,7 +59,7 @@ BUDGETS = {
 }
 # the two ways a quantized layer multiplies (mflux.runtime.qmatmul): MLX's quantized_matmul at every
 # size, or dequantize-then-matmul from `--min-rows` rows on (the CUDA default)
-PATHS = ("qmm", "dequant", "kernel", "stream")
+PATHS = ("qmm", "dequant", "kernel")
 QUANTS = {"q8": QuantSpec(8), "q4": QuantSpec(4)}
 MICRO_QUANTS = {
     "q8": QuantSpec(8),
@@ -221,12 +221,11 @@ def quantize(module: nn.Module, component: str, spec: QuantSpec | None) -> nn.Mo
 
 def set_path(module: nn.Module, path: str, args) -> None:
     """`qmm`: quantized_matmul at every size; `dequant`: mx.dequantize then a matmul from `--min-rows`
-    rows; `kernel`: the same with qmatmul's own dequantize kernel (CUDA); `stream`: mx.dequantize on a
-    stream of its own, overlapping earlier layers' matmuls."""
+    rows; `kernel`: the same with qmatmul's own dequantize kernel (CUDA)."""
     if path == "qmm":
         qmatmul.choose_matmul(module, None)
     else:
-        qmatmul.choose_matmul(module, args.min_rows, {"kernel": "kernel", "stream": "stream"}.get(path, "mlx"))
+        qmatmul.choose_matmul(module, args.min_rows, "kernel" if path == "kernel" else "mlx")
 
 
 def largest_layer_gb(module: nn.Module, dtype) -> float:
@@ -1190,7 +1189,7 @@ def main(argv=None) -> None:
         "--variants", default="schnell,dev", help="step/encode shapes: schnell (256 text tokens), dev (512)"
     )
     parser.add_argument(
-        "--paths", default=",".join(PATHS), help="quantized matmul paths to time: qmm, dequant, kernel, stream"
+        "--paths", default=",".join(PATHS), help="quantized matmul paths to time: qmm, dequant, kernel"
     )
     parser.add_argument(
         "--min-rows",

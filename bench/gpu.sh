@@ -27,15 +27,15 @@
 #                              mx.dequantize (their difference, and each one's time); the steps at bf16/q8/q4
 #                              with each; probe_first after the warm-up's children; the HF folder's load with
 #                              8 and 16 loader threads
-# Round 5 (the gathers out of the steps, the transformer read while the prompt encodes, the "stream"
-# dequantize, the pipeline freeing its modulation layers as `mflux run` does) made three calls:
+# Round 5 (the gathers out of the steps, the transformer read while the prompt encodes, the pipeline freeing its modulation layers as `mflux run` does) made three calls:
 #   g: carry .gpu1 and .gpuw   MLX's CUDA wheel (first half), diffusers; the Hugging Face layout checkpoint
 #                              written; diffusers' load + first image from it (fresh processes, twice);
 #                              the diffusers anchor, eager and torch.compile
 #   h: carry .gpu2             MLX's CUDA wheel (second half), mflux; the HF folder's load + first image,
 #                              empty kernel cache, then warm with the overlapped read and without; random
 #                              weights' first image empty against warm at bf16/q8/q4; probe_first after the
-#                              warm-up; the schnell steps with mx.dequantize and the "stream" dequantize;
+#                              warm-up; the schnell steps (round 5 also timed a "stream" dequantize, since
+#                              removed: docs/PERFORMANCE.md);
 #                              the pipeline at q8/q4; the VAE decode under smaller bounds
 #   i: (nothing carried)       an MLX-native model written, read at GB/s with the loader's threads, then a
 #                              pipeline from it; the pipeline at bf16/q8/q4 after h's fixes; the decode in
@@ -249,7 +249,7 @@ case "${1:-}" in
       --state empty --kernel-warmup 2>&1 | tee "$OUT/probe_first.jsonl"
     export MLX_PTX_CACHE_DIR="$PTX/all"
     # Target 1: the schnell step with each dequantize, at the default bound
-    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant,stream \
+    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant \
       --headroom 2 --budget step=95 --time-limit 105 2>&1 | tee "$OUT/steps.jsonl"
     # Target 4: the pipeline as `mflux run` holds it (modulation layers freed), and the decode's bound
     step pipeline 50 "${BENCH[@]}" --sections pipeline --images 2 --quant q8,q4 --budget pipeline=60 \

@@ -180,19 +180,3 @@ def test_the_dequantize_kernel_is_chosen_only_where_it_applies(monkeypatch):
     np.testing.assert_allclose(np.array(wrapped(x)), np.array(expected), rtol=1e-5, atol=1e-5)
     qmatmul.choose_matmul(model, 1)
     assert model.layers[0].dequantize == qmatmul.DEQUANTIZE[qmatmul.backend()]
-
-
-def test_dequantizing_on_a_side_stream_gives_the_same_step():
-    """The "stream" path (mx.dequantize on a stream of its own, for the GPU to overlap) computes the
-    same arrays as the "mlx" path, layer after layer, in a model deep enough to interleave them."""
-    mx.random.seed(3)
-    model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(6)])
-    nn.quantize(model, group_size=64, bits=4)
-    x = mx.random.normal((2, 70, 128))
-    out = {}
-    for path in ("mlx", "stream"):
-        qmatmul.choose_matmul(model, 1, path)
-        assert all(layer.dequantize == path for layer in model.layers)
-        out[path] = model(x)
-        mx.eval(out[path])
-    assert mx.array_equal(out["mlx"], out["stream"])

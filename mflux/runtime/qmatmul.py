@@ -23,11 +23,6 @@ writes one or two 2-byte values per thread, far below the card's bandwidth (q8 c
 bf16 on the H200, where reading 12 GB and writing 24 GB at bandwidth takes about 8 ms); the kernel
 reads 16 bytes and writes 32 or 64 per thread, with MLX's arithmetic (`scale * q + bias` in the
 weight's dtype). `bench_flux.py --sections qmatmul` times both and prints their largest difference.
-"stream" is `mx.dequantize` on a stream of its own (`side_stream`), with no dependence on the layer's
-input, so that a layer's dequantize may run on the GPU while earlier layers' matmuls still do. The host
-encodes a step in the order of its graph, so the float weight is still made just before the layer's
-matmul is encoded and memory stays the same. For inference only: a trainer keeps "mlx" (see the note in
-`QuantizedLinear.__call__`). `bench_flux.py --sections step --paths stream` times it.
 """
 
 import mlx.core as mx
@@ -68,15 +63,6 @@ _KERNEL_SOURCE = """
     }
 """
 _kernel = None
-_side = None
-
-
-def side_stream() -> mx.Stream:
-    """The stream "stream" dequantizes on: one per process, on the default device."""
-    global _side
-    if _side is None:
-        _side = mx.new_stream(mx.default_device())
-    return _side
 
 
 def backend() -> str:
@@ -95,7 +81,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` whose call dequantizes the weight first when the input has >= `min_rows` rows."""
 
     min_rows: int | None = None
-    dequantize: str = "mlx"  # or "kernel", "stream" (see DEQUANTIZE)
+    dequantize: str = "mlx"  # or "kernel" (see DEQUANTIZE)
 
     @classmethod
     def wrap(cls, layer: nn.QuantizedLinear, min_rows: int | None) -> "QuantizedLinear":
@@ -118,19 +104,6 @@ class QuantizedLinear(nn.QuantizedLinear):
         # layer's dequantize in a checkpointed block's recomputation (training): every layer's float
         # weight then lives from the forward pass to the backward one (issue 15: a q4 base's training
         # step at 512x512 peaked at 25.8 GB on the H200, the bf16 base's at 26.4 GB).
-        if self.dequantize == "stream":
-            with mx.stream(side_stream()):
-                w = mx.dequantize(
-                    self["weight"],
-                    self["scales"],
-                    self.get("biases"),
-                    group_size=self.group_size,
-                    bits=self.bits,
-                    mode=self.mode,
-                    dtype=x.dtype,
-                )
-            y = x @ w.T
-            return y + self["bias"] if "bias" in self else y
         weight = mx.depends(self["weight"], x)
         if self.dequantize == "kernel" and kernel_applies(self, x.dtype):
             w = dequantize_kernel(weight, self["scales"], self["biases"], self.group_size, self.bits)
@@ -150,7 +123,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 def choose_matmul(model: nn.Module, min_rows: int | None, dequantize: str | None = None) -> nn.Module:
     """Set every quantized linear layer of `model` to dequantize from `min_rows` rows (None: never), with
-    `dequantize` ("mlx", "kernel" or "stream"; None: the backend's `DEQUANTIZE`)."""
+    `dequantize` ("mlx" or "kernel"; None: the backend's `DEQUANTIZE`)."""
 
     def swap(_, m):
         if isinstance(m, nn.QuantizedLinear) and not isinstance(m, QuantizedLinear):
