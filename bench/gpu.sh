@@ -262,8 +262,11 @@ case "${1:-}" in
     # (run on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` and `.gpu2/... 2`: the kernel cache is new)
     mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
     # Target 2, MLX-native: written, read back at GB/s by the loader (8 threads on CUDA), then a pipeline
-    step native-load 90 "${BENCH[@]}" --sections load --quant bf16 --keep-model "$NATIVE" \
-      --time-limit 200 2>&1 | tee "$OUT/native.jsonl"
+    step native-load 90 "${BENCH[@]}" --sections load --quant bf16,q4 --keep-model "$NATIVE" \
+      --time-limit 240 2>&1 | tee "$OUT/native.jsonl"
+    # Target 3 for a stored 4-bit model (6.7 GB to read: little to hide the warm-up behind)
+    step native-q4 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/native-q4" \
+      --folder "$NATIVE/q4" --quant q4 --time-limit 60 2>&1 | tee -a "$OUT/native.jsonl"
     step native-mflux-empty 40 "${BENCH[@]}" --sections firstrun --caches empty --ptx-cache "$PTX/native" \
       --folder "$NATIVE/bf16" --quant bf16 --time-limit 60 2>&1 | tee -a "$OUT/native.jsonl"
     for n in 1 2; do
