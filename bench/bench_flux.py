@@ -851,7 +851,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     # behind them (3.2B parameters at full size) are dropped before the first step
     with ph("modulate"):
         mods = [engine.modulations(flux, pooled, sigmas, guidance) for _, pooled in conds]
-        memory.evaluate(mods, headroom=args.headrooms[0])
+        memory.evaluate(mods, headroom="tight" if args.headrooms[0] == "auto" else args.headrooms[0])
         flux.free_modulation_weights()
         mx.clear_cache()
     weights["denoiser"] = nbytes(flux) / 1e9
@@ -900,7 +900,7 @@ def _overlap_load(args, src) -> bool:
     if args.overlap_load != "auto":
         return args.overlap_load == "on"
     if src.folder is None:
-        return loader.OVERLAP_LOAD[qmatmul.backend()] and src.spec is None
+        return False  # random weights are drawn, not read: nothing to overlap
     return loader.may_overlap(src.folder, src.spec)
 
 
@@ -1229,7 +1229,7 @@ def main(argv=None) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="pipeline/firstrun: read the transformer in a thread while the prompt encodes, as Flux1 does "
-        "(auto: where mflux.runtime.loader.may_overlap says so; random weights: the backend's OVERLAP_LOAD)",
+        "(auto: where mflux.runtime.loader.may_overlap says so; never for random weights, which are drawn, not read)",
     )
     parser.add_argument("--caches", default="empty,warm", help="firstrun: cache states to run, in order")
     parser.add_argument(

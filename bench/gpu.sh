@@ -40,6 +40,7 @@
 #   i: (nothing carried)       an MLX-native model written, read at GB/s with the loader's threads, then a
 #                              pipeline from it; the pipeline at bf16/q8/q4 after h's fixes; the decode in
 #                              row bands
+#   j: carry .gpu2             (a new lease) the pipeline at bf16/q8/q4 with the modulations' tight bound
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -282,8 +283,18 @@ case "${1:-}" in
     step decode-bands 25 "${BENCH[@]}" --sections decode --band-mb 2048,1024,512 --headroom 2 --budget decode=60 \
       --time-limit 65 2>&1 | tee "$OUT/decode.jsonl"
     ;;
+  j)
+    # after i, on a new lease (after `.gpu1/mlx-cuda-install.sh 1`): the pipeline with the precomputed
+    # modulations under the tight bound (memory.TIGHT_HEADROOM)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step pipeline 50 "${BENCH[@]}" --sections pipeline --images 2 --quant bf16,q8,q4 --budget pipeline=70 \
+      --time-limit 80 2>&1 | tee "$OUT/pipeline.jsonl"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j [full|tiny]" >&2
     exit 2
     ;;
 esac

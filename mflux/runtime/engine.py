@@ -114,7 +114,7 @@ def generate(
     if r.precompute_modulations:
         for rows in batches:
             mods[rows[0]] = _modulations(transformer, r, encoded, rows, sigmas)
-        memory.evaluate(list(mods.values()))  # unbounded, a q4 model's peaked 3.5 GB over its weights
+        memory.evaluate(list(mods.values()), headroom="tight")  # see memory.TIGHT_HEADROOM
         yield Modulated()
 
     for n, rows in enumerate(batches, 1):
