@@ -113,7 +113,7 @@ def generate(
     mods = {}
     if r.precompute_modulations:
         for rows in batches:
-            mods[rows[0]] = _modulations(transformer, r, encoded, rows, sigmas)
+            mods[rows[0]] = _modulations(transformer, r, encoded, rows, sigmas, evaluate=True)
         memory.evaluate(list(mods.values()), headroom="tight")  # see memory.TIGHT_HEADROOM
         yield Modulated()
 
@@ -229,12 +229,15 @@ def denoise(
         yield latents
 
 
-def modulations(flux, pooled: mx.array, sigmas: list[float], guidance: float | None) -> mx.array:
+def modulations(
+    flux, pooled: mx.array, sigmas: list[float], guidance: float | None, evaluate: bool = False
+) -> mx.array:
     """(steps, B, K, hidden): every step's modulation rows, which depend only on the timestep, the pooled
-    text and the guidance, so they are computed once per generation."""
+    text and the guidance, so they are computed once per generation. `evaluate`: block by block (see
+    `Flux.block_modulations`)."""
     b = pooled.shape[0]
     g = None if guidance is None else mx.full((b,), guidance, dtype=mx.float32)
-    return flux.modulations(sampler.timesteps(sigmas), pooled, g)
+    return flux.modulations(sampler.timesteps(sigmas), pooled, g, evaluate)
 
 
 def decode(vae, latents: mx.array, height: int, width: int) -> np.ndarray:
@@ -286,8 +289,10 @@ def _conditioning(r: Request, encoded: dict, rows: list[int]) -> tuple[mx.array,
     return txt, pooled
 
 
-def _modulations(transformer, r: Request, encoded: dict, rows: list[int], sigmas: list[float]) -> mx.array:
-    return modulations(transformer, _conditioning(r, encoded, rows)[1], sigmas, r.guidance)
+def _modulations(
+    transformer, r: Request, encoded: dict, rows: list[int], sigmas: list[float], evaluate: bool = False
+) -> mx.array:
+    return modulations(transformer, _conditioning(r, encoded, rows)[1], sigmas, r.guidance, evaluate)
 
 
 def _noise(r: Request, rows: list[int]) -> mx.array:

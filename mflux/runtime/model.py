@@ -123,21 +123,32 @@ class Flux(nn.Module):
         dtype = self.dtype
         return timestep_embedding(t.astype(dtype) * 1000).astype(dtype)
 
-    def block_modulations(self, vec: mx.array) -> mx.array:
+    def block_modulations(self, vec: mx.array, evaluate: bool = False) -> mx.array:
         """(B, K, hidden): every block's shift, 1 + scale and gate rows for vec (B, hidden), in block
-        order, then the final layer's shift and 1 + scale (K = 12 per double block + 3 per single + 2)."""
-        mods = [b.modulations(vec) for b in self.double_blocks]
-        mods += [b.modulations(vec) for b in self.single_blocks]
-        return mx.concatenate([*mods, self.final_layer.modulations(vec)], axis=1)
+        order, then the final layer's shift and 1 + scale (K = 12 per double block + 3 per single + 2).
+        `evaluate` evaluates each block's rows as they are made, so that a quantized model dequantizes
+        one block's layers at a time (MLX checks its memory limit only between batches of 20 kernels:
+        in one graph, 20 dequantized layers, 2.3 GB, were held at once)."""
+        mods = []
+        for b in [*self.double_blocks, *self.single_blocks, self.final_layer]:
+            mods.append(b.modulations(vec))
+            if evaluate:
+                mx.eval(mods[-1])
+        return mx.concatenate(mods, axis=1)
 
     def modulations(
-        self, timesteps: list[float] | mx.array, y: mx.array, guidance: mx.array | None = None
+        self,
+        timesteps: list[float] | mx.array,
+        y: mx.array,
+        guidance: mx.array | None = None,
+        evaluate: bool = False,
     ) -> mx.array:
         """(N, B, K, hidden): `block_modulations` for each of N denoising steps at once.
 
         They depend only on the timestep, the pooled text y (B, vec_in) and guidance (B,), so one
         batched pass per generation replaces about 3.2B parameters of matrix-vector work per step
-        (and the weights behind them can then be freed, see `free_modulation_weights`).
+        (and the weights behind them can then be freed, see `free_modulation_weights`). `evaluate`:
+        see `block_modulations`.
         """
         t = mx.array(timesteps, dtype=mx.float32)
         n, b = t.shape[0], y.shape[0]
@@ -146,7 +157,7 @@ class Flux(nn.Module):
         t = mx.broadcast_to(t[:, None], (n, b)).reshape(-1)
         y = mx.broadcast_to(y[None], (n, *y.shape)).reshape(n * b, -1)
         g = None if guidance is None else mx.broadcast_to(guidance[None], (n, b)).reshape(-1)
-        mods = self.block_modulations(self.conditioning(t, y, g))  # (N*B, K, hidden)
+        mods = self.block_modulations(self.conditioning(t, y, g), evaluate)  # (N*B, K, hidden)
         return mods.reshape(n, b, *mods.shape[1:])
 
     def free_modulation_weights(self) -> None:
