@@ -82,6 +82,19 @@ step() {
   timeout "$l" "$@"
 }
 
+# d and g: the machine described, MLX's CUDA wheel (first half) and tomli-w installed (full size), then the
+# random Hugging Face checkpoint written (peer.py imports the repository's test fixtures)
+install_first_half_and_write_hf() {
+  if [ "$SIZE" = full ]; then
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } 2>&1 | tee "$OUT/machine.txt"
+    bash .gpu1/mlx-cuda-install.sh 1 || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl || exit 1
+  fi
+  rm -rf "$HF"
+  step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" \
+    --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
+}
+
 HEADROOMS=none,2,1  # the queue bounds swept, GB over what is held (none: MLX's own limit)
 
 case "${1:-}" in
@@ -155,14 +168,7 @@ case "${1:-}" in
       --time-limit 35 2>&1 | tee "$OUT/decode.jsonl"
     ;;
   d)
-    if [ "$SIZE" = full ]; then
-      { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } 2>&1 | tee "$OUT/machine.txt"
-      bash .gpu1/mlx-cuda-install.sh 1 || exit 1
-      python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl || exit 1
-    fi
-    rm -rf "$HF"
-    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
-      2>&1 | tail -3 | tee "$OUT/write.txt"
+    install_first_half_and_write_hf
     if [ "$SIZE" = full ]; then
       step hf-diffusers 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee "$OUT/hf.jsonl"
     fi
@@ -213,14 +219,7 @@ case "${1:-}" in
     done
     ;;
   g)
-    if [ "$SIZE" = full ]; then
-      { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } 2>&1 | tee "$OUT/machine.txt"
-      bash .gpu1/mlx-cuda-install.sh 1 || exit 1
-      python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl || exit 1
-    fi
-    rm -rf "$HF"
-    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" --size "$([ "$SIZE" = full ] && echo full || echo tiny)" \
-      2>&1 | tail -3 | tee "$OUT/write.txt"
+    install_first_half_and_write_hf
     if [ "$SIZE" = full ]; then
       for n in 1 2; do
         step "hf-diffusers-$n" 60 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf-diffusers.jsonl"
