@@ -84,7 +84,9 @@ def test_the_transformer_is_read_while_the_prompt_encodes_where_memory_allows(ti
     from mflux import Config, Flux1
 
     config = Config(2, 64, 64)
-    alone = Flux1.from_path(tiny_schnell, precision="float32").generate_image(seed=3, prompt="a red fox", config=config)
+    alone = Flux1.from_path(tiny_schnell, precision="float32").generate_image(
+        seed=3, prompt="a red fox", config=config
+    )
     threads = _overlapping(monkeypatch, memory=1 << 40)
     overlapped = Flux1.from_path(tiny_schnell, precision="float32").generate_image(
         seed=3, prompt="a red fox", config=config
@@ -104,7 +106,9 @@ def test_no_overlap_where_the_device_cannot_hold_both(tiny_schnell, monkeypatch)
     assert threads == {threading.main_thread().name}
 
 
-def test_a_failed_background_read_is_one_error_when_the_transformer_is_needed(tiny_schnell, monkeypatch, tmp_path):
+def test_a_failed_background_read_is_one_error_when_the_transformer_is_needed(
+    tiny_schnell, monkeypatch, tmp_path
+):
     import shutil
 
     from mflux import Config, Flux1
