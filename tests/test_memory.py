@@ -50,3 +50,29 @@ def test_a_tight_bound_makes_the_same_image(tiny_schnell, monkeypatch):
     tight = image(1 << 16)  # 64 KB over what is held: every evaluation waits on the queue
     assert limits, "the engine's evaluations ran without the bound"
     np.testing.assert_array_equal(tight, free)
+
+
+def test_the_tight_bound_is_the_backends_own():
+    assert memory.TIGHT_HEADROOM["cuda"] < memory.HEADROOM["cuda"]
+    for backend in ("metal", "cpu"):  # unmeasured there: left alone, as HEADROOM is
+        assert memory.TIGHT_HEADROOM[backend] is None
+
+
+def test_modulations_evaluated_block_by_block_are_the_same_rows(tiny_schnell, monkeypatch):
+    """The precomputed modulations evaluate each block's rows as they are made (so that a quantized
+    model dequantizes one block's layers at a time); the rows are the same arrays as one graph's, and
+    each block is evaluated on its own."""
+    from mflux.folders import open_folder
+    from mflux.runtime.loader import load_component
+    from mflux.runtime.quantization import QuantSpec
+
+    flux = load_component(open_folder(tiny_schnell), "transformer", mx.float32, QuantSpec(8))
+    y = mx.random.normal((1, flux.params.vec_in_dim))
+    whole = flux.modulations([1.0, 0.5], y)
+    evals = []
+    real = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: evals.append(a) or real(*a))
+    blocks = flux.modulations([1.0, 0.5], y, evaluate=True)
+    monkeypatch.undo()
+    assert len(evals) == len(flux.double_blocks) + len(flux.single_blocks) + 1
+    assert mx.array_equal(whole, blocks)
