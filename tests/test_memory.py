@@ -71,8 +71,8 @@ def test_modulations_evaluated_block_by_block_are_the_same_rows(tiny_schnell, mo
     whole = flux.modulations([1.0, 0.5], y)
     evals = []
     real = mx.eval
-    monkeypatch.setattr(mx, "eval", lambda *a: evals.append(a) or real(*a))
-    blocks = flux.modulations([1.0, 0.5], y, evaluate=True)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(mx, "eval", lambda *a: evals.append(a) or real(*a))
+        blocks = flux.modulations([1.0, 0.5], y, evaluate=True)
     assert len(evals) == len(flux.double_blocks) + len(flux.single_blocks) + 1
     assert mx.array_equal(whole, blocks)
