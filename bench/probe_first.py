@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_flux as bf  # noqa: E402
 import mlx.core as mx  # noqa: E402
 
+from mflux.runtime import jitfree  # noqa: E402
 from mflux.runtime.quantization import QuantSpec  # noqa: E402
 
 
@@ -69,9 +70,11 @@ def probes(size: bf.Size, dtype):
         flux = bf.build("transformer", bf.Size(**{**size.__dict__, "flux": flux_cfg}), dtype, quant, "dev")
         x = bf.step_inputs(flux, size, "schnell", dtype)
         pe = flux.positions(x["img_ids"], x["txt_ids"])
-        mods = flux.modulations([1.0], x["y"], mx.array([3.5]))
+        # the step's rows as the engine takes them: a view, where mods[0] would be a gather (built at run
+        # time on CUDA, which the probe would count as the transformer's)
+        mods = jitfree.item(flux.modulations([1.0], x["y"], mx.array([3.5])), 0)
         mx.eval(pe, mods)
-        return lambda: flux.predict(x["img"], x["txt"], pe, mods[0])
+        return lambda: flux.predict(x["img"], x["txt"], pe, mods)
 
     def vae():
         model = bf.build("vae", size, dtype, None)
