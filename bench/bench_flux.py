@@ -849,9 +849,9 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     sigmas = src.sigmas(steps)
     # as `mflux run` does (free_modulation_weights): every image's modulations first, then the layers
     # behind them (3.2B parameters at full size) are dropped before the first step
-    with ph("modulate"):
+    with ph("modulate"), memory.bounded("tight" if args.headrooms[0] == "auto" else args.headrooms[0]):
         mods = [engine.modulations(flux, pooled, sigmas, guidance, evaluate=True) for _, pooled in conds]
-        memory.evaluate(mods, headroom="tight" if args.headrooms[0] == "auto" else args.headrooms[0])
+        mx.eval(mods)
         flux.free_modulation_weights()
         mx.clear_cache()
     weights["denoiser"] = nbytes(flux) / 1e9

@@ -207,8 +207,8 @@ class Flux1:
 
     def _prefetch_transformer(self) -> None:
         """Where the loader allows it (`loader.may_overlap`: unquantized, on CUDA with memory for T5,
-        CLIP and the transformer at once), load the text encoders, then start reading the transformer in a thread,
-        so that the read overlaps the prompt encoding; `get("transformer")` waits for it."""
+        CLIP and the transformer at once), load the text encoders, then start reading the transformer
+        in a thread, so that the read overlaps the prompt encoding; `get("transformer")` waits for it."""
         if (
             "transformer" in self._modules
             or self._prefetch is not None

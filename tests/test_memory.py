@@ -76,3 +76,30 @@ def test_modulations_evaluated_block_by_block_are_the_same_rows(tiny_schnell, mo
         blocks = flux.modulations([1.0, 0.5], y, evaluate=True)
     assert len(evals) == len(flux.double_blocks) + len(flux.single_blocks) + 1
     assert mx.array_equal(whole, blocks)
+
+
+def test_the_precomputed_modulations_evaluate_block_by_block_under_the_tight_bound(tiny_schnell, monkeypatch):
+    """With `free_modulation_weights` (as `mflux run`), every block's modulation rows are evaluated
+    within the tight bound, and the image is the one made without it."""
+    cfg = Config(num_inference_steps=2, height=64, width=64)
+
+    def image():
+        flux = Flux1.from_path(tiny_schnell, precision="float32")
+        out = flux.generate_image(3, "a photo of a cat", cfg, free_modulation_weights=True)
+        t = flux.get("transformer")  # its blocks stay; only their modulation layers were freed
+        return np.array(out.image), len(t.double_blocks) + len(t.single_blocks) + 1
+
+    free, _ = image()
+    monkeypatch.setitem(memory.TIGHT_HEADROOM, "cpu", 1 << 16)
+    bounded_evals = []
+    real = mx.eval
+    default = mx.get_memory_limit()
+
+    def spy(*a):
+        bounded_evals.append(mx.get_memory_limit() != default)
+        return real(*a)
+
+    monkeypatch.setattr(mx, "eval", spy)
+    tight, n_blocks = image()
+    assert sum(bounded_evals) >= n_blocks  # one evaluation a block, each within the bound
+    np.testing.assert_array_equal(tight, free)

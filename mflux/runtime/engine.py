@@ -112,9 +112,11 @@ def generate(
     ]
     mods = {}
     if r.precompute_modulations:
-        for rows in batches:
-            mods[rows[0]] = _modulations(transformer, r, encoded, rows, sigmas, evaluate=True)
-        memory.evaluate(list(mods.values()), headroom="tight")  # see memory.TIGHT_HEADROOM
+        # block by block (each block's rows evaluated as made), under memory.TIGHT_HEADROOM
+        with memory.bounded("tight"):
+            for rows in batches:
+                mods[rows[0]] = _modulations(transformer, r, encoded, rows, sigmas, evaluate=True)
+            mx.eval(list(mods.values()))
         yield Modulated()
 
     for n, rows in enumerate(batches, 1):
