@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -820,8 +821,10 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     ph = _Phases()
     res, steps, n = src.res, args.pipeline_steps, args.images
     guidance = 3.5 if src.variant == "dev" else None
-    # as Flux1 does: the kernels of the transformer's first use are built by a child meanwhile
+    # as Flux1 does: the compiled graphs' kernels are built by children, and every phase runs
+    # uncompiled until they are done (warmup.compile_when_ready)
     warm = warmup.start(args.dtype) if args.kernel_warmup == "on" else None
+    uncompiled = []  # the phases that ran uncompiled
     with ph("load_text"):
         t5, clip = src.module("text_encoder_2"), src.module("text_encoder")
     clip_ids, t5_ids = src.token_ids()
@@ -843,13 +846,15 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     with ph("load_transformer"):
         flux = pending.result() if pending else src.module("transformer")
         del pending  # else it holds the transformer through the decode
-        if warm:
-            warm.wait()
     weights["transformer"] = nbytes(flux) / 1e9
     sigmas = src.sigmas(steps)
     # as `mflux run` does (free_modulation_weights): every image's modulations first, then the layers
     # behind them (3.2B parameters at full size) are dropped before the first step
-    with ph("modulate"), memory.bounded("tight" if args.headrooms[0] == "auto" else args.headrooms[0]):
+    with (
+        ph("modulate"),
+        _compiling(warm, "modulate", uncompiled),
+        memory.bounded("tight" if args.headrooms[0] == "auto" else args.headrooms[0]),
+    ):
         mods = [engine.modulations(flux, pooled, sigmas, guidance, evaluate=True) for _, pooled in conds]
         mx.eval(mods)
         flux.free_modulation_weights()
@@ -857,7 +862,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
     weights["denoiser"] = nbytes(flux) / 1e9
     latents = []
     for i, (txt, _) in enumerate(conds):
-        with ph(f"denoise_{i}"):
+        with ph(f"denoise_{i}"), _compiling(warm, f"denoise_{i}", uncompiled):
             noise = sampler.noise(i, res, res).astype(args.dtype)
             for x in engine.denoise(flux, txt, noise, sigmas, res, res, mods[i]):
                 memory.evaluate(x, headroom=args.headrooms[0])
@@ -868,7 +873,7 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
         vae = src.module("vae")
     weights["vae"] = nbytes(vae) / 1e9
     for i, x in enumerate(latents):
-        with ph(f"decode_{i}"):
+        with ph(f"decode_{i}"), _compiling(warm, f"decode_{i}", uncompiled):
             engine.decode(vae, x, res, res)  # evaluated: it returns the uint8 pixels
     f = ph.figures
     image = [f[f"encode_{i}"]["s"] + f[f"denoise_{i}"]["s"] + f[f"decode_{i}"]["s"] for i in range(n)]
@@ -883,6 +888,8 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
         txt=src.txt_len,
         kept_transformer=args.keep_transformer,
         overlap_load=overlap,
+        kernel_warmup_children=len(warm.procs) if warm else 0,
+        uncompiled_phases=uncompiled,
         load_s=load,
         first_image_s=image[0],
         load_plus_first_s=load + image[0],
@@ -894,6 +901,14 @@ def _pipeline_run(size: Size, args, quant: str) -> None:
         **{f"{k}_start_gb": v["start_gb"] for k, v in f.items()},
         **{f"{k}_weights_gb": v for k, v in weights.items()},
     )
+
+
+@contextmanager
+def _compiling(warm, phase: str, uncompiled: list):
+    with warmup.compile_when_ready(warm) as cold:
+        if cold:
+            uncompiled.append(phase)
+        yield
 
 
 def _overlap_load(args, src) -> bool:
@@ -923,9 +938,17 @@ def section_firstrun(size: Size, args, budget: Budget) -> None:
                     shutil.rmtree(cache, ignore_errors=True)
                 before = _cached(cache)
                 figs = _child_pipeline(size, args, quant, cache, budget)
+                # the warm-up's children outlive the run: wait for them before the next one
+                t = time.perf_counter()
+                while list(cache.glob(warmup.STAGING + "*")) and time.perf_counter() - t < 120:
+                    time.sleep(0.1)
+                after = time.perf_counter() - t
                 built = _cached(cache) - before
                 for r in figs:
-                    report(**{**r, "what": "firstrun", "cache": state, "modules_built": len(built)})
+                    report(
+                        **{**r, "what": "firstrun", "cache": state, "modules_built": len(built)},
+                        children_after_s=after,
+                    )
                 if built:
                     kinds = sorted({b.split("_")[0] for b in built})
                     report(
@@ -1221,7 +1244,7 @@ def main(argv=None) -> None:
         "--kernel-warmup",
         choices=("on", "off"),
         default="on",
-        help="pipeline/firstrun: build the transformer's kernels in a child while loading, as Flux1 does "
+        help="pipeline/firstrun: build the compiled graphs' kernels in children, running uncompiled until they are done, as Flux1 does "
         "(mflux.runtime.warmup; CUDA only, and only where the kernel cache lacks them)",
     )
     parser.add_argument(

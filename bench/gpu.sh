@@ -41,6 +41,12 @@
 #                              pipeline from it; the pipeline at bf16/q8/q4 after h's fixes; the decode in
 #                              row bands
 #   j: carry .gpu2             (a new lease) the pipeline at bf16/q8/q4 with the modulations' tight bound
+# Round 6 (a fresh process runs uncompiled while the warm-up builds; profiles):
+#   k: carry .gpu2             (after `bash .gpu1/mlx-cuda-install.sh 1`, carrying .gpu1) the schnell
+#                              steps at bf16/q8/q4; random weights' first image, empty kernel cache
+#                              against warm, at bf16/q8/q4; the q8/q4 pipeline
+#   l: (nothing carried)       Nsight Systems profiles (bench/profile_gpu.py) of the q8, bf16 and q4
+#                              steps and of the VAE decode, in 1024 MB row bands and whole-tensor
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -292,8 +298,45 @@ case "${1:-}" in
     step pipeline 50 "${BENCH[@]}" --sections pipeline --images 2 --quant bf16,q8,q4 --budget pipeline=70 \
       --time-limit 80 2>&1 | tee "$OUT/pipeline.jsonl"
     ;;
+  k)
+    # round 6, after `.gpu1/mlx-cuda-install.sh 1` on a new lease: the steps; a fresh process runs
+    # uncompiled while the warm-up builds (runtime.warmup); the q8/q4 pipeline with the block-by-block
+    # modulations
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX"
+    # Target 1: the schnell step, the bias now in the dequantized layers' matmul (qmatmul: mx.addmm)
+    MLX_PTX_CACHE_DIR="$PTX/all" step steps 60 "${BENCH[@]}" --sections step --variants schnell \
+      --quant bf16,q8,q4 --paths dequant --headroom 2 --budget step=95 --time-limit 105 2>&1 | tee "$OUT/steps.jsonl"
+    for q in bf16 q8 q4; do
+      step "random-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    export MLX_PTX_CACHE_DIR="$PTX/rnd/bf16"
+    step pipeline 50 "${BENCH[@]}" --sections pipeline --images 2 --quant q8,q4 --budget pipeline=55 \
+      --time-limit 65 2>&1 | tee "$OUT/pipeline.jsonl"
+    ;;
+  l)
+    # right after k: Nsight Systems profiles (bench/profile_gpu.py), each after two untimed calls
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    NSYS=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda*/bin/nsys 2>/dev/null | head -1)
+    echo "nsys: ${NSYS:-none}" | tee "$OUT/nsys.txt"
+    [ -n "$NSYS" ] && "$NSYS" --version 2>&1 | tee -a "$OUT/nsys.txt"
+    for what in "step --quant q8" "decode --band-mb 1024" "step --quant bf16" "decode --band-mb 0" "step --quant q4"; do
+      name=$(echo "$what" | tr -d ' -' )
+      [ -z "$NSYS" ] && break
+      rep="$SCRATCH/prof-$name"
+      step "profile-$name" 30 "$NSYS" profile -t cuda,nvtx --sample=none --cpuctxsw=none --cuda-graph-trace=node \
+        --capture-range=cudaProfilerApi --capture-range-end=stop --force-overwrite=true -o "$rep" \
+        "$PY" bench/profile_gpu.py run --what $what --calls 2 >"$OUT/profile-$name.log" 2>&1
+      grep '^{' "$OUT/profile-$name.log" | tee -a "$OUT/profile.jsonl"
+      step "export-$name" 15 "$NSYS" export -t sqlite --force-overwrite=true -o "$rep.sqlite" "$rep.nsys-rep" >/dev/null 2>&1
+      "$PY" bench/profile_gpu.py analyze "$rep.sqlite" --calls 2 2>&1 | tee -a "$OUT/profile.jsonl"
+    done
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k [full|tiny]" >&2
     exit 2
     ;;
 esac

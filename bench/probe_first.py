@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument(
         "--kernel-warmup",
         action="store_true",
-        help="first run mflux.runtime.warmup's children (timed) and wait for them, as Flux1 does",
+        help="first run mflux.runtime.warmup's children (timed) and wait for them (Flux1 runs uncompiled meanwhile)",
     )
     args = ap.parse_args()
     cache = Path(args.cache) if args.cache else None

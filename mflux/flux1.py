@@ -28,7 +28,7 @@ from PIL import Image
 from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
-from mflux.runtime import engine
+from mflux.runtime import engine, warmup
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import check_quantize, load_component, may_overlap
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
@@ -201,8 +201,6 @@ class Flux1:
             from mflux.runtime.lora import apply_loras
 
             apply_loras({component: module}, self.lora_paths, self.lora_scales)
-        if component == "transformer" and self._warmup:
-            self._warmup.wait()  # the kernels of its first computation, built meanwhile
         return module
 
     def _prefetch_transformer(self) -> None:
@@ -222,10 +220,8 @@ class Flux1:
         pool.shutdown(wait=False)
 
     def _start_warmup(self):
-        """Processes building MLX's run-time kernels while this one loads (mflux.runtime.warmup); False
-        where none runs, so that it is asked once."""
-        from mflux.runtime import warmup
-
+        """Processes building MLX's run-time kernels while this one goes on uncompiled
+        (mflux.runtime.warmup); False where none runs, so that it is asked once."""
         return warmup.start(self.dtype) or False
 
     def tokenizers(self) -> tuple:
@@ -351,7 +347,9 @@ class Flux1:
             phase, phase_start, loaded = next_phase, now, self._loading
 
         self._prefetch_transformer()
-        for event in engine.generate(self, request):
+        # uncompiled while the warm-up's children build the compiled graphs' kernels (runtime.warmup)
+        events = warmup.compile_when_ready_each(engine.generate(self, request), lambda: self._warmup)
+        for event in events:
             if isinstance(event, engine.Conditioned):
                 close("denoising")
                 if free_text_encoders:

@@ -11,8 +11,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
+import numpy as np
 
 from mflux.runtime import warmup
 
@@ -106,6 +108,9 @@ def test_generations_on_cuda_evaluate_nothing_else_that_is_built_at_run_time(tin
     mask = Image.new("L", (64, 48), 0)
     mask.paste(255, (0, 0, 32, 48))
     config = Config(2, 48, 64)
+    # uncompiled, as a fresh process runs while the warm-up builds: every primitive is seen, also
+    # those inside the compiled graphs, so this covers the compiled generations too
+    monkeypatch.setattr(warmup, "start", lambda dtype: SimpleNamespace(ready=lambda: False, procs={}))
     for quantize in (None, 8):
         flux = Flux1.from_path(tiny_dev, precision="bfloat16", quantize=quantize)
         flux.generate_images([1], "a red bicycle", config)
@@ -146,18 +151,35 @@ def test_start_runs_a_child_per_graph_once_per_cache(tmp_path, monkeypatch):
     assert warmup.start(mx.float32, cache) is None  # not on this backend
     monkeypatch.setitem(warmup.WARM, "cpu", True)
     job = warmup.start(mx.float32, cache)
-    assert job is not None and len(job.procs) == len(warmup.tasks(mx.float32))
-    assert {s.parent for s in job.stagings} == {cache}
-    assert job.wait(timeout=300)
-    job.stop()
-    markers = list(cache.glob("mflux-warm-*.done"))
-    assert len(markers) == 1 and not list(cache.glob(warmup.STAGING + "*"))
+    assert job is not None and sorted(job.procs) == sorted(warmup.tasks(mx.float32))
+    assert {s.parent for s in job.stagings.values()} == {cache}
+    assert job.wait(timeout=300) and job.ready()
+    # each child marks its own task and removes its staging folder: nobody has to wait for it
+    markers = sorted(p.name for p in cache.glob("mflux-warm-*.done"))
+    assert markers == sorted(warmup.MARKER.format(job.key, t) for t in job.names)
+    assert not list(cache.glob(warmup.STAGING + "*"))
     assert warmup.start(mx.float32, cache) is None  # marked: nothing to build
     # another dtype is another set of kernels
     other = warmup.start(mx.bfloat16, cache)
-    assert other is not None
+    assert other is not None and not other.ready()
     other.stop()
     assert not list(cache.glob(warmup.STAGING + "*"))
+
+
+def test_a_graph_another_process_is_building_is_waited_for_not_built_again(tmp_path, monkeypatch):
+    monkeypatch.setitem(warmup.WARM, "cpu", True)
+    k, names = warmup.key(mx.float32), sorted(warmup.tasks(mx.float32))
+    for task in names[1:]:
+        (tmp_path / warmup.MARKER.format(k, task)).write_text("{}")
+    building = tmp_path / f"{warmup.STAGING}{k}-{names[0]}-other"  # another process's child, at work
+    building.mkdir()
+    job = warmup.start(mx.float32, tmp_path)
+    assert job is not None and job.procs == {}  # nothing started twice
+    assert not job.ready()
+    building.rmdir()  # that child ended without a marker (it failed): the graph builds in-process
+    assert job.ready() and not job.done()
+    (tmp_path / warmup.MARKER.format(k, names[0])).write_text("{}")
+    assert job.done() and warmup.start(mx.float32, tmp_path) is None
 
 
 def test_a_failed_child_leaves_its_output_and_no_marker(tmp_path, monkeypatch):
@@ -165,9 +187,67 @@ def test_a_failed_child_leaves_its_output_and_no_marker(tmp_path, monkeypatch):
     monkeypatch.setattr(warmup, "tasks", lambda dtype: {"broken": None})  # the child cannot find it
     job = warmup.start(mx.float32, tmp_path)
     assert not job.wait(timeout=120)
-    job.stop()
+    assert job.ready()  # nothing to wait for: the process compiles, and builds the graph itself
     assert not list(tmp_path.glob("mflux-warm-*.done"))
+    assert not list(tmp_path.glob(warmup.STAGING + "*"))
     assert "KeyError" in (tmp_path / warmup.LOG).read_text()
+
+
+UNCOMPILED = """
+import sys
+import numpy as np
+import mlx.core as mx
+from mflux import Config, Flux1
+from mflux.runtime import warmup
+
+class Building:  # the warm-up's children, still at work for the first `n` checks
+    procs = {}
+    def __init__(self, n):
+        self.n = n
+    def ready(self):
+        self.n -= 1
+        return self.n < 0
+
+flux = Flux1.from_path(sys.argv[1], precision="float32")
+flux._warmup = Building(int(sys.argv[2]))
+image = flux.generate_image(7, "a red bicycle", Config(3, 48, 64)).image
+np.save(sys.argv[3], np.asarray(image))
+"""
+
+
+def test_a_generation_runs_uncompiled_until_the_warm_up_is_done(tiny_dev, tmp_path):
+    """Flux1 does not wait for the children: while they build, it builds no compiled graph (on CUDA:
+    no NVRTC module), and its image is the compiled one's; once they are done it compiles again."""
+    images = {}
+    for label, checks in (("building", 10**6), ("done after two", 2), ("done", 0)):
+        out = tmp_path / f"{label}.npy"
+        images[label] = (_built(tmp_path / label, UNCOMPILED, str(tiny_dev), str(checks), str(out)), out)
+    assert images["building"][0] == set()
+    assert len(images["done"][0]) >= 3  # compiled from the first event
+    assert images["done after two"][0] and images["done after two"][0] <= images["done"][0]
+    pixels = {k: np.load(out).astype(int) for k, (_, out) in images.items()}
+    for label in ("building", "done after two"):
+        assert np.abs(pixels[label] - pixels["done"]).max() <= 1, label
+
+
+def test_compile_when_ready_leaves_the_users_mlx_disable_compile_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mx, "disable_compile", lambda: calls.append("off"))
+    monkeypatch.setattr(mx, "enable_compile", lambda: calls.append("on"))
+    building, done = SimpleNamespace(ready=lambda: False), SimpleNamespace(ready=lambda: True)
+    with warmup.compile_when_ready(building) as cold:
+        assert cold and calls == ["off"]
+    assert calls == ["off", "on"]
+    calls.clear()
+    monkeypatch.setenv("MLX_DISABLE_COMPILE", "1")
+    with warmup.compile_when_ready(building):
+        pass
+    assert calls == ["off"]  # compilation stays off, as the user asked
+    calls.clear()
+    for job in (done, None):
+        with warmup.compile_when_ready(job) as cold:
+            assert not cold
+    assert calls == []
 
 
 def test_the_kernel_cache_persists_outside_the_temporary_folder(tmp_path, monkeypatch):

@@ -117,8 +117,9 @@ class QuantizedLinear(nn.QuantizedLinear):
                 mode=self.mode,
                 dtype=x.dtype,
             )
-        y = x @ w.T
-        return y + self["bias"] if "bias" in self else y
+        # the bias in the matmul's epilogue, as nn.Linear does: a separate add is one more pass over
+        # the output (at linear1's 4352 x 21504 bf16, 187 MB read and written), 228 times a step
+        return mx.addmm(self["bias"], x, w.T) if "bias" in self else x @ w.T
 
 
 def choose_matmul(model: nn.Module, min_rows: int | None, dequantize: str | None = None) -> nn.Module:

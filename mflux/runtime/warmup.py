@@ -1,4 +1,5 @@
-"""Building MLX's run-time kernels in other processes while this one loads weights (issue 12, target 3).
+"""Building MLX's run-time kernels in other processes, while this one goes on without them (issue 12,
+target 3).
 
 On CUDA, MLX builds each `mx.compile`d graph's kernels with NVRTC the first time a process needs them,
 unless its kernel cache (`mflux.backend.kernel_cache_dir`) holds them already. The transformer's steps
@@ -7,13 +8,20 @@ process built them one after another inside its first step, 26 s in all (round 4
 docs/PERFORMANCE.md). A module's name comes from its graph's ops, dtypes and broadcasts, not from the
 array sizes, so a call on tiny arrays builds the very module a full-size step needs.
 
-So the first time a `Flux1` on CUDA loads a component, `start` launches one child process per graph,
-all at once. Each builds its module into its own staging folder, then moves it into the cache
-(`publish`: each file renamed into place, a module's kernel list before its code, so no process reads
-a half-written one). Meanwhile this process reads the weights and encodes the prompts (the encoders
-use no run-time kernels on CUDA, `mflux.runtime.jitfree`); before its first transformer computation it
-waits for the children (`Warmup.wait`), finds every module in the cache, and marks the cache as
-holding them, so that later processes start none.
+So the first time a `Flux1` on CUDA loads a component, `start` launches one child process per graph
+whose module the cache lacks, all at once. Each builds its module into its own staging folder, moves
+it into the cache (`publish`: each file renamed into place, a module's kernel list before its code, so
+no process reads a half-written one), then writes its task's marker, so that later processes start no
+child for it.
+
+This process does not wait for them. Until every task is in the cache (`Warmup.ready`), it evaluates
+with MLX's compilation off (`compile_when_ready`): the same ops, unfused, from MLX's prebuilt kernels.
+That costs a few milliseconds a step; waiting cost the children's 9-14 s (round 5), which a small or
+quantized model's load is too short to hide. Once they are done the process compiles, as every later
+process does from its first step. The children outlive a process that ends first: they finish, publish
+and mark on their own (a folder left by one that died is removed after `STALE_S`). A child that fails
+moves its output beside the cache (`LOG`) and leaves no marker; its graph is then built in-process, by
+the first computation that needs it, as without a warm-up.
 
 Each child costs a CUDA context on the same GPU (a few hundred MB) and one CPU core for the seconds it
 runs. `WARM` says where this happens: on Metal MLX builds its kernels too, but no Mac was measured, so
@@ -21,7 +29,6 @@ Metal keeps today's behaviour; the CPU backend builds compiled graphs with the s
 own temporary folder, which MLX_PTX_CACHE_DIR does not move.
 """
 
-import atexit
 import hashlib
 import json
 import os
@@ -29,6 +36,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,15 +46,14 @@ import mlx.nn as nn
 from mflux.runtime.qmatmul import backend
 
 WARM = {"cuda": True, "metal": False, "cpu": False}
-WAIT_S = 90  # the most the first transformer computation waits for the children; then it builds for itself
 STALE_S = 3600  # a staging folder this old was left by a process that died
-MARKER = "mflux-warm-{}.done"
-STAGING = ".mflux-warm-"
+MARKER = "mflux-warm-{}-{}.done"  # key, task: that task's module is in the cache
+STAGING = ".mflux-warm-"  # + key-task-random: a child building it
 LOG = "mflux-warm.log"  # the child's output; a failed child's is moved beside the cache
 
 
 def key(dtype: mx.Dtype) -> str:
-    """The marker's key: MLX's version, mflux's and the dtype. Neither the quantization (dequantizing uses
+    """The markers' key: MLX's version, mflux's and the dtype. Neither the quantization (dequantizing uses
     MLX's prebuilt kernel) nor the variant (dev adds a conditioning MLP of the same graphs) changes the
     graphs. A graph changed without a new mflux version keeps the marker: that module is then built by
     the first process that needs it, as without a warm-up."""
@@ -60,79 +68,127 @@ def key(dtype: mx.Dtype) -> str:
 
 
 class Warmup:
-    """Child processes, each building one graph's kernels into its own staging folder and moving them into
-    the cache; `wait` before the first computation that needs them."""
+    """The graphs of one dtype: the children this process started for some of them (`procs`, `stagings`,
+    by task), and where each one's marker goes."""
 
-    def __init__(self, names: list[str], procs: list[subprocess.Popen], stagings: list[Path], marker: Path):
-        self.names, self.procs, self.stagings, self.marker = names, procs, stagings, marker
-        atexit.register(self.stop)
+    def __init__(self, cache: Path, key: str, names: list[str], procs: dict, stagings: dict):
+        self.cache, self.key, self.names = cache, key, names
+        self.procs: dict[str, subprocess.Popen] = procs
+        self.stagings: dict[str, Path] = stagings
 
-    def wait(self, timeout: float = WAIT_S) -> bool:
-        """Whether every child finished within `timeout` seconds; then the cache is marked as holding
-        them all, and later processes start none."""
+    def marker(self, task: str) -> Path:
+        return self.cache / MARKER.format(self.key, task)
+
+    def ready(self) -> bool:
+        """Whether nothing is left to wait for: each task is in the cache, or its child here has ended
+        (a failed one: the graph builds in-process), or no child anywhere is building it."""
+        return all(self._settled(task) for task in self.names)
+
+    def _settled(self, task: str) -> bool:
+        if self.marker(task).exists():
+            return True
+        if task in self.procs:
+            return self.procs[task].poll() is not None
+        return not _building(self.cache, self.key, task)  # another process's child, if one is fresh
+
+    def done(self) -> bool:
+        """Whether every task is in the cache."""
+        return all(self.marker(task).exists() for task in self.names)
+
+    def wait(self, timeout: float = 120) -> bool:
+        """Wait until `ready`, at most `timeout` seconds; then whether every task is in the cache."""
         end = time.monotonic() + timeout
-        try:
-            codes = [p.wait(max(0.0, end - time.monotonic())) for p in self.procs]
-        except subprocess.TimeoutExpired:
-            return False
-        if any(codes):
-            return False
-        try:
-            self.marker.write_text(json.dumps({"tasks": self.names}))
-        except OSError:
-            pass
-        return True
+        while not self.ready() and time.monotonic() < end:
+            time.sleep(0.05)
+        return self.done()
 
     def stop(self) -> None:
-        """Kill the children that still run, and remove their staging folders; a failed child's output
-        is kept as <cache>/mflux-warm.log."""
-        for proc, staging in zip(self.procs, self.stagings):
+        """Kill this process's children that still run, and remove their staging folders (a benchmark's
+        or a test's clean-up: a generation leaves them to finish)."""
+        for task, proc in self.procs.items():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            elif proc.returncode and (staging / LOG).exists():
-                os.replace(staging / LOG, staging.parent / LOG)
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(self.stagings[task], ignore_errors=True)
 
 
 def start(dtype: mx.Dtype, cache: Path | None = None) -> Warmup | None:
-    """The children for this backend and dtype, or None where none is needed (`WARM`, or the cache holds
-    its marker already) or the cache folder can't be written."""
+    """The children for this backend and dtype, one per graph that the cache lacks and no other process
+    is building; None where nothing is needed (`WARM`, or every graph is marked) or the cache folder
+    can't be written."""
     if not WARM[backend()]:
         return None
     cache = Path(cache or os.environ.get("MLX_PTX_CACHE_DIR") or "")
     if not str(cache):
         return None
-    marker = cache / MARKER.format(key(dtype))
-    if marker.exists():
-        return None
+    k = key(dtype)
     names = sorted(tasks(dtype))
+    missing = [t for t in names if not (cache / MARKER.format(k, t)).exists()]
+    if not missing:
+        return None
     try:
         cache.mkdir(parents=True, exist_ok=True)
         _remove_stale(cache)
-        stagings = [Path(_mkdtemp(cache)) for _ in names]
+        todo = [t for t in missing if not _building(cache, k, t)]
+        stagings = {t: Path(_mkdtemp(cache, f"{STAGING}{k}-{t}-")) for t in todo}
     except OSError:
         return None  # a read-only cache: MLX builds in-process, as without this
-    procs = []
-    for task, staging in zip(names, stagings):
-        args = {"dtype": str(dtype).split(".")[-1], "task": task, "cache": str(cache)}
-        with open(staging / LOG, "w") as log:  # kept only if the child fails (see Warmup.stop)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "mflux.runtime.warmup", json.dumps(args)],
-                    env={**os.environ, "MLX_PTX_CACHE_DIR": str(staging)},
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                )
+    procs = {}
+    for task, staging in stagings.items():
+        args = {
+            "dtype": str(dtype).split(".")[-1],
+            "task": task,
+            "cache": str(cache),
+            "marker": MARKER.format(k, task),
+        }
+        with open(staging / LOG, "w") as log:  # moved beside the cache if the child fails
+            procs[task] = subprocess.Popen(
+                [sys.executable, "-m", "mflux.runtime.warmup", json.dumps(args)],
+                env={**os.environ, "MLX_PTX_CACHE_DIR": str(staging)},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # a Ctrl-C in the terminal stops the generation, not the build
             )
-    return Warmup(names, procs, stagings, marker)
+    return Warmup(cache, k, names, procs, stagings)
 
 
-def _mkdtemp(cache: Path) -> str:
+@contextmanager
+def compile_when_ready(job: "Warmup | None"):
+    """MLX's compilation off inside, if `job` is still building (see the module's docstring); yields
+    whether it is off."""
+    cold = bool(job) and not job.ready()
+    if cold:
+        mx.disable_compile()
+    try:
+        yield cold
+    finally:
+        if cold and "MLX_DISABLE_COMPILE" not in os.environ:  # the user's own setting stays
+            mx.enable_compile()
+
+
+def compile_when_ready_each(events: Iterator, job: Callable[[], "Warmup | None"]) -> Iterator:
+    """`events`, each one produced (and the caller's work on it done) under `compile_when_ready(job())`,
+    decided again before each: a generation compiles from the first step after the children finish.
+    `job` is called each time, since the warm-up starts with the first load, inside the events."""
+    events = iter(events)
+    while True:
+        with compile_when_ready(job()):
+            try:
+                event = next(events)
+            except StopIteration:
+                return
+            yield event
+
+
+def _building(cache: Path, k: str, task: str) -> bool:
+    return any(cache.glob(f"{STAGING}{k}-{task}-*"))
+
+
+def _mkdtemp(cache: Path, prefix: str) -> str:
     import tempfile
 
-    return tempfile.mkdtemp(prefix=STAGING, dir=cache)
+    return tempfile.mkdtemp(prefix=prefix, dir=cache)
 
 
 def _remove_stale(cache: Path) -> None:
@@ -185,16 +241,31 @@ def tasks(dtype: mx.Dtype) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    """One child: build the task's graph into MLX_PTX_CACHE_DIR (its staging folder), publish it, mark
+    it, remove the staging folder. On failure its output (stdout and stderr) goes beside the cache."""
     args = json.loads(argv[0])
+    staging, cache = Path(os.environ["MLX_PTX_CACHE_DIR"]), Path(args["cache"])
     try:
         os.nice(10)  # the parent's loading threads come first
     except OSError:
         pass
     start = time.perf_counter()
-    mx.eval(tasks(getattr(mx, args["dtype"]))[args["task"]]())
-    mx.synchronize()
-    print(f"{args['task']}: built in {time.perf_counter() - start:.2f} s", flush=True)
-    publish(Path(os.environ["MLX_PTX_CACHE_DIR"]), Path(args["cache"]))
+    try:
+        mx.eval(tasks(getattr(mx, args["dtype"]))[args["task"]]())
+        mx.synchronize()
+        print(f"{args['task']}: built in {time.perf_counter() - start:.2f} s", flush=True)
+        publish(staging, cache)
+        (cache / args["marker"]).write_text(json.dumps({"task": args["task"]}))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        if (staging / LOG).exists():
+            os.replace(staging / LOG, cache / LOG)  # the open output follows the file
+        shutil.rmtree(staging, ignore_errors=True)
+        return 1
+    shutil.rmtree(staging, ignore_errors=True)
     return 0
 
 
