@@ -42,7 +42,10 @@ def flux_config(size: str) -> dict:
     return {**FLUX[size], "guidance_embeds": True}
 
 
-def run_mflux(args) -> dict:
+def mflux_step(args):
+    """(one, info): `one()` runs one compiled training step, evaluated and synchronized, and returns its
+    loss; info has the weights' bytes, the LoRA's parameter count and the dtype. args: size, quant, res,
+    txt, no_checkpoint. The peak memory is reset after building, so it counts from here."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from bench_flux import QUANTS, build, nbytes
@@ -82,15 +85,15 @@ def run_mflux(args) -> dict:
         mx.synchronize()
         return loss.item()
 
+    return one, {"weights_gb": weights / 1e9, "lora_params": lora_params, "dtype": str(dtype)}
+
+
+def run_mflux(args) -> dict:
+    import mlx.core as mx
+
+    one, info = mflux_step(args)
     r = _timed(one, args.warmup, args.steps)
-    peak = mx.get_peak_memory() / 1e9
-    return {
-        **r,
-        "peak_gb": peak,
-        "weights_gb": weights / 1e9,
-        "lora_params": lora_params,
-        "dtype": str(dtype),
-    }
+    return {**r, "peak_gb": mx.get_peak_memory() / 1e9, **info}
 
 
 def run_diffusers(args) -> dict:

@@ -45,8 +45,14 @@
 #   k: carry .gpu2             (after `bash .gpu1/mlx-cuda-install.sh 1`, carrying .gpu1) the schnell
 #                              steps at bf16/q8/q4; random weights' first image, empty kernel cache
 #                              against warm, at bf16/q8/q4; the q8/q4 pipeline
-#   l: (nothing carried)       Nsight Systems profiles (bench/profile_gpu.py) of the q8, bf16 and q4
-#                              steps and of the VAE decode, in 1024 MB row bands and whole-tensor
+#   l: (nothing carried)       the steps with qmatmul's dequantize kernel; kernel profiles
+#                              (bench/profile_gpu.py, PyTorch's profiler) of the q8, bf16 and q4 steps and
+#                              of the VAE decode, in 1024 MB row bands and whole-tensor
+# Round 7 (issue 15's 1024² training step; l's profiles again: its profiles ran under a 2-byte queue bound):
+#   a: ANCHOR=0, carry .gpu1 and .gpuw: diffusers + PEFT's training step at 512 and 1024
+#   m: carry .gpu2             mflux's training step at 1024 (bf16, q8), a kernel profile of the bf16 one
+#   n: (nothing carried)       l's steps with the dequantize kernel; profiles of the q8/bf16 steps, the
+#                              decode in 1024 MB bands
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -88,6 +94,17 @@ step() {
   timeout "$l" "$@"
 }
 
+# profile NAME MIN_SECONDS ARGS...: bench/profile_gpu.py run ARGS (two untimed calls, then two traced),
+# then its analysis, into $OUT/profile.jsonl
+profile() {
+  local name=$1 min=$2 trace="$SCRATCH/trace-$1.json"
+  shift 2
+  step "profile-$name" "$min" "$PY" bench/profile_gpu.py run "$@" --calls 2 --trace "$trace" \
+    >"$OUT/profile-$name.log" 2>&1
+  grep '^{' "$OUT/profile-$name.log" | tee -a "$OUT/profile.jsonl"
+  [ -f "$trace" ] && "$PY" bench/profile_gpu.py analyze "$trace" --calls 2 2>&1 | tee -a "$OUT/profile.jsonl"
+}
+
 # d and g: the machine described, MLX's CUDA wheel (first half) and tomli-w installed (full size), then the
 # random Hugging Face checkpoint written (peer.py imports the repository's test fixtures)
 install_first_half_and_write_hf() {
@@ -111,7 +128,7 @@ case "${1:-}" in
       bash .gpu1/mlx-cuda-install.sh 1 || exit 1
       python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl .gpuw/peft-*.whl \
         .gpuw/accelerate-*.whl .gpuw/psutil-*.whl || exit 1
-      step anchor 200 timeout 300 python3 bench/anchor_diffusers.py ${COMPILE:+--compile} 2>&1 | tee "$OUT/anchor.jsonl"
+      [ "${ANCHOR:-1}" = 1 ] && step anchor 200 timeout 300 python3 bench/anchor_diffusers.py ${COMPILE:+--compile} 2>&1 | tee "$OUT/anchor.jsonl"
     fi
     # diffusers + PEFT's training step (the mflux side runs in b, once MLX is installed)
     step train-diffusers 60 "$PY" bench/bench_train.py --size "$SIZE" --impl diffusers --steps 3 --warmup 1 \
@@ -318,25 +335,44 @@ case "${1:-}" in
       --time-limit 65 2>&1 | tee "$OUT/pipeline.jsonl"
     ;;
   l)
-    # right after k: Nsight Systems profiles (bench/profile_gpu.py), each after two untimed calls
+    # right after k: the steps with qmatmul's own dequantize kernel against mx.dequantize; then kernel
+    # profiles (bench/profile_gpu.py, PyTorch's profiler: its CUPTI activity records MLX's kernels too;
+    # the device's Nsight Systems cannot import its own captures: libdw is missing), each after two
+    # untimed calls
     export MLX_PTX_CACHE_DIR="$PTX/all"
-    NSYS=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda*/bin/nsys 2>/dev/null | head -1)
-    echo "nsys: ${NSYS:-none}" | tee "$OUT/nsys.txt"
-    [ -n "$NSYS" ] && "$NSYS" --version 2>&1 | tee -a "$OUT/nsys.txt"
-    for what in "step --quant q8" "decode --band-mb 1024" "step --quant bf16" "decode --band-mb 0" "step --quant q4"; do
-      name=$(echo "$what" | tr -d ' -' )
-      [ -z "$NSYS" ] && break
-      rep="$SCRATCH/prof-$name"
-      step "profile-$name" 30 "$NSYS" profile -t cuda,nvtx --sample=none --cpuctxsw=none --cuda-graph-trace=node \
-        --capture-range=cudaProfilerApi --capture-range-end=stop --force-overwrite=true -o "$rep" \
-        "$PY" bench/profile_gpu.py run --what $what --calls 2 >"$OUT/profile-$name.log" 2>&1
-      grep '^{' "$OUT/profile-$name.log" | tee -a "$OUT/profile.jsonl"
-      step "export-$name" 15 "$NSYS" export -t sqlite --force-overwrite=true -o "$rep.sqlite" "$rep.nsys-rep" >/dev/null 2>&1
-      "$PY" bench/profile_gpu.py analyze "$rep.sqlite" --calls 2 2>&1 | tee -a "$OUT/profile.jsonl"
-    done
+    step steps-kernel 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 \
+      --paths dequant,kernel --headroom 2 --budget step=100 --time-limit 110 2>&1 | tee "$OUT/steps-kernel.jsonl"
+    profile step-q8 30 --what step --quant q8 --size "$SIZE"
+    profile step-bf16 30 --what step --quant bf16 --size "$SIZE"
+    profile decode-bands 30 --what decode --band-mb 1024 --size "$SIZE"
+    profile decode-whole 30 --what decode --band-mb 0 --size "$SIZE"
+    profile step-q4 30 --what step --quant q4 --size "$SIZE"
+    ;;
+  m)
+    # round 7, right after `ANCHOR=0 bash bench/gpu.sh a` (diffusers + PEFT's training step) on a new
+    # lease: mflux's training step at 1024 (bf16 and the owed q8 base) and a kernel profile of the bf16
+    # one, to find the step's 1024² gap (issue 15)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    res=$([ "$SIZE" = full ] && echo 1024 || echo 64)
+    profile train-bf16 90 --what train --quant bf16 --res "$res" --size "$SIZE"
+    step train-mflux 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant bf16,q8 --res "$res" \
+      --steps 3 --warmup 1 --timeout 150 2>&1 | tee -a "$OUT/train.jsonl"
+    ;;
+  n)
+    # right after m: the steps with qmatmul's own dequantize kernel against mx.dequantize, then kernel
+    # profiles of the q8 and bf16 steps and of the decode in 1024 MB row bands (l's, under the right bound)
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    step steps-kernel 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 \
+      --paths dequant,kernel --headroom 2 --budget step=100 --time-limit 110 2>&1 | tee "$OUT/steps-kernel.jsonl"
+    profile step-q8 30 --what step --quant q8 --size "$SIZE"
+    profile step-bf16 30 --what step --quant bf16 --size "$SIZE"
+    profile decode-bands 30 --what decode --band-mb 1024 --size "$SIZE"
     ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n [full|tiny]" >&2
     exit 2
     ;;
 esac
