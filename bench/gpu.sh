@@ -53,6 +53,7 @@
 #   m: carry .gpu2             mflux's training step at 1024 (bf16, q8), a kernel profile of the bf16 one
 #   n: (nothing carried)       l's steps with the dequantize kernel; profiles of the q8/bf16 steps, the
 #                              decode in 1024 MB bands
+#   o: carry .gpu2             (a new lease, after a) the decode in bands and the training steps, after the fixes
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -371,8 +372,22 @@ case "${1:-}" in
     profile step-bf16 30 --what step --quant bf16 --size "$SIZE"
     profile decode-bands 30 --what decode --band-mb 1024 --size "$SIZE"
     ;;
+  o)
+    # a new lease, right after `ANCHOR=0 bash bench/gpu.sh a`: after m and n's fixes (the checkpointed
+    # blocks capture pe and the modulations; the banded decode's group sums per channel first)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step decode-bands 25 "${BENCH[@]}" --sections decode --band-mb 1024,512,0 --headroom 2 --budget decode=60 \
+      --time-limit 65 2>&1 | tee "$OUT/decode.jsonl"
+    step train-mflux 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant bf16 \
+      --res "$([ "$SIZE" = full ] && echo 512,1024 || echo 64)" --steps 3 --warmup 1 --timeout 150 2>&1 | tee -a "$OUT/train.jsonl"
+    step train-mflux-q 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant q8,q4 \
+      --res "$([ "$SIZE" = full ] && echo 1024 || echo 64)" --steps 3 --warmup 1 --timeout 150 2>&1 | tee -a "$OUT/train.jsonl"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o [full|tiny]" >&2
     exit 2
     ;;
 esac

@@ -498,3 +498,29 @@ def test_full_disk_leaves_no_half_written_file(tiny_schnell, data, tmp_path, mon
     one_line_error(cli(*args, "--max-sequence-length", SEQ), "the disk is full")
     assert not out.exists()
     assert not [p for p in tmp_path.rglob("*.safetensors") if p.name != "cache.safetensors"]
+
+
+def test_checkpointing_keeps_every_gradient_with_a_trained_modulation_layer(tiny_dev):
+    """A checkpointed block is given the modulations as an input only when a trainable parameter makes
+    them (model._forward): here one modulation layer trains, and every gradient equals the one without
+    checkpointing, that layer's too."""
+    rank, alpha = 4, 6.0
+    flux, _, layers = lora_on(tiny_dev, "attn", rank, alpha)
+    rng = np.random.default_rng(1)
+    set_random_lora(layers, rng)
+    assert not flux.modulations_train()
+    flux.double_blocks[0].img_mod.unfreeze()
+    assert flux.modulations_train()
+    b = batch(rng, flux)
+    side = int(np.sqrt(b["x0"].shape[1])) * 16
+    pe = flux.positions(sampler.image_ids(side, side), sampler.text_ids(b["txt"].shape[1]))
+    m = {k: None if v is None else mx.array(v) for k, v in b.items()}
+    loss_and_grad = nn.value_and_grad(flux, flow_loss)
+    args = (m["x0"], m["noise"], m["sigma"], m["sigma"], m["txt"], m["pooled"], pe, m["guidance"])
+    grads = {c: dict(tree_flatten(loss_and_grad(flux, *args, c)[1])) for c in (True, False)}
+    assert grads[True].keys() == grads[False].keys()
+    mods = [k for k in grads[True] if k.startswith("double_blocks.0.img_mod")]
+    assert mods and all(np.abs(np.array(grads[False][k])).max() > 0 for k in mods)
+    for k, want in grads[False].items():
+        want, got = np.array(want), np.array(grads[True][k])
+        assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-12), k

@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mflux.converters import bfl
 from mflux.errors import MfluxError
@@ -160,17 +161,27 @@ class Flux(nn.Module):
         mods = self.block_modulations(self.conditioning(t, y, g), evaluate)  # (N*B, K, hidden)
         return mods.reshape(n, b, *mods.shape[1:])
 
+    def _modulation_layers(self) -> list[tuple[nn.Module, str]]:
+        """(module, name) of the conditioning and modulation layers: what `modulations` reads."""
+        layers = [(self, name) for name in ("time_in", "vector_in", "guidance_in")]
+        layers += [(b, name) for b in self.double_blocks for name in ("img_mod", "txt_mod")]
+        layers += [(b, "modulation") for b in self.single_blocks]
+        return layers + [(self.final_layer, "adaLN_modulation")]
+
     def free_modulation_weights(self) -> None:
         """Drop the conditioning and modulation layers (about 3.2B parameters at full size). Afterwards
         only `predict` with precomputed modulations works; call it once they are computed."""
-        for name in ("time_in", "vector_in", "guidance_in"):
-            self.pop(name, None)
-        for block in self.double_blocks:
-            block.pop("img_mod", None)
-            block.pop("txt_mod", None)
-        for block in self.single_blocks:
-            block.pop("modulation", None)
-        self.final_layer.pop("adaLN_modulation", None)
+        for module, name in self._modulation_layers():
+            module.pop(name, None)
+
+    def modulations_train(self) -> bool:
+        """Whether any conditioning or modulation layer has a trainable parameter (a LoRA on one)."""
+        prefixes = ("time_in.", "vector_in.", "guidance_in.", "final_layer.adaLN_modulation.")
+        prefixes += tuple(
+            f"double_blocks.{i}.{n}." for i in range(len(self.double_blocks)) for n in ("img_mod", "txt_mod")
+        )
+        prefixes += tuple(f"single_blocks.{i}.modulation." for i in range(len(self.single_blocks)))
+        return any(k.startswith(prefixes) for k, _ in tree_flatten(self.trainable_parameters()))
 
     def _require_modulation_weights(self) -> None:
         if "time_in" not in self:
@@ -205,13 +216,14 @@ class Flux(nn.Module):
         img = self.img_in(img.astype(dtype))  # (B, L, hidden)
         txt = self.txt_in(txt.astype(dtype))  # (B, S, hidden)
         mod = mod.astype(dtype)
+        mod_grad = checkpoint and self.modulations_train()
         i = 0
         for block in self.double_blocks:
-            img, txt = _forward(block, checkpoint, kv)(img, txt, mod[:, i : i + 12], pe)
+            img, txt = _forward(block, checkpoint, kv, mod_grad)(img, txt, mod[:, i : i + 12], pe)
             i += 12
         x = mx.concatenate([txt, img], axis=1)  # (B, S+L, hidden)
         for block in self.single_blocks:
-            x = _forward(block, checkpoint, kv)(x, mod[:, i : i + 3], pe)
+            x = _forward(block, checkpoint, kv, mod_grad)(x, mod[:, i : i + 3], pe)
             i += 3
         out = self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, in_channels)
         return out if sp is None else sp.gather_image(out)
@@ -230,10 +242,16 @@ class Flux(nn.Module):
         return self.predict(img, txt, self.positions(img_ids, txt_ids), mod)
 
 
-def _forward(block: nn.Module, checkpoint: bool, kv=None):
+def _forward(block: nn.Module, checkpoint: bool, kv=None, mod_grad: bool = True):
     """block.forward (with the sequence-parallel `kv` gather, if any), or the same under mx.checkpoint:
     only the block's inputs are kept for the backward pass, which runs the block again (as mlx-lm's
-    tuner checkpoints its layers)."""
+    tuner checkpoints its layers). The block's call is (*activations, mod, pe).
+
+    mx.checkpoint's backward computes a cotangent for every input it is given, needed or not. The rotary
+    tables pe never need one (they come from integer positions), nor does mod unless `mod_grad` (some
+    trainable parameter makes the modulations), so they are captured rather than passed. Passed, their
+    cotangents were float32 sums over the heads and tokens of every block: 0.49 s of a 1.25 s training
+    step at 1024x1024 on the H200 (docs/PERFORMANCE.md, round 7)."""
 
     def forward(*args):
         return block.forward(*args, kv)
@@ -241,8 +259,14 @@ def _forward(block: nn.Module, checkpoint: bool, kv=None):
     if not checkpoint:
         return forward
 
-    def inner(params, *args):
-        block.update(params)
-        return forward(*args)
+    def checkpointed(*args):
+        *xs, mod, pe = args
+        inputs = (*xs, mod) if mod_grad else tuple(xs)
 
-    return lambda *args: mx.checkpoint(inner)(block.trainable_parameters(), *args)
+        def inner(params, *inputs):
+            block.update(params)
+            return forward(*inputs, pe) if mod_grad else forward(*inputs, mod, pe)
+
+        return mx.checkpoint(inner)(block.trainable_parameters(), *inputs)
+
+    return checkpointed

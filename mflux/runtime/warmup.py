@@ -16,8 +16,9 @@ child for it.
 
 This process does not wait for them. Until every task is in the cache (`Warmup.ready`), it evaluates
 with MLX's compilation off (`compile_when_ready`): the same ops, unfused, from MLX's prebuilt kernels.
-That costs a few milliseconds a step; waiting cost the children's 9-14 s (round 5), which a small or
-quantized model's load is too short to hide. Once they are done the process compiles, as every later
+On the H200 an uncompiled schnell step at 1024² took 0.23-0.28 s against 0.16-0.18 s compiled, for the
+few steps the children take; waiting cost their 9-14 s (round 5), which a small or quantized model's
+load is too short to hide (docs/PERFORMANCE.md, round 6). Once they are done the process compiles, as every later
 process does from its first step. The children outlive a process that ends first: they finish, publish
 and mark on their own (a folder left by one that died is removed after `STALE_S`). A child that fails
 moves its output beside the cache (`LOG`) and leaves no marker; its graph is then built in-process, by
