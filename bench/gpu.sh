@@ -335,19 +335,21 @@ case "${1:-}" in
     step pipeline 50 "${BENCH[@]}" --sections pipeline --images 2 --quant q8,q4 --budget pipeline=55 \
       --time-limit 65 2>&1 | tee "$OUT/pipeline.jsonl"
     ;;
-  l)
-    # right after k: the steps with qmatmul's own dequantize kernel against mx.dequantize; then kernel
-    # profiles (bench/profile_gpu.py, PyTorch's profiler: its CUPTI activity records MLX's kernels too;
-    # the device's Nsight Systems cannot import its own captures: libdw is missing), each after two
-    # untimed calls
+  l | n)
+    # l right after k, n right after m: the steps with qmatmul's own dequantize kernel against
+    # mx.dequantize; then kernel profiles (bench/profile_gpu.py, PyTorch's profiler: its CUPTI activity
+    # records MLX's kernels too; the device's Nsight Systems cannot import its own captures: libdw is
+    # missing), each after two untimed calls; n profiles the q8 and bf16 steps and the banded decode only
     export MLX_PTX_CACHE_DIR="$PTX/all"
     step steps-kernel 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 \
       --paths dequant,kernel --headroom 2 --budget step=100 --time-limit 110 2>&1 | tee "$OUT/steps-kernel.jsonl"
     profile step-q8 30 --what step --quant q8 --size "$SIZE"
     profile step-bf16 30 --what step --quant bf16 --size "$SIZE"
     profile decode-bands 30 --what decode --band-mb 1024 --size "$SIZE"
-    profile decode-whole 30 --what decode --band-mb 0 --size "$SIZE"
-    profile step-q4 30 --what step --quant q4 --size "$SIZE"
+    if [ "$1" = l ]; then
+      profile decode-whole 30 --what decode --band-mb 0 --size "$SIZE"
+      profile step-q4 30 --what step --quant q4 --size "$SIZE"
+    fi
     ;;
   m)
     # round 7, right after `ANCHOR=0 bash bench/gpu.sh a` (diffusers + PEFT's training step) on a new
@@ -361,16 +363,6 @@ case "${1:-}" in
     profile train-bf16 90 --what train --quant bf16 --res "$res" --size "$SIZE"
     step train-mflux 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant bf16,q8 --res "$res" \
       --steps 3 --warmup 1 --timeout 150 2>&1 | tee -a "$OUT/train.jsonl"
-    ;;
-  n)
-    # right after m: the steps with qmatmul's own dequantize kernel against mx.dequantize, then kernel
-    # profiles of the q8 and bf16 steps and of the decode in 1024 MB row bands (l's, under the right bound)
-    export MLX_PTX_CACHE_DIR="$PTX/all"
-    step steps-kernel 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 \
-      --paths dequant,kernel --headroom 2 --budget step=100 --time-limit 110 2>&1 | tee "$OUT/steps-kernel.jsonl"
-    profile step-q8 30 --what step --quant q8 --size "$SIZE"
-    profile step-bf16 30 --what step --quant bf16 --size "$SIZE"
-    profile decode-bands 30 --what decode --band-mb 1024 --size "$SIZE"
     ;;
   o)
     # a new lease, right after `ANCHOR=0 bash bench/gpu.sh a`: after m and n's fixes (the checkpointed

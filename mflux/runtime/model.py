@@ -249,9 +249,8 @@ def _forward(block: nn.Module, checkpoint: bool, kv=None, mod_grad: bool = True)
 
     mx.checkpoint's backward computes a cotangent for every input it is given, needed or not. The rotary
     tables pe never need one (they come from integer positions), nor does mod unless `mod_grad` (some
-    trainable parameter makes the modulations), so they are captured rather than passed. Passed, their
-    cotangents were float32 sums over the heads and tokens of every block: 0.49 s of a 1.25 s training
-    step at 1024x1024 on the H200 (docs/PERFORMANCE.md, round 7)."""
+    trainable parameter makes the modulations), so they are captured rather than passed (and rope's
+    written-out backward, `layers._rotate_pairs`, then makes none for the tables)."""
 
     def forward(*args):
         return block.forward(*args, kv)
