@@ -12,6 +12,9 @@ configuration runs in its own process, so its peak memory is its own; each figur
 On a CPU, MLX's children get Debian's OpenBLAS preloaded when it is installed (MLX's own reference
 BLAS is ~30x slower; the same preload slows PyTorch, whose child runs without it).
 
+mflux's steps evaluate under the trainer's queue bound (`memory.train_headroom`); `--headroom` sweeps
+others (GB over what is held, or none), each configuration in its own process.
+
 Step time is the mean of `--steps` steps after `--warmup` (the first compiles); peak memory is the
 framework allocator's peak over the whole process after building the model (MLX: mx.get_peak_memory;
 PyTorch: torch.cuda.max_memory_allocated, or the process's peak RSS on a CPU).
@@ -45,7 +48,8 @@ def flux_config(size: str) -> dict:
 def mflux_step(args):
     """(one, info): `one()` runs one compiled training step, evaluated and synchronized, and returns its
     loss; info has the weights' bytes, the LoRA's parameter count and the dtype. args: size, quant, res,
-    txt, no_checkpoint. The peak memory is reset after building, so it counts from here."""
+    txt, no_checkpoint, headroom (the queue bound each step evaluates under, `memory.bounded`'s: "auto",
+    the trainer's own, or bytes, or None). The peak memory is reset after building, so it counts from here."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from bench_flux import QUANTS, build, nbytes
@@ -81,7 +85,8 @@ def mflux_step(args):
     def one():
         nonlocal key
         loss, key = step(key, idx)
-        memory.evaluate(flux.state, optimizer.state, loss, key)  # as the trainer's loop evaluates it
+        # as the trainer's loop evaluates it ("train": its own bound), unless a bound is asked for
+        memory.evaluate(flux.state, optimizer.state, loss, key, headroom=args.headroom)
         mx.synchronize()
         return loss.item()
 
@@ -179,8 +184,9 @@ def _timed(fn, warmup: int, n: int) -> dict:
     return {"step_s": statistics.fmean(times), "min_s": min(times), "first_s": first, "loss": losses[-1]}
 
 
-def child(impl: str, quant: str, res: int, args) -> dict:
+def child(impl: str, quant: str, res: int, headroom: str | None, args) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, "--quant", quant, "--size", args.size]
+    cmd += ["--headroom", headroom] if headroom else []
     cmd += [
         "--res",
         str(res),
@@ -227,22 +233,34 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-checkpoint", action="store_true", help="keep every activation (no recomputation)"
     )
+    parser.add_argument(
+        "--headroom",
+        default="train",
+        help="mflux: comma-separated queue bounds, GB over what is held (none: MLX's own limit; "
+        "train: the trainer's, memory.TRAIN_HEADROOM)",
+    )
     parser.add_argument("--child", choices=("mflux", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         args.res = int(args.res)
+        if args.child == "mflux":
+            from bench_flux import parse_headroom
+
+            args.headroom = parse_headroom(args.headroom)
         result = run_mflux(args) if args.child == "mflux" else run_diffusers(args)
         print(json.dumps(result))
         return
     sides = [int(r) for r in (args.res or DEFAULT_RES[args.size]).split(",")]
     impls = [i for i in args.impl.split(",") if i]
     for res in sides:
-        jobs = [("mflux", q) for q in args.quant.split(",") if "mflux" in impls]
-        jobs += [("diffusers", "bf16")] if "diffusers" in impls else []
-        for impl, quant in jobs:
-            r = child(impl, quant, res, args)
+        bounds = args.headroom.split(",")
+        jobs = [("mflux", q, h) for q in args.quant.split(",") for h in bounds if "mflux" in impls]
+        jobs += [("diffusers", "bf16", None)] if "diffusers" in impls else []
+        for impl, quant, headroom in jobs:
+            r = child(impl, quant, res, headroom, args)
             row = {"impl": impl, "base": quant, "size": args.size, "res": res, "rank": RANK, "txt": args.txt}
-            row |= {"checkpoint": not args.no_checkpoint, **r}
+            row |= {"checkpoint": not args.no_checkpoint} | ({"headroom": headroom} if headroom else {})
+            row |= r
             print(
                 json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                 flush=True,

@@ -101,14 +101,21 @@ def run(args) -> None:
         import bench_train
 
         step, _ = bench_train.mflux_step(
-            argparse.Namespace(size=args.size, quant=args.quant, res=args.res, txt=512, no_checkpoint=False)
+            argparse.Namespace(
+                size=args.size,
+                quant=args.quant,
+                res=args.res,
+                txt=512,
+                no_checkpoint=False,
+                headroom=bf.parse_headroom(args.headroom),
+            )
         )
 
         def call():
-            step()
+            step()  # evaluated under its own bound (--headroom)
             return mx.array(0)
 
-        bound = None  # the trainer's loop runs under no queue bound
+        bound = None
     else:
         vae = bf.build("vae", size, dtype, None)
         z = mx.random.normal((1, size.res // 8, size.res // 8, size.vae.latent_channels)).astype(dtype)
@@ -288,6 +295,7 @@ def main() -> None:
     r.add_argument("--what", choices=("step", "decode", "train"), default="step")
     r.add_argument("--quant", default="bf16", help="bf16, q8 or q4 (step, train)")
     r.add_argument("--res", type=int, default=1024, help="train: the training resolution")
+    r.add_argument("--headroom", default="train", help="train: the step's queue bound (bench_train.py's)")
     r.add_argument("--band-mb", type=int, default=0, help="decode: row bands of this size; 0 whole-tensor")
     r.add_argument("--calls", type=int, default=3)
     r.add_argument("--size", default="full", help="full, or tiny to check it on a CPU")

@@ -41,6 +41,14 @@ HEADROOM = {"cuda": 2 * GB, "metal": None, "cpu": None}
 TIGHT_HEADROOM = {"cuda": GB // 4, "metal": None, "cpu": None}
 
 
+# For a training step (mflux.train), the share of the device memory not held on entry, at least
+# HEADROOM. A checkpointed training step needs far more than a denoising step between the waits: on the
+# H200 the bf16 step at 1024x1024 took 0.785 s at 2 GB, 0.719 s at 4 GB, 0.639 s at 8 GB and 0.594 s
+# unbounded (12.4 GB over its weights), where diffusers + PEFT took 0.768 s (docs/PERFORMANCE.md, round
+# 8). A quarter leaves a large GPU unbounded in effect, and a small one its bound.
+TRAIN_SHARE = {"cuda": 0.25, "metal": None, "cpu": None}
+
+
 def default_headroom() -> int | None:
     return HEADROOM[backend()]
 
@@ -49,15 +57,34 @@ def tight_headroom() -> int | None:
     return TIGHT_HEADROOM[backend()]
 
 
+def train_headroom() -> int | None:
+    """`TRAIN_SHARE` of the device memory that is not held now, at least `HEADROOM`."""
+    share = TRAIN_SHARE[backend()]
+    if share is None:
+        return None
+    return max(HEADROOM[backend()] or 0, int((device_memory() - mx.get_active_memory()) * share))
+
+
+def device_memory() -> int:
+    """The device's memory: the GPU's where MLX reports it, else the machine's."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size"):
+        if info.get(key):
+            return int(info[key])
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 @contextmanager
 def bounded(headroom: int | None | str = "auto"):
     """Within the block, MLX's eval waits for queued GPU work whenever more than `headroom` bytes are
     held beyond what was held on entry. "auto" is the backend's `HEADROOM`, "tight" its
-    `TIGHT_HEADROOM`; None sets no bound."""
-    if headroom == "auto":
-        headroom = default_headroom()
-    elif headroom == "tight":
-        headroom = tight_headroom()
+    `TIGHT_HEADROOM`, "train" `train_headroom()`; None sets no bound."""
+    if headroom == "train":
+        headroom = train_headroom()
+    elif headroom in ("auto", "tight"):
+        headroom = {"auto": HEADROOM, "tight": TIGHT_HEADROOM}[headroom][backend()]
     if headroom is None:
         yield
         return

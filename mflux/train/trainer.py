@@ -293,7 +293,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss, key = step_fn(key, idx)
                 with distributed.lost_peer(self.group, "its messages say why"):  # the all_sums
-                    memory.evaluate(flux.state, optimizer.state, loss, key)
+                    memory.evaluate(flux.state, optimizer.state, loss, key, headroom="train")
                 state["step"] += 1
                 state["key"] = key
                 seconds = time.perf_counter() - t0
