@@ -6,10 +6,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import MfluxError
+from mflux.runtime import memory
 
 # A full-resolution layer's working memory per band, by default. At 1024x1024 in bfloat16 the largest
 # layers need about 5 GB whole; bands of this size keep the decode's peak near 1 GB over its weights.
 BAND_BYTES = 256 * 2**20
+# Attention's queries go in chunks of image rows whose scores (float32, with the softmax's temporaries)
+# take about this much, in the whole-tensor decode and in the banded one alike: on CUDA a matmul or
+# attention over another number of query rows may add in another order, so both paths chunk the same
+# way (the other layers give the same bits at any band: bench/probe_bands.py).
+ATTENTION_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -52,13 +58,54 @@ def _check_supported(d: dict) -> None:
 
 
 class GroupNorm(nn.GroupNorm):
-    """PyTorch's GroupNorm, eps 1e-6, computed in float32 and rounded once, as torch does for bf16."""
+    """PyTorch's GroupNorm, eps 1e-6, computed in float32 and rounded once, as torch does for bf16.
+
+    Its statistics are two passes over per-row sums: each image row is summed over its width first
+    (`row_sums`), and only then are the rows summed (`mean`, `inv_std`). The banded decoder sums one
+    band of rows at a time with the same `row_sums`, so both paths add the same numbers in the same
+    order and get the same bits. (MLX's fused layer norm, over the whole tensor at once, summed in
+    another order: in bf16 that moved some outputs by a rounding step, and a decoder's 30 norms took
+    the difference to 6-13/255 between the two paths.)
+    """
 
     def __init__(self, groups: int, dims: int):
         super().__init__(groups, dims, eps=1e-6, pytorch_compatible=True)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
+        mean = self.mean(self.row_sums(x), x.shape)
+        inv_std = self.inv_std(self.row_sums(x, mean), x.shape)
+        return self.apply(x, mean, inv_std)
+
+    @staticmethod
+    def row_sums(x: mx.array, mean: mx.array | None = None) -> mx.array:
+        """(B, rows, W, C) -> (B, rows, C), float32: each row's sum over its width of x, or of (x - mean)²."""
+        x32 = x.astype(mx.float32)
+        return (x32 if mean is None else mx.square(x32 - mean)).sum(axis=2)
+
+    def mean(self, sums: mx.array, shape) -> mx.array:
+        """Every row's `row_sums` (B, H, C) -> the per-group mean, per channel: (B, 1, 1, C)."""
+        return self._per_channel(self._per_group(sums) / self._count(shape))
+
+    def inv_std(self, sq_sums: mx.array, shape) -> mx.array:
+        """Every row's `row_sums(x, mean)` -> 1 / sqrt(variance + eps), per channel: (B, 1, 1, C)."""
+        return self._per_channel(mx.rsqrt(self._per_group(sq_sums) / self._count(shape) + self.eps))
+
+    def apply(self, x: mx.array, mean: mx.array, inv_std: mx.array) -> mx.array:
+        """The norm of x (the whole tensor or a band of its rows) from its statistics."""
+        y = (x.astype(mx.float32) - mean) * inv_std
+        return (self.weight * y + self.bias).astype(x.dtype)
+
+    def _per_group(self, sums: mx.array) -> mx.array:
+        B, _, C = sums.shape
+        return sums.sum(axis=1).reshape(B, self.num_groups, C // self.num_groups).sum(axis=2)
+
+    def _per_channel(self, per_group: mx.array) -> mx.array:
+        C = self.weight.shape[0]
+        return mx.repeat(per_group, C // self.num_groups, axis=1)[:, None, None, :]
+
+    def _count(self, shape) -> int:
+        _, H, W, C = shape
+        return H * W * (C // self.num_groups)
 
 
 class ResnetBlock(nn.Module):
@@ -91,11 +138,21 @@ class Attention(nn.Module):
         self.to_out = [nn.Linear(dims, dims)]
 
     def __call__(self, x: mx.array) -> mx.array:
+        chunks = [chunk for _, chunk in self.chunks(x)]
+        return chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=1)
+
+    def chunks(self, x: mx.array):
+        """(first row, output rows) for each chunk of query rows (`ATTENTION_BYTES`), lazily; all share
+        one computation of the keys and values."""
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)  # (B, 1, L, C)
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
-        return x + self.to_out[0](h).reshape(B, H, W, C)
+        k, v = self.to_k(h), self.to_v(h)
+        rows = max(1, min(H, ATTENTION_BYTES // (B * W * H * W * 4 * 3)))
+        for a in range(0, H, rows):
+            b = min(a + rows, H)
+            q = self.to_q(h[:, :, a * W : b * W])
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+            yield a, x[:, a:b] + self.to_out[0](o).reshape(B, b - a, W, C)
 
 
 class MidBlock(nn.Module):
@@ -221,15 +278,15 @@ class Autoencoder(nn.Module):
 
         When a full-resolution layer would need more than `band_bytes` of working memory, the decoder
         runs layer by layer in row bands (`BandedDecoder`): the same pixels, at a fraction of the peak,
-        but slower (on an H200 at 1024x1024 bf16: 7.6 s against 0.07 s, 1.4 GB over the weights against
-        18.6 GB). "auto" bands only when the whole-tensor decode would take more than a quarter of the
+        but slower (on an H200 at 1024x1024 bf16, in 1024 MB bands: 0.136 s against 0.073 s, 1.5 GB over
+        the weights against 3.0 GB under the runtime's queue bound, 18.6 GB without it). "auto" bands only when the whole-tensor decode would take more than a quarter of the
         device's memory (so a 16 GB Mac bands at 1024x1024 and a large GPU does not); None never bands.
         """
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
         if band_bytes == "auto":
             whole = BandedDecoder(self.decoder, BAND_BYTES).working_set(z)
-            band_bytes = BAND_BYTES if whole > _memory_bytes() // 4 else None
+            band_bytes = BAND_BYTES if whole > memory.device_memory() // 4 else None
         banded = BandedDecoder(self.decoder, band_bytes) if band_bytes else None
         if banded is None or not banded.needed(z):
             return self.decoder(z)
@@ -254,26 +311,16 @@ class Autoencoder(nn.Module):
         return z32.astype(z.dtype)
 
 
-def _memory_bytes() -> int:
-    """The device's memory: the GPU's where MLX reports it, else the machine's."""
-    info = mx.device_info()
-    for key in ("max_recommended_working_set_size", "memory_size"):
-        if info.get(key):
-            return int(info[key])
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 class BandedDecoder:
     """The decoder, evaluated layer by layer, each layer in bands of rows.
 
     Between layers the activation is one evaluated tensor. A 3x3 convolution computes each band of
     output rows from its input rows plus one halo row on each side (zeros at the image's edge, as the
     convolution's padding), so the result equals the whole-tensor convolution. A group norm's mean and
-    variance are accumulated over every band first (two passes, float32), so the statistics are exact,
-    and then applied band by band just before the convolution that reads them. Attention runs over
-    bands of queries against all keys, which is exact too. Only one band's temporaries (the norm's
+    variance are accumulated over every band first (two passes, float32, from `GroupNorm.row_sums`, the
+    sums the whole tensor's norm adds up too, so the statistics are its very bits), and then applied band
+    by band just before the convolution that reads them. Attention runs over the chunks of queries the
+    whole tensor's takes too (`Attention.chunks`), against all keys. Only one band's temporaries (the norm's
     float32 copy, the convolution's workspace) exist at a time.
     """
 
@@ -318,18 +365,9 @@ class BandedDecoder:
         return self.conv(r.conv2, h, norm=r.norm2, residual=residual)
 
     def attention(self, att: "Attention", x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        h = att.group_norm(x).reshape(B, 1, H * W, C)
-        k, v = att.to_k(h), att.to_v(h)
-        mx.eval(k, v)
-        # a band of query rows against every key: its scores are (band * W) x (H * W) floats
-        rows = self._rows(H, B * W * H * W * 4 * 3 + B * W * C * 16)
+        # the chunks of query rows the whole tensor's attention takes too, each evaluated on its own
         out = []
-        for a in range(0, H, rows):
-            b = min(a + rows, H)
-            q = att.to_q(h[:, :, a * W : b * W])
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
-            band = x[:, a:b] + att.to_out[0](o).reshape(B, b - a, W, C)
+        for _, band in att.chunks(x):
             mx.eval(band)
             out.append(band)
         return self._join(out)
@@ -382,36 +420,26 @@ class BandedDecoder:
         return y + conv.bias if "bias" in conv else y
 
     def _group_stats(self, norm: "GroupNorm", x: mx.array) -> tuple[mx.array, mx.array]:
-        """Per (batch, group) mean and variance over all of x, accumulated band by band in float32."""
-        B, H, W, C = x.shape
-        G = norm.num_groups
-        count = H * W * (C // G)
-        rows = self._rows(H, B * W * C * 4 * 3)
+        """Per (batch, group) mean and 1/std over all of x, as `GroupNorm` computes them: its per-row
+        sums, a band of rows at a time, then its sums over the rows (the same bits as the whole tensor's)."""
+        rows = self._rows(x.shape[1], x.shape[0] * x.shape[2] * x.shape[3] * 4 * 3)
 
-        def per_group(band):
-            # per channel over the rows first, then per group: one sum over axes (1, 3) of the
-            # (B, N, G, C/G) view left 32 rows of work to CUDA's row reduce, 91 ms a call on the H200
-            # (7.1 of the banded decode's 7.3 s, docs/PERFORMANCE.md round 7)
-            return band.reshape(B, -1, C).sum(axis=1).reshape(B, G, C // G).sum(axis=2)
+        def over_bands(mean=None):
+            sums = []
+            for a in range(0, x.shape[1], rows):
+                sums.append(norm.row_sums(x[:, a : a + rows], mean))
+                mx.eval(sums[-1])
+            return mx.concatenate(sums, axis=1) if len(sums) > 1 else sums[0]
 
-        total = mx.zeros((B, G), mx.float32)
-        for a in range(0, H, rows):
-            total = total + per_group(x[:, a : a + rows].astype(mx.float32))
-            mx.eval(total)
-        mean = total / count
-        mean_c = mx.repeat(mean, C // G, axis=1)[:, None, None, :]
-        sq = mx.zeros((B, G), mx.float32)
-        for a in range(0, H, rows):
-            sq = sq + per_group(mx.square(x[:, a : a + rows].astype(mx.float32) - mean_c))
-            mx.eval(sq)
-        var = sq / count
-        return mean_c, mx.repeat(mx.rsqrt(var + norm.eps), C // G, axis=1)[:, None, None, :]
+        mean = norm.mean(over_bands(), x.shape)
+        mx.eval(mean)
+        inv_std = norm.inv_std(over_bands(mean), x.shape)
+        mx.eval(inv_std)
+        return mean, inv_std
 
     @staticmethod
     def _apply_norm(norm: "GroupNorm", band: mx.array, stats) -> mx.array:
-        mean, inv_std = stats
-        y = (band.astype(mx.float32) - mean) * inv_std
-        return (norm.weight * y + norm.bias).astype(band.dtype)
+        return norm.apply(band, *stats)
 
     @staticmethod
     def _row_bytes(pixels: int, channels: int, dtype) -> int:
