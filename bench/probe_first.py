@@ -53,9 +53,9 @@ def probes(size: bf.Size, dtype):
         q, k, v = (randn(1, heads, tokens, hidden // heads) for _ in range(3))
         return lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=(hidden // heads) ** -0.5)
 
-    def t5():
+    def t5(quant=None):
         cfg = bf.T5Config(**{**size.t5.__dict__, "num_layers": 1})
-        model = bf.build("text_encoder_2", bf.Size(**{**size.__dict__, "t5": cfg}), dtype, None)
+        model = bf.build("text_encoder_2", bf.Size(**{**size.__dict__, "t5": cfg}), dtype, quant)
         ids = mx.random.randint(0, cfg.vocab_size, (1, size.txt["schnell"]))
         return lambda: model(ids)
 
@@ -87,6 +87,7 @@ def probes(size: bf.Size, dtype):
         ("matmul_linear1", lambda: matmul(7 * hidden)),
         ("sdpa_image", sdpa),
         ("t5_one_layer", t5),
+        ("t5_q8_one_layer", lambda: t5(QuantSpec(8))),  # its layers dequantize (qmatmul) on CUDA
         ("clip_one_layer", clip),
         ("transformer_one_block_each", transformer),
         ("transformer_q8", lambda: transformer(QuantSpec(8))),

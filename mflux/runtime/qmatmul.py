@@ -23,6 +23,12 @@ writes one or two 2-byte values per thread, far below the card's bandwidth (q8 c
 bf16 on the H200, where reading 12 GB and writing 24 GB at bandwidth takes about 8 ms); the kernel
 reads 16 bytes and writes 32 or 64 per thread, with MLX's arithmetic (`scale * q + bias` in the
 weight's dtype). `bench_flux.py --sections qmatmul` times both and prints their largest difference.
+
+CUDA keeps `mx.dequantize` by default. The kernel makes the schnell step at 1024² 1.09x bf16's at q8
+against 1.16x (12 ms a step on the H200), but MLX 0.32 keeps a custom kernel's NVRTC build in the
+process only, not in its kernel cache, so every process builds it again on first use, and a warm-up
+child (runtime.warmup) can't build it for the process: a q8 image's first prompt encoding took 2.6-2.9 s
+against 0.46 s (docs/PERFORMANCE.md, round 8). That is more than the kernel saves in a 50-step image.
 """
 
 import mlx.core as mx
@@ -106,7 +112,11 @@ class QuantizedLinear(nn.QuantizedLinear):
         # step at 512x512 peaked at 25.8 GB on the H200, the bf16 base's at 26.4 GB).
         weight = mx.depends(self["weight"], x)
         if self.dequantize == "kernel" and kernel_applies(self, x.dtype):
-            w = dequantize_kernel(weight, self["scales"], self["biases"], self.group_size, self.bits)
+            # the weight is frozen, and a custom kernel has no vjp for a training step's backward pass
+            # to reach it through (mx.depends ties the weight to x)
+            w = mx.stop_gradient(
+                dequantize_kernel(weight, self["scales"], self["biases"], self.group_size, self.bits)
+            )
         else:
             w = mx.dequantize(
                 weight,
