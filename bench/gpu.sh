@@ -54,6 +54,21 @@
 #   n: (nothing carried)       l's steps with the dequantize kernel; profiles of the q8/bf16 steps, the
 #                              decode in 1024 MB bands
 #   o: carry .gpu2             (a new lease, after a) the decode in bands and the training steps, after the fixes
+# Round 8 (the training step's queue bound; the dequantize kernel by default on CUDA, built by the warm-up;
+# the group norms' statistics summed per row in both decode paths):
+#   a: ANCHOR=0, carry .gpu1 and .gpuw: diffusers + PEFT's training step at 512 and 1024
+#   p: carry .gpu2             mflux's bf16 training step at 1024 under each queue bound, the q8 base's under
+#                              two; the decode in bands and whole, each against a float32 decode
+#   r: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) where the dequantize
+#                              kernel's module goes: probe_first on an empty cache, then warm, then with the
+#                              warm-up; a fresh process's first q8 image, empty against warm
+#   s: (nothing carried)       right after r: the training step at 1024 under the trainer's own bound, bf16/q8/q4
+#                              bases, once the dequantize kernel was off by default again
+#   t: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) bench/probe_bands.py:
+#                              which layer kind of the decoder gives other bits in bands, bf16 and float32
+#   q: carry .gpu2             (a new lease, after a) a fresh process's first image at q8/q4 (empty kernel
+#                              cache against warm: the warm-up builds the dequantize kernel too); the steps
+#                              with the kernel; the training step at 512 (q4 and bf16 bases), two bounds
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -378,8 +393,74 @@ case "${1:-}" in
     step train-mflux-q 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant q8,q4 \
       --res "$([ "$SIZE" = full ] && echo 1024 || echo 64)" --steps 3 --warmup 1 --timeout 150 2>&1 | tee -a "$OUT/train.jsonl"
     ;;
+  p)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    res=$([ "$SIZE" = full ] && echo 1024 || echo 64)
+    # the first configuration builds the step's kernels (about 2 minutes on a fresh cache)
+    step train-bounds 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant bf16 --res "$res" \
+      --headroom train,none,4,8 --steps 4 --warmup 1 --timeout 200 2>&1 | tee -a "$OUT/train.jsonl"
+    step train-q8 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant q8 --res "$res" \
+      --headroom train,none --steps 3 --warmup 1 --timeout 100 2>&1 | tee -a "$OUT/train.jsonl"
+    step decode 25 "${BENCH[@]}" --sections decode --band-mb 1024,512,0 --headroom 2 --budget decode=60 \
+      --time-limit 65 2>&1 | tee "$OUT/decode.jsonl"
+    ;;
+  q)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    # the training step at 512 under the trainer's bound (memory.train_headroom) and under 6 GB (what that
+    # bound is on a 32 GB device holding the q4 base): the q4 base (issue 15's memory target), then bf16
+    # (the first configuration builds the step's kernels: about 3 minutes on a fresh cache)
+    res=$([ "$SIZE" = full ] && echo 512 || echo 64)
+    step train-512-q4 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant q4 --res "$res" \
+      --headroom train,6 --steps 3 --warmup 1 --timeout 240 2>&1 | tee -a "$OUT/train.jsonl"
+    step train-512-bf16 40 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant bf16 --res "$res" \
+      --steps 3 --warmup 1 --timeout 60 2>&1 | tee -a "$OUT/train.jsonl"
+    for q in q8 q4; do
+      step "random-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    step steps 50 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths kernel \
+      --headroom 2 --budget step=70 --time-limit 80 2>&1 | tee "$OUT/steps.jsonl"
+    ;;
+  r)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX"
+    only=t5_q8_one_layer,transformer_q8,t5_one_layer
+    for state in empty warm; do
+      step "probe-$state" 40 timeout 90 "$PY" bench/probe_first.py --size "$SIZE" --cache "$PTX/probe" \
+        --state $state --only $only 2>&1 | tee -a "$OUT/probe_first.jsonl"
+    done
+    step probe-warmup 40 timeout 90 "$PY" bench/probe_first.py --size "$SIZE" --cache "$PTX/probe-w" \
+      --state empty --kernel-warmup --only $only 2>&1 | tee -a "$OUT/probe_first.jsonl"
+    find "$PTX" -iname "*custom*" -o -iname "*dequant*" 2>&1 | head -20 | tee "$OUT/kernel-files.txt"
+    step random-q8 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+      --quant q8 --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    ;;
+  s)
+    export MLX_PTX_CACHE_DIR="$PTX/train"
+    step train-default 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant bf16,q8,q4 \
+      --res "$([ "$SIZE" = full ] && echo 1024 || echo 64)" --headroom train --steps 3 --warmup 1 --timeout 200 \
+      2>&1 | tee "$OUT/train-default.jsonl"
+    ;;
+  t)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    for dt in bfloat16 float32; do
+      step "bands-$dt" 20 "$PY" bench/probe_bands.py --size "$SIZE" --band-mb "$([ "$SIZE" = full ] && echo 1024 || echo 0.05)" \
+        --dtype $dt 2>&1 | grep '^{' | sed "s/^{/{\"dtype\": \"$dt\", /" | tee -a "$OUT/probe_bands.jsonl"
+    done
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t [full|tiny]" >&2
     exit 2
     ;;
 esac
