@@ -203,6 +203,33 @@ def test_banded_decode_equals_the_whole_tensor_decode(saved, monkeypatch, dtype)
     assert mx.array_equal(banded, whole)
 
 
+def test_attention_in_chunks_of_queries_is_the_same_attention(saved, monkeypatch):
+    """Attention.chunks: a few query rows at a time against every key, in both decode paths; the
+    result is the one-shot attention's (float32: to rounding), and the two paths stay bit-equal."""
+    import mflux.runtime.autoencoder as ae
+
+    folder, *_ = saved
+    model = load(folder)
+    att = model.decoder.mid_block.attentions[0]
+    x = mx.random.normal((1, 8, 6, att.to_q.weight.shape[0]), key=mx.random.key(3))
+    one_shot = att(x)
+    row = 1 * 6 * 8 * 6 * 4 * 3  # one query row's scores
+    monkeypatch.setattr(ae, "ATTENTION_BYTES", 3 * row)
+    assert [a for a, _ in att.chunks(x)] == [0, 3, 6]
+    np.testing.assert_allclose(np.array(att(x)), np.array(one_shot), rtol=1e-5, atol=1e-5)
+    joins = []
+    join = ae.BandedDecoder._join
+    monkeypatch.setattr(
+        ae.BandedDecoder, "_join", staticmethod(lambda bands: joins.append(len(bands)) or join(bands))
+    )
+    banded = ae.BandedDecoder(model.decoder, 2**10).attention(att, x)  # bands far smaller than a chunk
+    assert joins == [3] and mx.array_equal(banded, att(x))  # the whole tensor's chunks, not the band's
+    z = nhwc(torch.randn(1, 16, 16, 12, generator=torch.Generator().manual_seed(4))).astype(mx.bfloat16)
+    model = load(folder, dtype=mx.bfloat16)
+    monkeypatch.setattr(ae, "ATTENTION_BYTES", 16 * 16 * 16 * 4 * 3 * 5)  # 5 of the latent's 16 rows
+    assert mx.array_equal(model.decode(z, band_bytes=2**14), model.decode(z, band_bytes=None))
+
+
 def test_small_decodes_keep_the_whole_tensor_path(saved):
     from mflux.runtime.autoencoder import BAND_BYTES, BandedDecoder
 
