@@ -524,3 +524,26 @@ def test_checkpointing_keeps_every_gradient_with_a_trained_modulation_layer(tiny
     for k, want in grads[False].items():
         want, got = np.array(want), np.array(grads[True][k])
         assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-12), k
+
+
+def test_a_fresh_gpu_machines_first_step_says_it_builds_kernels(
+    tiny_schnell, trained, data, tmp_path, monkeypatch, capsys
+):
+    """Where MLX builds kernels at run time into its cache (CUDA, `warmup.WARM`), the first training
+    step on an empty cache takes minutes (H200: 125-178 s): the trainer says so once, before it, and
+    marks the cache after it, so that later runs say nothing."""
+    from mflux.runtime import warmup
+
+    monkeypatch.setitem(warmup.WARM, "cpu", True)  # this CPU takes CUDA's path
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "ptx"))
+    options = {**LEARN, "steps": 2, "progress": False}
+    notices = []
+    for run in ("first", "second"):
+        (tmp_path / f"{run}.train").mkdir()
+        shutil.copy(trained.work_dir / "cache.safetensors", tmp_path / f"{run}.train")
+        train(str(tiny_schnell), str(data), str(tmp_path / f"{run}.safetensors"), **options)
+        notices.append([line for line in capsys.readouterr().err.splitlines() if "GPU kernels" in line])
+    assert len(notices[0]) == 1 and str(tmp_path / "ptx") in notices[0][0]
+    assert notices[1] == []
+    markers = list((tmp_path / "ptx").glob("mflux-train-*-float.done"))
+    assert len(markers) == 1 and markers[0].read_text().startswith("first step: ")

@@ -53,10 +53,6 @@ def default_headroom() -> int | None:
     return HEADROOM[backend()]
 
 
-def tight_headroom() -> int | None:
-    return TIGHT_HEADROOM[backend()]
-
-
 def train_headroom() -> int | None:
     """`TRAIN_SHARE` of the device memory that is not held now, at least `HEADROOM`."""
     share = TRAIN_SHARE[backend()]

@@ -37,7 +37,7 @@ from mflux import distributed
 from mflux.backend import default_precision
 from mflux.errors import CtrlC, InvalidArgument, MfluxError
 from mflux.folders import open_folder
-from mflux.runtime import memory, sampler
+from mflux.runtime import memory, sampler, warmup
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import load_component
 from mflux.runtime.parallel import average_gradients
@@ -284,6 +284,7 @@ class Trainer:
         )
         order = BatchOrder(cache["latents"].shape[0], cfg.batch_size, cfg.seed)
         log = LossLog(self.work / "loss.jsonl", state["step"]) if self.lead else None
+        unbuilt = self._unbuilt_kernels()
         bar = _progress(cfg, state["step"], self.lead)
         losses, start_step, key = [], state["step"], state["key"]
         started = time.perf_counter()
@@ -297,6 +298,9 @@ class Trainer:
                 state["step"] += 1
                 state["key"] = key
                 seconds = time.perf_counter() - t0
+                if unbuilt:
+                    _write_quietly(unbuilt, f"first step: {seconds:.0f} s\n")
+                    unbuilt = None
                 losses.append(loss.item())
                 if log:
                     log.write(state["step"], losses[-1], seconds, mx.get_peak_memory())
@@ -327,6 +331,20 @@ class Trainer:
             self.checkpoint(flux, optimizer, state)
         ran = state["step"] - start_step
         return losses, (time.perf_counter() - started) / ran if ran else 0.0
+
+    def _unbuilt_kernels(self):
+        """On CUDA, where the kernel cache lacks this training step's kernels: their marker, after
+        saying (once, before the bar) that the first step builds them (runtime.warmup.training_marker)."""
+        base = f"q{self.cfg.quantize}" if self.cfg.quantize else "float"
+        marker = warmup.training_marker(self.dtype, base) if self.lead else None
+        if marker is None or marker.exists():
+            return None
+        print(
+            "the first step builds this machine's GPU kernels for training, once: a few minutes on a "
+            f"fresh machine (kept in {marker.parent})",
+            file=sys.stderr,
+        )
+        return marker
 
     # --- outputs ---
 
@@ -500,6 +518,15 @@ def read_log(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def _write_quietly(path: Path, text: str) -> None:
+    """A marker: a cache that can't be written only means the notice comes again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_text(path, text)
+    except (OSError, MfluxError):
+        pass
 
 
 def _progress(cfg: TrainConfig, start: int, lead: bool = True):
