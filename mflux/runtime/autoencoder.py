@@ -78,7 +78,8 @@ class GroupNorm(nn.GroupNorm):
 
     @staticmethod
     def row_sums(x: mx.array, mean: mx.array | None = None) -> mx.array:
-        """(B, rows, W, C) -> (B, rows, C), float32: each row's sum over its width of x, or of (x - mean)²."""
+        """(B, rows, W, C) -> (B, rows, C), float32: each row's sum over its width of x, or of
+        (x - mean)²."""
         x32 = x.astype(mx.float32)
         return (x32 if mean is None else mx.square(x32 - mean)).sum(axis=2)
 
@@ -279,8 +280,9 @@ class Autoencoder(nn.Module):
         When a full-resolution layer would need more than `band_bytes` of working memory, the decoder
         runs layer by layer in row bands (`BandedDecoder`): the same pixels, at a fraction of the peak,
         but slower (on an H200 at 1024x1024 bf16, in 1024 MB bands: 0.136 s against 0.073 s, 1.5 GB over
-        the weights against 3.0 GB under the runtime's queue bound, 18.6 GB without it). "auto" bands only when the whole-tensor decode would take more than a quarter of the
-        device's memory (so a 16 GB Mac bands at 1024x1024 and a large GPU does not); None never bands.
+        the weights against 3.0 GB under the runtime's queue bound, 18.6 GB without it). "auto" bands
+        only when the whole-tensor decode would take more than a quarter of the device's memory (so a
+        16 GB Mac bands at 1024x1024 and a large GPU does not); None never bands.
         """
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
@@ -317,11 +319,11 @@ class BandedDecoder:
     Between layers the activation is one evaluated tensor. A 3x3 convolution computes each band of
     output rows from its input rows plus one halo row on each side (zeros at the image's edge, as the
     convolution's padding), so the result equals the whole-tensor convolution. A group norm's mean and
-    variance are accumulated over every band first (two passes, float32, from `GroupNorm.row_sums`, the
-    sums the whole tensor's norm adds up too, so the statistics are its very bits), and then applied band
-    by band just before the convolution that reads them. Attention runs over the chunks of queries the
-    whole tensor's takes too (`Attention.chunks`), against all keys. Only one band's temporaries (the norm's
-    float32 copy, the convolution's workspace) exist at a time.
+    variance are accumulated over every band first (two passes, float32, from `GroupNorm.row_sums`:
+    the sums the whole tensor's norm adds up too, so the statistics are its very bits), then applied
+    band by band just before the convolution that reads them. Attention runs over the chunks of
+    queries that the whole tensor's takes too (`Attention.chunks`), against all keys. Only one band's
+    temporaries (the norm's float32 copy, the convolution's workspace) exist at a time.
     """
 
     def __init__(self, decoder: "Decoder", band_bytes: int):
