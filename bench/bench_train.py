@@ -48,8 +48,8 @@ def flux_config(size: str) -> dict:
 def mflux_step(args):
     """(one, info): `one()` runs one compiled training step, evaluated and synchronized, and returns its
     loss; info has the weights' bytes, the LoRA's parameter count and the dtype. args: size, quant, res,
-    txt, no_checkpoint, headroom (the queue bound each step evaluates under, `memory.bounded`'s: "auto",
-    the trainer's own, or bytes, or None). The peak memory is reset after building, so it counts from here."""
+    txt, no_checkpoint, headroom (the queue bound each step evaluates under, as `memory.bounded` takes it:
+    "train" for the trainer's own, "auto", bytes, or None). The peak memory is reset after building, so it counts from here."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from bench_flux import QUANTS, build, nbytes
@@ -237,7 +237,7 @@ def main(argv=None) -> None:
         "--headroom",
         default="train",
         help="mflux: comma-separated queue bounds, GB over what is held (none: MLX's own limit; "
-        "train: the trainer's, memory.TRAIN_HEADROOM)",
+        "train: the trainer's, memory.train_headroom)",
     )
     parser.add_argument("--child", choices=("mflux", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -176,12 +176,12 @@ class Flux(nn.Module):
 
     def modulations_train(self) -> bool:
         """Whether any conditioning or modulation layer has a trainable parameter (a LoRA on one)."""
-        prefixes = ("time_in.", "vector_in.", "guidance_in.", "final_layer.adaLN_modulation.")
-        prefixes += tuple(
-            f"double_blocks.{i}.{n}." for i in range(len(self.double_blocks)) for n in ("img_mod", "txt_mod")
-        )
-        prefixes += tuple(f"single_blocks.{i}.modulation." for i in range(len(self.single_blocks)))
-        return any(k.startswith(prefixes) for k, _ in tree_flatten(self.trainable_parameters()))
+        trainable = {}  # per module, its trainable parameters, by child name
+        for module, name in self._modulation_layers():
+            tree = trainable.setdefault(id(module), module.trainable_parameters())
+            if tree_flatten(tree.get(name, {})):
+                return True
+        return False
 
     def _require_modulation_weights(self) -> None:
         if "time_in" not in self:

@@ -44,6 +44,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mflux.backend import kernel_cache_dir
 from mflux.runtime.qmatmul import backend
 
 WARM = {"cuda": True, "metal": False, "cpu": False}
@@ -192,8 +193,6 @@ def training_marker(dtype: mx.Dtype, base: str) -> Path | None:
     `base`: "float", "q8", "q4" (each quantization adds its own graphs)."""
     if not WARM[backend()]:
         return None
-    from mflux.backend import kernel_cache_dir
-
     return kernel_cache_dir() / TRAIN_MARKER.format(key(dtype), base)
 
 
