@@ -60,7 +60,7 @@ BUDGETS = {
 }
 # the two ways a quantized layer multiplies (mflux.runtime.qmatmul): MLX's quantized_matmul at every
 # size, or dequantize-then-matmul from `--min-rows` rows on (the CUDA default)
-PATHS = ("qmm", "dequant", "kernel")
+PATHS = ("qmm", "dequant", "fused", "kernel")
 QUANTS = {"q8": QuantSpec(8), "q4": QuantSpec(4)}
 MICRO_QUANTS = {
     "q8": QuantSpec(8),
@@ -220,13 +220,17 @@ def quantize(module: nn.Module, component: str, spec: QuantSpec | None) -> nn.Mo
     return module
 
 
+DEQUANTIZE_OF_PATH = {"dequant": "mlx", "fused": "fused", "kernel": "kernel"}
+
+
 def set_path(module: nn.Module, path: str, args) -> None:
     """`qmm`: quantized_matmul at every size; `dequant`: mx.dequantize then a matmul from `--min-rows`
-    rows; `kernel`: the same with qmatmul's own dequantize kernel (CUDA)."""
+    rows; `fused`: the same with qmatmul's compiled dequantize graph; `kernel`: with qmatmul's own
+    dequantize kernel (CUDA)."""
     if path == "qmm":
         qmatmul.choose_matmul(module, None)
     else:
-        qmatmul.choose_matmul(module, args.min_rows, "kernel" if path == "kernel" else "mlx")
+        qmatmul.choose_matmul(module, args.min_rows, DEQUANTIZE_OF_PATH[path])
 
 
 def largest_layer_gb(module: nn.Module, dtype) -> float:
@@ -470,7 +474,11 @@ def section_qmatmul(size: Size, args, budget: Budget) -> None:
     }
     tokens = (size.res // 16) ** 2 + size.txt["schnell"]
     rows_list = sorted({1, 8, 32, 77, size.txt["schnell"], size.txt["dev"], tokens})
-    use_kernel = "kernel" in args.paths and qmatmul.backend() == "cuda"
+    # each of qmatmul's own dequantizes that applies here (the kernel is CUDA's only)
+    ours = {"fused": _fused, "kernel": qmatmul.dequantize_kernel}
+    ours = {
+        k: f for k, f in ours.items() if k in args.paths and (k != "kernel" or qmatmul.backend() == "cuda")
+    }
     for layer, (k, n) in shapes.items():
         w = mx.random.normal((n, k), dtype=args.dtype, scale=k**-0.5)
         packed = {b: mx.quantize(w, 64, b) for b in (8, 4)}
@@ -492,8 +500,11 @@ def section_qmatmul(size: Size, args, budget: Budget) -> None:
                     args.warmup,
                     args.steps * 2,
                 )
-                if use_kernel:
-                    use_kernel = _kernel_figures(fig, args, x, w, q, sc, bi, b, layer, rows == rows_list[0])
+                for name, fn in list(ours.items()):
+                    if not _dequantize_figures(
+                        fig, args, name, fn, x, w, q, sc, bi, b, layer, rows == rows_list[0]
+                    ):
+                        del ours[name]
             report(
                 what="qmatmul",
                 layer=layer,
@@ -508,33 +519,39 @@ def section_qmatmul(size: Size, args, budget: Budget) -> None:
         free()
 
 
-def _kernel_figures(fig: dict, args, x, w, q, sc, bi, b: int, layer: str, compare: bool) -> bool:
-    """qmatmul.dequantize_kernel then a matmul into `fig`; with `compare`, the weight's dequantize alone
-    both ways, timed, and how far apart they are. False (reported) if the kernel fails to build or run."""
+def _fused(q, scales, biases, group_size: int, bits: int) -> mx.array:
+    """qmatmul's fused dequantize where it applies (8 bits), mx.dequantize otherwise (as the layers do)."""
+    if bits == 8:
+        return qmatmul.dequantize_fused(q, scales, biases, group_size)
+    return mx.dequantize(q, scales, biases, group_size, bits)
+
+
+def _dequantize_figures(
+    fig: dict, args, name: str, fn, x, w, q, sc, bi, b: int, layer: str, compare: bool
+) -> bool:
+    """qmatmul's dequantize `fn` (`name`: "fused" or "kernel") then a matmul into `fig`; with `compare`,
+    the weight's dequantize alone, timed against mx.dequantize, and how far apart they are. False
+    (reported) if it fails to build or run."""
     try:
-        fig[f"q{b}_kernel"] = timeit(
-            lambda: x @ qmatmul.dequantize_kernel(q, sc, bi, 64, b).T, args.warmup, args.steps * 2
-        )
+        fig[f"q{b}_{name}"] = timeit(lambda: x @ fn(q, sc, bi, 64, b).T, args.warmup, args.steps * 2)
         if compare:
-            ours, theirs = qmatmul.dequantize_kernel(q, sc, bi, 64, b), mx.dequantize(q, sc, bi, 64, b)
+            ours, theirs = fn(q, sc, bi, 64, b), mx.dequantize(q, sc, bi, 64, b)
             report(
                 what="dequantize",
+                path=name,
                 layer=layer,
                 bits=b,
                 max_diff=float(mx.abs(ours.astype(mx.float32) - theirs.astype(mx.float32)).max()),
                 differing=int((ours != theirs).sum()),
                 mlx_ms=timeit(lambda: mx.dequantize(q, sc, bi, 64, b), args.warmup, args.steps * 2)["s"]
                 * 1e3,
-                kernel_ms=timeit(
-                    lambda: qmatmul.dequantize_kernel(q, sc, bi, 64, b), args.warmup, args.steps * 2
-                )["s"]
-                * 1e3,
+                ours_ms=timeit(lambda: fn(q, sc, bi, 64, b), args.warmup, args.steps * 2)["s"] * 1e3,
                 weights_gb=(q.nbytes + sc.nbytes + bi.nbytes) / 1e9,
                 float_gb=w.nbytes / 1e9,
             )
         return True
     except Exception as e:  # noqa: BLE001
-        report(what="failed", section="qmatmul", path="kernel", error=str(e)[:600])
+        report(what="failed", section="qmatmul", path=name, error=str(e)[:600])
         return False
 
 
@@ -1022,6 +1039,7 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
 def section_load(size: Size, args, budget: Budget) -> None:
     """Write an MLX-native model (the converter's layout: one folder of shards per component) with
     random weights to local disk, then time the loader reading it back, component by component."""
+    from mflux.runtime import loader
     from mflux.runtime.folder import COMPONENTS, ModelFolder
     from mflux.runtime.loader import load_component
     from mflux.runtime.weights import save_shards
@@ -1062,22 +1080,24 @@ def section_load(size: Size, args, budget: Budget) -> None:
             }
             defaults = {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
             mf = ModelFolder(folder, "mlx", "schnell", architecture, quantization or None, quant, defaults)
-            seconds = {}
-            free()
-            for c in COMPONENTS:
-                t = time.perf_counter()
-                module = load_component(mf, c, args.dtype)
-                seconds[c] = time.perf_counter() - t
-                del module
-            report(
-                what="load",
-                quant=_label(quant, args),
-                s=sum(seconds.values()),
-                **{f"{c}_s": v for c, v in seconds.items()},
-                gb=sum(sizes.values()) / 1e9,
-                **{f"{c}_gb": v / 1e9 for c, v in sizes.items()},
-                peak_gb=peak_gb(),
-            )
+            for threads in args.read_threads or [loader.LOAD_THREADS[qmatmul.backend()]]:
+                loader.LOAD_THREADS[qmatmul.backend()], seconds = threads, {}
+                free()
+                for c in COMPONENTS:
+                    t = time.perf_counter()
+                    module = load_component(mf, c, args.dtype)
+                    seconds[c] = time.perf_counter() - t
+                    del module
+                report(
+                    what="load",
+                    quant=_label(quant, args),
+                    threads=threads,
+                    s=sum(seconds.values()),
+                    **{f"{c}_s": v for c, v in seconds.items()},
+                    gb=sum(sizes.values()) / 1e9,
+                    **{f"{c}_gb": v / 1e9 for c, v in sizes.items()},
+                    peak_gb=peak_gb(),
+                )
             for c in COMPONENTS:
                 params = params_count(construct(c, size))
                 report(
@@ -1242,7 +1262,7 @@ def main(argv=None) -> None:
         "--variants", default="schnell,dev", help="step/encode shapes: schnell (256 text tokens), dev (512)"
     )
     parser.add_argument(
-        "--paths", default=",".join(PATHS), help="quantized matmul paths to time: qmm, dequant, kernel"
+        "--paths", default=",".join(PATHS), help="quantized matmul paths to time: qmm, dequant, fused, kernel"
     )
     parser.add_argument(
         "--min-rows",
@@ -1263,6 +1283,11 @@ def main(argv=None) -> None:
     parser.add_argument("--pipeline-steps", type=int, default=4, help="pipeline: denoising steps per image")
     parser.add_argument(
         "--keep-transformer", action="store_true", help="pipeline: keep the transformer during the decode"
+    )
+    parser.add_argument(
+        "--read-threads",
+        default="",
+        help="load: the loader's thread counts to time the read with, one after another (default: LOAD_THREADS)",
     )
     parser.add_argument(
         "--load-threads",
@@ -1304,6 +1329,7 @@ def main(argv=None) -> None:
         from mflux.runtime import loader
 
         loader.LOAD_THREADS[qmatmul.backend()] = args.load_threads
+    args.read_threads = [int(t) for t in args.read_threads.split(",") if t]
     args.band_mb = [int(b) for b in args.band_mb.split(",") if b]
     args.caches = [c for c in args.caches.split(",") if c]
     args.headrooms = [parse_headroom(h) for h in args.headroom.split(",") if h]

@@ -69,6 +69,17 @@
 #   q: carry .gpu2             (a new lease, after a) a fresh process's first image at q8/q4 (empty kernel
 #                              cache against warm: the warm-up builds the dequantize kernel too); the steps
 #                              with the kernel; the training step at 512 (q4 and bf16 bases), two bounds
+# Round 9 (qmatmul's compiled dequantize graph; the decode's attention in the same chunks both ways):
+#   u: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) the steps with each
+#                              dequantize; probe_bands and the decode against float32; a fresh process's
+#                              first q8/q4 image, empty kernel cache against warm; the layers' products
+#   v: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) after u's fix: the
+#                              first q8/q4 image again; every layer of a decode, whole against banded; the
+#                              steps again; the MLX-native load with 8, 12 and 16 threads; the q8 base's
+#                              training step at 1024
+#   w: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) the fused dequantize
+#                              for 8 bits only: the steps at the defaults and both paths; the 512x512
+#                              level's convolutions in bands (bench/probe_conv_bands.py); the first q4/q8 image
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -459,8 +470,78 @@ case "${1:-}" in
         --dtype $dt 2>&1 | grep '^{' | sed "s/^{/{\"dtype\": \"$dt\", /" | tee -a "$OUT/probe_bands.jsonl"
     done
     ;;
+  u)
+    # round 9, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1): the schnell steps
+    # with mx.dequantize against qmatmul's compiled dequantize graph ("fused", CUDA's default now); the
+    # decode's pixels after the attention chunks (probe_bands, bands and whole against float32); a fresh
+    # process's first q8/q4 image, the warm-up building the fused graphs; the layers' products each way
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant,fused \
+      --headroom 2 --budget step=130 --time-limit 140 2>&1 | tee "$OUT/steps.jsonl"
+    for dt in bfloat16 float32; do
+      step "bands-$dt" 20 "$PY" bench/probe_bands.py --size "$SIZE" --band-mb "$([ "$SIZE" = full ] && echo 1024 || echo 0.05)" \
+        --dtype $dt 2>&1 | grep '^{' | sed "s/^{/{\"dtype\": \"$dt\", /" | tee -a "$OUT/probe_bands.jsonl"
+    done
+    step decode 25 "${BENCH[@]}" --sections decode --band-mb "$([ "$SIZE" = full ] && echo 1024 || echo 1),0" \
+      --headroom 2 --budget decode=50 --time-limit 55 2>&1 | tee "$OUT/decode.jsonl"
+    for q in q8 q4; do
+      step "random-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    step qmatmul 20 "${BENCH[@]}" --sections qmatmul --paths qmm,dequant,fused,kernel --budget qmatmul=50 \
+      --time-limit 55 2>&1 | tee "$OUT/qmatmul.jsonl"
+    ;;
+  v)
+    # round 9, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1), after u's fix (the
+    # text encoders keep mx.dequantize): a fresh process's first q8/q4 image, empty kernel cache against
+    # warm; every layer of a decode, whole against banded; the steps again; the MLX-native load with 8
+    # and 16 threads; the training step on a q8 base under the fused dequantize
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" "$NATIVE" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    for q in q8 q4; do
+      step "random-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    step walk 30 "$PY" bench/probe_bands.py --size "$SIZE" --band-mb "$([ "$SIZE" = full ] && echo 1024 || echo 0.05)" \
+      --walk 2>&1 | grep '^{' | tee "$OUT/probe_bands.jsonl"
+    step steps 50 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant,fused \
+      --headroom 2 --budget step=90 --time-limit 100 2>&1 | tee "$OUT/steps.jsonl"
+    step native-load 60 "${BENCH[@]}" --sections load --quant bf16 --read-threads 8,16,8,12 --time-limit 150 \
+      2>&1 | tee "$OUT/native.jsonl"
+    rm -rf "$NATIVE"
+    step train-q8 60 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant q8 \
+      --res "$([ "$SIZE" = full ] && echo 1024 || echo 64)" --headroom train --steps 3 --warmup 1 \
+      --timeout "$(($(left) - 10))" 2>&1 | tee "$OUT/train.jsonl"
+    ;;
+  w)
+    # round 9, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1), once the fused
+    # dequantize was kept for 8 bits only: the steps at the defaults (q8 fused, q4 mx.dequantize) and
+    # both paths again; the 512x512 level's convolutions in bands of several heights and two paddings;
+    # a fresh process's first q4 and q8 image
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step steps 50 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant,fused \
+      --headroom 2 --budget step=90 --time-limit 100 2>&1 | tee "$OUT/steps.jsonl"
+    n=$([ "$SIZE" = full ] && echo 512 || echo 64)
+    for c in "512 512" "512 256"; do
+      set -- $c
+      step "conv-bands-$1-$2" 15 "$PY" bench/probe_conv_bands.py --size "$n" --cin $1 --cout $2 \
+        --rows "$([ "$SIZE" = full ] && echo 146,128,64,256,512 || echo 20,16)" 2>&1 | tee -a "$OUT/conv_bands.jsonl"
+    done
+    for q in q4 q8; do
+      step "random-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w [full|tiny]" >&2
     exit 2
     ;;
 esac

@@ -5,6 +5,7 @@ are equal.
 
     python bench/probe_bands.py --size full --band-mb 1024     # a CUDA GPU, bf16
     python bench/probe_bands.py --size tiny --band-mb 1        # this CPU
+    python bench/probe_bands.py --size full --walk             # also every layer of a decode, in order
 
 The kinds are `BandedDecoder`'s pieces: the group norm's statistics and its application (`norm`), a 3x3
 convolution on normed input (`conv3x3`), a 1x1 shortcut convolution (`conv1x1`), the 2x upsampling
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--size", choices=bf.SIZES, default="full")
     ap.add_argument("--band-mb", type=float, default=1024)
     ap.add_argument("--dtype", default=None, help="bfloat16 (a GPU's default) or float32 (a CPU's)")
+    ap.add_argument("--walk", action="store_true", help="also each layer of a whole decode, in order")
     args = ap.parse_args()
     size = bf.SIZES[args.size]
     dtype = getattr(mx, args.dtype or ("float32" if mx.default_device() == mx.cpu else "bfloat16"))
@@ -84,6 +86,37 @@ def main() -> None:
         att = d.mid_block.attentions[0]
         emit("attention", lambda: att(mid), lambda: banded.attention(att, mid))
     emit("resnet", lambda: r(x), lambda: banded.resnet(r, x))
+    if args.walk:
+        walk(d, banded, mx.random.normal((1, latent, latent, d.conv_in.weight.shape[-1])).astype(dtype), emit)
+
+
+def walk(d, banded: BandedDecoder, z: mx.array, emit) -> None:
+    """Each layer of the decode in `BandedDecoder`'s order, whole against banded, both on the whole
+    path's input to that layer: which layer of the decode the banded pixels part at."""
+    layers = [("conv_in", lambda x: d.conv_in(x), lambda x: banded.conv(d.conv_in, x))]
+    mid = d.mid_block
+    layers.append(("mid.resnet0", mid.resnets[0], lambda x: banded.resnet(mid.resnets[0], x)))
+    if "attentions" in mid:
+        layers.append(("mid.attention", mid.attentions[0], lambda x: banded.attention(mid.attentions[0], x)))
+    layers.append(("mid.resnet1", mid.resnets[1], lambda x: banded.resnet(mid.resnets[1], x)))
+    for i, block in enumerate(d.up_blocks):
+        for j, r in enumerate(block.resnets):
+            layers.append((f"up{i}.resnet{j}", r, lambda x, r=r: banded.resnet(r, x)))
+        if "upsamplers" in block:
+            up = block.upsamplers[0]
+            layers.append((f"up{i}.upsample", up, lambda x, up=up: banded.conv(up.conv, x, upsample=True)))
+    layers.append(
+        (
+            "conv_out",
+            lambda x: d.conv_out(nn.silu(d.conv_norm_out(x))),
+            lambda x: banded.conv(d.conv_out, x, norm=d.conv_norm_out),
+        )
+    )
+    x = z
+    for name, whole, band in layers:
+        emit(f"walk:{name}", lambda x=x, whole=whole: whole(x), lambda x=x, band=band: band(x))
+        x = whole(x)
+        mx.eval(x)
 
 
 if __name__ == "__main__":

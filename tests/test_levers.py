@@ -162,7 +162,8 @@ def test_bench_flux_tiny_runs_every_section():
     assert {(f["variant"], f["quant"], f["path"]) for f in steps} == {
         (v, q, p)
         for v in ("schnell", "dev")
-        for q, p in [("fp32", "float")] + [(q, p) for q in ("q8", "q4") for p in ("qmm", "dequant", "kernel")]
+        for q, p in [("fp32", "float")]
+        + [(q, p) for q in ("q8", "q4") for p in ("qmm", "dequant", "fused", "kernel")]
     }
     assert all(f["s"] > 0 and f["peak_gb"] > 0 for f in steps)
     assert all("bound_gb" in f for f in steps if f["quant"] != "fp32")

@@ -180,3 +180,52 @@ def test_the_dequantize_kernel_is_chosen_only_where_it_applies(monkeypatch):
     np.testing.assert_allclose(np.array(wrapped(x)), np.array(expected), rtol=1e-5, atol=1e-5)
     qmatmul.choose_matmul(model, 1)
     assert model.layers[0].dequantize == qmatmul.DEQUANTIZE[qmatmul.backend()]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_fused_dequantize_is_mlx_dequantize_bit_for_bit(compiled):
+    """qmatmul.dequantize_fused, compiled (its kernel) and not (a fresh process while the warm-up
+    builds), gives mx.dequantize's bits at every float dtype, group size and a row count of 1 and 3."""
+    if not compiled:
+        mx.disable_compile()
+    try:
+        for dtype in (mx.bfloat16, mx.float16, mx.float32):
+            for rows, k in ((1, 128), (3, 256), (96, 1024)):
+                w = mx.random.normal((rows, k), key=mx.random.key(rows)).astype(dtype)
+                for group in (32, 64, 128):
+                    q, scales, biases = mx.quantize(w, group, 8)
+                    ours = qmatmul.dequantize_fused(q, scales, biases, group)
+                    theirs = mx.dequantize(q, scales, biases, group, 8)
+                    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == w.shape
+                    assert mx.array_equal(ours, theirs).item(), (dtype, rows, k, group)
+    finally:
+        mx.enable_compile()
+
+
+def test_fused_dequantize_images_are_the_mx_dequantize_images(tiny_schnell):
+    """The whole pipeline at 8 bits, every quantized layer dequantizing with the fused graph against
+    mx.dequantize: the same pixels (bfloat16); 4-bit layers are left to mx.dequantize."""
+    models = _models(tiny_schnell, mx.bfloat16, 8)
+    images = {}
+    for how in ("mlx", "fused"):
+        for model in models.values():
+            qmatmul.choose_matmul(model, 1, how)
+        images[how] = _image(tiny_schnell, models, mx.bfloat16)
+    fused = [m for m in _quantized_layers(models) if qmatmul.fused_applies(m, mx.bfloat16)]
+    assert len(fused) > 10 and images["mlx"].std() > 10
+    np.testing.assert_array_equal(images["fused"], images["mlx"])
+    q4 = nn.QuantizedLinear.from_linear(nn.Linear(128, 64), group_size=64, bits=4)
+    assert not qmatmul.fused_applies(q4, mx.float32)
+
+
+def test_the_text_encoders_keep_mlx_dequantize_where_the_transformer_takes_the_fused_graph(
+    tiny_schnell, monkeypatch
+):
+    """The text encoders run before the warm-up's children can have built a compiled graph, so their
+    quantized layers take MLX's prebuilt dequantize, while the transformer's take the backend's choice."""
+    monkeypatch.setitem(qmatmul.MIN_ROWS, "cpu", 1)
+    monkeypatch.setitem(qmatmul.DEQUANTIZE, "cpu", "fused")
+    models = _models(tiny_schnell, mx.bfloat16, 8)
+    for component, expected in (("transformer", "fused"), ("text_encoder", "mlx"), ("text_encoder_2", "mlx")):
+        layers = _quantized_layers({component: models[component]})
+        assert layers and {m.dequantize for m in layers} == {expected}, component

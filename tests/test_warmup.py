@@ -23,8 +23,13 @@ import sys
 from PIL import Image
 from mflux import Config, Flux1
 
-flux = Flux1.from_path(sys.argv[1], precision="float32")
+from mflux.runtime import qmatmul
+
+# CUDA's quantized path: every quantized layer's weight dequantized by qmatmul's compiled graph
+qmatmul.MIN_ROWS["cpu"], qmatmul.DEQUANTIZE["cpu"] = 1, "fused"
 config = Config(2, 48, 64)
+Flux1.from_path(sys.argv[1], precision="float32", quantize=8).generate_images([1], "a red bicycle", config)
+flux = Flux1.from_path(sys.argv[1], precision="float32")
 flux.generate_images([1, 2], "a red bicycle", config, batch_size=2)
 flux.generate_images([3], "a lighthouse", config, negative_prompt="fog", true_cfg_scale=2.0)
 init = Image.new("RGB", (64, 48), (200, 30, 30))

@@ -132,6 +132,10 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
+    # it runs before the warm-up's children could build a compiled graph: its quantized layers keep
+    # MLX's prebuilt dequantize (qmatmul.use_backend_matmul, runtime.jitfree)
+    jit_free = True
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = config

@@ -175,6 +175,10 @@ class T5Stack(nn.Module):
 
 
 class T5Encoder(nn.Module):
+    # it runs before the warm-up's children could build a compiled graph: its quantized layers keep
+    # MLX's prebuilt dequantize (qmatmul.use_backend_matmul, runtime.jitfree)
+    jit_free = True
+
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config

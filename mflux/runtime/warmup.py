@@ -56,8 +56,8 @@ LOG = "mflux-warm.log"  # the child's output; a failed child's is moved beside t
 
 
 def key(dtype: mx.Dtype) -> str:
-    """The markers' key: MLX's version, mflux's and the dtype. Neither the quantization (dequantizing uses
-    MLX's prebuilt kernel) nor the variant (dev adds a conditioning MLP of the same graphs) changes the
+    """The markers' key: MLX's version, mflux's and the dtype. Neither the quantization (the tasks hold the 8-bit
+    dequantize graph whatever the model) nor the variant (dev adds a conditioning MLP of the same graphs) changes the
     graphs. A graph changed without a new mflux version keeps the marker: that module is then built by
     the first process that needs it, as without a warm-up."""
     from importlib.metadata import PackageNotFoundError, version
@@ -237,10 +237,13 @@ def tasks(dtype: mx.Dtype) -> dict:
     them (a graph's kernel name follows its ops, dtypes and broadcasts, not its sizes). Each child runs
     one, so the graphs build side by side. tests/test_warmup.py checks that together they build every
     graph that real generations build."""
-    from mflux.runtime import layers
+    from mflux.runtime import layers, qmatmul
 
     def x(*shape):
         return mx.random.normal(shape).astype(dtype)
+
+    def dequantize():  # an 8-bit layer's weight (qmatmul.DEQUANTIZE "fused"), two groups a row
+        return qmatmul.dequantize_fused(*mx.quantize(x(4, 128), 64, 8), 64)
 
     def rope():
         ids = mx.zeros((1, 8, 3))
@@ -252,6 +255,7 @@ def tasks(dtype: mx.Dtype) -> dict:
         "gated": lambda: layers.gated(x(1, 8, 64), x(1, 64), x(1, 8, 64)),  # every residual
         "scale_shift": lambda: layers.modulate(x(2, 8, 64), x(2, 64), x(2, 64)),  # batches of 2 or more
         "rotate": lambda: layers.rotate(x(1, 8, 2, 128), rope()),  # q and k
+        "dequantize8": dequantize,
     }
 
 
