@@ -80,6 +80,8 @@
 #   w: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) the fused dequantize
 #                              for 8 bits only: the steps at the defaults and both paths; the 512x512
 #                              level's convolutions in bands (bench/probe_conv_bands.py); the first q4/q8 image
+#   x: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) the banded convolutions
+#                              with their own padding: every layer of a decode; the decode against float32
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -540,8 +542,21 @@ case "${1:-}" in
         --quant $q --time-limit 70 2>&1 | tee -a "$OUT/firstrun.jsonl"
     done
     ;;
+  x)
+    # round 9, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1), once the banded
+    # convolutions take their own padding: every layer of a decode, whole against banded; the decode in
+    # 1024 MB bands and whole, each against a float32 decode
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step walk 30 "$PY" bench/probe_bands.py --size "$SIZE" --band-mb "$([ "$SIZE" = full ] && echo 1024 || echo 0.05)" \
+      --walk 2>&1 | grep '^{' | tee "$OUT/probe_bands.jsonl"
+    step decode 25 "${BENCH[@]}" --sections decode --band-mb "$([ "$SIZE" = full ] && echo 1024,512 || echo 1),0" \
+      --headroom 2 --budget decode=50 --time-limit 55 2>&1 | tee "$OUT/decode.jsonl"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x [full|tiny]" >&2
     exit 2
     ;;
 esac

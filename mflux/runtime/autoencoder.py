@@ -417,8 +417,13 @@ class BandedDecoder:
 
     @staticmethod
     def _conv(conv: nn.Conv2d, band: mx.array, pad: int) -> mx.array:
-        # rows are already padded (halo or zeros); columns get the layer's own zero padding
-        y = mx.conv2d(band, conv.weight, padding=(0, pad))
+        # The rows already hold their halo (or zeros at the image's edge). The convolution still takes the
+        # layer's own padding on both axes, as on the whole tensor, and the output rows centred on the
+        # halo are dropped: padded by columns only, a 146-row band of the 512x512 level's 512-channel
+        # convolutions gave other bits than the whole tensor on an H200 (cuDNN chose another
+        # algorithm; bench/probe_conv_bands.py, docs/PERFORMANCE.md round 9), padded both ways none did.
+        y = mx.conv2d(band, conv.weight, padding=(pad, pad))
+        y = y[:, pad:-pad] if pad else y
         return y + conv.bias if "bias" in conv else y
 
     def _group_stats(self, norm: "GroupNorm", x: mx.array) -> tuple[mx.array, mx.array]:

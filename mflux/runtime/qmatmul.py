@@ -17,18 +17,21 @@ The choice is per backend (`MIN_ROWS`):
 
 On the backends whose entry is None, layers are left as MLX's own `nn.QuantizedLinear`.
 
-How the weight is dequantized (`DEQUANTIZE`, per backend): "mlx" is `mx.dequantize`; "kernel" is
-`dequantize_kernel`, this module's CUDA kernel for affine 4- and 8-bit weights. MLX's CUDA dequantize
-writes one or two 2-byte values per thread, far below the card's bandwidth (q8 cost 36 ms a step over
-bf16 on the H200, where reading 12 GB and writing 24 GB at bandwidth takes about 8 ms); the kernel
-reads 16 bytes and writes 32 or 64 per thread, with MLX's arithmetic (`scale * q + bias` in the
-weight's dtype). `bench_flux.py --sections qmatmul` times both and prints their largest difference.
+How the weight is dequantized (`DEQUANTIZE`, per backend): "mlx" is `mx.dequantize`; "fused" is
+`dequantize_fused` for 8-bit affine weights (others take `mx.dequantize`), an `mx.compile`d graph that
+MLX builds into one elementwise kernel writing 16 bytes a thread; "kernel" is `dequantize_kernel`, this
+module's CUDA kernel for affine 4- and 8-bit weights. MLX's CUDA dequantize writes one or two 2-byte
+values per thread, far below the card's bandwidth (on linear1's weight 0.45 ms at 8 bits, the fused
+graph 0.19 ms, the kernel 0.16 ms). `bench_flux.py --sections qmatmul` times each and prints their
+largest difference from `mx.dequantize` (none: the same bits).
 
-CUDA keeps `mx.dequantize` by default. The kernel makes the schnell step at 1024² 1.09x bf16's at q8
-against 1.16x (12 ms a step on the H200), but MLX 0.32 keeps a custom kernel's NVRTC build in the
-process only, not in its kernel cache, so every process builds it again on first use, and a warm-up
-child (runtime.warmup) can't build it for the process: a q8 image's first prompt encoding took 2.6-2.9 s
-against 0.46 s (docs/PERFORMANCE.md, round 8). That is more than the kernel saves in a 50-step image.
+CUDA takes "fused". On the H200 the schnell step at 1024² was 1.07-1.11x bf16's at q8 with it against
+1.17-1.19x with `mx.dequantize`, in three leases (docs/PERFORMANCE.md, round 9). Its kernel is a compiled
+graph's, so MLX keeps it in its kernel cache and the warm-up (runtime.warmup) builds it in a child, where
+the custom kernel was built again by every process (MLX 0.32 keeps a custom kernel's NVRTC build in the
+process only: a q8 image's first prompt encoding took 2.6-2.9 s against 0.46 s, round 8). The text
+encoders keep `mx.dequantize` (`use_backend_matmul`). At 4 bits a graph that shifts the nibbles out was
+no faster than `mx.dequantize` (1.12x against 1.11x), then 1.46x in another lease, so 4 bits keep it.
 """
 
 import mlx.core as mx
