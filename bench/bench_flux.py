@@ -1021,6 +1021,7 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
     cmd += ["--res", str(args.res)] if args.res else []
     cmd += ["--headroom", args.headroom.split(",")[0], "--kernel-warmup", args.kernel_warmup]
     cmd += ["--load-threads", str(args.load_threads)] if args.load_threads else []
+    cmd += ["--load-on-cpu"] if args.load_on_cpu else []
     cmd += ["--overlap-load", args.overlap_load]
     # the driver's own cache of compiled kernels lives beside MLX's, so "empty" empties both
     env = {**os.environ, "MLX_PTX_CACHE_DIR": str(cache), "CUDA_CACHE_PATH": str(cache / "nv")}
@@ -1285,6 +1286,11 @@ def main(argv=None) -> None:
         "--keep-transformer", action="store_true", help="pipeline: keep the transformer during the decode"
     )
     parser.add_argument(
+        "--load-on-cpu",
+        action="store_true",
+        help="load/pipeline/firstrun: mx.load on MLX's CPU stream, then each group moved to the device (loader.LOAD_ON_CPU)",
+    )
+    parser.add_argument(
         "--read-threads",
         default="",
         help="load: the loader's thread counts to time the read with, one after another (default: LOAD_THREADS)",
@@ -1325,10 +1331,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.paths = [p for p in args.paths.split(",") if p]
-    if args.load_threads:
+    if args.load_threads or args.load_on_cpu:
         from mflux.runtime import loader
 
-        loader.LOAD_THREADS[qmatmul.backend()] = args.load_threads
+        if args.load_threads:
+            loader.LOAD_THREADS[qmatmul.backend()] = args.load_threads
+        loader.LOAD_ON_CPU[qmatmul.backend()] = args.load_on_cpu
     args.read_threads = [int(t) for t in args.read_threads.split(",") if t]
     args.band_mb = [int(b) for b in args.band_mb.split(",") if b]
     args.caches = [c for c in args.caches.split(",") if c]

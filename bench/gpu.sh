@@ -82,6 +82,10 @@
 #                              level's convolutions in bands (bench/probe_conv_bands.py); the first q4/q8 image
 #   x: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) the banded convolutions
 #                              with their own padding: every layer of a decode; the decode against float32
+#   y: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) the read probed with
+#                              MLX's CPU stream; our bf16 step and the diffusers anchor, eager and compiled
+#   z: carry .gpu2             (owed, not run) the MLX-native load on MLX's CPU stream against the default,
+#                              then a first image from the folder each way
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -555,8 +559,48 @@ case "${1:-}" in
     step decode 25 "${BENCH[@]}" --sections decode --band-mb "$([ "$SIZE" = full ] && echo 1024,512 || echo 1),0" \
       --headroom 2 --budget decode=50 --time-limit 55 2>&1 | tee "$OUT/decode.jsonl"
     ;;
+  y)
+    # round 9, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1; it installs diffusers
+    # too): target 2's read probed again, MLX's CPU stream among the ways (probe_load.py, 16 GB of shards);
+    # our bf16 step, then the diffusers anchor eager and with torch.compile (target 5), in the same lease
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    shards="$SCRATCH/shards"
+    rm -rf "$shards"
+    step load-probe 40 timeout 150 "$PY" bench/probe_load.py "$shards" --write-gb "$([ "$SIZE" = full ] && echo 16 || echo 0.5)" \
+      --ways read_threads,mx_load_threads,mx_load_cpu_threads --threads 8 --timeout 60 2>&1 | tee "$OUT/load_probe.jsonl"
+    step load-probe-16 20 timeout 60 "$PY" bench/probe_load.py "$shards" --ways mx_load_cpu_threads,mx_load_threads \
+      --threads 16 --timeout 25 2>&1 | tee -a "$OUT/load_probe.jsonl"
+    rm -rf "$shards"
+    step steps 30 "${BENCH[@]}" --sections step --variants schnell --quant bf16 --headroom 2 --budget step=40 \
+      --time-limit 50 2>&1 | tee "$OUT/steps.jsonl"
+    if [ "$SIZE" = full ]; then
+      step anchor 100 timeout $(($(left) - 5)) python3 bench/anchor_diffusers.py --compile 2>&1 | tee "$OUT/anchor.jsonl"
+    fi
+    ;;
+  z)
+    # owed (not run yet), on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1): the
+    # MLX-native load on MLX's CPU stream (loader.LOAD_ON_CPU, off by default) against the default, the
+    # same folder read both ways; then a pipeline from it each way (its first image shows any page moves
+    # the load left to the first step)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" "$NATIVE" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step native-load 60 "${BENCH[@]}" --sections load --quant bf16 --read-threads 8 --keep-model "$NATIVE" \
+      --time-limit 150 2>&1 | tee "$OUT/native.jsonl"
+    step native-probe 30 "$PY" bench/probe_load.py "$NATIVE/bf16" --ways mx_load_threads,mx_load_cpu_threads \
+      --threads 16 --timeout 40 2>&1 | tee -a "$OUT/load_probe.jsonl"
+    for how in "" --load-on-cpu; do
+      step "native-first$how" 40 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/native" \
+        --folder "$NATIVE/bf16" --quant bf16 $how --time-limit 60 2>&1 | tee -a "$OUT/native.jsonl"
+    done
+    rm -rf "$NATIVE"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z [full|tiny]" >&2
     exit 2
     ;;
 esac

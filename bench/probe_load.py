@@ -10,6 +10,12 @@ several ways, each in its own process, each printing GB/s as a JSON line.
 - mx_load_threads: `mx.load` + `mx.eval` of a different shard in each of `--threads` threads.
 - numpy_threads: each thread reads its shard's bytes and makes each tensor with `mx.array` from a numpy
   view of them (no second read of the file).
+- mx_load_cpu_threads: `mx_load_threads` on MLX's CPU stream (`Load` reads straight into the array's
+  buffer there, where the GPU stream's reads into host memory and copies that over). Its line adds two
+  GPU passes over every array after the load (`touch1_s`, `touch2_s`): the first moves what the GPU
+  needs, the second shows whether it stays on the device. Every way's line has those passes too.
+
+`--write-gb N` first writes N GB of random bf16 shards (1 GiB each) into the folder, if it has none.
 
 The files are expected to be in the page cache (bench/gpu.sh writes them just before), so `read` is the
 rate a loader could reach if copying onto the device cost nothing.
@@ -24,7 +30,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-WAYS = ("read", "read_threads", "mx_load", "mx_load_all", "mx_load_threads", "numpy_threads")
+WAYS = (
+    "read",
+    "read_threads",
+    "mx_load",
+    "mx_load_all",
+    "mx_load_threads",
+    "numpy_threads",
+    "mx_load_cpu_threads",
+)
 
 
 def _read(path: Path) -> bytes:
@@ -55,10 +69,31 @@ def _numpy_arrays(path: Path) -> list:
     return out
 
 
+def _write(folder: Path, gb: float) -> None:
+    """Random bf16 shards of 1 GiB, eight 128 MiB tensors each, written with the safetensors layout."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    block = rng.integers(0, 2**16, 2**26, dtype=np.uint16)  # 128 MiB, reused: the bytes don't matter
+    for i in range(max(1, round(gb * 1e9 / 2**30))):
+        header = {
+            f"t{j}": {"dtype": "BF16", "shape": [2**13, 2**13], "data_offsets": [j * 2**27, (j + 1) * 2**27]}
+            for j in range(8)
+        }
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / f"shard-{i:03d}.safetensors", "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for _ in range(8):
+                f.write(block.tobytes())
+
+
 def run_way(way: str, files: list[Path], threads: int) -> None:
     import mlx.core as mx
 
     total = sum(f.stat().st_size for f in files)
+    kept: list = []  # the loaded arrays, for the GPU passes after the load
     t = time.perf_counter()
     if way == "read":
         for f in files:
@@ -74,21 +109,29 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     elif way == "mx_load_all":
         arrays = [mx.load(str(f)) for f in files]
         mx.eval(arrays)
-    elif way == "mx_load_threads":
+    elif way in ("mx_load_threads", "mx_load_cpu_threads"):
+        stream = mx.cpu if way == "mx_load_cpu_threads" else None
 
         def one(f):
-            arrays = mx.load(str(f))
+            arrays = mx.load(str(f), stream=stream)
             mx.eval(arrays)
-            return len(arrays)
+            return list(arrays.values())
 
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, files))
+            for arrays in pool.map(one, files):
+                kept.extend(arrays)
     elif way == "numpy_threads":
         with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(_numpy_arrays, files):
-                pass
+            for arrays in pool.map(_numpy_arrays, files):
+                kept.extend(arrays)
     mx.synchronize()
     s = time.perf_counter() - t
+    touches = []
+    for _ in range(2 if kept and mx.default_device() != mx.cpu else 0):
+        t2 = time.perf_counter()
+        mx.eval([mx.max(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, stream=mx.gpu) for a in kept])
+        mx.synchronize()
+        touches.append(round(time.perf_counter() - t2, 3))
     line = {
         "what": "load_probe",
         "way": way,
@@ -97,6 +140,9 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     }
     line |= {"gb": round(total / 1e9, 3), "s": round(s, 3), "gb_per_s": round(total / 1e9 / s, 3)}
     line |= {"peak_gb": round(mx.get_peak_memory() / 1e9, 3)}
+    line |= {f"touch{i + 1}_s": v for i, v in enumerate(touches)}
+    if touches:
+        line["load_touch_gb_per_s"] = round(total / 1e9 / (s + touches[0]), 3)
     print(json.dumps(line), flush=True)
 
 
@@ -105,9 +151,12 @@ def main() -> None:
     ap.add_argument("folder", help="a folder of .safetensors files (searched recursively)")
     ap.add_argument("--ways", default=",".join(WAYS))
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--write-gb", type=float, default=0, help="first write this many GB of shards, if none")
     ap.add_argument("--timeout", type=float, default=120, help="seconds per way")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: one way
     args = ap.parse_args()
+    if args.write_gb and not any(Path(args.folder).rglob("*.safetensors")):
+        _write(Path(args.folder), args.write_gb)
     files = sorted(Path(args.folder).rglob("*.safetensors"))
     if not files:
         sys.exit(f"error: no .safetensors files under {args.folder}")

@@ -133,3 +133,29 @@ def test_no_overlap_for_quantized_weights(tiny_schnell, monkeypatch):
         seed=3, prompt="a red fox", config=Config(1, 64, 64)
     )
     assert threads == {threading.main_thread().name}
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_loading_on_the_cpu_stream_gives_the_same_weights_and_moves_every_array(
+    tiny_schnell, monkeypatch, threads
+):
+    """loader.LOAD_ON_CPU: every shard read with `mx.load(..., stream=mx.cpu)` and every parameter read
+    once more after its group is evaluated (on a GPU backend, the pass that moves it onto the device);
+    the weights are the default path's."""
+    default = _load(tiny_schnell, threads, monkeypatch, QuantSpec(8))
+    monkeypatch.setitem(loader.LOAD_ON_CPU, "cpu", True)
+    streams, moved = [], []
+    real_load, real_move = mx.load, loader._move_to_device
+    monkeypatch.setattr(
+        loader.mx, "load", lambda *a, **k: streams.append(k.get("stream")) or real_load(*a, **k)
+    )
+    monkeypatch.setattr(loader, "_move_to_device", lambda arrays: moved.extend(arrays) or real_move(arrays))
+    on_cpu = _load(tiny_schnell, threads, monkeypatch, QuantSpec(8))
+    assert streams and set(streams) == {mx.cpu}
+    assert len(moved) >= sum(len(p) for p in on_cpu.values())  # each parameter, in the groups evaluated
+    for c in COMPONENTS:
+        assert default[c].keys() == on_cpu[c].keys()
+        for name in default[c]:
+            np.testing.assert_array_equal(
+                np.array(default[c][name]), np.array(on_cpu[c][name]), err_msg=f"{c} {name}"
+            )

@@ -39,6 +39,17 @@ EVAL_GROUP_BYTES = 16 * 2**20
 # 2-core CPU gains nothing, so both keep one.
 LOAD_THREADS = {"cuda": 8, "metal": 1, "cpu": 1}
 
+# Whether `mx.load` reads on MLX's CPU stream, per backend (issue 12, target 2). On CUDA, MLX's GPU-stream
+# `Load` reads each tensor into fresh host memory and then copies it to the device. On the CPU stream it
+# reads straight into the array's buffer (CUDA managed memory), and the first GPU read of that buffer
+# moves its pages onto the device (`_move_to_device`, group by group in `evaluate`, so that the page
+# moves of one thread overlap the reads of the others). An H200 probe (bench/probe_load.py, round 9 in
+# docs/PERFORMANCE.md), 16 GB of shards from the page cache: 8 threads read at 9.3 GB/s on the CPU stream
+# against 3.9 GB/s on the GPU stream, then the first GPU pass over it took 2.5 s (4.7 GB/s for both
+# steps with 16 threads, run one after the other). A whole load this way is not measured yet, so every
+# backend keeps the GPU stream; `bench_flux.py --load-on-cpu` measures it.
+LOAD_ON_CPU = {"cuda": False, "metal": False, "cpu": False}
+
 # Whether a caller reads the transformer while the prompts encode (`Flux1.generate`, bench_flux's
 # pipeline), per backend. T5, CLIP and the transformer are then held at once (33.6 GB at bf16, where
 # freeing T5 and CLIP first holds 26 GB), so it is done only where the device's memory is at least twice
@@ -149,8 +160,9 @@ def read_weights(where: Path, component: str, fmt: str) -> dict:
     Each file's header is checked before `mx.load` sees it."""
     files = [SafetensorsFile(where).path] if Path(where).is_file() else weight_files(where)
     weights = {}
+    stream = mx.cpu if LOAD_ON_CPU[backend()] else None
     for f in files:
-        weights.update(mx.load(str(f)))
+        weights.update(mx.load(str(f), stream=stream))
     if fmt == "hf":
         return diffusers.sanitize(component, weights)
     if fmt == "bfl":
@@ -236,9 +248,21 @@ def evaluate(params, group_bytes: int = EVAL_GROUP_BYTES) -> None:
         group.append(arr)
         size += arr.nbytes
         if size >= group_bytes:
-            mx.eval(group)
+            _evaluate_group(group)
             group, size = [], 0
+    _evaluate_group(group)
+
+
+def _evaluate_group(group: list) -> None:
     mx.eval(group)
+    if LOAD_ON_CPU[backend()]:
+        _move_to_device(group)
+
+
+def _move_to_device(arrays: list) -> None:
+    """Read every array once on the GPU, so that what `mx.load` read on the CPU stream (`LOAD_ON_CPU`)
+    is on the device before the first step needs it: a reduction per array, a few bytes of output."""
+    mx.eval([mx.max(a) for a in arrays if a.size])
 
 
 def _split(items: list, sizes: list[int], n: int) -> list[list]:
