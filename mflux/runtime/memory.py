@@ -58,7 +58,7 @@ def train_headroom() -> int | None:
     share = TRAIN_SHARE[backend()]
     if share is None:
         return None
-    return max(HEADROOM[backend()] or 0, int((device_memory() - mx.get_active_memory()) * share))
+    return max(default_headroom() or 0, int((device_memory() - mx.get_active_memory()) * share))
 
 
 def device_memory() -> int:
@@ -77,10 +77,12 @@ def bounded(headroom: int | None | str = "auto"):
     """Within the block, MLX's eval waits for queued GPU work whenever more than `headroom` bytes are
     held beyond what was held on entry. "auto" is the backend's `HEADROOM`, "tight" its
     `TIGHT_HEADROOM`, "train" `train_headroom()`; None sets no bound."""
-    if headroom == "train":
+    if headroom == "auto":
+        headroom = default_headroom()
+    elif headroom == "tight":
+        headroom = TIGHT_HEADROOM[backend()]
+    elif headroom == "train":
         headroom = train_headroom()
-    elif headroom in ("auto", "tight"):
-        headroom = {"auto": HEADROOM, "tight": TIGHT_HEADROOM}[headroom][backend()]
     if headroom is None:
         yield
         return

@@ -40,7 +40,6 @@ from mlx.utils import tree_map_with_path
 
 MIN_ROWS = {"cuda": 1, "metal": None, "cpu": None}
 DEQUANTIZE = {"cuda": "fused", "metal": "mlx", "cpu": "mlx"}
-DEQUANTIZE_MODES = ("mlx", "fused", "kernel")
 KERNEL_BITS = (4, 8)
 KERNEL_DTYPES = (mx.bfloat16, mx.float16)
 
@@ -115,16 +114,13 @@ class QuantizedLinear(nn.QuantizedLinear):
         # weight then lives from the forward pass to the backward one (issue 15: a q4 base's training
         # step at 512x512 peaked at 25.8 GB on the H200, the bf16 base's at 26.4 GB).
         weight = mx.depends(self["weight"], x)
-        fused = self.dequantize == "fused" and fused_applies(self, x.dtype)
-        if fused or (self.dequantize == "kernel" and kernel_applies(self, x.dtype)):
-            # the weight is frozen, and a custom kernel has no vjp for a training step's backward pass
-            # to reach it through (mx.depends ties the weight to x); the fused graph needs none either
+        # The weight is frozen: a custom kernel has no vjp for a training step's backward pass to reach
+        # it through (mx.depends ties the weight to x), and the fused graph needs none either.
+        if self.dequantize == "fused" and fused_applies(self, x.dtype):
+            w = mx.stop_gradient(dequantize_fused(weight, self["scales"], self["biases"], self.group_size))
+        elif self.dequantize == "kernel" and kernel_applies(self, x.dtype):
             s, b = self["scales"], self["biases"]
-            if fused:
-                w = dequantize_fused(weight, s, b, self.group_size)
-            else:
-                w = dequantize_kernel(weight, s, b, self.group_size, self.bits)
-            w = mx.stop_gradient(w)
+            w = mx.stop_gradient(dequantize_kernel(weight, s, b, self.group_size, self.bits))
         else:
             w = mx.dequantize(
                 weight,
@@ -142,7 +138,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 def choose_matmul(model: nn.Module, min_rows: int | None, dequantize: str | None = None) -> nn.Module:
     """Set every quantized linear layer of `model` to dequantize from `min_rows` rows (None: never), with
-    `dequantize` (one of `DEQUANTIZE_MODES`; None: the backend's `DEQUANTIZE`)."""
+    `dequantize` ("mlx", "fused" or "kernel"; None: the backend's `DEQUANTIZE`)."""
 
     def swap(_, m):
         if isinstance(m, nn.QuantizedLinear) and not isinstance(m, QuantizedLinear):

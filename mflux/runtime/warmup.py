@@ -56,9 +56,9 @@ LOG = "mflux-warm.log"  # the child's output; a failed child's is moved beside t
 
 
 def key(dtype: mx.Dtype) -> str:
-    """The markers' key: MLX's version, mflux's and the dtype. Neither the quantization (the tasks hold the 8-bit
-    dequantize graph whatever the model) nor the variant (dev adds a conditioning MLP of the same graphs) changes the
-    graphs. A graph changed without a new mflux version keeps the marker: that module is then built by
+    """The markers' key: MLX's version, mflux's and the dtype. Neither the quantization (the tasks hold
+    the 8-bit dequantize graph whatever the model) nor the variant (dev adds a conditioning MLP of the
+    same graphs) changes the graphs. A graph changed without a new mflux version keeps the marker: that module is then built by
     the first process that needs it, as without a warm-up."""
     from importlib.metadata import PackageNotFoundError, version
 
