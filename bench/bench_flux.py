@@ -33,7 +33,7 @@ import mlx.nn as nn
 from flux_sizes import FLUX
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mflux.runtime import engine, layers, loader, memory, qmatmul, sampler, warmup
+from mflux.runtime import engine, kernels, layers, loader, memory, qmatmul, sampler, warmup
 from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
 from mflux.runtime.clip import CLIPTextConfig, CLIPTextModel
 from mflux.runtime.model import Flux, FluxParams
@@ -337,12 +337,24 @@ def _step_figures(size: Size, args, quant: str, budget: Budget) -> None:
 
 
 def _step_figure(flux, size: Size, args, quant: str, variant: str, path: str, weights: float) -> None:
-    for headroom in args.headrooms:
-        _step_figure_at(flux, size, args, quant, variant, path, weights, headroom)
+    default = kernels.enabled()
+    for glue in args.glue:
+        if glue == "kernels" and qmatmul.backend() != "cuda":
+            continue  # the kernels are CUDA's
+        kernels.USE[qmatmul.backend()] = glue == "kernels"
+        try:
+            for headroom in args.headrooms:
+                _step_figure_at(flux, size, args, quant, variant, path, weights, headroom, glue)
+        finally:
+            kernels.USE[qmatmul.backend()] = default
+
+
+def _glue_default() -> str:
+    return "kernels" if kernels.enabled() else "ops"
 
 
 def _step_figure_at(
-    flux, size: Size, args, quant: str, variant: str, path: str, weights: float, headroom
+    flux, size: Size, args, quant: str, variant: str, path: str, weights: float, headroom, glue: str
 ) -> None:
     """One step figure with MLX's queue bounded at `headroom` bytes over what is held (runtime.memory)."""
     x = step_inputs(flux, size, variant, args.dtype)
@@ -363,6 +375,7 @@ def _step_figure_at(
         variant=variant,
         quant=_label(quant, args),
         path=path,
+        glue=glue,
         headroom_gb=_headroom_gb(headroom),
         res=size.res,
         txt=size.txt[variant],
@@ -654,7 +667,7 @@ def _block_parts(block, x, mod, pe, p: FluxParams, args) -> None:
     h = block.linear1(xn)
     q, k, v = layers.split_heads(h[..., : 3 * D], p.num_heads)
     q, k = block.norm(q, k, pe)
-    cat = mx.concatenate([layers.attention(q, k, v), block.mlp_act(h[..., 3 * D :])], axis=-1)
+    cat = mx.concatenate([layers.attention(q, k, v), layers.mlp_act(h[..., 3 * D :])], axis=-1)
     mx.eval(xn, h, q, k, cat)
     n = args.steps * 4
     parts = {
@@ -1081,8 +1094,14 @@ def section_load(size: Size, args, budget: Budget) -> None:
             }
             defaults = {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
             mf = ModelFolder(folder, "mlx", "schnell", architecture, quantization or None, quant, defaults)
-            for threads in args.read_threads or [loader.LOAD_THREADS[qmatmul.backend()]]:
+            ways = [
+                (t, w)
+                for t in args.read_threads or [loader.LOAD_THREADS[qmatmul.backend()]]
+                for w in args.load_ways
+            ]
+            for threads, way in ways:
                 loader.LOAD_THREADS[qmatmul.backend()], seconds = threads, {}
+                loader.LOAD_ON_CPU[qmatmul.backend()] = way == "cpu"
                 free()
                 for c in COMPONENTS:
                     t = time.perf_counter()
@@ -1093,6 +1112,7 @@ def section_load(size: Size, args, budget: Budget) -> None:
                     what="load",
                     quant=_label(quant, args),
                     threads=threads,
+                    stream=way,
                     s=sum(seconds.values()),
                     **{f"{c}_s": v for c, v in seconds.items()},
                     gb=sum(sizes.values()) / 1e9,
@@ -1248,6 +1268,12 @@ def main(argv=None) -> None:
         choices=("bfloat16", "float16", "float32"),
         help="float dtype (default: bfloat16 on a GPU, float32 on a CPU)",
     )
+    parser.add_argument(
+        "--glue",
+        default=None,
+        help="step: the transformer's glue around attention, kernels (runtime.kernels, CUDA) and/or ops"
+        " (MLX's ops), in one process (default: the backend's)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed calls per figure")
     parser.add_argument("--warmup", type=int, default=2, help="calls before timing")
     parser.add_argument(
@@ -1291,6 +1317,11 @@ def main(argv=None) -> None:
         help="load/pipeline/firstrun: mx.load on MLX's CPU stream, then each group moved to the device (loader.LOAD_ON_CPU)",
     )
     parser.add_argument(
+        "--load-ways",
+        default="gpu",
+        help="load: the streams mx.load reads on, gpu and/or cpu (loader.LOAD_ON_CPU), each timed in turn",
+    )
+    parser.add_argument(
         "--read-threads",
         default="",
         help="load: the loader's thread counts to time the read with, one after another (default: LOAD_THREADS)",
@@ -1331,6 +1362,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.paths = [p for p in args.paths.split(",") if p]
+    args.glue = [g for g in (args.glue or _glue_default()).split(",") if g]
+    if not set(args.glue) <= {"kernels", "ops"}:
+        parser.error("--glue takes kernels, ops")
     if args.load_threads or args.load_on_cpu:
         from mflux.runtime import loader
 
@@ -1338,6 +1372,9 @@ def main(argv=None) -> None:
             loader.LOAD_THREADS[qmatmul.backend()] = args.load_threads
         loader.LOAD_ON_CPU[qmatmul.backend()] = args.load_on_cpu
     args.read_threads = [int(t) for t in args.read_threads.split(",") if t]
+    args.load_ways = [w for w in args.load_ways.split(",") if w]
+    if not set(args.load_ways) <= {"gpu", "cpu"}:
+        parser.error("--load-ways takes gpu, cpu")
     args.band_mb = [int(b) for b in args.band_mb.split(",") if b]
     args.caches = [c for c in args.caches.split(",") if c]
     args.headrooms = [parse_headroom(h) for h in args.headroom.split(",") if h]
@@ -1365,6 +1402,7 @@ def main(argv=None) -> None:
         size=args.size,
         dtype=_dtype_name(args.dtype),
         python=sys.version.split()[0],
+        glue_kernels=kernels.status(),
     )
     budget = Budget(args.time_limit)
     for s in sections:

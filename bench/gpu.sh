@@ -599,8 +599,57 @@ case "${1:-}" in
     done
     rm -rf "$NATIVE"
     ;;
+  aa)
+    # round 10, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1): target 5's glue
+    # kernels (runtime.kernels) piece by piece against MLX's ops, with their builds and differences
+    # (probe_glue.py) and their tests; the schnell steps at bf16 and q8 with the kernels and with the ops;
+    # a kernel profile of the bf16 step with them; the MLX-native load on the CPU stream (z's first half)
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step probe-glue 40 timeout 120 "$PY" bench/probe_glue.py --size "$SIZE" 2>&1 | tee "$OUT/probe_glue.jsonl"
+    if "$PY" -c "import pytest" 2>/dev/null; then
+      step kernel-tests 20 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel-tests.txt"
+    fi
+    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8 --paths fused --glue kernels,ops \
+      --headroom 2 --budget step=150 --time-limit 160 2>&1 | tee "$OUT/steps.jsonl"
+    profile step-bf16 40 --what step --quant bf16 --size "$SIZE"
+    rm -rf "$NATIVE"
+    step native-load 60 "${BENCH[@]}" --sections load --quant bf16 --read-threads 8,16 --load-ways gpu,cpu \
+      --time-limit 200 2>&1 | tee "$OUT/native.jsonl"
+    ;;
+  ab)
+    # round 10, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1): the kernels
+    # compiled by NVRTC into a cubin kept in the kernel cache, run as precompiled kernels with scalar
+    # sizes (aa built them with mx.fast.cuda_kernel); their build and pieces (probe_glue.py) and tests;
+    # the schnell steps at bf16/q8/q4 with the kernels and with the ops; a kernel profile of the bf16
+    # step; a fresh process's first image (empty kernel cache against warm) at bf16 and q8; the bf16
+    # LoRA training step at 512 with them
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step probe-glue 40 timeout 120 "$PY" bench/probe_glue.py --size "$SIZE" 2>&1 | tee "$OUT/probe_glue.jsonl"
+    if "$PY" -c "import pytest" 2>/dev/null; then
+      step kernel-tests 20 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel-tests.txt"
+    fi
+    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths fused --glue kernels,ops \
+      --headroom 2 --budget step=170 --time-limit 180 2>&1 | tee "$OUT/steps.jsonl"
+    profile step-bf16 40 --what step --quant bf16 --size "$SIZE"
+    for q in bf16 q8; do
+      step "random-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 80 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    step train 40 "$PY" bench/bench_train.py --size "$SIZE" --impl mflux --quant bf16 --res "$([ "$SIZE" = full ] && echo 512 || echo 64)" --steps 3 --warmup 1 \
+      --timeout 200 2>&1 | tee -a "$OUT/train.jsonl"
+    ;;
+  ac)
+    # round 10, right after ab (same lease): the diffusers anchor, eager and with torch.compile (target 5)
+    [ "$SIZE" = full ] && step anchor 100 timeout $(($(left) - 5)) python3 bench/anchor_diffusers.py --compile 2>&1 | tee "$OUT/anchor.jsonl"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac [full|tiny]" >&2
     exit 2
     ;;
 esac

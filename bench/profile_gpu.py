@@ -155,6 +155,7 @@ def run(args) -> None:
 
 
 CLASSES = [  # first match wins; MLX's kernel names, cuBLAS's, cuDNN's, ours
+    ("glue", r"mflux_qk_rope|mflux_gelu_concat"),  # runtime.kernels
     ("dequantize", r"dequant|affine|mflux_dequantize"),
     ("attention", r"flash|fmha|sdpa|attention|attn"),
     ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|matmul|_mm_"),
@@ -264,7 +265,7 @@ def analyze(args) -> None:
                     "ms_per_call": round(total / ms, 3),
                     "count_per_call": count / calls,
                     "avg_us": round(total / count / 1e3, 2),
-                    "name": name[:160],
+                    "name": name[:300],
                 }
             )
         )

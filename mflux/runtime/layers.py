@@ -12,6 +12,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from mflux.runtime import kernels
+
 EPS = 1e-6
 
 
@@ -91,6 +93,39 @@ def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.a
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, H, D) each
 
 
+def qk_rope_ops(streams, num_heads: int, pe: tuple[mx.array, mx.array]):
+    """`kernels.qk_rope` in MLX's ops: each stream's q and k through their RMSNorm and the rope, the
+    streams' q, k and v joined along the sequence."""
+    qs, ks, vs, start = [], [], [], 0
+    for qkv, wq, wk in streams:
+        q, k, v = split_heads(qkv[..., : 3 * num_heads * wq.shape[0]], num_heads)
+        part = tuple(t[:, start : start + q.shape[1]] for t in pe)
+        qs.append(rotate(mx.fast.rms_norm(q, wq, EPS), part))
+        ks.append(rotate(mx.fast.rms_norm(k, wk, EPS), part))
+        vs.append(v)
+        start += q.shape[1]
+    if len(streams) == 1:
+        return qs[0], ks[0], vs[0]
+    return tuple(mx.concatenate(parts, axis=1) for parts in (qs, ks, vs))  # (B, S+L, H, D)
+
+
+@mx.compile
+def gelu_f32(x: mx.array) -> mx.array:
+    """GELU, tanh approximation, in float32 rounded once, as PyTorch computes it and
+    `kernels.gelu_concat` does: the MLPs' activation where the kernels run. Elsewhere the MLPs keep
+    MLX's `nn.gelu_approx`, which rounds each step to the input's dtype."""
+    y = x.astype(mx.float32)
+    return (0.5 * y * (1 + mx.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))).astype(x.dtype)
+
+
+def mlp_act(x: mx.array) -> mx.array:
+    return gelu_f32(x) if kernels.enabled() else nn.gelu_approx(x)
+
+
+def _concat_act(attn: mx.array, mlp: mx.array) -> mx.array:
+    return mx.concatenate([attn, mlp_act(mlp)], axis=-1)
+
+
 @mx.compile
 def _scale_shift(x: mx.array, scale1: mx.array, shift: mx.array) -> mx.array:
     return x * scale1 + shift
@@ -152,10 +187,9 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: mx.array, pe: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array, mx.array]:
-        q, k, v = split_heads(self.qkv(x), self.num_heads)  # (B, L, H, D) each
-        q, k = self.norm(q, k, pe)
-        return q, k, v
+    def qk_stream(self, qkv: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """This stream's part of `kernels.qk_rope`: its qkv output and its norms' weights."""
+        return qkv, self.norm.query_norm.scale, self.norm.key_norm.scale
 
 
 class Modulation(nn.Module):
@@ -176,8 +210,15 @@ def _one_plus_scale(mod: mx.array, period: int) -> mx.array:
     return mod
 
 
+class GELU(nn.Module):
+    """The MLPs' activation (`mlp_act`); no weights, so the list's indices stay the checkpoint's."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mlp_act(x)
+
+
 def _mlp(hidden_size: int, mlp_hidden: int) -> list[nn.Module]:
-    return [nn.Linear(hidden_size, mlp_hidden), nn.GELU(approx="tanh"), nn.Linear(mlp_hidden, hidden_size)]
+    return [nn.Linear(hidden_size, mlp_hidden), GELU(), nn.Linear(mlp_hidden, hidden_size)]
 
 
 def _run(layers: list[nn.Module], x: mx.array) -> mx.array:
@@ -211,14 +252,15 @@ class DoubleStreamBlock(nn.Module):
         """mod (B, 12, D) from `modulations`; pe for the text tokens, then the image tokens. `kv`, when
         given, maps this shard's k and v to the whole sequence's (mflux.runtime.parallel)."""
         S = txt.shape[1]
-        pe_txt = tuple(t[:, :S] for t in pe)
-        pe_img = tuple(t[:, S:] for t in pe)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, mod[:, 0], mod[:, 1]), pe_img)
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, mod[:, 6], mod[:, 7]), pe_txt)
+        img_qkv = self.img_attn.qkv(modulate(img, mod[:, 0], mod[:, 1]))
+        txt_qkv = self.txt_attn.qkv(modulate(txt, mod[:, 6], mod[:, 7]))
         # one joint attention over text then image tokens, the order of the rope ids
-        q = mx.concatenate([txt_q, img_q], axis=1)  # (B, S+L, H, D)
-        k = mx.concatenate([txt_k, img_k], axis=1)
-        v = mx.concatenate([txt_v, img_v], axis=1)
+        q, k, v = kernels.qk_rope(
+            [self.txt_attn.qk_stream(txt_qkv), self.img_attn.qk_stream(img_qkv)],
+            self.img_attn.num_heads,
+            pe,
+            qk_rope_ops,
+        )  # (B, S+L, H, D) each
         if kv is not None:
             k, v = kv(k, v)
         attn = attention(q, k, v)  # (B, S+L, hidden)
@@ -240,7 +282,6 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + mlp_hidden)
         self.linear2 = nn.Linear(hidden_size + mlp_hidden, hidden_size)
         self.norm = QKNorm(hidden_size // num_heads)
-        self.mlp_act = nn.GELU(approx="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
     def modulations(self, vec: mx.array) -> mx.array:
@@ -251,12 +292,12 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array], kv=None) -> mx.array:
         h = self.linear1(modulate(x, mod[:, 0], mod[:, 1]))  # (B, L, 3*hidden + mlp_hidden)
-        q, k, v = split_heads(h[..., : 3 * self.hidden_size], self.num_heads)
-        q, k = self.norm(q, k, pe)
+        stream = (h, self.norm.query_norm.scale, self.norm.key_norm.scale)
+        q, k, v = kernels.qk_rope([stream], self.num_heads, pe, qk_rope_ops)
         if kv is not None:
             k, v = kv(k, v)
-        mlp = self.mlp_act(h[..., 3 * self.hidden_size :])
-        return gated(x, mod[:, 2], self.linear2(mx.concatenate([attention(q, k, v), mlp], axis=-1)))
+        out = kernels.gelu_concat(attention(q, k, v), h, 3 * self.hidden_size, _concat_act)
+        return gated(x, mod[:, 2], self.linear2(out))
 
 
 class LastLayer(nn.Module):

@@ -251,7 +251,8 @@ def tasks(dtype: mx.Dtype) -> dict:
 
     return {
         "silu": lambda: nn.silu(x(1, 64)),  # the conditioning MLPs, the modulations and the VAE
-        "gelu": lambda: nn.gelu_approx(x(1, 8, 64)),  # the transformer's MLPs
+        "gelu": lambda: nn.gelu_approx(x(1, 8, 64)),  # the transformer's MLPs, without runtime.kernels
+        "gelu32": lambda: layers.gelu_f32(x(1, 8, 64)),  # the double blocks' MLPs, with them
         "gated": lambda: layers.gated(x(1, 8, 64), x(1, 64), x(1, 8, 64)),  # every residual
         "scale_shift": lambda: layers.modulate(x(2, 8, 64), x(2, 64), x(2, 64)),  # batches of 2 or more
         "rotate": lambda: layers.rotate(x(1, 8, 2, 128), rope()),  # q and k
