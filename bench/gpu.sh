@@ -84,8 +84,16 @@
 #                              with their own padding: every layer of a decode; the decode against float32
 #   y: carry .gpu2             (a new lease, after `bash .gpu1/mlx-cuda-install.sh 1`) the read probed with
 #                              MLX's CPU stream; our bf16 step and the diffusers anchor, eager and compiled
-#   z: carry .gpu2             (owed, not run) the MLX-native load on MLX's CPU stream against the default,
-#                              then a first image from the folder each way
+#   z: carry .gpu2             (not run; aa measured its load) the MLX-native load on MLX's CPU stream
+#                              against the default, then a first image from the folder each way
+# Round 10 (runtime.kernels: the glue around attention on CUDA), each on a new lease after
+# `bash .gpu1/mlx-cuda-install.sh 1`, carrying .gpu2:
+#   aa: the kernels piece by piece (probe_glue.py) and their tests; the steps with them and with the ops;
+#       a profile of the bf16 step; the MLX-native load on each stream (its kernels were then
+#       mx.fast.cuda_kernel ones: that code is not kept)
+#   ab: the same after the kernels became NVRTC-built cubins; a fresh process's first bf16/q8 image; the
+#       bf16 training step at 512 (ab1-* in the results is a run with the older build in a thread)
+#   ac: a tiny training step; our bf16 step; the diffusers anchor eager and compiled (target 5)
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -645,7 +653,18 @@ case "${1:-}" in
       --timeout 200 2>&1 | tee -a "$OUT/train.jsonl"
     ;;
   ac)
-    # round 10, right after ab (same lease): the diffusers anchor, eager and with torch.compile (target 5)
+    # round 10, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu2): a tiny LoRA
+    # training step (the trainer keeps the kernels out of its compiled step: ab's full-size one gave a NaN
+    # loss through them); our bf16 step with the kernels; the diffusers anchor, eager and with
+    # torch.compile (target 5), in the same lease
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step train-tiny 20 "$PY" bench/bench_train.py --size tiny --impl mflux --quant bf16 --res 64 --steps 3 --warmup 1 \
+      --timeout 60 2>&1 | tee -a "$OUT/train.jsonl"
+    step steps 40 "${BENCH[@]}" --sections step --variants schnell --quant bf16 --glue kernels \
+      --headroom 2 --budget step=50 --time-limit 60 2>&1 | tee "$OUT/steps.jsonl"
     [ "$SIZE" = full ] && step anchor 100 timeout $(($(left) - 5)) python3 bench/anchor_diffusers.py --compile 2>&1 | tee "$OUT/anchor.jsonl"
     ;;
   *)

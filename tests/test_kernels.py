@@ -124,3 +124,17 @@ def test_the_kernels_gradients_are_the_ops_gradients():
         kernels.USE["cuda"] = True
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+
+
+def test_off_keeps_the_kernels_out_on_its_thread_only(monkeypatch):
+    import threading
+
+    monkeypatch.setitem(kernels.USE, backend(), True)
+    monkeypatch.setattr(kernels, "_load_cubin", lambda: b"code")
+    seen = []
+    with kernels.off():
+        assert not kernels.enabled()
+        other = threading.Thread(target=lambda: seen.append(kernels.enabled()))
+        other.start()
+        other.join()
+    assert seen == [True] and kernels.enabled()

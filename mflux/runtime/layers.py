@@ -4,7 +4,10 @@ Attention runs in (B, L, H, D) memory order, the order of the fused qkv output: 
 it, q and k come out of their norm and rope in that order, the attention kernel reads all three
 through strides and writes its output in the same order, so the heads merge back into (B, L, H*D)
 without a copy. The elementwise glue around the matmuls is compiled, so each piece is one pass over
-memory. docs/PERFORMANCE.md measures each of these choices.
+memory. On CUDA the q/k norms with the rope, the double block's joint q/k/v, and the single block's
+GELU with its concatenation are each one kernel (`runtime.kernels`), with the same values as the ops
+here (`qk_rope_ops`, `_concat_act`), which every other backend runs. docs/PERFORMANCE.md measures each
+of these choices.
 """
 
 import math

@@ -46,8 +46,10 @@ LOAD_THREADS = {"cuda": 8, "metal": 1, "cpu": 1}
 # moves of one thread overlap the reads of the others). An H200 probe (bench/probe_load.py, round 9 in
 # docs/PERFORMANCE.md), 16 GB of shards from the page cache: 8 threads read at 9.3 GB/s on the CPU stream
 # against 3.9 GB/s on the GPU stream, then the first GPU pass over it took 2.5 s (4.7 GB/s for both
-# steps with 16 threads, run one after the other). A whole load this way is not measured yet, so every
-# backend keeps the GPU stream; `bench_flux.py --load-on-cpu` measures it.
+# steps with 16 threads, run one after the other). A whole load this way was no faster (round 10: the
+# 33.7 GB bf16 model in 10.42 s on the CPU stream against 8.64 s on the GPU stream with 8 threads, 8.38 s
+# against 10.46 s with 16), so every backend keeps the GPU stream; `bench_flux.py --load-ways gpu,cpu`
+# measures both.
 LOAD_ON_CPU = {"cuda": False, "metal": False, "cpu": False}
 
 # Whether a caller reads the transformer while the prompts encode (`Flux1.generate`, bench_flux's

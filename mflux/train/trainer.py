@@ -37,7 +37,7 @@ from mflux import distributed
 from mflux.backend import default_precision
 from mflux.errors import CtrlC, InvalidArgument, MfluxError
 from mflux.folders import open_folder
-from mflux.runtime import memory, sampler, warmup
+from mflux.runtime import kernels, memory, sampler, warmup
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import load_component
 from mflux.runtime.parallel import average_gradients
@@ -452,7 +452,11 @@ def make_step(
         optimizer.update(flux, grads)
         return loss, key
 
-    return step
+    def traced_with_ops(key, idx):
+        with kernels.off():  # the glue kernels stay out of the compiled step (runtime.kernels.off)
+            return step(key, idx)
+
+    return traced_with_ops
 
 
 class BatchOrder:
