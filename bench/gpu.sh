@@ -159,6 +159,19 @@ install_first_half_and_write_hf() {
     --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
 }
 
+# aa and ab: MLX's CUDA wheel (second half) and mflux installed (full size), an empty kernel cache, then
+# runtime.kernels piece by piece against MLX's ops (probe_glue.py) and its tests (where pytest is there)
+glue_checks() {
+  if [ "$SIZE" = full ]; then
+    bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+  fi
+  rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+  step probe-glue 40 timeout 120 "$PY" bench/probe_glue.py --size "$SIZE" 2>&1 | tee "$OUT/probe_glue.jsonl"
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    step kernel-tests 20 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel-tests.txt"
+  fi
+}
+
 HEADROOMS=none,2,1  # the queue bounds swept, GB over what is held (none: MLX's own limit)
 
 case "${1:-}" in
@@ -612,14 +625,7 @@ case "${1:-}" in
     # kernels (runtime.kernels) piece by piece against MLX's ops, with their builds and differences
     # (probe_glue.py) and their tests; the schnell steps at bf16 and q8 with the kernels and with the ops;
     # a kernel profile of the bf16 step with them; the MLX-native load on the CPU stream (z's first half)
-    if [ "$SIZE" = full ]; then
-      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-    fi
-    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
-    step probe-glue 40 timeout 120 "$PY" bench/probe_glue.py --size "$SIZE" 2>&1 | tee "$OUT/probe_glue.jsonl"
-    if "$PY" -c "import pytest" 2>/dev/null; then
-      step kernel-tests 20 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel-tests.txt"
-    fi
+    glue_checks
     step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8 --paths fused --glue kernels,ops \
       --headroom 2 --budget step=150 --time-limit 160 2>&1 | tee "$OUT/steps.jsonl"
     profile step-bf16 40 --what step --quant bf16 --size "$SIZE"
@@ -634,14 +640,7 @@ case "${1:-}" in
     # the schnell steps at bf16/q8/q4 with the kernels and with the ops; a kernel profile of the bf16
     # step; a fresh process's first image (empty kernel cache against warm) at bf16 and q8; the bf16
     # LoRA training step at 512 with them
-    if [ "$SIZE" = full ]; then
-      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-    fi
-    rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
-    step probe-glue 40 timeout 120 "$PY" bench/probe_glue.py --size "$SIZE" 2>&1 | tee "$OUT/probe_glue.jsonl"
-    if "$PY" -c "import pytest" 2>/dev/null; then
-      step kernel-tests 20 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel-tests.txt"
-    fi
+    glue_checks
     step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths fused --glue kernels,ops \
       --headroom 2 --budget step=170 --time-limit 180 2>&1 | tee "$OUT/steps.jsonl"
     profile step-bf16 40 --what step --quant bf16 --size "$SIZE"
