@@ -337,7 +337,7 @@ def _step_figures(size: Size, args, quant: str, budget: Budget) -> None:
 
 
 def _step_figure(flux, size: Size, args, quant: str, variant: str, path: str, weights: float) -> None:
-    default = kernels.enabled()
+    default = kernels.USE[qmatmul.backend()]
     for glue in args.glue:
         if glue == "kernels" and qmatmul.backend() != "cuda":
             continue  # the kernels are CUDA's
@@ -665,9 +665,8 @@ def _block_parts(block, x, mod, pe, p: FluxParams, args) -> None:
     D = p.hidden_size
     xn = layers.modulate(x, mod[:, 0], mod[:, 1])
     h = block.linear1(xn)
-    q, k, v = layers.split_heads(h[..., : 3 * D], p.num_heads)
-    q, k = block.norm(q, k, pe)
-    cat = mx.concatenate([layers.attention(q, k, v), layers.mlp_act(h[..., 3 * D :])], axis=-1)
+    q, k, v = kernels.qk_rope([block.norm.stream(h)], p.num_heads, pe, layers.qk_rope_ops)
+    cat = kernels.gelu_concat(layers.attention(q, k, v), h, 3 * D, layers._concat_act)
     mx.eval(xn, h, q, k, cat)
     n = args.steps * 4
     parts = {

@@ -156,8 +156,6 @@ extern "C" __global__ void mflux_gelu_concat_f16(GELU_ARGS) { gelu_concat<false>
 _cubin: bytes | None = None
 _why_not: str | None = None  # why the kernels don't run, once that is known
 _lock = threading.Lock()
-
-
 _local = threading.local()  # .off: inside `off()` on this thread
 
 
@@ -180,7 +178,7 @@ def off():
 
 
 def status() -> str:
-    """For `mflux inspect`-style reports and the benchmarks: whether the kernels run, or why not."""
+    """Whether the kernels run, or why not (the benchmarks report it)."""
     if not USE[backend()]:
         return f"off on {backend()}"
     return "on" if _load_cubin() is not None else f"off: {_why_not}"

@@ -99,7 +99,7 @@ def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.a
 def qk_rope_ops(streams, num_heads: int, pe: tuple[mx.array, mx.array]):
     """`kernels.qk_rope` in MLX's ops: each stream's q and k through their RMSNorm and the rope, the
     streams' q, k and v joined along the sequence."""
-    qs, ks, vs, start = [], [], [], 0
+    qs, ks, vs, start = [], [], [], 0  # mx.fast.rms_norm sums the squares in float32 at any dtype
     for qkv, wq, wk in streams:
         q, k, v = split_heads(qkv[..., : 3 * num_heads * wq.shape[0]], num_heads)
         part = tuple(t[:, start : start + q.shape[1]] for t in pe)
@@ -162,13 +162,11 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """An RMSNorm's weight; `qk_rope_ops` (or `kernels.qk_rope`) applies it."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.scale = mx.ones((dim,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # mx.fast.rms_norm accumulates the mean square in float32 whatever the input dtype
-        return mx.fast.rms_norm(x, self.scale, EPS)
 
 
 class QKNorm(nn.Module):
@@ -177,8 +175,9 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(dim)
         self.key_norm = RMSNorm(dim)
 
-    def __call__(self, q: mx.array, k: mx.array, pe: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
-        return rotate(self.query_norm(q), pe), rotate(self.key_norm(k), pe)
+    def stream(self, qkv: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """A stream of `kernels.qk_rope`: the qkv output these norms follow, and their weights."""
+        return qkv, self.query_norm.scale, self.key_norm.scale
 
 
 class SelfAttention(nn.Module):
@@ -189,10 +188,6 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
-
-    def qk_stream(self, qkv: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """This stream's part of `kernels.qk_rope`: its qkv output and its norms' weights."""
-        return qkv, self.norm.query_norm.scale, self.norm.key_norm.scale
 
 
 class Modulation(nn.Module):
@@ -259,7 +254,7 @@ class DoubleStreamBlock(nn.Module):
         txt_qkv = self.txt_attn.qkv(modulate(txt, mod[:, 6], mod[:, 7]))
         # one joint attention over text then image tokens, the order of the rope ids
         q, k, v = kernels.qk_rope(
-            [self.txt_attn.qk_stream(txt_qkv), self.img_attn.qk_stream(img_qkv)],
+            [self.txt_attn.norm.stream(txt_qkv), self.img_attn.norm.stream(img_qkv)],
             self.img_attn.num_heads,
             pe,
             qk_rope_ops,
@@ -295,8 +290,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array], kv=None) -> mx.array:
         h = self.linear1(modulate(x, mod[:, 0], mod[:, 1]))  # (B, L, 3*hidden + mlp_hidden)
-        stream = (h, self.norm.query_norm.scale, self.norm.key_norm.scale)
-        q, k, v = kernels.qk_rope([stream], self.num_heads, pe, qk_rope_ops)
+        q, k, v = kernels.qk_rope([self.norm.stream(h)], self.num_heads, pe, qk_rope_ops)
         if kv is not None:
             k, v = kv(k, v)
         out = kernels.gelu_concat(attention(q, k, v), h, 3 * self.hidden_size, _concat_act)
