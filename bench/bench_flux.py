@@ -488,10 +488,8 @@ def section_qmatmul(size: Size, args, budget: Budget) -> None:
     tokens = (size.res // 16) ** 2 + size.txt["schnell"]
     rows_list = sorted({1, 8, 32, 77, size.txt["schnell"], size.txt["dev"], tokens})
     # each of qmatmul's own dequantizes that applies here (the kernel is CUDA's only)
-    ours = {"fused": _fused, "kernel": qmatmul.dequantize_kernel}
-    ours = {
-        k: f for k, f in ours.items() if k in args.paths and (k != "kernel" or qmatmul.backend() == "cuda")
-    }
+    ours = {"fused": _fused, "kernel": kernels.dequantize}
+    ours = {k: f for k, f in ours.items() if k in args.paths and (k != "kernel" or kernels.enabled())}
     for layer, (k, n) in shapes.items():
         w = mx.random.normal((n, k), dtype=args.dtype, scale=k**-0.5)
         packed = {b: mx.quantize(w, 64, b) for b in (8, 4)}
@@ -556,6 +554,8 @@ def _dequantize_figures(
                 bits=b,
                 max_diff=float(mx.abs(ours.astype(mx.float32) - theirs.astype(mx.float32)).max()),
                 differing=int((ours != theirs).sum()),
+                # how mx.dequantize rounds `scale * q + bias`: once (a fused multiply-add) or after each op
+                **_rounding_of(q, sc, bi, b, theirs),
                 mlx_ms=timeit(lambda: mx.dequantize(q, sc, bi, 64, b), args.warmup, args.steps * 2)["s"]
                 * 1e3,
                 ours_ms=timeit(lambda: fn(q, sc, bi, 64, b), args.warmup, args.steps * 2)["s"] * 1e3,
@@ -566,6 +566,23 @@ def _dequantize_figures(
     except Exception as e:  # noqa: BLE001
         report(what="failed", section="qmatmul", path=name, error=str(e)[:600])
         return False
+
+
+def _rounding_of(q, scales, biases, bits: int, dequantized: mx.array) -> dict:
+    """How many of `dequantized`'s values differ from `scale * q + bias` rounded once to its dtype, and
+    from the same rounded after the product and again after the sum."""
+    ones = mx.ones(scales.shape, mx.float32)
+    values = mx.dequantize(q, ones, mx.zeros_like(ones), 64, bits, dtype=mx.float32)  # q itself, exact
+    s = mx.repeat(scales, 64, axis=-1)
+    b = mx.repeat(biases, 64, axis=-1)
+    once = (s.astype(mx.float32) * values + b.astype(mx.float32)).astype(s.dtype)
+    product = s * values.astype(s.dtype)
+    mx.eval(product)  # its own kernel, rounded to the dtype before the sum
+    twice = product + b
+    return {
+        "differing_from_rounded_once": int((dequantized != once).sum()),
+        "differing_from_rounded_twice": int((dequantized != twice).sum()),
+    }
 
 
 def section_micro(size: Size, args, budget: Budget) -> None:

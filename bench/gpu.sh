@@ -94,6 +94,12 @@
 #   ab: the same after the kernels became NVRTC-built cubins; a fresh process's first bf16/q8 image; the
 #       bf16 training step at 512 (ab1-* in the results is a run with the older build in a thread)
 #   ac: a tiny training step; our bf16 step; the diffusers anchor eager and compiled (target 5)
+# Round 11 (the dequantize kernel joins runtime.kernels' cubin), on one lease after
+# `bash .gpu1/mlx-cuda-install.sh 1`, carrying .gpu2:
+#   ad: the dequantize kernel's tests, values and times; the steps with each dequantize; a fresh
+#       process's first q4/q8 image, empty kernel cache against warm
+#   ae: (right after ad) probe_image.py; the Hugging Face layout's load + first image, diffusers and
+#       mflux, twice each
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -166,7 +172,7 @@ glue_checks() {
     bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
   fi
   rm -rf "$PTX" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
-  step probe-glue 40 timeout 120 "$PY" bench/probe_glue.py --size "$SIZE" 2>&1 | tee "$OUT/probe_glue.jsonl"
+  step probe-glue 40 timeout 180 "$PY" bench/probe_glue.py --size "$SIZE" 2>&1 | tee "$OUT/probe_glue.jsonl"
   if "$PY" -c "import pytest" 2>/dev/null; then
     step kernel-tests 20 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel-tests.txt"
   fi
@@ -666,8 +672,44 @@ case "${1:-}" in
       --headroom 2 --budget step=50 --time-limit 60 2>&1 | tee "$OUT/steps.jsonl"
     [ "$SIZE" = full ] && step anchor 100 timeout $(($(left) - 5)) python3 bench/anchor_diffusers.py --compile 2>&1 | tee "$OUT/anchor.jsonl"
     ;;
+  ad)
+    # round 11, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1): the dequantize
+    # kernel in runtime.kernels' cubin (qmatmul "kernel", now CUDA's default); the kernels' probe and tests;
+    # each dequantize against mx.dequantize at FLUX's shapes (time, differing values, how MLX rounds); the
+    # schnell steps at bf16/q8/q4 with each dequantize; a fresh process's first q4 and q8 image, empty
+    # kernel cache against warm (the cache left in $PTX/all is ae's warm one)
+    glue_checks
+    step qmatmul 40 "${BENCH[@]}" --sections qmatmul --paths dequant,fused,kernel --budget qmatmul=60 \
+      --time-limit 70 2>&1 | tee "$OUT/qmatmul.jsonl"
+    step steps 60 "${BENCH[@]}" --sections step --variants schnell --quant bf16,q8,q4 --paths dequant,fused,kernel \
+      --headroom 2 --budget step=170 --time-limit 180 2>&1 | tee "$OUT/steps.jsonl"
+    for q in q4 q8; do
+      step "random-$q" 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/rnd" \
+        --quant $q --time-limit 80 2>&1 | tee -a "$OUT/firstrun.jsonl"
+    done
+    ;;
+  ae)
+    # round 11, right after ad on the same lease (nothing carried): how far the kernels move a whole
+    # image (probe_image.py: kernels, ops and float32); target 2's Hugging Face layout, bf16: the random
+    # checkpoint written, then diffusers' and mflux's load + first image from it, each twice in fresh
+    # processes (mflux on ad's warm kernel cache)
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    step probe-image 60 timeout 150 "$PY" bench/probe_image.py --size "$SIZE" 2>&1 | tee "$OUT/probe_image.jsonl"
+    mkdir -p "$PTX/warm" && ln -sfn "$PTX/all" "$PTX/warm/bf16"
+    rm -rf "$HF"
+    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" \
+      --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
+    for i in 1 2; do
+      if [ "$SIZE" = full ]; then
+        step "hf-diffusers-$i" 50 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
+      fi
+      step "hf-mflux-$i" 40 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/warm" --folder "$HF" \
+        --quant bf16 --time-limit 80 2>&1 | tee -a "$OUT/hf.jsonl"
+    done
+    rm -rf "$HF"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae [full|tiny]" >&2
     exit 2
     ;;
 esac

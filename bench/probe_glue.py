@@ -12,7 +12,11 @@ Prints JSON lines:
   - `qk_double`: a double block's joint q, k and v from the text and image qkv outputs;
   - `gelu_concat`: a single block's input to linear2 (the ops: MLX's bf16 `nn.gelu_approx`, as mflux
     ran it before, and the float32 GELU the kernel computes);
-  - `gelu`: a double block's MLP activation, `nn.gelu_approx` against `layers.gelu_f32`.
+  - `gelu`: a double block's MLP activation, `nn.gelu_approx` against `layers.gelu_f32`;
+- `grads`: a whole single and double block's parameter gradients through the kernels, eager, under
+  `mx.compile`, and compiled with the trainer's per-block `mx.checkpoint` (the trainer's compiled step gave
+  a NaN loss through them, round 10), each against the ops' eager gradients: the loss, the count of
+  non-finite values and the largest difference relative to the largest gradient.
 Needs MLX's CUDA backend for the kernel side; elsewhere it times the ops alone.
 """
 
@@ -24,11 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from functools import partial  # noqa: E402
+
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from bench_flux import image_ids, report  # noqa: E402
+from bench_flux import image_ids, randomize, report  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 from mflux.runtime import kernels, layers  # noqa: E402
+from mflux.runtime.model import _forward  # noqa: E402
 
 SHAPES = {  # tokens of text and image, heads, MLP width
     "full": dict(txt=256, img=4096, heads=24, mlp=12288),
@@ -163,6 +171,67 @@ def main() -> None:
     fig["gelu_f32_ms"] = timed(lambda: layers.gelu_f32(x), args.calls) * 1e3
     fig["outputs"] = [diff(layers.gelu_f32(x), nn.gelu_approx(x))]
     report(**fig)
+
+    # gradients through whole blocks (random weights drawn as bench_flux does)
+    vec = mx.random.normal((1, hidden)).astype(dtype)
+    single = randomize(layers.SingleStreamBlock(hidden, H, 4.0), dtype)
+    grads("single", single, [rand(1, N, hidden)], single.modulations(vec), pe)
+    del single
+    double = randomize(layers.DoubleStreamBlock(hidden, H, 4.0, qkv_bias=True), dtype)
+    grads(
+        "double", double, [rand(1, s["img"], hidden), rand(1, s["txt"], hidden)], double.modulations(vec), pe
+    )
+
+
+def grads(name: str, block, xs: list, mod, pe) -> None:
+    """`block`'s parameter gradients each way (see the module's docstring), against the ops' eager ones."""
+    params = block.trainable_parameters()
+    weights = [mx.random.normal(o.shape) for o in _outputs(block, xs, mod, pe)]
+    mx.eval(weights)
+
+    def loss(params, *xs, checkpoint=False):
+        block.update(params)
+        if checkpoint:
+            out = _forward(block, True)(*xs, mod, pe)
+        else:
+            out = block.forward(*xs, mod, pe)
+        out = out if isinstance(out, tuple) else (out,)
+        return sum((o.astype(mx.float32) * w).sum() for o, w in zip(out, weights))
+
+    plain = mx.value_and_grad(loss)
+    ways = {
+        "ops": (False, plain),
+        "kernels": (True, plain),
+        "kernels_compiled": (True, mx.compile(plain)),
+        "kernels_compiled_checkpoint": (True, mx.compile(mx.value_and_grad(partial(loss, checkpoint=True)))),
+    }
+    if kernels.backend() != "cuda":  # the ops' own paths, so that the probe runs (and is checked) here
+        ways = {k.replace("kernels", "ops"): (False, f) for k, (_, f) in ways.items()}
+    ref = None
+    for way, (use, fn) in ways.items():
+        kernels.USE["cuda"] = use
+        try:
+            value, g = fn(params, *xs)
+            mx.eval(value, g)
+        except Exception as e:  # noqa: BLE001 - reported, and the other ways still run
+            report(what="grads", block=name, way=way, failed=str(e)[:4000])
+            continue
+        finally:
+            block.update(params)
+        flat = [a.astype(mx.float32) for _, a in tree_flatten(g)]
+        fig = {"loss": value.item(), "nonfinite": sum(int((~mx.isfinite(a)).sum()) for a in flat)}
+        if ref is None:
+            ref = flat
+        else:
+            top = max(mx.abs(r).max().item() for r in ref)
+            fig["max_diff_rel"] = max(mx.abs(a - r).max().item() for a, r in zip(flat, ref)) / top
+        report(what="grads", block=name, way=way, kernels=use, **fig)
+    kernels.USE["cuda"] = kernels.backend() == "cuda"
+
+
+def _outputs(block, xs, mod, pe):
+    out = block.forward(*xs, mod, pe)
+    return out if isinstance(out, tuple) else (out,)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mflux.runtime import kernels, layers
-from mflux.runtime.qmatmul import backend
+from mflux.runtime import kernels, layers, qmatmul
+from mflux.runtime.device import backend
 
 cuda = pytest.mark.skipif(backend() != "cuda", reason="needs MLX's CUDA backend")
 
@@ -124,6 +124,65 @@ def test_the_kernels_gradients_are_the_ops_gradients():
         kernels.USE["cuda"] = True
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_dequantize_kernel_is_mlx_dequantize_bit_for_bit(bits):
+    for dtype in (mx.bfloat16, mx.float16):
+        for rows, k in ((1, 128), (3, 256), (96, 1024)):
+            w = mx.random.normal((rows, k), key=mx.random.key(rows)).astype(dtype) * 3
+            for group in (32, 64, 128):
+                q, scales, biases = mx.quantize(w, group, bits)
+                assert kernels.dequantize_takes(q, scales, biases, group, bits)
+                ours = kernels.dequantize(q, scales, biases, group, bits)
+                theirs = mx.dequantize(q, scales, biases, group, bits)
+                assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == w.shape
+                assert mx.array_equal(ours, theirs).item(), (dtype, rows, k, group)
+
+
+def _quantized_layer(bits=4, group=64, mode="affine"):
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(256, 32), group_size=group, bits=bits, mode=mode)
+    for name in ("scales", "biases", "bias"):
+        if name in layer and layer[name].dtype == mx.float32:
+            layer[name] = layer[name].astype(mx.bfloat16)
+    return qmatmul.choose_matmul(nn.Sequential(layer), 1, "kernel").layers[0]
+
+
+def test_the_dequantize_kernel_takes_affine_4_and_8_bits_into_16_bit_scales(monkeypatch):
+    monkeypatch.setitem(kernels.USE, backend(), True)
+    monkeypatch.setattr(kernels, "_load_cubin", lambda: b"code")
+    for bits in (4, 8):
+        layer = _quantized_layer(bits)
+        assert kernels.dequantize_takes(layer["weight"], layer["scales"], layer["biases"], 64, bits)
+        s32 = layer["scales"].astype(mx.float32)
+        assert not kernels.dequantize_takes(layer["weight"], s32, layer["biases"], 64, bits)
+        assert not kernels.dequantize_takes(layer["weight"], layer["scales"], None, 64, bits)
+    for bits, group, mode in ((6, 64, "affine"), (3, 64, "affine"), (4, 32, "mxfp4"), (8, 32, "mxfp8")):
+        layer = _quantized_layer(bits, group, mode)
+        assert not kernels.dequantize_takes(
+            layer["weight"], layer["scales"], layer.get("biases"), group, bits
+        ), (bits, mode)
+    with kernels.off():
+        layer = _quantized_layer(4)
+        assert not kernels.dequantize_takes(layer["weight"], layer["scales"], layer["biases"], 64, 4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_layer_set_to_the_kernel_gives_mlx_dequantize_values_where_it_does_not_run(monkeypatch, bits):
+    """Off CUDA, and inside `kernels.off()` (the trainer's compiled step), a layer whose choice is
+    "kernel" takes the fused graph (8 bits) or mx.dequantize: the same product as the backend's own."""
+    calls = []
+    monkeypatch.setattr(kernels, "dequantize", lambda *a: calls.append(a))
+    layer = _quantized_layer(bits)
+    x = mx.random.normal((1, 5, 256)).astype(mx.bfloat16)
+    w = mx.dequantize(layer["weight"], layer["scales"], layer["biases"], 64, bits)
+    expected = mx.addmm(layer["bias"], x, w.T)
+    with kernels.off():
+        assert mx.array_equal(layer(x), expected).item()
+    if backend() != "cuda":
+        assert mx.array_equal(layer(x), expected).item()
+    assert calls == []
 
 
 def test_off_keeps_the_kernels_out_on_its_thread_only(monkeypatch):

@@ -157,31 +157,6 @@ def test_a_dequantizing_base_trains_without_holding_every_float_weight():
     assert peak_deq - peak_qmm < 0.4 * float_bytes
 
 
-def test_the_dequantize_kernel_is_chosen_only_where_it_applies(monkeypatch):
-    """The CUDA kernel itself runs only on a GPU (bench_flux.py --sections qmatmul compares it with
-    mx.dequantize there); here: which layers would take it, and that elsewhere they fall back."""
-    layer = nn.QuantizedLinear.from_linear(nn.Linear(128, 64), group_size=64, bits=8)
-    layer.update(
-        tree_map(lambda p: p.astype(mx.bfloat16) if p.dtype == mx.float32 else p, layer.parameters())
-    )
-    assert qmatmul.kernel_applies(layer, mx.bfloat16)
-    assert not qmatmul.kernel_applies(layer, mx.float32)  # scales in another dtype
-    for bits, mode, group in ((6, "affine", 64), (4, "mxfp4", 32)):
-        other = nn.QuantizedLinear.from_linear(nn.Linear(128, 64), group_size=group, bits=bits, mode=mode)
-        assert not qmatmul.kernel_applies(other, mx.bfloat16)
-    model = nn.Sequential(layer)
-    qmatmul.choose_matmul(model, 1, "kernel")
-    wrapped = model.layers[0]
-    assert isinstance(wrapped, qmatmul.QuantizedLinear) and wrapped.dequantize == "kernel"
-    # a float32 input does not take the kernel: it is mx.dequantize's result
-    x = mx.random.normal((1, 5, 128))
-    w32 = mx.dequantize(wrapped["weight"], wrapped["scales"], wrapped["biases"], 64, 8, dtype=mx.float32)
-    expected = x @ w32.T + wrapped["bias"].astype(mx.float32)
-    np.testing.assert_allclose(np.array(wrapped(x)), np.array(expected), rtol=1e-5, atol=1e-5)
-    qmatmul.choose_matmul(model, 1)
-    assert model.layers[0].dequantize == qmatmul.DEQUANTIZE[qmatmul.backend()]
-
-
 @pytest.mark.parametrize("compiled", [True, False])
 def test_the_fused_dequantize_is_mlx_dequantize_bit_for_bit(compiled):
     """qmatmul.dequantize_fused, compiled (its kernel) and not (a fresh process while the warm-up

@@ -27,7 +27,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.runtime.qmatmul import backend
+from mflux.runtime.device import backend
 
 AVOID_JIT = {"cuda": True, "metal": False, "cpu": False}
 _EXACT_ONE_HOT = (mx.bfloat16, mx.float16)

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from mflux.runtime.qmatmul import backend
+from mflux.runtime.device import backend
 
 USE = {"cuda": True, "metal": False, "cpu": False}
 HEAD_DIM = 128  # FLUX.1's; the kernel's rows are 16 lanes of 8 values
@@ -142,6 +142,52 @@ template <bool BF> __device__ void gelu_concat(
     *dst = *reinterpret_cast<const uint4*>(y);
 }
 
+// scale * q + bias, as mx.dequantize's CUDA kernel computes it (`scale * T(q) + bias` in 16-bit types):
+// with the instructions CUDA's headers emit for those operators, so that ptxas fuses them or not as it
+// does there (from sm_90 a multiply and an add it may contract; below, two rounded fmas)
+template <bool BF> __device__ __forceinline__ u16 scale_add(u16 s, u16 q, u16 b) {
+    u16 r, o;
+    if constexpr (BF) {
+#if __CUDA_ARCH__ >= 900
+        asm("mul.bf16 %0, %1, %2;" : "=h"(r) : "h"(s), "h"(q));
+        asm("add.bf16 %0, %1, %2;" : "=h"(o) : "h"(r), "h"(b));
+#else
+        asm("{.reg .b16 c;\n mov.b16 c, 0x8000U;\n fma.rn.bf16 %0, %1, %2, c;}" : "=h"(r) : "h"(s), "h"(q));
+        asm("{.reg .b16 c;\n mov.b16 c, 0x3f80U;\n fma.rn.bf16 %0, %1, c, %2;}" : "=h"(o) : "h"(r), "h"(b));
+#endif
+    } else {
+        asm("mul.f16 %0, %1, %2;" : "=h"(r) : "h"(s), "h"(q));
+        asm("add.f16 %0, %1, %2;" : "=h"(o) : "h"(r), "h"(b));
+    }
+    return o;
+}
+
+// out (R, K) from affine BITS-bit weights w (R, K * BITS / 32), packed from the low bits up, with one
+// scale and bias per GROUP values (scales, biases (R, K / GROUP)): 8 values a thread, BITS bytes read and
+// one 16-byte store, so that a warp reads and writes whole lines (MLX's kernel writes 2 bytes a store)
+template <int BITS, bool BF> __device__ void dequantize(
+    const unsigned int* w, const u16* scales, const u16* biases, u16* out, int n, int group) {
+    const size_t t = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= size_t(n)) return;
+    const size_t g = t * 8 / group;
+    const u16 s = scales[g], b = biases[g];
+    unsigned int words[BITS / 4];
+    if constexpr (BITS == 4) {
+        words[0] = w[t];
+    } else {
+        const uint2 pair = reinterpret_cast<const uint2*>(w)[t];
+        words[0] = pair.x;
+        words[1] = pair.y;
+    }
+    __align__(16) u16 y[8];
+    #pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const unsigned int q = (words[j * BITS / 32] >> ((j * BITS) % 32)) & ((1u << BITS) - 1);
+        y[j] = scale_add<BF>(s, from_f<BF>(float(q)), b);  // q <= 255: exact in 16 bits
+    }
+    *reinterpret_cast<uint4*>(out + t * 8) = *reinterpret_cast<const uint4*>(y);
+}
+
 #define QK_ARGS const u16* src0, const u16* src1, const u16* wq0, const u16* wk0, const u16* wq1, \
     const u16* wk1, const float* pe, u16* q, u16* k, u16* v, int B, int N, int S, int H, int F0, int F1
 #define QK_CALL src0, src1, wq0, wk0, wq1, wk1, pe, q, k, v, B, N, S, H, F0, F1
@@ -151,6 +197,12 @@ extern "C" __global__ void mflux_qk_rope_bf16(QK_ARGS) { qk_rope<true>(QK_CALL);
 extern "C" __global__ void mflux_qk_rope_f16(QK_ARGS) { qk_rope<false>(QK_CALL); }
 extern "C" __global__ void mflux_gelu_concat_bf16(GELU_ARGS) { gelu_concat<true>(GELU_CALL); }
 extern "C" __global__ void mflux_gelu_concat_f16(GELU_ARGS) { gelu_concat<false>(GELU_CALL); }
+#define DQ_ARGS const unsigned int* w, const u16* scales, const u16* biases, u16* out, int n, int group
+#define DQ_CALL w, scales, biases, out, n, group
+extern "C" __global__ void mflux_dequantize4_bf16(DQ_ARGS) { dequantize<4, true>(DQ_CALL); }
+extern "C" __global__ void mflux_dequantize4_f16(DQ_ARGS) { dequantize<4, false>(DQ_CALL); }
+extern "C" __global__ void mflux_dequantize8_bf16(DQ_ARGS) { dequantize<8, true>(DQ_CALL); }
+extern "C" __global__ void mflux_dequantize8_f16(DQ_ARGS) { dequantize<8, false>(DQ_CALL); }
 """.replace("EPS", repr(EPS) + "f")
 
 _cubin: bytes | None = None
@@ -284,6 +336,43 @@ def _gelu_launch(attn: mx.array, h: mx.array, offset: int) -> mx.array:
         output_dtypes=[attn.dtype],
         scalars=[rows, A, M, F, offset],
         grid=(rows * (A + M) // 8, 1, 1),
+        threadgroup=(256, 1, 1),
+        ensure_row_contiguous=True,
+    )[0]
+
+
+def dequantize_takes(
+    w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int
+) -> bool:
+    """Whether `dequantize` handles these arrays here: the kernels run, affine 4- or 8-bit weights with
+    biases, 16-bit scales (the output's dtype)."""
+    return (
+        enabled()
+        and bits in (4, 8)
+        and biases is not None
+        and scales.dtype in DTYPES
+        and biases.dtype == scales.dtype
+        and w.dtype == mx.uint32
+        and w.ndim == 2
+        and group_size % 8 == 0
+        and scales.shape == (w.shape[0], w.shape[1] * 32 // bits // group_size)
+    )
+
+
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
+    """`mx.dequantize(w, scales, biases, group_size, bits)` (affine), in scales' dtype, with the same
+    bits (`bench_flux.py --sections qmatmul` and tests/test_kernels.py compare them on CUDA). Only where
+    `dequantize_takes`; it has no gradient (the quantized weights are frozen)."""
+    rows, words = w.shape
+    threads = rows * words * 32 // bits // 8
+    return mx.fast.precompiled_cuda_kernel(
+        name=f"mflux_dequantize{bits}_{DTYPES[scales.dtype]}",
+        compiled_source=_load_cubin(),
+        inputs=[w, scales, biases],
+        output_shapes=[(rows, words * 32 // bits)],
+        output_dtypes=[scales.dtype],
+        scalars=[threads, group_size],
+        grid=(threads, 1, 1),
         threadgroup=(256, 1, 1),
         ensure_row_contiguous=True,
     )[0]

@@ -18,8 +18,8 @@ from mlx.utils import tree_flatten
 
 from mflux.converters import bfl, diffusers
 from mflux.errors import InvalidArgument, MfluxError
+from mflux.runtime.device import backend
 from mflux.runtime.folder import COMPONENTS, ModelFolder
-from mflux.runtime.qmatmul import backend
 from mflux.runtime.quantization import (
     QuantSpec,
     quantize_model_from_weights,

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from mflux.runtime.qmatmul import backend
+from mflux.runtime.device import backend
 
 GB = 1 << 30
 HEADROOM = {"cuda": 2 * GB, "metal": None, "cpu": None}

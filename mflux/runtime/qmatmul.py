@@ -17,69 +17,36 @@ The choice is per backend (`MIN_ROWS`):
 
 On the backends whose entry is None, layers are left as MLX's own `nn.QuantizedLinear`.
 
-How the weight is dequantized (`DEQUANTIZE`, per backend): "mlx" is `mx.dequantize`; "fused" is
-`dequantize_fused` for 8-bit affine weights (others take `mx.dequantize`), an `mx.compile`d graph that
-MLX builds into one elementwise kernel writing 16 bytes a thread; "kernel" is `dequantize_kernel`, this
-module's CUDA kernel for affine 4- and 8-bit weights. MLX's CUDA dequantize writes one or two 2-byte
-values per thread, far below the card's bandwidth (on linear1's weight 0.45 ms at 8 bits, the fused
-graph 0.19 ms, the kernel 0.16 ms). `bench_flux.py --sections qmatmul` times each and prints their
-largest difference from `mx.dequantize` (none: the same bits).
+How the weight is dequantized (`DEQUANTIZE`, per backend):
+- "mlx" is `mx.dequantize`. MLX's CUDA kernel for it writes one or two 2-byte values per thread, far
+  below the card's bandwidth: on linear1's weight 0.45 ms at 8 bits.
+- "fused" is `dequantize_fused` for 8-bit affine weights (others take `mx.dequantize`), an
+  `mx.compile`d graph that MLX builds into one elementwise kernel writing 16 bytes a thread (0.19 ms).
+  It is kept in MLX's kernel cache, and the warm-up's children (runtime.warmup) build it.
+- "kernel" is `kernels.dequantize`, a CUDA kernel for affine 4- and 8-bit weights that reads whole
+  words and writes 16 bytes a thread, built once per machine with the glue kernels (runtime.kernels).
+  Where it doesn't apply or the kernels don't run (the trainer's compiled step runs inside
+  `kernels.off()`), a layer takes "fused".
+All three give the same bits (`bench_flux.py --sections qmatmul` prints each one's time and largest
+difference from `mx.dequantize`; tests/test_perf_qmatmul.py and tests/test_kernels.py).
 
-CUDA takes "fused". On the H200 the schnell step at 1024² was 1.07-1.11x bf16's at q8 with it against
-1.17-1.19x with `mx.dequantize`, in three leases (docs/PERFORMANCE.md, round 9). Its kernel is a compiled
-graph's, so MLX keeps it in its kernel cache and the warm-up (runtime.warmup) builds it in a child, where
-the custom kernel was built again by every process (MLX 0.32 keeps a custom kernel's NVRTC build in the
-process only: a q8 image's first prompt encoding took 2.6-2.9 s against 0.46 s, round 8). The text
-encoders keep `mx.dequantize` (`use_backend_matmul`). At 4 bits a graph that shifts the nibbles out was
-no faster than `mx.dequantize` (1.12x against 1.11x), then 1.46x in another lease, so 4 bits keep it.
+CUDA takes "kernel". Before it, "fused" made the schnell step at 1024² 1.07-1.12x bf16's at q8, against
+1.17-1.19x with `mx.dequantize` (docs/PERFORMANCE.md, round 9), while 4 bits kept `mx.dequantize`: a
+compiled graph shifting out the nibbles was no faster, and once 1.46x. Round 8 had a custom kernel as
+an `mx.fast.cuda_kernel`, which MLX 0.32 builds again in every process (a q8 image's first prompt encoding
+took 2.6-2.9 s against 0.46 s); `kernels` builds its cubin into the kernel cache instead (0.4 s, once).
+The text encoders keep `mx.dequantize` (`use_backend_matmul`).
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from mflux.runtime import kernels
+from mflux.runtime.device import backend  # noqa: F401  (qmatmul.backend, as the benchmarks call it)
+
 MIN_ROWS = {"cuda": 1, "metal": None, "cpu": None}
-DEQUANTIZE = {"cuda": "fused", "metal": "mlx", "cpu": "mlx"}
-KERNEL_BITS = (4, 8)
-KERNEL_DTYPES = (mx.bfloat16, mx.float16)
-
-_KERNEL_SOURCE = """
-    constexpr int V = 32 / BITS;  // values per 32-bit word
-    constexpr int N = 4 * V;  // values per thread: one 16-byte read
-    uint32_t t = cooperative_groups::this_grid().thread_rank();
-    if (t >= threads[0]) {
-        return;
-    }
-    const uint4 pack = reinterpret_cast<const uint4*>(w)[t];
-    const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
-    size_t first = size_t(t) * N;
-    T scale = scales[first / GROUP];
-    T bias = biases[first / GROUP];
-    __align__(16) T vals[N];
-    #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        #pragma unroll
-        for (int j = 0; j < V; j++) {
-            uint32_t d = (words[i] >> (BITS * j)) & ((1u << BITS) - 1);
-            vals[i * V + j] = scale * static_cast<T>(d) + bias;
-        }
-    }
-    uint4* dst = reinterpret_cast<uint4*>(out + first);
-    const uint4* src = reinterpret_cast<const uint4*>(vals);
-    #pragma unroll
-    for (int k = 0; k < N * sizeof(T) / 16; k++) {
-        dst[k] = src[k];
-    }
-"""
-_kernel = None
-
-
-def backend() -> str:
-    """ "cpu", "cuda" or "metal": the backend of MLX's default device."""
-    if mx.default_device() == mx.cpu:
-        return "cpu"
-    cuda = getattr(mx, "cuda", None)  # a build without CUDA may lack the module
-    return "cuda" if cuda is not None and cuda.is_available() else "metal"
+DEQUANTIZE = {"cuda": "kernel", "metal": "mlx", "cpu": "mlx"}
 
 
 def default_min_rows() -> int | None:
@@ -116,20 +83,21 @@ class QuantizedLinear(nn.QuantizedLinear):
         weight = mx.depends(self["weight"], x)
         # The weight is frozen: a custom kernel has no vjp for a training step's backward pass to reach
         # it through (mx.depends ties the weight to x), and the fused graph needs none either.
-        if self.dequantize == "fused" and fused_applies(self, x.dtype):
-            w = mx.stop_gradient(dequantize_fused(weight, self["scales"], self["biases"], self.group_size))
-        elif self.dequantize == "kernel" and kernel_applies(self, x.dtype):
-            s, b = self["scales"], self["biases"]
-            w = mx.stop_gradient(dequantize_kernel(weight, s, b, self.group_size, self.bits))
+        s, b = self["scales"], self.get("biases")
+        how = self.dequantize
+        if how == "kernel" and not (
+            self.mode == "affine"
+            and x.dtype == s.dtype
+            and kernels.dequantize_takes(weight, s, b, self.group_size, self.bits)
+        ):
+            how = "fused"  # where the kernels don't run (another backend, the trainer's compiled step)
+        if how == "fused" and fused_applies(self, x.dtype):
+            w = mx.stop_gradient(dequantize_fused(weight, s, b, self.group_size))
+        elif how == "kernel":
+            w = mx.stop_gradient(kernels.dequantize(weight, s, b, self.group_size, self.bits))
         else:
             w = mx.dequantize(
-                weight,
-                self["scales"],
-                self.get("biases"),
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-                dtype=x.dtype,
+                weight, s, b, group_size=self.group_size, bits=self.bits, mode=self.mode, dtype=x.dtype
             )
         # the bias in the matmul's epilogue, as nn.Linear does: a separate add is one more pass over
         # the output (at linear1's 4352 x 21504 bf16, 187 MB read and written), 228 times a step
@@ -163,46 +131,9 @@ def use_backend_matmul(model: nn.Module) -> nn.Module:
     return choose_matmul(model, min_rows, "mlx" if getattr(model, "jit_free", False) else None)
 
 
-def kernel_applies(layer: nn.QuantizedLinear, dtype) -> bool:
-    """Whether `dequantize_kernel` handles this layer: affine 4 or 8 bits, with biases, into bf16/fp16."""
-    return (
-        layer.mode == "affine"
-        and layer.bits in KERNEL_BITS
-        and "biases" in layer
-        and dtype in KERNEL_DTYPES
-        and layer["scales"].dtype == dtype
-    )
-
-
 def fused_applies(layer: nn.QuantizedLinear, dtype) -> bool:
     """Whether `dequantize_fused` handles this layer: affine 8 bits, with biases, into the scales' dtype."""
     return layer.mode == "affine" and layer.bits == 8 and "biases" in layer and layer["scales"].dtype == dtype
-
-
-def dequantize_kernel(
-    w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
-) -> mx.array:
-    """`mx.dequantize(w, scales, biases, group_size, bits)` for affine 4/8-bit weights on CUDA, in
-    scales' dtype: each thread turns one 16-byte read into 32 (8-bit) or 64 (4-bit) bytes of weights."""
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="mflux_dequantize_v1",  # MLX caches the built kernel by name: a new source needs a new name
-            input_names=["w", "scales", "biases", "threads"],
-            output_names=["out"],
-            source=_KERNEL_SOURCE,
-        )
-    rows, words = w.shape
-    threads = rows * words // 4  # the row's words are a multiple of 4: K is a multiple of the group (>= 32)
-    block = 256
-    return _kernel(
-        inputs=[w, scales, biases, mx.array([threads], dtype=mx.uint32)],
-        template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size)],
-        grid=(-(-threads // block) * block, 1, 1),
-        threadgroup=(block, 1, 1),
-        output_shapes=[(rows, words * 32 // bits)],
-        output_dtypes=[scales.dtype],
-    )[0]
 
 
 @mx.compile

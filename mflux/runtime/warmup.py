@@ -45,7 +45,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.backend import kernel_cache_dir
-from mflux.runtime.qmatmul import backend
+from mflux.runtime.device import backend
 
 WARM = {"cuda": True, "metal": False, "cpu": False}
 STALE_S = 3600  # a staging folder this old was left by a process that died
