@@ -99,7 +99,7 @@
 #   ad: the dequantize kernel's tests, values and times; the steps with each dequantize; a fresh
 #       process's first q4/q8 image, empty kernel cache against warm
 #   ae: (right after ad) probe_image.py; the Hugging Face layout's load + first image, diffusers and
-#       mflux, twice each
+#       mflux, twice each; the native read with the driver's bulk prefetch (probe_load.py)
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -707,6 +707,15 @@ case "${1:-}" in
         --quant bf16 --time-limit 80 2>&1 | tee -a "$OUT/hf.jsonl"
     done
     rm -rf "$HF"
+    # target 2's native read: MLX's CPU stream with the driver moving each shard's pages in bulk
+    # (probe_load.py mx_load_cpu_prefetch) against the loader's GPU stream and the CPU stream alone
+    shards="$SCRATCH/shards"
+    rm -rf "$shards"
+    step load-probe 40 timeout 150 "$PY" bench/probe_load.py "$shards" --write-gb "$([ "$SIZE" = full ] && echo 16 || echo 0.5)" \
+      --ways mx_load_threads,mx_load_cpu_threads,mx_load_cpu_prefetch --threads 16 --timeout 40 2>&1 | tee "$OUT/load_probe.jsonl"
+    step load-probe-8 20 timeout 60 "$PY" bench/probe_load.py "$shards" --ways mx_load_cpu_prefetch \
+      --threads 8 --timeout 40 2>&1 | tee -a "$OUT/load_probe.jsonl"
+    rm -rf "$shards"
     ;;
   *)
     echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae [full|tiny]" >&2

@@ -14,6 +14,9 @@ several ways, each in its own process, each printing GB/s as a JSON line.
   buffer there, where the GPU stream's reads into host memory and copies that over). Its line adds two
   GPU passes over every array after the load (`touch1_s`, `touch2_s`): the first moves what the GPU
   needs, the second shows whether it stays on the device. Every way's line has those passes too.
+- mx_load_cpu_prefetch: `mx_load_cpu_threads`, and each thread asks the CUDA driver to move its shard's
+  arrays to the GPU as soon as they are read (`cuMemPrefetchAsync` on their managed memory, in bulk,
+  where the first GPU pass moves them page fault by page fault). Its line adds `prefetch_errors`.
 
 `--write-gb N` first writes N GB of random bf16 shards (1 GiB each) into the folder, if it has none.
 
@@ -38,6 +41,7 @@ WAYS = (
     "mx_load_threads",
     "numpy_threads",
     "mx_load_cpu_threads",
+    "mx_load_cpu_prefetch",
 )
 
 
@@ -67,6 +71,49 @@ def _numpy_arrays(path: Path) -> list:
         out.append((arr.view(view) if view else arr).reshape(t["shape"]))
     mx.eval(out)
     return out
+
+
+class _Prefetch:
+    """The CUDA driver's `cuMemPrefetchAsync_v2` onto device 0, from any thread (each makes the device's
+    primary context, MLX's, current first). Errors are counted, not raised: a prefetch is only a hint."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        self.ct, self.cuda = ctypes, ctypes.CDLL("libcuda.so.1")
+        self.ctx, dev = ctypes.c_void_p(), ctypes.c_int()
+        self.cuda.cuInit(0)
+        self.cuda.cuDeviceGet(ctypes.byref(dev), 0)
+        self.cuda.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), dev)
+
+        class Location(ctypes.Structure):  # CUmemLocation: type 1 is CU_MEM_LOCATION_TYPE_DEVICE
+            _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+        self.where = Location(1, 0)
+        self.fn = self.cuda.cuMemPrefetchAsync_v2
+        self.fn.argtypes = [ctypes.c_uint64, ctypes.c_size_t, Location, ctypes.c_uint, ctypes.c_void_p]
+        self.errors, self.lock, self.local = 0, threading.Lock(), threading.local()
+
+    def synchronize(self) -> None:
+        """Until every prefetch is done (they run on the context's null stream)."""
+        self.cuda.cuCtxSetCurrent(self.ctx)
+        self.cuda.cuCtxSynchronize()
+
+    def __call__(self, arrays: list) -> None:
+        import mlx.core as mx
+        import numpy as np
+
+        if not getattr(self.local, "current", False):
+            self.cuda.cuCtxSetCurrent(self.ctx)
+            self.local.current = True
+        for a in arrays:
+            raw = a.view(mx.uint8) if a.dtype == mx.bfloat16 else a
+            mx.eval(raw)
+            ptr = np.asarray(raw).__array_interface__["data"][0]  # the managed buffer itself, no copy
+            if self.fn(ptr, a.nbytes, self.where, 0, None):
+                with self.lock:
+                    self.errors += 1
 
 
 def _write(folder: Path, gb: float) -> None:
@@ -109,17 +156,22 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     elif way == "mx_load_all":
         arrays = [mx.load(str(f)) for f in files]
         mx.eval(arrays)
-    elif way in ("mx_load_threads", "mx_load_cpu_threads"):
-        stream = mx.cpu if way == "mx_load_cpu_threads" else None
+    elif way in ("mx_load_threads", "mx_load_cpu_threads", "mx_load_cpu_prefetch"):
+        stream = mx.cpu if way.startswith("mx_load_cpu") else None
+        prefetch = _Prefetch() if way == "mx_load_cpu_prefetch" else None
 
         def one(f):
             arrays = mx.load(str(f), stream=stream)
             mx.eval(arrays)
+            if prefetch:
+                prefetch(list(arrays.values()))
             return list(arrays.values())
 
         with ThreadPoolExecutor(threads) as pool:
             for arrays in pool.map(one, files):
                 kept.extend(arrays)
+        if prefetch:
+            prefetch.synchronize()
     elif way == "numpy_threads":
         with ThreadPoolExecutor(threads) as pool:
             for arrays in pool.map(_numpy_arrays, files):
@@ -141,6 +193,8 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     line |= {"gb": round(total / 1e9, 3), "s": round(s, 3), "gb_per_s": round(total / 1e9 / s, 3)}
     line |= {"peak_gb": round(mx.get_peak_memory() / 1e9, 3)}
     line |= {f"touch{i + 1}_s": v for i, v in enumerate(touches)}
+    if way == "mx_load_cpu_prefetch":
+        line["prefetch_errors"] = prefetch.errors
     if touches:
         line["load_touch_gb_per_s"] = round(total / 1e9 / (s + touches[0]), 3)
     print(json.dumps(line), flush=True)
