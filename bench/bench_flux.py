@@ -1050,7 +1050,7 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
     cmd += ["--res", str(args.res)] if args.res else []
     cmd += ["--headroom", args.headroom.split(",")[0], "--kernel-warmup", args.kernel_warmup]
     cmd += ["--load-threads", str(args.load_threads)] if args.load_threads else []
-    cmd += ["--load-on-cpu"] if args.load_on_cpu else []
+    cmd += ["--load-stream", args.load_stream]
     cmd += ["--overlap-load", args.overlap_load]
     # the driver's own cache of compiled kernels lives beside MLX's, so "empty" empties both
     env = {**os.environ, "MLX_PTX_CACHE_DIR": str(cache), "CUDA_CACHE_PATH": str(cache / "nv")}
@@ -1110,10 +1110,11 @@ def section_load(size: Size, args, budget: Budget) -> None:
             }
             defaults = {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
             mf = ModelFolder(folder, "mlx", "schnell", architecture, quantization or None, quant, defaults)
+            own = "cpu" if loader.LOAD_ON_CPU[qmatmul.backend()] else "gpu"
             ways = [
                 (t, w)
                 for t in args.read_threads or [loader.LOAD_THREADS[qmatmul.backend()]]
-                for w in args.load_ways
+                for w in args.load_ways or [own]
             ]
             for threads, way in ways:
                 loader.LOAD_THREADS[qmatmul.backend()], seconds = threads, {}
@@ -1135,6 +1136,7 @@ def section_load(size: Size, args, budget: Budget) -> None:
                     **{f"{c}_gb": v / 1e9 for c, v in sizes.items()},
                     peak_gb=peak_gb(),
                 )
+            loader.LOAD_ON_CPU[qmatmul.backend()] = own == "cpu"
             for c in COMPONENTS:
                 params = params_count(construct(c, size))
                 report(
@@ -1328,14 +1330,17 @@ def main(argv=None) -> None:
         "--keep-transformer", action="store_true", help="pipeline: keep the transformer during the decode"
     )
     parser.add_argument(
-        "--load-on-cpu",
-        action="store_true",
-        help="load/pipeline/firstrun: mx.load on MLX's CPU stream, then each group moved to the device (loader.LOAD_ON_CPU)",
+        "--load-stream",
+        choices=("default", "gpu", "cpu"),
+        default="default",
+        help="load/pipeline/firstrun: the stream mx.load reads on where a load only reads (loader.LOAD_ON_CPU; "
+        "cpu: each group then moved onto the device); default: the backend's",
     )
     parser.add_argument(
         "--load-ways",
-        default="gpu",
-        help="load: the streams mx.load reads on, gpu and/or cpu (loader.LOAD_ON_CPU), each timed in turn",
+        default="",
+        help="load: the streams mx.load reads on, gpu and/or cpu (loader.LOAD_ON_CPU), each timed in turn "
+        "(default: the backend's way alone)",
     )
     parser.add_argument(
         "--read-threads",
@@ -1381,12 +1386,10 @@ def main(argv=None) -> None:
     args.glue = [g for g in (args.glue or _glue_default()).split(",") if g]
     if not set(args.glue) <= {"kernels", "ops"}:
         parser.error("--glue takes kernels, ops")
-    if args.load_threads or args.load_on_cpu:
-        from mflux.runtime import loader
-
-        if args.load_threads:
-            loader.LOAD_THREADS[qmatmul.backend()] = args.load_threads
-        loader.LOAD_ON_CPU[qmatmul.backend()] = args.load_on_cpu
+    if args.load_threads:
+        loader.LOAD_THREADS[qmatmul.backend()] = args.load_threads
+    if args.load_stream != "default":
+        loader.LOAD_ON_CPU[qmatmul.backend()] = args.load_stream == "cpu"
     args.read_threads = [int(t) for t in args.read_threads.split(",") if t]
     args.load_ways = [w for w in args.load_ways.split(",") if w]
     if not set(args.load_ways) <= {"gpu", "cpu"}:

@@ -100,6 +100,9 @@
 #       process's first q4/q8 image, empty kernel cache against warm
 #   ae: (right after ad) probe_image.py; the Hugging Face layout's load + first image, diffusers and
 #       mflux, twice each; the native read with the driver's bulk prefetch (probe_load.py)
+#   af: (a new lease) the blocks' gradients through each kernel alone; the loader reading on the CPU
+#       stream with the driver's prefetch: the native bf16 load each way, a first image from it, and
+#       the Hugging Face layout's load + first image (diffusers twice, mflux three times)
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -620,9 +623,9 @@ case "${1:-}" in
       --time-limit 150 2>&1 | tee "$OUT/native.jsonl"
     step native-probe 30 "$PY" bench/probe_load.py "$NATIVE/bf16" --ways mx_load_threads,mx_load_cpu_threads \
       --threads 16 --timeout 40 2>&1 | tee -a "$OUT/load_probe.jsonl"
-    for how in "" --load-on-cpu; do
-      step "native-first$how" 40 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/native" \
-        --folder "$NATIVE/bf16" --quant bf16 $how --time-limit 60 2>&1 | tee -a "$OUT/native.jsonl"
+    for how in gpu cpu; do
+      step "native-first-$how" 40 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/native" \
+        --folder "$NATIVE/bf16" --quant bf16 --load-stream $how --time-limit 60 2>&1 | tee -a "$OUT/native.jsonl"
     done
     rm -rf "$NATIVE"
     ;;
@@ -717,8 +720,36 @@ case "${1:-}" in
       --threads 8 --timeout 40 2>&1 | tee -a "$OUT/load_probe.jsonl"
     rm -rf "$shards"
     ;;
+  af)
+    # round 11, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu1): the blocks'
+    # gradients through each kernel alone (probe_glue.py --grads-only: ad's double block gave non-finite
+    # ones); target 2 with the loader reading on MLX's CPU stream and the driver prefetching
+    # (loader.LOAD_ON_CPU, device.prefetch): the MLX-native bf16 model written and read each way with 8
+    # and 16 threads, a first image from it (empty kernel cache, then warm); then the Hugging Face layout:
+    # diffusers' load + first image twice, mflux's twice with the default and once on the GPU stream
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    rm -rf "$PTX" "$NATIVE" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step grads 30 timeout 120 "$PY" bench/probe_glue.py --size "$SIZE" --grads-only 2>&1 | tee "$OUT/grads.jsonl"
+    step native-load 90 "${BENCH[@]}" --sections load --quant bf16 --read-threads 8,16 --load-ways gpu,cpu \
+      --keep-model "$NATIVE" --time-limit 170 2>&1 | tee "$OUT/native.jsonl"
+    step native-first 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/nat" \
+      --folder "$NATIVE/bf16" --quant bf16 --time-limit 80 2>&1 | tee -a "$OUT/native.jsonl"
+    rm -rf "$NATIVE" "$HF"
+    step write-hf 100 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" \
+      --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
+    for how in default gpu default; do
+      if [ "$SIZE" = full ] && [ "$how" = default ]; then
+        step "hf-diffusers" 50 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
+      fi
+      step "hf-mflux-$how" 30 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/nat" --folder "$HF" \
+        --quant bf16 --load-stream $how --time-limit 60 2>&1 | tee -a "$OUT/hf.jsonl"
+    done
+    rm -rf "$HF"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af [full|tiny]" >&2
     exit 2
     ;;
 esac

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from contextlib import contextmanager  # noqa: E402
 from functools import partial  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -93,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=SHAPES, default="full")
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--grads-only", action="store_true", help="only the blocks' gradients")
     args = parser.parse_args()
     s = SHAPES[args.size]
     dtype = mx.bfloat16 if kernels.backend() == "cuda" else mx.float32
@@ -127,50 +129,8 @@ def main() -> None:
     def rand(*shape, scale=1.0):
         return (mx.random.normal(shape) * scale).astype(dtype)
 
-    wq, wk = (1 + rand(D, scale=0.1) for _ in range(2))
-    h = rand(1, N, 3 * hidden + s["mlp"], scale=2.0)
-    mx.eval(pe, h, wq, wk)
-    one = [(h, wq, wk)]
-    compare(
-        "qk_single",
-        lambda: kernels.qk_rope(one, H, pe, layers.qk_rope_ops)[:2],
-        lambda: layers.qk_rope_ops(one, H, pe)[:2],
-        args.calls,
-    )
-
-    txt, img = rand(1, s["txt"], 3 * hidden, scale=2.0), rand(1, s["img"], 3 * hidden, scale=2.0)
-    w = [1 + rand(D, scale=0.1) for _ in range(4)]
-    mx.eval(txt, img, w)
-    two = [(txt, w[0], w[1]), (img, w[2], w[3])]
-    compare(
-        "qk_double",
-        lambda: kernels.qk_rope(two, H, pe, layers.qk_rope_ops),
-        lambda: layers.qk_rope_ops(two, H, pe),
-        args.calls,
-    )
-
-    attn = rand(1, N, hidden)
-    mx.eval(attn)
-    for act, ops in (("gelu_approx", nn.gelu_approx), ("gelu_f32", layers.gelu_f32)):
-        compare(
-            "gelu_concat",
-            lambda: kernels.gelu_concat(attn, h, 3 * hidden, layers._concat_act),
-            lambda: mx.concatenate([attn, ops(h[..., 3 * hidden :])], axis=-1),  # noqa: B023
-            args.calls,
-            ops_act=act,
-        )
-
-    x = rand(1, s["img"], s["mlp"], scale=2.0)
-    mx.eval(x)
-    kernels.USE["cuda"] = False
-    fig = {
-        "what": "piece",
-        "piece": "gelu",
-        "gelu_approx_ms": timed(lambda: nn.gelu_approx(x), args.calls) * 1e3,
-    }
-    fig["gelu_f32_ms"] = timed(lambda: layers.gelu_f32(x), args.calls) * 1e3
-    fig["outputs"] = [diff(layers.gelu_f32(x), nn.gelu_approx(x))]
-    report(**fig)
+    if not args.grads_only:
+        pieces(s, H, hidden, pe, N, rand, args.calls)
 
     # gradients through whole blocks (random weights drawn as bench_flux does)
     vec = mx.random.normal((1, hidden)).astype(dtype)
@@ -181,6 +141,55 @@ def main() -> None:
     grads(
         "double", double, [rand(1, s["img"], hidden), rand(1, s["txt"], hidden)], double.modulations(vec), pe
     )
+
+
+def pieces(s: dict, H: int, hidden: int, pe, N: int, rand, calls: int) -> None:
+    """Each piece both ways (see the module's docstring)."""
+    D = kernels.HEAD_DIM
+    wq, wk = (1 + rand(D, scale=0.1) for _ in range(2))
+    h = rand(1, N, 3 * hidden + s["mlp"], scale=2.0)
+    mx.eval(pe, h, wq, wk)
+    one = [(h, wq, wk)]
+    compare(
+        "qk_single",
+        lambda: kernels.qk_rope(one, H, pe, layers.qk_rope_ops)[:2],
+        lambda: layers.qk_rope_ops(one, H, pe)[:2],
+        calls,
+    )
+
+    txt, img = rand(1, s["txt"], 3 * hidden, scale=2.0), rand(1, s["img"], 3 * hidden, scale=2.0)
+    w = [1 + rand(D, scale=0.1) for _ in range(4)]
+    mx.eval(txt, img, w)
+    two = [(txt, w[0], w[1]), (img, w[2], w[3])]
+    compare(
+        "qk_double",
+        lambda: kernels.qk_rope(two, H, pe, layers.qk_rope_ops),
+        lambda: layers.qk_rope_ops(two, H, pe),
+        calls,
+    )
+
+    attn = rand(1, N, hidden)
+    mx.eval(attn)
+    for act, ops in (("gelu_approx", nn.gelu_approx), ("gelu_f32", layers.gelu_f32)):
+        compare(
+            "gelu_concat",
+            lambda: kernels.gelu_concat(attn, h, 3 * hidden, layers._concat_act),
+            lambda: mx.concatenate([attn, ops(h[..., 3 * hidden :])], axis=-1),  # noqa: B023
+            calls,
+            ops_act=act,
+        )
+
+    x = rand(1, s["img"], s["mlp"], scale=2.0)
+    mx.eval(x)
+    kernels.USE["cuda"] = False
+    fig = {
+        "what": "piece",
+        "piece": "gelu",
+        "gelu_approx_ms": timed(lambda: nn.gelu_approx(x), calls) * 1e3,
+    }
+    fig["gelu_f32_ms"] = timed(lambda: layers.gelu_f32(x), calls) * 1e3
+    fig["outputs"] = [diff(layers.gelu_f32(x), nn.gelu_approx(x))]
+    report(**fig)
 
 
 def grads(name: str, block, xs: list, mod, pe) -> None:
@@ -199,34 +208,61 @@ def grads(name: str, block, xs: list, mod, pe) -> None:
         return sum((o.astype(mx.float32) * w).sum() for o, w in zip(out, weights))
 
     plain = mx.value_and_grad(loss)
-    ways = {
-        "ops": (False, plain),
-        "kernels": (True, plain),
-        "kernels_compiled": (True, mx.compile(plain)),
-        "kernels_compiled_checkpoint": (True, mx.compile(mx.value_and_grad(partial(loss, checkpoint=True)))),
+    ways = {  # way: (kernels on, which of them: "qk", "gelu" or both, the gradient function)
+        "ops": (False, "", plain),
+        "kernels": (True, "qk,gelu", plain),
+        "qk_kernel_only": (True, "qk", plain),
+        "gelu_kernels_only": (True, "gelu", plain),
+        "kernels_compiled": (True, "qk,gelu", mx.compile(plain)),
+        "kernels_compiled_checkpoint": (
+            True,
+            "qk,gelu",
+            mx.compile(mx.value_and_grad(partial(loss, checkpoint=True))),
+        ),
     }
     if kernels.backend() != "cuda":  # the ops' own paths, so that the probe runs (and is checked) here
-        ways = {k.replace("kernels", "ops"): (False, f) for k, (_, f) in ways.items()}
+        ways = {"ops": ways["ops"], "ops_compiled": (False, "", mx.compile(plain))}
     ref = None
-    for way, (use, fn) in ways.items():
+    for way, (use, which, fn) in ways.items():
         kernels.USE["cuda"] = use
         try:
-            value, g = fn(params, *xs)
-            mx.eval(value, g)
+            with _only(which if use else "qk,gelu"):
+                value, g = fn(params, *xs)
+                mx.eval(value, g)
         except Exception as e:  # noqa: BLE001 - reported, and the other ways still run
             report(what="grads", block=name, way=way, failed=str(e)[:4000])
             continue
         finally:
             block.update(params)
-        flat = [a.astype(mx.float32) for _, a in tree_flatten(g)]
-        fig = {"loss": value.item(), "nonfinite": sum(int((~mx.isfinite(a)).sum()) for a in flat)}
+        flat = {k: a.astype(mx.float32) for k, a in tree_flatten(g)}
+        bad = {k: int((~mx.isfinite(a)).sum()) for k, a in flat.items()}
+        fig = {"loss": value.item(), "nonfinite": sum(bad.values())}
+        fig["nonfinite_in"] = {k: (n, flat[k].size) for k, n in bad.items() if n}
         if ref is None:
             ref = flat
         else:
-            top = max(mx.abs(r).max().item() for r in ref)
-            fig["max_diff_rel"] = max(mx.abs(a - r).max().item() for a, r in zip(flat, ref)) / top
-        report(what="grads", block=name, way=way, kernels=use, **fig)
+            top = max(mx.abs(r).max().item() for r in ref.values())
+            fig["max_diff_rel"] = max(mx.abs(flat[k] - r).max().item() for k, r in ref.items()) / top
+        report(what="grads", block=name, way=way, kernels=which if use else "", **fig)
     kernels.USE["cuda"] = kernels.backend() == "cuda"
+
+
+@contextmanager
+def _only(which: str):
+    """With the kernels on, the other one as MLX's ops: "qk" keeps the MLPs' GELU and gelu_concat on the
+    ops (nn.gelu_approx), "gelu" runs qk_rope's ops."""
+    saved = kernels.qk_rope, kernels.gelu_concat, layers.mlp_act
+    if "qk" not in which:
+        kernels.qk_rope = lambda streams, heads, pe, ops: ops(streams, heads, pe)
+    if "gelu" not in which:
+        kernels.gelu_concat = lambda attn, h, offset, ops: mx.concatenate(
+            [attn, nn.gelu_approx(h[..., offset:])], axis=-1
+        )
+        layers.mlp_act = nn.gelu_approx
+    try:
+        yield
+    finally:
+        kernels.qk_rope, kernels.gelu_concat, layers.mlp_act = saved
 
 
 def _outputs(block, xs, mod, pe):

@@ -187,7 +187,7 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     line = {
         "what": "load_probe",
         "way": way,
-        "threads": threads if "threads" in way else 1,
+        "threads": threads if way not in ("read", "mx_load", "mx_load_all") else 1,
         "files": len(files),
     }
     line |= {"gb": round(total / 1e9, 3), "s": round(s, 3), "gb_per_s": round(total / 1e9 / s, 3)}

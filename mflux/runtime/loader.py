@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from mflux.converters import bfl, diffusers
 from mflux.errors import InvalidArgument, MfluxError
+from mflux.runtime import device
 from mflux.runtime.device import backend
 from mflux.runtime.folder import COMPONENTS, ModelFolder
 from mflux.runtime.quantization import (
@@ -39,18 +40,20 @@ EVAL_GROUP_BYTES = 16 * 2**20
 # 2-core CPU gains nothing, so both keep one.
 LOAD_THREADS = {"cuda": 8, "metal": 1, "cpu": 1}
 
-# Whether `mx.load` reads on MLX's CPU stream, per backend (issue 12, target 2). On CUDA, MLX's GPU-stream
-# `Load` reads each tensor into fresh host memory and then copies it to the device. On the CPU stream it
-# reads straight into the array's buffer (CUDA managed memory), and the first GPU read of that buffer
-# moves its pages onto the device (`_move_to_device`, group by group in `evaluate`, so that the page
-# moves of one thread overlap the reads of the others). An H200 probe (bench/probe_load.py, round 9 in
-# docs/PERFORMANCE.md), 16 GB of shards from the page cache: 8 threads read at 9.3 GB/s on the CPU stream
-# against 3.9 GB/s on the GPU stream, then the first GPU pass over it took 2.5 s (4.7 GB/s for both
-# steps with 16 threads, run one after the other). A whole load this way was no faster (round 10: the
-# 33.7 GB bf16 model in 10.42 s on the CPU stream against 8.64 s on the GPU stream with 8 threads, 8.38 s
-# against 10.46 s with 16), so every backend keeps the GPU stream; `bench_flux.py --load-ways gpu,cpu`
-# measures both.
-LOAD_ON_CPU = {"cuda": False, "metal": False, "cpu": False}
+# Whether `mx.load` reads on MLX's CPU stream, per backend (issue 12, target 2), where reading is all a
+# component's load does (`_reads_only`). On CUDA, MLX's GPU-stream `Load` reads each tensor into fresh
+# host memory and then copies it to the device: 3.9-4.8 GB/s on the H200 however many threads. On the
+# CPU stream it reads straight into the array's buffer (CUDA managed memory), 9.3-10.7 GB/s, and leaves
+# it in host pages. Round 10 then moved them with a GPU pass per group, page fault by page fault, and a
+# whole load was no faster (the 33.7 GB bf16 model in 10.42 s against 8.64 s). So each group is now
+# handed to the driver to move in bulk as soon as it is read (`device.prefetch`): 16 GB of shards read
+# and on the device at 9.4 GB/s (round 11 in docs/PERFORMANCE.md). Where the prefetch can't be made, a
+# GPU pass moves them (`_move_to_device`). Where the load computes (a cast, a quantization, diffusers'
+# q/k/v joined), those GPU ops would read the host pages by faults, so such components read on the GPU
+# stream as before. Metal shares one memory (nothing to move) and was not measured; the CPU has one.
+LOAD_ON_CPU = {"cuda": True, "metal": False, "cpu": False}
+# The Hugging Face layout's components whose weights are the files' tensors renamed (`converters.diffusers`)
+RENAMED_ONLY = {"text_encoder", "text_encoder_2"}
 
 # Whether a caller reads the transformer while the prompts encode (`Flux1.generate`, bench_flux's
 # pipeline), per backend. T5, CLIP and the transformer are then held at once (33.6 GB at bf16, where
@@ -146,7 +149,7 @@ def prepare(
     one file), lazily: read, renamed from format `fmt` ("hf", "bfl" or "mlx"), checked against the
     module, cast and quantized under `spec`. `stored(path)` gives the QuantSpec of each layer of a
     component stored quantized; the module is quantized to match either way."""
-    weights = read_weights(where, component, fmt)
+    weights = _read(where, component, fmt, dtype, spec if stored is None else None)
     module = build_module(component, architecture)
     if stored is not None:
         quantize_model_from_weights(module, weights, stored)
@@ -157,12 +160,30 @@ def prepare(
     return module, weights
 
 
-def read_weights(where: Path, component: str, fmt: str) -> dict:
-    """Lazily loaded weights of a component folder (every shard) or one file, under the runtime's names.
-    Each file's header is checked before `mx.load` sees it."""
+def _read(where: Path, component: str, fmt: str, dtype, spec: QuantSpec | None) -> dict:
+    """`read_weights` on MLX's CPU stream where `LOAD_ON_CPU` and the load only reads (`_reads_only`),
+    else on the default stream."""
+    if (
+        LOAD_ON_CPU[backend()]
+        and spec is None
+        and (fmt == "mlx" or (fmt == "hf" and component in RENAMED_ONLY))
+    ):
+        weights = read_weights(where, component, fmt, mx.cpu)
+        if _reads_only(weights, dtype):
+            return weights
+    return read_weights(where, component, fmt)  # mx.load is lazy: only the headers were read
+
+
+def _reads_only(weights: dict, dtype) -> bool:
+    """No cast: every float tensor is stored in `dtype` already (`astype` to its own dtype is no op)."""
+    return all(a.dtype == dtype or not mx.issubdtype(a.dtype, mx.floating) for a in weights.values())
+
+
+def read_weights(where: Path, component: str, fmt: str, stream=None) -> dict:
+    """Lazily loaded weights of a component folder (every shard) or one file, under the runtime's names,
+    read on `stream` (None: the default). Each file's header is checked before `mx.load` sees it."""
     files = [SafetensorsFile(where).path] if Path(where).is_file() else weight_files(where)
     weights = {}
-    stream = mx.cpu if LOAD_ON_CPU[backend()] else None
     for f in files:
         weights.update(mx.load(str(f), stream=stream))
     if fmt == "hf":
@@ -244,7 +265,8 @@ def read_in_threads(lazy_weights, weights: dict, threads: int) -> dict:
 
 def evaluate(params, group_bytes: int = EVAL_GROUP_BYTES) -> None:
     """Evaluate lazy parameters a group at a time: a group's sources are read and released before the
-    next, so peak memory stays near the result plus one group."""
+    next, so peak memory stays near the result plus one group. Where `LOAD_ON_CPU`, each group is then
+    moved onto the device, and this returns once all of them are there."""
     group, size = [], 0
     for _, arr in tree_flatten(params):
         group.append(arr)
@@ -253,17 +275,21 @@ def evaluate(params, group_bytes: int = EVAL_GROUP_BYTES) -> None:
             _evaluate_group(group)
             group, size = [], 0
     _evaluate_group(group)
+    if LOAD_ON_CPU[backend()]:
+        device.prefetch_wait()
 
 
 def _evaluate_group(group: list) -> None:
     mx.eval(group)
-    if LOAD_ON_CPU[backend()]:
+    # arrays the GPU computed are on the device already: prefetching them moves nothing
+    if LOAD_ON_CPU[backend()] and not device.prefetch(group):
         _move_to_device(group)
 
 
 def _move_to_device(arrays: list) -> None:
     """Read every array once on the GPU, so that what `mx.load` read on the CPU stream (`LOAD_ON_CPU`)
-    is on the device before the first step needs it: a reduction per array, a few bytes of output."""
+    is on the device before the first step needs it: a reduction per array, a few bytes of output
+    (where `device.prefetch` can't move them in bulk)."""
     mx.eval([mx.max(a) for a in arrays if a.size])
 
 
@@ -305,8 +331,9 @@ def _prepare(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None)
 
 def _lazy_weights(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None) -> dict:
     """`_prepare`'s weights alone, without the module or the checks (read_in_threads' copies)."""
-    weights = read_weights(folder.path / component, component, folder.format)
-    return cast_and_quantize(component, weights, dtype, spec if _stored(folder, component) is None else None)
+    spec = spec if _stored(folder, component) is None else None
+    weights = _read(folder.path / component, component, folder.format, dtype, spec)
+    return cast_and_quantize(component, weights, dtype, spec)
 
 
 def _stored(folder: ModelFolder, component: str):

@@ -30,11 +30,15 @@ How the weight is dequantized (`DEQUANTIZE`, per backend):
 All three give the same bits (`bench_flux.py --sections qmatmul` prints each one's time and largest
 difference from `mx.dequantize`; tests/test_perf_qmatmul.py and tests/test_kernels.py).
 
-CUDA takes "kernel". Before it, "fused" made the schnell step at 1024² 1.07-1.12x bf16's at q8, against
-1.17-1.19x with `mx.dequantize` (docs/PERFORMANCE.md, round 9), while 4 bits kept `mx.dequantize`: a
-compiled graph shifting out the nibbles was no faster, and once 1.46x. Round 8 had a custom kernel as
-an `mx.fast.cuda_kernel`, which MLX 0.32 builds again in every process (a q8 image's first prompt encoding
-took 2.6-2.9 s against 0.46 s); `kernels` builds its cubin into the kernel cache instead (0.4 s, once).
+CUDA takes "fused". It made the schnell step at 1024² 1.07-1.12x bf16's at q8, against 1.17-1.19x with
+`mx.dequantize` (docs/PERFORMANCE.md, round 9), while 4 bits keep `mx.dequantize`: a compiled graph
+shifting out the nibbles was no faster, and once 1.46x. "kernel" is faster on its own (linear1's weight:
+0.145 ms at 8 bits and 0.142 ms at 4, against 0.174 ms fused and 0.23 ms for mx.dequantize at 4 bits) and
+made the q4 step 1.088x bf16's against 1.117x (round 11). But in that step the queue bound held more
+of its output: q4 peaked at 10.06 GB against the issue's bound of 9.18 GB (the other paths 9.08-9.27),
+q8 at 15.42 GB against 15.13. Until that is understood it is not the default. Round 8 had a custom
+kernel as an `mx.fast.cuda_kernel`, which MLX 0.32 builds again in every process (a q8 image's first
+prompt encoding took 2.6-2.9 s against 0.46 s); `kernels` builds its cubin once into the kernel cache.
 The text encoders keep `mx.dequantize` (`use_backend_matmul`).
 """
 
@@ -46,7 +50,7 @@ from mflux.runtime import kernels
 from mflux.runtime.device import backend  # noqa: F401  (qmatmul.backend, as the benchmarks call it)
 
 MIN_ROWS = {"cuda": 1, "metal": None, "cpu": None}
-DEQUANTIZE = {"cuda": "kernel", "metal": "mlx", "cpu": "mlx"}
+DEQUANTIZE = {"cuda": "fused", "metal": "mlx", "cpu": "mlx"}
 
 
 def default_min_rows() -> int | None:
