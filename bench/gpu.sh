@@ -100,7 +100,7 @@
 #       process's first q4/q8 image, empty kernel cache against warm
 #   ae: (right after ad) probe_image.py; the Hugging Face layout's load + first image, diffusers and
 #       mflux, twice each; the native read with the driver's bulk prefetch (probe_load.py)
-#   af: (a new lease) the blocks' gradients through each kernel alone; the loader reading on the CPU
+#   af: (a new lease; carry .gpu2 and .gpuw) the blocks' gradients through each kernel alone; the loader reading on the CPU
 #       stream with the driver's prefetch: the native bf16 load each way, a first image from it, and
 #       the Hugging Face layout's load + first image (diffusers twice, mflux three times)
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
@@ -726,9 +726,12 @@ case "${1:-}" in
     # ones); target 2 with the loader reading on MLX's CPU stream and the driver prefetching
     # (loader.LOAD_ON_CPU, device.prefetch): the MLX-native bf16 model written and read each way with 8
     # and 16 threads, a first image from it (empty kernel cache, then warm); then the Hugging Face layout:
-    # diffusers' load + first image twice, mflux's twice with the default and once on the GPU stream
+    # diffusers' load + first image twice, mflux's twice with the default and once on the GPU stream.
+    # Carry .gpu2 and .gpuw: --keep-model writes a manifest, which needs tomli_w (round 11 ran without it,
+    # and its native pipeline run failed)
     if [ "$SIZE" = full ]; then
       bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+      if [ -d .gpuw ]; then python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl; fi
     fi
     rm -rf "$PTX" "$NATIVE" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
     step grads 30 timeout 120 "$PY" bench/probe_glue.py --size "$SIZE" --grads-only 2>&1 | tee "$OUT/grads.jsonl"

@@ -179,3 +179,16 @@ def test_a_cast_keeps_the_read_on_the_default_stream(tiny_schnell, monkeypatch):
     )
     loader.load_component(mf, "text_encoder_2", mx.float32)
     assert streams[-1] is None
+
+
+def test_prefetch_moves_nothing_off_cuda_and_says_so():
+    """device.prefetch is CUDA's; elsewhere it reports False, and the loader then touches each group on
+    the GPU instead (`_move_to_device`)."""
+    from mflux.runtime import device
+
+    if device.backend() == "cuda":
+        pytest.skip("this backend prefetches")
+    a = mx.ones((4, 4), dtype=mx.bfloat16)
+    mx.eval(a)
+    assert device.prefetch([a]) is False
+    device.prefetch_wait()  # nothing to wait for

@@ -16,6 +16,9 @@ two streams, normalizes each head's row, scales by the norm's weight, rotates, a
 reference's rounding: the norm as MLX's `rms_norm` rounds it, the rope in float32 rounded once, the GELU
 in float32 rounded once (as PyTorch computes it; MLX's `nn.gelu_approx` rounds every step to bf16).
 
+The same cubin holds `dequantize`, affine 4- and 8-bit weights into 16-bit floats with
+`mx.dequantize`'s bits, 16 bytes written a thread (qmatmul's "kernel" path; not its default, see there).
+
 `USE` says where they run (CUDA only). Elsewhere, and for dtypes or shapes they don't take, the same
 functions run MLX's ops. Their gradients come from those ops (`mx.custom_function`), so training sees the
 portable path's vjp.
@@ -220,8 +223,10 @@ def enabled() -> bool:
 @contextmanager
 def off():
     """MLX's ops on this thread meanwhile. The trainer traces its compiled step inside: on the H200 a
-    compiled bf16 LoRA step through the kernels gave a NaN loss (round 10, not yet understood), while
-    the eager gradients equal the ops' (tests/test_kernels.py)."""
+    compiled bf16 LoRA step through the kernels gave a NaN loss (round 10). Round 11 narrowed it to the
+    double block's joint q/k/v: at full size its gradients through the kernels are non-finite or wrong,
+    eager too, while the single block's are right and, at the tests' small sizes, the double block's
+    too (tests/test_kernels.py). The cause is not yet found."""
     _local.off = getattr(_local, "off", 0) + 1
     try:
         yield

@@ -41,17 +41,19 @@ EVAL_GROUP_BYTES = 16 * 2**20
 LOAD_THREADS = {"cuda": 8, "metal": 1, "cpu": 1}
 
 # Whether `mx.load` reads on MLX's CPU stream, per backend (issue 12, target 2), where reading is all a
-# component's load does (`_reads_only`). On CUDA, MLX's GPU-stream `Load` reads each tensor into fresh
-# host memory and then copies it to the device: 3.9-4.8 GB/s on the H200 however many threads. On the
-# CPU stream it reads straight into the array's buffer (CUDA managed memory), 9.3-10.7 GB/s, and leaves
-# it in host pages. Round 10 then moved them with a GPU pass per group, page fault by page fault, and a
-# whole load was no faster (the 33.7 GB bf16 model in 10.42 s against 8.64 s). So each group is now
-# handed to the driver to move in bulk as soon as it is read (`device.prefetch`): 16 GB of shards read
-# and on the device at 9.4 GB/s (round 11 in docs/PERFORMANCE.md). Where the prefetch can't be made, a
-# GPU pass moves them (`_move_to_device`). Where the load computes (a cast, a quantization, diffusers'
-# q/k/v joined), those GPU ops would read the host pages by faults, so such components read on the GPU
-# stream as before. Metal shares one memory (nothing to move) and was not measured; the CPU has one.
-LOAD_ON_CPU = {"cuda": True, "metal": False, "cpu": False}
+# component's load does (`_read`). On CUDA, MLX's GPU-stream `Load` reads each tensor into fresh host
+# memory and then copies it to the device: 3.9-4.8 GB/s on the H200 however many threads. On the CPU
+# stream it reads straight into the array's buffer (CUDA managed memory), 9.3-10.7 GB/s, and leaves it
+# in host pages; each group is then handed to the driver to move in bulk (`device.prefetch`; where it
+# can't, a GPU pass moves them page fault by page fault, `_move_to_device`). Where the load computes (a
+# cast, a quantization, diffusers' q/k/v joined), those GPU ops would read the host pages by faults, so
+# such components read on the GPU stream either way. Round 11 on the H200 (docs/PERFORMANCE.md): the
+# 33.7 GB bf16 MLX-native model in 6.55 s with 8 threads and 5.30 s with 16 (5.1 and 6.4 GB/s), against
+# 8.27 s and 7.96 s on the GPU stream. But in a Hugging Face folder's pipeline, the text encoders read
+# this way then encoded 4x slower (the second prompt: 0.61-0.70 s against 0.16 s), which ate the faster
+# read (load + first image 8.97 s against 8.48 s), for a reason not yet found. So it is off on every
+# backend; `bench_flux.py --load-stream cpu` (and `--load-ways gpu,cpu`) runs it.
+LOAD_ON_CPU = {"cuda": False, "metal": False, "cpu": False}
 # The Hugging Face layout's components whose weights are the files' tensors renamed (`converters.diffusers`)
 RENAMED_ONLY = {"text_encoder", "text_encoder_2"}
 
@@ -161,7 +163,8 @@ def prepare(
 
 
 def _read(where: Path, component: str, fmt: str, dtype, spec: QuantSpec | None) -> dict:
-    """`read_weights` on MLX's CPU stream where `LOAD_ON_CPU` and the load only reads (`_reads_only`),
+    """`read_weights` on MLX's CPU stream where `LOAD_ON_CPU` and the load only reads (MLX-native
+    shards or the HF layout's `RENAMED_ONLY` components, not quantized now, no cast: `_reads_only`),
     else on the default stream."""
     if (
         LOAD_ON_CPU[backend()]
