@@ -103,6 +103,7 @@
 #   af: (a new lease; carry .gpu2 and .gpuw) the blocks' gradients through each kernel alone; the loader reading on the CPU
 #       stream with the driver's prefetch: the native bf16 load each way, a first image from it, and
 #       the Hugging Face layout's load + first image (diffusers twice, mflux three times)
+#   ag: (a new lease) matmul passes over shards read each way (why af's CPU-stream reads computed slower)
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -751,8 +752,22 @@ case "${1:-}" in
     done
     rm -rf "$HF"
     ;;
+  ag)
+    # round 11, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu2): why arrays read
+    # on the CPU stream computed slower (af's text encoders): matmul passes over 16 GB of shards read each
+    # way, and with each array re-made on the GPU stream after the prefetch
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    fi
+    shards="$SCRATCH/shards"
+    rm -rf "$shards"
+    step load-probe 40 timeout 200 "$PY" bench/probe_load.py "$shards" --write-gb "$([ "$SIZE" = full ] && echo 16 || echo 0.5)" \
+      --ways mx_load_threads,mx_load_cpu_prefetch,mx_load_cpu_prefetch_detached,mx_load_cpu_threads --threads 16 \
+      --timeout 45 2>&1 | tee "$OUT/load_probe.jsonl"
+    rm -rf "$shards"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag [full|tiny]" >&2
     exit 2
     ;;
 esac

@@ -16,7 +16,13 @@ several ways, each in its own process, each printing GB/s as a JSON line.
   needs, the second shows whether it stays on the device. Every way's line has those passes too.
 - mx_load_cpu_prefetch: `mx_load_cpu_threads`, and each thread asks the CUDA driver to move its shard's
   arrays to the GPU as soon as they are read (`cuMemPrefetchAsync` on their managed memory, in bulk,
-  where the first GPU pass moves them page fault by page fault). Its line adds `prefetch_errors`.
+  where the first GPU pass moves them page fault by page fault: `mflux.runtime.device.prefetch`, as
+  the loader calls it). Its line adds `prefetch_refused`.
+- mx_load_cpu_prefetch_detached: the same, then each array passed through `mx.stop_gradient` on the GPU
+  stream (a new array on the same buffer, made by the GPU stream, not the CPU stream).
+
+Every GPU way's line also has three matmul passes over the arrays after the touches (`mm*_s`: a
+16-row product with each, memory-bound), the compute a model does with its weights.
 
 `--write-gb N` first writes N GB of random bf16 shards (1 GiB each) into the folder, if it has none.
 
@@ -42,6 +48,7 @@ WAYS = (
     "numpy_threads",
     "mx_load_cpu_threads",
     "mx_load_cpu_prefetch",
+    "mx_load_cpu_prefetch_detached",
 )
 
 
@@ -73,49 +80,6 @@ def _numpy_arrays(path: Path) -> list:
     return out
 
 
-class _Prefetch:
-    """The CUDA driver's `cuMemPrefetchAsync_v2` onto device 0, from any thread (each makes the device's
-    primary context, MLX's, current first). Errors are counted, not raised: a prefetch is only a hint."""
-
-    def __init__(self):
-        import ctypes
-        import threading
-
-        self.ct, self.cuda = ctypes, ctypes.CDLL("libcuda.so.1")
-        self.ctx, dev = ctypes.c_void_p(), ctypes.c_int()
-        self.cuda.cuInit(0)
-        self.cuda.cuDeviceGet(ctypes.byref(dev), 0)
-        self.cuda.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), dev)
-
-        class Location(ctypes.Structure):  # CUmemLocation: type 1 is CU_MEM_LOCATION_TYPE_DEVICE
-            _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-        self.where = Location(1, 0)
-        self.fn = self.cuda.cuMemPrefetchAsync_v2
-        self.fn.argtypes = [ctypes.c_uint64, ctypes.c_size_t, Location, ctypes.c_uint, ctypes.c_void_p]
-        self.errors, self.lock, self.local = 0, threading.Lock(), threading.local()
-
-    def synchronize(self) -> None:
-        """Until every prefetch is done (they run on the context's null stream)."""
-        self.cuda.cuCtxSetCurrent(self.ctx)
-        self.cuda.cuCtxSynchronize()
-
-    def __call__(self, arrays: list) -> None:
-        import mlx.core as mx
-        import numpy as np
-
-        if not getattr(self.local, "current", False):
-            self.cuda.cuCtxSetCurrent(self.ctx)
-            self.local.current = True
-        for a in arrays:
-            raw = a.view(mx.uint8) if a.dtype == mx.bfloat16 else a
-            mx.eval(raw)
-            ptr = np.asarray(raw).__array_interface__["data"][0]  # the managed buffer itself, no copy
-            if self.fn(ptr, a.nbytes, self.where, 0, None):
-                with self.lock:
-                    self.errors += 1
-
-
 def _write(folder: Path, gb: float) -> None:
     """Random bf16 shards of 1 GiB, eight 128 MiB tensors each, written with the safetensors layout."""
     import numpy as np
@@ -139,6 +103,8 @@ def _write(folder: Path, gb: float) -> None:
 def run_way(way: str, files: list[Path], threads: int) -> None:
     import mlx.core as mx
 
+    from mflux.runtime import device
+
     total = sum(f.stat().st_size for f in files)
     kept: list = []  # the loaded arrays, for the GPU passes after the load
     t = time.perf_counter()
@@ -156,22 +122,31 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     elif way == "mx_load_all":
         arrays = [mx.load(str(f)) for f in files]
         mx.eval(arrays)
-    elif way in ("mx_load_threads", "mx_load_cpu_threads", "mx_load_cpu_prefetch"):
+    elif way in (
+        "mx_load_threads",
+        "mx_load_cpu_threads",
+        "mx_load_cpu_prefetch",
+        "mx_load_cpu_prefetch_detached",
+    ):
         stream = mx.cpu if way.startswith("mx_load_cpu") else None
-        prefetch = _Prefetch() if way == "mx_load_cpu_prefetch" else None
+        prefetch = way.startswith("mx_load_cpu_prefetch")
+        refused = []
 
         def one(f):
             arrays = mx.load(str(f), stream=stream)
             mx.eval(arrays)
-            if prefetch:
-                prefetch(list(arrays.values()))
+            if prefetch:  # as the loader does (mflux.runtime.device), on this thread's own stream
+                if not device.prefetch(list(arrays.values())):
+                    refused.append(f)
+                device.prefetch_wait()
             return list(arrays.values())
 
         with ThreadPoolExecutor(threads) as pool:
             for arrays in pool.map(one, files):
                 kept.extend(arrays)
-        if prefetch:
-            prefetch.synchronize()
+        if way.endswith("_detached"):
+            kept = [mx.stop_gradient(a) for a in kept]
+            mx.eval(kept)
     elif way == "numpy_threads":
         with ThreadPoolExecutor(threads) as pool:
             for arrays in pool.map(_numpy_arrays, files):
@@ -184,6 +159,12 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
         mx.eval([mx.max(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a, stream=mx.gpu) for a in kept])
         mx.synchronize()
         touches.append(round(time.perf_counter() - t2, 3))
+    matmuls = []
+    for _ in range(3 if kept and mx.default_device() != mx.cpu else 0):
+        t2 = time.perf_counter()
+        mx.eval([(mx.ones((16, a.shape[-1]), a.dtype) @ a.T).sum() for a in kept if a.ndim == 2])
+        mx.synchronize()
+        matmuls.append(round(time.perf_counter() - t2, 4))
     line = {
         "what": "load_probe",
         "way": way,
@@ -193,8 +174,9 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     line |= {"gb": round(total / 1e9, 3), "s": round(s, 3), "gb_per_s": round(total / 1e9 / s, 3)}
     line |= {"peak_gb": round(mx.get_peak_memory() / 1e9, 3)}
     line |= {f"touch{i + 1}_s": v for i, v in enumerate(touches)}
-    if way == "mx_load_cpu_prefetch":
-        line["prefetch_errors"] = prefetch.errors
+    line |= {f"mm{i + 1}_s": v for i, v in enumerate(matmuls)}
+    if way.startswith("mx_load_cpu_prefetch"):
+        line["prefetch_refused"] = len(refused)  # shards the driver would not prefetch
     if touches:
         line["load_touch_gb_per_s"] = round(total / 1e9 / (s + touches[0]), 3)
     print(json.dumps(line), flush=True)
