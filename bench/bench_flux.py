@@ -61,6 +61,8 @@ BUDGETS = {
 # the two ways a quantized layer multiplies (mflux.runtime.qmatmul): MLX's quantized_matmul at every
 # size, or dequantize-then-matmul from `--min-rows` rows on (the CUDA default)
 PATHS = ("qmm", "dequant", "fused", "kernel")
+# --load-stream / --load-ways: the ways mx.load reads, as loader.LOAD_STREAM names them
+WAYS = {"gpu": "default", "cpu": "cpu", "cpu-copy": "cpu-copy"}
 QUANTS = {"q8": QuantSpec(8), "q4": QuantSpec(4)}
 MICRO_QUANTS = {
     "q8": QuantSpec(8),
@@ -1066,6 +1068,19 @@ def _child_pipeline(size: Size, args, quant: str, cache: Path, budget: Budget) -
     return figs
 
 
+def _passes(module) -> float:
+    """Seconds of the second of two GPU passes that read every parameter of a loaded module once (a
+    reduction each): what a step pays to read those weights, where they lie (device or managed memory)."""
+    arrays = [a for _, a in tree_flatten(module.parameters()) if a.size]
+    seconds = 0.0
+    for _ in range(2):
+        t = time.perf_counter()
+        mx.eval([mx.max(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a) for a in arrays])
+        mx.synchronize()
+        seconds = time.perf_counter() - t
+    return seconds
+
+
 def section_load(size: Size, args, budget: Budget) -> None:
     """Write an MLX-native model (the converter's layout: one folder of shards per component) with
     random weights to local disk, then time the loader reading it back, component by component."""
@@ -1110,7 +1125,7 @@ def section_load(size: Size, args, budget: Budget) -> None:
             }
             defaults = {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
             mf = ModelFolder(folder, "mlx", "schnell", architecture, quantization or None, quant, defaults)
-            own = "cpu" if loader.LOAD_ON_CPU[qmatmul.backend()] else "gpu"
+            own = {v: k for k, v in WAYS.items()}[loader.LOAD_STREAM[qmatmul.backend()]]
             ways = [
                 (t, w)
                 for t in args.read_threads or [loader.LOAD_THREADS[qmatmul.backend()]]
@@ -1118,12 +1133,14 @@ def section_load(size: Size, args, budget: Budget) -> None:
             ]
             for threads, way in ways:
                 loader.LOAD_THREADS[qmatmul.backend()], seconds = threads, {}
-                loader.LOAD_ON_CPU[qmatmul.backend()] = way == "cpu"
+                loader.LOAD_STREAM[qmatmul.backend()] = WAYS[way]
                 free()
+                passes = {}
                 for c in COMPONENTS:
                     t = time.perf_counter()
                     module = load_component(mf, c, args.dtype)
                     seconds[c] = time.perf_counter() - t
+                    passes[c] = _passes(module)
                     del module
                 report(
                     what="load",
@@ -1134,9 +1151,10 @@ def section_load(size: Size, args, budget: Budget) -> None:
                     **{f"{c}_s": v for c, v in seconds.items()},
                     gb=sum(sizes.values()) / 1e9,
                     **{f"{c}_gb": v / 1e9 for c, v in sizes.items()},
+                    **{f"{c}_pass_s": v for c, v in passes.items()},
                     peak_gb=peak_gb(),
                 )
-            loader.LOAD_ON_CPU[qmatmul.backend()] = own == "cpu"
+            loader.LOAD_STREAM[qmatmul.backend()] = WAYS[own]
             for c in COMPONENTS:
                 params = params_count(construct(c, size))
                 report(
@@ -1331,15 +1349,16 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--load-stream",
-        choices=("default", "gpu", "cpu"),
+        choices=("default", *WAYS),
         default="default",
-        help="load/pipeline/firstrun: the stream mx.load reads on where a load only reads (loader.LOAD_ON_CPU; "
-        "cpu: each group then moved onto the device); default: the backend's",
+        help="load/pipeline/firstrun: where mx.load reads when a load only reads (loader.LOAD_STREAM): gpu "
+        "(the default stream), cpu (MLX's CPU stream, each group then moved onto the device), cpu-copy (then "
+        "copied into the device's own memory); default: the backend's",
     )
     parser.add_argument(
         "--load-ways",
         default="",
-        help="load: the streams mx.load reads on, gpu and/or cpu (loader.LOAD_ON_CPU), each timed in turn "
+        help="load: the ways mx.load reads (--load-stream's gpu, cpu, cpu-copy), each timed in turn "
         "(default: the backend's way alone)",
     )
     parser.add_argument(
@@ -1389,11 +1408,11 @@ def main(argv=None) -> None:
     if args.load_threads:
         loader.LOAD_THREADS[qmatmul.backend()] = args.load_threads
     if args.load_stream != "default":
-        loader.LOAD_ON_CPU[qmatmul.backend()] = args.load_stream == "cpu"
+        loader.LOAD_STREAM[qmatmul.backend()] = WAYS[args.load_stream]
     args.read_threads = [int(t) for t in args.read_threads.split(",") if t]
     args.load_ways = [w for w in args.load_ways.split(",") if w]
-    if not set(args.load_ways) <= {"gpu", "cpu"}:
-        parser.error("--load-ways takes gpu, cpu")
+    if not set(args.load_ways) <= set(WAYS):
+        parser.error(f"--load-ways takes {', '.join(WAYS)}")
     args.band_mb = [int(b) for b in args.band_mb.split(",") if b]
     args.caches = [c for c in args.caches.split(",") if c]
     args.headrooms = [parse_headroom(h) for h in args.headroom.split(",") if h]

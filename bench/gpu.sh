@@ -103,7 +103,18 @@
 #   af: (a new lease; carry .gpu2 and .gpuw) the blocks' gradients through each kernel alone; the loader reading on the CPU
 #       stream with the driver's prefetch: the native bf16 load each way, a first image from it, and
 #       the Hugging Face layout's load + first image (diffusers twice, mflux three times)
-#   ag: (a new lease) matmul passes over shards read each way (why af's CPU-stream reads computed slower)
+# Round 12 (the loader's "cpu-copy": read on the CPU stream, moved, copied into the device's own memory):
+#   ag: (a new lease; carry .gpu2 and .gpuw) the native bf16 load each way with a GPU pass over each
+#       component after it, a first image from it each way, probe_load's passes over shards read each
+#       way (why af's CPU-stream reads computed slower) and its np.asarray check
+#   ah: (right after ag, and again right after that) the Hugging Face layout's load + first image:
+#       diffusers twice, mflux each way
+#   ai: (right after) a native bf16 first image read "cpu-copy", with the overlapped transformer read and
+#       without; an empty kernel cache against warm
+#   aj: (right after) native q8/q4 loads and first images, each way
+#   ak: (a new lease; carry .gpu2 and .gpuw) the loader's group size under "cpu-copy" (probe_groups.py)
+#   al: (a new lease; carry .gpu2 and .gpuw) the new defaults: native loads, a native first image, the
+#       Hugging Face layout's load + first image against diffusers
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -753,21 +764,135 @@ case "${1:-}" in
     rm -rf "$HF"
     ;;
   ag)
-    # round 11, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carrying .gpu2): why arrays read
-    # on the CPU stream computed slower (af's text encoders): matmul passes over 16 GB of shards read each
-    # way, and with each array re-made on the GPU stream after the prefetch
+    # round 12, on a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carry .gpu2 and .gpuw): why arrays
+    # read on the CPU stream computed slower (af's text encoders), and the loader's "cpu-copy". The
+    # MLX-native bf16 model written, then read each way (loader.LOAD_STREAM: gpu, cpu, cpu-copy) with 8 and
+    # 16 threads, each component's weights then read once more by the GPU (*_pass_s); a first image from
+    # it each way (the encodes and steps after such a load), the first with an empty kernel cache; then
+    # probe_load.py: passes over 16 GB of shards read each way, copied or re-made, and whether MLX's
+    # `np.asarray` moves a device buffer into managed memory
     if [ "$SIZE" = full ]; then
       bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+      if [ -d .gpuw ]; then python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl; fi
     fi
+    rm -rf "$PTX" "$NATIVE" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step native-load 100 "${BENCH[@]}" --sections load --quant bf16 --read-threads 8,16 --load-ways gpu,cpu,cpu-copy \
+      --keep-model "$NATIVE" --time-limit 200 2>&1 | tee "$OUT/native.jsonl"
+    for how in gpu cpu cpu-copy gpu; do
+      caches=warm
+      if [ ! -d "$PTX/nat" ]; then caches=empty,warm; fi
+      step "native-first-$how" 40 "${BENCH[@]}" --sections firstrun --caches "$caches" --ptx-cache "$PTX/nat" \
+        --folder "$NATIVE/bf16" --quant bf16 --load-stream "$how" --time-limit 80 2>&1 | tee -a "$OUT/native.jsonl"
+    done
+    rm -rf "$NATIVE"
     shards="$SCRATCH/shards"
     rm -rf "$shards"
-    step load-probe 40 timeout 200 "$PY" bench/probe_load.py "$shards" --write-gb "$([ "$SIZE" = full ] && echo 16 || echo 0.5)" \
-      --ways mx_load_threads,mx_load_cpu_prefetch,mx_load_cpu_prefetch_detached,mx_load_cpu_threads --threads 16 \
-      --timeout 45 2>&1 | tee "$OUT/load_probe.jsonl"
+    step load-probe 40 timeout 220 "$PY" bench/probe_load.py "$shards" --write-gb "$([ "$SIZE" = full ] && echo 16 || echo 0.5)" \
+      --ways asarray,mx_load_threads,mx_load_cpu_prefetch,mx_load_cpu_prefetch_copy,mx_load_cpu_prefetch_detached \
+      --threads 16 --timeout 45 2>&1 | tee "$OUT/load_probe.jsonl"
     rm -rf "$shards"
     ;;
+  ah)
+    # round 12, right after ag on the same lease (nothing carried): target 2's Hugging Face layout, bf16:
+    # the random checkpoint written, then diffusers' load + first image, mflux's with the text encoders
+    # read each way (loader.LOAD_STREAM: gpu, cpu, cpu-copy), diffusers' again, on ag's warm kernel cache
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    rm -rf "$HF"
+    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" \
+      --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
+    for how in diffusers gpu cpu-copy cpu diffusers gpu cpu-copy; do
+      if [ "$how" = diffusers ]; then
+        if [ "$SIZE" = full ]; then
+          step hf-diffusers 50 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
+        fi
+        continue
+      fi
+      step "hf-mflux-$how" 30 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/nat" --folder "$HF" \
+        --quant bf16 --load-stream "$how" --time-limit 60 2>&1 | tee -a "$OUT/hf.jsonl"
+    done
+    rm -rf "$HF"
+    ;;
+  ai)
+    # round 12, right after ah (nothing carried): a native bf16 first image read "cpu-copy", the
+    # transformer read while the prompt encodes and not (--overlap-load auto/off, twice each), then with
+    # an empty kernel cache against warm (target 3)
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    rm -rf "$NATIVE"
+    step native-write 60 "${BENCH[@]}" --sections load --quant bf16 --read-threads 8 --load-ways cpu-copy \
+      --keep-model "$NATIVE" --time-limit 150 2>&1 | grep '"load"' | tee "$OUT/overlap.jsonl"
+    for o in auto off auto off; do
+      step "native-first-$o" 20 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/nat" \
+        --folder "$NATIVE/bf16" --quant bf16 --load-stream cpu-copy --overlap-load $o --time-limit 60 2>&1 \
+        | grep '"firstrun"' | tee -a "$OUT/overlap.jsonl"
+    done
+    rm -rf "$SCRATCH/ptx-empty"
+    step native-first-empty 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$SCRATCH/ptx-empty" \
+      --folder "$NATIVE/bf16" --quant bf16 --load-stream cpu-copy --time-limit 120 2>&1 | grep '"firstrun"' \
+      | tee -a "$OUT/overlap.jsonl"
+    rm -rf "$NATIVE"
+    ;;
+  aj)
+    # round 12, right after ai (nothing carried): native q8 and q4 models read each way, and first images
+    # from them each way, twice (the first of each quantization builds its kernels: an empty cache)
+    export MLX_PTX_CACHE_DIR="$PTX/all"
+    rm -rf "$NATIVE"
+    step native-load 60 "${BENCH[@]}" --sections load --quant q8,q4 --read-threads 8 --load-ways gpu,cpu-copy \
+      --keep-model "$NATIVE" --time-limit 200 2>&1 | grep '"load"' | tee "$OUT/quant.jsonl"
+    for q in q8 q4; do
+      for w in gpu cpu-copy gpu cpu-copy; do
+        step "native-first-$q-$w" 20 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/nat-$q" \
+          --folder "$NATIVE/$q" --quant $q --load-stream $w --time-limit 60 2>&1 | grep '"firstrun"' \
+          | sed "s/^/$w /" | tee -a "$OUT/quant.jsonl"
+      done
+    done
+    rm -rf "$NATIVE"
+    ;;
+  ak)
+    # round 12, a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carry .gpu2 and .gpuw): the loader's
+    # group size under "cpu-copy" (bench/probe_groups.py), q4 and bf16 native models
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+      if [ -d .gpuw ]; then python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl; fi
+    fi
+    rm -rf "$NATIVE"
+    step native-write 60 "${BENCH[@]}" --sections load --quant q4,bf16 --read-threads 8 --load-ways gpu \
+      --keep-model "$NATIVE" --time-limit 200 2>&1 | grep '"load"' | tee "$OUT/groups.jsonl"
+    for q in q4 bf16; do
+      step "groups-$q" 30 "$PY" bench/probe_groups.py "$NATIVE/$q" --mib 16,64,256 | sed "s/^/$q /" | tee -a "$OUT/groups.jsonl"
+    done
+    rm -rf "$NATIVE"
+    ;;
+  al)
+    # round 12, a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carry .gpu2 and .gpuw): the defaults
+    # after ag-ak (loader.LOAD_STREAM "cpu-copy" on CUDA, for components of CPU_READ_MIN_BYTES and up):
+    # native bf16/q8/q4 loads, a native bf16 first image (empty kernel cache, then warm), then the Hugging
+    # Face layout's load + first image, diffusers and mflux in turn, twice each
+    if [ "$SIZE" = full ]; then
+      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+      if [ -d .gpuw ]; then python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl; fi
+    fi
+    rm -rf "$PTX" "$NATIVE" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    step native-load 100 "${BENCH[@]}" --sections load --quant bf16,q8,q4 --read-threads 8 --keep-model "$NATIVE" \
+      --time-limit 200 2>&1 | tee "$OUT/native.jsonl"
+    step native-first 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/nat" \
+      --folder "$NATIVE/bf16" --quant bf16 --time-limit 100 2>&1 | tee -a "$OUT/native.jsonl"
+    rm -rf "$NATIVE" "$HF"
+    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" \
+      --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
+    for impl in diffusers mflux diffusers mflux; do
+      if [ "$impl" = diffusers ]; then
+        if [ "$SIZE" = full ]; then
+          step hf-diffusers 50 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
+        fi
+        continue
+      fi
+      step hf-mflux 30 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/nat" --folder "$HF" \
+        --quant bf16 --time-limit 60 2>&1 | tee -a "$OUT/hf.jsonl"
+    done
+    rm -rf "$HF"
+    ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al [full|tiny]" >&2
     exit 2
     ;;
 esac

@@ -20,6 +20,12 @@ several ways, each in its own process, each printing GB/s as a JSON line.
   the loader calls it). Its line adds `prefetch_refused`.
 - mx_load_cpu_prefetch_detached: the same, then each array passed through `mx.stop_gradient` on the GPU
   stream (a new array on the same buffer, made by the GPU stream, not the CPU stream).
+- mx_load_cpu_prefetch_copy: `mx_load_cpu_prefetch`, then each thread copies its shard's arrays on the
+  default stream (`mflux.runtime.loader._device_copy`: into the device's own memory, where MLX gives
+  CPU-stream arrays managed memory) and drops the managed ones, as `loader.LOAD_STREAM` "cpu-copy" does.
+- asarray: not a read. A 1 GiB array computed on the GPU, then `np.asarray` of it twice, timed (`as1_s`,
+  `as2_s`), and whether the driver calls its memory managed after (`managed`): a first call far slower
+  than the second means MLX moved a device buffer into managed memory to hand out its host pointer.
 
 Every GPU way's line also has three matmul passes over the arrays after the touches (`mm*_s`: a
 16-row product with each, memory-bound), the compute a model does with its weights.
@@ -49,6 +55,8 @@ WAYS = (
     "mx_load_cpu_threads",
     "mx_load_cpu_prefetch",
     "mx_load_cpu_prefetch_detached",
+    "mx_load_cpu_prefetch_copy",
+    "asarray",
 )
 
 
@@ -103,7 +111,7 @@ def _write(folder: Path, gb: float) -> None:
 def run_way(way: str, files: list[Path], threads: int) -> None:
     import mlx.core as mx
 
-    from mflux.runtime import device
+    from mflux.runtime import device, loader
 
     total = sum(f.stat().st_size for f in files)
     kept: list = []  # the loaded arrays, for the GPU passes after the load
@@ -122,11 +130,15 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     elif way == "mx_load_all":
         arrays = [mx.load(str(f)) for f in files]
         mx.eval(arrays)
+    elif way == "asarray":
+        print(json.dumps({"what": "asarray_probe", **_asarray_probe()}), flush=True)
+        return
     elif way in (
         "mx_load_threads",
         "mx_load_cpu_threads",
         "mx_load_cpu_prefetch",
         "mx_load_cpu_prefetch_detached",
+        "mx_load_cpu_prefetch_copy",
     ):
         stream = mx.cpu if way.startswith("mx_load_cpu") else None
         prefetch = way.startswith("mx_load_cpu_prefetch")
@@ -139,6 +151,10 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
                 if not device.prefetch(list(arrays.values())):
                     refused.append(f)
                 device.prefetch_wait()
+            if way.endswith("_copy"):  # as loader.LOAD_STREAM "cpu-copy" does
+                copies = [loader._device_copy(a) for a in arrays.values()]
+                mx.eval(copies)
+                return copies
             return list(arrays.values())
 
         with ThreadPoolExecutor(threads) as pool:
@@ -180,6 +196,30 @@ def run_way(way: str, files: list[Path], threads: int) -> None:
     if touches:
         line["load_touch_gb_per_s"] = round(total / 1e9 / (s + touches[0]), 3)
     print(json.dumps(line), flush=True)
+
+
+def _asarray_probe() -> dict:
+    import ctypes
+
+    import mlx.core as mx
+    import numpy as np
+
+    a = mx.zeros((2**28,), mx.uint32) + 1  # computed on the GPU stream
+    mx.eval(a)
+    mx.synchronize()
+    out = {}
+    for i in (1, 2):
+        t = time.perf_counter()
+        pointer = np.asarray(a).__array_interface__["data"][0]
+        out[f"as{i}_s"] = round(time.perf_counter() - t, 5)
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return out | {"managed": None}  # no CUDA driver here
+    managed = ctypes.c_uint(0)
+    # CU_POINTER_ATTRIBUTE_IS_MANAGED = 8
+    rc = cuda.cuPointerGetAttribute(ctypes.byref(managed), 8, ctypes.c_uint64(pointer))
+    return out | {"managed": bool(managed.value) if rc == 0 else f"rc {rc}"}
 
 
 def main() -> None:

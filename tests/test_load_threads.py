@@ -27,7 +27,9 @@ def test_several_threads_load_the_same_weights(tiny_schnell, monkeypatch, spec):
     one = _load(tiny_schnell, 1, monkeypatch, spec)
     threads = set()
     real = loader.evaluate
-    monkeypatch.setattr(loader, "evaluate", lambda *a: threads.add(threading.get_ident()) or real(*a))
+    monkeypatch.setattr(
+        loader, "evaluate", lambda *a, **k: threads.add(threading.get_ident()) or real(*a, **k)
+    )
     four = _load(tiny_schnell, 4, monkeypatch, spec)
     assert len(threads - {threading.get_ident()}) >= 2  # read on threads other than the caller's
     for c in COMPONENTS:
@@ -134,17 +136,23 @@ def test_no_overlap_for_quantized_weights(tiny_schnell, monkeypatch):
     assert threads == {threading.main_thread().name}
 
 
+@pytest.mark.parametrize("how", ["cpu", "cpu-copy"])
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("spec", [None, QuantSpec(8)])
 def test_loading_on_the_cpu_stream_gives_the_same_weights_and_moves_every_array(
-    tiny_schnell, monkeypatch, threads, spec
+    tiny_schnell, monkeypatch, threads, spec, how
 ):
-    """loader.LOAD_ON_CPU: the components whose load only reads (the Hugging Face layout's text encoders,
+    """loader.LOAD_STREAM "cpu": the components whose load only reads (the Hugging Face layout's text encoders,
     stored in the dtype asked for, not quantized) read every shard with `mx.load(..., stream=mx.cpu)`,
-    and every parameter is moved once its group is evaluated (here, with no CUDA driver to prefetch, by
-    the GPU pass); the others read on the default stream. The weights are the default path's."""
+    and each of their parameters is moved once its group is evaluated (here, with no CUDA driver to
+    prefetch, by the GPU pass); the others read on the default stream and are not moved (on CUDA, the
+    prefetch's host pointer would first turn a device buffer into managed memory). The weights are the
+    default path's; under "cpu-copy", as copies (`_device_copy`)."""
     default = _load(tiny_schnell, threads, monkeypatch, spec, mx.bfloat16)  # the files' dtype: no cast
-    monkeypatch.setitem(loader.LOAD_ON_CPU, "cpu", True)
+    monkeypatch.setitem(loader.LOAD_STREAM, "cpu", how)
+    copied = []
+    real_copy = loader._device_copy
+    monkeypatch.setattr(loader, "_device_copy", lambda a: copied.append(a.shape) or real_copy(a))
     streams, moved = [], []
     real_load, real_move = mx.load, loader._move_to_device
 
@@ -156,21 +164,48 @@ def test_loading_on_the_cpu_stream_gives_the_same_weights_and_moves_every_array(
     monkeypatch.setattr(loader, "_move_to_device", lambda arrays: moved.extend(arrays) or real_move(arrays))
     on_cpu = _load(tiny_schnell, threads, monkeypatch, spec, mx.bfloat16)
     read_on = {c: {s for name, s in streams if name == c} for c in COMPONENTS}
+    cpu = [c for c in COMPONENTS if spec is None and c in loader.RENAMED_ONLY]
     for c in COMPONENTS:
-        cpu = spec is None and c in loader.RENAMED_ONLY
-        # a load that computes reads on the default stream (after a look at the CPU stream's headers)
-        assert read_on[c] == ({mx.cpu} if cpu else {None}) or (not cpu and read_on[c] == {mx.cpu, None}), c
-    assert len(moved) >= sum(len(p) for p in on_cpu.values())  # each parameter, in the groups evaluated
+        assert read_on[c] == ({mx.cpu} if c in cpu else {None}), c  # a load that computes: the default
+    # each CPU-stream parameter is moved once its group is evaluated, and nothing the GPU computed
+    assert len(moved) == sum(len(on_cpu[c]) for c in cpu)
+    assert len(copied) == (len(moved) if how == "cpu-copy" else 0)
     for c in COMPONENTS:
         assert default[c].keys() == on_cpu[c].keys()
         for name in default[c]:
             assert mx.array_equal(default[c][name], on_cpu[c][name]).item(), f"{c} {name}"
 
 
+def test_a_component_under_the_size_floor_reads_on_the_default_stream(tiny_schnell, monkeypatch):
+    """loader.CPU_READ_MIN_BYTES: a component of fewer bytes reads on the default stream, as CUDA's
+    CLIP and VAE do."""
+    monkeypatch.setitem(loader.LOAD_STREAM, "cpu", "cpu-copy")
+    mf = open_folder(tiny_schnell)
+    size = sum(f.stat().st_size for f in (tiny_schnell / "text_encoder_2").glob("*.safetensors"))
+    for floor, expected in [(size, True), (size + 1, False)]:
+        monkeypatch.setitem(loader.CPU_READ_MIN_BYTES, "cpu", floor)
+        where = mf.path / "text_encoder_2"
+        assert loader.reads_on_cpu(where, "text_encoder_2", mf.format, mx.bfloat16, None) is expected
+
+
+def test_a_device_copy_keeps_every_bit():
+    """loader._device_copy: signed zeros, NaN payloads, subnormals and integers come out as they went in."""
+    bits = np.array([0x8000, 0x7FC1, 0x0001, 0x3F80, 0xFF81, 0], dtype=np.uint16)
+    for a in [
+        mx.array(bits).view(mx.bfloat16),
+        mx.array(bits.view(np.float16)),
+        mx.arange(7, dtype=mx.uint32),
+    ]:
+        mx.eval(a)
+        b = loader._device_copy(a)
+        assert b.dtype == a.dtype and b.shape == a.shape
+        np.testing.assert_array_equal(np.array(b.view(mx.uint8)), np.array(a.view(mx.uint8)))
+
+
 def test_a_cast_keeps_the_read_on_the_default_stream(tiny_schnell, monkeypatch):
     """Stored in bfloat16 and loaded as float32: the cast would read the CPU stream's pages from the
     GPU, so even the text encoders read on the default stream."""
-    monkeypatch.setitem(loader.LOAD_ON_CPU, "cpu", True)
+    monkeypatch.setitem(loader.LOAD_STREAM, "cpu", "cpu-copy")
     mf = open_folder(tiny_schnell)
     streams = []
     real_load = mx.load

@@ -7,7 +7,8 @@ fault. `prefetch` asks the driver to move whole arrays at once instead (`cuMemPr
 stream of the calling thread's own. On the H200, 16 GB of shards read by 16 threads on the CPU stream took
 1.50 s, then 1.60 s for the first GPU pass to move them; read and prefetched, 1.70 s in all, after which
 the first GPU pass took 0.016 s (9.4 GB/s against 5.2; MLX's GPU-stream read 4.8 GB/s: round 11 in
-docs/PERFORMANCE.md, `bench/probe_load.py`). The loader uses it where `loader.LOAD_ON_CPU` (off by default).
+docs/PERFORMANCE.md, `bench/probe_load.py`). The loader uses it where `loader.LOAD_STREAM` reads on the
+CPU stream (CUDA's default since round 12).
 """
 
 import ctypes

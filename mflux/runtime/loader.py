@@ -27,7 +27,7 @@ from mflux.runtime.quantization import (
     quantize_tensor,
     should_quantize,
 )
-from mflux.runtime.weights import SafetensorsFile, TensorSource
+from mflux.runtime.weights import DTYPE_NAMES, SafetensorsFile, TensorSource
 
 # Loaded bytes evaluated together. A quantized group's float sources are 4-8 times its size, so groups stay
 # small: at 16 MiB, peak RSS under -q matched tensor-by-tensor loading (0.52 vs 0.49 GB for a 0.4 GB
@@ -40,20 +40,29 @@ EVAL_GROUP_BYTES = 16 * 2**20
 # 2-core CPU gains nothing, so both keep one.
 LOAD_THREADS = {"cuda": 8, "metal": 1, "cpu": 1}
 
-# Whether `mx.load` reads on MLX's CPU stream, per backend (issue 12, target 2), where reading is all a
-# component's load does (`_read`). On CUDA, MLX's GPU-stream `Load` reads each tensor into fresh host
-# memory and then copies it to the device: 3.9-4.8 GB/s on the H200 however many threads. On the CPU
-# stream it reads straight into the array's buffer (CUDA managed memory), 9.3-10.7 GB/s, and leaves it
-# in host pages; each group is then handed to the driver to move in bulk (`device.prefetch`; where it
-# can't, a GPU pass moves them page fault by page fault, `_move_to_device`). Where the load computes (a
-# cast, a quantization, diffusers' q/k/v joined), those GPU ops would read the host pages by faults, so
-# such components read on the GPU stream either way. Round 11 on the H200 (docs/PERFORMANCE.md): the
-# 33.7 GB bf16 MLX-native model in 6.55 s with 8 threads and 5.30 s with 16 (5.1 and 6.4 GB/s), against
-# 8.27 s and 7.96 s on the GPU stream. But in a Hugging Face folder's pipeline, the text encoders read
-# this way then encoded 4x slower (the second prompt: 0.61-0.70 s against 0.16 s), which ate the faster
-# read (load + first image 8.97 s against 8.48 s), for a reason not yet found. So it is off on every
-# backend; `bench_flux.py --load-stream cpu` (and `--load-ways gpu,cpu`) runs it.
-LOAD_ON_CPU = {"cuda": False, "metal": False, "cpu": False}
+# Where `mx.load` reads, per backend (issue 12, target 2), when reading is all a component's load does
+# (`reads_on_cpu`): "default" (the default stream), "cpu" or "cpu-copy". On CUDA, MLX's GPU-stream `Load`
+# reads each tensor into fresh host memory and then copies it to the device: 3.8-4.8 GB/s on the H200
+# however many threads. On the CPU stream it reads straight into the array's buffer, 9.8 GB/s, but that
+# buffer is CUDA managed memory left in host pages (MLX gives arrays the GPU stream makes the device's own
+# memory, and those the CPU stream makes managed memory). Each group is then handed to the driver to
+# move in bulk (`device.prefetch`; where it can't, a GPU pass moves it page fault by page fault,
+# `_move_to_device`), and "cpu-copy" copies it into the device's own memory on the default stream and
+# drops the managed buffers (`_device_copy`). Where the load computes (a cast, a quantization,
+# diffusers' q/k/v joined), those GPU ops would read the host pages by faults, so such components read
+# on the default stream either way. Round 12 on the H200 (docs/PERFORMANCE.md), the 33.7 GB bf16
+# MLX-native model with 8 threads: 7.8 s on the default stream, 7.5 s "cpu" (4.5 s with 16), 3.8 s
+# "cpu-copy" (8.8 GB/s);
+# a Hugging Face folder's load + first image 8.25-9.37 s against 6.68-7.70 s (diffusers 6.86-7.46 s in
+# the same lease). The GPU's passes over weights read either way took the same time.
+LOAD_STREAM = {"cuda": "cpu-copy", "metal": "default", "cpu": "default"}
+LOAD_STREAMS = ("default", "cpu", "cpu-copy")
+# Components of fewer bytes read on the default stream even so, per backend: there the CPU stream's
+# costs per array (a driver call, a copy kernel) outweighed its faster read. H200, round 12: CLIP
+# (0.25 GB) 0.09 -> 0.16 s, the 4-bit transformer (6.7 GB) 1.35-1.41 -> 1.48-1.61 s, the 8-bit T5 (5.1 GB)
+# 1.01 -> 1.15 s; against the 8-bit transformer (12.6 GB) 2.91 -> 2.29 s and the bf16 T5 (9.5 GB)
+# 2.7 -> 1.3 s.
+CPU_READ_MIN_BYTES = {"cuda": 8 * 10**9, "metal": 0, "cpu": 0}
 # The Hugging Face layout's components whose weights are the files' tensors renamed (`converters.diffusers`)
 RENAMED_ONLY = {"text_encoder", "text_encoder_2"}
 
@@ -118,15 +127,21 @@ def load_component(
     """Build one component and load its weights, quantizing them under `quantize`."""
     check_quantize(folder, quantize, (component,))
     module, weights = _prepare(folder, component, dtype, quantize)
+    on_cpu = reads_on_cpu(
+        folder.path / component, component, folder.format, dtype, _spec(folder, component, quantize)
+    )
     threads = LOAD_THREADS[backend()]
-    if threads > 1:
-        weights = read_in_threads(lambda: _lazy_weights(folder, component, dtype, quantize), weights, threads)
+    copy = on_cpu and LOAD_STREAM[backend()] == "cpu-copy"
+    if threads > 1 or copy:  # the copies replace the evaluated arrays, so they are made before loading
+        lazy = partial(_lazy_weights, folder, component, dtype, quantize)
+        weights = read_in_threads(lazy, weights, threads, on_cpu)
     try:
         module.load_weights(list(weights.items()), strict=True)
     except ValueError as e:  # check_keys has compared names and shapes; this is a last guard
         raise MfluxError(f"{folder.path}/{component}: weights do not fit the model ({e})") from None
     del weights  # the module holds the only references now, so evaluated sources are released
-    evaluate(module.parameters())
+    if threads == 1 and not copy:
+        evaluate(module.parameters(), on_cpu=on_cpu)
     return module
 
 
@@ -163,23 +178,27 @@ def prepare(
 
 
 def _read(where: Path, component: str, fmt: str, dtype, spec: QuantSpec | None) -> dict:
-    """`read_weights` on MLX's CPU stream where `LOAD_ON_CPU` and the load only reads (MLX-native
-    shards or the HF layout's `RENAMED_ONLY` components, not quantized now, no cast: `_reads_only`),
-    else on the default stream."""
-    if (
-        LOAD_ON_CPU[backend()]
-        and spec is None
-        and (fmt == "mlx" or (fmt == "hf" and component in RENAMED_ONLY))
-    ):
-        weights = read_weights(where, component, fmt, mx.cpu)
-        if _reads_only(weights, dtype):
-            return weights
-    return read_weights(where, component, fmt)  # mx.load is lazy: only the headers were read
+    """`read_weights`, on MLX's CPU stream where `reads_on_cpu`, else on the default stream (lazily:
+    only the headers are read)."""
+    on_cpu = reads_on_cpu(where, component, fmt, dtype, spec)
+    return read_weights(where, component, fmt, mx.cpu if on_cpu else None)
 
 
-def _reads_only(weights: dict, dtype) -> bool:
-    """No cast: every float tensor is stored in `dtype` already (`astype` to its own dtype is no op)."""
-    return all(a.dtype == dtype or not mx.issubdtype(a.dtype, mx.floating) for a in weights.values())
+def reads_on_cpu(where: Path, component: str, fmt: str, dtype, spec: QuantSpec | None) -> bool:
+    """Whether `LOAD_STREAM` reads this component on MLX's CPU stream: only where the load only reads,
+    MLX-native shards or the HF layout's `RENAMED_ONLY` components, not quantized now (`spec`), with
+    every float tensor stored in `dtype` already (no cast), from the files' headers, and files of at
+    least `CPU_READ_MIN_BYTES`."""
+    if LOAD_STREAM[backend()] == "default" or spec is not None:
+        return False
+    if not (fmt == "mlx" or (fmt == "hf" and component in RENAMED_ONLY)):
+        return False
+    files = [SafetensorsFile(where).path] if Path(where).is_file() else weight_files(where)
+    if sum(f.stat().st_size for f in files) < CPU_READ_MIN_BYTES[backend()]:
+        return False
+    source = TensorSource(files)
+    stored = {getattr(mx, DTYPE_NAMES[source.dtype(name)]) for name in source.keys()}
+    return all(d == dtype or not mx.issubdtype(d, mx.floating) for d in stored)
 
 
 def read_weights(where: Path, component: str, fmt: str, stream=None) -> dict:
@@ -242,11 +261,12 @@ def cast_and_quantize(component: str, weights: dict, dtype, spec: QuantSpec | No
     return out
 
 
-def read_in_threads(lazy_weights, weights: dict, threads: int) -> dict:
+def read_in_threads(lazy_weights, weights: dict, threads: int, on_cpu: bool = False) -> dict:
     """`weights` (name -> lazy array) evaluated by `threads` threads, each over a contiguous run of
     the layers. MLX evaluates an array only on the thread that built its graph, so each thread calls
     `lazy_weights()` for its own lazy copy (reading the headers and renaming again, no module built:
-    milliseconds) and evaluates its run of it; a layer's weight, scales and biases stay in one run."""
+    milliseconds) and evaluates its run of it; a layer's weight, scales and biases stay in one run.
+    `on_cpu`: the weights are read on MLX's CPU stream (`reads_on_cpu`), and `evaluate` moves them."""
     layers: dict[str, list[str]] = {}
     for name in weights:
         layers.setdefault(name.rpartition(".")[0], []).append(name)
@@ -255,9 +275,9 @@ def read_in_threads(lazy_weights, weights: dict, threads: int) -> dict:
 
     def read(run: list[list[str]]) -> dict:
         mine = lazy_weights()
-        out = {n: mine[n] for names in run for n in names}
-        evaluate(out)
-        return out
+        out = {n: mine.pop(n) for names in run for n in names}
+        del mine  # `out` holds its run's only references, so evaluate may replace them (cpu-copy)
+        return evaluate(out, on_cpu=on_cpu)
 
     result = {}
     with ThreadPoolExecutor(len(runs), thread_name_prefix="mflux-load") as pool:
@@ -266,31 +286,54 @@ def read_in_threads(lazy_weights, weights: dict, threads: int) -> dict:
     return {n: result[n] for n in weights}  # the order the module's loading expects
 
 
-def evaluate(params, group_bytes: int = EVAL_GROUP_BYTES) -> None:
+def evaluate(params: dict, group_bytes: int | None = None, on_cpu: bool = False) -> dict:
     """Evaluate lazy parameters a group at a time: a group's sources are read and released before the
-    next, so peak memory stays near the result plus one group. Where `LOAD_ON_CPU`, each group is then
-    moved onto the device, and this returns once all of them are there."""
-    group, size = [], 0
-    for _, arr in tree_flatten(params):
-        group.append(arr)
+    next, so peak memory stays near the result plus one group. Returns name -> evaluated array.
+    `on_cpu` (they are read on MLX's CPU stream, `reads_on_cpu`): each group is then moved onto the
+    device, and this returns once all of them are there; under "cpu-copy" the arrays returned are copies
+    in the device's own memory. `params`: a module's parameter tree, or a flat name -> array dict,
+    which is emptied as it goes (so that under "cpu-copy" each original is released once copied)."""
+    flat = params if all(isinstance(v, mx.array) for v in params.values()) else dict(tree_flatten(params))
+    group_bytes = group_bytes or EVAL_GROUP_BYTES
+    out, group, size = {}, {}, 0
+    while flat:
+        name = next(iter(flat))
+        group[name] = arr = flat.pop(name)
         size += arr.nbytes
-        if size >= group_bytes:
-            _evaluate_group(group)
-            group, size = [], 0
-    _evaluate_group(group)
-    if LOAD_ON_CPU[backend()]:
+        if size >= group_bytes or not flat:
+            out.update(_evaluate_group(group, on_cpu))
+            group, size = {}, 0
+    if on_cpu:
         device.prefetch_wait()
+    return out
 
 
-def _evaluate_group(group: list) -> None:
-    mx.eval(group)
-    # arrays the GPU computed are on the device already: prefetching them moves nothing
-    if LOAD_ON_CPU[backend()] and not device.prefetch(group):
-        _move_to_device(group)
+def _evaluate_group(group: dict, on_cpu: bool) -> dict:
+    mx.eval(list(group.values()))
+    if not on_cpu:
+        return group
+    arrays = list(group.values())
+    if not device.prefetch(arrays):
+        _move_to_device(arrays)
+    if LOAD_STREAM[backend()] != "cpu-copy":
+        return group
+    device.prefetch_wait()  # the copies read device pages, not host pages by faults
+    copies = {n: _device_copy(a) for n, a in group.items()}
+    mx.eval(list(copies.values()))
+    return copies
+
+
+def _device_copy(a: mx.array) -> mx.array:
+    """A bit-exact copy of `a` made on the default stream (on CUDA, in the device's own memory): an
+    integer view OR 0, which no backend rewrites or gives the source's buffer (the source is alive)."""
+    if not a.size:
+        return a
+    raw = a.view({1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[a.itemsize])
+    return mx.bitwise_or(raw, mx.array(0, raw.dtype)).view(a.dtype)
 
 
 def _move_to_device(arrays: list) -> None:
-    """Read every array once on the GPU, so that what `mx.load` read on the CPU stream (`LOAD_ON_CPU`)
+    """Read every array once on the GPU, so that what `mx.load` read on the CPU stream (`LOAD_STREAM`)
     is on the device before the first step needs it: a reduction per array, a few bytes of output
     (where `device.prefetch` can't move them in bulk)."""
     mx.eval([mx.max(a) for a in arrays if a.size])
@@ -334,9 +377,14 @@ def _prepare(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None)
 
 def _lazy_weights(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None) -> dict:
     """`_prepare`'s weights alone, without the module or the checks (read_in_threads' copies)."""
-    spec = spec if _stored(folder, component) is None else None
+    spec = _spec(folder, component, spec)
     weights = _read(folder.path / component, component, folder.format, dtype, spec)
     return cast_and_quantize(component, weights, dtype, spec)
+
+
+def _spec(folder: ModelFolder, component: str, spec: QuantSpec | None) -> QuantSpec | None:
+    """The QuantSpec a load quantizes under now: none where the component is stored quantized."""
+    return spec if _stored(folder, component) is None else None
 
 
 def _stored(folder: ModelFolder, component: str):

@@ -37,6 +37,7 @@ _DTYPES = {
     "BOOL": (np.bool_, "bool_"),
 }
 BYTES_PER_ELEMENT = {k: np.dtype(v[0]).itemsize for k, v in _DTYPES.items()}
+DTYPE_NAMES = {k: v[1] for k, v in _DTYPES.items()}  # safetensors dtype -> mlx dtype name
 MAX_HEADER_BYTES = 100 * 2**20  # the real checkpoints' headers are under 1 MiB
 
 
