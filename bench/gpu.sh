@@ -115,6 +115,8 @@
 #   ak: (a new lease; carry .gpu2 and .gpuw) the loader's group size under "cpu-copy" (probe_groups.py)
 #   al: (a new lease; carry .gpu2 and .gpuw) the new defaults: native loads, a native first image, the
 #       Hugging Face layout's load + first image against diffusers
+#   am: (a new lease; carry .gpu2 and .gpuw) the Hugging Face layout's load + first image against
+#       diffusers (round 12 ran it over an experimental loader, not kept)
 # .gpu1/.gpu2 come from ../shared/gpu/mlx-cuda-wheels.sh; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpuw peft==0.21.2 accelerate==1.15.0 psutil
@@ -141,6 +143,38 @@ PTX="$SCRATCH/mlx-ptx"         # MLX's kernel caches, one per quantization, kept
 BENCH=("$PY" bench/bench_flux.py --size "$SIZE" --tmp "$SCRATCH")
 
 left() { echo $((LIMIT - SECONDS)); }
+
+# install_mflux: MLX's CUDA wheel (second half) and mflux on a full-size run, and tomli_w where .gpuw is
+# carried (a kept model's manifest needs it); round 12's cases start with it
+install_mflux() {
+  if [ "$SIZE" = full ]; then
+    bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    if [ -d .gpuw ]; then python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl; fi
+  fi
+}
+
+# write_hf: the random checkpoint in the Hugging Face layout, at the run's size, into $HF
+write_hf() {
+  step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" \
+    --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
+}
+
+# hf_turns LIMIT WHO...: diffusers' (full size only) and mflux's load + first image from $HF in the order
+# given, mflux's with a warm kernel cache in $PTX/nat and LIMIT seconds each
+hf_turns() {
+  local limit=$1 who
+  shift
+  for who in "$@"; do
+    if [ "$who" = diffusers ]; then
+      if [ "$SIZE" = full ]; then
+        step hf-diffusers 30 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
+      fi
+    else
+      step hf-mflux 20 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/nat" --folder "$HF" \
+        --quant bf16 --time-limit "$limit" 2>&1 | tee -a "$OUT/hf.jsonl"
+    fi
+  done
+}
 
 # step NAME MIN_SECONDS CMD...: run CMD within what is left of the call, or skip it (and say so)
 # when less than MIN_SECONDS is left
@@ -771,10 +805,7 @@ case "${1:-}" in
     # it each way (the encodes and steps after such a load), the first with an empty kernel cache; then
     # probe_load.py: passes over 16 GB of shards read each way, copied or re-made, and whether MLX's
     # `np.asarray` moves a device buffer into managed memory
-    if [ "$SIZE" = full ]; then
-      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-      if [ -d .gpuw ]; then python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl; fi
-    fi
+    install_mflux
     rm -rf "$PTX" "$NATIVE" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
     step native-load 100 "${BENCH[@]}" --sections load --quant bf16 --read-threads 8,16 --load-ways gpu,cpu,cpu-copy \
       --keep-model "$NATIVE" --time-limit 200 2>&1 | tee "$OUT/native.jsonl"
@@ -798,8 +829,7 @@ case "${1:-}" in
     # read each way (loader.LOAD_STREAM: gpu, cpu, cpu-copy), diffusers' again, on ag's warm kernel cache
     export MLX_PTX_CACHE_DIR="$PTX/all"
     rm -rf "$HF"
-    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" \
-      --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
+    write_hf
     for how in diffusers gpu cpu-copy cpu diffusers gpu cpu-copy; do
       if [ "$how" = diffusers ]; then
         if [ "$SIZE" = full ]; then
@@ -850,10 +880,7 @@ case "${1:-}" in
   ak)
     # round 12, a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carry .gpu2 and .gpuw): the loader's
     # group size under "cpu-copy" (bench/probe_groups.py), q4 and bf16 native models
-    if [ "$SIZE" = full ]; then
-      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-      if [ -d .gpuw ]; then python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl; fi
-    fi
+    install_mflux
     rm -rf "$NATIVE"
     step native-write 60 "${BENCH[@]}" --sections load --quant q4,bf16 --read-threads 8 --load-ways gpu \
       --keep-model "$NATIVE" --time-limit 200 2>&1 | grep '"load"' | tee "$OUT/groups.jsonl"
@@ -867,32 +894,33 @@ case "${1:-}" in
     # after ag-ak (loader.LOAD_STREAM "cpu-copy" on CUDA, for components of CPU_READ_MIN_BYTES and up):
     # native bf16/q8/q4 loads, a native bf16 first image (empty kernel cache, then warm), then the Hugging
     # Face layout's load + first image, diffusers and mflux in turn, twice each
-    if [ "$SIZE" = full ]; then
-      bash .gpu2/mlx-cuda-install.sh 2 && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-      if [ -d .gpuw ]; then python3 -m pip install -q --no-index --no-deps --no-cache-dir .gpuw/tomli_w-*.whl; fi
-    fi
+    install_mflux
     rm -rf "$PTX" "$NATIVE" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
     step native-load 100 "${BENCH[@]}" --sections load --quant bf16,q8,q4 --read-threads 8 --keep-model "$NATIVE" \
       --time-limit 200 2>&1 | tee "$OUT/native.jsonl"
     step native-first 40 "${BENCH[@]}" --sections firstrun --caches empty,warm --ptx-cache "$PTX/nat" \
       --folder "$NATIVE/bf16" --quant bf16 --time-limit 100 2>&1 | tee -a "$OUT/native.jsonl"
     rm -rf "$NATIVE" "$HF"
-    step write-hf 120 env PYTHONPATH="$PWD" "$PY" bench/peer.py write --folder "$HF" \
-      --size "$([ "$SIZE" = full ] && echo full || echo tiny)" 2>&1 | tail -3 | tee "$OUT/write.txt"
-    for impl in diffusers mflux diffusers mflux; do
-      if [ "$impl" = diffusers ]; then
-        if [ "$SIZE" = full ]; then
-          step hf-diffusers 50 "$PY" bench/peer.py run --impl diffusers --folder "$HF" 2>&1 | grep '^{' | tee -a "$OUT/hf.jsonl"
-        fi
-        continue
-      fi
-      step hf-mflux 30 "${BENCH[@]}" --sections firstrun --caches warm --ptx-cache "$PTX/nat" --folder "$HF" \
-        --quant bf16 --time-limit 60 2>&1 | tee -a "$OUT/hf.jsonl"
-    done
+    write_hf
+    hf_turns 60 diffusers mflux diffusers mflux
+    rm -rf "$HF"
+    ;;
+  am)
+    # round 12, a new lease after `bash .gpu1/mlx-cuda-install.sh 1` (carry .gpu2 and .gpuw): the random
+    # Hugging Face checkpoint written, then diffusers' load + first image and mflux's in turn (mflux's
+    # first builds its kernels into an empty cache; the others are warm). Round 12 ran it over a loader
+    # that also read the HF transformer on the CPU stream, q/k/v joined there (not kept: its runs timed
+    # out, docs/PERFORMANCE.md); over today's loader it times the defaults
+    install_mflux
+    rm -rf "$PTX" "$HF" && mkdir -p "$PTX" && export MLX_PTX_CACHE_DIR="$PTX/all"
+    write_hf
+    step hf-mflux-empty 25 "${BENCH[@]}" --sections firstrun --caches empty --ptx-cache "$PTX/nat" --folder "$HF" \
+      --quant bf16 --time-limit 60 2>&1 | tee -a "$OUT/hf.jsonl"
+    hf_turns 40 diffusers mflux diffusers mflux diffusers mflux
     rm -rf "$HF"
     ;;
   *)
-    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al [full|tiny]" >&2
+    echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am [full|tiny]" >&2
     exit 2
     ;;
 esac
