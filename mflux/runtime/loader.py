@@ -52,11 +52,10 @@ LOAD_THREADS = {"cuda": 8, "metal": 1, "cpu": 1}
 # diffusers' q/k/v joined), those GPU ops would read the host pages by faults, so such components read
 # on the default stream either way. Round 12 on the H200 (docs/PERFORMANCE.md), the 33.7 GB bf16
 # MLX-native model with 8 threads: 7.8 s on the default stream, 7.5 s "cpu" (4.5 s with 16), 3.8 s
-# "cpu-copy" (8.8 GB/s);
-# a Hugging Face folder's load + first image 8.25-9.37 s against 6.68-7.70 s (diffusers 6.86-7.46 s in
-# the same lease). The GPU's passes over weights read either way took the same time.
+# "cpu-copy" (8.8 GB/s); a Hugging Face folder's load + first image 8.25-9.37 s against 6.68-7.70 s
+# (diffusers 6.86-7.46 s in the same lease). The GPU's passes over weights read either way took the
+# same time.
 LOAD_STREAM = {"cuda": "cpu-copy", "metal": "default", "cpu": "default"}
-LOAD_STREAMS = ("default", "cpu", "cpu-copy")
 # Components of fewer bytes read on the default stream even so, per backend: there the CPU stream's
 # costs per array (a driver call, a copy kernel) outweighed its faster read. H200, round 12: CLIP
 # (0.25 GB) 0.09 -> 0.16 s, the 4-bit transformer (6.7 GB) 1.35-1.41 -> 1.48-1.61 s, the 8-bit T5 (5.1 GB)
