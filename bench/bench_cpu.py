@@ -36,13 +36,14 @@ TXT = SIZE.txt["schnell"]
 
 def load_ours(folder: Path, config: dict):
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from mflux.runtime.loader import evaluate, prepare
 
     flux, weights = prepare(folder, "transformer", "hf", {"transformer": config}, mx.float32)
     flux.load_weights(list(weights.items()), strict=True)
     del weights
-    evaluate(flux.parameters())
+    evaluate(dict(tree_flatten(flux.parameters())))
     return flux
 
 

@@ -140,7 +140,7 @@ def load_component(
         raise MfluxError(f"{folder.path}/{component}: weights do not fit the model ({e})") from None
     del weights  # the module holds the only references now, so evaluated sources are released
     if threads == 1 and not copy:
-        evaluate(module.parameters(), on_cpu=on_cpu)
+        evaluate(dict(tree_flatten(module.parameters())), on_cpu=on_cpu)
     return module
 
 
@@ -192,10 +192,9 @@ def reads_on_cpu(where: Path, component: str, fmt: str, dtype, spec: QuantSpec |
         return False
     if not (fmt == "mlx" or (fmt == "hf" and component in RENAMED_ONLY)):
         return False
-    files = [SafetensorsFile(where).path] if Path(where).is_file() else weight_files(where)
-    if sum(f.stat().st_size for f in files) < CPU_READ_MIN_BYTES[backend()]:
+    source = TensorSource([where]) if Path(where).is_file() else _folder_source(where)
+    if sum(f.path.stat().st_size for f in source.files) < CPU_READ_MIN_BYTES[backend()]:
         return False
-    source = TensorSource(files)
     stored = {getattr(mx, DTYPE_NAMES[source.dtype(name)]) for name in source.keys()}
     return all(d == dtype or not mx.issubdtype(d, mx.floating) for d in stored)
 
@@ -218,9 +217,14 @@ def read_weights(where: Path, component: str, fmt: str, stream=None) -> dict:
 
 def weight_files(folder: Path) -> list[Path]:
     """A component folder's .safetensors files, each header checked (pickles refused by name)."""
+    return [f.path for f in _folder_source(folder).files]
+
+
+def _folder_source(folder: Path) -> TensorSource:
+    """A component folder's tensors, each file's header checked."""
     if not Path(folder).is_dir():
         raise MfluxError(f"{folder}: no such folder (is the model folder complete?)")
-    return [f.path for f in TensorSource.from_folder(folder).files]
+    return TensorSource.from_folder(folder)
 
 
 def check_keys(weights: dict, module: nn.Module, what: str) -> None:
@@ -285,21 +289,20 @@ def read_in_threads(lazy_weights, weights: dict, threads: int, on_cpu: bool = Fa
     return {n: result[n] for n in weights}  # the order the module's loading expects
 
 
-def evaluate(params: dict, group_bytes: int | None = None, on_cpu: bool = False) -> dict:
+def evaluate(weights: dict, group_bytes: int | None = None, on_cpu: bool = False) -> dict:
     """Evaluate lazy parameters a group at a time: a group's sources are read and released before the
     next, so peak memory stays near the result plus one group. Returns name -> evaluated array.
     `on_cpu` (they are read on MLX's CPU stream, `reads_on_cpu`): each group is then moved onto the
     device, and this returns once all of them are there; under "cpu-copy" the arrays returned are copies
-    in the device's own memory. `params`: a module's parameter tree, or a flat name -> array dict,
-    which is emptied as it goes (so that under "cpu-copy" each original is released once copied)."""
-    flat = params if all(isinstance(v, mx.array) for v in params.values()) else dict(tree_flatten(params))
+    in the device's own memory. `weights` (name -> array) is emptied as it goes, so that under
+    "cpu-copy" each original is released once copied."""
     group_bytes = group_bytes or EVAL_GROUP_BYTES
     out, group, size = {}, {}, 0
-    while flat:
-        name = next(iter(flat))
-        group[name] = arr = flat.pop(name)
+    while weights:
+        name = next(iter(weights))
+        group[name] = arr = weights.pop(name)
         size += arr.nbytes
-        if size >= group_bytes or not flat:
+        if size >= group_bytes or not weights:
             out.update(_evaluate_group(group, on_cpu))
             group, size = {}, 0
     if on_cpu:
@@ -308,10 +311,10 @@ def evaluate(params: dict, group_bytes: int | None = None, on_cpu: bool = False)
 
 
 def _evaluate_group(group: dict, on_cpu: bool) -> dict:
-    mx.eval(list(group.values()))
+    arrays = list(group.values())
+    mx.eval(arrays)
     if not on_cpu:
         return group
-    arrays = list(group.values())
     if not device.prefetch(arrays):
         _move_to_device(arrays)
     if LOAD_STREAM[backend()] != "cpu-copy":
