@@ -14,6 +14,7 @@ from pathlib import Path
 from mflux.errors import MfluxError
 from mflux.manifest import MANIFEST, Manifest, defaults_for, read_manifest, sha256_file
 from mflux.runtime.folder import ModelFolder, detect_variant, read_architecture
+from mflux.store import file_on_disk
 
 _MTIME_SLACK = 2.0  # seconds: `created` is kept to the second
 
@@ -42,22 +43,16 @@ def open_folder(
 
 
 def check_files(folder: Path, m: Manifest, verify: bool = False) -> None:
-    """Refuse a stored model whose files are missing, of the wrong size, changed since it was stored, or
-    (under `verify`) of the wrong sha256."""
+    """Refuse a stored model whose files are missing, not regular files, of the wrong size, changed since
+    it was stored, or (under `verify`) of the wrong sha256."""
     fix = f"check it with: mflux inspect {m.name} --verify, then pull or convert it again"
     created = datetime.fromisoformat(m.created).timestamp()
     for f in m.files:
-        p = folder / f["path"]
-        try:
-            st = p.stat()
-        except OSError:
-            raise MfluxError(f"{m.name} is damaged: {f['path']} is missing ({fix})") from None
-        if st.st_size != f["size"]:
-            raise MfluxError(
-                f"{m.name} is damaged: {f['path']} is {st.st_size} bytes, its manifest says {f['size']} ({fix})"
-            )
+        st, problem = file_on_disk(folder, f)
+        if problem:
+            raise MfluxError(f"{m.name} is damaged: {problem} ({fix})")
         if verify:
-            if sha256_file(p) != f["sha256"]:
+            if sha256_file(folder / f["path"]) != f["sha256"]:
                 raise MfluxError(f"{m.name} is damaged: {f['path']} does not match its sha256 ({fix})")
         elif st.st_mtime > created + _MTIME_SLACK:
             raise MfluxError(

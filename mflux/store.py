@@ -378,17 +378,24 @@ def files_on_disk(folder: Path, files: list[dict]) -> tuple[int, list[str]]:
     file, so `mflux list` stays fast (`mflux inspect NAME --verify` checks the contents)."""
     size, damaged = 0, []
     for f in files:
-        try:
-            st = os.stat(folder / f["path"])
-        except OSError:
-            damaged.append(f"{f['path']}: missing")
-            continue
-        size += st.st_size
-        if not stat.S_ISREG(st.st_mode):
-            damaged.append(f"{f['path']}: not a regular file")
-        elif st.st_size != f["size"]:
-            damaged.append(f"{f['path']}: {st.st_size} bytes, the manifest says {f['size']}")
+        st, problem = file_on_disk(folder, f)
+        size += st.st_size if st else 0
+        damaged += [problem] if problem else []
     return size, damaged
+
+
+def file_on_disk(folder: Path, f: dict) -> tuple[os.stat_result | None, str | None]:
+    """One manifest file's stat (None when missing) and what is wrong with it, if anything: missing, not
+    a regular file, or not the manifest's size (`<path> is missing`)."""
+    try:
+        st = os.stat(folder / f["path"])
+    except OSError:
+        return None, f"{f['path']} is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return st, f"{f['path']} is not a regular file"
+    if st.st_size != f["size"]:
+        return st, f"{f['path']} is {st.st_size} bytes, its manifest says {f['size']}"
+    return st, None
 
 
 def _freeable_bytes(folder: Path) -> int:
