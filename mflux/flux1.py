@@ -16,7 +16,6 @@ import io
 import re
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,9 @@ from PIL import Image
 from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
-from mflux.runtime import engine, warmup
+from mflux.runtime import engine
 from mflux.runtime.folder import ModelFolder
-from mflux.runtime.loader import check_quantize, load_component, may_overlap
+from mflux.runtime.models import Models, default_batch_size
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 
 # the limits and defaults the CLI checks too (mflux.settings says why these)
@@ -130,14 +129,9 @@ class Flux1:
         self.precision = precision
         self.dtype = getattr(mx, precision)
         self.quantize = QuantSpec(quantize) if quantize is not None else None
-        check_quantize(folder, self.quantize)
         self.lora_paths = list(lora_paths or [])
         self.lora_scales = _lora_scales(self.lora_paths, lora_scales)
-        self._modules: dict = {}
-        self._tokenizers = None
-        self._loading = 0.0  # seconds spent loading modules so far, kept apart from the phase times
-        self._warmup = None  # see _start_warmup
-        self._prefetch = None  # the transformer being read in a thread (see _prefetch_transformer)
+        self.models = Models(folder, self.dtype, self.quantize, self.lora_paths, self.lora_scales)
 
     @classmethod
     def from_path(
@@ -180,57 +174,12 @@ class Flux1:
     # -- modules: the engine asks for them by name; each loads on first use ------------------------
 
     def get(self, component: str):
-        if component not in self._modules:
-            if self._warmup is None:
-                self._warmup = self._start_warmup()
-            start = time.perf_counter()
-            if component == "transformer" and self._prefetch is not None:
-                pending, self._prefetch = self._prefetch, None
-                module = pending.result()  # re-raises the thread's error here
-            else:
-                module = self._load(component)
-            self._modules[component] = module
-            self._loading += time.perf_counter() - start
-        return self._modules[component]
-
-    def _load(self, component: str):
         with self._files():
-            module = load_component(self.folder, component, self.dtype, self.quantize)
-        # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing.
-        if self.lora_paths:
-            from mflux.runtime.lora import apply_loras
-
-            apply_loras({component: module}, self.lora_paths, self.lora_scales)
-        return module
-
-    def _prefetch_transformer(self) -> None:
-        """Where the loader allows it (`loader.may_overlap`: unquantized, on CUDA with memory for T5,
-        CLIP and the transformer at once), load the text encoders, then start reading the transformer
-        in a thread, so that the read overlaps the prompt encoding; `get("transformer")` waits for it."""
-        if (
-            "transformer" in self._modules
-            or self._prefetch is not None
-            or not may_overlap(self.folder, self.quantize)
-        ):
-            return
-        self.get("text_encoder")
-        self.get("text_encoder_2")
-        pool = ThreadPoolExecutor(1, thread_name_prefix="mflux-prefetch")
-        self._prefetch = pool.submit(self._load, "transformer")
-        pool.shutdown(wait=False)
-
-    def _start_warmup(self):
-        """Processes building MLX's run-time kernels while this one goes on uncompiled
-        (mflux.runtime.warmup); False where none runs, so that it is asked once."""
-        return warmup.start(self.dtype) or False
+            return self.models.get(component)
 
     def tokenizers(self) -> tuple:
-        if self._tokenizers is None:
-            from mflux.runtime.tokenizers import load_tokenizers
-
-            with self._files():
-                self._tokenizers = load_tokenizers(self.folder.path)
-        return self._tokenizers
+        with self._files():
+            return self.models.tokenizers()
 
     @contextmanager
     def _files(self):
@@ -269,9 +218,7 @@ class Flux1:
         self._free("transformer")
 
     def _free(self, *components: str) -> None:
-        for c in components:
-            self._modules.pop(c, None)
-        mx.clear_cache()
+        self.models.free(*components)
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -328,57 +275,57 @@ class Flux1:
         request.sequence_parallel = sequence_parallel
         if free_modulation_weights:
             request.precompute_modulations = True
-            if "transformer" in self._modules and "time_in" not in self._modules["transformer"]:
+            modules = self.models.modules
+            if "transformer" in modules and "time_in" not in modules["transformer"]:
                 self.free_transformer()  # freed by an earlier call: this one's modulations need them back
         want = set() if previews is False else (None if previews is True else set(previews))
         # Each phase's seconds and MLX allocator peak; loading modules is its own phase, whenever it happens.
         timings = {"load": 0.0, "text_encoding": 0.0, "denoising": 0.0, "decoding": 0.0}
         peaks: dict[str, int] = {}
         mx.reset_peak_memory()
-        phase, phase_start, loaded = "text_encoding", time.perf_counter(), self._loading
+        phase, phase_start, loaded = "text_encoding", time.perf_counter(), self.models.loading
 
         def close(next_phase: str) -> None:
             nonlocal phase, phase_start, loaded
-            now, load = time.perf_counter(), self._loading - loaded
+            now, load = time.perf_counter(), self.models.loading - loaded
             timings["load"] += load
             timings[phase] += now - phase_start - load
             peaks[phase] = max(peaks.get(phase, 0), mx.get_peak_memory())
             mx.reset_peak_memory()
-            phase, phase_start, loaded = next_phase, now, self._loading
+            phase, phase_start, loaded = next_phase, now, self.models.loading
 
-        self._prefetch_transformer()
-        # uncompiled while the warm-up's children build the compiled graphs' kernels (runtime.warmup)
-        events = warmup.compile_when_ready_each(engine.generate(self, request), lambda: self._warmup)
-        for event in events:
-            if isinstance(event, engine.Conditioned):
-                close("denoising")
-                if free_text_encoders:
-                    self.free_text_encoders()
-            elif isinstance(event, engine.Denoised):
-                if free_transformer:
-                    self.free_transformer()
-            elif isinstance(event, engine.Modulated):
-                self._modules["transformer"].free_modulation_weights()
-                mx.clear_cache()
-            elif isinstance(event, engine.Step):
-                shown = None
-                if want is None or event.step in want:
-                    vae = self.get("vae")
-                    shown = [
-                        Image.fromarray(p)
-                        for p in engine.decode(vae, event.latents, config.height, config.width)
-                    ]
-                if event.step == event.total:
-                    close("decoding")
-                yield StepEvent(event.step, event.total, event.indices, shown)
-            elif isinstance(event, engine.Decoded):
-                close("denoising")
-                for row, pixels in zip(event.indices, event.pixels):
-                    meta = {**records[row], "timings": {k: round(v, 3) for k, v in timings.items()}}
-                    yield ImageEvent(
-                        row, GeneratedImage(Image.fromarray(pixels), meta, dict(peaks)), event.indices
-                    )
-                timings.update(denoising=0.0, decoding=0.0)  # each batch reports its own
+        with self._files():  # a file gone from the folder meanwhile is one clear error
+            self.models.prefetch()
+            for event in self.models.generate(request):
+                if isinstance(event, engine.Conditioned):
+                    close("denoising")
+                    if free_text_encoders:
+                        self.free_text_encoders()
+                elif isinstance(event, engine.Denoised):
+                    if free_transformer:
+                        self.free_transformer()
+                elif isinstance(event, engine.Modulated):
+                    self.models.modules["transformer"].free_modulation_weights()
+                    mx.clear_cache()
+                elif isinstance(event, engine.Step):
+                    shown = None
+                    if want is None or event.step in want:
+                        vae = self.get("vae")
+                        shown = [
+                            Image.fromarray(p)
+                            for p in engine.decode(vae, event.latents, config.height, config.width)
+                        ]
+                    if event.step == event.total:
+                        close("decoding")
+                    yield StepEvent(event.step, event.total, event.indices, shown)
+                elif isinstance(event, engine.Decoded):
+                    close("denoising")
+                    for row, pixels in zip(event.indices, event.pixels):
+                        meta = {**records[row], "timings": {k: round(v, 3) for k, v in timings.items()}}
+                        yield ImageEvent(
+                            row, GeneratedImage(Image.fromarray(pixels), meta, dict(peaks)), event.indices
+                        )
+                    timings.update(denoising=0.0, decoding=0.0)  # each batch reports its own
 
     def generate_images(
         self, seeds: Iterable[int], prompt: str | list[str], config: Config | None = None, **kwargs
@@ -520,12 +467,6 @@ def check_seed(seed) -> int:
 
 def true_cfg_scale_off(scale) -> bool:
     return scale is None or scale == 1
-
-
-def default_batch_size(n_images: int) -> int:
-    """How many images to denoise at once when not told: 1 on a CPU (batching gains nothing there) and
-    on Metal (unified memory is tight on the smaller Macs), up to 4 on CUDA."""
-    return min(n_images, 4) if mx.default_device().type == mx.gpu and mx.cuda.is_available() else 1
 
 
 def fit_image(source, width: int, height: int, mode: str) -> Image.Image:

@@ -33,3 +33,29 @@ def tiny_dev(tmp_path_factory) -> Path:
 def tiny_schnell_unprefixed(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny") / "FLUX.1-schnell-unprefixed"
     return build_tiny_pipeline(folder, "schnell", clip_prefixed=False)
+
+
+@pytest.fixture
+def cuda_paths(monkeypatch):
+    """The CUDA tuning's paths on this CPU (`mflux.runtime.cuda`, reached through `device.cuda()`), with
+    every choice off: a test turns on what it exercises with `cuda.tuned(...)` or `tune(...)`. What needs
+    a GPU falls back as it does on a card that can't (the kernels' NVRTC build, the driver's prefetch)."""
+    from mflux.runtime import cuda, device
+
+    monkeypatch.setattr(device, "_cuda", cuda)
+    off = dict(
+        kernels=False,
+        avoid_jit=False,
+        warm=False,
+        load_threads=1,
+        cpu_read_min_bytes=None,
+        overlap_load=False,
+        headroom=None,
+        tight_headroom=None,
+        train_share=None,
+        dequantize_min_rows=None,
+        fused_dequantize=False,
+        batch_size=1,
+    )
+    monkeypatch.setattr(cuda, "TUNING", cuda.Tuning(**off))
+    return cuda

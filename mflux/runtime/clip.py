@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import MfluxError
-from mflux.runtime import jitfree
+from mflux.runtime import textops
 
 
 @dataclass
@@ -96,7 +96,7 @@ class CLIPEmbeddings(nn.Module):
         if L > self.position_embedding.weight.shape[0]:
             raise MfluxError(f"CLIP takes at most {self.position_embedding.weight.shape[0]} tokens, got {L}")
         return (
-            jitfree.embed(self.token_embedding, input_ids) + self.position_embedding.weight[:L]
+            textops.embed(self.token_embedding, input_ids) + self.position_embedding.weight[:L]
         )  # (B, L, D)
 
 
@@ -121,7 +121,7 @@ class CLIPTextTransformer(nn.Module):
 
     def __call__(self, input_ids: mx.array) -> tuple[mx.array, mx.array]:
         x = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))  # (B, L, D)
-        return x, jitfree.pick(x, self.pool_positions(input_ids))  # (B, L, D), (B, D)
+        return x, textops.pick(x, self.pool_positions(input_ids))  # (B, L, D), (B, D)
 
     def pool_positions(self, input_ids: mx.array) -> mx.array:
         # The legacy eos_token_id 2 (the real FLUX.1 config) pools at argmax(ids): end-of-text has the highest id.
@@ -132,8 +132,8 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    # it runs before the warm-up's children could build a compiled graph: its quantized layers keep
-    # MLX's prebuilt dequantize (qmatmul.use_backend_matmul, runtime.jitfree)
+    # it runs before CUDA's warm-up could build a compiled graph: its quantized layers keep MLX's
+    # prebuilt dequantize (cuda.qmatmul.use_backend_matmul)
     jit_free = True
 
     def __init__(self, config: CLIPTextConfig):

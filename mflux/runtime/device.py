@@ -1,98 +1,32 @@
-"""Which of MLX's backends runs here (the per-backend tables, `qmatmul.MIN_ROWS`, `kernels.USE`,
-`warmup.WARM`, ..., are keyed by it), and on CUDA a bulk move of arrays onto the GPU (`prefetch`).
+"""Which of MLX's backends runs here, and the one door from the portable runtime to its CUDA tuning.
 
-MLX's CUDA buffers are managed memory: an array that MLX's CPU stream wrote (`mx.load(stream=mx.cpu)`)
-lives in host pages until a GPU kernel touches it, and that first touch moves it page fault by page
-fault. `prefetch` asks the driver to move whole arrays at once instead (`cuMemPrefetchAsync`), on a
-stream of the calling thread's own. On the H200, 16 GB of shards read by 16 threads on the CPU stream took
-1.50 s, then 1.60 s for the first GPU pass to move them; read and prefetched, 1.70 s in all, after which
-the first GPU pass took 0.016 s (9.4 GB/s against 5.2; MLX's GPU-stream read 4.8 GB/s: round 11 in
-docs/PERFORMANCE.md, `bench/probe_load.py`). The loader uses it where `loader.LOAD_STREAM` reads on the
-CPU stream (CUDA's default since round 12).
+The portable runtime calls `mflux.runtime.cuda` only through `cuda()`, at the few sites that
+tests/test_layering.py lists, each a single `if` that runs the CUDA path or the portable one. Deleting
+the package leaves a working runtime: `cuda()` is then None everywhere.
 """
 
-import ctypes
-import threading
-
 import mlx.core as mx
-import numpy as np
+
+_cuda = None  # the package once looked up (False: not here); tests may set it to run its paths on the CPU
 
 
 def backend() -> str:
     """ "cpu", "cuda" or "metal": the backend of MLX's default device."""
     if mx.default_device() == mx.cpu:
         return "cpu"
-    cuda = getattr(mx, "cuda", None)  # a build without CUDA may lack the module
-    return "cuda" if cuda is not None and cuda.is_available() else "metal"
+    cuda_module = getattr(mx, "cuda", None)  # a build without CUDA may lack the module
+    return "cuda" if cuda_module is not None and cuda_module.is_available() else "metal"
 
 
-class _Location(ctypes.Structure):  # the driver's CUmemLocation; type 1 is CU_MEM_LOCATION_TYPE_DEVICE
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _Driver:
-    """The CUDA driver's calls `prefetch` makes, with the primary context of device 0 (MLX's)."""
-
-    def __init__(self):
-        cuda = ctypes.CDLL("libcuda.so.1")
-        self.ctx, dev = ctypes.c_void_p(), ctypes.c_int()
-        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), 0):
-            raise OSError("the CUDA driver did not answer")
-        if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), dev):
-            raise OSError("no CUDA context")
-        self.prefetch = cuda.cuMemPrefetchAsync_v2
-        self.prefetch.argtypes = [ctypes.c_uint64, ctypes.c_size_t, _Location, ctypes.c_uint, ctypes.c_void_p]
-        self.cuda, self.local = cuda, threading.local()
-
-    def stream(self) -> ctypes.c_void_p:
-        """This thread's prefetch stream (made current with the context on first use)."""
-        if getattr(self.local, "stream", None) is None:
-            self.cuda.cuCtxSetCurrent(self.ctx)
-            stream = ctypes.c_void_p()
-            if self.cuda.cuStreamCreate(ctypes.byref(stream), 1):  # CU_STREAM_NON_BLOCKING
-                raise OSError("cuStreamCreate failed")
-            self.local.stream = stream
-        return self.local.stream
-
-
-_driver: _Driver | None = None
-_driver_failed = False
-_lock = threading.Lock()
-
-
-def _get_driver() -> _Driver | None:
-    global _driver, _driver_failed
-    with _lock:
-        if _driver is None and not _driver_failed:
+def cuda():
+    """`mflux.runtime.cuda` where MLX runs on CUDA and the package imports; None elsewhere."""
+    global _cuda
+    if _cuda is None:
+        _cuda = False
+        if backend() == "cuda":
             try:
-                _driver = _Driver()
-            except (OSError, AttributeError):  # no driver, or one without cuMemPrefetchAsync_v2
-                _driver_failed = True
-    return _driver
-
-
-def prefetch(arrays: list) -> bool:
-    """Ask the driver to move each evaluated array's memory onto the GPU now; False (nothing is wrong,
-    the arrays are as they were) where that can't be done: off CUDA, or a driver that refuses (a system
-    without concurrent managed access). The caller then touches them on the GPU instead."""
-    if backend() != "cuda":
-        return False
-    driver = _get_driver()
-    if driver is None:
-        return False
-    stream, where = driver.stream(), _Location(1, 0)
-    for a in arrays:
-        if not a.size:
-            continue
-        raw = a.view(mx.uint8) if a.dtype == mx.bfloat16 else a  # numpy has no bfloat16; same buffer
-        pointer = np.asarray(raw).__array_interface__["data"][0]  # the managed buffer, not a copy
-        if driver.prefetch(pointer, a.nbytes, where, 0, stream):
-            return False
-    return True
-
-
-def prefetch_wait() -> None:
-    """Until this thread's prefetches are done (nothing to wait for where none was made)."""
-    driver = _driver
-    if driver is not None and getattr(driver.local, "stream", None) is not None:
-        driver.cuda.cuStreamSynchronize(driver.local.stream)
+                from mflux.runtime import cuda as package
+            except ImportError:
+                package = False
+            _cuda = package
+    return _cuda or None

@@ -18,7 +18,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from mflux.runtime import jitfree, memory, sampler
+from mflux.runtime import memory, sampler
 
 
 class Models(Protocol):
@@ -112,7 +112,7 @@ def generate(
     ]
     mods = {}
     if r.precompute_modulations:
-        # block by block (each block's rows evaluated as made), under memory.TIGHT_HEADROOM
+        # block by block (each block's rows evaluated as made), under the tight bound
         with memory.bounded("tight"):
             for rows in batches:
                 mods[rows[0]] = _modulations(transformer, r, encoded, rows, sigmas, evaluate=True)
@@ -220,7 +220,7 @@ def denoise(
     pe = flux.positions(img_ids, txt_ids)  # depends on no latent: once
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x = mx.concatenate([latents, latents]) if rows > b else latents
-        v = flux.predict(x, txt, pe, jitfree.item(mods, i), sp)
+        v = flux.predict(x, txt, pe, _row(mods, i), sp)
         if rows > b:  # true CFG, as FluxPipeline: neg + scale * (pos - neg)
             v_pos, v_neg = v[:b], v[b:]
             v = v_neg + true_cfg_scale * (v_pos - v_neg)
@@ -268,6 +268,11 @@ def latent_mask(mask: np.ndarray, height: int, width: int) -> mx.array:
     small = np.asarray(mask, dtype=np.float32)[::8, ::8][:h, :w]
     z = mx.broadcast_to(mx.array(small)[None, :, :, None], (1, h, w, 16))
     return sampler.pack(z)
+
+
+def _row(a: mx.array, i: int) -> mx.array:
+    """`a[i]` as a view: MLX makes `a[i]` a gather, a kernel CUDA builds at run time (4 s on a first step)."""
+    return a[i : i + 1].squeeze(0)
 
 
 def vae_dtype(vae):

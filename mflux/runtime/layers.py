@@ -5,9 +5,8 @@ it, q and k come out of their norm and rope in that order, the attention kernel 
 through strides and writes its output in the same order, so the heads merge back into (B, L, H*D)
 without a copy. The elementwise glue around the matmuls is compiled, so each piece is one pass over
 memory. On CUDA the q/k norms with the rope, the double block's joint q/k/v, and the single block's
-GELU with its concatenation are each one kernel (`runtime.kernels`), with the same values as the ops
-here (`qk_rope_ops`, `_concat_act`), which every other backend runs. docs/PERFORMANCE.md measures each
-of these choices.
+GELU with its concatenation are each one kernel (`cuda.kernels`), with the same values as the ops
+here (`qk_rope_ops`, `_concat_act`), which every other backend runs.
 """
 
 import math
@@ -15,7 +14,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.runtime import kernels
+from mflux.runtime import device
 
 EPS = 1e-6
 
@@ -96,8 +95,16 @@ def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.a
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, H, D) each
 
 
+def qk_rope(streams, num_heads: int, pe: tuple[mx.array, mx.array]):
+    """q, k and v (B, sum L, H, D) of one or two streams (qkv, query norm weight, key norm weight)."""
+    cuda = device.cuda()
+    if cuda:
+        return cuda.kernels.qk_rope(streams, num_heads, pe, qk_rope_ops)
+    return qk_rope_ops(streams, num_heads, pe)
+
+
 def qk_rope_ops(streams, num_heads: int, pe: tuple[mx.array, mx.array]):
-    """`kernels.qk_rope` in MLX's ops: each stream's q and k through their RMSNorm and the rope, the
+    """`qk_rope` in MLX's ops: each stream's q and k through their RMSNorm and the rope, the
     streams' q, k and v joined along the sequence."""
     qs, ks, vs, start = [], [], [], 0  # mx.fast.rms_norm sums the squares in float32 at any dtype
     for qkv, wq, wk in streams:
@@ -114,15 +121,24 @@ def qk_rope_ops(streams, num_heads: int, pe: tuple[mx.array, mx.array]):
 
 @mx.compile
 def gelu_f32(x: mx.array) -> mx.array:
-    """GELU, tanh approximation, in float32 rounded once, as PyTorch computes it and
-    `kernels.gelu_concat` does: the MLPs' activation where the kernels run. Elsewhere the MLPs keep
-    MLX's `nn.gelu_approx`, which rounds each step to the input's dtype."""
+    """GELU, tanh approximation, in float32 rounded once, as PyTorch computes it and the CUDA kernels
+    do: the MLPs' activation where they run. Elsewhere the MLPs keep MLX's `nn.gelu_approx`, which
+    rounds each step to the input's dtype."""
     y = x.astype(mx.float32)
     return (0.5 * y * (1 + mx.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))).astype(x.dtype)
 
 
 def mlp_act(x: mx.array) -> mx.array:
-    return gelu_f32(x) if kernels.enabled() else nn.gelu_approx(x)
+    cuda = device.cuda()
+    return gelu_f32(x) if cuda and cuda.kernels.enabled() else nn.gelu_approx(x)
+
+
+def gelu_concat(attn: mx.array, h: mx.array, offset: int) -> mx.array:
+    """[attn, gelu(h[..., offset:])]: the single block's input to `linear2`."""
+    cuda = device.cuda()
+    if cuda:
+        return cuda.kernels.gelu_concat(attn, h, offset, _concat_act)
+    return _concat_act(attn, h[..., offset:])
 
 
 def _concat_act(attn: mx.array, mlp: mx.array) -> mx.array:
@@ -162,7 +178,7 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """An RMSNorm's weight; `qk_rope_ops` (or `kernels.qk_rope`) applies it."""
+    """An RMSNorm's weight; `qk_rope` applies it."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -176,7 +192,7 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(dim)
 
     def stream(self, qkv: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """A stream of `kernels.qk_rope`: the qkv output these norms follow, and their weights."""
+        """A stream of `qk_rope`: the qkv output these norms follow, and their weights."""
         return qkv, self.query_norm.scale, self.key_norm.scale
 
 
@@ -253,11 +269,10 @@ class DoubleStreamBlock(nn.Module):
         img_qkv = self.img_attn.qkv(modulate(img, mod[:, 0], mod[:, 1]))
         txt_qkv = self.txt_attn.qkv(modulate(txt, mod[:, 6], mod[:, 7]))
         # one joint attention over text then image tokens, the order of the rope ids
-        q, k, v = kernels.qk_rope(
+        q, k, v = qk_rope(
             [self.txt_attn.norm.stream(txt_qkv), self.img_attn.norm.stream(img_qkv)],
             self.img_attn.num_heads,
             pe,
-            qk_rope_ops,
         )  # (B, S+L, H, D) each
         if kv is not None:
             k, v = kv(k, v)
@@ -290,10 +305,10 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: mx.array, mod: mx.array, pe: tuple[mx.array, mx.array], kv=None) -> mx.array:
         h = self.linear1(modulate(x, mod[:, 0], mod[:, 1]))  # (B, L, 3*hidden + mlp_hidden)
-        q, k, v = kernels.qk_rope([self.norm.stream(h)], self.num_heads, pe, qk_rope_ops)
+        q, k, v = qk_rope([self.norm.stream(h)], self.num_heads, pe)
         if kv is not None:
             k, v = kv(k, v)
-        out = kernels.gelu_concat(attention(q, k, v), h, 3 * self.hidden_size, _concat_act)
+        out = gelu_concat(attention(q, k, v), h, 3 * self.hidden_size)
         return gated(x, mod[:, 2], self.linear2(out))
 
 

@@ -109,7 +109,8 @@ def quantize_model_from_weights(model, weights_names, spec_for) -> None:
         return {"group_size": s.group_size, "bits": s.bits, "mode": s.mode}
 
     nn.quantize(model, class_predicate=predicate)
-    # on CUDA, large inputs dequantize just before a float matmul (see mflux.runtime.qmatmul)
-    from mflux.runtime.qmatmul import use_backend_matmul
+    from mflux.runtime import device
 
-    use_backend_matmul(model)
+    cuda = device.cuda()
+    if cuda:  # large inputs dequantize just before a float matmul
+        cuda.qmatmul.use_backend_matmul(model)

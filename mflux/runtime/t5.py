@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import MfluxError
-from mflux.runtime import jitfree
+from mflux.runtime import textops
 
 
 @dataclass
@@ -45,8 +45,8 @@ class T5Config:
 _ACTIVATIONS = {
     "relu": nn.relu,
     "gelu": nn.gelu,
-    "gelu_new": jitfree.gelu_approx,
-    "gelu_pytorch_tanh": jitfree.gelu_approx,
+    "gelu_new": textops.gelu_approx,
+    "gelu_pytorch_tanh": textops.gelu_approx,
     "silu": nn.silu,
 }
 
@@ -94,7 +94,7 @@ class T5Attention(nn.Module):
         pos = mx.arange(length)
         rel = pos[None, :] - pos[:, None]  # (L, L): key position - query position
         buckets = relative_position_bucket(rel, self.num_buckets, self.max_distance)
-        return jitfree.embed(self.relative_attention_bias, buckets).transpose(2, 0, 1)[None]  # (1, H, L, L)
+        return textops.embed(self.relative_attention_bias, buckets).transpose(2, 0, 1)[None]  # (1, H, L, L)
 
     def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
         B, L, _ = x.shape
@@ -175,8 +175,8 @@ class T5Stack(nn.Module):
 
 
 class T5Encoder(nn.Module):
-    # it runs before the warm-up's children could build a compiled graph: its quantized layers keep
-    # MLX's prebuilt dequantize (qmatmul.use_backend_matmul, runtime.jitfree)
+    # it runs before CUDA's warm-up could build a compiled graph: its quantized layers keep MLX's
+    # prebuilt dequantize (cuda.qmatmul.use_backend_matmul)
     jit_free = True
 
     def __init__(self, config: T5Config):
@@ -186,4 +186,4 @@ class T5Encoder(nn.Module):
         self.encoder = T5Stack(config)
 
     def __call__(self, input_ids: mx.array) -> mx.array:
-        return self.encoder(jitfree.embed(self.shared, input_ids))  # (B, L, D)
+        return self.encoder(textops.embed(self.shared, input_ids))  # (B, L, D)

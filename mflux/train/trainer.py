@@ -37,7 +37,7 @@ from mflux import distributed
 from mflux.backend import default_precision
 from mflux.errors import CtrlC, InvalidArgument, MfluxError
 from mflux.folders import open_folder
-from mflux.runtime import kernels, memory, sampler, warmup
+from mflux.runtime import device, memory, sampler
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import load_component
 from mflux.runtime.parallel import average_gradients
@@ -334,9 +334,10 @@ class Trainer:
 
     def _unbuilt_kernels(self):
         """On CUDA, where the kernel cache lacks this training step's kernels: their marker, after
-        saying (once, before the bar) that the first step builds them (runtime.warmup.training_marker)."""
+        saying (once, before the bar) that the first step builds them (cuda.warmup.training_marker)."""
         base = f"q{self.cfg.quantize}" if self.cfg.quantize else "float"
-        marker = warmup.training_marker(self.dtype, base) if self.lead else None
+        cuda = device.cuda()
+        marker = cuda.warmup.training_marker(self.dtype, base) if cuda and self.lead else None
         if marker is None or marker.exists():
             return None
         print(
@@ -453,7 +454,10 @@ def make_step(
         return loss, key
 
     def traced_with_ops(key, idx):
-        with kernels.off():  # the glue kernels stay out of the compiled step (runtime.kernels.off)
+        cuda = device.cuda()
+        if not cuda:
+            return step(key, idx)
+        with cuda.kernels.off():  # full-size gradients through the glue kernels are not finite (yet)
             return step(key, idx)
 
     return traced_with_ops

@@ -1,33 +1,16 @@
-"""Building MLX's run-time kernels in other processes, while this one goes on without them (issue 12,
-target 3).
+"""Building MLX's run-time kernels in other processes, while this one goes on without them.
 
 On CUDA, MLX builds each `mx.compile`d graph's kernels with NVRTC the first time a process needs them,
-unless its kernel cache (`mflux.backend.kernel_cache_dir`) holds them already. The transformer's steps
-and the VAE need six such modules (`tasks`), each a few seconds of one CPU core: on the H200 a fresh
-process built them one after another inside its first step, 26 s in all (round 4 in
-docs/PERFORMANCE.md). A module's name comes from its graph's ops, dtypes and broadcasts, not from the
-array sizes, so a call on tiny arrays builds the very module a full-size step needs.
+unless its kernel cache (`mflux.backend.kernel_cache_dir`) holds them: a fresh process built the
+transformer's and the VAE's one after another inside its first step, 26 s on an H200. A kernel's name
+follows its graph's ops, dtypes and broadcasts, not its sizes, so tiny arrays build what full size needs.
 
-So the first time a `Flux1` on CUDA loads a component, `start` launches one child process per graph
-whose module the cache lacks, all at once. Each builds its module into its own staging folder, moves
-it into the cache (`publish`: each file renamed into place, a module's kernel list before its code, so
-no process reads a half-written one), then writes its task's marker, so that later processes start no
-child for it.
-
-This process does not wait for them. Until every task is in the cache (`Warmup.ready`), it evaluates
-with MLX's compilation off (`compile_when_ready`): the same ops, unfused, from MLX's prebuilt kernels.
-On the H200 an uncompiled schnell step at 1024² took 0.23-0.28 s against 0.16-0.18 s compiled, for the
-few steps the children take; waiting cost their 9-14 s (round 5), which a small or quantized model's
-load is too short to hide (docs/PERFORMANCE.md, round 6). Once they are done the process compiles, as every later
-process does from its first step. The children outlive a process that ends first: they finish, publish
-and mark on their own (a folder left by one that died is removed after `STALE_S`). A child that fails
-moves its output beside the cache (`LOG`) and leaves no marker; its graph is then built in-process, by
-the first computation that needs it, as without a warm-up.
-
-Each child costs a CUDA context on the same GPU (a few hundred MB) and one CPU core for the seconds it
-runs. `WARM` says where this happens: on Metal MLX builds its kernels too, but no Mac was measured, so
-Metal keeps today's behaviour; the CPU backend builds compiled graphs with the system compiler into its
-own temporary folder, which MLX_PTX_CACHE_DIR does not move.
+So the first load starts one child process per graph the cache lacks (`tasks`). Each builds into its own
+staging folder, moves the files into the cache (`publish`: code last, so no process reads half a
+module) and writes its task's marker, so later processes start none. Until every task is in the cache
+this process evaluates with MLX's compilation off (`compile_when_ready`): the same ops from MLX's
+prebuilt kernels. Children outlive their parent; one that fails leaves its output beside the cache
+(`LOG`) and no marker, and its graph is then built in-process as without a warm-up.
 """
 
 import hashlib
@@ -45,9 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.backend import kernel_cache_dir
-from mflux.runtime.device import backend
+from mflux.runtime.cuda import tuning
 
-WARM = {"cuda": True, "metal": False, "cpu": False}
 STALE_S = 3600  # a staging folder this old was left by a process that died
 MARKER = "mflux-warm-{}-{}.done"  # key, task: that task's module is in the cache
 TRAIN_MARKER = "mflux-train-{}-{}.done"  # key, base: a training step's kernels are in the cache
@@ -116,10 +98,10 @@ class Warmup:
 
 
 def start(dtype: mx.Dtype, cache: Path | None = None) -> Warmup | None:
-    """The children for this backend and dtype, one per graph that the cache lacks and no other process
-    is building; None where nothing is needed (`WARM`, or every graph is marked) or the cache folder
-    can't be written."""
-    if not WARM[backend()]:
+    """The children for this dtype, one per graph that the cache lacks and no other process is
+    building; None where nothing is needed (`Tuning.warm` off, or every graph is marked) or the cache
+    folder can't be written."""
+    if not tuning().warm:
         return None
     cache = Path(cache or os.environ.get("MLX_PTX_CACHE_DIR") or "")
     if not str(cache):
@@ -146,7 +128,7 @@ def start(dtype: mx.Dtype, cache: Path | None = None) -> Warmup | None:
         }
         with open(staging / LOG, "w") as log:  # moved beside the cache if the child fails
             procs[task] = subprocess.Popen(
-                [sys.executable, "-m", "mflux.runtime.warmup", json.dumps(args)],
+                [sys.executable, "-m", "mflux.runtime.cuda.warmup", json.dumps(args)],
                 env={**os.environ, "MLX_PTX_CACHE_DIR": str(staging)},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -185,13 +167,13 @@ def compile_when_ready_each(events: Iterator, job: Callable[[], "Warmup | None"]
 
 
 def training_marker(dtype: mx.Dtype, base: str) -> Path | None:
-    """Where a training step's kernels are marked as built in the kernel cache, on a backend whose
-    kernels the warm-up builds (`WARM`); None elsewhere. No child builds a training step's: the
+    """Where a training step's kernels are marked as built in the kernel cache, where the warm-up runs
+    (`Tuning.warm`); None elsewhere. No child builds a training step's: the
     compiled step with its backward pass is hundreds of graphs, built one after another by its first
     call (on the H200, 125-178 s for a bf16 base on an empty cache, then 25-36 s for a q8 base; warm,
     3 s). So the trainer says so before that call when the marker is missing, and writes it after.
     `base`: "float", "q8", "q4" (each quantization adds its own graphs)."""
-    if not WARM[backend()]:
+    if not tuning().warm:
         return None
     return kernel_cache_dir() / TRAIN_MARKER.format(key(dtype), base)
 
@@ -237,12 +219,13 @@ def tasks(dtype: mx.Dtype) -> dict:
     them (a graph's kernel name follows its ops, dtypes and broadcasts, not its sizes). Each child runs
     one, so the graphs build side by side. tests/test_warmup.py checks that together they build every
     graph that real generations build."""
-    from mflux.runtime import layers, qmatmul
+    from mflux.runtime import layers
+    from mflux.runtime.cuda import qmatmul
 
     def x(*shape):
         return mx.random.normal(shape).astype(dtype)
 
-    def dequantize():  # an 8-bit layer's weight (qmatmul.DEQUANTIZE "fused"), two groups a row
+    def dequantize():  # an 8-bit layer's weight (qmatmul's fused dequantize), two groups a row
         return qmatmul.dequantize_fused(*mx.quantize(x(4, 128), 64, 8), 64)
 
     def rope():

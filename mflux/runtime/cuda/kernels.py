@@ -1,35 +1,13 @@
-"""CUDA kernels for the transformer's glue around attention, with MLX's ops as the portable path (issue 12,
-target 5).
+"""The transformer's glue around attention as CUDA kernels, with MLX's ops as the fallback and the gradient.
 
-A kernel profile of the bf16 schnell step on the H200 (docs/PERFORMANCE.md, round 10) put 57 ms of its
-157 ms outside the matmuls and attention, mostly in three places:
-- the q/k norms and rope: MLX copies each strided q or k out of the fused qkv output before its
-  `rms_norm`, whose kernel runs one 128-wide row per block of 64 threads (16 of them busy), and the
-  compiled rope's last axis is a pair, so its kernel takes one value per thread (24 ms a step);
-- the double block's joint q, k and v: three concatenations of text and image tokens (5 ms);
-- the single block's GELU on its strided slice of `linear1`'s output, then the concatenation with the
-  attention output that feeds `linear2` (10 ms).
-
-`qk_rope` does the first two in one pass: it reads q, k (and v) straight from the qkv outputs of one or
-two streams, normalizes each head's row, scales by the norm's weight, rotates, and writes the joint
-(B, L, H, D) arrays. `gelu_concat` writes `linear2`'s input in one pass. Their arithmetic follows the
-reference's rounding: the norm as MLX's `rms_norm` rounds it, the rope in float32 rounded once, the GELU
-in float32 rounded once (as PyTorch computes it; MLX's `nn.gelu_approx` rounds every step to bf16).
-
-The same cubin holds `dequantize`, affine 4- and 8-bit weights into 16-bit floats with
-`mx.dequantize`'s bits, 16 bytes written a thread (qmatmul's "kernel" path; not its default, see there).
-
-`USE` says where they run (CUDA only). Elsewhere, and for dtypes or shapes they don't take, the same
-functions run MLX's ops. Their gradients come from those ops (`mx.custom_function`), so training sees the
-portable path's vjp.
-
-They are built once per machine, not once per process. MLX 0.32 keeps an `mx.fast.cuda_kernel`'s build
-in the process only, and with MLX's headers it took 5.2 s for these two on the H200. Built in a thread,
-it still held up the first prompt encoding by 2-3 s (round 10). So `_SOURCE` needs no header: this
-module compiles it with NVRTC (the library MLX's CUDA build ships) into the card's code, keeps it in the kernel
-cache (`mflux.backend.kernel_cache_dir`, beside MLX's own), and runs it through
-`mx.fast.precompiled_cuda_kernel`, with the sizes passed as scalars. Where NVRTC or the GPU (compute
-capability below 8.0, for bf16) can't, the portable path runs, and `status()` says why.
+- `qk_rope`: the q/k RMSNorms and the rope, reading q, k and v straight from one or two streams' fused
+  qkv outputs and writing the joint (B, L, H, D) arrays (MLX copies each strided q or k out first, and
+  its rope takes one value a thread);
+- `gelu_concat`: the single block's `linear2` input, [attn, gelu(mlp)], in one pass.
+Their arithmetic follows the reference's rounding (norm as MLX's `rms_norm`, rope and GELU in float32
+rounded once). They are compiled once per machine with NVRTC into a cubin kept in the kernel cache
+(MLX keeps an `mx.fast.cuda_kernel`'s build in the process only) and run as precompiled kernels.
+Where NVRTC or the card can't (compute capability below 8.0), MLX's ops run and `status()` says why.
 """
 
 import ctypes
@@ -42,9 +20,8 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from mflux.runtime.device import backend
+from mflux.runtime.cuda import tuning
 
-USE = {"cuda": True, "metal": False, "cpu": False}
 HEAD_DIM = 128  # FLUX.1's; the kernel's rows are 16 lanes of 8 values
 EPS = 1e-6  # the norms' (written into the kernel's source)
 DTYPES = {mx.bfloat16: "bf16", mx.float16: "f16"}  # 8 values a lane are one 16-byte load
@@ -145,52 +122,6 @@ template <bool BF> __device__ void gelu_concat(
     *dst = *reinterpret_cast<const uint4*>(y);
 }
 
-// scale * q + bias, as mx.dequantize's CUDA kernel computes it (`scale * T(q) + bias` in 16-bit types):
-// with the instructions CUDA's headers emit for those operators, so that ptxas fuses them or not as it
-// does there (from sm_90 a multiply and an add it may contract; below, two rounded fmas)
-template <bool BF> __device__ __forceinline__ u16 scale_add(u16 s, u16 q, u16 b) {
-    u16 r, o;
-    if constexpr (BF) {
-#if __CUDA_ARCH__ >= 900
-        asm("mul.bf16 %0, %1, %2;" : "=h"(r) : "h"(s), "h"(q));
-        asm("add.bf16 %0, %1, %2;" : "=h"(o) : "h"(r), "h"(b));
-#else
-        asm("{.reg .b16 c;\n mov.b16 c, 0x8000U;\n fma.rn.bf16 %0, %1, %2, c;}" : "=h"(r) : "h"(s), "h"(q));
-        asm("{.reg .b16 c;\n mov.b16 c, 0x3f80U;\n fma.rn.bf16 %0, %1, c, %2;}" : "=h"(o) : "h"(r), "h"(b));
-#endif
-    } else {
-        asm("mul.f16 %0, %1, %2;" : "=h"(r) : "h"(s), "h"(q));
-        asm("add.f16 %0, %1, %2;" : "=h"(o) : "h"(r), "h"(b));
-    }
-    return o;
-}
-
-// out (R, K) from affine BITS-bit weights w (R, K * BITS / 32), packed from the low bits up, with one
-// scale and bias per GROUP values (scales, biases (R, K / GROUP)): 8 values a thread, BITS bytes read and
-// one 16-byte store, so that a warp reads and writes whole lines (MLX's kernel writes 2 bytes a store)
-template <int BITS, bool BF> __device__ void dequantize(
-    const unsigned int* w, const u16* scales, const u16* biases, u16* out, int n, int group) {
-    const size_t t = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (t >= size_t(n)) return;
-    const size_t g = t * 8 / group;
-    const u16 s = scales[g], b = biases[g];
-    unsigned int words[BITS / 4];
-    if constexpr (BITS == 4) {
-        words[0] = w[t];
-    } else {
-        const uint2 pair = reinterpret_cast<const uint2*>(w)[t];
-        words[0] = pair.x;
-        words[1] = pair.y;
-    }
-    __align__(16) u16 y[8];
-    #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const unsigned int q = (words[j * BITS / 32] >> ((j * BITS) % 32)) & ((1u << BITS) - 1);
-        y[j] = scale_add<BF>(s, from_f<BF>(float(q)), b);  // q <= 255: exact in 16 bits
-    }
-    *reinterpret_cast<uint4*>(out + t * 8) = *reinterpret_cast<const uint4*>(y);
-}
-
 #define QK_ARGS const u16* src0, const u16* src1, const u16* wq0, const u16* wk0, const u16* wq1, \
     const u16* wk1, const float* pe, u16* q, u16* k, u16* v, int B, int N, int S, int H, int F0, int F1
 #define QK_CALL src0, src1, wq0, wk0, wq1, wk1, pe, q, k, v, B, N, S, H, F0, F1
@@ -200,12 +131,6 @@ extern "C" __global__ void mflux_qk_rope_bf16(QK_ARGS) { qk_rope<true>(QK_CALL);
 extern "C" __global__ void mflux_qk_rope_f16(QK_ARGS) { qk_rope<false>(QK_CALL); }
 extern "C" __global__ void mflux_gelu_concat_bf16(GELU_ARGS) { gelu_concat<true>(GELU_CALL); }
 extern "C" __global__ void mflux_gelu_concat_f16(GELU_ARGS) { gelu_concat<false>(GELU_CALL); }
-#define DQ_ARGS const unsigned int* w, const u16* scales, const u16* biases, u16* out, int n, int group
-#define DQ_CALL w, scales, biases, out, n, group
-extern "C" __global__ void mflux_dequantize4_bf16(DQ_ARGS) { dequantize<4, true>(DQ_CALL); }
-extern "C" __global__ void mflux_dequantize4_f16(DQ_ARGS) { dequantize<4, false>(DQ_CALL); }
-extern "C" __global__ void mflux_dequantize8_bf16(DQ_ARGS) { dequantize<8, true>(DQ_CALL); }
-extern "C" __global__ void mflux_dequantize8_f16(DQ_ARGS) { dequantize<8, false>(DQ_CALL); }
 """.replace("EPS", repr(EPS) + "f")
 
 _cubin: bytes | None = None
@@ -215,18 +140,15 @@ _local = threading.local()  # .off: inside `off()` on this thread
 
 
 def enabled() -> bool:
-    """Whether the kernels run here: the backend takes them (`USE`), this thread is not inside `off()`,
-    and their code could be built."""
-    return USE[backend()] and not getattr(_local, "off", 0) and _load_cubin() is not None
+    """Whether the kernels run here: the tuning takes them, this thread is not inside `off()`, and
+    their code could be built."""
+    return tuning().kernels and not getattr(_local, "off", 0) and _load_cubin() is not None
 
 
 @contextmanager
 def off():
-    """MLX's ops on this thread meanwhile. The trainer traces its compiled step inside: on the H200 a
-    compiled bf16 LoRA step through the kernels gave a NaN loss (round 10). Round 11 narrowed it to the
-    double block's joint q/k/v: at full size its gradients through the kernels are non-finite or wrong,
-    eager too, while the single block's are right and, at the tests' small sizes, the double block's
-    too (tests/test_kernels.py). The cause is not yet found."""
+    """MLX's ops on this thread meanwhile. The trainer's step runs inside: at full size the double
+    block's gradients through the kernels are non-finite, for a reason not yet found."""
     _local.off = getattr(_local, "off", 0) + 1
     try:
         yield
@@ -236,8 +158,8 @@ def off():
 
 def status() -> str:
     """Whether the kernels run, or why not (the benchmarks report it)."""
-    if not USE[backend()]:
-        return f"off on {backend()}"
+    if not tuning().kernels:
+        return "off (tuned off)"
     return "on" if _load_cubin() is not None else f"off: {_why_not}"
 
 
@@ -341,43 +263,6 @@ def _gelu_launch(attn: mx.array, h: mx.array, offset: int) -> mx.array:
         output_dtypes=[attn.dtype],
         scalars=[rows, A, M, F, offset],
         grid=(rows * (A + M) // 8, 1, 1),
-        threadgroup=(256, 1, 1),
-        ensure_row_contiguous=True,
-    )[0]
-
-
-def dequantize_takes(
-    w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int
-) -> bool:
-    """Whether `dequantize` handles these arrays here: the kernels run, affine 4- or 8-bit weights with
-    biases, 16-bit scales (the output's dtype)."""
-    return (
-        enabled()
-        and bits in (4, 8)
-        and biases is not None
-        and scales.dtype in DTYPES
-        and biases.dtype == scales.dtype
-        and w.dtype == mx.uint32
-        and w.ndim == 2
-        and group_size % 8 == 0
-        and scales.shape == (w.shape[0], w.shape[1] * 32 // bits // group_size)
-    )
-
-
-def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    """`mx.dequantize(w, scales, biases, group_size, bits)` (affine), in scales' dtype, with the same
-    bits (`bench_flux.py --sections qmatmul` and tests/test_kernels.py compare them on CUDA). Only where
-    `dequantize_takes`; it has no gradient (the quantized weights are frozen)."""
-    rows, words = w.shape
-    threads = rows * words * 32 // bits // 8
-    return mx.fast.precompiled_cuda_kernel(
-        name=f"mflux_dequantize{bits}_{DTYPES[scales.dtype]}",
-        compiled_source=_load_cubin(),
-        inputs=[w, scales, biases],
-        output_shapes=[(rows, words * 32 // bits)],
-        output_dtypes=[scales.dtype],
-        scalars=[threads, group_size],
-        grid=(threads, 1, 1),
         threadgroup=(256, 1, 1),
         ensure_row_contiguous=True,
     )[0]
