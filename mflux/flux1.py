@@ -13,7 +13,6 @@ sees the folder.
 
 import hashlib
 import io
-import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,7 +35,6 @@ from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 from mflux.settings import DEFAULT_STRENGTH, MAX_PIXELS, MAX_SEED, MAX_SIDE
 
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-_QUANT_NAME = re.compile(r"^(?P<base>.+)-q(?P<bits>\d)$")
 
 
 @dataclass
@@ -146,18 +144,12 @@ class Flux1:
         downloads. Its files' sizes and mtimes are checked against the manifest; `verify` re-hashes them."""
         from mflux.store import Store
 
-        store = Store()
-        if not store.exists(name):
-            m = _QUANT_NAME.match(name)
-            if m and store.exists(m["base"]):
-                check_bits(name, int(m["bits"]))
-                if kwargs.get("quantize") not in (None, int(m["bits"])):
-                    raise InvalidArgument(f"{name} means {m['bits']}-bit, but quantize={kwargs['quantize']}")
-                kwargs["quantize"] = int(m["bits"])
-                name = m["base"]
-            else:
-                _missing(store, name)
-        return cls(open_folder(store.path(name), name=name, verify=verify), **kwargs)
+        found = Store().resolve(name)
+        if found.bits is not None:
+            if kwargs.get("quantize") not in (None, found.bits):
+                raise InvalidArgument(f"{name} means {found.bits}-bit, but quantize={kwargs['quantize']}")
+            kwargs["quantize"] = found.bits
+        return cls(open_folder(found.path, name=found.name, verify=verify), **kwargs)
 
     @classmethod
     def from_alias(cls, alias: str, **kwargs) -> "Flux1":
@@ -451,14 +443,6 @@ class Flux1:
         return ", ".join(parts) + " (stored)"
 
 
-def check_bits(name: str, bits: int) -> None:
-    if bits not in AFFINE_BITS:
-        raise InvalidArgument(
-            f"{name}: {bits}-bit is not a quantization mflux makes "
-            f"(-q{' / -q'.join(map(str, AFFINE_BITS))}, or mflux quantize --mode for the fp modes)"
-        )
-
-
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
         raise InvalidArgument(f"seed must be an integer in 0..{MAX_SEED} (2**64 - 1), got {seed!r}")
@@ -526,14 +510,3 @@ def _lora_scales(paths: list, scales: list[float] | None) -> list[float]:
             f"got {len(paths)} LoRA paths but {len(scales)} scales; give one scale per LoRA"
         )
     return [float(s) for s in scales]
-
-
-def _missing(store, name: str) -> None:
-    from mflux.catalog import catalog
-
-    m = _QUANT_NAME.match(name)
-    base = m["base"] if m else name
-    if base in catalog():
-        raise MfluxError(f"model {name!r} is not in the store (get it with: mflux pull {base})")
-    store.get(name)  # the unknown-model error, with close names
-    raise MfluxError(f"model {name!r} is not in the store (get it with: mflux pull)")

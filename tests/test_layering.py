@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import mflux.converters
+import numpy as np
 import pytest
 
 import mflux.runtime
@@ -119,3 +120,165 @@ def test_importing_the_runtime_loads_no_toolchain_module(what):
     assert toolchain == set(), sorted(toolchain)
     if what == "package":
         assert "mlx.core" not in loaded  # importing the package alone loads nothing heavy either
+
+
+# ---- the CUDA fence: the portable code names CUDA only at these sites, each one `if` on device.cuda()
+
+PACKAGE = Path(mflux.runtime.__file__).parent.parent
+# (file under mflux/, qualified function): the only places outside mflux/runtime/cuda/ where the
+# portable runtime, Flux1 and the trainer name CUDA
+CUDA_SITES = {
+    ("runtime/device.py", "backend"),  # which backend runs here
+    ("runtime/device.py", "cuda"),  # the one door: the package where MLX runs on CUDA
+    ("runtime/layers.py", "qk_rope"),
+    ("runtime/layers.py", "mlp_act"),
+    ("runtime/layers.py", "gelu_concat"),
+    ("runtime/textops.py", "embed"),
+    ("runtime/textops.py", "pick"),
+    ("runtime/textops.py", "gelu_approx"),
+    ("runtime/memory.py", "bounded"),
+    ("runtime/loader.py", "load_component"),
+    ("runtime/quantization.py", "quantize_model_from_weights"),
+    ("runtime/models.py", "Models.get"),
+    ("runtime/models.py", "Models.prefetch"),
+    ("runtime/models.py", "Models.generate"),
+    ("runtime/models.py", "default_batch_size"),
+    ("train/trainer.py", "Trainer._unbuilt_kernels"),
+    ("train/trainer.py", "make_step.traced_with_ops"),
+}
+
+
+def fenced_files(root: Path) -> list[Path]:
+    """The portable runtime (outside runtime/cuda/), Flux1 and the trainer."""
+    files = [p for p in (root / "runtime").glob("*.py")]
+    return sorted([*files, *(root / "train").glob("*.py"), root / "flux1.py"])
+
+
+def own_nodes(node: ast.AST):
+    """`ast.walk` without descending into nested functions and classes (they are sites of their own)."""
+    scopes = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    todo = [] if isinstance(node, scopes) else [node]
+    while todo:
+        n = todo.pop()
+        yield n
+        todo.extend(
+            c
+            for c in ast.iter_child_nodes(n)
+            if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        )
+
+
+def names_cuda(node: ast.AST) -> bool:
+    """Whether a node names CUDA: a name or attribute `cuda`, the string "cuda", an import of the package."""
+    for n in own_nodes(node):
+        if isinstance(n, ast.Name) and n.id == "cuda" or isinstance(n, ast.Attribute) and n.attr == "cuda":
+            return True
+        if isinstance(n, ast.Constant) and n.value == "cuda":
+            return True
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mflux.runtime.cuda"):
+            return True
+        if isinstance(n, ast.ImportFrom) and any(a.name == "cuda" for a in n.names):
+            return True
+        if isinstance(n, ast.Import) and any(a.name.startswith("mflux.runtime.cuda") for a in n.names):
+            return True
+    return False
+
+
+def cuda_sites(root: Path) -> tuple[set, set]:
+    """(file, function) pairs whose code names CUDA (module level is "<module>"), and the functions with
+    more than one `if` whose test names it."""
+    found, branchy = set(), set()
+
+    def visit(node, path: str, scope: list[str]):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inner = [*scope, child.name]
+                if not isinstance(child, ast.ClassDef):
+                    body = [s for s in child.body if not _is_docstring(s)]
+                    if any(names_cuda(s) for s in body):
+                        found.add((path, ".".join(inner)))
+                    tests = [n for s in body for n in own_nodes(s) if isinstance(n, (ast.If, ast.IfExp))]
+                    if sum(names_cuda(t.test) for t in tests) > 1:
+                        branchy.add((path, ".".join(inner)))
+                visit(child, path, inner)
+            elif not scope and names_cuda(child) and not _is_docstring(child):
+                found.add((path, "<module>"))
+
+    for file in fenced_files(root):
+        visit(ast.parse(file.read_text()), file.relative_to(root).as_posix(), [])
+    return found, branchy
+
+
+def _is_docstring(stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+
+
+def test_the_portable_code_names_cuda_only_at_the_listed_sites_each_one_branch():
+    found, branchy = cuda_sites(PACKAGE)
+    assert found - CUDA_SITES == set(), f"CUDA named outside the listed sites: {sorted(found - CUDA_SITES)}"
+    assert CUDA_SITES - found == set(), f"listed sites that no longer name CUDA: {sorted(CUDA_SITES - found)}"
+    assert branchy == set(), f"more than one `if` on CUDA in: {sorted(branchy)}"
+
+
+def test_the_fence_check_finds_a_new_site(tmp_path):
+    # The check itself: CUDA named in a new function, or a second branch at a listed site, is found.
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "train").mkdir()
+    (tmp_path / "flux1.py").write_text("")
+    (tmp_path / "runtime" / "layers.py").write_text(
+        "import mlx.core as mx\n"
+        "def mlp_act(x):\n"
+        "    cuda = device.cuda()\n"
+        "    if cuda:\n        x = 1\n"
+        "    if cuda and x:\n        x = 2\n"
+        "    return x\n"
+        "def other(x):\n    return mx.cuda.is_available()\n"
+        "def fine(x):\n    '''Says CUDA in words only.'''\n    return x\n"
+    )
+    found, branchy = cuda_sites(tmp_path)
+    assert found == {("runtime/layers.py", "mlp_act"), ("runtime/layers.py", "other")}
+    assert branchy == {("runtime/layers.py", "mlp_act")}
+
+
+def test_the_cuda_package_imports_only_the_portable_runtime_and_its_own():
+    # the fence runs one way: runtime/cuda/ may use the portable runtime, never the toolchain
+    found = violations(PACKAGE / "runtime" / "cuda", "mflux.runtime.cuda", RUNTIME, "runtime/cuda")
+    assert found == set()
+
+
+HIDDEN = r"""
+import importlib.abc, sys
+
+
+class Hide(importlib.abc.MetaPathFinder):  # as if mflux/runtime/cuda/ had been deleted
+    def find_spec(self, name, path=None, target=None):
+        if name == "mflux.runtime.cuda" or name.startswith("mflux.runtime.cuda."):
+            raise ImportError(f"{name} is hidden")
+        return None
+
+
+sys.meta_path.insert(0, Hide())
+from mflux.runtime import device
+
+device.backend = lambda: "cuda"  # so that device.cuda() tries the import, as on a CUDA machine
+import numpy as np
+from mflux import Config, Flux1
+
+flux = Flux1.from_path(sys.argv[1], precision="float32")
+image = flux.generate_image(3, "a photo of a cat", Config(num_inference_steps=2, height=64, width=64))
+assert device.cuda() is None
+assert not any(m.startswith("mflux.runtime.cuda") for m in sys.modules), "the package was imported"
+np.save(sys.argv[2], np.array(image.image))
+"""
+
+
+def test_a_generation_runs_with_the_cuda_package_unimportable(tiny_schnell, tmp_path):
+    from mflux import Config, Flux1
+
+    out = tmp_path / "image.npy"
+    subprocess.run([sys.executable, "-c", HIDDEN, str(tiny_schnell), str(out)], check=True, timeout=300)
+    hidden = np.load(out)
+    assert hidden.std() > 10  # a real image
+    flux = Flux1.from_path(tiny_schnell, precision="float32")
+    image = flux.generate_image(3, "a photo of a cat", Config(num_inference_steps=2, height=64, width=64))
+    np.testing.assert_array_equal(hidden, np.array(image.image))

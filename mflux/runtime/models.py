@@ -71,9 +71,9 @@ class Models:
         """Where the CUDA tuning overlaps them, load the text encoders, then start reading the
         transformer in a thread, so that the read overlaps the prompt encoding."""
         cuda = device.cuda()
-        if not cuda or "transformer" in self.modules or self._pending is not None:
+        if not (cuda and cuda.load.overlaps(self.folder, self.quantize)):
             return
-        if not cuda.load.overlaps(self.folder, self.quantize):
+        if "transformer" in self.modules or self._pending is not None:
             return
         self.get("text_encoder")
         self.get("text_encoder_2")
