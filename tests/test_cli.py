@@ -302,27 +302,37 @@ def test_read_only_store_via_the_command(mflux_home):
     assert Store().exists("m")
 
 
-def readme_commands() -> list[list[str]]:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    commands, in_shell = [], False
-    for line in readme.replace("\\\n", " ").splitlines():
-        if line.strip().startswith("```"):
-            in_shell = line.strip() == "```sh"
-            continue
-        if not in_shell:
-            continue
-        for part in line.split("&&"):
-            words = shlex.split(part.split("  #")[0].strip(" `"))
-            if words[:1] == ["mflux"]:
-                commands.append(words[1:])
+DOC_PAGES = ["README.md"] + [f"docs/{p}.md" for p in ("serve", "train", "devices", "python-api", "models")]
+
+
+def readme_commands(pages=("README.md",)) -> list[list[str]]:
+    # The `mflux ...` lines of the pages' sh blocks, also after `mlx.launch ... --` or `NAME=value`.
+    commands = []
+    for page in pages:
+        text, in_shell = (Path(__file__).parents[1] / page).read_text(), False
+        for line in text.replace("\\\n", " ").splitlines():
+            if line.strip().startswith("```"):
+                in_shell = line.strip() == "```sh"
+                continue
+            if not in_shell:
+                continue
+            for part in line.split("&&"):
+                words = shlex.split(part.split("  #")[0].strip(" `"))
+                if words[:1] == ["mlx.launch"] and "--" in words:
+                    words = words[words.index("--") + 1 :]
+                while words and "=" in words[0] and not words[0].startswith("-"):
+                    words = words[1:]
+                if words[:1] == ["mflux"]:
+                    commands.append(words[1:])
     return commands
 
 
 def test_readme_commands_parse():
-    # Each `mflux ...` the README shows names a real command whose options and values are accepted.
+    # Each `mflux ...` the README and its pages show names a real command whose options and values
+    # are accepted; the README alone shows every command.
     commands = readme_commands()
     assert ["run", "--model", "schnell-q8", "--prompt", "Luxury food photograph"] in commands
     assert {c[0] for c in commands} == set(COMMANDS)
-    for args in commands:
+    for args in readme_commands(DOC_PAGES):
         ctx = click.Context(cli, info_name="mflux")
         cli.get_command(ctx, args[0]).make_context(args[0], args[1:], parent=ctx)
