@@ -19,8 +19,7 @@ from mflux.errors import InvalidArgument, MfluxError
 
 def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool, ranks: int = 1):
     """(folder path or store name, quantize) for `--model`/`--path`; pulls a missing catalog model."""
-    from mflux.flux1 import _QUANT_NAME, check_bits
-    from mflux.store import Store
+    from mflux.store import NotStored, Store
 
     if model and path:
         raise InvalidArgument("give either --model or --path, not both")
@@ -28,40 +27,44 @@ def resolve_model(model: str | None, path: str | None, quantize: int | None, pul
         return ("path", path), quantize
     model = model or "schnell"
     store = Store()
-    if store.exists(model):
-        return ("name", model), quantize
-    m = _QUANT_NAME.match(model)
-    base = m["base"] if m else model
-    if m:
-        check_bits(model, int(m["bits"]))
-    if m and quantize not in (None, int(m["bits"])):
-        raise InvalidArgument(f"--model {model} means {m['bits']}-bit, but --quantize is {quantize}")
-    if not store.exists(base):
-        from mflux.catalog import catalog
-
-        if base not in catalog() and "/" not in base:
-            store.get(model)  # the unknown-model error, with close names
-        if not pull:
-            raise MfluxError(
-                f"model {base!r} is not in the store and --no-pull was given (run: mflux pull {base})"
-            )
-        if ranks > 1:  # the ranks would pull it at once, into one store or several
-            raise MfluxError(
-                f"model {base!r} is not in the store; under mlx.launch, pull it on every host first "
-                f"(mflux pull {base})"
-            )
-        from mflux.hub import pull as hub_pull
-
-        click.echo(f"{base} is not in the store; pulling it first", err=True)
-        base = hub_pull(base).name
-    if m:
+    try:
+        found = store.resolve(model)
+    except NotStored as e:
+        if e.pull is None:
+            raise
+        _check_quantize(model, e.bits, quantize)
+        _pull(e.pull, pull, ranks)
+        found = store.resolve(model)
+    _check_quantize(model, found.bits, quantize)
+    if found.bits is not None:
         click.echo(
-            f"{model}: quantizing {base} to {m['bits']} bits at load time "
-            f"(keep a quantized copy with: mflux quantize {base} --bits {m['bits']})",
+            f"{model}: quantizing {found.name} to {found.bits} bits at load time "
+            f"(keep a quantized copy with: mflux quantize {found.name} --bits {found.bits})",
             err=True,
         )
-        quantize = int(m["bits"])
-    return ("name", base), quantize
+        quantize = found.bits
+    return ("name", found.name), quantize
+
+
+def _check_quantize(model: str, bits: int | None, quantize: int | None) -> None:
+    if bits is not None and quantize not in (None, bits):
+        raise InvalidArgument(f"--model {model} means {bits}-bit, but --quantize is {quantize}")
+
+
+def _pull(base: str, pull: bool, ranks: int) -> None:
+    if not pull:
+        raise MfluxError(
+            f"model {base!r} is not in the store and --no-pull was given (run: mflux pull {base})"
+        )
+    if ranks > 1:  # the ranks would pull it at once, into one store or several
+        raise MfluxError(
+            f"model {base!r} is not in the store; under mlx.launch, pull it on every host first "
+            f"(mflux pull {base})"
+        )
+    from mflux.hub import pull as hub_pull
+
+    click.echo(f"{base} is not in the store; pulling it first", err=True)
+    hub_pull(base)
 
 
 @dataclass
@@ -301,16 +304,18 @@ def _recalled_model(name: str | None) -> str | None:
     """The model an image was made with, where this store has it or can pull it; else the default."""
     if not name:
         return None
-    from mflux.catalog import catalog
-    from mflux.flux1 import _QUANT_NAME
-    from mflux.store import Store
+    from mflux.store import NotStored, Store
 
-    m = _QUANT_NAME.match(name)
-    if Store().exists(name) or (m and Store().exists(m["base"])) or (m["base"] if m else name) in catalog():
-        click.echo(f"note: model {name}, from the image (give -m to use another)", err=True)
-        return name
-    click.echo(f"note: the image was made with {name!r}, which mflux does not know; using schnell", err=True)
-    return None
+    try:
+        Store().resolve(name)
+    except NotStored as e:
+        if e.pull is None:
+            click.echo(
+                f"note: the image was made with {name!r}, which mflux does not know; using schnell", err=True
+            )
+            return None
+    click.echo(f"note: model {name}, from the image (give -m to use another)", err=True)
+    return name
 
 
 def _open(kind, where, variant, precision, quantize, loras, verify: bool):

@@ -28,11 +28,13 @@ from pathlib import Path
 
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.manifest import MANIFEST, Manifest, read_manifest
+from mflux.runtime.quantization import AFFINE_BITS
 
 TMP = ".tmp"
 LAST = ".last"
 MAX_NAME = 100
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_QUANT_NAME = re.compile(r"^(?P<base>.+)-q(?P<bits>\d)$")  # <base>-q<bits>: quantize at load time
 _TMP_ENTRY = re.compile(r"(?P<stem>.+\.(?P<pid>\d+)\.[0-9a-f]{8})(?P<suffix>\.lock|\.old|\.rm)?")
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -79,6 +81,25 @@ class StoredModel:
         )
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A model name resolved in the store: the stored model, and the bits to quantize it to at load time
+    (`<base>-q<bits>` of a stored `<base>`; None for a name stored as it is)."""
+
+    name: str
+    path: Path
+    bits: int | None = None
+
+
+class NotStored(MfluxError):
+    """A model the store does not hold; `pull` is the catalog model that provides it (None: a name mflux
+    does not know), `bits` the load-time bits its name asks for."""
+
+    def __init__(self, message: str, pull: str | None = None, bits: int | None = None):
+        super().__init__(message)
+        self.pull, self.bits = pull, bits
+
+
 class Store:
     def __init__(self, root: Path | None = None):
         self.root = Path(root).expanduser().absolute() if root is not None else store_root()
@@ -107,6 +128,23 @@ class Store:
             probe.unlink()
         except OSError as e:
             raise self._os_error(e, f"cannot write in {folder}") from None
+
+    def resolve(self, name: str) -> Resolved:
+        """A stored model by name, or `<base>-q<bits>`: a stored `<base>` quantized at load time. Raises
+        InvalidArgument for bits mflux cannot make (before any suggestion), else NotStored: pull it,
+        or an unknown name with close ones."""
+        if self.exists(name):
+            return Resolved(name, self.path(name))
+        m = _QUANT_NAME.match(name)
+        base, bits = (m["base"], int(m["bits"])) if m else (name, None)
+        if bits is not None and bits not in AFFINE_BITS:
+            raise InvalidArgument(
+                f"{name}: {bits}-bit is not a quantization mflux makes "
+                f"(-q{' / -q'.join(map(str, AFFINE_BITS))}, or mflux quantize --mode for the fp modes)"
+            )
+        if bits is not None and self.exists(base):
+            return Resolved(base, self.path(base), bits)
+        raise self._unknown(name, base, bits)
 
     def get(self, name: str) -> StoredModel:
         if not self.exists(name):
@@ -249,21 +287,24 @@ class Store:
             return []
         return [p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
-    def _unknown(self, name: str) -> MfluxError:
+    def _unknown(self, name: str, base: str | None = None, bits: int | None = None) -> NotStored:
+        # `base`: the catalog model that would provide `name` (`schnell` for `schnell-q4` in resolve)
         from mflux.catalog import catalog
 
         self.check_root()  # "not in the store" would hide that there is no store
 
-        known = catalog()
-        if name in known:
-            return MfluxError(f"model {name!r} is not in the store (get it with: mflux pull {name})")
+        known, base = catalog(), base or name
+        if base in known:
+            return NotStored(
+                f"model {name!r} is not in the store (get it with: mflux pull {base})", base, bits
+            )
         if self.path(name).is_dir():
-            return MfluxError(
+            return NotStored(
                 f"{self.path(name)} is not a complete model: it has no {MANIFEST} (remove it: mflux rm {name})"
             )
         close = difflib.get_close_matches(name, sorted(set(self._names()) | set(known)), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        return MfluxError(f"unknown model {name!r} ({hint}see: mflux list, or mflux list --available)")
+        return NotStored(f"unknown model {name!r} ({hint}see: mflux list, or mflux list --available)")
 
     def _refuse_existing(self, name: str, force: bool) -> None:
         if self.path(name).exists() and not force:

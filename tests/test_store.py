@@ -28,7 +28,7 @@ from mflux.manifest import (
     read_manifest,
     write_manifest,
 )
-from mflux.store import Store, store_root, validate_name
+from mflux.store import NotStored, Resolved, Store, store_root, validate_name
 
 # The real scheduler configs' shift values (FLUX.1-schnell, FLUX.1-dev).
 SCHEDULERS = {
@@ -352,6 +352,25 @@ def test_unknown_model_suggests_names(mflux_home):
         store.get("my-dev-q8")
     with pytest.raises(MfluxError, match=r"'dev' is not in the store \(get it with: mflux pull dev\)"):
         store.get("dev")
+
+
+def test_resolve_names_a_stored_model_or_its_load_time_bits(mflux_home):
+    store = Store()
+    make_model(store, "my-dev", "dev")
+    make_model(store, "my-dev-q8", "dev")  # stored under a -q name: taken as it is
+    assert store.resolve("my-dev") == Resolved("my-dev", store.path("my-dev"))
+    assert store.resolve("my-dev-q8") == Resolved("my-dev-q8", store.path("my-dev-q8"))
+    assert store.resolve("my-dev-q4") == Resolved("my-dev", store.path("my-dev"), 4)
+    with pytest.raises(InvalidArgument, match="7-bit is not a quantization mflux makes"):
+        store.resolve("dev-q7")  # before the hint to pull dev
+    with pytest.raises(NotStored, match=r"'dev-q4' is not in the store \(get it with: mflux pull dev\)") as e:
+        store.resolve("dev-q4")
+    assert (e.value.pull, e.value.bits) == ("dev", 4)
+    with pytest.raises(NotStored, match="did you mean 'my-dev-q8' or 'my-dev'") as e:
+        store.resolve("my-dex-q4")
+    assert e.value.pull is None
+    with pytest.raises(InvalidArgument, match="invalid model name"):
+        store.resolve("a/b")
 
 
 def test_read_only_store_is_one_clear_error(mflux_home, monkeypatch):

@@ -136,14 +136,18 @@ class Server:
                     400, f"no model is loaded; name one of: {', '.join(self.model_names())}", param
                 )
             return None
-        from mflux.flux1 import _QUANT_NAME
+        from mflux.store import NotStored, validate_name
 
         try:
-            m = _QUANT_NAME.match(name)
-            if self.store.exists(name) or (m and self.store.exists(m["base"])):
-                return name
+            validate_name(name)
         except MfluxError:
             pass  # an invalid store name is just an unknown model here
+        else:
+            try:
+                self.store.resolve(name)  # bits mflux cannot make: that error (400)
+                return name
+            except NotStored:
+                pass
         choices = ", ".join(self.model_names()) or "none (add one with: mflux pull schnell)"
         raise ApiError(404, f"unknown model {name!r} (the store has: {choices})", param, "model_not_found")
 

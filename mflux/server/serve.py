@@ -31,12 +31,8 @@ def serve(
 
     several = (workers or 1) > 1 or bool(devices)  # only then is MLX asked for the CUDA GPUs
     planned = worker_devices(workers, devices, cuda_gpus() if several else 0)
-    if model is not None and not Store().exists(model):
-        from mflux.flux1 import _QUANT_NAME, _missing
-
-        m = _QUANT_NAME.match(model)
-        if not (m and Store().exists(m["base"])):
-            _missing(Store(), model)
+    if model is not None:
+        Store().resolve(model)  # the clear error now, not at the first request
     if not is_loopback(host) and not api_key:
         click.echo(
             f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
