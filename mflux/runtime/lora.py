@@ -191,6 +191,16 @@ class LoraFile:
         return "+".join(formats) if formats else "unknown"
 
 
+def base_getattr(layer: nn.Module, key: str):
+    """`__getattr__` of a layer wrapping `base`: its own members, else the base's (the model reads a
+    layer's weight or scales for its dtype)."""
+    if key in layer:
+        return layer[key]
+    if "base" in layer:
+        return getattr(layer["base"], key)
+    raise AttributeError(key)
+
+
 class LoRALinear(nn.Module):
     """A Linear or QuantizedLinear plus one low-rank path: base(x) + (x @ lora_down) @ lora_up."""
 
@@ -200,13 +210,7 @@ class LoRALinear(nn.Module):
         self.lora_down = down  # (in, R)
         self.lora_up = up  # (R, out)
 
-    def __getattr__(self, key: str):
-        # Code that reads a layer's weight or scales (the model's dtype) sees the base layer's.
-        if key in self:
-            return self[key]
-        if "base" in self:
-            return getattr(self["base"], key)
-        raise AttributeError(key)
+    __getattr__ = base_getattr
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.base(x) + (x @ self.lora_down) @ self.lora_up  # (..., out)
@@ -407,12 +411,12 @@ def _apply(component: str, root: nn.Module, loras: list[LoraFile], scales: list[
     for lora, s in zip(loras, scales):
         peft = _peft_alphas(lora)
         for m in lora.modules:
-            if m.site.component == component and _find(root, m.site.path) is not None:
+            if m.site.component == component and find_layer(root, m.site.path) is not None:
                 updates.setdefault(m.site.path, []).append((lora, m, peft, float(s)))
     for path, parts in updates.items():
-        layer = _with_lora(_find(root, path), parts, component)
+        layer = _with_lora(find_layer(root, path), parts, component)
         mx.eval(layer.lora_down, layer.lora_up)
-        _replace(root, path, layer)
+        replace_layer(root, path, layer)
 
 
 def _check_fit(lora: LoraFile, modules: dict) -> None:
@@ -420,7 +424,7 @@ def _check_fit(lora: LoraFile, modules: dict) -> None:
     fitting, missing = [], []
     for m in lora.modules:
         loaded = modules.get(m.site.component)
-        (missing if loaded is not None and _find(loaded, m.site.path) is None else fitting).append(m)
+        (missing if loaded is not None and find_layer(loaded, m.site.path) is None else fitting).append(m)
     bad = lora.unmatched + [k for m in missing for k in m.tensors]
     if not bad:
         return
@@ -438,7 +442,8 @@ def _check_fit(lora: LoraFile, modules: dict) -> None:
     )
 
 
-def _find(root: nn.Module, path: str) -> nn.Module | None:
+def find_layer(root: nn.Module, path: str) -> nn.Module | None:
+    """The Linear, QuantizedLinear or LoRALinear at a dotted runtime path of `root`, or None."""
     node = root
     for name in path.split("."):
         if isinstance(node, list):
@@ -452,7 +457,8 @@ def _find(root: nn.Module, path: str) -> nn.Module | None:
     return node if isinstance(node, (nn.Linear, nn.QuantizedLinear, LoRALinear)) else None
 
 
-def _replace(root: nn.Module, path: str, layer: nn.Module) -> None:
+def replace_layer(root: nn.Module, path: str, layer: nn.Module) -> None:
+    """Put `layer` at a dotted runtime path of `root` (where find_layer found one)."""
     *parents, name = path.split(".")
     node = root
     for p in parents:
@@ -463,7 +469,7 @@ def _replace(root: nn.Module, path: str, layer: nn.Module) -> None:
         setattr(node, name, layer)
 
 
-def _dims(layer: nn.Module) -> tuple[int, int, mx.Dtype]:
+def layer_dims(layer: nn.Module) -> tuple[int, int, mx.Dtype]:
     """(out, in, compute dtype) of a Linear or QuantizedLinear."""
     if isinstance(layer, nn.QuantizedLinear):
         return layer.weight.shape[0], layer.scales.shape[1] * layer.group_size, layer.scales.dtype
@@ -473,14 +479,14 @@ def _dims(layer: nn.Module) -> tuple[int, int, mx.Dtype]:
 def _with_lora(layer: nn.Module, parts: list, component: str) -> LoRALinear:
     """The layer with one low-rank path holding every LoRA on it (and any it already had)."""
     base = layer.base if isinstance(layer, LoRALinear) else layer
-    out_dims, in_dims, dtype = _dims(base)
+    out_dims, in_dims, dtype = layer_dims(base)
     downs, ups = [], []
     if isinstance(layer, LoRALinear):
         downs.append(layer.lora_down.T.astype(mx.float32))
         ups.append(layer.lora_up.T.astype(mx.float32))
     for lora, m, peft, user_scale in parts:
         down, up = _weights(lora, m, peft)
-        start, stop = _rows(m.site.part, in_dims, out_dims)
+        start, stop = site_rows(m.site.part, in_dims, out_dims)
         where = f"{lora.path}: {m.key} targets {component} layer {m.site.path}"
         if down.shape[1] != in_dims:
             raise MfluxError(
@@ -505,7 +511,8 @@ def _with_lora(layer: nn.Module, parts: list, component: str) -> LoRALinear:
     return LoRALinear(base, down.T.astype(dtype), up.T.astype(dtype))
 
 
-def _rows(part: str | None, hidden: int, out_dims: int) -> tuple[int, int]:
+def site_rows(part: str | None, hidden: int, out_dims: int) -> tuple[int, int]:
+    """(start, stop): the output rows a Site's part covers (q, k, v, qkv, mlp; None or swapped: all)."""
     if part is None or part == "swapped":
         return 0, out_dims
     lo, hi = _PART_ROWS[part]

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mflux.errors import InvalidArgument
-from mflux.runtime.lora import _dims, _find, _replace, _rows, resolve
+from mflux.runtime.lora import base_getattr, find_layer, layer_dims, replace_layer, resolve, site_rows
 
 # diffusers' train_dreambooth_lora_flux.py trains these by default (its --lora_layers).
 DEFAULT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
@@ -84,20 +84,14 @@ class LoRAParts(nn.Module):
         self, base: nn.Module, names: list[str], rows: list[tuple[int, int]], rank: int, alpha: float
     ):
         super().__init__()
-        out_dims, in_dims, _ = _dims(base)
+        out_dims, in_dims, _ = layer_dims(base)
         self.base = base
         self.layout = Layout(tuple(names), tuple(rows), out_dims, alpha / rank)  # not a parameter
         bound = 1 / math.sqrt(in_dims)  # PEFT's init: kaiming_uniform(a=sqrt(5)) for A, zeros for B
         self.lora_A = [mx.random.uniform(-bound, bound, (rank, in_dims)) for _ in names]
         self.lora_B = [mx.zeros((stop - start, rank)) for start, stop in rows]
 
-    def __getattr__(self, key: str):
-        # the model reads a layer's weight or bias for its dtype: the base layer's
-        if key in self:
-            return self[key]
-        if "base" in self:
-            return getattr(self["base"], key)
-        raise AttributeError(key)
+    __getattr__ = base_getattr  # the model reads a layer's weight or bias for its dtype: the base layer's
 
     def up(self, dtype: mx.Dtype) -> mx.array:
         """(P*rank, out): the B's block-structured, zero on rows no module covers, times alpha / rank."""
@@ -127,13 +121,13 @@ def attach(flux: nn.Module, modules: list[str], rank: int, alpha: float) -> dict
     flux.freeze()
     layers = {}
     for path, parts in by_layer.items():
-        base = _find(flux, path)
-        out_dims, in_dims, _ = _dims(base)
-        rows = [_rows(part, in_dims, out_dims) for _, part in parts]
+        base = find_layer(flux, path)
+        out_dims, in_dims, _ = layer_dims(base)
+        rows = [site_rows(part, in_dims, out_dims) for _, part in parts]
         order = sorted(range(len(parts)), key=lambda i: rows[i])
         layer = LoRAParts(base, [parts[i][0] for i in order], [rows[i] for i in order], rank, alpha)
         layer.unfreeze(keys=["lora_A", "lora_B"], recurse=False)
-        _replace(flux, path, layer)
+        replace_layer(flux, path, layer)
         layers[path] = layer
     mx.eval(flux.trainable_parameters())
     return layers
