@@ -1,8 +1,9 @@
 """Sequence parallelism: one transformer step spread over the ranks of `mlx.launch`, on random weights.
 
-    python bench/bench_parallel.py --size mid                              # one process: the plain step
-    mlx.launch -n 2 --backend ring -- python bench/bench_parallel.py --size mid
-    python bench/bench_parallel.py --size full --ranks 2 4 8 --volume-only  # bytes only, no compute
+    python bench/parallel.py --size mid                                 # one process: the plain step
+    mlx.launch -n 2 --backend ring -- python bench/parallel.py --size mid
+    mlx.launch -n 4 --backend nccl -- python bench/parallel.py --size full --dtype bfloat16   # 4 GPUs
+    python bench/parallel.py --size full --ranks 2 4 8 --volume-only     # bytes only, no compute
 
 Rank 0 prints one JSON line: the median step time over the ranks (the slowest rank's time per step),
 the bytes each rank passed to all_gather per step (counted, and computed from the shapes), and the
@@ -20,7 +21,7 @@ from mflux.runtime import sampler
 from mflux.runtime.model import Flux, FluxParams
 from mflux.runtime.parallel import SequenceParallel
 
-# (hidden, heads, double blocks, single blocks, image side, text tokens); mid is bench_flux.py's mid
+# (hidden, heads, double blocks, single blocks, image side, text tokens); mid is the other benchmarks' mid
 SIZES = {
     "tiny": (128, 2, 1, 1, 64, 16),
     "mid": (512, 4, 2, 4, 256, 64),
@@ -111,8 +112,9 @@ def run(size: str, steps: int, dtype) -> dict:
 
 
 def main() -> None:
+    first, _, rest = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=SIZES, default="mid")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")

@@ -1,5 +1,5 @@
 """The transformer's per-generation path (positions, modulations, predict) against its plain call, and
-the benchmark harness as the README runs it."""
+the benchmarks in bench/ at their tiny size, as CI can run them."""
 
 import json
 import subprocess
@@ -17,6 +17,7 @@ from mflux.runtime.model import Flux, FluxParams
 from tests.test_transformer import CONFIG as TRANSFORMER_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
 CONFIG = {**TRANSFORMER_CONFIG, "guidance_embeds": True}
 ROWS, COLS, TXT, BATCH = 4, 6, 8, 2
 
@@ -124,77 +125,95 @@ def _count(module) -> int:
     )
 
 
-def _bench(*args: str, timeout: int = 180) -> str:
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench/bench_flux.py"),
+def _bench(script: str, *args: str) -> list[dict]:
+    """The figures (JSON lines) a benchmark prints; it must exit 0."""
+    cmd = [sys.executable, str(ROOT / "bench" / script), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_steps_times_each_quantization_the_matmuls_and_the_decode():
+    args = "--size tiny --steps 1 --warmup 1 --variants schnell --layers qkv --band-mb 0,0.01"
+    figures = _bench("steps.py", *args.split())
+    steps = {f["quant"]: f for f in figures if f["what"] == "step"}
+    assert set(steps) == {"fp32", "q8", "q4"}  # float32 on a CPU
+    assert all(f["s"] > 0 and f["peak_gb"] >= f["weights_gb"] > 0 for f in steps.values())
+    assert steps["q4"]["weights_gb"] < steps["fp32"]["weights_gb"] / 4
+    # a quantized step's bound: its weights, one dequantized layer, the float step's activations
+    assert "bound_gb" not in steps["fp32"] and steps["q8"]["bound_gb"] > steps["q8"]["weights_gb"]
+    matmul = [f for f in figures if f["what"] == "matmul"]
+    assert [f["rows"] for f in matmul] == [1, 16, 32]  # 1 row, the text, the step's tokens (16 + 16)
+    assert all(
+        f[f"{k}_ms"] > 0 for f in matmul for k in ("float", "q8_qmm", "q8_dequant", "q4_qmm", "q4_dequant")
+    )
+    decode = {f["band_mb"]: f for f in figures if f["what"] == "decode"}
+    assert decode[0.01]["over_weights_gb"] < decode[0]["over_weights_gb"] / 2  # bands hold less
+    (diff,) = [f for f in figures if f["what"] == "decode_diff"]
+    assert diff["max_diff_255"] == 0  # the same pixels (on this CPU, bit for bit: tests/test_vae.py)
+
+
+def test_bench_load_reads_and_makes_first_images():
+    figures = _bench("load.py", "--size", "tiny", "--layout", "mlx", "--quant", "bf16,q4")
+    reads = {f["stored"]: f for f in figures if f["what"] == "read"}
+    assert set(reads) == {"fp32", "q4"}
+    for f in reads.values():
+        assert f["gb_per_s"] > 0 and f["s"] == pytest.approx(sum(f[f"{c}_s"] for c in COMPONENTS), rel=1e-3)
+    assert reads["q4"]["transformer_gb"] < reads["fp32"]["transformer_gb"] / 4
+    firsts = [f for f in figures if f["what"] == "first"]
+    assert [f["stored"] for f in firsts] == ["fp32", "q4"]
+    assert all(f["load_plus_first_s"] > f["load_s"] > 0 and f["second_image_s"] > 0 for f in firsts)
+
+
+def test_bench_memory_gives_each_phase_its_peak():
+    figures = _bench(
+        "memory.py", "--size", "tiny", "--quant", "bf16,q4", "--images", "1", "--image-steps", "1"
+    )
+    runs = {f["stored"]: f for f in figures if f["what"] == "memory"}
+    assert set(runs) == {"fp32", "q4"}
+    for f in runs.values():
+        phases = [f[f"{k}_peak_gb"] for k in ("text_encoding", "denoising", "decoding")]
+        assert f["peak_gb"] == max(phases) and min(phases) > 0
+        assert f["denoising_peak_gb"] > f["transformer_weights_gb"]  # the transformer is held then
+    assert runs["q4"]["denoising_peak_gb"] < runs["fp32"]["denoising_peak_gb"]
+
+
+def test_bench_train_runs_mflux_and_diffusers():
+    figures = _bench(
+        "train.py",
         "--size",
         "tiny",
+        "--res",
+        "64",
+        "--txt",
+        "16",
+        "--quant",
+        "bf16",
         "--steps",
         "1",
         "--warmup",
         "1",
-    ]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, check=True).stdout
+    )
+    assert [f["impl"] for f in figures] == ["mflux", "diffusers"]  # --impl both, the default
+    assert all("error" not in f and f["step_s"] > 0 and f["lora_params"] > 0 for f in figures), figures
 
 
-def test_bench_flux_tiny_runs_every_section():
-    # firstrun starts child processes of the pipeline section; it has its own test below
-    sections = "step,levers,qmatmul,micro,decode,encode,pipeline,load"
-    out = _bench("--sections", sections)
-    figures = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    seen = {f["what"] for f in figures}
-    assert {
-        "step",
-        "lever",
-        "single_block",
-        "single_block_parts",
-        "double_block",
-        "encode",
-        "decode",
-        "load",
-    } <= seen
-    assert "skipped" not in seen
-    assert {"qmatmul", "pipeline", "decode_diff"} <= seen
-    steps = [f for f in figures if f["what"] == "step"]
-    # every quantized path is timed (the kernel path falls back to mx.dequantize off CUDA), each with
-    # its peak memory and the issue's bound
-    assert {(f["variant"], f["quant"], f["path"]) for f in steps} == {
-        (v, q, p)
-        for v in ("schnell", "dev")
-        for q, p in [("fp32", "float")]
-        + [(q, p) for q in ("q8", "q4") for p in ("qmm", "dequant", "fused", "kernel")]
-    }
-    assert all(f["s"] > 0 and f["peak_gb"] > 0 for f in steps)
-    assert all("bound_gb" in f for f in steps if f["quant"] != "fp32")
-    pipe = {f["quant"]: f for f in figures if f["what"] == "pipeline"}
-    assert set(pipe) == {"fp32", "q8", "q4"}
-    # the transformer is freed before the decode, and T5/CLIP before the transformer loads
-    for f in pipe.values():
-        assert f["load_transformer_start_gb"] < f["text_weights_gb"] / 2
-        assert f["load_vae_start_gb"] < f["transformer_weights_gb"] / 2
-        # as `mflux run`: the conditioning layers are dropped before the first step (what it holds)
-        assert f["denoiser_weights_gb"] < 0.9 * f["transformer_weights_gb"]
-        assert f["denoise_0_start_gb"] < f["transformer_weights_gb"]
-    assert pipe["q4"]["transformer_weights_gb"] < pipe["fp32"]["transformer_weights_gb"] / 4
-    bpp = {
-        (f["quant"], f["component"]): f["bytes_per_param"] for f in figures if f["what"] == "bytes_per_param"
-    }
-    assert bpp[("fp32", "transformer")] == pytest.approx(4.0, rel=0.01)
-    assert bpp[("q4", "vae")] == pytest.approx(4.0, rel=0.02)  # never quantized
-    assert bpp[("q8", "transformer")] < 1.2 and bpp[("q4", "transformer")] < 0.7
-    assert "| figure |" in out  # the closing table
+@pytest.mark.parametrize(
+    "script, args, error",
+    [
+        ("steps.py", ["--tune", "kernels=false"], "runs only on CUDA"),
+        ("train.py", ["--impl", "mflux,diffusers"], "invalid choice"),
+        ("load.py", ["--empty-cache"], "needs --kernel-cache"),
+    ],
+)
+def test_bench_refuses_in_one_line(script, args, error):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and error in out.stderr.splitlines()[-1]
 
 
-def test_bench_firstrun_times_an_empty_and_a_warm_cache(tmp_path):
-    out = _bench("--sections", "firstrun", "--quant", "q4", "--ptx-cache", str(tmp_path))
-    runs = [json.loads(line) for line in out.splitlines() if line.startswith('{"what": "firstrun"')]
-    assert [r["cache"] for r in runs] == ["empty", "warm"]
-    assert all(r["quant"] == "q4" and r["first_image_s"] > 0 and r["second_image_s"] > 0 for r in runs)
-    assert all(r["modules_built"] == 0 for r in runs)  # MLX's CPU backend compiles no kernels at run time
-
-
-@pytest.mark.parametrize("script", ["bench_flux.py", "bench_cpu.py", "peer.py"])
+@pytest.mark.parametrize("script", ["steps.py", "load.py", "memory.py", "train.py", "peer.py", "parallel.py"])
 def test_bench_help(script):
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, check=True
