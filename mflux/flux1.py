@@ -11,7 +11,6 @@ meanings. Store names, `-q<bits>` and the catalog are resolved here, in the tool
 sees the folder.
 """
 
-import hashlib
 import io
 import time
 from collections.abc import Iterable, Iterator
@@ -32,7 +31,7 @@ from mflux.runtime.models import Models, default_batch_size
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 
 # the limits and defaults the CLI checks too (mflux.settings says why these)
-from mflux.settings import DEFAULT_STRENGTH, MAX_PIXELS, MAX_SEED, MAX_SIDE
+from mflux.settings import DEFAULT_STRENGTH, MAX_PIXELS, MAX_SEED, MAX_SIDE, open_image, sha256
 
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -470,26 +469,14 @@ def _open_image(source) -> Image.Image:
         return source
     if isinstance(source, np.ndarray):
         return Image.fromarray(source)
-    path = Path(source)
-    if not path.is_file():
-        raise InvalidArgument(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError) as e:
-        raise InvalidArgument(f"{path}: not an image PIL can read ({e})") from None
+    return open_image(source)
 
 
 def _source(key: str, source) -> dict:
     """The metadata of an init image or mask: its path and sha256 where it came from a file."""
     if isinstance(source, str | Path):
-        return {f"{key}_path": str(Path(source).resolve()), f"{key}_sha256": _sha256(Path(source))}
+        return {f"{key}_path": str(Path(source).resolve()), f"{key}_sha256": sha256(source)}
     return {}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _per_image(name: str, value, n: int, allow_empty: bool = False) -> list[str]:

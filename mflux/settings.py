@@ -27,8 +27,12 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mflux.errors import InvalidArgument, MfluxError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MAX_SEED = 2**64 - 1
 RANDOM_SEED_BELOW = 2**32  # `-n` draws seeds below this: the 32-bit seeds other tools show
@@ -168,9 +172,9 @@ def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
         raise w.fail(f"{w.name('mask')} needs {w.name('image')}: a mask marks what to repaint in an image")
     if s.image is None:
         return None
-    size = image_size(s.image, w.name("image"), w.prefix)
+    size = open_image(s.image, f"{w.prefix}{w.name('image')} {s.image}").size
     if s.mask is not None:
-        mask = image_size(s.mask, w.name("mask"), w.prefix)
+        mask = open_image(s.mask, f"{w.prefix}{w.name('mask')} {s.mask}").size
         if mask != size:
             raise w.fail(
                 f"the mask {s.mask} is {mask[0]}x{mask[1]} but the image {s.image} is {size[0]}x{size[1]} "
@@ -181,19 +185,20 @@ def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
     return size
 
 
-def image_size(path: str, name: str = "--image", prefix: str = "") -> tuple[int, int]:
-    """(width, height) of an image file, decoded once so that a damaged file is caught here."""
+def open_image(path: str | Path, label: str | None = None) -> "Image.Image":
+    """An image file, decoded now so that a damaged file is caught here; errors begin with `label`
+    (`--image a.png`; default: the path)."""
     from PIL import Image, UnidentifiedImageError
 
-    p = Path(path)
+    p, label = Path(path), label or str(path)
     if not p.is_file():
-        raise InvalidArgument(f"{prefix}{name} {path}: no such file")
+        raise InvalidArgument(f"{label}: no such file")
     try:
         with Image.open(p) as im:
             im.load()
-            return im.size
+            return im.copy()  # a closed image's pixels are gone
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidArgument(f"{prefix}{name} {path}: not an image PIL can read ({e})") from None
+        raise InvalidArgument(f"{label}: not an image PIL can read ({e})") from None
 
 
 def sha256(path: str | Path) -> str:

@@ -189,8 +189,8 @@ def test_bad_generation_arguments_are_refused_before_loading(tiny_schnell, tmp_p
         (dict(image=init_image(32, 32), strength=0), "strength must be in"),
         (dict(image=init_image(32, 32), strength=1.5), "strength must be in"),
         (dict(mask_image=mask_image(32, 32)), "need an init image"),
-        (dict(image=tmp_path / "missing.png"), "no such image file"),
-        (dict(image=not_an_image), "not an image"),
+        (dict(image=tmp_path / "missing.png"), "missing.png: no such file"),
+        (dict(image=not_an_image), "x.png: not an image PIL can read"),
         (dict(true_cfg_scale=float("nan"), negative_prompt="x"), "finite"),
         (dict(image=init_image(32, 32), mask_image=mask_image(16, 32)), "give a mask of the image's size"),
     ]
