@@ -38,15 +38,21 @@ def imports(path: Path, package: str) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: resolved against the file's package
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
+            base = absolute(node, package)
             if base in ("mflux", "mflux.runtime", "mflux.converters"):
                 found.update(f"{base}.{a.name}" for a in node.names)
             else:
                 found.add(base)
     return found
+
+
+def absolute(node: ast.ImportFrom, package: str) -> str:
+    """The module a `from ... import` reads, a relative one resolved against the file's package."""
+    base = node.module or ""
+    if node.level:
+        parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+        base = f"{parent}.{base}" if base else parent
+    return base
 
 
 def allowed(name: str, rule: set[str]) -> bool:
@@ -282,3 +288,72 @@ def test_a_generation_runs_with_the_cuda_package_unimportable(tiny_schnell, tmp_
     flux = Flux1.from_path(tiny_schnell, precision="float32")
     image = flux.generate_image(3, "a photo of a cat", Config(num_inference_steps=2, height=64, width=64))
     np.testing.assert_array_equal(hidden, np.array(image.image))
+
+
+# ---- a module's internals stay inside it: the store's name resolver, the runtime's LoRA helpers
+
+PRIVATE_OWNERS = ("mflux.store", "mflux.runtime.lora")
+
+
+def private_names(path: Path) -> set[str]:
+    """The private names a module defines: its top-level `_x`, and its classes' `_x` methods."""
+    names = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names |= {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+    return {n for n in names if n.startswith("_") and not n.endswith("__")}
+
+
+def private_uses(root: Path, module: str) -> set[tuple[str, str]]:
+    """Where the files of the package at `root` (mflux/) other than `module`'s own use its private names:
+    imported from it (inside functions too), or read as an attribute of anything but self and cls
+    (`store._QUANT_NAME`, `Store()._unknown`)."""
+    own = root.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    private = private_names(own)
+    out = set()
+    for path in sorted(root.rglob("*.py")):
+        if path == own:
+            continue
+        pkg = ".".join(["mflux", *path.relative_to(root).parent.parts])
+        where = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and absolute(node, pkg) == module:
+                out |= {(where, a.name) for a in node.names if a.name in private}
+            elif isinstance(node, ast.Attribute) and node.attr in private:
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    out.add((where, node.attr))
+    return out
+
+
+@pytest.mark.parametrize("module", PRIVATE_OWNERS)
+def test_no_module_uses_another_ones_internals(module):
+    # One model-name resolver (Store.resolve) and one set of LoRA layer helpers: their callers use the
+    # public names, so no second copy grows from the private ones.
+    assert private_uses(PACKAGE, module) == set()
+
+
+def test_the_internals_check_finds_a_private_use(tmp_path):
+    root = tmp_path / "mflux"
+    (root / "server").mkdir(parents=True)
+    (root / "store.py").write_text(
+        'import re\n_QUANT_NAME = re.compile("q")\n\n\nclass Store:\n    def _unknown(self):\n'
+        "        return self._unknown\n\n    def resolve(self):\n        return _QUANT_NAME\n"
+    )
+    (root / "run.py").write_text("def f():\n    from mflux.store import Store, _QUANT_NAME\n")
+    (root / "server" / "core.py").write_text("from .. import store\n\nm = store._QUANT_NAME.match\n")
+    (root / "server" / "serve.py").write_text("from ..store import Store\n\nStore()._unknown()\n")
+    (root / "ok.py").write_text(
+        "from mflux.store import Store\n\n\nclass A:\n    def _unknown(self):\n        return self._unknown\n"
+    )
+    assert private_names(root / "store.py") == {"_QUANT_NAME", "_unknown"}
+    assert private_uses(root, "mflux.store") == {
+        ("run.py", "_QUANT_NAME"),
+        ("server/core.py", "_QUANT_NAME"),
+        ("server/serve.py", "_unknown"),
+    }
