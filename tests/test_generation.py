@@ -197,7 +197,7 @@ def test_bad_generation_arguments_are_refused_before_loading(tiny_schnell, tmp_p
     for kwargs, message in cases:
         with pytest.raises(InvalidArgument, match=message):
             flux.generate_image(1, PROMPT, config, **kwargs)
-    assert flux._modules == {}
+    assert flux.models.modules == {}
     with pytest.raises(InvalidArgument, match="finite"):
         Config(1, 32, 32, guidance=float("nan"))
     with pytest.raises(InvalidArgument, match="maximum"):

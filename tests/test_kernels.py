@@ -1,4 +1,5 @@
-"""runtime.kernels: the glue kernels' portable path here, the kernels themselves where MLX has CUDA.
+"""mflux.runtime.cuda.kernels: the glue kernels' portable path here, the kernels themselves where MLX
+has CUDA.
 
 The CUDA tests need MLX's CUDA backend: they are skipped on this CPU (and in CI) and run on the lent GPU
 (`bench/gpu.sh aa`, whose output is in bench/results/h200-round10/).
@@ -9,10 +10,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mflux.runtime import kernels, layers, qmatmul
+from mflux.runtime import cuda, layers
+from mflux.runtime.cuda import kernels
 from mflux.runtime.device import backend
 
-cuda = pytest.mark.skipif(backend() != "cuda", reason="needs MLX's CUDA backend")
+on_cuda = pytest.mark.skipif(backend() != "cuda", reason="needs MLX's CUDA backend")
 
 H, D = 4, kernels.HEAD_DIM
 
@@ -36,22 +38,34 @@ def test_the_joint_sequence_is_each_stream_with_its_own_part_of_the_tables():
         np.testing.assert_array_equal(np.array(joint), np.concatenate([np.array(a), np.array(b)], axis=1))
 
 
-def test_off_cuda_the_blocks_take_mlx_ops(monkeypatch):
+def test_off_cuda_the_blocks_take_mlx_ops(cuda_paths, monkeypatch):
+    """Tuned off, or where the kernels can't be built (here: no CUDA driver), the blocks' calls through
+    the CUDA tuning take MLX's ops, and `status()` says why."""
     if backend() == "cuda":
         pytest.skip("this backend runs the kernels")
-    streams, pe = _streams(mx.float32)
+    monkeypatch.setattr(kernels, "_why_not", None)  # this test's own try at the build
+    streams, pe = _streams(mx.bfloat16)
     calls = []
     monkeypatch.setattr(kernels, "_qk_launch", lambda *a: calls.append(a))
     monkeypatch.setattr(kernels, "_gelu_launch", lambda *a: calls.append(a))
-    q, k, v = kernels.qk_rope(streams, H, pe, layers.qk_rope_ops)
-    out = kernels.gelu_concat(
-        q.reshape(1, 16, -1), mx.zeros((1, 16, 3 * H * D + 64)), 3 * H * D, layers._concat_act
-    )
-    mx.eval(q, k, v, out)
-    assert calls == [] and kernels._cubin is None and kernels.status() == f"off on {backend()}"
-    # and the MLPs keep MLX's own GELU there
+    h = mx.random.normal((1, 16, 3 * H * D + 64)).astype(mx.bfloat16)
     x = mx.random.normal((4, 64)).astype(mx.bfloat16)
-    assert mx.array_equal(layers.mlp_act(x), nn.gelu_approx(x)).item()
+    ref = layers.qk_rope_ops(streams, H, pe)
+    for tuning in (False, True):  # MLX's ops as the tuning asks, then where the build fails
+        with cuda_paths.tuned(kernels=tuning):
+            q, k, v = layers.qk_rope(streams, H, pe)
+            out = layers.gelu_concat(q.reshape(1, 16, -1), h, 3 * H * D)
+            mx.eval(q, k, v, out)
+            for a, b in zip((q, k, v), ref):
+                assert mx.array_equal(a, b).item()
+            assert mx.array_equal(out, layers._concat_act(q.reshape(1, 16, -1), h[..., 3 * H * D :])).item()
+            # and the MLPs keep MLX's own GELU there
+            assert mx.array_equal(layers.mlp_act(x), nn.gelu_approx(x)).item()
+    assert calls == [] and kernels._cubin is None
+    assert kernels.status() == "off (tuned off)"
+    with cuda_paths.tuned(kernels=True):
+        assert kernels.status().startswith("off: ")  # why the build failed here
+    assert cuda.status() == f"off: MLX runs on {backend()}"
 
 
 def test_the_float32_gelu_is_pytorchs_tanh_gelu():
@@ -74,17 +88,15 @@ def _bf16_ulps(a: mx.array, b: mx.array) -> np.ndarray:
     return np.abs(a - b) / np.maximum(np.abs(b), 1e-30) * 2**7  # bf16 has 8 significant bits
 
 
-@cuda
+@on_cuda
 @pytest.mark.parametrize("two", [False, True])
 def test_the_qk_kernel_gives_the_ops_values(two):
     streams, pe = _streams(mx.bfloat16, extra=0 if two else 8 * D)
     streams = streams if two else [(mx.concatenate([s[0] for s in streams], 1), *streams[1][1:])]
-    ours = kernels.qk_rope(streams, H, pe, layers.qk_rope_ops)
-    kernels.USE["cuda"] = False
-    try:
-        ref = layers.qk_rope_ops(streams, H, pe)
-    finally:
-        kernels.USE["cuda"] = True
+    with cuda.tuned(kernels=True):
+        assert kernels.enabled(), kernels.status()
+        ours = kernels.qk_rope(streams, H, pe, layers.qk_rope_ops)
+    ref = layers.qk_rope_ops(streams, H, pe)
     np.testing.assert_array_equal(np.array(ours[2].astype(mx.float32)), np.array(ref[2].astype(mx.float32)))
     for a, b in zip(ours[:2], ref[:2]):
         assert a.shape == b.shape
@@ -93,19 +105,21 @@ def test_the_qk_kernel_gives_the_ops_values(two):
         assert (ulps > 0).mean() < 0.01 and ulps.max() <= 2
 
 
-@cuda
+@on_cuda
 def test_the_gelu_concat_kernel_gives_the_float32_ops_values():
     mx.random.seed(1)
     attn = mx.random.normal((1, 16, 3 * 64)).astype(mx.bfloat16)
     h = (mx.random.normal((1, 16, 5 * 64)) * 3).astype(mx.bfloat16)
-    ours = kernels.gelu_concat(attn, h, 2 * 64, layers._concat_act)
+    with cuda.tuned(kernels=True):
+        assert kernels.enabled(), kernels.status()
+        ours = kernels.gelu_concat(attn, h, 2 * 64, layers._concat_act)
     ref = mx.concatenate([attn, layers.gelu_f32(h[..., 2 * 64 :])], axis=-1)
     assert ours.shape == ref.shape == (1, 16, 6 * 64)
     assert mx.array_equal(ours[..., : 3 * 64], attn).item()
     assert _bf16_ulps(ours, ref).max() <= 1
 
 
-@cuda
+@on_cuda
 def test_the_kernels_gradients_are_the_ops_gradients():
     streams, pe = _streams(mx.bfloat16)
     src = [s[0] for s in streams]
@@ -113,82 +127,21 @@ def test_the_kernels_gradients_are_the_ops_gradients():
     c = [mx.random.normal((1, 16, H, D)) for _ in range(3)]
 
     def loss(use, *src):
-        kernels.USE["cuda"] = use
-        out = kernels.qk_rope([(x, *s[1:]) for x, s in zip(src, streams)], H, pe, layers.qk_rope_ops)
+        with cuda.tuned(kernels=use):
+            assert kernels.enabled() is use, kernels.status()
+            out = kernels.qk_rope([(x, *s[1:]) for x, s in zip(src, streams)], H, pe, layers.qk_rope_ops)
         return sum((o.astype(mx.float32) * w).sum() for o, w in zip(out, c))
 
-    try:
-        ours = mx.grad(lambda *s: loss(True, *s), argnums=(0, 1))(*src)
-        ref = mx.grad(lambda *s: loss(False, *s), argnums=(0, 1))(*src)
-    finally:
-        kernels.USE["cuda"] = True
+    ours = mx.grad(lambda *s: loss(True, *s), argnums=(0, 1))(*src)
+    ref = mx.grad(lambda *s: loss(False, *s), argnums=(0, 1))(*src)
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
 
 
-@cuda
-@pytest.mark.parametrize("bits", [4, 8])
-def test_the_dequantize_kernel_is_mlx_dequantize_bit_for_bit(bits):
-    for dtype in (mx.bfloat16, mx.float16):
-        for rows, k in ((1, 128), (3, 256), (96, 1024)):
-            w = mx.random.normal((rows, k), key=mx.random.key(rows)).astype(dtype) * 3
-            for group in (32, 64, 128):
-                q, scales, biases = mx.quantize(w, group, bits)
-                assert kernels.dequantize_takes(q, scales, biases, group, bits)
-                ours = kernels.dequantize(q, scales, biases, group, bits)
-                theirs = mx.dequantize(q, scales, biases, group, bits)
-                assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == w.shape
-                assert mx.array_equal(ours, theirs).item(), (dtype, rows, k, group)
-
-
-def _quantized_layer(bits=4, group=64, mode="affine"):
-    layer = nn.QuantizedLinear.from_linear(nn.Linear(256, 32), group_size=group, bits=bits, mode=mode)
-    for name in ("scales", "biases", "bias"):
-        if name in layer and layer[name].dtype == mx.float32:
-            layer[name] = layer[name].astype(mx.bfloat16)
-    return qmatmul.choose_matmul(nn.Sequential(layer), 1, "kernel").layers[0]
-
-
-def test_the_dequantize_kernel_takes_affine_4_and_8_bits_into_16_bit_scales(monkeypatch):
-    monkeypatch.setitem(kernels.USE, backend(), True)
-    monkeypatch.setattr(kernels, "_load_cubin", lambda: b"code")
-    for bits in (4, 8):
-        layer = _quantized_layer(bits)
-        assert kernels.dequantize_takes(layer["weight"], layer["scales"], layer["biases"], 64, bits)
-        s32 = layer["scales"].astype(mx.float32)
-        assert not kernels.dequantize_takes(layer["weight"], s32, layer["biases"], 64, bits)
-        assert not kernels.dequantize_takes(layer["weight"], layer["scales"], None, 64, bits)
-    for bits, group, mode in ((6, 64, "affine"), (3, 64, "affine"), (4, 32, "mxfp4"), (8, 32, "mxfp8")):
-        layer = _quantized_layer(bits, group, mode)
-        assert not kernels.dequantize_takes(
-            layer["weight"], layer["scales"], layer.get("biases"), group, bits
-        ), (bits, mode)
-    with kernels.off():
-        layer = _quantized_layer(4)
-        assert not kernels.dequantize_takes(layer["weight"], layer["scales"], layer["biases"], 64, 4)
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_a_layer_set_to_the_kernel_gives_mlx_dequantize_values_where_it_does_not_run(monkeypatch, bits):
-    """Off CUDA, and inside `kernels.off()` (the trainer's compiled step), a layer whose choice is
-    "kernel" takes the fused graph (8 bits) or mx.dequantize: the same product as the backend's own."""
-    calls = []
-    monkeypatch.setattr(kernels, "dequantize", lambda *a: calls.append(a))
-    layer = _quantized_layer(bits)
-    x = mx.random.normal((1, 5, 256)).astype(mx.bfloat16)
-    w = mx.dequantize(layer["weight"], layer["scales"], layer["biases"], 64, bits)
-    expected = mx.addmm(layer["bias"], x, w.T)
-    with kernels.off():
-        assert mx.array_equal(layer(x), expected).item()
-    if backend() != "cuda":
-        assert mx.array_equal(layer(x), expected).item()
-    assert calls == []
-
-
-def test_off_keeps_the_kernels_out_on_its_thread_only(monkeypatch):
+def test_off_keeps_the_kernels_out_on_its_thread_only(cuda_paths, monkeypatch):
     import threading
 
-    monkeypatch.setitem(kernels.USE, backend(), True)
+    monkeypatch.setattr(cuda_paths, "TUNING", cuda_paths.Tuning(kernels=True))
     monkeypatch.setattr(kernels, "_load_cubin", lambda: b"code")
     seen = []
     with kernels.off():

@@ -162,7 +162,9 @@ def test_text_encoder_lora_applies_again_after_freeing(files, tiny_schnell):
     flux = Flux1.from_path(tiny_schnell, precision="float32", lora_paths=[str(files["a"])])
     config = Config(num_inference_steps=1, height=32, width=32)
     first = np.array(flux.generate_image(1, PROMPT, config).image)
-    assert isinstance(flux._modules["text_encoder"].text_model.encoder.layers[0].self_attn.q_proj, LoRALinear)
+    assert isinstance(
+        flux.models.modules["text_encoder"].text_model.encoder.layers[0].self_attn.q_proj, LoRALinear
+    )
     flux.free_text_encoders()
     again = np.array(flux.generate_image(1, PROMPT, config).image)
     assert np.array_equal(first, again)

@@ -1,5 +1,6 @@
-"""Quantized layers that dequantize just before a float matmul (mflux.runtime.qmatmul): the same images
-as MLX's quantized matmul, the weights still quantized, and the per-backend choice."""
+"""Quantized layers that dequantize just before a float matmul (mflux.runtime.cuda.qmatmul): the same
+images as MLX's quantized matmul, the weights still quantized, and the CUDA tuning's choice
+(`Tuning.dequantize_min_rows`, `Tuning.fused_dequantize`), which the portable runtime never takes."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,7 +9,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mflux.folders import open_folder
-from mflux.runtime import engine, qmatmul, sampler
+from mflux.runtime import device, engine, sampler
+from mflux.runtime.cuda import qmatmul
 from mflux.runtime.folder import COMPONENTS
 from mflux.runtime.loader import load_component
 from mflux.runtime.quantization import QuantSpec
@@ -91,17 +93,19 @@ def test_weights_stay_quantized_and_small_inputs_keep_quantized_matmul(monkeypat
     assert len(calls) == 2
 
 
-def test_the_backend_decides_what_the_loader_builds(tiny_schnell, monkeypatch):
+def test_the_tuning_decides_what_the_loader_builds(tiny_schnell, cuda_paths, monkeypatch):
     mf = open_folder(tiny_schnell)
-    assert qmatmul.backend() == "cpu"
     plain = load_component(mf, "text_encoder", mx.float32, QuantSpec(8))
-    # CPU and Metal keep MLX's own layer: nothing changes where the choice is None
+    # nothing changes where the tuning's choice is None
     assert {type(m) for m in _quantized_layers({"c": plain})} == {nn.QuantizedLinear}
-    monkeypatch.setitem(qmatmul.MIN_ROWS, "cpu", 32)
-    chosen = load_component(mf, "text_encoder", mx.float32, QuantSpec(8))
-    layers = _quantized_layers({"c": chosen})
-    assert layers and all(type(m) is qmatmul.QuantizedLinear and m.min_rows == 32 for m in layers)
-    assert qmatmul.MIN_ROWS["metal"] is None  # no Mac measured: Metal keeps quantized_matmul
+    with cuda_paths.tuned(dequantize_min_rows=32):
+        chosen = load_component(mf, "text_encoder", mx.float32, QuantSpec(8))
+        layers = _quantized_layers({"c": chosen})
+        assert layers and all(type(m) is qmatmul.QuantizedLinear and m.min_rows == 32 for m in layers)
+        # off CUDA (CPU, Metal: no Mac measured) the tuning is never asked: MLX's quantized_matmul
+        monkeypatch.setattr(device, "_cuda", False)
+        portable = load_component(mf, "text_encoder", mx.float32, QuantSpec(8))
+    assert {type(m) for m in _quantized_layers({"c": portable})} == {nn.QuantizedLinear}
 
 
 def _qlora_step_peak(min_rows: int | None) -> tuple[float, float, int]:
@@ -184,7 +188,7 @@ def test_fused_dequantize_images_are_the_mx_dequantize_images(tiny_schnell):
     images = {}
     for how in ("mlx", "fused"):
         for model in models.values():
-            qmatmul.choose_matmul(model, 1, how)
+            qmatmul.choose_matmul(model, 1, fused=how == "fused")
         images[how] = _image(tiny_schnell, models, mx.bfloat16)
     fused = [m for m in _quantized_layers(models) if qmatmul.fused_applies(m, mx.bfloat16)]
     assert len(fused) > 10 and images["mlx"].std() > 10
@@ -194,13 +198,13 @@ def test_fused_dequantize_images_are_the_mx_dequantize_images(tiny_schnell):
 
 
 def test_the_text_encoders_keep_mlx_dequantize_where_the_transformer_takes_the_fused_graph(
-    tiny_schnell, monkeypatch
+    tiny_schnell, cuda_paths
 ):
     """The text encoders run before the warm-up's children can have built a compiled graph, so their
-    quantized layers take MLX's prebuilt dequantize, while the transformer's take the backend's choice."""
-    monkeypatch.setitem(qmatmul.MIN_ROWS, "cpu", 1)
-    monkeypatch.setitem(qmatmul.DEQUANTIZE, "cpu", "fused")
-    models = _models(tiny_schnell, mx.bfloat16, 8)
-    for component, expected in (("transformer", "fused"), ("text_encoder", "mlx"), ("text_encoder_2", "mlx")):
+    quantized layers take MLX's prebuilt dequantize, while the transformer's take the tuning's choice."""
+    with cuda_paths.tuned(dequantize_min_rows=1, fused_dequantize=True):
+        models = _models(tiny_schnell, mx.bfloat16, 8)
+    for component, fused in (("transformer", True), ("text_encoder", False), ("text_encoder_2", False)):
         layers = _quantized_layers({component: models[component]})
-        assert layers and {m.dequantize for m in layers} == {expected}, component
+        assert layers and all(type(m) is qmatmul.QuantizedLinear for m in layers), component
+        assert {m.fused for m in layers} == {fused}, component

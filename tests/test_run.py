@@ -79,7 +79,7 @@ def test_name_with_bits_quantizes_a_stored_base_at_load_time(tiny_schnell):
     flux = Flux1.from_name("schnell-q8")
     assert flux.quantize.bits == 8 and flux.model_name == "schnell-q8"
     flux.load()
-    blocks = flux._modules["transformer"].double_blocks[0]
+    blocks = flux.models.modules["transformer"].double_blocks[0]
     assert type(blocks.img_attn.qkv).__name__ == "QuantizedLinear"
 
 
@@ -203,8 +203,8 @@ def test_freeing_modulation_weights_keeps_images_identical(tiny_dev):
         want = np.array(kept.generate_image(seed, prompt, config).image)
         got = np.array(lean.generate_image(seed, prompt, config, free_modulation_weights=True).image)
         assert np.array_equal(want, got), (seed, prompt)
-        assert "time_in" not in lean._modules["transformer"]  # freed again after each generation
-    assert "time_in" in kept._modules["transformer"]
+        assert "time_in" not in lean.models.modules["transformer"]  # freed again after each generation
+    assert "time_in" in kept.models.modules["transformer"]
 
 
 def test_a_batch_equals_its_images_made_alone(tiny_dev):
@@ -253,7 +253,7 @@ def test_seed_range_is_checked_before_anything_loads(tiny_schnell):
     for bad in (-1, 2**64, 1.5, "3"):
         with pytest.raises(InvalidArgument, match=r"0\.\.18446744073709551615"):
             flux.generate_image(bad, PROMPT, Config(num_inference_steps=1, height=32, width=32))
-    assert flux._modules == {}
+    assert flux.models.modules == {}
 
 
 def test_save_never_overwrites_unless_asked(tiny_schnell, tmp_path):

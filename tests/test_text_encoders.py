@@ -14,7 +14,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.runtime import clip, t5
+from mflux.runtime import clip, t5, textops
 from mflux.runtime.loader import cast_and_quantize, check_keys, read_weights
 from mflux.runtime.tokenizers import clip_ids, load_tokenizers, t5_ids
 from tests.fixtures import CORPUS
@@ -371,38 +371,30 @@ def test_token_id_arguments_are_checked(tiny_schnell):
         clip_ids(clip_tok, "a cat")
 
 
-# ---- the encoders' CUDA path (mflux.runtime.jitfree): no gathers and no compiled graphs
+# ---- the encoders' CUDA path (mflux.runtime.cuda.jitfree): no gathers and no compiled graphs
 
 
-@pytest.fixture
-def jit_free(monkeypatch):
-    """The CUDA path on this CPU: lookups as one-hot matmuls, the gelu in plain ops."""
-    from mflux.runtime import jitfree
-
-    monkeypatch.setitem(jitfree.AVOID_JIT, "cpu", True)
-
-
-def test_lookups_are_exact_as_one_hot_matmuls(monkeypatch):
-    from mflux.runtime import jitfree
-
+def test_lookups_are_exact_as_one_hot_matmuls(cuda_paths):
+    jitfree = cuda_paths.jitfree
     rng = np.random.default_rng(0)
     table = mx.array(rng.standard_normal((300, 64)).astype(np.float32) * 40).astype(mx.bfloat16)
     ids = mx.array(rng.integers(0, 300, (3, 17)).astype(np.int32))
     x = mx.array(rng.standard_normal((3, 17, 64)).astype(np.float32)).astype(mx.bfloat16)
     pos = mx.argmax(ids, axis=-1)  # uint32, as CLIP's pooling positions
     plain = table[ids], x[mx.arange(3), pos]
-    monkeypatch.setitem(jitfree.AVOID_JIT, "cpu", True)
-    np.testing.assert_array_equal(_f32(jitfree.lookup(table, ids)), _f32(plain[0]))
-    np.testing.assert_array_equal(_f32(jitfree.pick(x, pos)), _f32(plain[1]))
-    # a float32 table keeps the gather (a float32 matmul may round through TF32 on a GPU)
-    t32 = table.astype(mx.float32) + 1e-3
-    np.testing.assert_array_equal(np.array(jitfree.lookup(t32, ids)), np.array(t32[ids]))
     # a quantized table: the same rows as nn.QuantizedEmbedding's gather
     layer = nn_quantized_embedding(table)
-    monkeypatch.setitem(jitfree.AVOID_JIT, "cpu", False)
     gathered = layer(ids)
-    monkeypatch.setitem(jitfree.AVOID_JIT, "cpu", True)
-    np.testing.assert_array_equal(_f32(jitfree.embed(layer, ids)), _f32(gathered))
+    with cuda_paths.tuned(avoid_jit=True):
+        np.testing.assert_array_equal(_f32(jitfree.lookup(table, ids)), _f32(plain[0]))
+        np.testing.assert_array_equal(_f32(jitfree.pick(x, pos)), _f32(plain[1]))
+        # a float32 table keeps the gather (a float32 matmul may round through TF32 on a GPU)
+        t32 = table.astype(mx.float32) + 1e-3
+        np.testing.assert_array_equal(np.array(jitfree.lookup(t32, ids)), np.array(t32[ids]))
+        np.testing.assert_array_equal(_f32(jitfree.embed(layer, ids)), _f32(gathered))
+        # the encoders reach them through textops
+        np.testing.assert_array_equal(_f32(textops.pick(x, pos)), _f32(plain[1]))
+        np.testing.assert_array_equal(_f32(textops.embed(layer, ids)), _f32(gathered))
 
 
 def nn_quantized_embedding(table: mx.array):
@@ -413,29 +405,26 @@ def nn_quantized_embedding(table: mx.array):
     return nn.QuantizedEmbedding.from_embedding(layer, group_size=32, bits=4)
 
 
-def test_gelu_in_plain_ops_equals_mlx_compiled_gelu(jit_free):
+def test_gelu_in_plain_ops_equals_mlx_compiled_gelu(cuda_paths):
     import mlx.nn as nn
 
-    from mflux.runtime import jitfree
-
     x = mx.array(np.linspace(-8, 8, 4001, dtype=np.float32))
-    for dtype, atol in ((mx.float32, 1e-6), (mx.bfloat16, 2**-7)):
-        ours, theirs = jitfree.gelu_approx(x.astype(dtype)), nn.gelu_approx(x.astype(dtype))
-        assert ours.dtype == dtype
-        np.testing.assert_allclose(
-            np.array(ours.astype(mx.float32)), np.array(theirs.astype(mx.float32)), atol=atol
-        )
+    with cuda_paths.tuned(avoid_jit=True):
+        for dtype, atol in ((mx.float32, 1e-6), (mx.bfloat16, 2**-7)):
+            ours, theirs = cuda_paths.jitfree.gelu_approx(x.astype(dtype)), nn.gelu_approx(x.astype(dtype))
+            assert ours.dtype == dtype
+            np.testing.assert_allclose(
+                np.array(ours.astype(mx.float32)), np.array(theirs.astype(mx.float32)), atol=atol
+            )
 
 
-def test_encoders_on_the_cuda_path_equal_the_plain_path_in_bfloat16(t5_saved, clip_saved, monkeypatch):
-    from mflux.runtime import jitfree
-
+def test_encoders_on_the_cuda_path_equal_the_plain_path_in_bfloat16(t5_saved, clip_saved, cuda_paths):
     t5_model = _load(t5, t5.T5Config, t5.T5Encoder, t5_saved[1], mx.bfloat16)
     clip_model = _load(clip, clip.CLIPTextConfig, clip.CLIPTextModel, clip_saved[2], mx.bfloat16)
     t5_in, clip_in = mx.array(_t5_ids(2, 40, 4)), mx.array(_clip_ids([6, 33], 5))
     plain = t5_model(t5_in), *clip_model(clip_in)
-    monkeypatch.setitem(jitfree.AVOID_JIT, "cpu", True)
-    free = t5_model(t5_in), *clip_model(clip_in)
+    with cuda_paths.tuned(avoid_jit=True):
+        free = t5_model(t5_in), *clip_model(clip_in)
     # CLIP has no gelu_approx: its lookups are exact, so all of it is equal; T5's gelu in plain ops
     # rounds between ops where the compiled one may not
     np.testing.assert_array_equal(_f32(free[1]), _f32(plain[1]))

@@ -527,14 +527,14 @@ def test_checkpointing_keeps_every_gradient_with_a_trained_modulation_layer(tiny
 
 
 def test_a_fresh_gpu_machines_first_step_says_it_builds_kernels(
-    tiny_schnell, trained, data, tmp_path, monkeypatch, capsys
+    tiny_schnell, trained, data, tmp_path, cuda_paths, monkeypatch, capsys
 ):
-    """Where MLX builds kernels at run time into its cache (CUDA, `warmup.WARM`), the first training
+    """Where MLX builds kernels at run time into its cache (CUDA, `Tuning.warm`), the first training
     step on an empty cache takes minutes (H200: 125-178 s): the trainer says so once, before it, and
     marks the cache after it, so that later runs say nothing."""
-    from mflux.runtime import warmup
+    from dataclasses import replace
 
-    monkeypatch.setitem(warmup.WARM, "cpu", True)  # this CPU takes CUDA's path
+    monkeypatch.setattr(cuda_paths, "TUNING", replace(cuda_paths.TUNING, warm=True))  # CUDA's path here
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "ptx"))
     options = {**LEARN, "steps": 2, "progress": False}
     notices = []

@@ -1,32 +1,41 @@
-"""The warm-up process (mflux.runtime.warmup) and the kernel cache's place (mflux.backend.kernel_cache_dir).
+"""The warm-up process (mflux.runtime.cuda.warmup) and the kernel cache's place (mflux.backend.kernel_cache_dir).
 
 On CUDA the kernels land in MLX_PTX_CACHE_DIR; this CPU has none to build there. But MLX's CPU backend
 builds the same compiled graphs, under the same names, into its temporary folder (TMPDIR/mlx/<version>/
 cpu), so the names a process built can be compared here: the warm-up's tiny models must build every
-compiled graph that real generations at another size build.
+compiled graph that real generations at another size build. The generations take CUDA's paths on this
+CPU (the `cuda_paths` fixture; in a child process, `_on_cuda_paths`).
 """
 
 import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 
-from mflux.runtime import warmup
+from mflux.runtime.cuda import Tuning, warmup
+
+
+def _on_cuda_paths(tuning: Tuning) -> str:
+    """The lines that put a child process on the CUDA tuning's paths, as the `cuda_paths` fixture does
+    this one, under `tuning`."""
+    return (
+        "from mflux.runtime import cuda, device\n"
+        "device._cuda = cuda\n"
+        f"cuda.TUNING = cuda.Tuning(**{asdict(tuning)!r})\n"
+    )
+
 
 GENERATIONS = """
 import sys
 from PIL import Image
 from mflux import Config, Flux1
 
-from mflux.runtime import qmatmul
-
-# CUDA's quantized path: every quantized layer's weight dequantized by qmatmul's compiled graph
-qmatmul.MIN_ROWS["cpu"], qmatmul.DEQUANTIZE["cpu"] = 1, "fused"
 config = Config(2, 48, 64)
 Flux1.from_path(sys.argv[1], precision="float32", quantize=8).generate_images([1], "a red bicycle", config)
 flux = Flux1.from_path(sys.argv[1], precision="float32")
@@ -41,7 +50,7 @@ flux.generate_images([5], "a lighthouse", config, image=init, mask_image=mask)
 
 WARM = """
 import mlx.core as mx
-from mflux.runtime import warmup
+from mflux.runtime.cuda import warmup
 
 for task in warmup.tasks(mx.float32).values():
     mx.eval(task())
@@ -62,8 +71,10 @@ def _built(tmp: Path, script: str, *args: str) -> set[str]:
     return names
 
 
-def test_the_warm_up_tasks_build_every_compiled_graph_that_generations_build(tiny_dev, tmp_path):
-    real = _built(tmp_path / "real", GENERATIONS, str(tiny_dev))
+def test_the_warm_up_tasks_build_every_compiled_graph_that_generations_build(tiny_dev, cuda_paths, tmp_path):
+    # CUDA's quantized path: every quantized layer's weight dequantized by qmatmul's compiled graph
+    tuning = replace(cuda_paths.TUNING, dequantize_min_rows=1, fused_dequantize=True)
+    real = _built(tmp_path / "real", _on_cuda_paths(tuning) + GENERATIONS, str(tiny_dev))
     warm = _built(tmp_path / "warm", WARM)
     assert len(real) >= 5  # silu, rope, the gated residual, the batched modulation, gelu, ...
     assert real <= warm, f"not built by the warm-up: {sorted(real - warm)}"
@@ -72,7 +83,7 @@ def test_the_warm_up_tasks_build_every_compiled_graph_that_generations_build(tin
 # What MLX's CUDA backend builds with NVRTC at run time besides compiled graphs (mlx/backend/cuda: the
 # users of get_jit_module). None of them may appear where the warm-up can't see them: the children build
 # compiled graphs only, and each of these is a module of its own, about 4 s in a fresh process.
-# runtime.kernels' glue kernels are CUDA-only precompiled kernels (their code is built by mflux with NVRTC
+# cuda.kernels' glue kernels are CUDA-only precompiled kernels (their code is built by mflux with NVRTC
 # in 0.4 s and kept in the kernel cache), so they never appear on this CPU's paths.
 BUILT_AT_RUN_TIME = {
     "Gather",
@@ -89,16 +100,19 @@ BUILT_AT_RUN_TIME = {
 }
 
 
-def test_generations_on_cuda_evaluate_nothing_else_that_is_built_at_run_time(tiny_dev, monkeypatch, tmp_path):
+def test_generations_on_cuda_evaluate_nothing_else_that_is_built_at_run_time(
+    tiny_dev, cuda_paths, monkeypatch, tmp_path
+):
     from mlx.utils import tree_flatten
     from PIL import Image
 
     from mflux import Config, Flux1
-    from mflux.runtime import jitfree, qmatmul
 
     # this CPU takes CUDA's paths: one-hot lookups in the text encoders, dequantize before a matmul
-    monkeypatch.setitem(jitfree.AVOID_JIT, "cpu", True)
-    monkeypatch.setitem(qmatmul.MIN_ROWS, "cpu", 1)
+    # (8-bit weights through the fused graph), the glue kernels asked for (their NVRTC build fails here)
+    tuning = dict(avoid_jit=True, dequantize_min_rows=1, fused_dequantize=True, kernels=True)
+    monkeypatch.setattr(cuda_paths, "TUNING", replace(cuda_paths.TUNING, **tuning))
+    monkeypatch.setattr(cuda_paths.kernels, "_why_not", None)  # this test's own try at the build
     seen: dict[str, int] = {}
     real_eval, dot = mx.eval, tmp_path / "graph.dot"
 
@@ -117,7 +131,9 @@ def test_generations_on_cuda_evaluate_nothing_else_that_is_built_at_run_time(tin
     config = Config(2, 48, 64)
     # uncompiled, as a fresh process runs while the warm-up builds: every primitive is seen, also
     # those inside the compiled graphs, so this covers the compiled generations too
-    monkeypatch.setattr(warmup, "start", lambda dtype: SimpleNamespace(ready=lambda: False, procs={}))
+    monkeypatch.setattr(
+        cuda_paths.warmup, "start", lambda dtype: SimpleNamespace(ready=lambda: False, procs={})
+    )
     for quantize in (None, 8):
         flux = Flux1.from_path(tiny_dev, precision="bfloat16", quantize=quantize)
         flux.generate_images([1], "a red bicycle", config)
@@ -153,10 +169,10 @@ def test_publish_renames_each_module_into_the_cache_code_last(tmp_path, monkeypa
         )
 
 
-def test_start_runs_a_child_per_graph_once_per_cache(tmp_path, monkeypatch):
+def test_start_runs_a_child_per_graph_once_per_cache(tmp_path, cuda_paths, monkeypatch):
     cache = tmp_path / "ptx"
-    assert warmup.start(mx.float32, cache) is None  # not on this backend
-    monkeypatch.setitem(warmup.WARM, "cpu", True)
+    assert warmup.start(mx.float32, cache) is None  # not under this tuning
+    monkeypatch.setattr(cuda_paths, "TUNING", replace(cuda_paths.TUNING, warm=True))
     job = warmup.start(mx.float32, cache)
     assert job is not None and sorted(job.procs) == sorted(warmup.tasks(mx.float32))
     assert {s.parent for s in job.stagings.values()} == {cache}
@@ -173,8 +189,8 @@ def test_start_runs_a_child_per_graph_once_per_cache(tmp_path, monkeypatch):
     assert not list(cache.glob(warmup.STAGING + "*"))
 
 
-def test_a_graph_another_process_is_building_is_waited_for_not_built_again(tmp_path, monkeypatch):
-    monkeypatch.setitem(warmup.WARM, "cpu", True)
+def test_a_graph_another_process_is_building_is_waited_for_not_built_again(tmp_path, cuda_paths, monkeypatch):
+    monkeypatch.setattr(cuda_paths, "TUNING", replace(cuda_paths.TUNING, warm=True))
     k, names = warmup.key(mx.float32), sorted(warmup.tasks(mx.float32))
     for task in names[1:]:
         (tmp_path / warmup.MARKER.format(k, task)).write_text("{}")
@@ -189,8 +205,8 @@ def test_a_graph_another_process_is_building_is_waited_for_not_built_again(tmp_p
     assert job.done() and warmup.start(mx.float32, tmp_path) is None
 
 
-def test_a_failed_child_leaves_its_output_and_no_marker(tmp_path, monkeypatch):
-    monkeypatch.setitem(warmup.WARM, "cpu", True)
+def test_a_failed_child_leaves_its_output_and_no_marker(tmp_path, cuda_paths, monkeypatch):
+    monkeypatch.setattr(cuda_paths, "TUNING", replace(cuda_paths.TUNING, warm=True))
     monkeypatch.setattr(warmup, "tasks", lambda dtype: {"broken": None})  # the child cannot find it
     job = warmup.start(mx.float32, tmp_path)
     assert not job.wait(timeout=120)
@@ -205,7 +221,6 @@ import sys
 import numpy as np
 import mlx.core as mx
 from mflux import Config, Flux1
-from mflux.runtime import warmup
 
 class Building:  # the warm-up's children, still at work for the first `n` checks
     procs = {}
@@ -216,19 +231,20 @@ class Building:  # the warm-up's children, still at work for the first `n` check
         return self.n < 0
 
 flux = Flux1.from_path(sys.argv[1], precision="float32")
-flux._warmup = Building(int(sys.argv[2]))
+flux.models._warmup = Building(int(sys.argv[2]))
 image = flux.generate_image(7, "a red bicycle", Config(3, 48, 64)).image
 np.save(sys.argv[3], np.asarray(image))
 """
 
 
-def test_a_generation_runs_uncompiled_until_the_warm_up_is_done(tiny_dev, tmp_path):
+def test_a_generation_runs_uncompiled_until_the_warm_up_is_done(tiny_dev, cuda_paths, tmp_path):
     """Flux1 does not wait for the children: while they build, it builds no compiled graph (on CUDA:
     no NVRTC module), and its image is the compiled one's; once they are done it compiles again."""
     images = {}
+    script = _on_cuda_paths(cuda_paths.TUNING) + UNCOMPILED
     for label, checks in (("building", 10**6), ("done after two", 2), ("done", 0)):
         out = tmp_path / f"{label}.npy"
-        images[label] = (_built(tmp_path / label, UNCOMPILED, str(tiny_dev), str(checks), str(out)), out)
+        images[label] = (_built(tmp_path / label, script, str(tiny_dev), str(checks), str(out)), out)
     assert images["building"][0] == set()
     assert len(images["done"][0]) >= 3  # compiled from the first event
     assert images["done after two"][0] and images["done after two"][0] <= images["done"][0]
@@ -273,8 +289,8 @@ def test_the_kernel_cache_persists_outside_the_temporary_folder(tmp_path, monkey
     assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "mine")
 
 
-def test_an_unwritable_cache_starts_nothing(tmp_path, monkeypatch):
-    monkeypatch.setitem(warmup.WARM, "cpu", True)
+def test_an_unwritable_cache_starts_nothing(tmp_path, cuda_paths, monkeypatch):
+    monkeypatch.setattr(cuda_paths, "TUNING", replace(cuda_paths.TUNING, warm=True))
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
