@@ -154,7 +154,7 @@ class Flux(nn.Module):
         t = mx.array(timesteps, dtype=mx.float32)
         n, b = t.shape[0], y.shape[0]
         # step-major rows (N*B): broadcasts, where repeat and tile would be gathers, whose kernels MLX
-        # builds at run time on CUDA (mflux.runtime.warmup)
+        # builds at run time on CUDA (mflux.runtime.cuda.warmup)
         t = mx.broadcast_to(t[:, None], (n, b)).reshape(-1)
         y = mx.broadcast_to(y[None], (n, *y.shape)).reshape(n * b, -1)
         g = None if guidance is None else mx.broadcast_to(guidance[None], (n, b)).reshape(-1)
