@@ -2,7 +2,7 @@
 folder, then the first image after opening it, in this process, as `mflux run` makes it.
 
     python bench/load.py --size tiny                                     # a CPU: both layouts, tiny
-    python bench/load.py --size full --layout mlx --quant bf16,q8,q4 --keep /var/tmp/flux
+    python bench/load.py --size full --layout mlx --quant bf16,q8,q4 --tmp /var/tmp   # one at a time
     python bench/load.py --size full --layout hf --keep /var/tmp/flux --what first   # needs torch, diffusers
     python bench/load.py --folder ~/models/schnell --what first          # a model you have
 
