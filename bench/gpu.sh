@@ -12,6 +12,9 @@
 #   memory    the pipeline's peak memory per phase at bf16, q8 and q4
 #   train     the LoRA training step, mflux against diffusers + PEFT, at 512 and 1024
 #   peer      mflux, diffusers and the peer (PyPI mflux 0.24.0) on one checkpoint in diffusers' layout
+#   compare DIR  another tree (e.g. `git archive REV mflux converters manifests pyproject.toml README.md |
+#             tar -x -C .gpuold`, carried) installed beside this one: both trees' schnell images at bf16
+#             and -q 8, interleaved, twice each after a warm-up, with their step times (compare_trees.py)
 #
 # .gpu1 and .gpu2 come from `bash ../shared/gpu/mlx-cuda-wheels.sh`; .gpuw holds wheels downloaded here:
 #   pip download --no-deps -d .gpuw mflux==0.24.0 tomli-w piexif platformdirs toml
@@ -73,13 +76,37 @@ case "$command" in
   train)
     run train "$PY" bench/train.py --size "$SIZE" --steps 3 --warmup 1 "$@"
     ;;
+  compare)
+    other=${1:?usage: bash bench/gpu.sh compare DIR}
+    shift
+    for tree in old new; do rm -rf "$DISK/site-$tree"; done
+    "$PY" -m pip install -q --no-deps --no-build-isolation --target "$DISK/site-old" "$other"
+    "$PY" -m pip install -q --no-deps --no-build-isolation --target "$DISK/site-new" .
+    hf="$DISK/hf-bf16"
+    side=$([ "$SIZE" = full ] && echo 1024 || echo 64)
+    [ -f "$hf/model_index.json" ] || run compare env PYTHONPATH="$DISK/site-new" "$PY" bench/peer.py write --folder "$hf" --size "$SIZE"
+    for q in bf16 q8; do
+      quant=()
+      [ "$q" = q8 ] && quant=(-q 8)
+      each() { # each ARGS...: one run of each tree
+        for tree in old new; do
+          run compare env PYTHONPATH="$DISK/site-$tree" "$PY" bench/compare_trees.py --folder "$hf" --side "$side" \
+            "${quant[@]}" --label "$tree" "$@"
+        done
+      }
+      each # the warm-up: fills the kernel cache for both
+      each --time-steps 12
+      each --time-steps 12
+    done
+    rm -rf "$hf"
+    ;;
   peer)
     python3 -m pip install -q --no-index --no-deps --target "$DISK/peer" .gpuw/mflux-0.24.0-*.whl .gpuw/piexif-*.whl \
       .gpuw/platformdirs-*.whl .gpuw/toml-*.whl
     run peer "$PY" bench/peer.py all --folder "$DISK/peer-checkpoint" --peer "$DISK/peer" --delete "$@"
     ;;
   *)
-    echo "usage: bash bench/gpu.sh setup 1|setup 2|steps|load|memory|train|peer [benchmark arguments]" >&2
+    echo "usage: bash bench/gpu.sh setup 1|setup 2|steps|load|memory|train|peer|compare DIR [benchmark arguments]" >&2
     exit 2
     ;;
 esac

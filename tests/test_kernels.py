@@ -1,8 +1,8 @@
 """mflux.runtime.cuda.kernels: the glue kernels' portable path here, the kernels themselves where MLX
 has CUDA.
 
-The CUDA tests need MLX's CUDA backend: they are skipped on this CPU (and in CI) and run on the lent GPU
-(`bench/gpu.sh aa`, whose output is in bench/results/h200-round10/).
+The CUDA tests need MLX's CUDA backend: they are skipped on a CPU (and in CI) and run on a GPU with
+`python -m pytest tests/test_kernels.py`.
 """
 
 import mlx.core as mx

@@ -213,7 +213,9 @@ def test_bench_refuses_in_one_line(script, args, error):
     assert out.returncode == 2 and error in out.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize("script", ["steps.py", "load.py", "memory.py", "train.py", "peer.py", "parallel.py"])
+@pytest.mark.parametrize(
+    "script", ["steps.py", "load.py", "memory.py", "train.py", "peer.py", "parallel.py", "compare_trees.py"]
+)
 def test_bench_help(script):
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, check=True

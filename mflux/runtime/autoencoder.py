@@ -14,7 +14,7 @@ BAND_BYTES = 256 * 2**20
 # Attention's queries go in chunks of image rows whose scores (float32, with the softmax's temporaries)
 # take about this much, in the whole-tensor decode and in the banded one alike: on CUDA a matmul or
 # attention over another number of query rows may add in another order, so both paths chunk the same
-# way (the other layers give the same bits at any band: bench/probe_bands.py).
+# way (the other layers gave the same bits at any band on an H200).
 ATTENTION_BYTES = 256 * 2**20
 
 
@@ -421,7 +421,7 @@ class BandedDecoder:
         # layer's own padding on both axes, as on the whole tensor, and the output rows centred on the
         # halo are dropped: padded by columns only, a 146-row band of the 512x512 level's 512-channel
         # convolutions gave other bits than the whole tensor on an H200 (cuDNN chose another
-        # algorithm; bench/probe_conv_bands.py, docs/PERFORMANCE.md round 9), padded both ways none did.
+        # algorithm), padded both ways none did.
         y = mx.conv2d(band, conv.weight, padding=(pad, pad))
         y = y[:, pad:-pad] if pad else y
         return y + conv.bias if "bias" in conv else y
