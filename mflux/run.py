@@ -131,10 +131,10 @@ def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepw
         raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
     if stepwise is not None and Path(stepwise).exists() and not Path(stepwise).is_dir():
         raise InvalidArgument(f"--stepwise {stepwise} is a file; give a folder for the step images")
-    if stepwise_every is not None and (stepwise is None or stepwise_every < 1):
-        raise InvalidArgument(
-            f"--stepwise-every must be at least 1, with --stepwise DIR (got {stepwise_every})"
-        )
+    if stepwise_every is not None and stepwise is None:
+        raise InvalidArgument("--stepwise-every needs --stepwise DIR")
+    if stepwise_every is not None and stepwise_every < 1:
+        raise InvalidArgument(f"--stepwise-every must be at least 1, got {stepwise_every}")
 
 
 def output_paths(output: Path, jobs: list[st.Job], from_file: bool) -> dict[int, Path]:

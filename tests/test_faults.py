@@ -865,3 +865,16 @@ def test_interrupted_pull_resumes(home, hub, sig):
     consistent(home)  # nothing half-built; the partial download waits in .downloads
     _pulled(_pull(hub, "schnell", "--name", "x"), home, "x")
     assert hub.server.ranges(VAE)[-1] == "bytes=1000000-"
+
+
+# --- run's flags (issue 33) ------------------------------------------------------------------------
+
+TINY_RUN = ["--width", "32", "--height", "32", "--steps", "1", "--seed", "1"]
+
+
+def test_stepwise_every_without_stepwise_names_the_missing_flag(mflux_home):
+    line = refused(mflux("run", "--prompt", "a cat", "--stepwise-every", "2"))
+    assert line == "error: --stepwise-every needs --stepwise DIR", line
+    refused(
+        mflux("run", "--prompt", "a cat", "--stepwise", "s", "--stepwise-every", "0"), "at least 1, got 0"
+    )

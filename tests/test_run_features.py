@@ -85,7 +85,7 @@ BAD = [
     (["-n", "0"], "-n must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--stepwise", "{d}/taken"], "is a file; give a folder"),
-    (["--stepwise-every", "2"], "--stepwise-every must be at least 1, with --stepwise DIR"),
+    (["--stepwise-every", "2"], "--stepwise-every needs --stepwise DIR"),
     (["--stepwise", "steps", "--stepwise-every", "0"], "--stepwise-every must be at least 1"),
     (["--prompt-file", "{d}/bad.jsonl", "--prompt", None], "give --prompt or --prompt-file"),
     (["--prompt-file", "{d}/bad.jsonl"], "bad.jsonl line 2: seed -4 is out of range"),
