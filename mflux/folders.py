@@ -8,7 +8,6 @@ newer). That catches a truncated, deleted or edited file, not a byte flipped in 
 the mtime; `verify=True` (`mflux run --verify`, `mflux inspect --verify`) re-hashes every file.
 """
 
-import errno
 from datetime import datetime
 from pathlib import Path
 
@@ -27,14 +26,10 @@ def open_folder(
     under `verify`), else from its config files (the variant from the architecture, or `variant` where
     the architecture can't tell)."""
     path = Path(path).expanduser()
-    try:
-        path.stat()
-    except FileNotFoundError:
-        pass  # said below
+    try:  # a name too long for the file system is one clear error (is_dir would raise it)
+        path.exists()
     except OSError as e:
-        if e.errno == errno.ENAMETOOLONG:
-            raise MfluxError(f"{str(path)[:80]}...: file name too long (use a shorter path)") from None
-        raise MfluxError(f"{path}: cannot read ({e.strerror})") from None
+        raise MfluxError(f"{str(path)[:80]}...: not a valid path ({e.strerror})") from None
     if not path.is_dir():
         raise MfluxError(f"{path}: no such folder (give a FLUX.1 model folder, or a store name with --model)")
     if (path / MANIFEST).is_file():

@@ -465,8 +465,8 @@ def test_inspect_refuses_what_is_not_a_model(home, tmp_path):
     os.mkfifo(fifo)
     refused(mflux("inspect", fifo, timeout=30), "not a regular file")
     long = tmp_path / ("a" * 300 + ".safetensors")
-    refused(mflux("inspect", long), "file name too long")
-    refused(mflux("convert", long, "--base", "schnell"), "file name too long")
+    refused(mflux("inspect", long), "File name too long")
+    refused(mflux("convert", long, "--base", "schnell"), "File name too long")
 
 
 def test_mflux_home_is_a_file(tmp_path):
@@ -882,4 +882,4 @@ def test_stepwise_every_without_stepwise_names_the_missing_flag(mflux_home):
 
 def test_a_path_name_too_long_is_one_line(mflux_home, tmp_path):
     long = tmp_path / ("a" * 300)
-    refused(mflux("run", "--path", long, "--prompt", "a cat", *TINY_RUN, cwd=tmp_path), "file name too long")
+    refused(mflux("run", "--path", long, "--prompt", "a cat", *TINY_RUN, cwd=tmp_path), "File name too long")
