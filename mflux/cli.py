@@ -205,7 +205,7 @@ def pull(model_or_repo, name, revision, dry_run, force):
     type=click.Path(dir_okay=False),
     default="image.png",
     show_default=True,
-    help="The image file (.png); several images get `_seed_<seed>` (and `_line<N>` from a prompt file). "
+    help="The image file (.png), in a folder that exists; several images get `_seed_<seed>` (and `_line<N>` from a prompt file). "
     "An existing file is never overwritten: the next free `_1`, `_2`... name is used.",
 )
 @click.option(

@@ -323,16 +323,19 @@ def random_seeds(n: int) -> list[int]:
 
 
 def check_output(path: str | Path) -> Path:
-    """The `--output` file: a .png whose folder exists or can be made and is writable. An existing file is
-    not replaced: mflux writes the next free name beside it (metadata.free_path)."""
+    """The `--output` file: a .png in a folder that exists and is writable (a missing folder is refused,
+    not made: a typo would scatter images into a new tree). An existing file is not replaced: mflux writes
+    the next free name beside it (metadata.free_path)."""
     p = Path(path)
     if p.suffix.lower() != ".png":
         raise InvalidArgument(f"--output {path}: mflux writes PNG images; use a name ending in .png")
     if p.is_dir():
         raise InvalidArgument(f"--output {path} is a folder; give a file name such as {p / 'image.png'}")
     parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    if not parent.exists():
+        raise InvalidArgument(
+            f"--output {path}: no such folder {parent} (create it first: mkdir -p {parent})"
+        )
     if not parent.is_dir():
         raise InvalidArgument(f"--output {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -883,3 +883,11 @@ def test_stepwise_every_without_stepwise_names_the_missing_flag(mflux_home):
 def test_a_path_name_too_long_is_one_line(mflux_home, tmp_path):
     long = tmp_path / ("a" * 300)
     refused(mflux("run", "--path", long, "--prompt", "a cat", *TINY_RUN, cwd=tmp_path), "File name too long")
+
+
+def test_output_in_a_missing_folder_is_refused(mflux_home, tmp_path):
+    missing = tmp_path / "no" / "such"
+    line = refused(
+        mflux("run", "--prompt", "a cat", "-o", missing / "a.png"), str(missing), "create it first"
+    )
+    assert not (tmp_path / "no").exists(), line

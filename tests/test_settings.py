@@ -173,7 +173,10 @@ def test_lora_checks(tmp_path):
 
 
 def test_output_checks(tmp_path):
-    assert st.check_output(tmp_path / "new" / "deeper" / "x.png") == tmp_path / "new" / "deeper" / "x.png"
+    assert st.check_output(tmp_path / "x.png") == tmp_path / "x.png"
+    with pytest.raises(InvalidArgument, match="no such folder .*new.deeper .create it first"):
+        st.check_output(tmp_path / "new" / "deeper" / "x.png")
+    assert not (tmp_path / "new").exists()
     with pytest.raises(InvalidArgument, match="use a name ending in .png"):
         st.check_output(tmp_path / "x.jpg")
     (tmp_path / "dir.png").mkdir()
