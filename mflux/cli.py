@@ -185,7 +185,11 @@ def pull(model_or_repo, name, revision, dry_run, force):
 
 
 @cli.command()
-@click.option("--prompt", "-p", help="What to draw (or give --prompt-file or --from).")
+@click.option(
+    "--prompt",
+    "-p",
+    help='What to draw; "" is a prompt too, as in diffusers (or give --prompt-file or --from).',
+)
 @click.option(
     "--negative-prompt",
     help="What to steer away from, with true CFG: two transformer passes a step, so each step takes "

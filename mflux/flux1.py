@@ -353,10 +353,8 @@ class Flux1:
             raise InvalidArgument("give at least one seed")
         for s in seeds:
             check_seed(s)
-        prompts = _per_image("prompt", prompt, len(seeds))
-        negatives = (
-            _per_image("negative_prompt", negative, len(seeds), allow_empty=True) if negative else None
-        )
+        prompts = _per_image("prompt", prompt, len(seeds))  # "" is a prompt, as in diffusers
+        negatives = _per_image("negative_prompt", negative, len(seeds)) if negative else None
         scale = 1.0 if true_cfg_scale_off(true_cfg) else float(true_cfg)
         if not np.isfinite(scale):
             raise InvalidArgument(f"true_cfg_scale must be a finite number, got {true_cfg}")
@@ -479,13 +477,13 @@ def _source(key: str, source) -> dict:
     return {}
 
 
-def _per_image(name: str, value, n: int, allow_empty: bool = False) -> list[str]:
+def _per_image(name: str, value, n: int) -> list[str]:
     values = [value] * n if isinstance(value, str) else list(value)
     if len(values) != n:
         raise InvalidArgument(f"got {len(values)} values for {name} but {n} seeds; give one, or one per seed")
     for v in values:
-        if not isinstance(v, str) or (not allow_empty and not v.strip()):
-            raise InvalidArgument(f"{name} must be a non-empty string")
+        if not isinstance(v, str):
+            raise InvalidArgument(f"{name} must be a string")
     return values
 
 

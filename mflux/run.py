@@ -121,7 +121,7 @@ def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepw
         raise InvalidArgument("give --prompt-file or --from, not both")
     if prompt_file and "prompt" in explicit:
         raise InvalidArgument("give --prompt or --prompt-file, not both (the file holds the prompts)")
-    if not (prompt_file or from_image or values.get("prompt")):
+    if not (prompt_file or from_image or values.get("prompt") is not None):  # "" is a prompt
         raise InvalidArgument("give --prompt, --prompt-file or --from (see: mflux run --help)")
     if n is not None and values.get("seeds"):
         raise InvalidArgument("give --seed or -n, not both")

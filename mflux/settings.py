@@ -134,9 +134,10 @@ def check(s: Settings, explicit: Iterable[str] = (), where: str = "") -> Setting
 
 
 def _prompt(text, key: str, w: _Where, required: bool = False) -> str:
-    if text is None or (isinstance(text, str) and not text.strip()):
+    # an empty (or blank) prompt is a prompt, as in diffusers; a missing one is refused
+    if text is None or (not required and isinstance(text, str) and not text.strip()):
         if required:
-            raise w.fail(f"the prompt is empty (give {w.name('prompt')} with the image to describe)")
+            raise w.fail(f"no prompt (give {w.name('prompt')} with the image to describe)")
         return ""
     if not isinstance(text, str):
         raise w.fail(f"{w.name(key)} must be text, got {text!r}")

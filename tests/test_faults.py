@@ -891,3 +891,12 @@ def test_output_in_a_missing_folder_is_refused(mflux_home, tmp_path):
         mflux("run", "--prompt", "a cat", "-o", missing / "a.png"), str(missing), "create it first"
     )
     assert not (tmp_path / "no").exists(), line
+
+
+def test_an_empty_prompt_is_a_prompt(home, tmp_path):
+    result = mflux(
+        "run", "-m", "schnell", "--no-pull", "--prompt", "", *TINY_RUN, "-o", "e.png", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "e.png").is_file()
+    refused(mflux("run", "-m", "schnell", "--no-pull", *TINY_RUN, cwd=tmp_path), "give --prompt")

@@ -150,7 +150,6 @@ def test_guidance_on_schnell_warns(tiny_schnell, tmp_path):
         (["--height", "30"], "multiple of 16"),
         (["--width", "0"], "multiple of 16"),
         (["--steps", "0"], "--steps"),
-        (["--prompt", " "], "prompt is empty"),
         (["-q", "7"], "'7' is not one of"),
     ],
 )

@@ -75,7 +75,6 @@ BAD = [
     (["--image", "{d}/init.png", "--mask", "{d}/small.png"], "is 16x16 but the image"),
     (["--image", "{d}/init.png", "--strength", "0"], "--strength must be in (0, 1]"),
     (["--image", "{d}/init.png", "--strength", "1.5"], "--strength must be in (0, 1]"),
-    (["--prompt", " "], "the prompt is empty"),
     (["--prompt", "x" * 100_000], "100,000 characters"),
     (["--lora-paths", "{d}/none.safetensors"], "none.safetensors: no such file"),
     (["--lora-paths", "{d}/notes.png"], "not a valid safetensors file"),

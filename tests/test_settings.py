@@ -71,7 +71,7 @@ def test_seed_range_ends_are_accepted():
         ({"guidance": math.nan}, "--guidance must be a finite number"),
         ({"guidance": math.inf}, "--guidance must be a finite number"),
         ({"negative_prompt": "blurry", "true_cfg": -math.inf}, "--true-cfg must be a finite number"),
-        ({"prompt": " \n"}, "the prompt is empty"),
+        ({"prompt": None}, "no prompt .give --prompt"),
         ({"prompt": "x" * 100_000}, "100,000 characters; the limit is 10,000"),
         ({"negative_prompt": "x" * 10_001}, "--negative-prompt is 10,001 characters"),
     ],
@@ -252,7 +252,7 @@ def test_jsonl_prompt_file_with_per_line_settings(tmp_path):
         ('{"prompt": "a", "strength": 0.5}', "p.jsonl line 3: strength needs image"),
         ('{"prompt": "a", "loras": [3]}', "p.jsonl line 3: bad LoRA entry 3"),
         ('{"prompt": "a",', "p.jsonl line 3: not valid JSON"),
-        ('{"negative_prompt": "b"}', "p.jsonl line 3: the prompt is empty"),
+        ('{"negative_prompt": "b"}', "p.jsonl line 3: no prompt"),
     ],
 )
 def test_a_bad_line_is_named_by_its_number(line, match, tmp_path):
