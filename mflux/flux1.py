@@ -1,5 +1,5 @@
-"""The Python API: `Flux1` holds a model folder's modules and drives the engine; `Config` holds the
-settings images share.
+"""The Python API: `Flux1`, a facade over the runtime's `Models` (a model folder's modules) and engine;
+`Config` holds the settings images share.
 
     flux = Flux1.from_name("schnell")
     image = flux.generate_image(seed=1, prompt="Luxury food photograph", config=Config(height=512, width=512))
@@ -7,8 +7,8 @@ settings images share.
 
 The generation arguments that diffusers' pipelines take (`negative_prompt`, `true_cfg_scale`, `image`,
 `mask_image`, `strength`) go on `generate_image`, `generate_images` and `generate`, with diffusers'
-meanings. Store names, `-q<bits>` and the catalog are resolved here, in the toolchain; the runtime only
-sees the folder.
+meanings. Store names and `-q<bits>` are resolved by the store (`Store.resolve`); the runtime only sees
+the folder.
 """
 
 import io

@@ -28,7 +28,7 @@ _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
 
 @dataclass
 class Limits:
-    """Every request limit, in one place; the README's table lists them."""
+    """Every request limit, in one place; docs/serve.md's table lists them."""
 
     prompt_chars: int = 4000
     n: int = 10  # images per request (OpenAI's n; A1111's batch_size * n_iter)
