@@ -478,7 +478,7 @@ def _source(key: str, source) -> dict:
 
 
 def _per_image(name: str, value, n: int) -> list[str]:
-    values = [value] * n if isinstance(value, str) else list(value)
+    values = list(value) if isinstance(value, list | tuple) else [value] * n
     if len(values) != n:
         raise InvalidArgument(f"got {len(values)} values for {name} but {n} seeds; give one, or one per seed")
     for v in values:

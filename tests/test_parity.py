@@ -94,5 +94,6 @@ def test_bad_latents_and_prompt_raise_value_error(tiny_schnell):
     config = Config(num_inference_steps=1, height=32, width=32)
     with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 64\)"):
         flux.generate_image(0, PROMPT, config, latents=np.zeros((1, 5, 64), np.float32))
-    with pytest.raises(ValueError, match="prompt"):
-        flux.generate_image(0, "  ", config)
+    for prompt in (None, 3, ["a", 3]):  # "" and blanks are prompts, as in diffusers
+        with pytest.raises(ValueError, match="prompt"):
+            flux.generate_image(0, prompt, config)
