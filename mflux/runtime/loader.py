@@ -73,18 +73,18 @@ def load_component(
     check_quantize(folder, quantize, (component,))
     module, weights = _prepare(folder, component, dtype, quantize)
     cuda = device.cuda()
-    if cuda:  # several threads, large components on the CPU stream; made before loading, as copies
+    if cuda:  # several threads, large components on the CPU stream
         spec = _spec(folder, component, quantize)
         lazy = partial(_lazy_weights, folder, component, dtype, spec)
         weights = cuda.load.read(
             weights, lazy, folder.path / component, component, folder.format, dtype, spec
         )
+    else:
+        weights = evaluate(weights)
     try:
         module.load_weights(list(weights.items()), strict=True)
     except ValueError as e:  # check_keys has compared names and shapes; this is a last guard
         raise MfluxError(f"{folder.path}/{component}: weights do not fit the model ({e})") from None
-    del weights  # the module holds the only references now, so evaluated sources are released
-    evaluate(dict(tree_flatten(module.parameters())))
     return module
 
 
