@@ -202,14 +202,11 @@ class Flux1:
 
     def free_text_encoders(self) -> None:
         """Drop T5 and CLIP (about 10 GB at bf16); a later prompt reloads them."""
-        self._free("text_encoder", "text_encoder_2")
+        self.models.free("text_encoder", "text_encoder_2")
 
     def free_transformer(self) -> None:
         """Drop the transformer (23.8 GB at bf16), e.g. before decoding the last image; reloaded when needed."""
-        self._free("transformer")
-
-    def _free(self, *components: str) -> None:
-        self.models.free(*components)
+        self.models.free("transformer")
 
     # -- generation --------------------------------------------------------------------------------
 
