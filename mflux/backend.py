@@ -15,7 +15,7 @@ def kernel_cache_dir() -> Path:
     """Where MLX's CUDA backend keeps the kernels it builds at run time: MLX_PTX_CACHE_DIR where set, else
     `$XDG_CACHE_HOME/mflux/mlx-<version>/ptx` (`~/.cache/...`), which `import_mlx` sets. MLX's own
     default is in the temporary folder, which many systems clear at boot; each kernel lost is rebuilt
-    on the next first run (seconds each, issue 12). The MLX version is in the path because a new MLX
+    on the next first run (seconds each). The MLX version is in the path because a new MLX
     may build different code under the same kernel names."""
     if os.environ.get("MLX_PTX_CACHE_DIR"):
         return Path(os.environ["MLX_PTX_CACHE_DIR"])
