@@ -293,7 +293,7 @@ def test_ctrl_c_on_one_rank_stops_both_and_resume_continues_exactly(tiny_schnell
 # mlx.launch's own "[WARN] Node with rank R exited with code C" lines, coloured, and written by the
 # ranks' watchers at once, so two can share a row ("[WARN][WARN]  Node with rank 1 ...Node with rank 0 ...")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_LAUNCHER_ROW = re.compile(r"(\s*\[WARN\])*(\s*Node with rank \d+ exited with code -?\d+)*\s*")
+_LAUNCHER_ROW = re.compile(r"(\s*(\[WARN\]|Node with rank \d+ exited with code -?\d+))*\s*")
 
 
 def _without_launcher_lines(text: str) -> list[str]:
