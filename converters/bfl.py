@@ -79,6 +79,7 @@ def params(shapes: dict) -> dict:
         head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         return {
             "in_channels": in_channels,
+            "out_channels": s["final_layer.linear.weight"][0],
             "hidden_size": hidden,
             "num_heads": hidden // head_dim,
             "depth": count_blocks(s, "double_blocks"),
@@ -113,7 +114,7 @@ def diffusers_config(shapes: dict) -> dict:
         "num_attention_heads": p["num_heads"],
         "num_layers": p["depth"],
         "num_single_layers": p["depth_single_blocks"],
-        "out_channels": None,
+        "out_channels": None if p["out_channels"] == p["in_channels"] else p["out_channels"],
         "patch_size": 1,
         "pooled_projection_dim": p["vec_in_dim"],
     }

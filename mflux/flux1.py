@@ -26,7 +26,7 @@ from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.runtime import engine
-from mflux.runtime.folder import ModelFolder
+from mflux.runtime.folder import VARIANTS, ModelFolder
 from mflux.runtime.models import Models, default_batch_size
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 
@@ -94,6 +94,7 @@ class StepEvent:
     total: int
     indices: list[int]  # the images being denoised, as positions in the seeds given
     previews: list[Image.Image] | None = None  # this step's latents decoded, when asked for
+    latents: mx.array | None = None  # (B, L, 64) packed latents after this step, as diffusers' callback sees them
 
 
 @dataclass
@@ -221,6 +222,8 @@ class Flux1:
         image=None,
         mask_image=None,
         strength: float | None = None,
+        expand: tuple[int, int, int, int] | None = None,
+        auto_resize: bool = True,
         latents: np.ndarray | None = None,
         batch_size: int | None = None,
         previews: bool | Iterable[int] = False,
@@ -238,6 +241,12 @@ class Flux1:
         - `image` (PIL image, path or uint8 array): img2img at `strength` (0, 1], default 0.6; 1.0
           starts from pure noise. With `mask_image`, inpainting: white is repainted. An image of another
           size is scaled to cover the target size and centre-cropped.
+        - Fill (`FluxFillPipeline`): `image` and `mask_image` (white repaints), `strength` default 1.0;
+          or `expand=(left, top, right, bottom)` pixels (multiples of 16) to outpaint: the image is
+          padded and the border is the mask (set the config's size to the padded size).
+        - Kontext (`FluxKontextPipeline`): `image` is the reference to edit by the prompt's instruction;
+          it is resized to the preferred Kontext resolution nearest its aspect ratio unless
+          `auto_resize=False` (diffusers' `_auto_resize`), which keeps its size floored to 16.
         - `latents`: the packed initial noise (B, L, 64), instead of noise drawn from each seed.
         - `previews`: True decodes every step's latents, or an iterable of 1-based steps to decode.
         - `free_text_encoders` drops T5 and CLIP once the prompts are encoded; `free_modulation_weights`
@@ -259,6 +268,8 @@ class Flux1:
             strength,
             latents,
             batch_size,
+            expand,
+            auto_resize,
         )
         request.sequence_parallel = sequence_parallel
         if free_modulation_weights:
@@ -305,7 +316,7 @@ class Flux1:
                         ]
                     if event.step == event.total:
                         close("decoding")
-                    yield StepEvent(event.step, event.total, event.indices, shown)
+                    yield StepEvent(event.step, event.total, event.indices, shown, event.latents)
                 elif isinstance(event, engine.Decoded):
                     close("denoising")
                     for row, pixels in zip(event.indices, event.pixels):
@@ -344,7 +355,21 @@ class Flux1:
                 return event.image
         raise MfluxError("no image was generated")
 
-    def _request(self, seeds, prompt, config, negative, true_cfg, image, mask, strength, latents, batch_size):
+    def _request(
+        self,
+        seeds,
+        prompt,
+        config,
+        negative,
+        true_cfg,
+        image,
+        mask,
+        strength,
+        latents,
+        batch_size,
+        expand=None,
+        auto_resize=True,
+    ):
         """Check every argument, then the engine's Request and each image's metadata record."""
         if not seeds:
             raise InvalidArgument("give at least one seed")
@@ -357,23 +382,7 @@ class Flux1:
             raise InvalidArgument(f"true_cfg_scale must be a finite number, got {true_cfg}")
         d = self.folder.defaults
         h, w = config.height, config.width
-        init = mask_px = None
-        if image is None and (mask is not None or strength is not None):
-            raise InvalidArgument("mask_image and strength need an init image (image=...)")
-        if image is not None:
-            strength = DEFAULT_STRENGTH if strength is None else strength
-            if not (isinstance(strength, int | float) and 0 < strength <= 1):
-                raise InvalidArgument(f"strength must be in (0, 1] (1.0 is pure noise), got {strength!r}")
-            source = _open_image(image)
-            init = fit_image(source, w, h, "RGB")
-            if mask is not None:
-                mask_source = _open_image(mask)
-                if mask_source.size != source.size:
-                    raise InvalidArgument(
-                        f"the mask is {mask_source.size[0]}x{mask_source.size[1]} but the image is "
-                        f"{source.size[0]}x{source.size[1]}; give a mask of the image's size"
-                    )
-                mask_px = np.asarray(fit_image(mask_source, w, h, "L")) >= 128  # diffusers binarizes at 0.5
+        inputs = self._inputs(image, mask, strength, expand, auto_resize, w, h)
         if latents is not None:
             latents = np.asarray(latents)
             shape = (len(seeds), (h // 16) * (w // 16), 64)
@@ -393,9 +402,11 @@ class Flux1:
             shift=d if d.get("use_dynamic_shifting") else None,
             negative_prompts=negatives,
             true_cfg_scale=scale,
-            image=None if init is None else np.asarray(init),
-            mask=mask_px,
-            strength=1.0 if strength is None else float(strength),
+            image=inputs.image,
+            mask=inputs.mask,
+            strength=inputs.strength,
+            condition=inputs.condition,
+            reference=inputs.reference,
             noise=latents,
             batch_size=batch_size or default_batch_size(len(seeds)),
             dtype=self.dtype,
@@ -415,10 +426,7 @@ class Flux1:
         }
         if request.true_cfg:
             base["true_cfg_scale"] = scale
-        if image is not None:
-            base.update(strength=request.strength, **_source("image", image))
-            if mask is not None:
-                base.update(_source("mask", mask))
+        base.update(inputs.record)
         records = []
         for i, seed in enumerate(seeds):
             r = {**base, "prompt": prompts[i], "seed": seed}
@@ -426,6 +434,69 @@ class Flux1:
                 r["negative_prompt"] = negatives[i]
             records.append(r)
         return request, records
+
+    def _inputs(self, image, mask, strength, expand, auto_resize, w: int, h: int) -> "_Inputs":
+        """The image arguments as this variant reads them (each checked), for a w x h output:
+        schnell, dev, krea: img2img at `strength`, inpainting with `mask`; fill: `image` and `mask`
+        (or `expand`) as Fill's channels, `strength` default 1.0; kontext: `image` is the reference."""
+        condition = VARIANTS[self.variant].condition
+        original = image
+        if expand is not None:
+            if condition != "fill":
+                raise InvalidArgument(f"expand= outpaints with a fill model; {self.variant} can't")
+            if mask is not None:
+                raise InvalidArgument("give mask_image= or expand=, not both (expand makes the mask)")
+            if image is None:
+                raise InvalidArgument("expand= needs the image to extend (image=...)")
+            image, mask = expanded(_open_image(image), expand)
+        if condition == "kontext":
+            return self._kontext_inputs(image, mask, strength, auto_resize)
+        if image is None and (mask is not None or strength is not None):
+            raise InvalidArgument("mask_image and strength need an init image (image=...)")
+        if condition == "fill" and (image is None or mask is None):
+            raise InvalidArgument(
+                "fill repaints the white area of mask_image= in image= (or extends it with expand=); "
+                "give both"
+            )
+        if image is None:
+            return _Inputs()
+        default = 1.0 if condition == "fill" else DEFAULT_STRENGTH  # FluxFillPipeline's default is 1.0
+        strength = default if strength is None else strength
+        if not (isinstance(strength, int | float) and 0 < strength <= 1):
+            raise InvalidArgument(f"strength must be in (0, 1] (1.0 is pure noise), got {strength!r}")
+        source = _open_image(image)
+        inputs = _Inputs(image=np.asarray(fit_image(source, w, h, "RGB")), strength=float(strength))
+        inputs.record = {"strength": inputs.strength, **_source("image", original)}
+        if condition == "fill":
+            inputs.condition = "fill"
+            if expand is not None:
+                inputs.record["expand"] = list(expand)
+        if mask is not None:
+            mask_source = _open_image(mask)
+            if mask_source.size != source.size:
+                raise InvalidArgument(
+                    f"the mask is {mask_source.size[0]}x{mask_source.size[1]} but the image is "
+                    f"{source.size[0]}x{source.size[1]}; give a mask of the image's size"
+                )
+            inputs.mask = np.asarray(fit_image(mask_source, w, h, "L")) >= 128  # diffusers binarizes at 0.5
+            if not inputs.mask.any():
+                raise InvalidArgument(
+                    "the mask is all black: nothing to repaint (white marks what to repaint)"
+                )
+            inputs.record.update(_source("mask", mask))
+        return inputs
+
+    def _kontext_inputs(self, image, mask, strength, auto_resize: bool) -> "_Inputs":
+        if mask is not None:
+            raise InvalidArgument("kontext takes no mask_image yet; a fill model inpaints")
+        if strength is not None:
+            raise InvalidArgument("kontext takes no strength: it edits the whole image by instruction")
+        if image is None:
+            return _Inputs()  # FluxKontextPipeline without an image: text-to-image
+        reference = kontext_reference(_open_image(image), auto_resize)
+        inputs = _Inputs(condition="kontext", reference=np.asarray(reference))
+        inputs.record = {"reference_size": list(reference.size), **_source("image", image)}
+        return inputs
 
     def quantization_summary(self) -> str | None:
         if self.quantize:
@@ -435,6 +506,68 @@ class Flux1:
             return None
         parts = sorted({f"{v['bits']}-bit {v.get('mode', 'affine')}" for v in q.values()})
         return ", ".join(parts) + " (stored)"
+
+
+@dataclass
+class _Inputs:
+    """A request's image inputs as the engine takes them, and what the metadata records of them."""
+
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    strength: float = 1.0
+    condition: str = "text"
+    reference: np.ndarray | None = None
+    record: dict = field(default_factory=dict)
+
+
+# FluxKontextPipeline's PREFERRED_KONTEXT_RESOLUTIONS, (width, height): the sizes Kontext was trained at.
+KONTEXT_RESOLUTIONS = [
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+    (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+    (1456, 720), (1504, 688), (1568, 672),
+]  # fmt: skip
+
+
+def kontext_size(width: int, height: int) -> tuple[int, int]:
+    """The preferred Kontext resolution (width, height) nearest in aspect ratio to width x height."""
+    aspect = width / height
+    _, w, h = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
+    return w, h
+
+
+def kontext_reference(img: Image.Image, auto_resize: bool = True) -> Image.Image:
+    """The reference as FluxKontextPipeline prepares it: its size floored to a multiple of 16, or with
+    `auto_resize` the preferred resolution nearest in aspect ratio, then resized (Lanczos) in RGB."""
+    img = img.convert("RGB")
+    w, h = img.width // 16 * 16, img.height // 16 * 16
+    if w == 0 or h == 0:
+        raise InvalidArgument(f"the image is {img.width}x{img.height}; Kontext needs at least 16x16")
+    if auto_resize:
+        w, h = kontext_size(w, h)
+    return img if img.size == (w, h) else img.resize((w, h), Image.LANCZOS)
+
+
+def expanded(img: Image.Image, margins) -> tuple[Image.Image, Image.Image]:
+    """Outpainting: the image padded by `margins` (left, top, right, bottom; pixels, multiples of 16),
+    the new border filled with the nearest edge's pixels, and the mask that repaints the border."""
+    margins = tuple(margins)
+    if len(margins) != 4 or any(not isinstance(m, int) or m < 0 or m % 16 for m in margins):
+        raise InvalidArgument(
+            f"expand takes 4 margins LEFT,TOP,RIGHT,BOTTOM in pixels, each a multiple of 16, got {margins!r}"
+        )
+    if not any(margins):
+        raise InvalidArgument("expand margins are all 0: nothing to outpaint")
+    left, top, right, bottom = margins
+    w, h = img.width + left + right, img.height + top + bottom
+    if max(w, h) > MAX_SIDE or w * h > MAX_PIXELS:
+        raise InvalidArgument(
+            f"the expanded image would be {w}x{h}, above the limits ({MAX_SIDE} a side, "
+            f"{MAX_PIXELS / 1e6:.1f} MP); expand less"
+        )
+    pixels = np.pad(np.asarray(img.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full((h, w), 255, dtype=np.uint8)
+    mask[top : top + img.height, left : left + img.width] = 0
+    return Image.fromarray(pixels), Image.fromarray(mask)
 
 
 def check_seed(seed) -> int:

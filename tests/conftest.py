@@ -30,6 +30,21 @@ def tiny_dev(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_kontext(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-Kontext-dev", "kontext")
+
+
+@pytest.fixture(scope="session")
+def tiny_fill(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-Fill-dev", "fill")
+
+
+@pytest.fixture(scope="session")
+def tiny_krea(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-Krea-dev", "krea")
+
+
+@pytest.fixture(scope="session")
 def tiny_schnell_unprefixed(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny") / "FLUX.1-schnell-unprefixed"
     return build_tiny_pipeline(folder, "schnell", clip_prefixed=False)

@@ -19,7 +19,16 @@ import numpy as np
 
 from mflux.errors import InvalidArgument
 
-VARIANTS = ("schnell", "dev")
+VARIANTS = ("schnell", "dev", "kontext", "fill", "krea")
+# Each variant's diffusers pipeline class (model_index.json's _class_name) and transformer input width.
+PIPELINES = {
+    "schnell": "FluxPipeline",
+    "dev": "FluxPipeline",
+    "kontext": "FluxKontextPipeline",
+    "fill": "FluxFillPipeline",
+    "krea": "FluxPipeline",
+}
+IN_CHANNELS = {"fill": 384}  # latents 64 + masked-image latents 64 + the mask packed 8x8 per patch, 256
 
 # The files a pull of the real repo needs (FACTS.md), relative to the pipeline folder.
 REPO_FILES = sorted(
@@ -86,6 +95,7 @@ SCHEDULER = {
         "use_dynamic_shifting": True,
     },
 }
+SCHEDULER["kontext"] = SCHEDULER["fill"] = SCHEDULER["krea"] = SCHEDULER["dev"]  # their repos carry dev's
 
 # Tokenizer training text: prompt-like sentences, so common prompt words get whole tokens.
 CORPUS = [
@@ -178,7 +188,8 @@ def _quiet():
 
 def _tiny_pipeline(folder: Path, variant: str):
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -216,18 +227,19 @@ def _tiny_pipeline(folder: Path, variant: str):
     )
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=64,
+        in_channels=IN_CHANNELS.get(variant, 64),
+        out_channels=64 if variant == "fill" else None,  # the real Fill config says 64; the others, null
         num_layers=2,
         num_single_layers=2,
         attention_head_dim=32,
         num_attention_heads=2,
         joint_attention_dim=64,
         pooled_projection_dim=64,
-        guidance_embeds=variant == "dev",
+        guidance_embeds=variant != "schnell",
         axes_dims_rope=(4, 14, 14),
     )
     vae = AutoencoderKL(**TINY_VAE, sample_size=1024)
-    pipe = FluxPipeline(
+    pipe = getattr(diffusers, PIPELINES[variant])(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER[variant]),
         vae=vae,
         text_encoder=CLIPTextModel(clip),

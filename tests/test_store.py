@@ -441,8 +441,16 @@ def test_really_read_only_store(mflux_home):
 
 def test_catalog():
     entries = catalog()
-    assert set(entries) == {"schnell", "dev"}
+    assert set(entries) == {"schnell", "dev", "kontext", "fill", "krea"}
     schnell, dev = entries["schnell"], entries["dev"]
+    kontext, fill, krea = entries["kontext"], entries["fill"], entries["krea"]
+    assert kontext.repo == "black-forest-labs/FLUX.1-Kontext-dev" and kontext.gated
+    assert fill.repo == "black-forest-labs/FLUX.1-Fill-dev" and fill.gated
+    assert krea.repo == "black-forest-labs/FLUX.1-Krea-dev" and krea.gated
+    # FluxFillPipeline's defaults; Kontext: BFL's guidance 2.5 with FluxKontextPipeline's 28 steps
+    assert (fill.defaults["steps"], fill.defaults["guidance"]) == (50, 30.0)
+    assert (kontext.defaults["steps"], kontext.defaults["guidance"]) == (28, 2.5)
+    assert krea.defaults == dev.defaults
     assert schnell.repo == "black-forest-labs/FLUX.1-schnell" and not schnell.gated
     assert schnell.revision == "741f7c3ce8b383c54771c7003378a50191e9efe9"
     assert dev.repo == "black-forest-labs/FLUX.1-dev" and dev.gated
@@ -478,7 +486,8 @@ def test_catalog_ships_inside_the_package():
     import mflux.manifests
 
     shipped = Path(mflux.manifests.__file__).parent
-    assert sorted(p.name for p in shipped.glob("*.toml")) == ["dev.toml", "schnell.toml"]
+    names = ["dev.toml", "fill.toml", "kontext.toml", "krea.toml", "schnell.toml"]
+    assert sorted(p.name for p in shipped.glob("*.toml")) == names
 
 
 def test_store_never_touched_at_import(tmp_path):

@@ -293,6 +293,7 @@ def test_params_real_sizes():
         "double_blocks.0.img_attn.norm.query_norm.scale": (128,),
         "double_blocks.0.img_mlp.0.weight": (12288, 3072),
         "double_blocks.0.img_attn.qkv.bias": (9216,),
+        "final_layer.linear.weight": (64, 3072),
         **{f"double_blocks.{i}.img_mod.lin.weight": (18432, 3072) for i in range(19)},
         **{f"single_blocks.{i}.linear1.weight": (21504, 3072) for i in range(38)},
     }

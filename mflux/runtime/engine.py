@@ -7,8 +7,21 @@ memory and saving: after `Conditioned` it may free the text encoders before the 
 for; after `Modulated` it may free the transformer's conditioning layers; after `Denoised` it may free
 the transformer before the last decode. Stopping the iteration stops the work.
 
-The arithmetic follows diffusers' FluxPipeline (text-to-image, true CFG), FluxImg2ImgPipeline and
-FluxInpaintPipeline step for step, so the same noise gives the same image.
+The arithmetic follows diffusers' FluxPipeline (text-to-image, true CFG), FluxImg2ImgPipeline,
+FluxInpaintPipeline, FluxFillPipeline and FluxKontextPipeline step for step, so the same noise gives the
+same image.
+
+Conditioning. What a variant feeds the transformer besides the noisy latents and the prompt is a
+`Condition`, made once per request by a small `prepare_*` function (as Black Forest Labs' `sampling.py`
+has `prepare_fill`, `prepare_kontext`), and one denoising loop reads it:
+- `channels` join the latents on the channel axis, for every image token: Fill's masked-image latents and
+  packed mask (`prepare_fill`); Control's control-image latents take the same slot.
+- `tokens` are extra image tokens after the target's, at their own position ids `ids`; the transformer
+  attends to them, and its output for them is never read back (`prepare_kontext`: the reference image,
+  ids with first axis 1).
+`Request.condition` names which one a request takes ("text": none; "fill"; "kontext"), from the
+variant's row in runtime/folder.py. Text-side tokens (Redux) will join the prompt's T5 tokens in
+`_conditioning`.
 """
 
 from collections.abc import Iterator
@@ -44,8 +57,10 @@ class Request:
     negative_prompts: list[str] | None = None  # with true_cfg_scale > 1: true CFG
     true_cfg_scale: float = 1.0
     image: np.ndarray | None = None  # (H, W, 3) uint8 init image, already at height x width
-    mask: np.ndarray | None = None  # (H, W) bool, True repaints (inpainting; needs image)
-    strength: float = 1.0  # img2img / inpainting: 1.0 starts from pure noise
+    mask: np.ndarray | None = None  # (H, W) bool, True repaints (inpainting and Fill; needs image)
+    strength: float = 1.0  # img2img / inpainting / Fill: 1.0 starts from pure noise
+    condition: str = "text"  # "text" | "fill" (image and mask as channels) | "kontext" (reference tokens)
+    reference: np.ndarray | None = None  # Kontext: (h, w, 3) uint8, any size that is a multiple of 16
     noise: np.ndarray | None = None  # (B, L, 64) packed initial noise; else drawn from each seed
     batch_size: int = 1
     precompute_modulations: bool = False  # all batches' modulations before the first step
@@ -103,8 +118,9 @@ def generate(
     if r.image is not None:
         image_latents = encode_image(models.get("vae"), r.image[None], r.dtype)  # (1, L, 64)
         mx.eval(image_latents)
-        if r.mask is not None:
+        if r.mask is not None and r.condition == "text":  # inpainting blends; Fill's mask is an input
             mask = latent_mask(r.mask, r.height, r.width).astype(r.dtype)
+    condition = prepare(models, r)
 
     transformer = models.get("transformer")
     batches = [
@@ -137,6 +153,7 @@ def generate(
             mask,
             noise,
             r.sequence_parallel,
+            condition,
         )
         for i, x in enumerate(steps, 1):
             memory.evaluate(x)
@@ -146,6 +163,56 @@ def generate(
             transformer = None
             yield Denoised()
         yield Decoded(rows, decode(models.get("vae"), x, r.height, r.width))
+
+
+@dataclass
+class Condition:
+    """What the transformer takes besides the noisy latents and the prompt (see the module docstring)."""
+
+    channels: mx.array | None = None  # (1, L, C): joined to each image token's latents
+    tokens: mx.array | None = None  # (1, N, 64): image tokens after the target's, not read back
+    ids: mx.array | None = None  # (1, N, 3): the position ids of `tokens`
+
+
+def prepare(models: Models, r: Request) -> Condition:
+    """The request's Condition, by `r.condition`; the VAE encodes what it needs before the transformer
+    is asked for."""
+    if r.condition == "text":
+        return Condition()
+    if r.condition == "fill":
+        return prepare_fill(models.get("vae"), r.image, r.mask, r.dtype)
+    if r.condition == "kontext":
+        return prepare_kontext(models.get("vae"), r.reference, r.dtype)
+    raise ValueError(f"unknown condition {r.condition!r}")
+
+
+def prepare_fill(vae, image: np.ndarray, mask: np.ndarray, dtype) -> Condition:
+    """FluxFillPipeline's extra channels: the image with the masked area set to 0 (mid-grey in [-1, 1])
+    encoded by the VAE, then the mask at pixel resolution folded 8x8 into each latent cell and packed:
+    (1, L, 64 + 256)."""
+    keep = 1.0 - mx.array(np.asarray(mask, dtype=np.float32))[None, :, :, None]  # (1, H, W, 1)
+    masked = encode_pixels(vae, _to_unit_range(image[None]) * keep, dtype)
+    mx.eval(masked)
+    return Condition(channels=mx.concatenate([masked, pack_mask(mask).astype(dtype)], axis=-1))
+
+
+def pack_mask(mask: np.ndarray) -> mx.array:
+    """(H, W) -> (1, L, 256): each latent cell's 8x8 pixels as 64 channels (row-major within the cell),
+    then 2x2 packed, as FluxFillPipeline.prepare_mask_latents views, permutes and packs its mask."""
+    H, W = mask.shape
+    m = mx.array(np.asarray(mask, dtype=np.float32)).reshape(1, H // 8, 8, W // 8, 8)
+    return sampler.pack(m.transpose(0, 1, 3, 2, 4).reshape(1, H // 8, W // 8, 64))
+
+
+def prepare_kontext(vae, reference: np.ndarray, dtype) -> Condition:
+    """FluxKontextPipeline's reference tokens: the image's VAE latents (the posterior mode) packed, at
+    position ids (1, row, col) of its own grid, so they sit beside the target's (0, row, col)."""
+    h, w = reference.shape[:2]
+    tokens = encode_image(vae, reference[None], dtype)  # (1, N, 64)
+    mx.eval(tokens)
+    ids = sampler.image_ids(h, w)
+    ids = mx.concatenate([mx.ones_like(ids[..., :1]), ids[..., 1:]], axis=-1)
+    return Condition(tokens=tokens, ids=ids)
 
 
 def encode_prompts(models: Models, prompts: list[str], max_sequence_length: int, dtype) -> dict:
@@ -212,15 +279,21 @@ def denoise(
     mask: mx.array | None = None,  # inpainting: (1, L, 64), 1 repaints
     noise: mx.array | None = None,  # inpainting: the noise that re-noises the kept area
     sp=None,  # a runtime.parallel.SequenceParallel: each transformer pass sharded over its ranks
+    condition: Condition | None = None,  # a variant's extra channels or tokens (see `prepare`)
 ) -> Iterator[mx.array]:
     """Yield the latents after each Euler step of the flow-matching ODE."""
-    b, rows = latents.shape[0], txt.shape[0]
-    img_ids = mx.broadcast_to(sampler.image_ids(height, width), (rows, latents.shape[1], 3))
+    c = condition or Condition()
+    b, rows, n = latents.shape[0], txt.shape[0], latents.shape[1]
+    img_ids = sampler.image_ids(height, width)
+    if c.tokens is not None:
+        img_ids = mx.concatenate([img_ids, c.ids], axis=1)
+    img_ids = mx.broadcast_to(img_ids, (rows, img_ids.shape[1], 3))
     txt_ids = mx.broadcast_to(sampler.text_ids(txt.shape[1]), (rows, txt.shape[1], 3))
     pe = flux.positions(img_ids, txt_ids)  # depends on no latent: once
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x = mx.concatenate([latents, latents]) if rows > b else latents
-        v = flux.predict(x, txt, pe, _row(mods, i), sp)
+        x = _model_input(latents, c)
+        x = mx.concatenate([x, x]) if rows > b else x
+        v = flux.predict(x, txt, pe, _row(mods, i), sp)[:, :n]  # the target's tokens only
         if rows > b:  # true CFG, as FluxPipeline: neg + scale * (pos - neg)
             v_pos, v_neg = v[:b], v[b:]
             v = v_neg + true_cfg_scale * (v_pos - v_neg)
@@ -229,6 +302,18 @@ def denoise(
             kept = image_latents if i == len(sigmas) - 2 else scale_noise(image_latents, sigma_next, noise)
             latents = (1 - mask) * kept + mask * latents
         yield latents
+
+
+def _model_input(latents: mx.array, c: Condition) -> mx.array:
+    """The latents as the transformer takes them: with the condition's channels, then its tokens."""
+    b = latents.shape[0]
+    if c.channels is not None:
+        channels = mx.broadcast_to(c.channels, (b, *c.channels.shape[1:])).astype(latents.dtype)
+        latents = mx.concatenate([latents, channels], axis=-1)
+    if c.tokens is not None:
+        tokens = mx.broadcast_to(c.tokens, (b, *c.tokens.shape[1:])).astype(latents.dtype)
+        latents = mx.concatenate([latents, tokens], axis=1)
+    return latents
 
 
 def modulations(
@@ -256,9 +341,18 @@ def decode(vae, latents: mx.array, height: int, width: int) -> np.ndarray:
 def encode_image(vae, pixels: np.ndarray, dtype) -> mx.array:
     """uint8 images (B, H, W, 3) -> packed latents (B, L, 64) in the transformer's space: the VAE
     posterior's mean, shifted and scaled, as FluxImg2ImgPipeline encodes its init image."""
-    x = mx.array(pixels).astype(mx.float32) / 255.0 * 2 - 1  # diffusers' preprocess: [0, 1] then [-1, 1]
+    return encode_pixels(vae, _to_unit_range(pixels), dtype)
+
+
+def encode_pixels(vae, x: mx.array, dtype) -> mx.array:
+    """Images in [-1, 1] (B, H, W, 3) -> packed latents (B, L, 64) in the transformer's space."""
     z = vae.encode(x.astype(vae_dtype(vae)))  # (B, H/8, W/8, 16)
     return sampler.pack(vae.scale(z).astype(dtype))
+
+
+def _to_unit_range(pixels: np.ndarray) -> mx.array:
+    """uint8 -> float32 in [-1, 1], as diffusers' preprocess: [0, 1], then [-1, 1]."""
+    return mx.array(pixels).astype(mx.float32) / 255.0 * 2 - 1
 
 
 def latent_mask(mask: np.ndarray, height: int, width: int) -> mx.array:

@@ -24,11 +24,16 @@ CONFIG_FILES = {
 
 @dataclass(frozen=True)
 class Variant:
-    """A FLUX.1 variant as the runtime sees it: how to recognise its transformer, and how it is driven."""
+    """A FLUX.1 variant as the runtime sees it: how to recognise its transformer, and how the engine
+    conditions it (`engine.Request.condition`)."""
 
     name: str
     guidance_embeds: bool  # dev-style distilled guidance is an input of the transformer
-    in_channels: int = 64  # packed latent channels the transformer takes (Fill/Kontext differ)
+    in_channels: int = 64  # packed channels the transformer takes: latents, plus Fill's or Control's
+    pipeline: str = "FluxPipeline"  # diffusers' pipeline class, model_index.json's _class_name
+    condition: str = "text"  # what the engine feeds it besides the prompt (see engine's docstring)
+    told_by: str = "architecture"  # or "pipeline": only the pipeline class tells it from another row's
+    # shapes (Kontext from dev); or "name": nothing in the files does (Krea is dev's), only its name
 
     def matches(self, transformer_config: dict) -> bool:
         return (
@@ -38,29 +43,52 @@ class Variant:
 
 
 VARIANTS = {
-    v.name: v for v in (Variant("schnell", guidance_embeds=False), Variant("dev", guidance_embeds=True))
+    v.name: v
+    for v in (
+        Variant("schnell", guidance_embeds=False),
+        Variant("dev", guidance_embeds=True),
+        Variant(
+            "kontext",
+            guidance_embeds=True,
+            pipeline="FluxKontextPipeline",
+            condition="kontext",
+            told_by="pipeline",
+        ),
+        Variant("fill", guidance_embeds=True, in_channels=384, pipeline="FluxFillPipeline", condition="fill"),
+        Variant("krea", guidance_embeds=True, told_by="name"),
+    )
 }
 
 
 def detect_variant(architecture: dict, variant: str | None = None) -> str:
-    """The variant of a transformer config: the one row of VARIANTS it matches, or `variant` when given.
-    Where the architecture can't decide (two rows match), `variant` is required."""
+    """The variant of an architecture: `variant` when given (checked against the transformer's config),
+    else the one row that fits the transformer and the folder's pipeline class. Where they can't tell
+    (a Kontext single file has dev's exact shapes and no pipeline class), the plain row is taken: dev."""
     transformer = architecture.get("transformer", {})
     if variant is not None:
         if variant not in VARIANTS:
             raise MfluxError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
         if not VARIANTS[variant].matches(transformer):
-            raise MfluxError(f"the transformer's config does not fit variant {variant!r}")
+            raise MfluxError(
+                f"the transformer's config does not fit variant {variant!r} (guidance_embeds="
+                f"{transformer.get('guidance_embeds')}, in_channels={transformer.get('in_channels')}): "
+                f"drop --variant {variant}, or give the {variant} model"
+            )
         return variant
-    found = [v.name for v in VARIANTS.values() if v.matches(transformer)]
+    fits = [v for v in VARIANTS.values() if v.matches(transformer)]
+    pipeline = architecture.get("pipeline", {}).get("class_name")
+    found = [v for v in fits if v.told_by == "pipeline" and v.pipeline == pipeline]
+    found = found or [v for v in fits if v.told_by == "architecture"]
     if not found:
         raise MfluxError(
             "the transformer's config fits no known FLUX.1 variant "
             f"(guidance_embeds={transformer.get('guidance_embeds')}, in_channels={transformer.get('in_channels')})"
         )
     if len(found) > 1:
-        raise MfluxError(f"the architecture can't tell {' from '.join(found)}: name it with --variant")
-    return found[0]
+        raise MfluxError(
+            f"the architecture can't tell {' from '.join(v.name for v in found)}: name it with --variant"
+        )
+    return found[0].name
 
 
 def read_architecture(folder: Path) -> dict:
@@ -78,6 +106,14 @@ def read_architecture(folder: Path) -> dict:
         if not isinstance(config, dict):
             raise MfluxError(f"{path}: expected a JSON object")
         arch[component] = config_values(config)
+    index = folder / "model_index.json"  # which diffusers pipeline: tells Kontext's folder from dev's
+    if index.is_file():
+        try:
+            pipeline = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pipeline = None  # the folder's own configs decide, as for a folder without the file
+        if isinstance(pipeline, str):
+            arch["pipeline"] = {"class_name": pipeline}
     return arch
 
 

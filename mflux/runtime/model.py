@@ -34,6 +34,7 @@ class FluxParams:
     theta: int = 10000
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
+    out_channels: int = 64  # the velocity's packed channels; Fill and Control take more in than out
 
     def __post_init__(self):
         self.axes_dim = tuple(int(d) for d in self.axes_dim)
@@ -50,14 +51,16 @@ class FluxParams:
     def from_diffusers_config(cls, d: dict) -> "FluxParams":
         """Sizes from a diffusers transformer/config.json; missing keys take diffusers' defaults."""
         in_channels = int(d.get("in_channels", 64))
-        if d.get("patch_size", 1) != 1 or d.get("out_channels") not in (None, in_channels):
+        out_channels = int(d.get("out_channels") or in_channels)  # diffusers: None means in_channels
+        if d.get("patch_size", 1) != 1 or out_channels != 64:
             raise MfluxError(
                 f"transformer config has patch_size {d.get('patch_size')} and out_channels "
-                f"{d.get('out_channels')}: only FLUX.1 schnell/dev layouts (1, in_channels) are supported"
+                f"{out_channels}: only FLUX.1 layouts (patch size 1, 64 output channels) are supported"
             )
         heads = int(d.get("num_attention_heads", 24))
         return cls(
             in_channels=in_channels,
+            out_channels=out_channels,
             hidden_size=heads * int(d.get("attention_head_dim", 128)),
             num_heads=heads,
             depth=int(d.get("num_layers", 19)),
@@ -101,7 +104,7 @@ class Flux(nn.Module):
         self.single_blocks = [
             SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)
         ]
-        self.final_layer = LastLayer(p.hidden_size, p.in_channels)
+        self.final_layer = LastLayer(p.hidden_size, p.out_channels)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -203,7 +206,7 @@ class Flux(nn.Module):
         sp=None,
         checkpoint: bool = False,
     ) -> mx.array:
-        """The velocity (B, L, in_channels) for packed latents img (B, L, in_channels) and text
+        """The velocity (B, L, out_channels) for packed latents img (B, L, in_channels) and text
         txt (B, S, context), with pe from `positions` and mod (B, K, hidden) from `block_modulations`.
         With `sp` (a mflux.runtime.parallel.SequenceParallel) this rank computes its shard of the
         tokens and the result is the whole velocity, as without it. `checkpoint` recomputes each
@@ -225,7 +228,7 @@ class Flux(nn.Module):
         for block in self.single_blocks:
             x = _forward(block, checkpoint, kv, mod_grad)(x, mod[:, i : i + 3], pe)
             i += 3
-        out = self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, in_channels)
+        out = self.final_layer.forward(x[:, txt.shape[1] :], mod[:, i:])  # (B, L, out_channels)
         return out if sp is None else sp.gather_image(out)
 
     def __call__(
