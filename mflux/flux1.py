@@ -94,7 +94,9 @@ class StepEvent:
     total: int
     indices: list[int]  # the images being denoised, as positions in the seeds given
     previews: list[Image.Image] | None = None  # this step's latents decoded, when asked for
-    latents: mx.array | None = None  # (B, L, 64) packed latents after this step, as diffusers' callback sees them
+    latents: mx.array | None = (
+        None  # (B, L, 64) packed latents after this step, as diffusers' callback sees them
+    )
 
 
 @dataclass

@@ -187,8 +187,8 @@ def _quiet():
 
 
 def _tiny_pipeline(folder: Path, variant: str):
-    import torch
     import diffusers
+    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import (
         CLIPTextConfig,
