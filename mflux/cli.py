@@ -228,24 +228,40 @@ def pull(model_or_repo, name, revision, dry_run, force):
 )
 @click.option("--height", type=int, help="A multiple of 16 (default 1024, or the --image's height).")
 @click.option("--width", type=int, help="A multiple of 16 (default 1024, or the --image's width).")
-@click.option("--steps", type=int, help="Denoising steps (default: schnell 4, dev 25).")
-@click.option("--guidance", type=float, help="Distilled guidance, dev only (default 3.5).")
+@click.option(
+    "--steps", type=int, help="Denoising steps (default: schnell 4, dev and krea 25, kontext 28, fill 50)."
+)
+@click.option(
+    "--guidance",
+    type=float,
+    help="Distilled guidance, not schnell (default: dev and krea 3.5, fill 30 as FluxFillPipeline, "
+    "kontext 2.5 as Black Forest Labs recommend; diffusers' FluxKontextPipeline defaults to 3.5).",
+)
 @click.option(
     "--image",
     type=click.Path(dir_okay=False),
-    help="An init image: img2img (with --mask, inpainting). Scaled to cover the size and centre-cropped; "
-    "without --width/--height the size is the image's, rounded down to multiples of 16.",
+    help="An init image: img2img (with --mask, inpainting); with -m fill the image to inpaint or "
+    "outpaint; with -m kontext the image to edit by the prompt's instruction. Scaled to cover the size "
+    "and centre-cropped; without --width/--height the size is the image's, rounded down to multiples of "
+    "16 (kontext: the trained resolution nearest its aspect ratio, about 1 megapixel).",
 )
 @click.option(
     "--mask",
     type=click.Path(dir_okay=False),
-    help="Inpainting mask, the size of --image: white is repainted, black kept.",
+    help="Inpainting mask, the size of --image: white is repainted, black kept (not with kontext).",
 )
 @click.option(
     "--strength",
     type=float,
-    help="How much of --image to repaint, in (0, 1] (default 0.6): 1.0 starts from pure noise, as in "
-    "diffusers (upstream mflux had this the other way round).",
+    help="How much of --image to repaint, in (0, 1] (default 0.6; fill 1.0): 1.0 starts from pure "
+    "noise, as in diffusers (upstream mflux had this the other way round). Not with kontext.",
+)
+@click.option(
+    "--expand",
+    callback=lambda ctx, param, value: _margins(value),
+    metavar="L,T,R,B",
+    help="With -m fill: outpaint, extending --image by LEFT,TOP,RIGHT,BOTTOM pixels (multiples of 16); "
+    "the new border is what is painted.",
 )
 @click.option(
     "--prompt-file",
@@ -291,8 +307,9 @@ def pull(model_or_repo, name, revision, dry_run, force):
 )
 @click.option(
     "--variant",
-    type=click.Choice(["schnell", "dev"]),
-    help="With --path: the FLUX.1 variant, where the folder's architecture can't tell.",
+    type=click.Choice(["schnell", "dev", "kontext", "fill", "krea"]),
+    help="With --path: the FLUX.1 variant, where the folder can't tell (krea's folder is dev's; a "
+    "folder without model_index.json can't tell kontext from dev).",
 )
 @click.option("--metadata", is_flag=True, help="Also write the parameters to <output stem>.json.")
 @click.option("--precision", type=click.Choice(DTYPES), help="Default: float32 on a CPU, else bfloat16.")
@@ -327,6 +344,10 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
       mflux run -m dev --prompt "A portrait" --negative-prompt "blurry, lowres" --true-cfg 4
       mflux run --prompt "A watercolor fox" --image photo.png --strength 0.7
       mflux run --prompt "A red door" --image house.png --mask door.png --strength 1
+      mflux run -m kontext --image photo.png --prompt "make it a snowy winter evening"
+      mflux run -m fill --image photo.png --mask mask.png --prompt "a red vintage car"
+      mflux run -m fill --image photo.png --expand 0,0,256,0 --prompt "the beach continues"
+      mflux run -m krea --prompt "a lighthouse at dusk"
       mflux run --prompt-file prompts.jsonl -n 2 --json
       mflux run --from image.png --seed 7 --stepwise steps/
     """
@@ -345,6 +366,21 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
         explicit=explicit,
         **flags,
     )
+
+
+def _margins(value: str | None) -> tuple[int, ...] | None:
+    """`--expand L,T,R,B` as four integers; their range is mflux.settings' to check."""
+    if value is None:
+        return None
+    try:
+        margins = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        margins = ()
+    if len(margins) != 4:
+        raise click.BadParameter(
+            f"{value!r} is not LEFT,TOP,RIGHT,BOTTOM (four whole numbers, e.g. 0,0,256,0)"
+        )
+    return margins
 
 
 # `mflux run` flag -> the Settings field it sets (mflux.settings), where the names differ

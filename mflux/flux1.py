@@ -41,7 +41,7 @@ class Config:
     num_inference_steps: int | None = None  # None: the model's default (schnell 4, dev 25)
     height: int = 1024
     width: int = 1024
-    guidance: float = 3.5  # dev only; schnell has no guidance embedder
+    guidance: float | None = None  # None: the model's default (dev 3.5, kontext 2.5, fill 30); not schnell
     max_sequence_length: int | None = None  # None: the model's default (schnell 256, dev 512)
 
     def __post_init__(self):
@@ -60,7 +60,7 @@ class Config:
             not isinstance(self.num_inference_steps, int) or self.num_inference_steps <= 0
         ):
             raise InvalidArgument(f"steps must be a positive integer, got {self.num_inference_steps!r}")
-        if not np.isfinite(self.guidance):
+        if self.guidance is not None and not np.isfinite(self.guidance):
             raise InvalidArgument(f"guidance must be a finite number, got {self.guidance}")
         if self.max_sequence_length is not None and not 0 < self.max_sequence_length <= 512:
             raise InvalidArgument(f"max_sequence_length must be in 1..512, got {self.max_sequence_length}")
@@ -392,7 +392,9 @@ class Flux1:
                 raise InvalidArgument(f"latents must have shape {shape} for {w}x{h}, got {latents.shape}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
-        guidance = config.guidance if self.folder.architecture["transformer"].get("guidance_embeds") else None
+        guidance = None
+        if self.folder.architecture["transformer"].get("guidance_embeds"):
+            guidance = d.get("guidance", 3.5) if config.guidance is None else config.guidance
         request = engine.Request(
             prompts=prompts,
             seeds=list(seeds),

@@ -15,6 +15,7 @@ from mflux.errors import MfluxError
 _FIELDS = {
     "Prompt": "prompt",
     "Model": "model",
+    "Variant": "variant",
     "Seed": "seed",
     "Steps": "steps",
     "Guidance": "guidance",
@@ -25,6 +26,8 @@ _FIELDS = {
     "InitImageSHA256": "image_sha256",
     "Mask": "mask_path",
     "MaskSHA256": "mask_sha256",
+    "Expand": "expand_margins",
+    "ReferenceSize": "reference_size_text",
     "PromptFileLine": "prompt_file_line",
     "Size": "size",
     "Quantization": "quantization",
@@ -43,6 +46,10 @@ def full_metadata(metadata: dict) -> dict:
         ", ".join(f"{p}:{s:g}" for p, s in zip(m.get("lora_paths", []), m.get("lora_scales", []))) or None
     )
     m["denoising_seconds"] = (m.get("timings") or {}).get("denoising")
+    if m.get("expand"):  # outpainting's margins, as --expand takes them
+        m["expand_margins"] = ",".join(map(str, m["expand"]))
+    if m.get("reference_size"):  # Kontext's reference as the transformer saw it
+        m["reference_size_text"] = "x".join(map(str, m["reference_size"]))
     m["software"] = f"mflux {__version__}"
     m["mflux_version"] = __version__
     return m

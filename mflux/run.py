@@ -46,6 +46,24 @@ def resolve_model(model: str | None, path: str | None, quantize: int | None, pul
     return ("name", found.name), quantize
 
 
+def model_variant(model: str | None, path: str | None, variant: str | None) -> str:
+    """The variant a run will use, known before any pull or load (the settings are checked for it): the
+    folder's manifest or configs, the stored model's manifest, or the catalog entry a pull would fetch."""
+    from mflux.folders import open_folder
+    from mflux.manifest import read_manifest
+    from mflux.store import NotStored, Store
+
+    if path:
+        return open_folder(path, variant=variant).variant
+    try:
+        found = Store().resolve(model or "schnell")
+    except NotStored as e:
+        if e.pull is None:
+            raise  # an unknown name, with the names it may mean
+        return e.pull  # a catalog entry is named after its variant
+    return read_manifest(found.path).variant
+
+
 def _check_quantize(model: str, bits: int | None, quantize: int | None) -> None:
     if bits is not None and quantize not in (None, bits):
         raise InvalidArgument(f"--model {model} means {bits}-bit, but --quantize is {quantize}")
@@ -91,23 +109,25 @@ def plan(
     stepwise: str | None = None,
     stepwise_every: int | None = None,
     agree=list,
+    variant: str = "schnell",
+    recalled: st.Recalled | None = None,
 ) -> Plan:
-    """Check every setting and name every output, touching no model. `values` are Settings fields as
-    the flags give them; `explicit` names those given on the command line. `agree` makes random seeds
-    the same on every rank (mflux.distributed.agree)."""
+    """Check every setting for `variant` and name every output, touching no model. `values` are Settings
+    fields as the flags give them; `explicit` names those given on the command line. `agree` makes random
+    seeds the same on every rank (mflux.distributed.agree). `recalled`: `from_image`'s settings, read."""
     _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every)
     out = st.check_output(output)
     if n is not None:  # -n replaces the seeds, also those an image records
         values, explicit = {**values, "seeds": []}, explicit | {"seeds"}
     notes, model, precision = [], None, None
     if from_image:
-        s, recalled, notes = st.recall(from_image, values, explicit)
+        s, recalled, notes = st.recall(from_image, values, explicit, variant, recalled)
         generations, model, precision = [s], recalled.model, recalled.precision
     elif prompt_file:
         base = st.Settings(**{k: v for k, v in values.items() if k != "prompt"})
-        generations = st.read_prompt_file(prompt_file, base, explicit)
+        generations = st.read_prompt_file(prompt_file, base, explicit, variant)
     else:
-        generations = [st.check(st.Settings(**values), explicit)]
+        generations = [st.check(st.Settings(**values), explicit, variant=variant)]
     for s in generations:
         if not s.seeds:
             s.seeds = agree(st.random_seeds(n or 1))
@@ -176,6 +196,7 @@ def run(
     image: str | None = None,
     mask: str | None = None,
     strength: float | None = None,
+    expand: tuple[int, int, int, int] | None = None,
     prompt_file: str | None = None,
     from_image: str | None = None,
     stepwise: str | None = None,
@@ -222,10 +243,16 @@ def run(
         "image": image,
         "mask": mask,
         "strength": strength,
+        "expand": expand,
         "loras": st.loras(lora_paths, lora_scales),
     }
     if explicit is None:
         explicit = {k for k, v in values.items() if v not in (None, [])}
+    _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every)
+    recalled = None
+    if from_image and not (model or path):
+        recalled = st.read_image_settings(from_image)
+        model = _recalled_model(recalled.model)
     p = plan(
         values,
         set(explicit),
@@ -237,11 +264,11 @@ def run(
         stepwise=stepwise,
         stepwise_every=stepwise_every,
         agree=lambda seeds: distributed.agree(world, seeds),
+        variant=model_variant(model, path, variant),
+        recalled=recalled,
     )
     for note in [*p.notes, *(x for s in p.generations for x in s.notes)]:
         click.echo(f"note: {note}", err=True)
-    if from_image and not (model or path):
-        model = _recalled_model(p.model)
     (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
 
     from mflux.runtime.parallel import SequenceParallel, shard_rows
@@ -357,7 +384,8 @@ def _preview_steps(flux, s: st.Settings, every: int | None):
     from mflux.runtime.engine import schedule
 
     steps = s.steps or flux.folder.defaults["steps"]
-    total = len(schedule(steps, 1, None, s.strength if s.image else 1.0)) - 1  # img2img cuts steps
+    strength = s.strength if s.image and s.strength is not None else 1.0
+    total = len(schedule(steps, 1, None, strength)) - 1  # img2img cuts steps
     return sorted({*range(every, total + 1, every), total})
 
 
@@ -370,7 +398,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         num_inference_steps=s.steps,
         height=s.height,
         width=s.width,
-        guidance=st.DEFAULT_GUIDANCE if s.guidance is None else s.guidance,
+        guidance=s.guidance,  # None: the model's default
     )
     seeds = [j.seed for j in group]
     events = flux.generate(
@@ -382,6 +410,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         image=s.image,
         mask_image=s.mask,
         strength=s.strength,
+        expand=s.expand,
         batch_size=batch_size,
         previews=previews,
         free_text_encoders=True,

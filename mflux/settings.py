@@ -15,7 +15,12 @@ Limits, and why:
 - `--negative-prompt` alone runs true CFG at 4.0, the scale diffusers' FluxPipeline documentation uses
   (`true_cfg_scale=4.0`); at 1 or less true CFG does nothing, which diffusers accepts silently and mflux
   refuses when the scale is given explicitly;
-- strength follows diffusers (1.0 is pure noise, 0 is refused) and defaults to diffusers' 0.6.
+- strength follows diffusers (1.0 is pure noise, 0 is refused) and defaults to diffusers' 0.6
+  (FluxImg2ImgPipeline), 1.0 on fill (FluxFillPipeline);
+- each variant reads the image flags its own way (`check`'s `variant`): schnell, dev and krea take
+  --image for img2img and --mask for inpainting; fill needs --image with --mask, or --expand to
+  outpaint; kontext's --image is the reference it edits, and without --width/--height the output takes
+  the Kontext resolution nearest the reference's aspect ratio (FluxKontextPipeline's preferred ones).
 """
 
 import hashlib
@@ -40,7 +45,6 @@ MAX_SIDE = 4096
 MAX_PIXELS = 2048 * 2048
 MAX_PROMPT_CHARS = 10_000
 DEFAULT_SIZE = 1024
-DEFAULT_GUIDANCE = 3.5
 DEFAULT_TRUE_CFG = 4.0
 DEFAULT_STRENGTH = 0.6
 
@@ -57,6 +61,7 @@ FLAGS = {
     "image": "--image",
     "mask": "--mask",
     "strength": "--strength",
+    "expand": "--expand",
     "loras": "--lora-paths",
 }
 
@@ -76,6 +81,7 @@ class Settings:
     image: str | None = None  # img2img / inpaint init image
     mask: str | None = None  # white is repainted
     strength: float | None = None
+    expand: tuple[int, int, int, int] | None = None  # fill: outpaint by LEFT, TOP, RIGHT, BOTTOM pixels
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale)
     image_sha256: str | None = None
     mask_sha256: str | None = None
@@ -94,6 +100,7 @@ class Settings:
             self.image,
             self.mask,
             self.strength,
+            self.expand,
             tuple(self.loras),
         )
 
@@ -111,8 +118,9 @@ class _Where:
         return InvalidArgument(self.prefix + message)
 
 
-def check(s: Settings, explicit: Iterable[str] = (), where: str = "") -> Settings:
-    """A copy of `s` with defaults filled in and every value checked; raises InvalidArgument.
+def check(s: Settings, explicit: Iterable[str] = (), where: str = "", variant: str = "schnell") -> Settings:
+    """A copy of `s` with defaults filled in and every value checked for `variant`; raises
+    InvalidArgument.
 
     `explicit` names the fields the user gave directly (flags, prompt file keys): the true-CFG usage
     errors apply to those only, never to settings recalled from an image."""
@@ -125,9 +133,19 @@ def check(s: Settings, explicit: Iterable[str] = (), where: str = "") -> Setting
         raise w.fail(f"{w.name('steps')} must be a whole number of at least 1, got {s.steps!r}")
     for key in ("guidance", "true_cfg", "strength"):
         setattr(s, key, _finite(getattr(s, key), key, w))
+    condition = _condition(variant)
+    _variant_flags(s, variant, condition, w)
     image_size = _images(s, w)
+    if condition == "kontext" and image_size is not None and s.width is None and s.height is None:
+        from mflux.flux1 import kontext_size
+
+        s.width, s.height = kontext_size(*image_size)
+        s.notes.append(
+            f"size {s.width}x{s.height}: the Kontext resolution nearest the image's aspect ratio "
+            f"({image_size[0]}x{image_size[1]}); --width/--height choose another"
+        )
     _size(s, image_size, w)
-    _strength(s, w)
+    _strength(s, w, condition)
     _true_cfg(s, set(explicit), w)
     s.loras = [_lora(path, scale, w) for path, scale in s.loras]
     return s
@@ -167,23 +185,85 @@ def _finite(v, key: str, w: _Where) -> float | None:
     return float(v)
 
 
+def _condition(variant: str) -> str:
+    """What the variant's engine takes besides the prompt: "text", "fill" or "kontext"."""
+    from mflux.runtime.folder import VARIANTS
+
+    return VARIANTS[variant].condition if variant in VARIANTS else "text"
+
+
+def _variant_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
+    """The image flags a variant can't use, refused naming the model that can."""
+    if s.expand is not None and condition != "fill":
+        raise w.fail(f"{w.name('expand')} outpaints with the fill model (-m fill); {variant} can't")
+    if condition == "kontext":
+        if s.mask is not None:
+            raise w.fail(f"kontext takes no {w.name('mask')} yet; -m fill inpaints")
+        if s.strength is not None:
+            raise w.fail(
+                f"kontext takes no {w.name('strength')}: it edits the whole image by instruction "
+                "(img2img with --strength: -m dev; inpainting: -m fill)"
+            )
+    if condition == "fill":
+        if s.image is None:
+            raise w.fail(
+                f"fill repaints part of an image: give {w.name('image')} with {w.name('mask')} "
+                f"(or {w.name('expand')} to outpaint)"
+            )
+        if s.mask is None and s.expand is None:
+            raise w.fail(
+                f"fill repaints what {w.name('mask')} marks white, or the border {w.name('expand')} adds: "
+                "give one"
+            )
+        if s.mask is not None and s.expand is not None:
+            raise w.fail(f"give {w.name('mask')} or {w.name('expand')}, not both (--expand makes the mask)")
+
+
 def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
-    """The init image's size (width, height), after checking it and the mask; fills their sha256."""
+    """The init image's size (width, height), after checking it, the mask and the expansion (the size is
+    then the expanded one); fills their sha256."""
     if s.mask is not None and s.image is None:
         raise w.fail(f"{w.name('mask')} needs {w.name('image')}: a mask marks what to repaint in an image")
     if s.image is None:
         return None
     size = open_image(s.image, f"{w.prefix}{w.name('image')} {s.image}").size
     if s.mask is not None:
-        mask = open_image(s.mask, f"{w.prefix}{w.name('mask')} {s.mask}").size
-        if mask != size:
+        mask = open_image(s.mask, f"{w.prefix}{w.name('mask')} {s.mask}")
+        if mask.size != size:
             raise w.fail(
-                f"the mask {s.mask} is {mask[0]}x{mask[1]} but the image {s.image} is {size[0]}x{size[1]} "
-                "(they must be the same size)"
+                f"the mask {s.mask} is {mask.width}x{mask.height} but the image {s.image} is "
+                f"{size[0]}x{size[1]} (they must be the same size)"
             )
+        if mask.convert("L").getextrema()[1] < 128:  # binarized at 0.5, as diffusers does
+            raise w.fail(f"the mask {s.mask} is all black: nothing to repaint (white marks what to repaint)")
         s.mask_sha256 = sha256(s.mask)
     s.image_sha256 = sha256(s.image)
+    if s.expand is not None:
+        size = _expanded_size(s.expand, size, w)
+        s.expand = tuple(s.expand)
     return size
+
+
+def _expanded_size(expand, size: tuple[int, int], w: _Where) -> tuple[int, int]:
+    flag = w.name("expand")
+    if (
+        not isinstance(expand, list | tuple)
+        or len(expand) != 4
+        or any(not _is_int(m) or m < 0 or m % 16 for m in expand)
+    ):
+        raise w.fail(
+            f"{flag} takes LEFT,TOP,RIGHT,BOTTOM in pixels, each a multiple of 16 (e.g. 0,0,256,0), "
+            f"got {expand!r}"
+        )
+    if not any(expand):
+        raise w.fail(f"{flag} 0,0,0,0 adds nothing to outpaint; give a margin (e.g. 0,0,256,0)")
+    width, height = size[0] + expand[0] + expand[2], size[1] + expand[1] + expand[3]
+    if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+        raise w.fail(
+            f"{flag} makes the image {width}x{height}, above the limits ({MAX_SIDE} a side, "
+            f"{MAX_PIXELS:,} pixels); expand less"
+        )
+    return width, height
 
 
 def open_image(path: str | Path, label: str | None = None) -> "Image.Image":
@@ -241,15 +321,15 @@ def _fit(width: int, height: int) -> tuple[int, int]:
     return max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)
 
 
-def _strength(s: Settings, w: _Where) -> None:
+def _strength(s: Settings, w: _Where, condition: str) -> None:
     if s.strength is not None and s.image is None:
         raise w.fail(
             f"{w.name('strength')} needs {w.name('image')} (strength says how much of it to repaint)"
         )
-    if s.image is None:
+    if s.image is None or condition == "kontext":
         return
     if s.strength is None:
-        s.strength = DEFAULT_STRENGTH
+        s.strength = 1.0 if condition == "fill" else DEFAULT_STRENGTH
     elif not 0 < s.strength <= 1:
         raise w.fail(
             f"{w.name('strength')} must be in (0, 1], got {s.strength:g} (1.0 repaints everything, "
@@ -359,11 +439,14 @@ PROMPT_FILE_KEYS = (
     "image",
     "mask",
     "strength",
+    "expand",
     "loras",
 )
 
 
-def read_prompt_file(path: str | Path, base: Settings, explicit: Iterable[str] = ()) -> list[Settings]:
+def read_prompt_file(
+    path: str | Path, base: Settings, explicit: Iterable[str] = (), variant: str = "schnell"
+) -> list[Settings]:
     """Every generation of a prompt file, checked: one prompt a line, or a JSON object a line (JSONL)
     with per-line settings that override `base` (the command's flags). Blank lines and lines starting
     with `#` are skipped; relative paths are relative to the file's folder. Raises InvalidArgument
@@ -383,7 +466,7 @@ def read_prompt_file(path: str | Path, base: Settings, explicit: Iterable[str] =
         where = f"{p.name} line {n}: "
         given, keys = _line_settings(line, p.parent, where)
         s = replace(base, **given, source=f"{p.name}:{n}")
-        out.append(check(s, set(explicit) | keys, where))
+        out.append(check(s, set(explicit) | keys, where, variant))
     if not out:
         raise InvalidArgument(f"--prompt-file {path} holds no prompts (one a line, or JSON objects)")
     return out
@@ -579,6 +662,7 @@ def _from_mflux(m: dict, source: str) -> Recalled:
         "image": m.get("image_path"),
         "mask": m.get("mask_path"),
         "strength": m.get("strength"),
+        "expand": m.get("expand"),
         "image_sha256": m.get("image_sha256"),
         "mask_sha256": m.get("mask_sha256"),
         "loras": list(zip(m.get("lora_paths") or [], m.get("lora_scales") or [])),
@@ -640,18 +724,23 @@ _REPORTED = ("prompt", "seeds", "steps", "width", "height", "guidance")
 
 
 def recall(
-    path: str | Path, given: dict, explicit: Iterable[str] = ()
+    path: str | Path,
+    given: dict,
+    explicit: Iterable[str] = (),
+    variant: str = "schnell",
+    r: Recalled | None = None,
 ) -> tuple[Settings, Recalled, list[str]]:
     """Settings for `--from`: what the image records, overridden by the explicitly given `given` values
     (Settings fields), checked. Returns (settings, what the image records, notes for the user).
 
     An img2img or inpaint image needs its init image and mask, unchanged, unless --image/--mask replace
-    them; a mask recorded without its image being kept is dropped with the image."""
-    r = read_image_settings(path)
+    them; a mask recorded without its image being kept is dropped with the image. `r`: the image's
+    settings when the caller has read them already."""
+    r = r or read_image_settings(path)
     explicit = set(explicit)
     values = {k: v for k, v in r.values.items() if k not in explicit}
     if "image" in explicit:  # a new init image: the recorded mask and hashes belong to the old one
-        for k in ("mask", "image_sha256", "mask_sha256"):
+        for k in ("mask", "expand", "image_sha256", "mask_sha256"):
             values.pop(k, None)
     _check_init_files(path, values)
     if "strength" in values and "image" not in values and "image" not in explicit:
@@ -660,7 +749,11 @@ def recall(
     defaulted = [FLAGS[k] for k in _REPORTED if k not in values and k not in explicit]
     if defaulted:
         notes.append(f"{path} lacks {', '.join(defaulted)}: using the defaults")
-    s = check(Settings(**{**values, **{k: given[k] for k in explicit if k in given}}), explicit)
+    if "mask" in explicit:  # a mask replaces a recorded outpainting border
+        values.pop("expand", None)
+    s = check(
+        Settings(**{**values, **{k: given[k] for k in explicit if k in given}}), explicit, variant=variant
+    )
     return s, r, notes + s.notes
 
 

@@ -266,3 +266,128 @@ def test_variant_arguments_are_refused_before_any_load(tiny_kontext, tiny_fill, 
         with pytest.raises(InvalidArgument, match=words):
             flux.generate_image(0, PROMPT, Config(1, 32, 32), **kwargs)
         assert not flux.models.modules, f"{kwargs} loaded modules before refusing"
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def _cli(*args, cwd):
+    from click.testing import CliRunner
+
+    from mflux.cli import cli
+    from tests.test_run import inside
+
+    with inside(cwd):
+        return CliRunner().invoke(cli, ["run", *args], catch_exceptions=False)
+
+
+def _meta(path) -> dict:
+    import json
+
+    return json.loads(Image.open(path).text["mflux"])
+
+
+def test_cli_fill_inpaints_outpaints_and_replays_exactly(tiny_fill, tmp_path):
+    init_image(32, 48).save(tmp_path / "photo.png")
+    mask_image(32, 48).save(tmp_path / "mask.png")
+    common = ["--path", str(tiny_fill), "--steps", "2", "--seed", "3", "--prompt", PROMPT]
+    made = _cli(*common, "--image", "photo.png", "--mask", "mask.png", "-o", "in.png", cwd=tmp_path)
+    assert made.exit_code == 0, made.output
+    m = _meta(tmp_path / "in.png")
+    assert (m["variant"], m["strength"], m["guidance"]) == ("fill", 1.0, 30.0)  # Fill's defaults
+    assert len(m["mask_sha256"]) == 64 and Image.open(tmp_path / "in.png").text["Variant"] == "fill"
+    out = _cli(*common, "--image", "photo.png", "--expand", "16,0,0,16", "-o", "out.png", cwd=tmp_path)
+    assert out.exit_code == 0, out.output
+    assert Image.open(tmp_path / "out.png").size == (64, 48)  # the image and its new border
+    assert _meta(tmp_path / "out.png")["expand"] == [16, 0, 0, 16]
+    assert Image.open(tmp_path / "out.png").text["Expand"] == "16,0,0,16"
+    for name in ("in.png", "out.png"):
+        again = _cli("--path", str(tiny_fill), "--from", name, "-o", f"again-{name}", cwd=tmp_path)
+        assert again.exit_code == 0, again.output
+        assert np.array_equal(
+            np.array(Image.open(tmp_path / name)), np.array(Image.open(tmp_path / f"again-{name}"))
+        )
+
+
+def test_cli_kontext_edits_and_replays_exactly(tiny_kontext, tmp_path, monkeypatch):
+    # Kontext's trained resolutions are all about 1 megapixel, slow for a test: two small ones stand in
+    monkeypatch.setattr("mflux.flux1.KONTEXT_RESOLUTIONS", [(80, 64), (64, 80)])
+    init_image(48, 64).save(tmp_path / "photo.png")
+    args = ["--path", str(tiny_kontext), "--steps", "2", "--seed", "4", "--width", "48", "--height", "32"]
+    made = _cli(*args, "--image", "photo.png", "--prompt", EDIT, "-o", "edit.png", cwd=tmp_path)
+    assert made.exit_code == 0, made.output
+    m = _meta(tmp_path / "edit.png")
+    assert (m["variant"], m["guidance"], m["reference_size"]) == ("kontext", 2.5, [80, 64])  # the nearest
+    assert "strength" not in m and len(m["image_sha256"]) == 64
+    again = _cli("--path", str(tiny_kontext), "--from", "edit.png", "-o", "again.png", cwd=tmp_path)
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(
+        np.array(Image.open(tmp_path / "edit.png")), np.array(Image.open(tmp_path / "again.png"))
+    )
+
+
+def test_kontext_without_a_size_takes_the_reference_aspect_at_a_trained_resolution(tmp_path):
+    from mflux.run import plan
+
+    init_image(90, 160).save(tmp_path / "wide.png")  # 16:9
+    values = {"prompt": EDIT, "image": str(tmp_path / "wide.png"), "seeds": [1]}
+    s = plan(values, set(values), output=str(tmp_path / "a.png"), variant="kontext").generations[0]
+    assert (s.width, s.height) == (1392, 752) and s.strength is None
+    assert any("Kontext resolution nearest" in n for n in s.notes)
+    s = plan(
+        {**values, "width": 512}, set(values) | {"width"}, output=str(tmp_path / "a.png"), variant="kontext"
+    )
+    assert (s.generations[0].width, s.generations[0].height) == (512, 288)  # one side: the image's aspect
+    s = plan(values, set(values), output=str(tmp_path / "a.png"), variant="dev").generations[0]
+    assert (s.width, s.height, s.strength) == (160, 80, 0.6)  # img2img: the image's own size
+
+
+@pytest.mark.parametrize(
+    "variant, extra, words",
+    [
+        (
+            "kontext",
+            ["--image", "photo.png", "--mask", "mask.png"],
+            "kontext takes no --mask yet; -m fill inpaints",
+        ),
+        ("kontext", ["--image", "photo.png", "--strength", "0.5"], "kontext takes no --strength"),
+        (
+            "kontext",
+            ["--image", "photo.png", "--expand", "0,0,16,0"],
+            "outpaints with the fill model (-m fill)",
+        ),
+        ("fill", ["--image", "photo.png"], "fill repaints what --mask marks white"),
+        ("fill", ["--mask", "mask.png"], "give --image with --mask"),
+        ("fill", ["--image", "photo.png", "--mask", "black.png"], "is all black: nothing to repaint"),
+        (
+            "fill",
+            ["--image", "photo.png", "--mask", "small.png"],
+            "is 16x16 but the image photo.png is 48x32",
+        ),
+        ("fill", ["--image", "photo.png", "--mask", "notes.png"], "not an image PIL can read"),
+        ("fill", ["--image", "photo.png", "--mask", "mask.png", "--expand", "16,0,0,0"], "not both"),
+        ("fill", ["--image", "photo.png", "--expand", "8,0,0,0"], "each a multiple of 16"),
+        ("fill", ["--image", "photo.png", "--expand", "0,0,4096,0"], "above the limits"),
+        ("dev", ["--image", "photo.png", "--expand", "16,0,0,0"], "dev can't"),
+    ],
+)
+def test_cli_refuses_what_a_variant_cannot_use_before_any_load(
+    variant, extra, words, tmp_path, monkeypatch, tiny_kontext, tiny_fill, tiny_dev
+):
+    import mflux.flux1
+
+    folder = {"kontext": tiny_kontext, "fill": tiny_fill, "dev": tiny_dev}[variant]
+    init_image(32, 48).save(tmp_path / "photo.png")
+    mask_image(32, 48).save(tmp_path / "mask.png")
+    Image.new("L", (48, 32)).save(tmp_path / "black.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "small.png")
+    (tmp_path / "notes.png").write_text("not an image")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was opened before the settings were refused")
+
+    monkeypatch.setattr(mflux.flux1.Flux1, "__init__", no_load)
+    result = _cli("--path", str(folder), "--prompt", PROMPT, "--steps", "1", *extra, cwd=tmp_path)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.output
