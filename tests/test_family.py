@@ -1,0 +1,100 @@
+"""FLUX.1 Kontext, Fill and Krea in the catalog and the store: pull against the local Hub, the manifest's
+variant and defaults, `list --available`, `inspect`, and `convert` then `quantize --bits 4` of each tiny
+variant keeping its variant (Krea's files are dev's: only the recorded name tells it)."""
+
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import constants
+
+from mflux import hub
+from mflux.catalog import catalog
+from mflux.cli import cli
+from mflux.manifest import read_manifest
+from mflux.store import Store
+from tests.fixtures import REPO_FILES
+from tests.hub_server import GOOD_TOKEN, HubServer
+from tests.test_convert import write_bfl_twin
+
+FAMILY = ("kontext", "fill", "krea")
+SINGLE_FILE = {"kontext": "flux1-kontext-dev.safetensors", "fill": "flux1-fill-dev.safetensors",
+               "krea": "flux1-krea-dev.safetensors"}  # fmt: skip
+PIPELINE = {"kontext": "FluxKontextPipeline", "fill": "FluxFillPipeline", "krea": "FluxPipeline"}
+SIZE = 32
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def twins(tiny_kontext, tiny_fill, tiny_krea, tmp_path_factory) -> dict:
+    """Each variant's transformer as the Black Forest Labs single file its repo holds at the root."""
+    folders = {"kontext": tiny_kontext, "fill": tiny_fill, "krea": tiny_krea}
+    out = tmp_path_factory.mktemp("single_files")
+    return {v: write_bfl_twin(folders[v], out / SINGLE_FILE[v]) for v in FAMILY}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_kontext, tiny_fill, tiny_krea, twins):
+    folders = {"kontext": tiny_kontext, "fill": tiny_fill, "krea": tiny_krea}
+    with HubServer() as s:
+        for v in FAMILY:
+            entry = catalog()[v]
+            root = {
+                SINGLE_FILE[v]: twins[v].read_bytes(),
+                "ae.safetensors": b"a" * 4096,
+                "README.md": b"# FLUX\n",
+            }
+            s.add_repo(entry.repo, folders[v], gated=True, refs=(entry.revision,), extra=root)
+        yield s
+
+
+@pytest.fixture
+def hub_env(server, monkeypatch, tmp_path):
+    """The client pointed at the local Hub, online, with no token unless a test sets one."""
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_token"))
+    server.requests.clear()
+    return server
+
+
+def resolved(server: HubServer) -> set[str]:
+    """The repo files a pull asked for (resolve requests), relative to the repo."""
+    return {r["path"].split("/", 5)[5] for r in server.requests if "/resolve/" in r["path"]}
+
+
+@pytest.mark.parametrize("variant", FAMILY)
+def test_pull_records_the_catalog_name_and_its_defaults(variant, hub_env, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    model = hub.pull(variant, progress=False)
+
+    manifest = read_manifest(model.path)
+    assert manifest.variant == variant, f"stored as {manifest.variant}"
+    assert manifest.defaults == catalog()[variant].defaults
+    assert manifest.source["repo"] == catalog()[variant].repo
+    assert manifest.architecture["pipeline"] == {"class_name": PIPELINE[variant]}
+    # Only the folders a run needs: never the single file, ae.safetensors or the README at the root.
+    assert sorted(f["path"] for f in manifest.files) == REPO_FILES
+    assert resolved(hub_env) == set(REPO_FILES)
+
+
+def test_pull_under_another_name_keeps_the_variant(hub_env, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    assert hub.pull("krea", name="my-krea", progress=False).manifest.variant == "krea"
+
+
+@pytest.mark.parametrize("variant", FAMILY)
+def test_pull_without_a_token_is_refused_as_for_dev(variant, hub_env, mflux_home):
+    code, _, err = invoke("pull", variant)
+    repo = catalog()[variant].repo
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 1 and len(errors) == 1 and errors == err.splitlines()[-1:], err  # after "pulling ..."
+    assert errors[0].startswith(
+        f"error: {repo} is gated: accept its license at https://huggingface.co/{repo}"
+    )
+    assert "hf auth login" in errors[0] and "HF_TOKEN" in errors[0]
+    assert Store().list() == []
