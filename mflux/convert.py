@@ -215,6 +215,7 @@ def _write(
             source=src.record,
             quantization=quantization,
             architecture=arch,
+            variant=src.folder.variant,  # the source's: krea stays krea, though its files are dev's
         )
         write_manifest(tmp, manifest)
     stored = store.get(name)

@@ -2,18 +2,20 @@
 variant and defaults, `list --available`, `inspect`, and `convert` then `quantize --bits 4` of each tiny
 variant keeping its variant (Krea's files are dev's: only the recorded name tells it)."""
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from huggingface_hub import constants
 
-from mflux import hub
+from mflux import Config, Flux1, hub
 from mflux.catalog import catalog
 from mflux.cli import cli
 from mflux.manifest import read_manifest
 from mflux.store import Store
-from tests.fixtures import REPO_FILES
+from tests.fixtures import REPO_FILES, store_hf_folder
 from tests.hub_server import GOOD_TOKEN, HubServer
 from tests.test_convert import write_bfl_twin
+from tests.test_generation import init_image, mask_image
 
 FAMILY = ("kontext", "fill", "krea")
 SINGLE_FILE = {"kontext": "flux1-kontext-dev.safetensors", "fill": "flux1-fill-dev.safetensors",
@@ -98,3 +100,33 @@ def test_pull_without_a_token_is_refused_as_for_dev(variant, hub_env, mflux_home
     )
     assert "hf auth login" in errors[0] and "HF_TOKEN" in errors[0]
     assert Store().list() == []
+
+
+def _generate(name: str, variant: str) -> np.ndarray:
+    flux = Flux1.from_name(name, precision="float32")
+    config = Config(num_inference_steps=1, height=SIZE, width=SIZE)
+    inputs = {
+        "kontext": {"image": init_image(SIZE, SIZE), "auto_resize": False},
+        "fill": {"image": init_image(SIZE, SIZE), "mask_image": mask_image(SIZE, SIZE)},
+        "krea": {},
+    }[variant]
+    return np.asarray(flux.generate_image(0, "a lighthouse at dusk", config, **inputs).image)
+
+
+@pytest.mark.parametrize("variant", FAMILY)
+def test_convert_then_quantize_keeps_the_variant(variant, tiny_kontext, tiny_fill, tiny_krea, mflux_home):
+    folder = {"kontext": tiny_kontext, "fill": tiny_fill, "krea": tiny_krea}[variant]
+    store_hf_folder(folder, variant, variant=variant)
+    assert invoke("convert", variant)[0] == 0
+    assert invoke("quantize", f"{variant}-mlx", "--bits", 4)[0] == 0
+
+    for name in (f"{variant}-mlx", f"{variant}-mlx-q4"):
+        manifest = read_manifest(Store().path(name))
+        assert manifest.variant == variant, f"{name} stored as {manifest.variant}"
+        assert manifest.defaults == catalog()[variant].defaults
+        assert manifest.architecture["pipeline"] == {"class_name": PIPELINE[variant]}
+    quantized = read_manifest(Store().path(f"{variant}-mlx-q4"))
+    assert quantized.quantization["transformer"]["bits"] == 4
+    assert quantized.architecture["transformer"]["in_channels"] == (384 if variant == "fill" else 64)
+    image = _generate(f"{variant}-mlx-q4", variant)
+    assert image.shape == (SIZE, SIZE, 3) and image.std() > 0
