@@ -10,11 +10,12 @@ from huggingface_hub import constants
 from mflux import Config, Flux1, hub
 from mflux.catalog import catalog
 from mflux.cli import cli
+from mflux.errors import MfluxError
 from mflux.manifest import read_manifest
 from mflux.store import Store
 from tests.fixtures import REPO_FILES, store_hf_folder
 from tests.hub_server import GOOD_TOKEN, HubServer
-from tests.test_convert import write_bfl_twin
+from tests.test_convert import assert_refused, write_bfl_twin
 from tests.test_generation import init_image, mask_image
 
 FAMILY = ("kontext", "fill", "krea")
@@ -130,3 +131,39 @@ def test_convert_then_quantize_keeps_the_variant(variant, tiny_kontext, tiny_fil
     assert quantized.architecture["transformer"]["in_channels"] == (384 if variant == "fill" else 64)
     image = _generate(f"{variant}-mlx-q4", variant)
     assert image.shape == (SIZE, SIZE, 3) and image.std() > 0
+
+
+@pytest.mark.parametrize("variant", ["kontext", "krea"])
+def test_a_single_file_takes_the_variant_it_cannot_tell(variant, twins, tiny_dev, mflux_home):
+    assert invoke("convert", twins[variant], "--base", tiny_dev, "--name", "plain")[0] == 0
+    assert read_manifest(Store().path("plain")).variant == "dev"
+
+    code, _, err = invoke("convert", twins[variant], "--base", tiny_dev, "--variant", variant)
+    assert code == 0, err
+    manifest = read_manifest(Store().path(twins[variant].stem + "-mlx"))
+    assert manifest.variant == variant
+    assert manifest.architecture["pipeline"] == {"class_name": PIPELINE[variant]}
+    assert manifest.defaults == catalog()[variant].defaults
+
+
+def test_a_fill_single_file_is_fill(twins, tiny_dev, mflux_home):
+    assert invoke("convert", twins["fill"], "--base", tiny_dev)[0] == 0
+    manifest = read_manifest(Store().path("flux1-fill-dev-mlx"))
+    assert manifest.variant == "fill" and manifest.architecture["transformer"]["in_channels"] == 384
+
+
+def test_fill_given_variant_dev_is_refused_in_one_line(tiny_fill, twins, tiny_dev, mflux_home):
+    line = assert_refused(mflux_home, ["convert", tiny_fill, "--variant", "dev"], "in_channels=384")
+    assert "does not fit variant 'dev'" in line
+    line = assert_refused(
+        mflux_home, ["convert", twins["fill"], "--base", tiny_dev, "--variant", "dev"], "in_channels=384"
+    )
+    assert str(twins["fill"]) in line
+    store_hf_folder(tiny_fill, "fill")
+    assert_refused(
+        mflux_home, ["convert", "fill", "--variant", "dev"], "fill is a fill model; drop --variant dev"
+    )
+    with pytest.raises(MfluxError, match="does not fit variant 'krea'"):
+        from mflux.convert import convert
+
+        convert(str(tiny_fill), variant="krea", progress=False)
