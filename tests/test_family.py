@@ -11,6 +11,7 @@ from mflux import Config, Flux1, hub
 from mflux.catalog import catalog
 from mflux.cli import cli
 from mflux.errors import MfluxError
+from mflux.inspector import format_inspect, inspect
 from mflux.manifest import read_manifest
 from mflux.store import Store
 from tests.fixtures import REPO_FILES, store_hf_folder
@@ -101,6 +102,18 @@ def test_pull_without_a_token_is_refused_as_for_dev(variant, hub_env, mflux_home
     )
     assert "hf auth login" in errors[0] and "HF_TOKEN" in errors[0]
     assert Store().list() == []
+
+
+def test_inspect_names_the_variant(tiny_kontext, tiny_fill, tiny_krea, twins):
+    store_hf_folder(tiny_krea, "krea", variant="krea")
+    report = inspect("krea")
+    assert report["variant"] == "krea"
+    assert "variant       krea" in format_inspect(report)
+    assert inspect(str(tiny_kontext))["variant"] == "kontext"  # model_index.json's pipeline class
+    assert inspect(str(tiny_fill))["variant"] == "fill"
+    assert inspect(str(tiny_krea))["variant"] == "dev"  # a folder can't tell Krea from dev
+    assert inspect(str(twins["fill"]))["variant"] == "fill"  # 384 input channels
+    assert inspect(str(twins["kontext"]))["variant"] == "dev"  # dev's exact header
 
 
 def _generate(name: str, variant: str) -> np.ndarray:
