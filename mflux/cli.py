@@ -431,9 +431,14 @@ def _list_available(store, as_json: bool) -> None:
         return
     rows = [("NAME", "REPO", "DOWNLOAD", "GATED", "LICENSE", "STORED")]
     for e in entries:
-        size = f"~{format_size(e.download_size_bytes)}"
+        size = f"~{format_size(e.download_size_bytes)}" + (" (est.)" if e.size_estimated else "")
         rows.append((e.name, e.repo, size, "yes" if e.gated else "no", e.license, _yes(store.exists(e.name))))
     click.echo(_columns(rows))
+    if any(e.size_estimated for e in entries):
+        click.echo(
+            "(est.): an estimate, not read from the repo's files (the exact size: mflux pull NAME --dry-run)",
+            err=True,
+        )
 
 
 def _yes(flag: bool) -> str:

@@ -2,6 +2,8 @@
 variant and defaults, `list --available`, `inspect`, and `convert` then `quantize --bits 4` of each tiny
 variant keeping its variant (Krea's files are dev's: only the recorded name tells it)."""
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -71,6 +73,16 @@ def resolved(server: HubServer) -> set[str]:
     return {r["path"].split("/", 5)[5] for r in server.requests if "/resolve/" in r["path"]}
 
 
+def test_catalog_entries():
+    for v in FAMILY:
+        entry = catalog()[v]
+        assert entry.gated and entry.license == catalog()["dev"].license
+        assert entry.size_estimated  # dev's size, not read from the repo
+        assert entry.allow_patterns == catalog()["dev"].allow_patterns
+    assert not catalog()["dev"].size_estimated and not catalog()["schnell"].size_estimated
+    assert catalog()["krea"].defaults == catalog()["dev"].defaults
+
+
 @pytest.mark.parametrize("variant", FAMILY)
 def test_pull_records_the_catalog_name_and_its_defaults(variant, hub_env, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
@@ -102,6 +114,18 @@ def test_pull_without_a_token_is_refused_as_for_dev(variant, hub_env, mflux_home
     )
     assert "hf auth login" in errors[0] and "HF_TOKEN" in errors[0]
     assert Store().list() == []
+
+
+def test_list_available_marks_estimated_sizes():
+    code, out, err = invoke("list", "--available")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    for v in FAMILY:
+        assert catalog()[v].repo in rows[v] and "~33.7 GB (est.)" in rows[v], rows[v]
+    assert "(est.)" not in rows["dev"] and "(est.)" not in rows["schnell"]
+    assert err.startswith("(est.): an estimate, not read from the repo's files")
+    entries = {e["name"]: e for e in json.loads(invoke("list", "--available", "--json")[1])}
+    assert [entries[v]["size_estimated"] for v in ("schnell", "dev", *FAMILY)] == [False] * 2 + [True] * 3
 
 
 def test_inspect_names_the_variant(tiny_kontext, tiny_fill, tiny_krea, twins):
