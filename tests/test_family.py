@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from huggingface_hub import constants
 
 from mflux import Config, Flux1, hub
 from mflux.catalog import catalog
@@ -17,7 +16,7 @@ from mflux.inspector import format_inspect, inspect
 from mflux.manifest import read_manifest
 from mflux.store import Store
 from tests.fixtures import REPO_FILES, store_hf_folder
-from tests.hub_server import GOOD_TOKEN, HubServer
+from tests.hub_server import GOOD_TOKEN, HubServer, point_client_at
 from tests.test_convert import assert_refused, write_bfl_twin
 from tests.test_generation import init_image, mask_image
 
@@ -59,11 +58,7 @@ def server(tiny_kontext, tiny_fill, tiny_krea, twins):
 @pytest.fixture
 def hub_env(server, monkeypatch, tmp_path):
     """The client pointed at the local Hub, online, with no token unless a test sets one."""
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_token"))
+    point_client_at(server, monkeypatch, tmp_path)
     server.requests.clear()
     return server
 
