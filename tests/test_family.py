@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from mflux import Config, Flux1, hub
 from mflux.catalog import catalog
 from mflux.cli import cli
+from mflux.convert import convert
 from mflux.errors import MfluxError
 from mflux.inspector import format_inspect, inspect
 from mflux.manifest import read_manifest
@@ -196,6 +197,4 @@ def test_fill_given_variant_dev_is_refused_in_one_line(tiny_fill, twins, tiny_de
         mflux_home, ["convert", "fill", "--variant", "dev"], "fill is a fill model; drop --variant dev"
     )
     with pytest.raises(MfluxError, match="does not fit variant 'krea'"):
-        from mflux.convert import convert
-
         convert(str(tiny_fill), variant="krea", progress=False)
