@@ -1,8 +1,8 @@
 """Black Forest Labs single-file transformer checkpoints -> runtime names.
 
 Sources it takes, each one `.safetensors` file holding only the FLUX.1 transformer:
-- BFL's own `flux1-schnell.safetensors` / `flux1-dev.safetensors` (keys such as
-  `double_blocks.0.img_attn.qkv.weight`, `single_blocks.0.linear1.weight`);
+- BFL's own `flux1-schnell.safetensors` / `flux1-dev.safetensors`, and Kontext's, Fill's and Krea's
+  (keys such as `double_blocks.0.img_attn.qkv.weight`, `single_blocks.0.linear1.weight`);
 - the same with ComfyUI's `model.diffusion_model.` prefix, or a bare `diffusion_model.` prefix.
 
 The runtime keeps BFL's names and fused layouts, so `sanitize` only strips the prefix. The companions
@@ -18,6 +18,8 @@ from mflux.errors import MfluxError
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # The released models' rope split of a 128-wide head: one axis (unused, zero) and two image axes.
 REAL_AXES_DIM = (16, 56, 56)
+# Fill's input: the latents 64, the masked image's latents 64 and the mask packed 8x8 per patch, 256.
+FILL_IN_CHANNELS = 384
 # Tensors every FLUX.1 transformer has; their absence means the file is something else.
 _LANDMARKS = (
     "img_in.weight",
@@ -60,8 +62,12 @@ def check(shapes: dict) -> None:
 
 
 def detect_variant(shapes: dict) -> str:
-    """'dev' when the file has a guidance embedder (`guidance_in`), else 'schnell'."""
-    return "dev" if prefix(shapes) + "guidance_in.in_layer.weight" in shapes else "schnell"
+    """'fill' when `img_in` takes Fill's 384 input channels, else 'dev' when the file has a guidance
+    embedder (`guidance_in`), else 'schnell'. A Kontext or Krea file has dev's exact tensors: 'dev'."""
+    p = prefix(shapes)
+    if tuple(shapes.get(p + "img_in.weight", ()))[1:] == (FILL_IN_CHANNELS,):
+        return "fill"
+    return "dev" if any(k.startswith(p + "guidance_in.") for k in shapes) else "schnell"
 
 
 def params(shapes: dict) -> dict:

@@ -23,6 +23,7 @@ class CatalogEntry:
     description: str
     allow_patterns: tuple[str, ...]  # what a pull downloads: the diffusers folders and model_index.json
     download_size_bytes: int  # approximate
+    size_estimated: bool  # the size is a guess (from another model's), not read from the repo's files
     defaults: dict  # steps, guidance, max_sequence_length (+ shift settings for dev)
 
 

@@ -13,6 +13,7 @@ import click
 
 from mflux import __version__
 from mflux.errors import Interrupted, MfluxError, ReportedElsewhere
+from mflux.runtime.folder import VARIANTS
 from mflux.runtime.quantization import AFFINE_BITS, GROUP_SIZES, MODES, QUANTIZABLE_COMPONENTS
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -466,9 +467,14 @@ def _list_available(store, as_json: bool) -> None:
         return
     rows = [("NAME", "REPO", "DOWNLOAD", "GATED", "LICENSE", "STORED")]
     for e in entries:
-        size = f"~{format_size(e.download_size_bytes)}"
+        size = f"~{format_size(e.download_size_bytes)}" + (" (est.)" if e.size_estimated else "")
         rows.append((e.name, e.repo, size, "yes" if e.gated else "no", e.license, _yes(store.exists(e.name))))
     click.echo(_columns(rows))
+    if any(e.size_estimated for e in entries):
+        click.echo(
+            "(est.): an estimate, not read from the repo's files (the exact size: mflux pull NAME --dry-run)",
+            err=True,
+        )
 
 
 def _yes(flag: bool) -> str:
@@ -573,8 +579,15 @@ def rm(names, yes):
     help="For a single-file transformer: where the text encoders and VAE come from "
     "(schnell, dev, or a folder).",
 )
+@click.option(
+    "--variant",
+    type=click.Choice(tuple(VARIANTS)),
+    help="The FLUX.1 variant, where the files can't tell: a Kontext or Krea single file has dev's "
+    "exact tensors and reads as dev without it (schnell, dev and fill are read from the tensors); a "
+    "Krea folder has dev's exact files. A store model's variant is its manifest's.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
-def convert(source, name, dtype, base, force):
+def convert(source, name, dtype, base, variant, force):
     """Convert weights to the MLX-native format, as a new store model.
 
     SOURCE is a store model of format hf, a diffusers-layout folder, or a Black Forest Labs
@@ -584,10 +597,11 @@ def convert(source, name, dtype, base, force):
     Examples:
       mflux convert schnell
       mflux convert ./flux1-dev.safetensors --base dev --name my-dev
+      mflux convert ./flux1-kontext-dev.safetensors --base dev --variant kontext
     """
     from mflux.convert import convert as convert_model
 
-    convert_model(source, name=name, dtype=dtype, base=base, force=force)
+    convert_model(source, name=name, dtype=dtype, base=base, variant=variant, force=force)
 
 
 @cli.command()

@@ -30,6 +30,7 @@ The MLX-native format (manifest `format = "mlx"`), one folder in the store:
 """
 
 import copy
+import dataclasses
 import errno
 import shutil
 import sys
@@ -50,7 +51,7 @@ from mflux.manifest import (
     read_manifest,
     write_manifest,
 )
-from mflux.runtime.folder import ModelFolder, config_values
+from mflux.runtime.folder import VARIANTS, ModelFolder, config_values, detect_variant
 from mflux.runtime.loader import build_module, check_keys, iter_weights, prepare, stream
 from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, save_shards
@@ -65,7 +66,7 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 @dataclass
 class _Source:
-    folder: ModelFolder  # tokenizers, architecture, stored quantization
+    folder: ModelFolder  # tokenizers, architecture, stored quantization, and the variant to record
     record: dict  # the manifest's `source` table
     name: str  # default names derive from it
     path: Path  # what must never be written into
@@ -78,17 +79,19 @@ def convert(
     name: str | None = None,
     dtype: str = "bfloat16",
     base: str | None = None,
+    variant: str | None = None,
     force: bool = False,
     store: Store | None = None,
     progress: bool = True,
 ) -> StoredModel:
     """Convert a store model (format hf or mlx), a diffusers-layout folder, or a Black Forest Labs
     single-file transformer (with `base` for the rest) into an MLX-native store model `name`
-    (default `<source name>-mlx`). Returns the StoredModel."""
+    (default `<source name>-mlx`). `variant` names what the files can't tell: a Kontext or Krea
+    single file has dev's exact tensors, a Krea folder dev's exact files. Returns the StoredModel."""
     _check_dtype(dtype)
     store = store or Store()
     store.check_root()
-    src = _open(source, store, base)
+    src = _open(source, store, base, variant)
     name = name or f"{src.name}-mlx"
     _refuse_self(store, name, src)
     dtypes = {c: _component_dtype(c, dtype, _source_dtype(src, c)) for c in COMPONENTS}
@@ -215,6 +218,7 @@ def _write(
             source=src.record,
             quantization=quantization,
             architecture=arch,
+            variant=src.folder.variant,  # the source's: krea stays krea, though its files are dev's
         )
         write_manifest(tmp, manifest)
     stored = store.get(name)
@@ -224,24 +228,25 @@ def _write(
     return stored
 
 
-def _open(source: str, store, base: str | None) -> _Source:
-    """A store model or folder; or a BFL single file, with `base` giving the other components."""
+def _open(source: str, store, base: str | None, variant: str | None = None) -> _Source:
+    """A store model or folder; or a BFL single file, with `base` giving the other components.
+    `variant` is checked against the transformer (and a store model's manifest)."""
     path = _path(source)
     if path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         refuse_pickle(path)
         if not path.is_file():
             raise MfluxError(f"{path}: no such file")
-        return _open_single_file(path, store, base)
+        return _open_single_file(path, store, base, variant)
     if base is not None:
         raise InvalidArgument("--base applies to a single-file transformer checkpoint only; drop it")
     if _is_name(source) and store.exists(source):
         stored = store.get(source)
         if stored.damaged:  # before any compute: a missing or cut file would fail halfway
             raise MfluxError(stored.damage_hint())
-        folder = open_folder(stored.path, name=stored.name)
+        folder = open_folder(stored.path, name=stored.name, variant=variant)
         return _Source(folder, {"kind": "model", "name": stored.name}, stored.name, stored.path.resolve())
     if path.is_dir():
-        folder = open_folder(path)
+        folder = open_folder(path, variant=variant)
         return _Source(folder, {"kind": "path", "path": str(path.resolve())}, folder.name, path.resolve())
     if _is_name(source):
         store.get(source)  # the unknown-model error, with close names
@@ -260,30 +265,34 @@ def _path(source: str) -> Path:
     return path
 
 
-def _open_single_file(path: Path, store, base: str | None) -> _Source:
+def _open_single_file(path: Path, store, base: str | None, variant: str | None) -> _Source:
     shapes = _header_shapes(path)
     try:
         config = bfl.diffusers_config(shapes)
         check_keys(bfl.sanitize(shapes), build_module("transformer", {"transformer": config}), str(path))
-        variant = bfl.detect_variant(shapes)
+        # From the shapes (Fill by its 384 input channels); a Kontext or Krea file reads as dev.
+        variant = detect_variant({"transformer": config}, variant)
     except MfluxError as e:
         raise MfluxError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+    # The base gives only the text encoders, VAE and tokenizers, which the guided variants share.
+    guided = VARIANTS[variant].guidance_embeds
+    plain = "dev" if guided else "schnell"
     if base is None:
         raise MfluxError(
             f"{path.name} holds only the transformer: give the text encoders, VAE and tokenizers with "
-            f"--base {variant} (a store model) or --base PATH (a FLUX.1 {variant} folder)"
+            f"--base {plain} (a store model) or --base PATH (a FLUX.1 {plain} folder)"
         )
     b = _open(base, store, None)
-    if b.folder.variant != variant:
-        has = "has" if variant == "dev" else "has no"
+    if VARIANTS[b.folder.variant].guidance_embeds != guided:
         raise MfluxError(
-            f"{path.name} is a {variant} transformer (it {has} guidance_in) but base {base!r} is "
-            f"{b.folder.variant} (pass --base {variant})"
+            f"{path.name} is a {variant} transformer (it {'has' if guided else 'has no'} guidance_in) but "
+            f"base {base!r} is {b.folder.variant} (pass --base {plain})"
         )
     # A folder base is recorded resolved, so the manifest means the same from any working directory.
     base_record = base if _is_name(base) and store.exists(base) else str(Path(base).expanduser().resolve())
     record = {"kind": "path", "path": str(path.resolve()), "base": base_record}
-    return _Source(b.folder, record, path.stem, b.path, transformer_file=path.resolve())
+    folder = dataclasses.replace(b.folder, variant=variant)
+    return _Source(folder, record, path.stem, b.path, transformer_file=path.resolve())
 
 
 def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
@@ -344,6 +353,8 @@ def _architecture(src: _Source, dtypes: dict) -> dict:
     arch = copy.deepcopy(src.folder.architecture)
     if src.transformer_file is not None:
         arch["transformer"] = bfl.diffusers_config(_header_shapes(src.transformer_file))
+        # The file's pipeline, not the base's: what tells a converted Kontext file from dev.
+        arch["pipeline"] = {"class_name": VARIANTS[src.folder.variant].pipeline}
     for c in ("text_encoder", "text_encoder_2"):
         arch[c]["dtype"] = dtypes[c]  # transformers' own key for the weights' dtype
         arch[c].pop("torch_dtype", None)

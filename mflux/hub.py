@@ -134,6 +134,7 @@ class _Source:
     revision: str
     patterns: tuple[str, ...]
     name: str
+    variant: str | None = None  # a catalog model's name (krea's files are dev's); else read from the files
 
 
 def pull(
@@ -146,8 +147,9 @@ def pull(
     progress: bool = True,
     store: Store | None = None,
 ) -> StoredModel | PullPlan:
-    """Download a catalog model (`schnell`, `dev`) or any Hub repo in FLUX.1 diffusers layout
-    (`org/name`) into the store, resuming partial downloads and verifying every file.
+    """Download a catalog model (`schnell`, `dev`, `kontext`, `fill`, `krea`: its name is recorded as the
+    variant) or any Hub repo in FLUX.1 diffusers layout (`org/name`) into the store, resuming partial
+    downloads and verifying every file.
 
     Returns the StoredModel, or with `dry_run` a PullPlan (nothing is written). `force` downloads
     and replaces a model even when the stored one is up to date.
@@ -189,7 +191,8 @@ def _source(model_or_repo: str, revision: str | None, name: str | None) -> _Sour
     if model_or_repo in known:
         entry = known[model_or_repo]
         patterns = tuple(entry.allow_patterns) or DIFFUSERS_PATTERNS
-        return _Source(entry.repo, revision or entry.revision, patterns, validate_name(name or model_or_repo))
+        name = validate_name(name or model_or_repo)
+        return _Source(entry.repo, revision or entry.revision, patterns, name, variant=entry.name)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model_or_repo):
         repo_name = model_or_repo.split("/")[1].lower()
         return _Source(
@@ -444,7 +447,7 @@ def _install(store: Store, source: _Source, commit: str, files, sha256s, partial
     name = source.name
     # Read the architecture before moving anything, so a bad config can't cost the downloaded files.
     architecture = architecture_from_hf(partial)
-    variant = detect_variant(architecture)
+    variant = detect_variant(architecture, source.variant)
     manifest = Manifest(
         name=name,
         variant=variant,

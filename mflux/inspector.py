@@ -10,6 +10,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from mflux.converters import bfl
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.manifest import (
     COMPONENTS,
@@ -136,7 +137,8 @@ def _inspect_file(path: Path, tensors: bool) -> dict:
             return inspect_lora(path, tensors=tensors)
     report = {"path": str(path), "kind": "safetensors", "layout": _layout(keys), "metadata": sf.metadata}
     if report["layout"] == "bfl-transformer":
-        report["variant"] = _bfl_variant(keys)
+        # From the tensors: schnell, dev or fill (a Kontext or Krea file has dev's exact tensors).
+        report["variant"] = bfl.detect_variant({k: shape for k, (_, shape, _) in sf.tensors.items()})
     report["components"] = {path.name: _component([sf], None, None, tensors)}
     report["total"] = _total(report["components"])
     return report
@@ -159,12 +161,6 @@ def _layout(keys: list[str]) -> str | None:
     if any(k.startswith("transformer_blocks.") for k in keys):
         return "diffusers-transformer"
     return None
-
-
-def _bfl_variant(keys: list[str]) -> str:
-    # As mflux.converters.bfl.detect_variant: only dev has the guidance embedder.
-    plain = (k.removeprefix("model.diffusion_model.") for k in keys)
-    return "dev" if any(k.startswith("guidance_in.") for k in plain) else "schnell"
 
 
 def _component(files: list[SafetensorsFile], quant: dict | None, dtype: str | None, tensors: bool) -> dict:

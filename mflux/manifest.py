@@ -87,7 +87,7 @@ def _now() -> str:
 @dataclass
 class Manifest:
     name: str
-    variant: str  # "schnell" | "dev"
+    variant: str  # a key of mflux.runtime.folder.VARIANTS: schnell, dev, kontext, fill, krea
     format: str  # "hf" (diffusers layout, as pulled) | "mlx" (runtime names and layouts)
     dtype: str
     source: dict  # {"kind": "hub"|"path"|"model", ...}
@@ -117,11 +117,14 @@ def new_manifest(
     source: dict,
     quantization: dict | None = None,
     architecture: dict | None = None,
+    variant: str | None = None,
 ) -> Manifest:
     """A manifest for the files now in `folder`: hashes them, and reads the architecture from its
-    config files unless given (an `mlx` folder passes its source's)."""
+    config files unless given (an `mlx` folder passes its source's). `variant` names what the files
+    can't tell (a catalog name such as krea, kept from the source); it is checked against the
+    transformer, and detected from the architecture when not given."""
     arch = architecture if architecture is not None else architecture_from_hf(folder)
-    variant = detect_variant(arch)
+    variant = detect_variant(arch, variant)
     return Manifest(
         name=name,
         variant=variant,

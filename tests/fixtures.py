@@ -540,15 +540,17 @@ def run_pipeline(
     return (out.images[0] * 255).round().astype(np.uint8)
 
 
-def store_hf_folder(folder: Path, name: str) -> Path:
-    """Put a diffusers-layout folder into the store as format `hf`, as a pull would."""
+def store_hf_folder(folder: Path, name: str, variant: str | None = None) -> Path:
+    """Put a diffusers-layout folder into the store as format `hf`, as a pull would (a pull of the
+    catalog's krea passes `variant`, which krea's files can't tell)."""
     from mflux.manifest import new_manifest, write_manifest
     from mflux.store import Store
 
     with Store().build(name) as tmp:
         shutil.copytree(folder, tmp, dirs_exist_ok=True)
         source = {"kind": "path", "path": str(folder)}
-        write_manifest(tmp, new_manifest(tmp, name=name, format="hf", dtype="bfloat16", source=source))
+        manifest = new_manifest(tmp, name=name, format="hf", dtype="bfloat16", source=source, variant=variant)
+        write_manifest(tmp, manifest)
     return Store().path(name)
 
 

@@ -129,6 +129,18 @@ class HubServer:
         return [r["range"] for r in self.requests if r["method"] == "GET" and r["path"].endswith("/" + path)]
 
 
+def point_client_at(server: HubServer, monkeypatch, tmp_path: Path) -> None:
+    """Point huggingface_hub at `server`, online, with no token unless a test sets one."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    # Where `hf auth login` saves its token; kept away from the real one.
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_token"))
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 

@@ -469,6 +469,14 @@ def test_inspect_refuses_what_is_not_a_model(home, tmp_path):
     refused(mflux("convert", long, "--base", "schnell"), "File name too long")
 
 
+def test_convert_refuses_a_variant_the_model_is_not(home, tiny_fill):
+    before = snapshot(home)
+    refused(mflux("convert", tiny_fill, "--variant", "dev"), "does not fit variant 'dev'", "in_channels=384")
+    refused(mflux("convert", "schnell", "--variant", "dev"), "schnell is a schnell model; drop --variant dev")
+    assert snapshot(home) == before
+    consistent(home)
+
+
 def test_mflux_home_is_a_file(tmp_path):
     store = tmp_path / "not-a-folder"
     store.write_text("x")

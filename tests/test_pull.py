@@ -17,7 +17,7 @@ from mflux.catalog import catalog
 from mflux.errors import MfluxError
 from mflux.manifest import read_manifest, write_manifest
 from mflux.store import Store
-from tests.hub_server import COMMIT, GOOD_TOKEN, NO_ACCESS_TOKEN, HubServer
+from tests.hub_server import COMMIT, GOOD_TOKEN, NO_ACCESS_TOKEN, HubServer, point_client_at
 
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
 DEV = "black-forest-labs/FLUX.1-dev"
@@ -48,12 +48,7 @@ def server(tiny_schnell, tiny_dev, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def hub_env(server, monkeypatch, tmp_path):
     """Point the client at the local Hub, online, with no token unless a test sets one."""
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    # Where `hf auth login` saves its token; kept away from the real one.
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_token"))
+    point_client_at(server, monkeypatch, tmp_path)
     server.requests.clear()
     server.served.clear()
     server.corrupt.clear()
