@@ -477,22 +477,25 @@ def inspect_(target, tensors, verify, as_json):
       mflux inspect schnell-q8 --verify
       mflux inspect ./flux1-dev.safetensors --tensors --json
     """
+    from pathlib import Path
+
     from mflux.inspector import format_inspect, inspect
+    from mflux.manifest import remake_hint
 
     report = inspect(target, tensors=tensors, verify=verify)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_inspect(report))
     if report.get("damaged") and not verify:
         shown = "; ".join(report["damaged"][:3])
         raise MfluxError(
-            f"{target} is damaged ({shown}) (see every file: mflux inspect {target} --verify; then pull or "
-            "convert it again)"
+            f"{target} is damaged ({shown}) (see every file: mflux inspect {target} --verify; then "
+            f"{remake_hint(Path(report['path']))})"
         )
     if verify and not report["verify"]["ok"]:
         bad = report["verify"]["mismatches"]
         shown = "; ".join(f"{m['path']}: {m['problem']}" for m in bad[:3])
         raise MfluxError(
             f"{len(bad)} of {report['verify']['files']} files do not match the manifest ({shown}); the model "
-            "was damaged or changed: remove it and pull or convert it again"
+            f"was damaged or changed: {remake_hint(Path(report['path']))}"
         )
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
+from mflux.manifest import remake_hint
 from mflux.runtime import engine
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.models import Models, default_batch_size
@@ -182,12 +183,12 @@ class Flux1:
             if not self.folder.path.exists():
                 raise MfluxError(
                     f"{self.folder.name} was removed while in use ({self.folder.path} is gone); "
-                    "pull or convert it again"
+                    "pull, convert or quantize it again"
                 ) from None
             if isinstance(e, FileNotFoundError):
                 raise MfluxError(
                     f"{e.filename}: missing from {self.folder.name} (check it with: mflux inspect "
-                    f"{self.folder.name} --verify, then pull or convert it again)"
+                    f"{self.folder.name} --verify, then {remake_hint(self.folder.path)})"
                 ) from None
             raise
 

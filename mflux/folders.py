@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mflux.errors import MfluxError
-from mflux.manifest import MANIFEST, Manifest, defaults_for, read_manifest, sha256_file
+from mflux.manifest import MANIFEST, Manifest, defaults_for, read_manifest, remake_command, sha256_file
 from mflux.runtime.folder import ModelFolder, detect_variant, read_architecture
 from mflux.store import file_on_disk
 
@@ -49,7 +49,7 @@ def open_folder(
 def check_files(folder: Path, m: Manifest, verify: bool = False) -> None:
     """Refuse a stored model whose files are missing, not regular files, of the wrong size, changed since
     it was stored, or (under `verify`) of the wrong sha256."""
-    fix = f"check it with: mflux inspect {m.name} --verify, then pull or convert it again"
+    fix = f"check it with: mflux inspect {m.name} --verify, then make it again: {remake_command(m)}"
     created = datetime.fromisoformat(m.created).timestamp()
     for f in m.files:
         st, problem = file_on_disk(folder, f)

@@ -168,7 +168,7 @@ def read_manifest(folder: Path) -> Manifest:
 def _fix(path: Path) -> str:
     return (
         f" (the manifest is corrupt or was edited by hand: restore it, or remove the model with "
-        f"`mflux rm {path.parent.name}` and pull or convert it again)"
+        f"`mflux rm {path.parent.name}` and pull, convert or quantize it again)"
     )
 
 
@@ -370,3 +370,47 @@ def _label(spec: QuantSpec) -> str:
     if spec.mode != "affine":
         return spec.mode
     return f"q{spec.bits}" + (f"-g{spec.group_size}" if spec.group_size != 64 else "")
+
+
+def remake_hint(folder: Path) -> str:
+    """How to make a damaged store model again: the command its manifest's source gives, or (with no
+    readable manifest) the commands that make models."""
+    try:
+        return f"make it again: {remake_command(read_manifest(folder))}"
+    except MfluxError:
+        return "pull, convert or quantize it again"
+
+
+def remake_command(m: Manifest) -> str:
+    """The command that makes `m` again from its recorded source, replacing the stored one: a pull for
+    a Hub model, a quantize for a quantized one, a convert for the rest."""
+    import shlex
+
+    from mflux.catalog import catalog
+
+    source, tail = m.source, f"--name {m.name} --force"
+    if source["kind"] == "hub":
+        known = next((e.name for e in catalog().values() if e.repo == source["repo"]), None)
+        if known == m.name:
+            return f"mflux pull {known} --force"
+        return f"mflux pull {known or source['repo']} {tail}"
+    what = shlex.quote(source["name"] if source["kind"] == "model" else source["path"])
+    dtype = f" --dtype {m.dtype}" if m.dtype != "bfloat16" else ""
+    if "base" in source:  # a single-file transformer, its other components from a base
+        return f"mflux convert {what} --base {shlex.quote(source['base'])}{dtype} {tail}"
+    if m.quantization:
+        return f"mflux quantize {what} {_quantize_flags(m.quantization)}{dtype} {tail}"
+    return f"mflux convert {what}{dtype} {tail}"
+
+
+def _quantize_flags(quantization: dict) -> str:
+    from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS
+
+    main = quantization.get("transformer") or next(iter(quantization.values()))
+    spec = QuantSpec.from_dict(main)
+    flags = f"--mode {spec.mode}" if spec.mode != "affine" else f"--bits {spec.bits}"
+    if spec.mode == "affine" and spec.group_size != 64:
+        flags += f" --group-size {spec.group_size}"
+    if set(quantization) != set(QUANTIZABLE_COMPONENTS):
+        flags += f" --components {','.join(c for c in QUANTIZABLE_COMPONENTS if c in quantization)}"
+    return flags

@@ -228,7 +228,7 @@ DAMAGE = {
 def test_damaged_file_in_the_store(home, damage):
     DAMAGE[damage](home / "schnell" / SHARD)
     line = refused(mflux("inspect", "schnell", "--verify"), "do not match the manifest", SHARD)
-    assert "pull or convert it again" in line
+    assert "make it again: mflux convert" in line and "--name schnell --force" in line, line
     if damage != "flipped-byte":  # a same-size change shows only to --verify, which hashes
         refused(mflux("inspect", "schnell"), "schnell is damaged", SHARD, "mflux inspect schnell --verify")
         listing = mflux("list")
@@ -865,6 +865,24 @@ def test_interrupted_pull_resumes(home, hub, sig):
     consistent(home)  # nothing half-built; the partial download waits in .downloads
     _pulled(_pull(hub, "schnell", "--name", "x"), home, "x")
     assert hub.server.ranges(VAE)[-1] == "bytes=1000000-"
+
+
+# --- the store and the command line (issue 33) ----------------------------------------------------
+
+Q8_SHARD = "transformer/model-00001-of-00001.safetensors"
+
+
+def test_a_damaged_quantized_model_names_the_quantize_that_remakes_it(home, tmp_path):
+    # schnell-q8 was made by `quantize schnell --bits 8`: "pull or convert it again" was the wrong fix
+    remake = "mflux quantize schnell --bits 8 --name schnell-q8 --force"
+    truncate(home / "schnell-q8" / Q8_SHARD)
+    for args in (["inspect", "schnell-q8"], ["run", "-m", "schnell-q8", "--no-pull", "-p", "a", *TINY_RUN]):
+        line = refused(mflux(*args, cwd=tmp_path), "schnell-q8 is damaged", Q8_SHARD)
+        assert f"make it again: {remake}" in line, line
+    assert remake in mflux("list").stderr
+    made = mflux(*remake.split()[1:])
+    assert made.returncode == 0, made.stderr
+    consistent(home)
 
 
 # --- run's flags (issue 33) ------------------------------------------------------------------------
