@@ -545,7 +545,7 @@ def convert(source, name, dtype, base, force):
     """Convert weights to the MLX-native format, as a new store model.
 
     SOURCE is a store model of format hf, a diffusers-layout folder, or a Black Forest Labs
-    single-file checkpoint (.safetensors).
+    single-file checkpoint (.safetensors). A quantized model is MLX-native already: it is refused.
 
     \b
     Examples:

@@ -885,6 +885,13 @@ def test_a_damaged_quantized_model_names_the_quantize_that_remakes_it(home, tmp_
     consistent(home)
 
 
+def test_convert_refuses_a_quantized_model_naming_what_to_run(home):
+    before = snapshot(home)
+    line = refused(mflux("convert", "schnell-q8"), "schnell-q8 is already quantized (q8)")
+    assert "mflux run -m schnell-q8" in line and "mflux quantize schnell --bits N" in line, line
+    assert snapshot(home) == before
+
+
 # --- run's flags (issue 33) ------------------------------------------------------------------------
 
 TINY_RUN = ["--width", "32", "--height", "32", "--steps", "1", "--seed", "1"]
