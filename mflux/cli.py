@@ -301,7 +301,7 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "--verify",
     is_flag=True,
     help="Re-hash every file of a stored model against its manifest first (always checked: sizes, and "
-    "that no file changed after it was stored).",
+    "the sha256 of a file newer than the manifest, once).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (files, seeds, seconds).")
 @click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")

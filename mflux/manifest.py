@@ -33,6 +33,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 SOURCE_KEYS = {"hub": ("repo", "revision", "commit"), "path": ("path",), "model": ("name",)}
 SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 _CHUNK = 2**20
+MTIME_SLACK = 2.0  # seconds: `created` is kept to the second
 # The architecture keys the runtime reads, with their kind: "size" a positive integer, "int" any integer,
 # "number" a finite int or float, "sizes" a non-empty list of positive integers. A key may be absent
 # (the runtime then takes diffusers' default), but never of another kind.
@@ -97,6 +98,7 @@ class Manifest:
     family: str = "flux1"
     quantization: dict | None = None  # {component: {bits, group_size, mode[, layers: {path: {...}}]}}
     created: str = field(default_factory=_now)  # ISO 8601, UTC
+    checked: str | None = None  # ISO 8601, UTC: when every file newer than `created` last matched its sha256
     mflux_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -135,18 +137,47 @@ def new_manifest(
     )
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Write `folder/manifest.toml` atomically: a temp file, then os.replace."""
+def write_manifest(folder: Path, manifest: Manifest, keep_mtime: bool = False) -> None:
+    """Write `folder/manifest.toml` atomically: a temp file, then os.replace. `keep_mtime` keeps the
+    old file's mtime, which `mflux list` shows as when the model was made."""
     import tomli_w
 
     _validate(manifest.to_dict(), Path(folder) / MANIFEST)
     data = _toml_ready(_ordered(manifest))
+    path = Path(folder) / MANIFEST
     tmp = Path(folder) / f".{MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        tomli_w.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, Path(folder) / MANIFEST)
+    try:
+        with open(tmp, "wb") as f:
+            tomli_w.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_mtime:
+            st = path.stat()
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def trusted_until(m: Manifest) -> float:
+    """The time (a Unix timestamp) up to which a file's mtime shows it unchanged: when the model was
+    made, or when its files last matched their sha256 (a copied store gives every file a new mtime)."""
+    made = datetime.fromisoformat(m.created).timestamp() + MTIME_SLACK
+    return max(made, datetime.fromisoformat(m.checked).timestamp()) if m.checked else made
+
+
+def stamp_checked(folder: Path, m: Manifest, when: datetime) -> None:
+    """Record in the manifest that every file matched its sha256 at `when`, so the next open trusts
+    mtimes up to then instead of hashing again. Best effort: in a read-only store the next open hashes
+    again, and a manifest replaced meanwhile (a `--force` build of the same name) is left alone."""
+    try:
+        if read_manifest(folder) != m:
+            return
+        stamped = Manifest(**{**m.to_dict(), "checked": when.isoformat(timespec="microseconds")})
+        write_manifest(folder, stamped, keep_mtime=True)
+    except (OSError, MfluxError):
+        pass
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -213,6 +244,11 @@ def _validate(data: dict, path: Path) -> None:
             datetime.fromisoformat(want("created", str))
         except ValueError:
             bad("created", f"not an ISO 8601 time: {data['created']!r}")
+    if data.get("checked") is not None:
+        try:
+            datetime.fromisoformat(want("checked", str))
+        except ValueError:
+            bad("checked", f"not an ISO 8601 time: {data['checked']!r}")
     _validate_source(want("source", dict), bad)
     _validate_files(want("files", list), bad)
     _validate_architecture(want("architecture", dict), bad)
@@ -297,7 +333,8 @@ def _validate_quantization(q: dict, bad) -> None:
 def _ordered(manifest: Manifest) -> dict:
     # Scalars first, then tables, so the file reads top-down like a card.
     d = manifest.to_dict()
-    keys = ["format_version", "name", "family", "variant", "format", "dtype", "created", "mflux_version"]
+    keys = ["format_version", "name", "family", "variant", "format", "dtype", "created", "checked"]
+    keys += ["mflux_version"]
     keys += ["source", "quantization", "defaults", "architecture", "files"]
     return {k: d[k] for k in keys}
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -870,6 +871,46 @@ def test_interrupted_pull_resumes(home, hub, sig):
 # --- the store and the command line (issue 33) ----------------------------------------------------
 
 Q8_SHARD = "transformer/model-00001-of-00001.safetensors"
+
+
+def copy_made_long_ago(golden: Path, home: Path) -> None:
+    """The golden store copied as `cp -r` copies (no times kept) long after it was made: every file is
+    newer than its manifest's `created`."""
+    shutil.copytree(golden, home, copy_function=shutil.copyfile)
+    for manifest in home.glob("*/manifest.toml"):
+        st = manifest.stat()
+        text = re.sub(r'(?m)^created = ".*"$', 'created = "2020-01-01T00:00:00+00:00"', manifest.read_text())
+        manifest.write_text(text)
+        os.utime(manifest, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_copied_store_is_hashed_once_then_trusted(golden, mflux_home, tmp_path):
+    # It refused every run ("changed after the model was stored"), and --verify was not remembered
+    copy_made_long_ago(golden, mflux_home)
+    modified = {m.name: m.modified for m in Store(mflux_home).list()}
+    run = ["run", "--no-pull", "-p", "a cat", *TINY_RUN]
+    first = mflux(*run, "-m", "schnell-q8", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    files = len(Store(mflux_home).get("schnell-q8").manifest.files)
+    assert f"note: schnell-q8: {files} files are newer than its manifest" in first.stderr, first.stderr
+    again = mflux(*run, "-m", "schnell-q8", cwd=tmp_path)
+    assert again.returncode == 0 and "sha256" not in again.stderr, again.stderr
+    verified = mflux("inspect", "schnell", "--verify")
+    assert verified.returncode == 0 and "verify: OK" in verified.stdout, verified.stderr
+    after = mflux(*run, "-m", "schnell", cwd=tmp_path)
+    assert after.returncode == 0 and "sha256" not in after.stderr, after.stderr
+    assert {m.name: m.modified for m in Store(mflux_home).list()} == modified  # `list` shows when made
+    assert "newer files matched their sha256" in mflux("inspect", "schnell").stdout
+    consistent(mflux_home)
+
+
+def test_a_copied_store_with_an_edited_file_is_refused_every_time(golden, mflux_home, tmp_path):
+    copy_made_long_ago(golden, mflux_home)
+    flip(mflux_home / "schnell-q8" / Q8_SHARD)  # same size: only its sha256 tells
+    for _ in range(2):  # nothing was stamped by the failed check
+        result = mflux("run", "--no-pull", "-p", "a cat", *TINY_RUN, "-m", "schnell-q8", cwd=tmp_path)
+        refused(result, f"schnell-q8 is damaged: {Q8_SHARD} does not match its sha256", note="note: ")
+    assert "checked" not in (mflux_home / "schnell-q8" / "manifest.toml").read_text()
 
 
 def test_a_damaged_quantized_model_names_the_quantize_that_remakes_it(home, tmp_path):
