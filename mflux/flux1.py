@@ -124,6 +124,7 @@ class Flux1:
                 f"quantize must be one of {', '.join(map(str, AFFINE_BITS))}, got {quantize}"
             )
         self.folder = folder
+        self.model_path: str | None = None  # the folder given to from_path, recorded in each image
         self.precision = precision
         self.dtype = getattr(mx, precision)
         self.quantize = QuantSpec(quantize) if quantize is not None else None
@@ -135,8 +136,11 @@ class Flux1:
     def from_path(
         cls, path: str | Path, variant: str | None = None, verify: bool = False, **kwargs
     ) -> "Flux1":
-        """Any model folder; `variant` only where its architecture can't tell (see mflux.runtime.folder)."""
-        return cls(open_folder(path, variant=variant, verify=verify), **kwargs)
+        """Any model folder; `variant` only where its architecture can't tell (see mflux.runtime.folder).
+        Its images record the folder, so `mflux run --from` finds the same model again."""
+        flux = cls(open_folder(path, variant=variant, verify=verify), **kwargs)
+        flux.model_path = str(flux.folder.path.resolve())
+        return flux
 
     @classmethod
     def from_name(cls, name: str, verify: bool = False, **kwargs) -> "Flux1":
@@ -414,6 +418,8 @@ class Flux1:
             "lora_scales": self.lora_scales,
             "batch_size": request.batch_size,
         }
+        if self.model_path:
+            base["model_path"] = self.model_path
         if request.true_cfg:
             base["true_cfg_scale"] = scale
         if image is not None:

@@ -15,6 +15,7 @@ from mflux.errors import MfluxError
 _FIELDS = {
     "Prompt": "prompt",
     "Model": "model",
+    "ModelPath": "model_path",
     "Seed": "seed",
     "Steps": "steps",
     "Guidance": "guidance",

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from mflux.cli import cli
 from mflux.errors import MfluxError
@@ -931,6 +932,29 @@ def test_convert_refuses_a_quantized_model_naming_what_to_run(home):
     line = refused(mflux("convert", "schnell-q8"), "schnell-q8 is already quantized (q8)")
     assert "mflux run -m schnell-q8" in line and "mflux quantize schnell --bits N" in line, line
     assert snapshot(home) == before
+
+
+def test_from_an_image_made_with_path_runs_that_folder_or_refuses(mflux_home, tiny_schnell, tmp_path):
+    # It fell back to schnell, a 34 GB pull; now the image records the folder
+    folder = tmp_path / "my-flux"
+    shutil.copytree(tiny_schnell, folder)
+    made = mflux("run", "--path", folder, "-p", "a cat", *TINY_RUN, "-o", "a.png", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    again = mflux("run", "--from", "a.png", "-o", "b.png", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"note: model folder {folder}, from the image" in again.stderr
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    )
+    folder.rename(tmp_path / "moved")
+    gone = mflux("run", "--from", "a.png", cwd=tmp_path)
+    refused(gone, f"folder {folder}, which is gone (give -m or --path)", note="note: settings from")
+    record = json.loads(Image.open(tmp_path / "a.png").text["mflux"])
+    del record["model_path"]  # as the image was written before the fix
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    old = mflux("run", "--from", "old.json", cwd=tmp_path)
+    refused(old, "'my-flux', which is not in the store", "(give -m or --path)", note="note: settings from")
+    assert not mflux_home.exists()  # nothing pulled, nothing stored
 
 
 # --- run's flags (issue 33) ------------------------------------------------------------------------
