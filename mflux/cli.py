@@ -201,7 +201,12 @@ def pull(model_or_repo, name, revision, dry_run, force):
     help="True CFG scale, above 1, with --negative-prompt (default 4.0): v = v_neg + S * (v_pos - v_neg). "
     "Works on schnell and dev; on dev it adds to the distilled --guidance.",
 )
-@click.option("--model", "-m", help="A store model; `<name>-q<bits>` quantizes a stored <name> at load time.")
+@click.option(
+    "--model",
+    "-m",
+    help="A store model (default: schnell, pulled when missing: about 34 GB); `<name>-q<bits>` quantizes a "
+    "stored <name> at load time.",
+)
 @click.option("--path", type=click.Path(file_okay=False), help="Run a model folder that is not in the store.")
 @click.option(
     "--output",
@@ -325,9 +330,9 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
       mflux run --model schnell-q8 --prompt "Luxury food photograph"
       mflux run -m dev --prompt "A lighthouse at dusk" --steps 20 --seed 1 2 3 --batch-size 3
       mflux run -m dev --prompt "A portrait" --negative-prompt "blurry, lowres" --true-cfg 4
-      mflux run --prompt "A watercolor fox" --image photo.png --strength 0.7
-      mflux run --prompt "A red door" --image house.png --mask door.png --strength 1
-      mflux run --prompt-file prompts.jsonl -n 2 --json
+      mflux run -m schnell --prompt "A watercolor fox" --image photo.png --strength 0.7
+      mflux run -m schnell --prompt "A red door" --image house.png --mask door.png --strength 1
+      mflux run -m schnell --prompt-file prompts.jsonl -n 2 --json
       mflux run --from image.png --seed 7 --stepwise steps/
     """
     from click.core import ParameterSource
