@@ -8,7 +8,8 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+import shlex
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mflux.errors import InvalidArgument, MfluxError
 from mflux.runtime.folder import COMPONENTS, CONFIG_FILES, detect_variant
 from mflux.runtime.folder import VARIANTS as RUNTIME_VARIANTS
 from mflux.runtime.folder import read_architecture as architecture_from_hf
-from mflux.runtime.quantization import QuantSpec
+from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.toml"
@@ -174,8 +175,7 @@ def stamp_checked(folder: Path, m: Manifest, when: datetime) -> None:
     try:
         if read_manifest(folder) != m:
             return
-        stamped = Manifest(**{**m.to_dict(), "checked": when.isoformat(timespec="microseconds")})
-        write_manifest(folder, stamped, keep_mtime=True)
+        write_manifest(folder, replace(m, checked=when.isoformat(timespec="microseconds")), keep_mtime=True)
     except (OSError, MfluxError):
         pass
 
@@ -334,8 +334,7 @@ def _ordered(manifest: Manifest) -> dict:
     # Scalars first, then tables, so the file reads top-down like a card.
     d = manifest.to_dict()
     keys = ["format_version", "name", "family", "variant", "format", "dtype", "created", "checked"]
-    keys += ["mflux_version"]
-    keys += ["source", "quantization", "defaults", "architecture", "files"]
+    keys += ["mflux_version", "source", "quantization", "defaults", "architecture", "files"]
     return {k: d[k] for k in keys}
 
 
@@ -421,8 +420,6 @@ def remake_hint(folder: Path) -> str:
 def remake_command(m: Manifest) -> str:
     """The command that makes `m` again from its recorded source, replacing the stored one: a pull for
     a Hub model, a quantize for a quantized one, a convert for the rest."""
-    import shlex
-
     from mflux.catalog import catalog
 
     source, tail = m.source, f"--name {m.name} --force"
@@ -441,8 +438,6 @@ def remake_command(m: Manifest) -> str:
 
 
 def _quantize_flags(quantization: dict) -> str:
-    from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS
-
     main = quantization.get("transformer") or next(iter(quantization.values()))
     spec = QuantSpec.from_dict(main)
     flags = f"--mode {spec.mode}" if spec.mode != "affine" else f"--bits {spec.bits}"
