@@ -202,7 +202,12 @@ def pull(model_or_repo, name, revision, dry_run, force):
     help="True CFG scale, above 1, with --negative-prompt (default 4.0): v = v_neg + S * (v_pos - v_neg). "
     "Works on schnell and dev; on dev it adds to the distilled --guidance.",
 )
-@click.option("--model", "-m", help="A store model; `<name>-q<bits>` quantizes a stored <name> at load time.")
+@click.option(
+    "--model",
+    "-m",
+    help="A store model (default: schnell, pulled when missing: about 34 GB); `<name>-q<bits>` quantizes a "
+    "stored <name> at load time.",
+)
 @click.option("--path", type=click.Path(file_okay=False), help="Run a model folder that is not in the store.")
 @click.option(
     "--output",
@@ -319,7 +324,7 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "--verify",
     is_flag=True,
     help="Re-hash every file of a stored model against its manifest first (always checked: sizes, and "
-    "that no file changed after it was stored).",
+    "the sha256 of a file newer than the manifest, once).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (files, seeds, seconds).")
 @click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")
@@ -343,13 +348,13 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
       mflux run --model schnell-q8 --prompt "Luxury food photograph"
       mflux run -m dev --prompt "A lighthouse at dusk" --steps 20 --seed 1 2 3 --batch-size 3
       mflux run -m dev --prompt "A portrait" --negative-prompt "blurry, lowres" --true-cfg 4
-      mflux run --prompt "A watercolor fox" --image photo.png --strength 0.7
-      mflux run --prompt "A red door" --image house.png --mask door.png --strength 1
+      mflux run -m schnell --prompt "A watercolor fox" --image photo.png --strength 0.7
+      mflux run -m schnell --prompt "A red door" --image house.png --mask door.png --strength 1
       mflux run -m kontext --image photo.png --prompt "make it a snowy winter evening"
       mflux run -m fill --image photo.png --mask mask.png --prompt "a red vintage car"
       mflux run -m fill --image photo.png --expand 0,0,256,0 --prompt "the beach continues"
       mflux run -m krea --prompt "a lighthouse at dusk"
-      mflux run --prompt-file prompts.jsonl -n 2 --json
+      mflux run -m schnell --prompt-file prompts.jsonl -n 2 --json
       mflux run --from image.png --seed 7 --stepwise steps/
     """
     from click.core import ParameterSource
@@ -519,22 +524,25 @@ def inspect_(target, tensors, verify, as_json):
       mflux inspect schnell-q8 --verify
       mflux inspect ./flux1-dev.safetensors --tensors --json
     """
+    from pathlib import Path
+
     from mflux.inspector import format_inspect, inspect
+    from mflux.manifest import remake_hint
 
     report = inspect(target, tensors=tensors, verify=verify)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_inspect(report))
     if report.get("damaged") and not verify:
         shown = "; ".join(report["damaged"][:3])
         raise MfluxError(
-            f"{target} is damaged ({shown}) (see every file: mflux inspect {target} --verify; then pull or "
-            "convert it again)"
+            f"{target} is damaged ({shown}) (see every file: mflux inspect {target} --verify; then "
+            f"{remake_hint(Path(report['path']))})"
         )
     if verify and not report["verify"]["ok"]:
         bad = report["verify"]["mismatches"]
         shown = "; ".join(f"{m['path']}: {m['problem']}" for m in bad[:3])
         raise MfluxError(
             f"{len(bad)} of {report['verify']['files']} files do not match the manifest ({shown}); the model "
-            "was damaged or changed: remove it and pull or convert it again"
+            f"was damaged or changed: {remake_hint(Path(report['path']))}"
         )
 
 
@@ -591,7 +599,7 @@ def convert(source, name, dtype, base, variant, force):
     """Convert weights to the MLX-native format, as a new store model.
 
     SOURCE is a store model of format hf, a diffusers-layout folder, or a Black Forest Labs
-    single-file checkpoint (.safetensors).
+    single-file checkpoint (.safetensors). A quantized model is MLX-native already: it is refused.
 
     \b
     Examples:

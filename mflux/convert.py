@@ -32,6 +32,7 @@ The MLX-native format (manifest `format = "mlx"`), one folder in the store:
 import copy
 import dataclasses
 import errno
+import shlex
 import shutil
 import sys
 from contextlib import contextmanager
@@ -92,6 +93,7 @@ def convert(
     store = store or Store()
     store.check_root()
     src = _open(source, store, base, variant)
+    _refuse_quantized(src)
     name = name or f"{src.name}-mlx"
     _refuse_self(store, name, src)
     dtypes = {c: _component_dtype(c, dtype, _source_dtype(src, c)) for c in COMPONENTS}
@@ -136,6 +138,27 @@ def quantize(
         dtypes = {c: _component_dtype(c, dtype, d) for c, d in dtypes.items()}
     specs = {c: spec if c in chosen else None for c in COMPONENTS}
     return _write(store, name, force, src, dtype or dtypes["transformer"], dtypes, specs, progress)
+
+
+def _refuse_quantized(src: _Source) -> None:
+    # A quantized model is already MLX-native; converting it would only re-cast its scales under a
+    # name ("-q4-mlx") that hides what it is. A single file's quantized base is fine: that is carried.
+    if src.transformer_file is None and src.folder.quantization:
+        label = quantization_label(src.folder.quantization)
+        raise MfluxError(
+            f"{src.name} is already quantized ({label}) and MLX-native: run it as it is (mflux run -m "
+            f"{src.name}), or quantize its unquantized source another way (mflux quantize "
+            f"{_unquantized_source(src.path)} --bits N; --dtype sets the scales' dtype)"
+        )
+
+
+def _unquantized_source(folder: Path) -> str:
+    """What a quantized model was made from, as `mflux quantize` takes it: a store name or a path."""
+    try:
+        source = read_manifest(folder).source
+    except MfluxError:
+        return "SOURCE"
+    return shlex.quote(source.get("name") or source.get("path") or "SOURCE")
 
 
 def default_name(source_name: str, spec: QuantSpec) -> str:

@@ -25,6 +25,7 @@ from PIL import Image
 from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
+from mflux.manifest import remake_hint
 from mflux.runtime import engine
 from mflux.runtime.folder import VARIANTS, ModelFolder
 from mflux.runtime.models import Models, default_batch_size
@@ -126,6 +127,7 @@ class Flux1:
                 f"quantize must be one of {', '.join(map(str, AFFINE_BITS))}, got {quantize}"
             )
         self.folder = folder
+        self.model_path: str | None = None  # the folder given to from_path, recorded in each image
         self.precision = precision
         self.dtype = getattr(mx, precision)
         self.quantize = QuantSpec(quantize) if quantize is not None else None
@@ -137,8 +139,11 @@ class Flux1:
     def from_path(
         cls, path: str | Path, variant: str | None = None, verify: bool = False, **kwargs
     ) -> "Flux1":
-        """Any model folder; `variant` only where its architecture can't tell (see mflux.runtime.folder)."""
-        return cls(open_folder(path, variant=variant, verify=verify), **kwargs)
+        """Any model folder; `variant` only where its architecture can't tell (see mflux.runtime.folder).
+        Its images record the folder, so `mflux run --from` finds the same model again."""
+        flux = cls(open_folder(path, variant=variant, verify=verify), **kwargs)
+        flux.model_path = str(flux.folder.path.resolve())
+        return flux
 
     @classmethod
     def from_name(cls, name: str, verify: bool = False, **kwargs) -> "Flux1":
@@ -185,12 +190,12 @@ class Flux1:
             if not self.folder.path.exists():
                 raise MfluxError(
                     f"{self.folder.name} was removed while in use ({self.folder.path} is gone); "
-                    "pull or convert it again"
+                    "pull, convert or quantize it again"
                 ) from None
             if isinstance(e, FileNotFoundError):
                 raise MfluxError(
                     f"{e.filename}: missing from {self.folder.name} (check it with: mflux inspect "
-                    f"{self.folder.name} --verify, then pull or convert it again)"
+                    f"{self.folder.name} --verify, then {remake_hint(self.folder.path)})"
                 ) from None
             raise
 
@@ -428,6 +433,8 @@ class Flux1:
             "lora_scales": self.lora_scales,
             "batch_size": request.batch_size,
         }
+        if self.model_path:
+            base["model_path"] = self.model_path
         if request.true_cfg:
             base["true_cfg_scale"] = scale
         base.update(inputs.record)

@@ -3,20 +3,29 @@ files. The toolchain side of `mflux.runtime.folder`: it reads manifests and the 
 variant and its defaults in, so the runtime never does.
 
 A stored model's files are checked cheaply each time it is opened: every file the manifest lists must
-exist with its recorded size and must not have changed since the manifest was written (its mtime is not
-newer). That catches a truncated, deleted or edited file, not a byte flipped in place without changing
-the mtime; `verify=True` (`mflux run --verify`, `mflux inspect --verify`) re-hashes every file.
+exist with its recorded size, and one whose mtime is newer than the manifest trusts (a file edited, or
+every file of a copied store) is hashed, and the manifest re-stamped once all match. That catches a
+truncated, deleted or edited file, not a byte flipped in place without changing the mtime;
+`verify=True` (`mflux run --verify`, `mflux inspect --verify`) re-hashes every file.
 """
 
-from datetime import datetime
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from mflux.errors import MfluxError
-from mflux.manifest import MANIFEST, Manifest, defaults_for, read_manifest, sha256_file
+from mflux.manifest import (
+    MANIFEST,
+    Manifest,
+    defaults_for,
+    read_manifest,
+    remake_command,
+    sha256_file,
+    stamp_checked,
+    trusted_until,
+)
 from mflux.runtime.folder import ModelFolder, detect_variant, read_architecture
 from mflux.store import file_on_disk
-
-_MTIME_SLACK = 2.0  # seconds: `created` is kept to the second
 
 
 def open_folder(
@@ -47,19 +56,31 @@ def open_folder(
 
 
 def check_files(folder: Path, m: Manifest, verify: bool = False) -> None:
-    """Refuse a stored model whose files are missing, not regular files, of the wrong size, changed since
-    it was stored, or (under `verify`) of the wrong sha256."""
-    fix = f"check it with: mflux inspect {m.name} --verify, then pull or convert it again"
-    created = datetime.fromisoformat(m.created).timestamp()
+    """Refuse a stored model whose files are missing, not regular files, of the wrong size, or of the
+    wrong sha256. Only files newer than the manifest trusts are hashed (every file under `verify`); when
+    they all match, the manifest records it, so a copied store is hashed once, not at every open."""
+    fix = f"check it with: mflux inspect {m.name} --verify, then make it again: {remake_command(m)}"
+    started = datetime.now(timezone.utc)
+    trusted = trusted_until(m)
+    newer = []
     for f in m.files:
         st, problem = file_on_disk(folder, f)
         if problem:
             raise MfluxError(f"{m.name} is damaged: {problem} ({fix})")
-        if verify:
-            if sha256_file(folder / f["path"]) != f["sha256"]:
-                raise MfluxError(f"{m.name} is damaged: {f['path']} does not match its sha256 ({fix})")
-        elif st.st_mtime > created + _MTIME_SLACK:
-            raise MfluxError(
-                f"{m.name}: {f['path']} changed after the model was stored; check every file's hash with "
-                f"--verify (mflux run --verify, or mflux inspect {m.name} --verify)"
-            )
+        if verify or st.st_mtime > trusted:
+            newer.append(f)
+    if newer and not verify:
+        print(
+            f"note: {m.name}: {_files(len(newer))} newer than its manifest (a copied store?); checking "
+            "their sha256 once",
+            file=sys.stderr,
+        )
+    for f in newer:
+        if sha256_file(folder / f["path"]) != f["sha256"]:
+            raise MfluxError(f"{m.name} is damaged: {f['path']} does not match its sha256 ({fix})")
+    if newer:
+        stamp_checked(folder, m, started)
+
+
+def _files(n: int) -> str:
+    return f"{n} files are" if n > 1 else "1 file is"

@@ -8,6 +8,7 @@ group. Its parameter count is the unpacked `out * in`; bits per weight count eve
 import importlib.util
 import math
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 from mflux.converters import bfl
@@ -19,6 +20,7 @@ from mflux.manifest import (
     quantization_summary,
     read_manifest,
     sha256_file,
+    stamp_checked,
 )
 from mflux.runtime.folder import detect_variant
 from mflux.runtime.quantization import AFFINE_BITS, FP_MODES
@@ -119,7 +121,10 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
             report["components"][c] = {"error": str(e)}  # a damaged file: the verify report says more
     report["total"] = _total(report["components"])
     if verify:
+        started = datetime.now(timezone.utc)
         report["verify"] = _verify(path, manifest.files)
+        if report["verify"]["ok"]:  # remembered: opening the model no longer hashes a copied store
+            stamp_checked(path, manifest, started)
     return report
 
 
@@ -290,6 +295,8 @@ def _summary(report: dict) -> list[tuple[str, str]]:
         rows.append(("source", _source_text(report["source"])))
     if report.get("created"):
         rows.append(("created", f"{report['created']} by mflux {report.get('mflux_version', '?')}"))
+    if report.get("checked"):
+        rows.append(("checked", f"{report['checked']}: newer files matched their sha256"))
     if report.get("defaults"):
         rows.append(("defaults", ", ".join(f"{k} {v}" for k, v in report["defaults"].items())))
     if report.get("files"):
@@ -300,7 +307,7 @@ def _summary(report: dict) -> list[tuple[str, str]]:
     # Anything else a specialised report (a LoRA's) adds, shown plainly.
     shown = {k for k, _ in rows} | {"components", "total", "verify", "architecture", "mflux_version"}
     shown |= {"format_version", "quantization", "source", "created", "defaults", "files", "metadata"}
-    shown |= {"damaged"}
+    shown |= {"damaged", "checked"}
     rows += [(k, str(v)) for k, v in report.items() if k not in shown and not isinstance(v, (dict, list))]
     return rows
 

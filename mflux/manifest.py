@@ -8,7 +8,8 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+import shlex
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mflux.errors import InvalidArgument, MfluxError
 from mflux.runtime.folder import COMPONENTS, CONFIG_FILES, detect_variant
 from mflux.runtime.folder import VARIANTS as RUNTIME_VARIANTS
 from mflux.runtime.folder import read_architecture as architecture_from_hf
-from mflux.runtime.quantization import QuantSpec
+from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.toml"
@@ -33,6 +34,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 SOURCE_KEYS = {"hub": ("repo", "revision", "commit"), "path": ("path",), "model": ("name",)}
 SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 _CHUNK = 2**20
+MTIME_SLACK = 2.0  # seconds: `created` is kept to the second
 # The architecture keys the runtime reads, with their kind: "size" a positive integer, "int" any integer,
 # "number" a finite int or float, "sizes" a non-empty list of positive integers. A key may be absent
 # (the runtime then takes diffusers' default), but never of another kind.
@@ -97,6 +99,7 @@ class Manifest:
     family: str = "flux1"
     quantization: dict | None = None  # {component: {bits, group_size, mode[, layers: {path: {...}}]}}
     created: str = field(default_factory=_now)  # ISO 8601, UTC
+    checked: str | None = None  # ISO 8601, UTC: when every file newer than `created` last matched its sha256
     mflux_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -138,18 +141,46 @@ def new_manifest(
     )
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Write `folder/manifest.toml` atomically: a temp file, then os.replace."""
+def write_manifest(folder: Path, manifest: Manifest, keep_mtime: bool = False) -> None:
+    """Write `folder/manifest.toml` atomically: a temp file, then os.replace. `keep_mtime` keeps the
+    old file's mtime, which `mflux list` shows as when the model was made."""
     import tomli_w
 
     _validate(manifest.to_dict(), Path(folder) / MANIFEST)
     data = _toml_ready(_ordered(manifest))
+    path = Path(folder) / MANIFEST
     tmp = Path(folder) / f".{MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        tomli_w.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, Path(folder) / MANIFEST)
+    try:
+        with open(tmp, "wb") as f:
+            tomli_w.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_mtime:
+            st = path.stat()
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def trusted_until(m: Manifest) -> float:
+    """The time (a Unix timestamp) up to which a file's mtime shows it unchanged: when the model was
+    made, or when its files last matched their sha256 (a copied store gives every file a new mtime)."""
+    made = datetime.fromisoformat(m.created).timestamp() + MTIME_SLACK
+    return max(made, datetime.fromisoformat(m.checked).timestamp()) if m.checked else made
+
+
+def stamp_checked(folder: Path, m: Manifest, when: datetime) -> None:
+    """Record in the manifest that every file matched its sha256 at `when`, so the next open trusts
+    mtimes up to then instead of hashing again. Best effort: in a read-only store the next open hashes
+    again, and a manifest replaced meanwhile (a `--force` build of the same name) is left alone."""
+    try:
+        if read_manifest(folder) != m:
+            return
+        write_manifest(folder, replace(m, checked=when.isoformat(timespec="microseconds")), keep_mtime=True)
+    except (OSError, MfluxError):
+        pass
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -171,7 +202,7 @@ def read_manifest(folder: Path) -> Manifest:
 def _fix(path: Path) -> str:
     return (
         f" (the manifest is corrupt or was edited by hand: restore it, or remove the model with "
-        f"`mflux rm {path.parent.name}` and pull or convert it again)"
+        f"`mflux rm {path.parent.name}` and pull, convert or quantize it again)"
     )
 
 
@@ -216,6 +247,11 @@ def _validate(data: dict, path: Path) -> None:
             datetime.fromisoformat(want("created", str))
         except ValueError:
             bad("created", f"not an ISO 8601 time: {data['created']!r}")
+    if data.get("checked") is not None:
+        try:
+            datetime.fromisoformat(want("checked", str))
+        except ValueError:
+            bad("checked", f"not an ISO 8601 time: {data['checked']!r}")
     _validate_source(want("source", dict), bad)
     _validate_files(want("files", list), bad)
     _validate_architecture(want("architecture", dict), bad)
@@ -300,8 +336,8 @@ def _validate_quantization(q: dict, bad) -> None:
 def _ordered(manifest: Manifest) -> dict:
     # Scalars first, then tables, so the file reads top-down like a card.
     d = manifest.to_dict()
-    keys = ["format_version", "name", "family", "variant", "format", "dtype", "created", "mflux_version"]
-    keys += ["source", "quantization", "defaults", "architecture", "files"]
+    keys = ["format_version", "name", "family", "variant", "format", "dtype", "created", "checked"]
+    keys += ["mflux_version", "source", "quantization", "defaults", "architecture", "files"]
     return {k: d[k] for k in keys}
 
 
@@ -373,3 +409,43 @@ def _label(spec: QuantSpec) -> str:
     if spec.mode != "affine":
         return spec.mode
     return f"q{spec.bits}" + (f"-g{spec.group_size}" if spec.group_size != 64 else "")
+
+
+def remake_hint(folder: Path) -> str:
+    """How to make a damaged store model again: the command its manifest's source gives, or (with no
+    readable manifest) the commands that make models."""
+    try:
+        return f"make it again: {remake_command(read_manifest(folder))}"
+    except MfluxError:
+        return "pull, convert or quantize it again"
+
+
+def remake_command(m: Manifest) -> str:
+    """The command that makes `m` again from its recorded source, replacing the stored one: a pull for
+    a Hub model, a quantize for a quantized one, a convert for the rest."""
+    from mflux.catalog import catalog
+
+    source, tail = m.source, f"--name {m.name} --force"
+    if source["kind"] == "hub":
+        known = next((e.name for e in catalog().values() if e.repo == source["repo"]), None)
+        if known == m.name:
+            return f"mflux pull {known} --force"
+        return f"mflux pull {known or source['repo']} {tail}"
+    what = shlex.quote(source["name"] if source["kind"] == "model" else source["path"])
+    dtype = f" --dtype {m.dtype}" if m.dtype != "bfloat16" else ""
+    if "base" in source:  # a single-file transformer, its other components from a base
+        return f"mflux convert {what} --base {shlex.quote(source['base'])}{dtype} {tail}"
+    if m.quantization:
+        return f"mflux quantize {what} {_quantize_flags(m.quantization)}{dtype} {tail}"
+    return f"mflux convert {what}{dtype} {tail}"
+
+
+def _quantize_flags(quantization: dict) -> str:
+    main = quantization.get("transformer") or next(iter(quantization.values()))
+    spec = QuantSpec.from_dict(main)
+    flags = f"--mode {spec.mode}" if spec.mode != "affine" else f"--bits {spec.bits}"
+    if spec.mode == "affine" and spec.group_size != 64:
+        flags += f" --group-size {spec.group_size}"
+    if set(quantization) != set(QUANTIZABLE_COMPONENTS):
+        flags += f" --components {','.join(c for c in QUANTIZABLE_COMPONENTS if c in quantization)}"
+    return flags

@@ -16,6 +16,7 @@ _FIELDS = {
     "Prompt": "prompt",
     "Model": "model",
     "Variant": "variant",
+    "ModelPath": "model_path",
     "Seed": "seed",
     "Steps": "steps",
     "Guidance": "guidance",

@@ -95,6 +95,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     model: str | None = None  # the model an image given to --from was made with
     precision: str | None = None  # and its precision
+    model_path: str | None = None  # and its folder, where it was made with --path
 
 
 def plan(
@@ -119,10 +120,11 @@ def plan(
     out = st.check_output(output)
     if n is not None:  # -n replaces the seeds, also those an image records
         values, explicit = {**values, "seeds": []}, explicit | {"seeds"}
-    notes, model, precision = [], None, None
+    notes, model, precision, model_path = [], None, None, None
     if from_image:
         s, recalled, notes = st.recall(from_image, values, explicit, variant, recalled)
         generations, model, precision = [s], recalled.model, recalled.precision
+        model_path = recalled.model_path
     elif prompt_file:
         base = st.Settings(**{k: v for k, v in values.items() if k != "prompt"})
         generations = st.read_prompt_file(prompt_file, base, explicit, variant)
@@ -132,7 +134,8 @@ def plan(
         if not s.seeds:
             s.seeds = agree(st.random_seeds(n or 1))
     jobs = st.jobs(generations)
-    return Plan(generations, jobs, output_paths(out, jobs, bool(prompt_file)), notes, model, precision)
+    outputs = output_paths(out, jobs, bool(prompt_file))
+    return Plan(generations, jobs, outputs, notes, model, precision, model_path)
 
 
 def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every) -> None:
@@ -252,7 +255,7 @@ def run(
     recalled = None
     if from_image and not (model or path):
         recalled = st.read_image_settings(from_image)
-        model = _recalled_model(recalled.model)
+        model, path = _recalled_model(recalled.model, recalled.model_path, from_image)
     p = plan(
         values,
         set(explicit),
@@ -327,22 +330,33 @@ def _by_loras(groups: list[list[st.Job]]) -> list[list[st.Job]]:
     return sorted(groups, key=lambda g: first[tuple(g[0].settings.loras)])
 
 
-def _recalled_model(name: str | None) -> str | None:
-    """The model an image was made with, where this store has it or can pull it; else the default."""
-    if not name:
-        return None
+def _recalled_model(name: str | None, folder: str | None, image: str) -> tuple[str | None, str | None]:
+    """(store name, folder) of the model an image was made with: its folder where it was made with
+    --path, else its name where this store has it or can pull it; (None, None) where it records none.
+    Never another model: one that can't be found is refused before anything loads."""
     from mflux.store import NotStored, Store
 
+    if folder:
+        if not Path(folder).is_dir():
+            raise MfluxError(
+                f"{image} was made with the model folder {folder}, which is gone (give -m or --path)"
+            )
+        click.echo(
+            f"note: model folder {folder}, from the image (give -m or --path to use another)", err=True
+        )
+        return None, folder
+    if not name:
+        return None, None
     try:
         Store().resolve(name)
-    except NotStored as e:
-        if e.pull is None:
-            click.echo(
-                f"note: the image was made with {name!r}, which mflux does not know; using schnell", err=True
-            )
-            return None
+    except (NotStored, InvalidArgument) as e:
+        if getattr(e, "pull", None) is None:
+            raise MfluxError(
+                f"{image} was made with {name!r}, which is not in the store and mflux cannot pull "
+                "(give -m or --path)"
+            ) from None
     click.echo(f"note: model {name}, from the image (give -m to use another)", err=True)
-    return name
+    return name, None
 
 
 def _open(kind, where, variant, precision, quantize, loras, verify: bool):

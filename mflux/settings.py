@@ -608,6 +608,7 @@ class Recalled:
     source: str  # "mflux metadata", "JSON sidecar" or "A1111 parameters"
     notes: list[str] = field(default_factory=list)
     precision: str | None = None
+    model_path: str | None = None  # the folder it was made from (`--path`), where that was not a store model
 
 
 def read_image_settings(path: str | Path) -> Recalled:
@@ -670,7 +671,9 @@ def _from_mflux(m: dict, source: str) -> Recalled:
     values = {k: v for k, v in values.items() if v not in (None, [])}
     if m.get("variant") == "schnell":
         values.setdefault("guidance", None)  # schnell has none: not a missing setting
-    return Recalled(values, m.get("model"), source, precision=m.get("precision"))
+    return Recalled(
+        values, m.get("model"), source, precision=m.get("precision"), model_path=m.get("model_path")
+    )
 
 
 def _from_a1111(text: str, pixels: tuple[int, int], path: Path) -> Recalled:

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.manifest import MANIFEST, Manifest, read_manifest
+from mflux.manifest import MANIFEST, Manifest, read_manifest, remake_command
 from mflux.runtime.quantization import AFFINE_BITS
 
 TMP = ".tmp"
@@ -77,7 +77,7 @@ class StoredModel:
         shown = "; ".join(self.damaged[:3]) + ("; ..." if len(self.damaged) > 3 else "")
         return (
             f"{self.name} is damaged ({shown}) (check it with: mflux inspect {self.name} --verify; then "
-            f"pull or convert it again)"
+            f"make it again: {remake_command(self.manifest)})"
         )
 
 

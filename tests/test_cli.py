@@ -336,3 +336,20 @@ def test_readme_commands_parse():
     for args in readme_commands(DOC_PAGES):
         ctx = click.Context(cli, info_name="mflux")
         cli.get_command(ctx, args[0]).make_context(args[0], args[1:], parent=ctx)
+
+
+def help_examples(*command: str) -> list[list[str]]:
+    # The `mflux ...` lines of a command's --help epilog.
+    text = invoke(*command, "--help").output
+    return [shlex.split(line.strip())[1:] for line in text.splitlines() if line.strip().startswith("mflux ")]
+
+
+def test_the_default_model_is_shown_and_every_run_example_names_a_model():
+    # Without -m a run pulls schnell (about 34 GB): --help says so, and no example does it unasked
+    text = " ".join(invoke("run", "--help").output.split())
+    assert "(default: schnell, pulled when missing: about 34 GB)" in text
+    runs = [c for c in readme_commands(DOC_PAGES) + help_examples() + help_examples("run") if c[0] == "run"]
+    assert len(runs) > 10
+    # --from/-C runs the model the image was made with
+    chosen = {"-m", "--model", "--path", "--from", "-C"}
+    assert [c for c in runs if not chosen & set(c)] == []

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from mflux.cli import cli
 from mflux.errors import MfluxError
@@ -228,7 +230,7 @@ DAMAGE = {
 def test_damaged_file_in_the_store(home, damage):
     DAMAGE[damage](home / "schnell" / SHARD)
     line = refused(mflux("inspect", "schnell", "--verify"), "do not match the manifest", SHARD)
-    assert "pull or convert it again" in line
+    assert "make it again: mflux convert" in line and "--name schnell --force" in line, line
     if damage != "flipped-byte":  # a same-size change shows only to --verify, which hashes
         refused(mflux("inspect", "schnell"), "schnell is damaged", SHARD, "mflux inspect schnell --verify")
         listing = mflux("list")
@@ -873,6 +875,94 @@ def test_interrupted_pull_resumes(home, hub, sig):
     consistent(home)  # nothing half-built; the partial download waits in .downloads
     _pulled(_pull(hub, "schnell", "--name", "x"), home, "x")
     assert hub.server.ranges(VAE)[-1] == "bytes=1000000-"
+
+
+# --- the store and the command line (issue 33) ----------------------------------------------------
+
+Q8_SHARD = "transformer/model-00001-of-00001.safetensors"
+
+
+def copy_made_long_ago(golden: Path, home: Path) -> None:
+    """The golden store copied as `cp -r` copies (no times kept) long after it was made: every file is
+    newer than its manifest's `created`."""
+    shutil.copytree(golden, home, copy_function=shutil.copyfile)
+    for manifest in home.glob("*/manifest.toml"):
+        st = manifest.stat()
+        text = re.sub(r'(?m)^created = ".*"$', 'created = "2020-01-01T00:00:00+00:00"', manifest.read_text())
+        manifest.write_text(text)
+        os.utime(manifest, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_copied_store_is_hashed_once_then_trusted(golden, mflux_home, tmp_path):
+    # It refused every run ("changed after the model was stored"), and --verify was not remembered
+    copy_made_long_ago(golden, mflux_home)
+    modified = {m.name: m.modified for m in Store(mflux_home).list()}
+    run = ["run", "--no-pull", "-p", "a cat", *TINY_RUN]
+    first = mflux(*run, "-m", "schnell-q8", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    files = len(Store(mflux_home).get("schnell-q8").manifest.files)
+    assert f"note: schnell-q8: {files} files are newer than its manifest" in first.stderr, first.stderr
+    again = mflux(*run, "-m", "schnell-q8", cwd=tmp_path)
+    assert again.returncode == 0 and "sha256" not in again.stderr, again.stderr
+    verified = mflux("inspect", "schnell", "--verify")
+    assert verified.returncode == 0 and "verify: OK" in verified.stdout, verified.stderr
+    after = mflux(*run, "-m", "schnell", cwd=tmp_path)
+    assert after.returncode == 0 and "sha256" not in after.stderr, after.stderr
+    assert {m.name: m.modified for m in Store(mflux_home).list()} == modified  # `list` shows when made
+    assert "newer files matched their sha256" in mflux("inspect", "schnell").stdout
+    consistent(mflux_home)
+
+
+def test_a_copied_store_with_an_edited_file_is_refused_every_time(golden, mflux_home, tmp_path):
+    copy_made_long_ago(golden, mflux_home)
+    flip(mflux_home / "schnell-q8" / Q8_SHARD)  # same size: only its sha256 tells
+    for _ in range(2):  # nothing was stamped by the failed check
+        result = mflux("run", "--no-pull", "-p", "a cat", *TINY_RUN, "-m", "schnell-q8", cwd=tmp_path)
+        refused(result, f"schnell-q8 is damaged: {Q8_SHARD} does not match its sha256", note="note: ")
+    assert "checked" not in (mflux_home / "schnell-q8" / "manifest.toml").read_text()
+
+
+def test_a_damaged_quantized_model_names_the_quantize_that_remakes_it(home, tmp_path):
+    # schnell-q8 was made by `quantize schnell --bits 8`: "pull or convert it again" was the wrong fix
+    remake = "mflux quantize schnell --bits 8 --name schnell-q8 --force"
+    truncate(home / "schnell-q8" / Q8_SHARD)
+    for args in (["inspect", "schnell-q8"], ["run", "-m", "schnell-q8", "--no-pull", "-p", "a", *TINY_RUN]):
+        line = refused(mflux(*args, cwd=tmp_path), "schnell-q8 is damaged", Q8_SHARD)
+        assert f"make it again: {remake}" in line, line
+    assert remake in mflux("list").stderr
+    made = mflux(*remake.split()[1:])
+    assert made.returncode == 0, made.stderr
+    consistent(home)
+
+
+def test_convert_refuses_a_quantized_model_naming_what_to_run(home):
+    before = snapshot(home)
+    line = refused(mflux("convert", "schnell-q8"), "schnell-q8 is already quantized (q8)")
+    assert "mflux run -m schnell-q8" in line and "mflux quantize schnell --bits N" in line, line
+    assert snapshot(home) == before
+
+
+def test_from_an_image_made_with_path_runs_that_folder_or_refuses(mflux_home, tiny_schnell, tmp_path):
+    # It fell back to schnell, a 34 GB pull; now the image records the folder
+    folder = tmp_path / "my-flux"
+    shutil.copytree(tiny_schnell, folder)
+    made = mflux("run", "--path", folder, "-p", "a cat", *TINY_RUN, "-o", "a.png", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    again = mflux("run", "--from", "a.png", "-o", "b.png", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"note: model folder {folder}, from the image" in again.stderr
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    )
+    folder.rename(tmp_path / "moved")
+    gone = mflux("run", "--from", "a.png", cwd=tmp_path)
+    refused(gone, f"folder {folder}, which is gone (give -m or --path)", note="note: settings from")
+    record = json.loads(Image.open(tmp_path / "a.png").text["mflux"])
+    del record["model_path"]  # as the image was written before the fix
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    old = mflux("run", "--from", "old.json", cwd=tmp_path)
+    refused(old, "'my-flux', which is not in the store", "(give -m or --path)", note="note: settings from")
+    assert not mflux_home.exists()  # nothing pulled, nothing stored
 
 
 # --- run's flags (issue 33) ------------------------------------------------------------------------

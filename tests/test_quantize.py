@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from mflux import Flux1
 from mflux.convert import convert, quantize
-from mflux.errors import InvalidArgument
+from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.manifest import COMPONENTS
 from mflux.runtime.loader import load_component
@@ -176,15 +176,12 @@ def test_cli_quantize_end_to_end(tiny_dev):
     assert image(Store().path("dev-q4-g32")).std() > 10
 
 
-def test_converting_a_quantized_model_carries_its_quantization(tiny_schnell):
+def test_converting_a_quantized_model_is_refused(tiny_schnell):
+    # It is MLX-native already; a convert would only re-cast its scales, under a name (q4-mlx) that hides it
     quantize(str(tiny_schnell), bits=4, name="q4")
-    stored = convert("q4", dtype="float32")
-    assert stored.name == "q4-mlx" and stored.manifest.dtype == "float32"
-    assert stored.manifest.quantization == Store().get("q4").manifest.quantization
-    t = TensorSource.from_folder(stored.path / "transformer")
-    assert t.dtype("img_in.weight") == "U32" and t.dtype("img_in.scales") == "F32"
-    # the loader casts stored scales to the run's precision, so both give the same float32 image
-    assert np.array_equal(image(stored.path), image(Store().path("q4")))
+    with pytest.raises(MfluxError, match=r"q4 is already quantized \(q4\).*mflux quantize \S+ --bits N"):
+        convert("q4", dtype="float32")
+    assert not Store().exists("q4-mlx")
 
 
 def test_a_progress_bar_per_component_on_a_terminal(tiny_schnell, monkeypatch):

@@ -26,6 +26,7 @@ from mflux.manifest import (
     hash_files,
     new_manifest,
     read_manifest,
+    remake_command,
     write_manifest,
 )
 from mflux.store import NotStored, Resolved, Store, store_root, validate_name
@@ -504,3 +505,26 @@ def test_manifest_file_reads_like_a_card(mflux_home):
     assert [line.split(" = ")[0] for line in head] == [
         "format_version", "name", "family", "variant", "format", "dtype", "created", "mflux_version",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, source, dtype, quantization, command",
+    [
+        ("schnell", {"kind": "hub", "repo": "black-forest-labs/FLUX.1-schnell"}, "bfloat16", None,
+         "mflux pull schnell --force"),
+        ("ft", {"kind": "hub", "repo": "org/ft"}, "bfloat16", None, "mflux pull org/ft --name ft --force"),
+        ("s-mlx", {"kind": "model", "name": "schnell"}, "float32", None,
+         "mflux convert schnell --dtype float32 --name s-mlx --force"),
+        ("my", {"kind": "path", "path": "/m/a b.safetensors", "base": "dev"}, "bfloat16", None,
+         "mflux convert '/m/a b.safetensors' --base dev --name my --force"),
+        ("d4", {"kind": "model", "name": "dev"}, "bfloat16",
+         {"transformer": {"bits": 4, "group_size": 32, "mode": "affine"}},
+         "mflux quantize dev --bits 4 --group-size 32 --components transformer --name d4 --force"),
+        ("fp", {"kind": "path", "path": "/m/dev"}, "bfloat16",
+         dict.fromkeys(("transformer", "text_encoder", "text_encoder_2"), {"bits": 4, "group_size": 32, "mode": "mxfp4"}),
+         "mflux quantize /m/dev --mode mxfp4 --name fp --force"),
+    ],
+)  # fmt: skip
+def test_remake_command_follows_the_recorded_source(name, source, dtype, quantization, command):
+    m = Manifest(name, "schnell", "mlx", dtype, source, [], {}, {}, quantization=quantization)
+    assert remake_command(m) == command
