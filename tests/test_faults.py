@@ -140,8 +140,8 @@ def finish(child: subprocess.Popen, timeout: float = 120) -> subprocess.Complete
 
 
 def refused(result: subprocess.CompletedProcess, *words: str, code: int = 1, note: str = "") -> str:
-    """The one error line of a refused command, checked: exit code (2 for a bad flag, as click gives),
-    no traceback, the words in it. `note` allows the one progress line a pull prints before it starts
+    """The one error line of a refused command, checked: exit code (1, a bad flag's too), no traceback,
+    the words in it. `note` allows the one progress line a pull prints before it starts
     downloading ("pulling NAME from REPO@COMMIT: SIZE")."""
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -350,7 +350,7 @@ def test_unsafe_names(home, tmp_path, name):
         ["convert", "schnell", "--name", name],
         ["pull", "schnell", "--name", name],
     ):
-        refused(mflux(*args), "invalid model name", code=2)
+        refused(mflux(*args), "--name: invalid model name")
     refused(mflux("rm", "-y", "--", name), "invalid model name")
     refused(mflux("inspect", "--", name))  # taken as a path, which does not exist
     assert snapshot(home) == before and list(tmp_path.parent.glob("evil*")) == []
@@ -900,3 +900,43 @@ def test_an_empty_prompt_is_a_prompt(home, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "e.png").is_file()
     refused(mflux("run", "-m", "schnell", "--no-pull", *TINY_RUN, cwd=tmp_path), "give --prompt")
+
+
+# --- the command line (issue 33) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["run", "--steps", "abc"],
+            "error: --steps must be a whole number, got 'abc' (see: mflux run --help)",
+        ),
+        (["run", "--image", "."], "error: --image '.' is a folder; give a file (see: mflux run --help)"),
+        (
+            ["run", "-q", "7"],
+            "error: -q/--quantize must be one of 3, 4, 5, 6, 8, got '7' (see: mflux run --help)",
+        ),
+        (
+            ["pull", "schnell", "--name", "bad name"],
+            "error: --name: invalid model name 'bad name': use letters",
+        ),
+        (["serve", "--port", "0"], "error: --port must be from 1 to 65535, got 0 (see: mflux serve --help)"),
+        (
+            ["run", "--stepz", "2"],
+            "error: no such option --stepz (did you mean --steps, --stepwise or --seed?) (see: mflux run --help)",
+        ),
+        (["inspect"], "error: missing NAME|PATH (see: mflux inspect --help)"),
+        (["nope"], "error: no such command 'nope' (see: mflux --help)"),
+    ],
+)
+def test_a_bad_flag_is_an_error_line_and_exit_1(mflux_home, args, line):
+    # click's own usage errors read as every other refusal does, and exit 1 as the README promises
+    said = refused(mflux(*args))
+    assert said.startswith(line), said
+
+
+def test_help_still_exits_0(mflux_home):
+    for args in (["--help"], ["run", "--help"], []):
+        result = mflux(*args)
+        assert result.returncode == 0 and result.stdout.startswith("Usage: mflux"), result.stderr
