@@ -117,9 +117,25 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
                 raise
             report["components"][c] = {"error": str(e)}  # a damaged file: the verify report says more
     report["total"] = _total(report["components"])
+    if quantization:
+        _quantization_as_stored(report, quantization)
     if verify:
         report["verify"] = _verify(path, manifest.files)
     return report
+
+
+def _quantization_as_stored(report: dict, recorded: dict) -> None:
+    """The header's quantization, as the files hold it (as the table reads them): a component the
+    manifest records as quantized but whose files hold no quantized tensor is left out, and named."""
+    components = report["components"]
+    held = {c: q for c, q in recorded.items() if components.get(c, {}).get("quantized_tensors", 1)}
+    report["quantization"] = quantization_summary(held)
+    unheld = sorted(set(recorded) - set(held))
+    if unheld:
+        report["manifest_quantization"] = (
+            f"the manifest lists {', '.join(f'{c} {_spec_text(recorded[c])}' for c in unheld)}, "
+            f"but {'its' if len(unheld) == 1 else 'their'} files hold no quantized tensor"
+        )
 
 
 def _inspect_file(path: Path, tensors: bool) -> dict:
