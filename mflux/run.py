@@ -265,6 +265,7 @@ def run(
                 flux, loras = _open(kind, where, variant, precision, quantize, s.loras, verify), s.loras
                 verify = False  # the files were re-hashed when the first set of LoRAs opened the model
                 _notes_on(flux, explicit, p.precision)
+                _lora_notes(flux, s.loras)
             previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
             last = n == len(groups)  # only then may the transformer go before the decode
             for done in _generate(
@@ -342,6 +343,21 @@ def _notes_on(flux, explicit: set, recorded_precision: str | None) -> None:
             f"(give --precision {recorded_precision} to replay it exactly)",
             err=True,
         )
+
+
+def _lora_notes(flux, loras: list) -> None:
+    # A LoRA `mflux train` wrote names the variant it was trained on; on the other one it still loads
+    # (the layers are the same), but draws what it learnt less faithfully.
+    from mflux.runtime.weights import SafetensorsFile
+
+    for path, _ in loras:
+        trained_on = SafetensorsFile(path).metadata.get("mflux.variant")
+        if trained_on and trained_on != flux.variant:
+            click.echo(
+                f"note: the LoRA {path} was trained on {trained_on} (its mflux.variant), this model is "
+                f"{flux.variant}: it may not draw as it did in training",
+                err=True,
+            )
 
 
 @dataclass

@@ -940,3 +940,34 @@ def test_help_still_exits_0(mflux_home):
     for args in (["--help"], ["run", "--help"], []):
         result = mflux(*args)
         assert result.returncode == 0 and result.stdout.startswith("Usage: mflux"), result.stderr
+
+
+def test_a_model_name_in_the_wrong_case_gets_a_suggestion(home):
+    refused(mflux("run", "-m", "SCHNELL-Q8", "--no-pull", "--prompt", "a cat"), "did you mean 'schnell-q8'")
+    refused(mflux("pull", "SCHNELL", "--dry-run"), "did you mean 'schnell'")
+
+
+def test_negative_guidance_is_refused(mflux_home):
+    line = refused(mflux("run", "-m", "dev", "--prompt", "a cat", "--guidance", "-5"))
+    assert line.startswith("error: --guidance must be 0 or more, got -5 ("), line
+    assert not mflux_home.exists()  # refused before any pull
+
+
+def test_run_notes_a_repeated_seed_and_a_lora_of_the_other_variant(home, tmp_path, tiny_schnell):
+    import tests.lora_files as lf
+
+    module, (out, inner) = next(iter(lf.transformer_shapes(tiny_schnell).items()))
+    pair = lf.pair(np.random.default_rng(0), 4, inner, out)
+    dev_lora = lf.save(
+        tmp_path / "me.safetensors", lf.peft({f"transformer.{module}": pair}), {"mflux.variant": "dev"}
+    )
+    result = mflux(
+        "run", "-m", "schnell", "--no-pull", "--prompt", "a cat", "--lora-paths", dev_lora,
+        "--width", "32", "--height", "32", "--steps", "1", "--seed", "1", "1", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "note: seed 1 given more than once: those images will be identical" in result.stderr
+    assert (
+        f"note: the LoRA {dev_lora} was trained on dev (its mflux.variant), this model is schnell"
+        in result.stderr
+    )
