@@ -737,7 +737,7 @@ def train(config_file, **flags):
     for required in ("model", "data", "output"):
         if not options.get(required):
             raise MfluxError(f"--{required} is required (as a flag or in --config)")
-    result = train_lora(**{"progress": sys.stderr.isatty(), **options})  # no bar in a log file
+    result = train_lora(**{"progress": True, **options})  # a bar on a terminal, else a line every few steps
     if result.rank == 0:  # under mlx.launch the other ranks stay quiet
         click.echo(summary(result))
 

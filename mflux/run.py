@@ -7,6 +7,7 @@ file or prompt-file line costs nothing.
 
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,7 +252,10 @@ def run(
     jobs = p.jobs if sequence else [p.jobs[i] for i in shard_rows(len(p.jobs), rank, size)]
     saves = rank == 0 or not sequence
     owed = distributed.Owed(rank, [p.outputs[j.index] for j in jobs] if saves else [])
-    out = _Out(owed, saves, rank == 0, SequenceParallel(world) if sequence else None)
+    # the bar on a terminal only: in a pipe or a log its carriage returns pile up on one line, and the
+    # `wrote FILE` line each image gets already says how far it is
+    bar = rank == 0 and sys.stderr.isatty()
+    out = _Out(owed, saves, bar, SequenceParallel(world) if sequence else None)
     written: dict[int, Written] = {}
     seconds: dict[str, float] = {}
     memory: dict[str, int] = {}
@@ -289,7 +293,7 @@ class _Out:
 
     owed: object  # distributed.Owed: the files still to write, printed on SIGTERM
     saves: bool  # False on the helping ranks of sequence parallelism
-    progress: bool  # the progress bar: rank 0 only
+    progress: bool  # the progress bar: rank 0 only, on a terminal
     sp: object | None  # a runtime.parallel.SequenceParallel, or None
 
 

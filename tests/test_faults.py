@@ -971,3 +971,54 @@ def test_run_notes_a_repeated_seed_and_a_lora_of_the_other_variant(home, tmp_pat
         f"note: the LoRA {dev_lora} was trained on dev (its mflux.variant), this model is schnell"
         in result.stderr
     )
+
+
+def on_a_terminal(*args, cwd) -> str:
+    """The command's stderr as a user at a terminal sees it: a pseudo-terminal, read to the end."""
+    import pty
+
+    leader, follower = pty.openpty()
+    command = [*ENTRIES["python-m"], *map(str, args)]
+    child = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        env=child_env(),
+        cwd=cwd,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child has closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert child.wait(timeout=120) == 0, b"".join(chunks).decode()
+    return b"".join(chunks).decode()
+
+
+def test_run_draws_its_bar_only_on_a_terminal(home, tmp_path):
+    args = ["run", "-m", "schnell", "--no-pull", "--prompt", "a cat", "--width", "32", "--height", "32"]
+    args += ["--steps", "2", "--seed", "1", "2"]
+    (tmp_path / "piped").mkdir()
+    # bytes, not text: universal newlines would turn each \r into a \n
+    piped = subprocess.run(
+        [*ENTRIES["python-m"], *args],
+        capture_output=True,
+        env=child_env(),
+        cwd=tmp_path / "piped",
+        timeout=120,
+    )
+    stderr = piped.stderr.decode()
+    assert piped.returncode == 0, stderr
+    assert b"\r" not in piped.stderr + piped.stdout, repr(stderr)
+    wrote = [line for line in stderr.splitlines() if line.startswith("wrote ")]
+    assert wrote == ["wrote image_seed_1.png", "wrote image_seed_2.png"], stderr
+    (tmp_path / "tty").mkdir()
+    seen = on_a_terminal(*args, cwd=tmp_path / "tty")
+    assert "\rseed 1 [" in seen and "] 2/2" in seen, repr(seen)
