@@ -254,7 +254,7 @@ def run(
     owed = distributed.Owed(rank, [p.outputs[j.index] for j in jobs] if saves else [])
     # the bar on a terminal only: in a pipe or a log its carriage returns pile up on one line, and the
     # `wrote FILE` line each image gets already says how far it is
-    bar = rank == 0 and sys.stderr.isatty()
+    bar = rank == 0 and _on_a_terminal()
     out = _Out(owed, saves, bar, SequenceParallel(world) if sequence else None)
     written: dict[int, Written] = {}
     seconds: dict[str, float] = {}
@@ -511,6 +511,10 @@ def _summary(results: list[Written], seconds: dict, memory: dict, total: float, 
             + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GB" for k, v in memory.items()),
             err=True,
         )
+
+
+def _on_a_terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def _progress(event, seeds: list[int]) -> None:
