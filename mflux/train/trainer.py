@@ -315,7 +315,8 @@ class Trainer:
                 due = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
                 if self.lead and (stopped or due):
                     saved = self.checkpoint(flux, optimizer, state)
-                    bar.write(f"checkpoint {saved}", file=sys.stderr)
+                    if not stopped:  # a stop says what it saved in its own line below
+                        bar.write(f"checkpoint {saved}", file=sys.stderr)
                 if stopped:
                     bar.close()
                     if self.lead:
