@@ -493,9 +493,9 @@ def test_empty_store_says_how_to_begin(mflux_home):
 def test_serve_refuses_bad_worker_flags_before_anything(mflux_home):
     # the model is missing too: the flags are what is named, checked before the store or MLX
     for flags, code, words in (
-        (["--workers", "0"], 2, "'--workers': 0 is not in the range"),
-        (["--devices", "0,x"], 2, "'0,x' is not a list of GPU numbers"),
-        (["--devices", "-1"], 2, "not a list of GPU numbers"),
+        (["--workers", "0"], 1, "--workers must be at least 1, got 0"),
+        (["--devices", "0,x"], 1, "--devices: '0,x' is not a list of GPU numbers"),
+        (["--devices", "-1"], 1, "not a list of GPU numbers"),
         (["--devices", "0,99"], 1, "--devices 0,99"),  # no CUDA here; on a CUDA host, no GPU 99
     ):
         refused(mflux("serve", "--model", "nope", *flags), words, code=code)
