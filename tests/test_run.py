@@ -308,3 +308,10 @@ def test_damaged_store_files_are_caught_when_the_model_opens(tiny_schnell):
     vae.unlink()
     with pytest.raises(MfluxError, match="is missing .*mflux inspect dmg --verify"):
         Flux1.from_name("dmg")
+
+
+def test_the_api_refuses_negative_guidance():
+    # as `run --guidance -5` does (tests/test_faults.py): the server's requests reach Config too
+    with pytest.raises(InvalidArgument, match="guidance must be a finite number, 0 or more, got -5"):
+        Config(1, 32, 32, guidance=-5.0)
+    assert Config(1, 32, 32, guidance=0.0).guidance == 0.0
