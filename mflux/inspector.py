@@ -284,7 +284,7 @@ def _verify(path: Path, files: list[dict]) -> dict:
 
 def format_inspect(report: dict) -> str:
     """The report for humans: the manifest, a table of components, and the tensors if listed."""
-    lines = [f"{k:<14}{v}" for k, v in _summary(report)]
+    lines = [f"{k:<13} {v}" for k, v in _summary(report)]  # a longer key keeps a space before its value
     components = report.get("components") or {}
     if components:
         lines += ["", _table(components, report.get("total"))]

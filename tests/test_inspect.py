@@ -254,7 +254,8 @@ def test_quantization_header_says_what_the_files_hold(tmp_path):
     text = format_inspect(report)
     header = next(line for line in text.splitlines() if line.startswith("quantization "))
     assert header == "quantization  transformer 4-bit nvfp4 g16", header
-    assert "the manifest lists text_encoder 4-bit nvfp4 g16, but its files hold no quantized tensor" in text
+    said = "the manifest lists text_encoder 4-bit nvfp4 g16, but its files hold no quantized tensor"
+    assert f"manifest_quantization {said}" in text.splitlines(), text
 
 
 def test_a_lora_counts_the_modules_in_its_file(tmp_path):
