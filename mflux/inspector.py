@@ -355,7 +355,8 @@ def _table(components: dict, total: dict | None) -> str:
         dtypes = ", ".join(f"{d} ×{n}" for d, n in c["dtypes"].items())
         quant = ", ".join(f"{q['tensors']} × {_spec_text(q)}" for q in c["quantization"]) or "-"
         if "unquantized_bytes" in c:
-            quant += f" (unquantized {format_size(c['unquantized_bytes'])})"
+            # what it would weigh as floats: "(unquantized N)" read as if the component were not quantized
+            quant += f" ({format_size(c['unquantized_bytes'])} as floats)"
         row = (
             name,
             _count(c["parameters"]),

@@ -16,7 +16,7 @@ from mflux.inspector import format_inspect, inspect
 from mflux.manifest import new_manifest, write_manifest
 from mflux.runtime.quantization import QuantSpec, quantize_tensor
 from mflux.runtime.weights import save_shards
-from mflux.store import Store
+from mflux.store import Store, format_size
 from tests.test_store import make_model, write_fake_pipeline
 
 
@@ -250,10 +250,14 @@ def test_quantization_header_says_what_the_files_hold(tmp_path):
                                         source={"kind": "model", "name": "x"}, quantization=q))  # fmt: skip
     report = inspect(str(folder))
     assert report["components"]["text_encoder"]["quantized_tensors"] == 0
+    c = report["components"]["transformer"]
     assert report["quantization"]["components"] == {"transformer": nvfp4.to_dict()}
     text = format_inspect(report)
     header = next(line for line in text.splitlines() if line.startswith("quantization "))
     assert header == "quantization  transformer 4-bit nvfp4 g16", header
+    # the table's size as floats reads as a size, not as "unquantized"
+    row = next(line for line in text.splitlines() if line.startswith("transformer "))
+    assert row.endswith(f"1 × 4-bit nvfp4 g16 ({format_size(c['unquantized_bytes'])} as floats)"), row
     said = "the manifest lists text_encoder 4-bit nvfp4 g16, but its files hold no quantized tensor"
     assert f"manifest_quantization {said}" in text.splitlines(), text
 
