@@ -355,7 +355,7 @@ def _table(components: dict, total: dict | None) -> str:
         dtypes = ", ".join(f"{d} ×{n}" for d, n in c["dtypes"].items())
         quant = ", ".join(f"{q['tensors']} × {_spec_text(q)}" for q in c["quantization"]) or "-"
         if "unquantized_bytes" in c:
-            # what it would weigh as floats: "(unquantized N)" read as if the component were not quantized
+            # its size as floats, worded so that the row cannot read as "unquantized"
             quant += f" ({format_size(c['unquantized_bytes'])} as floats)"
         row = (
             name,
