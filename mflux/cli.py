@@ -5,6 +5,7 @@ stays fast. A user-facing error (MfluxError) prints as `error: <message>` on one
 """
 
 import json
+import re
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -85,10 +86,12 @@ class MfluxGroup(click.Group):
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.format_message())
             sys.exit(0)
+        except click.UsageError as e:
+            # exit 1 like every other refusal (click's own is 2): a script tells only success from failure
+            hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
+            _fail(_usage_message(e) + hint, 1)
         except click.ClickException as e:
-            ctx = getattr(e, "ctx", None)
-            hint = f" (see: {ctx.command_path} --help)" if isinstance(e, click.UsageError) and ctx else ""
-            _fail(e.format_message() + hint, e.exit_code)
+            _fail(e.format_message(), e.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -99,6 +102,76 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def _fail(message: str, code: int):
     click.echo(f"error: {' '.join(message.split())}", err=True)
     sys.exit(code)
+
+
+def _usage_message(e: click.UsageError) -> str:
+    """Click's usage errors in mflux's words: the flag, what it takes, and what was given."""
+    if isinstance(e, click.MissingParameter) and e.param is not None:
+        return f"missing {_flag(e.param)}"
+    if isinstance(e, click.BadParameter) and e.param is not None:
+        return _bad_value(e.param, e.message)
+    if isinstance(e, click.NoSuchOption):
+        close = f" (did you mean {_either(e.possibilities)}?)" if e.possibilities else ""
+        return f"no such option {e.option_name}{close}"
+    if isinstance(e, click.BadOptionUsage) and "requires" in e.message:
+        return f"{e.option_name} needs a value"
+    return _tidy(e.message)
+
+
+# Click's wording of a bad value, "'abc' is not a valid integer." or "File '/tmp' is a directory.":
+# the value given (quoted, or a bare number) and what click says about it.
+_CLICK_BAD_VALUE = re.compile(
+    r"^(?:(?:File|Directory|Path) )?(?P<got>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\S+) (?P<said>.*?)\.?$"
+)
+
+
+def _bad_value(param: click.Parameter, message: str) -> str:
+    flag, kind = _flag(param), param.type
+    words = _CLICK_BAD_VALUE.match(message)
+    got, said = (words["got"], words["said"]) if words else ("", "")
+    if isinstance(kind, click.Choice) and said.startswith("is not"):
+        return f"{flag} must be one of {', '.join(map(str, kind.choices))}, got {got}"
+    if isinstance(kind, (click.IntRange, click.FloatRange)) and said.startswith("is not in the range"):
+        return f"{flag} must be {_range(kind)}, got {got}"
+    if said == "is not a valid integer":
+        return f"{flag} must be a whole number, got {got}"
+    if said == "is not a valid float":
+        return f"{flag} must be a number, got {got}"
+    if isinstance(kind, click.Path) and said in _PATH_PROBLEMS:
+        return f"{flag} {got} {_PATH_PROBLEMS[said]}"
+    return f"{flag}: {_tidy(message)}"  # a callback's message, already in mflux's words
+
+
+_PATH_PROBLEMS = {
+    "is a directory": "is a folder; give a file",
+    "is a file": "is a file; give a folder",
+    "does not exist": "does not exist",
+}
+
+
+def _flag(param: click.Parameter) -> str:
+    # as a user may have typed it: `-q/--quantize`, `--steps`, or an argument's metavar (`NAME|PATH`)
+    if isinstance(param, click.Option):
+        return "/".join(sorted(param.opts, key=len))
+    return param.metavar or param.name.upper()
+
+
+def _range(kind) -> str:
+    if kind.min is not None and kind.max is not None and not (kind.min_open or kind.max_open):
+        return f"from {kind.min} to {kind.max}"
+    low = kind.min is not None and (f"above {kind.min}" if kind.min_open else f"at least {kind.min}")
+    high = kind.max is not None and (f"below {kind.max}" if kind.max_open else f"at most {kind.max}")
+    return " and ".join(part for part in (low, high) if part)
+
+
+def _either(names: list[str]) -> str:
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def _tidy(message: str) -> str:
+    # "Got unexpected extra argument (x)." -> "got unexpected extra argument (x)"
+    message = message.rstrip(".")
+    return message[:1].lower() + message[1:]
 
 
 def _interactive() -> bool:
@@ -722,7 +795,7 @@ def train(config_file, **flags):
     for required in ("model", "data", "output"):
         if not options.get(required):
             raise MfluxError(f"--{required} is required (as a flag or in --config)")
-    result = train_lora(**{"progress": sys.stderr.isatty(), **options})  # no bar in a log file
+    result = train_lora(**{"progress": True, **options})  # a bar on a terminal, else a line every few steps
     if result.rank == 0:  # under mlx.launch the other ranks stay quiet
         click.echo(summary(result))
 

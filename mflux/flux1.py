@@ -61,8 +61,8 @@ class Config:
             not isinstance(self.num_inference_steps, int) or self.num_inference_steps <= 0
         ):
             raise InvalidArgument(f"steps must be a positive integer, got {self.num_inference_steps!r}")
-        if self.guidance is not None and not np.isfinite(self.guidance):
-            raise InvalidArgument(f"guidance must be a finite number, got {self.guidance}")
+        if self.guidance is not None and (not np.isfinite(self.guidance) or self.guidance < 0):
+            raise InvalidArgument(f"guidance must be a finite number, 0 or more, got {self.guidance}")
         if self.max_sequence_length is not None and not 0 < self.max_sequence_length <= 512:
             raise InvalidArgument(f"max_sequence_length must be in 1..512, got {self.max_sequence_length}")
 

@@ -17,7 +17,6 @@ when `pull` is called, not when huggingface_hub was imported.
 """
 
 import contextlib
-import difflib
 import errno
 import fcntl
 import fnmatch
@@ -56,7 +55,7 @@ from mflux.manifest import (
 )
 from mflux.runtime.folder import detect_variant
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile
-from mflux.store import Store, StoredModel, format_size, validate_name
+from mflux.store import Store, StoredModel, close_names, format_size, validate_name
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _OFFLINE = "pulling needs the network, and HF_HUB_OFFLINE is set (unset it to pull)"
@@ -198,7 +197,7 @@ def _source(model_or_repo: str, revision: str | None, name: str | None) -> _Sour
         return _Source(
             model_or_repo, revision or "main", DIFFUSERS_PATTERNS, validate_name(name or repo_name)
         )
-    close = difflib.get_close_matches(model_or_repo, list(known), n=1)
+    close = close_names(model_or_repo, known, 1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise InvalidArgument(
         f"unknown model {model_or_repo!r} ({hint}give one of: {', '.join(known)}, "

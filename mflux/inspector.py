@@ -120,12 +120,28 @@ def _inspect_folder(path: Path, tensors: bool, verify: bool) -> dict:
                 raise
             report["components"][c] = {"error": str(e)}  # a damaged file: the verify report says more
     report["total"] = _total(report["components"])
+    if quantization:
+        _quantization_as_stored(report, quantization)
     if verify:
         started = datetime.now(timezone.utc)
         report["verify"] = _verify(path, manifest.files)
         if report["verify"]["ok"]:  # remembered: opening the model no longer hashes a copied store
             stamp_checked(path, manifest, started)
     return report
+
+
+def _quantization_as_stored(report: dict, recorded: dict) -> None:
+    """The header's quantization, as the files hold it (as the table reads them): a component the
+    manifest records as quantized but whose files hold no quantized tensor is left out, and named."""
+    components = report["components"]
+    held = {c: q for c, q in recorded.items() if components.get(c, {}).get("quantized_tensors", 1)}
+    report["quantization"] = quantization_summary(held)
+    unheld = sorted(set(recorded) - set(held))
+    if unheld:
+        report["manifest_quantization"] = (
+            f"the manifest lists {', '.join(f'{c} {_spec_text(recorded[c])}' for c in unheld)}, "
+            f"but {'its' if len(unheld) == 1 else 'their'} files hold no quantized tensor"
+        )
 
 
 def _inspect_file(path: Path, tensors: bool) -> dict:
@@ -269,7 +285,7 @@ def _verify(path: Path, files: list[dict]) -> dict:
 
 def format_inspect(report: dict) -> str:
     """The report for humans: the manifest, a table of components, and the tensors if listed."""
-    lines = [f"{k:<14}{v}" for k, v in _summary(report)]
+    lines = [f"{k:<13} {v}" for k, v in _summary(report)]  # a longer key keeps a space before its value
     components = report.get("components") or {}
     if components:
         lines += ["", _table(components, report.get("total"))]
@@ -342,7 +358,8 @@ def _table(components: dict, total: dict | None) -> str:
         dtypes = ", ".join(f"{d} ×{n}" for d, n in c["dtypes"].items())
         quant = ", ".join(f"{q['tensors']} × {_spec_text(q)}" for q in c["quantization"]) or "-"
         if "unquantized_bytes" in c:
-            quant += f" (unquantized {format_size(c['unquantized_bytes'])})"
+            # its size as floats, worded so that the row cannot read as "unquantized"
+            quant += f" ({format_size(c['unquantized_bytes'])} as floats)"
         row = (
             name,
             _count(c["parameters"]),

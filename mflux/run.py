@@ -7,6 +7,7 @@ file or prompt-file line costs nothing.
 
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +282,10 @@ def run(
     jobs = p.jobs if sequence else [p.jobs[i] for i in shard_rows(len(p.jobs), rank, size)]
     saves = rank == 0 or not sequence
     owed = distributed.Owed(rank, [p.outputs[j.index] for j in jobs] if saves else [])
-    out = _Out(owed, saves, rank == 0, SequenceParallel(world) if sequence else None)
+    # the bar on a terminal only: in a pipe or a log its carriage returns pile up on one line, and the
+    # `wrote FILE` line each image gets already says how far it is
+    bar = rank == 0 and _on_a_terminal()
+    out = _Out(owed, saves, bar, SequenceParallel(world) if sequence else None)
     written: dict[int, Written] = {}
     seconds: dict[str, float] = {}
     memory: dict[str, int] = {}
@@ -295,6 +299,7 @@ def run(
                 flux, loras = _open(kind, where, variant, precision, quantize, s.loras, verify), s.loras
                 verify = False  # the files were re-hashed when the first set of LoRAs opened the model
                 _notes_on(flux, explicit, p.precision)
+                _lora_notes(flux, s.loras)
             previews = _preview_steps(flux, s, stepwise_every) if stepwise else False
             last = n == len(groups)  # only then may the transformer go before the decode
             for done in _generate(
@@ -318,7 +323,7 @@ class _Out:
 
     owed: object  # distributed.Owed: the files still to write, printed on SIGTERM
     saves: bool  # False on the helping ranks of sequence parallelism
-    progress: bool  # the progress bar: rank 0 only
+    progress: bool  # the progress bar: rank 0 only, on a terminal
     sp: object | None  # a runtime.parallel.SequenceParallel, or None
 
 
@@ -383,6 +388,21 @@ def _notes_on(flux, explicit: set, recorded_precision: str | None) -> None:
             f"(give --precision {recorded_precision} to replay it exactly)",
             err=True,
         )
+
+
+def _lora_notes(flux, loras: list) -> None:
+    # A LoRA `mflux train` wrote names the variant it was trained on; on the other one it still loads
+    # (the layers are the same), but draws what it learnt less faithfully.
+    from mflux.runtime.weights import SafetensorsFile
+
+    for path, _ in loras:
+        trained_on = SafetensorsFile(path).metadata.get("mflux.variant")
+        if trained_on and trained_on != flux.variant:
+            click.echo(
+                f"note: the LoRA {path} was trained on {trained_on} (its mflux.variant), this model is "
+                f"{flux.variant}: it may not draw as it did in training",
+                err=True,
+            )
 
 
 @dataclass
@@ -534,6 +554,10 @@ def _summary(results: list[Written], seconds: dict, memory: dict, total: float, 
             + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GB" for k, v in memory.items()),
             err=True,
         )
+
+
+def _on_a_terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def _progress(event, seeds: list[int]) -> None:

@@ -133,6 +133,12 @@ def check(s: Settings, explicit: Iterable[str] = (), where: str = "", variant: s
         raise w.fail(f"{w.name('steps')} must be a whole number of at least 1, got {s.steps!r}")
     for key in ("guidance", "true_cfg", "strength"):
         setattr(s, key, _finite(getattr(s, key), key, w))
+    if s.guidance is not None and s.guidance < 0:
+        raise w.fail(
+            f"{w.name('guidance')} must be 0 or more, got {s.guidance:g} (the distilled guidance; "
+            "higher follows the prompt more closely)"
+        )
+    s.notes += _repeated_seeds(s.seeds)
     condition = _condition(variant)
     _variant_flags(s, variant, condition, w)
     image_size = _images(s, w)
@@ -175,6 +181,18 @@ def _seed(v, w: _Where) -> int:
     if not _is_int(v) or not 0 <= v <= MAX_SEED:
         raise w.fail(f"seed {v!r} is out of range (a seed is a whole number from 0 to 2**64-1 = {MAX_SEED})")
     return v
+
+
+def _repeated_seeds(seeds: list[int]) -> list[str]:
+    # A note, not a refusal: the command still does what was asked, and a script that repeats a seed
+    # keeps working; the note says why two files are the same image.
+    twice = sorted({v for v in seeds if seeds.count(v) > 1})
+    if not twice:
+        return []
+    listed = ", ".join(map(str, twice))
+    return [
+        f"seed{'s' if len(twice) > 1 else ''} {listed} given more than once: those images will be identical"
+    ]
 
 
 def _finite(v, key: str, w: _Where) -> float | None:

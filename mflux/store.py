@@ -54,6 +54,15 @@ def validate_name(name: str) -> str:
     return name
 
 
+def close_names(name: str, names: Iterable[str], n: int) -> list[str]:
+    """Up to `n` of `names` like `name`, ignoring case (`TINY` finds `tiny`), the closest first."""
+    by_lower: dict[str, list[str]] = {}
+    for known in sorted(names):
+        by_lower.setdefault(known.lower(), []).append(known)
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)
+    return [known for c in close for known in by_lower[c]][:n]
+
+
 def format_size(n: int) -> str:
     """Decimal units, as download sizes are quoted: 33.7 GB."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
@@ -302,7 +311,7 @@ class Store:
             return NotStored(
                 f"{self.path(name)} is not a complete model: it has no {MANIFEST} (remove it: mflux rm {name})"
             )
-        close = difflib.get_close_matches(name, sorted(set(self._names()) | set(known)), n=3, cutoff=0.6)
+        close = close_names(name, set(self._names()) | set(known), 3)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         return NotStored(f"unknown model {name!r} ({hint}see: mflux list, or mflux list --available)")
 

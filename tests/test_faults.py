@@ -142,8 +142,8 @@ def finish(child: subprocess.Popen, timeout: float = 120) -> subprocess.Complete
 
 
 def refused(result: subprocess.CompletedProcess, *words: str, code: int = 1, note: str = "") -> str:
-    """The one error line of a refused command, checked: exit code (2 for a bad flag, as click gives),
-    no traceback, the words in it. `note` allows the one progress line a pull prints before it starts
+    """The one error line of a refused command, checked: exit code (1, a bad flag's too), no traceback,
+    the words in it. `note` allows the one progress line a pull prints before it starts
     downloading ("pulling NAME from REPO@COMMIT: SIZE")."""
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -352,7 +352,7 @@ def test_unsafe_names(home, tmp_path, name):
         ["convert", "schnell", "--name", name],
         ["pull", "schnell", "--name", name],
     ):
-        refused(mflux(*args), "invalid model name", code=2)
+        refused(mflux(*args), "--name: invalid model name")
     refused(mflux("rm", "-y", "--", name), "invalid model name")
     refused(mflux("inspect", "--", name))  # taken as a path, which does not exist
     assert snapshot(home) == before and list(tmp_path.parent.glob("evil*")) == []
@@ -503,9 +503,9 @@ def test_empty_store_says_how_to_begin(mflux_home):
 def test_serve_refuses_bad_worker_flags_before_anything(mflux_home):
     # the model is missing too: the flags are what is named, checked before the store or MLX
     for flags, code, words in (
-        (["--workers", "0"], 2, "'--workers': 0 is not in the range"),
-        (["--devices", "0,x"], 2, "'0,x' is not a list of GPU numbers"),
-        (["--devices", "-1"], 2, "not a list of GPU numbers"),
+        (["--workers", "0"], 1, "--workers must be at least 1, got 0"),
+        (["--devices", "0,x"], 1, "--devices: '0,x' is not a list of GPU numbers"),
+        (["--devices", "-1"], 1, "not a list of GPU numbers"),
         (["--devices", "0,99"], 1, "--devices 0,99"),  # no CUDA here; on a CUDA host, no GPU 99
     ):
         refused(mflux("serve", "--model", "nope", *flags), words, code=code)
@@ -998,3 +998,125 @@ def test_an_empty_prompt_is_a_prompt(home, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "e.png").is_file()
     refused(mflux("run", "-m", "schnell", "--no-pull", *TINY_RUN, cwd=tmp_path), "give --prompt")
+
+
+# --- the command line (issue 33) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["run", "--steps", "abc"],
+            "error: --steps must be a whole number, got 'abc' (see: mflux run --help)",
+        ),
+        (["run", "--image", "."], "error: --image '.' is a folder; give a file (see: mflux run --help)"),
+        (
+            ["run", "-q", "7"],
+            "error: -q/--quantize must be one of 3, 4, 5, 6, 8, got '7' (see: mflux run --help)",
+        ),
+        (
+            ["pull", "schnell", "--name", "bad name"],
+            "error: --name: invalid model name 'bad name': use letters",
+        ),
+        (["serve", "--port", "0"], "error: --port must be from 1 to 65535, got 0 (see: mflux serve --help)"),
+        (
+            ["run", "--stepz", "2"],
+            "error: no such option --stepz (did you mean --steps, --stepwise or --seed?) (see: mflux run --help)",
+        ),
+        (["inspect"], "error: missing NAME|PATH (see: mflux inspect --help)"),
+        (["nope"], "error: no such command 'nope' (see: mflux --help)"),
+    ],
+)
+def test_a_bad_flag_is_an_error_line_and_exit_1(mflux_home, args, line):
+    # click's own usage errors read as every other refusal does, and exit 1 as the README promises
+    said = refused(mflux(*args))
+    assert said.startswith(line), said
+
+
+def test_help_still_exits_0(mflux_home):
+    for args in (["--help"], ["run", "--help"], []):
+        result = mflux(*args)
+        assert result.returncode == 0 and result.stdout.startswith("Usage: mflux"), result.stderr
+
+
+def test_a_model_name_in_the_wrong_case_gets_a_suggestion(home):
+    refused(mflux("run", "-m", "SCHNELL-Q8", "--no-pull", "--prompt", "a cat"), "did you mean 'schnell-q8'")
+    refused(mflux("pull", "SCHNELL", "--dry-run"), "did you mean 'schnell'")
+
+
+def test_negative_guidance_is_refused(mflux_home):
+    line = refused(mflux("run", "-m", "dev", "--prompt", "a cat", "--guidance", "-5"))
+    assert line.startswith("error: --guidance must be 0 or more, got -5 ("), line
+    assert not mflux_home.exists()  # refused before any pull
+
+
+def test_run_notes_a_repeated_seed_and_a_lora_of_the_other_variant(home, tmp_path, tiny_schnell):
+    import tests.lora_files as lf
+
+    module, (out, inner) = next(iter(lf.transformer_shapes(tiny_schnell).items()))
+    pair = lf.pair(np.random.default_rng(0), 4, inner, out)
+    dev_lora = lf.save(
+        tmp_path / "me.safetensors", lf.peft({f"transformer.{module}": pair}), {"mflux.variant": "dev"}
+    )
+    result = mflux(
+        "run", "-m", "schnell", "--no-pull", "--prompt", "a cat", "--lora-paths", dev_lora,
+        "--width", "32", "--height", "32", "--steps", "1", "--seed", "1", "1", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "note: seed 1 given more than once: those images will be identical" in result.stderr
+    assert (
+        f"note: the LoRA {dev_lora} was trained on dev (its mflux.variant), this model is schnell"
+        in result.stderr
+    )
+
+
+def on_a_terminal(*args, cwd) -> str:
+    """The command's stderr as a user at a terminal sees it: a pseudo-terminal, read to the end."""
+    import pty
+
+    leader, follower = pty.openpty()
+    command = [*ENTRIES["python-m"], *map(str, args)]
+    child = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        env=child_env(),
+        cwd=cwd,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child has closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert child.wait(timeout=120) == 0, b"".join(chunks).decode()
+    return b"".join(chunks).decode()
+
+
+def test_run_draws_its_bar_only_on_a_terminal(home, tmp_path):
+    args = ["run", "-m", "schnell", "--no-pull", "--prompt", "a cat", "--width", "32", "--height", "32"]
+    args += ["--steps", "2", "--seed", "1", "2"]
+    (tmp_path / "piped").mkdir()
+    # bytes, not text: universal newlines would turn each \r into a \n
+    piped = subprocess.run(
+        [*ENTRIES["python-m"], *args],
+        capture_output=True,
+        env=child_env(),
+        cwd=tmp_path / "piped",
+        timeout=120,
+    )
+    stderr = piped.stderr.decode()
+    assert piped.returncode == 0, stderr
+    assert b"\r" not in piped.stderr + piped.stdout, repr(stderr)
+    wrote = [line for line in stderr.splitlines() if line.startswith("wrote ")]
+    assert wrote == ["wrote image_seed_1.png", "wrote image_seed_2.png"], stderr
+    (tmp_path / "tty").mkdir()
+    seen = on_a_terminal(*args, cwd=tmp_path / "tty")
+    assert "\rseed 1 [" in seen and "] 2/2" in seen, repr(seen)

@@ -16,7 +16,7 @@ from mflux.inspector import format_inspect, inspect
 from mflux.manifest import new_manifest, write_manifest
 from mflux.runtime.quantization import QuantSpec, quantize_tensor
 from mflux.runtime.weights import save_shards
-from mflux.store import Store
+from mflux.store import Store, format_size
 from tests.test_store import make_model, write_fake_pipeline
 
 
@@ -80,8 +80,11 @@ def test_store_model_reports_its_manifest(mflux_home):
     ):
         assert key in report
     assert (report["name"], report["variant"], report["format"]) == ("fake-q8", "dev", "hf")
-    assert report["quantization"]["bits"] == 8 and report["quantization"]["group_size"] == 64
-    assert report["quantization"]["mode"] == "affine" and report["quantization"]["components"] == q
+    # the fake files hold floats: the header says so, and names what the manifest records
+    assert report["quantization"] is None
+    assert report["manifest_quantization"] == (
+        "the manifest lists transformer 8-bit affine g64, but its files hold no quantized tensor"
+    )
     json.dumps(report)  # what --json prints
 
 
@@ -231,3 +234,46 @@ def test_bad_targets(mflux_home, tmp_path):
         inspect(str(tmp_path / "empty"))
     with pytest.raises(MfluxError, match="no manifest.toml to verify against"):
         inspect(str(write_fake_pipeline(tmp_path / "p")), verify=True)
+
+
+def test_quantization_header_says_what_the_files_hold(tmp_path):
+    # The manifest records text_encoder as nvfp4, but its files hold only floats: the header, as the
+    # table, says what is in the files, and names the manifest's claim.
+    folder = write_fake_pipeline(tmp_path / "m", "schnell")
+    shutil.rmtree(folder / "transformer")
+    (folder / "transformer").mkdir()
+    (folder / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": False}))
+    nvfp4 = QuantSpec.for_mode("nvfp4")
+    quantized_component(folder / "transformer", {"a": nvfp4})
+    q = {"transformer": nvfp4.to_dict(), "text_encoder": nvfp4.to_dict()}
+    write_manifest(folder, new_manifest(folder, name="m", format="mlx", dtype="bfloat16",
+                                        source={"kind": "model", "name": "x"}, quantization=q))  # fmt: skip
+    report = inspect(str(folder))
+    assert report["components"]["text_encoder"]["quantized_tensors"] == 0
+    c = report["components"]["transformer"]
+    assert report["quantization"]["components"] == {"transformer": nvfp4.to_dict()}
+    text = format_inspect(report)
+    header = next(line for line in text.splitlines() if line.startswith("quantization "))
+    assert header == "quantization  transformer 4-bit nvfp4 g16", header
+    # the table's size as floats reads as a size, not as "unquantized"
+    row = next(line for line in text.splitlines() if line.startswith("transformer "))
+    assert row.endswith(f"1 × 4-bit nvfp4 g16 ({format_size(c['unquantized_bytes'])} as floats)"), row
+    said = "the manifest lists text_encoder 4-bit nvfp4 g16, but its files hold no quantized tensor"
+    assert f"manifest_quantization {said}" in text.splitlines(), text
+
+
+def test_a_lora_counts_the_modules_in_its_file(tmp_path):
+    # diffusers' to_q, to_k and to_v of a block land on one fused qkv: the file holds 3 modules
+    rng = np.random.default_rng(3)
+    names = [f"transformer.transformer_blocks.0.attn.to_{x}" for x in ("q", "k", "v")]
+    names.append("transformer.transformer_blocks.0.ff.net.2")
+    tensors = {}
+    for name in names:
+        tensors[f"{name}.lora_A.weight"] = rng.standard_normal((4, 64)).astype(np.float32)
+        tensors[f"{name}.lora_B.weight"] = rng.standard_normal((64, 4)).astype(np.float32)
+    path = tmp_path / "me.safetensors"
+    save_file(tensors, str(path))
+    report = inspect(str(path))
+    assert report["targets"] == {"transformer": 2}  # the runtime's layers: the fused qkv and the MLP out
+    assert report["modules"] == "transformer 4 modules on 2 layers"
+    assert "modules       transformer 4 modules on 2 layers" in format_inspect(report)

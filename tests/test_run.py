@@ -150,7 +150,7 @@ def test_guidance_on_schnell_warns(tiny_schnell, tmp_path):
         (["--height", "30"], "multiple of 16"),
         (["--width", "0"], "multiple of 16"),
         (["--steps", "0"], "--steps"),
-        (["-q", "7"], "'7' is not one of"),
+        (["-q", "7"], "-q/--quantize must be one of 3, 4, 5, 6, 8, got '7'"),
     ],
 )
 def test_bad_flags_get_one_line(extra, message, tiny_schnell, tmp_path):
@@ -308,3 +308,10 @@ def test_damaged_store_files_are_caught_when_the_model_opens(tiny_schnell):
     vae.unlink()
     with pytest.raises(MfluxError, match="is missing .*mflux inspect dmg --verify"):
         Flux1.from_name("dmg")
+
+
+def test_the_api_refuses_negative_guidance():
+    # as `run --guidance -5` does (tests/test_faults.py): the server's requests reach Config too
+    with pytest.raises(InvalidArgument, match="guidance must be a finite number, 0 or more, got -5"):
+        Config(1, 32, 32, guidance=-5.0)
+    assert Config(1, 32, 32, guidance=0.0).guidance == 0.0

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, PngImagePlugin
 
+import mflux.run
 from mflux import Config, Flux1
 from mflux.cli import cli
 from tests import lora_files
@@ -215,7 +216,8 @@ def test_a_prompt_file_equals_the_single_image_path(tiny_schnell, tmp_path):
     )
 
 
-def test_prompt_file_lines_share_a_batch(tiny_schnell, tmp_path):
+def test_prompt_file_lines_share_a_batch(tiny_schnell, tmp_path, monkeypatch):
+    monkeypatch.setattr(mflux.run, "_on_a_terminal", lambda: True)  # the progress bar tells the batches
     (tmp_path / "p.txt").write_text("a red bicycle\na lighthouse\n")
     args = ["--path", str(tiny_schnell), *SMALL, "--seed", "5", "--prompt-file", "p.txt", "--batch-size", "2"]
     result = invoke(*args, cwd=tmp_path)

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -547,3 +549,24 @@ def test_a_fresh_gpu_machines_first_step_says_it_builds_kernels(
     assert notices[1] == []
     markers = list((tmp_path / "ptx").glob("mflux-train-*-float.done"))
     assert len(markers) == 1 and markers[0].read_text().startswith("first step: ")
+
+
+def test_train_off_a_terminal_prints_lines_not_a_bar(tiny_schnell, data, tmp_path):
+    out = tmp_path / "me.safetensors"
+    args = ["--model", tiny_schnell, "--data", data, "--output", out, "--steps", 40, "--rank", 2]
+    args += ["--resolution", RES, "--max-sequence-length", SEQ, "--precision", "float32"]
+    args += ["--checkpoint-every", 20]
+    command = [sys.executable, "-m", "mflux", "train", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, timeout=300)  # bytes: text would turn \r to \n
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert b"\r" not in result.stderr + result.stdout, repr(stderr)
+    lines = stderr.splitlines()
+    steps = [line.split(",")[0] for line in lines if line.startswith("step ")]
+    assert steps == [f"step {n}/40" for n in range(2, 41, 2)], lines  # 40 // 20: a line every 2 steps
+    saved = [line for line in lines if line.startswith("checkpoint ")]
+    work = tmp_path / "me.train" / "checkpoints"
+    assert saved == [
+        f"checkpoint {work / 'step-000020.safetensors'}",
+        f"checkpoint {work / 'step-000040.safetensors'}",
+    ]

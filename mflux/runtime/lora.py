@@ -36,6 +36,7 @@ import json
 import math
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -526,12 +527,13 @@ def inspect_lora(path: str | Path, tensors: bool = False) -> dict:
     lora = open_lora(path)
     sf = lora.file
     peft = _peft_alphas(lora)
-    ranks, alphas, targets, groups = set(), set(), {}, {}
+    ranks, alphas, targets, modules, groups = set(), set(), {}, Counter(), {}
     for m in lora.modules:
         rank = sf.tensors[m.down[0]][1][0]
         ranks.add(rank)
         alphas.add(_scale(lora, m, rank, peft)[1])
         targets.setdefault(m.site.component, set()).add(m.site.path)
+        modules[m.site.component] += 1
         groups.setdefault(m.site.component, []).extend(m.tensors)
     if lora.unmatched:
         groups["unmatched"] = lora.unmatched
@@ -544,8 +546,8 @@ def inspect_lora(path: str | Path, tensors: bool = False) -> dict:
         "format": lora.format,
         "rank": _range(ranks),
         "alpha": _range(alphas) if alphas else "none (scale 1)",
-        "targets": counts,
-        "layers": ", ".join(f"{c} {n}" for c, n in counts.items()) or "none",
+        "targets": counts,  # runtime layers: to_q, to_k and to_v of a block share one fused qkv
+        "modules": ", ".join(f"{c} {_modules_text(modules[c], n)}" for c, n in counts.items()) or "none",
         "parameters": sum(c["parameters"] for c in components.values()),
         "unmatched": len(lora.unmatched),
         "metadata": sf.metadata,
@@ -556,6 +558,12 @@ def inspect_lora(path: str | Path, tensors: bool = False) -> dict:
         "bytes": sum(c["bytes"] for c in components.values()),
     }
     return report
+
+
+def _modules_text(modules: int, layers: int) -> str:
+    # what the file holds (its modules), and the runtime layers they land on where fused ones differ
+    text = f"{modules} module{'s' if modules != 1 else ''}"
+    return text if layers == modules else f"{text} on {layers} layer{'s' if layers != 1 else ''}"
 
 
 def _summary(sf: SafetensorsFile, names: list[str], tensors: bool) -> dict:

@@ -304,8 +304,8 @@ class Trainer:
                 losses.append(loss.item())
                 if log:
                     log.write(state["step"], losses[-1], seconds, mx.get_peak_memory())
-                bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update(1)
                 if self.on_step:
                     self.on_step(state["step"], losses[-1])
                 if self.lead and cfg.validation_every and state["step"] % cfg.validation_every == 0:
@@ -315,6 +315,8 @@ class Trainer:
                 due = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
                 if self.lead and (stopped or due):
                     saved = self.checkpoint(flux, optimizer, state)
+                    if not stopped:  # a stop says what it saved in its own line below
+                        bar.write(f"checkpoint {saved}", file=sys.stderr)
                 if stopped:
                     bar.close()
                     if self.lead:
@@ -328,7 +330,7 @@ class Trainer:
         self.peak["training"] = mx.get_peak_memory()
         last_saved = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
         if self.lead and state["step"] > start_step and not last_saved:
-            self.checkpoint(flux, optimizer, state)
+            bar.write(f"checkpoint {self.checkpoint(flux, optimizer, state)}", file=sys.stderr)
         ran = state["step"] - start_step
         return losses, (time.perf_counter() - started) / ran if ran else 0.0
 
@@ -538,16 +540,43 @@ def _write_quietly(path: Path, text: str) -> None:
 
 
 def _progress(cfg: TrainConfig, start: int, lead: bool = True):
+    """The steps as rank 0 reports them with `progress`: a bar on a terminal; off one (a pipe, a log),
+    where a bar's carriage returns pile up on one line, a line every few steps (_StepLines)."""
+    if not (cfg.progress and lead):
+        return _StepLines(cfg.steps, start, quiet=True)
+    if not sys.stderr.isatty():
+        return _StepLines(cfg.steps, start)
     from tqdm import tqdm
 
-    return tqdm(
-        total=cfg.steps,
-        initial=start,
-        unit="step",
-        disable=not (cfg.progress and lead),
-        dynamic_ncols=True,
-        desc="train",
-    )
+    return tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, desc="train")
+
+
+class _StepLines:
+    """The bar's stand-in off a terminal, with the calls the loop makes on a tqdm bar: a line
+    `step 50/1000, loss 0.1234, 1.21 s/step` every `every` steps and at the last."""
+
+    def __init__(self, total: int, start: int, quiet: bool = False):
+        self.total, self.step, self.quiet, self.loss = total, start, quiet, "?"
+        self.every = max(1, total // 20)  # about 20 lines a run, however long
+        self.since, self.started = start, time.perf_counter()
+
+    def set_postfix(self, loss: str) -> None:
+        self.loss = loss
+
+    def update(self, n: int) -> None:
+        self.step += n
+        if self.step % self.every and self.step != self.total:
+            return
+        per_step = (time.perf_counter() - self.started) / max(self.step - self.since, 1)
+        self.write(f"step {self.step}/{self.total}, loss {self.loss}, {per_step:.2f} s/step")
+        self.since, self.started = self.step, time.perf_counter()
+
+    def write(self, line: str, file=None) -> None:
+        if not self.quiet:
+            print(line, file=file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 # --- files ---
