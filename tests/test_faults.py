@@ -900,3 +900,22 @@ def test_an_empty_prompt_is_a_prompt(home, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "e.png").is_file()
     refused(mflux("run", "-m", "schnell", "--no-pull", *TINY_RUN, cwd=tmp_path), "give --prompt")
+
+
+# --- train's command line (issue 33) -------------------------------------------------------------
+
+
+def test_train_data_file_and_config_mistakes_are_one_line(mflux_home, tiny_schnell, tmp_path):
+    from tests.fixtures import write_dataset
+
+    photos = write_dataset(tmp_path / "photos")
+    base = ["train", "--model", tiny_schnell, "--output", tmp_path / "me.safetensors"]
+    refused(mflux(*base, "--data", photos / "red.png"), "a file, not a data folder", f"--data {photos}")
+    config = tmp_path / "configs" / "train.toml"
+    config.parent.mkdir()
+    config.write_text('data = "photos"\n')  # relative to the current folder, as configs were once read
+    refused(
+        mflux(*base, "--config", config, cwd=tmp_path), "relative to the config file's folder", str(photos)
+    )
+    config.write_text("rnak = 4\n")
+    refused(mflux(*base, "--config", config), "unknown option 'rnak' (did you mean 'rank'?")

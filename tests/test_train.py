@@ -431,6 +431,45 @@ def test_imagefolder_metadata_trigger_and_crop(tmp_path):
         read_config_file(config)
 
 
+def test_data_given_as_a_file(data, tmp_path):
+    """--data may name the metadata.jsonl itself (as --help says); an image is refused as a file,
+    not reported missing."""
+    from mflux.train.data import scan
+
+    folder = tmp_path / "hf"
+    shutil.copytree(data, folder)
+    rows = [{"file_name": "red.png", "text": "red"}, {"file_name": "blue.png", "text": "blue"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert scan(folder / "metadata.jsonl") == scan(folder)
+    with pytest.raises(MfluxError, match=rf"red\.png: a file, not a data folder \(.* --data {folder}\)"):
+        scan(folder / "red.png")
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    from mflux.train.trainer import read_config_file
+
+    project = tmp_path / "project"
+    (project / "photos").mkdir(parents=True)
+    config = project / "train.toml"
+    config.write_text('model = "schnell"\ndata = "photos"\noutput = "out/me.safetensors"\nwork-dir = "w"\n')
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    assert read_config_file(config) == {
+        "model": "schnell",  # a store name stays a name
+        "data": str(project / "photos"),
+        "output": str(project / "out/me.safetensors"),
+        "work_dir": str(project / "w"),
+    }
+    # a config written when paths were read from the current folder: one line with the fix
+    (tmp_path / "elsewhere").mkdir()
+    config.write_text('data = "elsewhere"\n')
+    with pytest.raises(MfluxError, match="relative to the config file's folder") as refused:
+        read_config_file(config)
+    assert f'write data = "{tmp_path / "elsewhere"}"' in str(refused.value)
+    config.write_text("batch-sise = 2\n")
+    with pytest.raises(MfluxError, match="unknown option 'batch-sise' \\(did you mean 'batch-size'\\?"):
+        read_config_file(config)
+
+
 @pytest.fixture
 def bad_data(tmp_path):
     folders = {name: tmp_path / name for name in ("empty", "unreadable", "uncaptioned")}

@@ -18,6 +18,7 @@ whole batch. Rank 0 alone reads the data, the cache and a checkpoint, shares wha
 (mflux.distributed.share, broadcast), and writes every file; the others need only the model.
 """
 
+import difflib
 import json
 import signal
 import sys
@@ -646,9 +647,42 @@ def read_config_file(path: str | Path) -> dict:
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise MfluxError(f"{path}: unknown option {key!r} (see: mflux train --help)")
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            spelled = [c.replace("_", "-") if "-" in key else c for c in close]  # in the key's own style
+            hint = f"did you mean {spelled[0]!r}? " if spelled else ""
+            raise MfluxError(f"{path}: unknown option {key!r} ({hint}see: mflux train --help)")
         out[name] = value
-    return out
+    return _beside_config(out, path)
+
+
+PATH_OPTIONS = ("model", "data", "resume", "output", "work_dir")
+MUST_EXIST = ("model", "data", "resume")
+
+
+def _beside_config(options: dict, config: Path) -> dict:
+    """Paths in a config file are relative to the file's folder, as a --prompt-file's are, so a config
+    works from any current folder. A path that only resolves relative to the current folder (how
+    configs were read before) is refused with the fix, rather than quietly read from elsewhere."""
+    here = config.absolute().parent
+    for name in PATH_OPTIONS:
+        value = options.get(name)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        given, beside = Path(value), here / value
+        if name == "model" and not _names_a_path(value) and not beside.is_dir() and not given.is_dir():
+            continue  # a store name
+        if name in MUST_EXIST and not beside.exists() and given.exists():
+            raise MfluxError(
+                f"{config}: {name} = {value!r} is read relative to the config file's folder now, and "
+                f"{beside} does not exist (write {name} = {json.dumps(str(given.absolute()))}, the path it "
+                f"named relative to the current one, or a path relative to {here})"
+            )
+        options[name] = str(beside)
+    return options
+
+
+def _names_a_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.startswith((".", "~"))
 
 
 def summary(r: TrainResult) -> str:
