@@ -919,3 +919,32 @@ def test_train_data_file_and_config_mistakes_are_one_line(mflux_home, tiny_schne
     )
     config.write_text("rnak = 4\n")
     refused(mflux(*base, "--config", config), "unknown option 'rnak' (did you mean 'rank'?")
+
+
+def _checkpoint(path: Path, settings: dict, **meta) -> Path:
+    """A training checkpoint's header as `mflux train` writes it (format 1), over one array."""
+    import mlx.core as mx
+
+    header = {"kind": "mflux-train-checkpoint", "format_version": "1", "step": "2", "rank": "2"}
+    header |= {
+        "base_model": "FLUX.1-schnell",
+        "alpha": "2.0",
+        "targets": "[]",
+        "config": json.dumps(settings),
+    }
+    header = {k: v for k, v in (header | meta).items() if v is not None}
+    mx.save_safetensors(str(path), {"random.key": mx.array([0, 1], dtype=mx.uint32)}, metadata=header)
+    return path
+
+
+def test_train_resume_refusals_are_one_line(mflux_home, tiny_schnell, tmp_path):
+    from tests.fixtures import write_dataset
+
+    run = {"model": str(tiny_schnell), "data": str(write_dataset(tmp_path / "photos"))}
+    run |= {"output": str(tmp_path / "me.safetensors"), "steps": 10, "rank": 2, "lr": 1e-4}
+    checkpoint = _checkpoint(tmp_path / "step-000002.safetensors", run)
+    refused(mflux("train", "--resume", checkpoint, "--lr", "0.5"), "trained with --lr 0.0001, not 0.5")
+    newer = _checkpoint(tmp_path / "newer.safetensors", run, format_version="2")
+    refused(mflux("train", "--resume", newer), "checkpoint format 2, newer than this mflux reads (1)")
+    bare = _checkpoint(tmp_path / "bare.safetensors", {}, format_version=None)  # unversioned, unrecorded
+    refused(mflux("train", "--resume", bare), "does not record its run's --model, --data and --output")
