@@ -403,12 +403,14 @@ def test_cli_resume_continues_the_run_it_names(tiny_schnell, data, tmp_path, mon
     ]
     monkeypatch.setattr(LossLog, "write", write)
     monkeypatch.chdir(tmp_path)
-    work = tmp_path / "run/me.train"
+    work = tmp_path / "moved.train"
+    shutil.move(tmp_path / "run/me.train", work)  # the run lives in its work folder, wherever it is
     result = cli("train", "--resume", work)
     assert result.exit_code == 0, result.stderr
     assert f"resuming from step 2 ({work / 'checkpoints/step-000002.safetensors'})" in result.stderr
     out = tmp_path / "run/me.safetensors"
-    assert f"wrote {out} (step 3;" in result.output
+    assert f"wrote {out} (step 3; work folder {work})" in result.output
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["me.safetensors"]
     result = cli("train", "--resume", work, "--steps", 4)  # no --force: the run that wrote it goes on
     assert result.exit_code == 0 and "resuming from step 3" in result.stderr, result.stderr
     assert SafetensorsFile(out).metadata["mflux.steps"] == "4"

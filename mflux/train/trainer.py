@@ -216,6 +216,8 @@ def resumed(given: dict) -> dict:
     setting given with another value is refused in one line, before anything loads."""
     path = find_checkpoint(given["resume"])
     saved = recorded_settings(path, _checkpoint_meta(path))
+    if path.parent.name == "checkpoints":  # in a work folder: the run's, wherever it was moved
+        saved["work_dir"] = str(path.parent.parent.absolute())
     settings = saved | given
     missing = _missing(settings)
     if missing:
