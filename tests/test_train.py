@@ -393,7 +393,8 @@ def test_cli_resume_continues_the_run_it_names(tiny_schnell, data, tmp_path, mon
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path / "run")
     monkeypatch.setattr(LossLog, "write", press_ctrl_c_at_step_2)
-    args = ["--model", tiny_schnell, "--data", data, "--output", "me.safetensors", "--steps", 3, "--rank", 2]
+    model = os.path.relpath(tiny_schnell)  # recorded absolute
+    args = ["--model", model, "--data", data, "--output", "me.safetensors", "--steps", 3, "--rank", 2]
     args += ["--resolution", RES, "--max-sequence-length", SEQ, "--precision", "float32"]
     result = cli("train", *args, "--checkpoint-every", 0)
     assert result.exit_code == 130, result.stderr
@@ -410,6 +411,7 @@ def test_cli_resume_continues_the_run_it_names(tiny_schnell, data, tmp_path, mon
     assert f"resuming from step 2 ({work / 'checkpoints/step-000002.safetensors'})" in result.stderr
     out = tmp_path / "run/me.safetensors"
     assert f"wrote {out} (step 3; work folder {work})" in result.output
+    assert "encoding none (read from the cache)" in result.output  # the same model, however named
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["me.safetensors"]
     result = cli("train", "--resume", work, "--steps", 4)  # no --force: the run that wrote it goes on
     assert result.exit_code == 0 and "resuming from step 3" in result.stderr, result.stderr
