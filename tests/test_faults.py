@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -948,3 +949,34 @@ def test_train_resume_refusals_are_one_line(mflux_home, tiny_schnell, tmp_path):
     refused(mflux("train", "--resume", newer), "checkpoint format 2, newer than this mflux reads (1)")
     bare = _checkpoint(tmp_path / "bare.safetensors", {}, format_version=None)  # unversioned, unrecorded
     refused(mflux("train", "--resume", bare), "does not record its run's --model, --data and --output")
+
+
+def test_train_ctrl_c_is_the_saved_line_alone(mflux_home, tiny_schnell, tmp_path):
+    """A real SIGINT through the installed command mid-training: the checkpoint's line, exit 130, and no
+    `error: interrupted` after it; the line's command then continues the run."""
+    from tests.fixtures import write_dataset
+
+    write_dataset(tmp_path / "photos")
+    args = ["train", "--model", tiny_schnell, "--data", "photos", "-o", "me.safetensors", "--steps", "500"]
+    args += ["--rank", "2", "--resolution", "32", "--max-sequence-length", "16", "--precision", "float32"]
+    child = subprocess.Popen(
+        [*ENTRIES["python-m"], *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=tmp_path,
+    )
+    log, deadline = tmp_path / "me.train/loss.jsonl", time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline and not (log.is_file() and log.read_text()):
+        time.sleep(0.05)  # until a step is done
+    child.send_signal(signal.SIGINT)
+    result = finish(child, timeout=60)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no "error: interrupted" after it
+    pattern = r"interrupted at step (\d+): saved \S+ \(continue with: (mflux train --resume \S+)\)"
+    step = re.fullmatch(pattern, lines[0])
+    assert step, lines[0]
+    resumed = mflux(*step[2].split()[1:], "--steps", int(step[1]) + 1, cwd=tmp_path)
+    assert resumed.returncode == 0 and f"resuming from step {step[1]}" in resumed.stderr, resumed.stderr
