@@ -763,7 +763,11 @@ def quantize(model, bits, group_size, mode, name, dtype, components, force):
     "--checkpoint-every", type=int, help="Steps between checkpoints (default 250; 0: at the end only)."
 )
 @click.option("--keep-checkpoints", type=int, help="Checkpoints kept, the latest (default 3).")
-@click.option("--resume", help="A checkpoint (step-*.safetensors) or a run's work folder to continue.")
+@click.option(
+    "--resume",
+    help="A checkpoint (step-*.safetensors) or a run's work folder to continue, with its settings "
+    "(model, data and output included, so those flags may be left out).",
+)
 @click.option("--validation-prompt", help="Draw this prompt at a fixed seed during training.")
 @click.option("--validation-every", type=int, help="Steps between validation images (default: at the end).")
 @click.option("--max-sequence-length", type=int, help="T5 tokens (default: schnell 256, dev 512).")
@@ -776,7 +780,9 @@ def train(config_file, **flags):
     """Train a LoRA on a folder of captioned images.
 
     The images are encoded once (VAE, T5, CLIP) into a cache, the encoders freed, and the LoRA
-    trained with gradient checkpointing. Ctrl-C saves a checkpoint; --resume continues exactly.
+    trained with gradient checkpointing. Ctrl-C saves a checkpoint; --resume continues exactly, with
+    the run's recorded settings (given again, only --steps, validation, checkpointing and the paths
+    may change).
     Under mlx.launch -n N each batch is split over the ranks (--batch-size a multiple of N) and the
     gradients averaged; rank 0 writes the files.
 
@@ -784,18 +790,20 @@ def train(config_file, **flags):
     Examples:
       mflux train --model dev --data ./photos --output me.safetensors --trigger sks --steps 1000
       mflux train --config train.toml --steps 2000
-      mflux train --config train.toml --resume me.train
+      mflux train --resume me.train --steps 2000
       mlx.launch --backend nccl -n 4 -- mflux train --config train.toml --batch-size 4
     """
-    from mflux.train.trainer import read_config_file, summary
+    from mflux.train.trainer import Stopped, read_config_file, summary
     from mflux.train.trainer import train as train_lora
 
     options = read_config_file(config_file) if config_file else {}
     options |= {k: v for k, v in flags.items() if v is not None}
-    for required in ("model", "data", "output"):
-        if not options.get(required):
-            raise MfluxError(f"--{required} is required (as a flag or in --config)")
-    result = train_lora(**{"progress": True, **options})  # a bar on a terminal, else a line every few steps
+    try:
+        result = train_lora(
+            **{"progress": True, **options}
+        )  # a bar on a terminal, else a line every few steps
+    except Stopped:
+        raise click.exceptions.Exit(130) from None  # Ctrl-C: the trainer said what it saved, in one line
     if result.rank == 0:  # under mlx.launch the other ranks stay quiet
         click.echo(summary(result))
 

@@ -1120,3 +1120,82 @@ def test_run_draws_its_bar_only_on_a_terminal(home, tmp_path):
     (tmp_path / "tty").mkdir()
     seen = on_a_terminal(*args, cwd=tmp_path / "tty")
     assert "\rseed 1 [" in seen and "] 2/2" in seen, repr(seen)
+
+
+# --- train's command line (issue 33) -------------------------------------------------------------
+
+
+def test_train_data_file_and_config_mistakes_are_one_line(mflux_home, tiny_schnell, tmp_path):
+    from tests.fixtures import write_dataset
+
+    photos = write_dataset(tmp_path / "photos")
+    base = ["train", "--model", tiny_schnell, "--output", tmp_path / "me.safetensors"]
+    refused(mflux(*base, "--data", photos / "red.png"), "a file, not a data folder", f"--data {photos}")
+    config = tmp_path / "configs" / "train.toml"
+    config.parent.mkdir()
+    config.write_text('data = "photos"\n')  # relative to the current folder, as configs were once read
+    refused(
+        mflux(*base, "--config", config, cwd=tmp_path), "relative to the config file's folder", str(photos)
+    )
+    config.write_text("rnak = 4\n")
+    refused(mflux(*base, "--config", config), "unknown option 'rnak' (did you mean 'rank'?")
+
+
+def _checkpoint(path: Path, settings: dict, **meta) -> Path:
+    """A training checkpoint's header as `mflux train` writes it (format 1), over one array."""
+    import mlx.core as mx
+
+    header = {"kind": "mflux-train-checkpoint", "format_version": "1", "step": "2", "rank": "2"}
+    header |= {
+        "base_model": "FLUX.1-schnell",
+        "alpha": "2.0",
+        "targets": "[]",
+        "config": json.dumps(settings),
+    }
+    header = {k: v for k, v in (header | meta).items() if v is not None}
+    mx.save_safetensors(str(path), {"random.key": mx.array([0, 1], dtype=mx.uint32)}, metadata=header)
+    return path
+
+
+def test_train_resume_refusals_are_one_line(mflux_home, tiny_schnell, tmp_path):
+    from tests.fixtures import write_dataset
+
+    run = {"model": str(tiny_schnell), "data": str(write_dataset(tmp_path / "photos"))}
+    run |= {"output": str(tmp_path / "me.safetensors"), "steps": 10, "rank": 2, "lr": 1e-4}
+    checkpoint = _checkpoint(tmp_path / "step-000002.safetensors", run)
+    refused(mflux("train", "--resume", checkpoint, "--lr", "0.5"), "trained with --lr 0.0001, not 0.5")
+    newer = _checkpoint(tmp_path / "newer.safetensors", run, format_version="2")
+    refused(mflux("train", "--resume", newer), "checkpoint format 2, newer than this mflux reads (1)")
+    bare = _checkpoint(tmp_path / "bare.safetensors", {}, format_version=None)  # unversioned, unrecorded
+    refused(mflux("train", "--resume", bare), "does not record its run's --model, --data and --output")
+
+
+def test_train_ctrl_c_is_the_saved_line_alone(mflux_home, tiny_schnell, tmp_path):
+    """A real SIGINT through the installed command mid-training: the checkpoint's line, exit 130, and no
+    `error: interrupted` after it; the line's command then continues the run."""
+    from tests.fixtures import write_dataset
+
+    write_dataset(tmp_path / "photos")
+    args = ["train", "--model", tiny_schnell, "--data", "photos", "-o", "me.safetensors", "--steps", "500"]
+    args += ["--rank", "2", "--resolution", "32", "--max-sequence-length", "16", "--precision", "float32"]
+    child = subprocess.Popen(
+        [*ENTRIES["python-m"], *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=tmp_path,
+    )
+    log, deadline = tmp_path / "me.train/loss.jsonl", time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline and not (log.is_file() and log.read_text()):
+        time.sleep(0.05)  # until a step is done
+    child.send_signal(signal.SIGINT)
+    result = finish(child, timeout=60)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no "error: interrupted" after it
+    pattern = r"interrupted at step (\d+): saved \S+ \(continue with: (mflux train --resume \S+)\)"
+    step = re.fullmatch(pattern, lines[0])
+    assert step, lines[0]
+    resumed = mflux(*step[2].split()[1:], "--steps", int(step[1]) + 1, cwd=tmp_path)
+    assert resumed.returncode == 0 and f"resuming from step {step[1]}" in resumed.stderr, resumed.stderr

@@ -316,9 +316,10 @@ RESUME = dict(steps=4, rank=4, lr=1e-3, batch_size=2, resolution=RES, max_sequen
 RESUME |= dict(precision="float32", checkpoint_every=0)
 
 
-def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_dev, data, tmp_path):
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_dev, data, tmp_path, capsys):
     """dev (guidance, dynamic shift), batches of 2 over 5 images (the order crosses epochs): Ctrl-C at
-    step 2 saves a checkpoint, and resuming it gives the uninterrupted run's losses and LoRA exactly."""
+    step 2 saves a checkpoint, and resuming it (the checkpoint alone: it knows the run's model, data,
+    output and settings) gives the uninterrupted run's losses and LoRA exactly."""
     whole = train(str(tiny_dev), str(data), str(tmp_path / "whole.safetensors"), **RESUME)
 
     def ctrl_c(step, loss):
@@ -334,7 +335,9 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_dev, data, tmp_path
     assert not part.exists() and [p.name for p in (work / "checkpoints").iterdir()] == [
         "step-000002.safetensors"
     ]
-    rest = train(str(tiny_dev), str(data), str(part), resume=str(work), **RESUME)
+    capsys.readouterr()
+    rest = train(resume=str(work))
+    assert "resuming from step 2 (" in capsys.readouterr().err
     assert whole.encoded and not rest.encoded
     assert rest.losses == whole.losses[2:] and len(rest.losses) == 2
     a, b = mx.load(str(whole.output)), mx.load(str(part))
@@ -343,6 +346,83 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_dev, data, tmp_path
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
     log = [json.loads(line)["loss"] for line in (work / "loss.jsonl").read_text().splitlines()]
     assert log == whole.losses
+
+
+def rewritten(checkpoint, folder, **meta):
+    """A copy of `checkpoint` with its metadata changed (a None value removes the key)."""
+    arrays, old = mx.load(str(checkpoint), return_metadata=True)
+    meta = {k: v for k, v in (old | meta).items() if v is not None}
+    path = folder / f"{len(list(folder.iterdir()))}-{checkpoint.name}"
+    mx.save_safetensors(str(path), arrays, metadata=meta)
+    return path
+
+
+def test_checkpoint_format_is_versioned_and_older_ones_resume(trained, data, tmp_path):
+    from mflux.train.trainer import CHECKPOINT_FORMAT, resumed
+
+    checkpoint = sorted((trained.work_dir / "checkpoints").iterdir())[-1]
+    meta = SafetensorsFile(checkpoint).metadata
+    assert meta["format_version"] == str(CHECKPOINT_FORMAT) == "1"
+    recorded = json.loads(meta["config"])
+    assert (recorded["data"], recorded["output"]) == (str(data), str(trained.output))  # absolute paths
+    # unversioned (before format 1): resumes when it records its run's settings, as those of mflux did
+    old = rewritten(checkpoint, tmp_path, format_version=None)
+    assert resumed({"resume": str(old)})["steps"] == 120
+    # else with them given again, or it says what to give
+    bare = rewritten(checkpoint, tmp_path, format_version=None, config=json.dumps({"rank": 8}))
+    with pytest.raises(MfluxError, match="does not record its run's --model, --data and --output"):
+        resumed({"resume": str(bare)})
+    given = {"model": recorded["model"], "data": str(data), "output": "me.safetensors"}
+    assert resumed({"resume": str(bare), **given})["rank"] == 8
+    newer = rewritten(checkpoint, tmp_path, format_version="2")
+    with pytest.raises(MfluxError, match=r"checkpoint format 2, newer than this mflux reads \(1\)"):
+        resumed({"resume": str(newer)})
+
+
+def test_cli_resume_continues_the_run_it_names(tiny_schnell, data, tmp_path, monkeypatch):
+    """Ctrl-C is the saved line alone and exit 130; --resume alone then continues the run from any
+    folder (its paths were relative), says from which step, and replaces the LoRA that run wrote when
+    given more steps; a change of what makes the run is refused in one line."""
+    from mflux.train.trainer import LossLog
+
+    write = LossLog.write
+
+    def press_ctrl_c_at_step_2(self, step, *rest):
+        write(self, step, *rest)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    monkeypatch.setattr(LossLog, "write", press_ctrl_c_at_step_2)
+    model = os.path.relpath(tiny_schnell)  # recorded absolute
+    args = ["--model", model, "--data", data, "--output", "me.safetensors", "--steps", 3, "--rank", 2]
+    args += ["--resolution", RES, "--max-sequence-length", SEQ, "--precision", "float32"]
+    result = cli("train", *args, "--checkpoint-every", 0)
+    assert result.exit_code == 130, result.stderr
+    assert result.stderr.splitlines() == [
+        "interrupted at step 2: saved me.train/checkpoints/step-000002.safetensors "
+        "(continue with: mflux train --resume me.train)"
+    ]
+    monkeypatch.setattr(LossLog, "write", write)
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "moved.train"
+    shutil.move(tmp_path / "run/me.train", work)  # the run lives in its work folder, wherever it is
+    result = cli("train", "--resume", work)
+    assert result.exit_code == 0, result.stderr
+    assert f"resuming from step 2 ({work / 'checkpoints/step-000002.safetensors'})" in result.stderr
+    out = tmp_path / "run/me.safetensors"
+    assert f"wrote {out} (step 3; work folder {work})" in result.output
+    assert "encoding none (read from the cache)" in result.output  # the same model, however named
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["me.safetensors"]
+    result = cli("train", "--resume", work, "--steps", 4)  # no --force: the run that wrote it goes on
+    assert result.exit_code == 0 and "resuming from step 3" in result.stderr, result.stderr
+    assert SafetensorsFile(out).metadata["mflux.steps"] == "4"
+    one_line_error(cli("train", "--resume", work, "--lr", 0.5), "trained with --lr 0.0001, not 0.5")
+    one_line_error(cli("train", "--resume", work, "--rank", 4), "has rank 2, not 4")
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"")  # not the LoRA this run wrote: --force as ever
+    one_line_error(cli("train", "--resume", work, "-o", other), "other.safetensors exists (pass --force")
 
 
 def test_qlora_on_a_4bit_base_trains(trained, tiny_schnell, data, tmp_path):
@@ -430,6 +510,45 @@ def test_imagefolder_metadata_trigger_and_crop(tmp_path):
     assert read_config_file(config) == {"rank": 4, "batch_size": 2}
     config.write_text(json.dumps({"ranks": 4}))
     with pytest.raises(MfluxError, match="unknown option 'ranks'"):
+        read_config_file(config)
+
+
+def test_data_given_as_a_file(data, tmp_path):
+    """--data may name the metadata.jsonl itself (as --help says); an image is refused as a file,
+    not reported missing."""
+    from mflux.train.data import scan
+
+    folder = tmp_path / "hf"
+    shutil.copytree(data, folder)
+    rows = [{"file_name": "red.png", "text": "red"}, {"file_name": "blue.png", "text": "blue"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert scan(folder / "metadata.jsonl") == scan(folder)
+    with pytest.raises(MfluxError, match=rf"red\.png: a file, not a data folder \(.* --data {folder}\)"):
+        scan(folder / "red.png")
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    from mflux.train.trainer import read_config_file
+
+    project = tmp_path / "project"
+    (project / "photos").mkdir(parents=True)
+    config = project / "train.toml"
+    config.write_text('model = "schnell"\ndata = "photos"\noutput = "out/me.safetensors"\nwork-dir = "w"\n')
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    assert read_config_file(config) == {
+        "model": "schnell",  # a store name stays a name
+        "data": str(project / "photos"),
+        "output": str(project / "out/me.safetensors"),
+        "work_dir": str(project / "w"),
+    }
+    # a config written when paths were read from the current folder: one line with the fix
+    (tmp_path / "elsewhere").mkdir()
+    config.write_text('data = "elsewhere"\n')
+    with pytest.raises(MfluxError, match="relative to the config file's folder") as refused:
+        read_config_file(config)
+    assert f'write data = "{tmp_path / "elsewhere"}"' in str(refused.value)
+    config.write_text("batch-sise = 2\n")
+    with pytest.raises(MfluxError, match="unknown option 'batch-sise' \\(did you mean 'batch-size'\\?"):
         read_config_file(config)
 
 

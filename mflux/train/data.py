@@ -34,10 +34,17 @@ def scan(data: str | Path, trigger: str | None = None) -> list[Example]:
     """The folder's (image, caption) pairs, every image opened and decoded once, so a bad image or a
     missing caption is reported by its file name before anything is loaded or encoded."""
     folder = Path(data).expanduser()
-    if not folder.is_dir():
+    if folder.is_file() and folder.suffix == ".jsonl":  # the metadata file itself: its folder's images
+        pairs, folder = _from_metadata(folder), folder.parent
+    elif folder.is_file():
+        raise MfluxError(
+            f"{folder}: a file, not a data folder (give the folder that holds the images and their "
+            f".txt captions: --data {folder.parent})"
+        )
+    elif not folder.is_dir():
         raise MfluxError(f"{folder}: no such data folder (give a folder of images with .txt captions)")
-    if (folder / "metadata.jsonl").is_file():
-        pairs = _from_metadata(folder)
+    elif (folder / "metadata.jsonl").is_file():
+        pairs = _from_metadata(folder / "metadata.jsonl")
     else:
         pairs = _from_captions(folder)
     if not pairs:
@@ -62,9 +69,9 @@ def _from_captions(folder: Path) -> list[tuple[Path, str]]:
     return pairs
 
 
-def _from_metadata(folder: Path) -> list[tuple[Path, str]]:
+def _from_metadata(path: Path) -> list[tuple[Path, str]]:
     pairs = []
-    path = folder / "metadata.jsonl"
+    folder = path.parent  # file_name is relative to it
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue

@@ -31,7 +31,8 @@ def encode_dataset(
     component in memory at a time) and written there. The latents are the VAE posterior's mean, scaled
     as the transformer sees them, as FluxImg2ImgPipeline encodes an image (the script draws a sample
     of the posterior each time; a cache holds one encoding either way)."""
-    key = cache_key(examples, f"{folder.path} {dtype}", resolution, seq_len, prompts)
+    # absolute: a resumed run names the model folder by its recorded absolute path
+    key = cache_key(examples, f"{folder.path.absolute()} {dtype}", resolution, seq_len, prompts)
     if path.is_file():
         arrays, meta = mx.load(str(path), return_metadata=True)
         if meta.get("key") == key:

@@ -18,6 +18,7 @@ whole batch. Rank 0 alone reads the data, the cache and a checkpoint, shares wha
 (mflux.distributed.share, broadcast), and writes every file; the others need only the model.
 """
 
+import difflib
 import json
 import signal
 import sys
@@ -48,6 +49,25 @@ from mflux.train.files import atomic_png, atomic_save, atomic_text, write_errors
 from mflux.train.objective import DEV_GUIDANCE, flow_loss, sample_sigmas, training_sigmas
 
 CHECKPOINT_KIND = "mflux-train-checkpoint"
+# A checkpoint's `format_version`. 1: the run's settings in `config`, their paths absolute, so
+# `--resume DIR` alone continues it. Unversioned ones (before 1) hold the same fields, their paths as
+# given (relative to the folder the run started in), and resume the same way.
+CHECKPOINT_FORMAT = 1
+# What a resumed run may change: how long it goes on, what it draws and saves along the way, and where
+# its files are. The rest are the checkpoint's, so the run continues exactly.
+MAY_CHANGE = {
+    "steps",
+    "validation_prompt",
+    "validation_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "gradient_checkpointing",  # memory, not the result
+    "data",
+    "output",
+    "work_dir",
+}
+NOT_SETTINGS = {"resume", "force", "progress"}  # this invocation's, never recorded
+NO_FLAG = {"guidance", "weight_decay", "max_grad_norm", "gradient_checkpointing"}  # config-file keys
 
 
 @dataclass
@@ -133,20 +153,91 @@ class TrainResult:
     ranks: int = 1
 
 
-def train(model: str, data: str, output: str, on_step=None, **options) -> TrainResult:
+def train(
+    model: str | None = None, data: str | None = None, output: str | None = None, on_step=None, **options
+) -> TrainResult:
     """Train a LoRA on the images and captions in `data` and write it to `output` (.safetensors).
 
-    Options are TrainConfig's fields; `on_step(step, loss)` is called after each step. Raises
-    MfluxError for bad input, before anything loads or is encoded. Under mlx.launch every rank calls
-    this and gets the same losses; rank 0 writes the files."""
+    Options are TrainConfig's fields; `on_step(step, loss)` is called after each step. With `resume`
+    (a checkpoint or a work folder) the run's settings are the checkpoint's, model, data and output
+    included; those given again may change only what MAY_CHANGE names. Raises MfluxError for bad input,
+    before anything loads or is encoded. Ctrl-C saves a checkpoint, says so on stderr and raises
+    Stopped. Under mlx.launch every rank calls this and gets the same losses; rank 0 writes the files."""
     group = distributed.world()
-    trainer, error = None, None
+    given = {"model": model, "data": data, "output": output, **options}
+    given = {k: v for k, v in given.items() if v is not None}
+    settings, trainer, error = given, None, None
+    if given.get("resume"):
+        try:
+            settings = resumed(given) if group.rank() == 0 else None  # it alone reads a checkpoint
+        except MfluxError as e:
+            error = e
+        distributed.settle(group, error)
+        settings = _from_rank_0(group, settings)
     try:
-        trainer = Trainer(TrainConfig(model=model, data=data, output=output, **options), on_step, group)
+        trainer = Trainer(_config(settings), on_step, group)
     except MfluxError as e:
         error = e
     distributed.settle(group, error)  # under mlx.launch every rank stops when one refused
     return trainer.run()
+
+
+def _config(settings: dict) -> TrainConfig:
+    missing = _missing(settings)
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise InvalidArgument(
+            f"{_listed(missing)} {verb} required (as flags or in --config), or --resume a run"
+        )
+    return TrainConfig(**settings)
+
+
+def _missing(settings: dict) -> list[str]:
+    return [f"--{name}" for name in ("model", "data", "output") if not settings.get(name)]
+
+
+def _listed(names: list[str]) -> str:
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _from_rank_0(group, settings: dict | None) -> dict:
+    """Rank 0's settings on every rank, as JSON (the others did not read the checkpoint)."""
+    if group.size() == 1:
+        return settings
+    blob = json.dumps(settings, default=str).encode() if group.rank() == 0 else b""  # str: a Path
+    with distributed.lost_peer(group, "its messages say why"):
+        (length,) = distributed.agree(group, [len(blob)])
+        blob = bytes(distributed.agree(group, list(blob) or [0] * length))
+    return json.loads(blob)
+
+
+def resumed(given: dict) -> dict:
+    """A resumed run's settings: the checkpoint's, with those given again that MAY_CHANGE. Another
+    setting given with another value is refused in one line, before anything loads."""
+    path = find_checkpoint(given["resume"])
+    saved = recorded_settings(path, _checkpoint_meta(path))
+    if path.parent.name == "checkpoints":  # in a work folder: the run's, wherever it was moved
+        saved["work_dir"] = str(path.parent.parent.absolute())
+    settings = saved | given
+    missing = _missing(settings)
+    if missing:
+        raise MfluxError(
+            f"{path}: the checkpoint does not record its run's {_listed(missing)} (an older mflux wrote "
+            f"it; give them with --resume)"
+        )
+    ours, theirs = TrainConfig(**settings), TrainConfig(**(settings | saved))  # both normalised alike
+    # model, rank and targets: check_checkpoint says those, with the checkpoint's own record of them
+    for f in fields(TrainConfig):
+        if f.name in MAY_CHANGE | NOT_SETTINGS | {"model", "rank", "targets"} or f.name not in saved:
+            continue
+        if getattr(ours, f.name) != getattr(theirs, f.name):
+            option = f.name if f.name in NO_FLAG else "--" + f.name.replace("_", "-")
+            raise MfluxError(
+                f"{path}: the run was trained with {option} {getattr(theirs, f.name)!r}, not "
+                f"{getattr(ours, f.name)!r} (a resumed run keeps its settings, so it continues exactly; "
+                f"leave {option} out, or start a new run)"
+            )
+    return settings
 
 
 def resolve_model(model: str) -> ModelFolder:
@@ -182,13 +273,16 @@ class Trainer:
                 f"--batch-size {cfg.batch_size} does not divide among the {self.ranks} ranks of mlx.launch "
                 f"(each rank takes an equal share of every batch; use a multiple of {self.ranks})"
             )
-        if self.lead and self.output.exists() and not cfg.force:
+        self.resume_from, self.resume_meta = None, {}
+        if self.lead and cfg.resume:
+            self.resume_from = find_checkpoint(cfg.resume)
+            self.resume_meta = _checkpoint_meta(self.resume_from)
+        if self.lead and self.output.exists() and not cfg.force and not self._resumes_its_output():
             raise MfluxError(f"{self.output} exists (pass --force to replace it, or pick another --output)")
         self.folder = resolve_model(cfg.model)
-        self.examples, self.resume_from, self.encoded = None, None, False
+        self.examples, self.encoded = None, False
         if self.lead:
             self.examples = dataset.scan(cfg.data, cfg.trigger)
-            self.resume_from = find_checkpoint(cfg.resume) if cfg.resume else None
         if self.resume_from:
             check_checkpoint(self.resume_from, self.folder.name, cfg)
         self.precision = cfg.precision or default_precision()
@@ -196,11 +290,20 @@ class Trainer:
         self.peak: dict[str, int] = {}
         self.validation_images: list[Path] = []
 
+    def _resumes_its_output(self) -> bool:
+        """Whether this resumes the run that wrote the output: then it may replace it (with more steps)."""
+        if not self.resume_from:
+            return False
+        theirs = recorded_settings(self.resume_from, self.resume_meta).get("output")
+        return bool(theirs) and Path(theirs).expanduser().absolute() == self.output.absolute()
+
     # --- the run ---
 
     def run(self) -> TrainResult:
         if self.lead:
             self.work.mkdir(parents=True, exist_ok=True)
+        if self.lead and self.resume_from:
+            print(f"resuming from step {self.resume_meta['step']} ({self.resume_from})", file=sys.stderr)
         cache = distributed.share(self.group, self.encode() if self.lead else None)
         flux, layers, optimizer = self.build()
         state = self.restore(flux, optimizer)
@@ -319,13 +422,11 @@ class Trainer:
                         bar.write(f"checkpoint {saved}", file=sys.stderr)
                 if stopped:
                     bar.close()
-                    if self.lead:
-                        print(
-                            f"interrupted at step {state['step']}: saved {saved} "
-                            f"(continue with --resume {self.work})",
-                            file=sys.stderr,
-                        )
-                    raise KeyboardInterrupt
+                    line = f"interrupted at step {state['step']}"
+                    if self.lead:  # it saved the checkpoint, and says so
+                        line += f": saved {saved} (continue with: mflux train --resume {self.work})"
+                        print(line, file=sys.stderr)
+                    raise Stopped(line)
         bar.close()
         self.peak["training"] = mx.get_peak_memory()
         last_saved = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
@@ -358,17 +459,29 @@ class Trainer:
         arrays = state_arrays(flux, optimizer, state)
         meta = {
             "kind": CHECKPOINT_KIND,
+            "format_version": str(CHECKPOINT_FORMAT),
             "step": str(state["step"]),
             "base_model": self.folder.name,
             "rank": str(self.cfg.rank),
             "alpha": str(self.cfg.alpha),
             "targets": json.dumps(self.cfg.targets),
-            "config": json.dumps(asdict(self.cfg)),
+            "config": json.dumps(self.settings()),
         }
         atomic_save(path, arrays, meta)
         for old in sorted(folder.glob("step-*.safetensors"))[: -self.cfg.keep_checkpoints]:
             old.unlink()
         return path
+
+    def settings(self) -> dict:
+        """The run's settings as its checkpoints record them: the paths absolute, so --resume works
+        from any folder."""
+        out = {k: v for k, v in asdict(self.cfg).items() if k not in NOT_SETTINGS}
+        model = Path(self.cfg.model).expanduser()
+        if model.is_dir():
+            out["model"] = str(model.absolute())
+        out["data"] = str(Path(self.cfg.data).expanduser().absolute())
+        out["output"], out["work_dir"] = str(self.output.absolute()), str(self.work.absolute())
+        return out
 
     def save_lora(self, layers) -> None:
         cfg = self.cfg
@@ -478,6 +591,11 @@ class BatchOrder:
             epoch, i = divmod(pos, self.count)
             out.append(int(np.random.default_rng([self.seed, epoch]).permutation(self.count)[i]))
         return out
+
+
+class Stopped(CtrlC):
+    """Ctrl-C stopped the run after saving a checkpoint, and rank 0 said where (the message): the
+    command exits 130 without a line of its own. A KeyboardInterrupt, as Ctrl-C is to a Python caller."""
 
 
 class StopOnInterrupt:
@@ -602,26 +720,46 @@ def _checkpoint_meta(path: Path) -> dict:
     return dict(SafetensorsFile(path).metadata)  # the header only; MfluxError for a bad file
 
 
-def check_checkpoint(path: Path, base_model: str, cfg: TrainConfig) -> None:
-    """Refuse a checkpoint of another base model, rank or targets, before anything is encoded."""
-    meta = _checkpoint_meta(path)
+def recorded_settings(path: Path, meta: dict) -> dict:
+    """The settings a checkpoint records (TrainConfig's fields), after checking it is one this mflux
+    reads: one line for a file that is not a checkpoint, or one from a newer mflux."""
     if meta.get("kind") != CHECKPOINT_KIND:
         raise MfluxError(
             f"{path}: not an mflux training checkpoint (a LoRA? resume takes step-*.safetensors)"
         )
+    version = meta.get("format_version", "0")  # unversioned: written before format 1
+    if not version.isdigit() or int(version) > CHECKPOINT_FORMAT:
+        raise MfluxError(
+            f"{path}: checkpoint format {version}, newer than this mflux reads ({CHECKPOINT_FORMAT}); "
+            "resume it with the mflux that wrote it, or upgrade: pip install -U mflux"
+        )
+    try:
+        saved = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError:
+        saved = {}
+    known = {f.name for f in fields(TrainConfig)} - NOT_SETTINGS
+    return {k: v for k, v in saved.items() if k in known} if isinstance(saved, dict) else {}
+
+
+def check_checkpoint(path: Path, base_model: str, cfg: TrainConfig) -> None:
+    """Refuse a checkpoint of another base model, rank or targets, before anything is encoded."""
+    meta = _checkpoint_meta(path)
+    recorded_settings(path, meta)
     if meta["base_model"] != base_model:
         raise MfluxError(
             f"{path}: the checkpoint was trained on {meta['base_model']!r}, not {base_model!r} "
-            f"(resume with --model {meta['base_model']})"
+            "(leave --model out: a resumed run keeps its model)"
         )
     if int(meta["rank"]) != cfg.rank:
         raise MfluxError(
-            f"{path}: the checkpoint has rank {meta['rank']}, not {cfg.rank} (resume with --rank {meta['rank']})"
+            f"{path}: the checkpoint has rank {meta['rank']}, not {cfg.rank} (leave --rank out, or give "
+            f"--rank {meta['rank']})"
         )
+    targets = ",".join(json.loads(meta["targets"]))
     if json.loads(meta["targets"]) != cfg.targets:
         raise MfluxError(
-            f"{path}: the checkpoint trains {','.join(json.loads(meta['targets']))}, not "
-            f"{','.join(cfg.targets)} (resume with the same --targets)"
+            f"{path}: the checkpoint trains {targets}, not {','.join(cfg.targets)} (leave --targets out, "
+            f"or give --targets {targets})"
         )
     if int(meta["step"]) > cfg.steps:
         raise MfluxError(f"{path}: the checkpoint is at step {meta['step']}, past --steps {cfg.steps}")
@@ -675,9 +813,42 @@ def read_config_file(path: str | Path) -> dict:
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise MfluxError(f"{path}: unknown option {key!r} (see: mflux train --help)")
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            spelled = [c.replace("_", "-") if "-" in key else c for c in close]  # in the key's own style
+            hint = f"did you mean {spelled[0]!r}? " if spelled else ""
+            raise MfluxError(f"{path}: unknown option {key!r} ({hint}see: mflux train --help)")
         out[name] = value
-    return out
+    return _beside_config(out, path)
+
+
+PATH_OPTIONS = ("model", "data", "resume", "output", "work_dir")
+MUST_EXIST = ("model", "data", "resume")
+
+
+def _beside_config(options: dict, config: Path) -> dict:
+    """Paths in a config file are relative to the file's folder, as a --prompt-file's are, so a config
+    works from any current folder. A path that only resolves relative to the current folder (how
+    configs were read before) is refused with the fix, rather than quietly read from elsewhere."""
+    here = config.absolute().parent
+    for name in PATH_OPTIONS:
+        value = options.get(name)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        given, beside = Path(value), here / value
+        if name == "model" and not _names_a_path(value) and not beside.is_dir() and not given.is_dir():
+            continue  # a store name
+        if name in MUST_EXIST and not beside.exists() and given.exists():
+            raise MfluxError(
+                f"{config}: {name} = {value!r} is read relative to the config file's folder now, and "
+                f"{beside} does not exist (write {name} = {json.dumps(str(given.absolute()))}, the path it "
+                f"named relative to the current one, or a path relative to {here})"
+            )
+        options[name] = str(beside)
+    return options
+
+
+def _names_a_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.startswith((".", "~"))
 
 
 def summary(r: TrainResult) -> str:
