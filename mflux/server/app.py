@@ -56,10 +56,12 @@ def create_app(settings: ServerSettings, loader=None) -> FastAPI:
 
 def _pages(app: FastAPI, server: Server) -> None:
     @app.get("/health")
-    def health() -> dict:
+    def health():
         w = server.worker
-        return {
-            "status": "ok",
+        error = w.load_error()  # the model requests get by default did not load: 503, saying why
+        body = {
+            "status": "error" if error else "ok",
+            "error": error,
             "model": w.loaded_model(),
             "default_model": w.model_name,
             "queue": w.queued(),
@@ -68,6 +70,7 @@ def _pages(app: FastAPI, server: Server) -> None:
             "backend": w.backend,
             "workers": w.workers(),
         }
+        return JSONResponse(body, 503) if error else body
 
     @app.get("/", include_in_schema=False)
     def index():

@@ -20,7 +20,17 @@ from PIL import Image, ImageOps
 
 from mflux.errors import MfluxError
 from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
-from mflux.server.worker import End, Job, Models, QueueFull, Result, ThreadRunner, Worker, WorkerLost
+from mflux.server.worker import (
+    End,
+    Job,
+    LoadFailed,
+    Models,
+    QueueFull,
+    Result,
+    ThreadRunner,
+    Worker,
+    WorkerLost,
+)
 
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
@@ -126,7 +136,8 @@ class Server:
 
     # --- names ----------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
-        return [m.name for m in self.store.list()]
+        """The usable models: a damaged one (a file missing or of the wrong size) is left out of every list."""
+        return [m.name for m in self.store.list() if not m.damaged]
 
     def check_model(self, name: str | None, param: str = "model") -> str | None:
         """A store name (or `<name>-q<bits>` of one), or 404 naming the choices. None: the loaded model."""
@@ -144,10 +155,14 @@ class Server:
             pass  # an invalid store name is just an unknown model here
         else:
             try:
-                self.store.resolve(name)  # bits mflux cannot make: that error (400)
-                return name
+                found = self.store.resolve(name)  # bits mflux cannot make: that error (400)
             except NotStored:
                 pass
+            else:
+                damaged = self.store.get(found.name)
+                if damaged.damaged:  # the server's files are at fault, not the request
+                    raise ApiError(503, damaged.damage_hint(), param, "model_unavailable")
+                return name
         choices = ", ".join(self.model_names()) or "none (add one with: mflux pull schnell)"
         raise ApiError(404, f"unknown model {name!r} (the store has: {choices})", param, "model_not_found")
 
@@ -334,6 +349,8 @@ def end_error(end: End, timeout: float) -> ApiError | None:
         return e
     if isinstance(e, WorkerLost):
         return ApiError(500, str(e), code="worker_died")
+    if isinstance(e, LoadFailed) and not e.lora:
+        return ApiError(503, str(e), code="model_unavailable")  # the server's files, not the request
     if isinstance(e, MfluxError):
         return ApiError(400, str(e))
     return ApiError(500, "the generation failed on the server (see its log)", code="server_error")

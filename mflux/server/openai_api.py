@@ -131,7 +131,9 @@ class ErrorResponse(BaseModel):
 @router.get("/v1/models")
 def list_models(request: Request) -> ModelList:
     server = request.app.state.server
-    models = [Model(id=m.name, created=int(m.modified.timestamp())) for m in server.store.list()]
+    models = [
+        Model(id=m.name, created=int(m.modified.timestamp())) for m in server.store.list() if not m.damaged
+    ]
     return ModelList(data=models)
 
 

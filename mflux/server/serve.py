@@ -29,12 +29,11 @@ def serve(
     import uvicorn
 
     from mflux.server.app import create_app
-    from mflux.store import Store
 
     several = (workers or 1) > 1 or bool(devices)  # only then is MLX asked for the CUDA GPUs
     planned = worker_devices(workers, devices, cuda_gpus() if several else 0)
     if model is not None:
-        Store().resolve(model)  # the clear error now, not at the first request
+        check_model(model)  # the clear error now, not a server that fails every request
     check_port(host, port)  # before the banner: a port in use is one line, not uvicorn's traceback
     if not is_loopback(host) and not api_key:
         click.echo(
@@ -62,6 +61,19 @@ def serve(
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     except OSError as e:
         raise MfluxError(f"cannot listen on {host}:{port}: {e.strerror} (choose another --port)") from None
+
+
+def check_model(name: str) -> None:
+    """The model to serve is stored, its files are whole (each one's size, and each weight file's header
+    read and checked), as loading it will find them: a damaged model fails the start with one line."""
+    from mflux.folders import open_folder
+    from mflux.runtime.weights import SafetensorsFile
+    from mflux.store import Store
+
+    found = Store().resolve(name)
+    folder = open_folder(found.path, name=found.name)
+    for path in sorted(folder.path.rglob("*.safetensors")):
+        SafetensorsFile(path)  # reads the header only
 
 
 def check_port(host: str, port: int) -> None:
