@@ -2,8 +2,12 @@
 `mflux serve`. Loopback only; every case is bounded in time (short HTTP timeouts, tiny models, 32 px, one
 step). Each refusal is one clear error in the dialect's shape: OpenAI's JSON error, A1111's, or the page's."""
 
+import base64
+import io
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +15,7 @@ import pytest
 import requests
 import uvicorn
 from click.testing import CliRunner
+from PIL import Image
 
 from mflux.cli import cli
 from mflux.server import process
@@ -76,6 +81,7 @@ def store(mflux_home, tiny_schnell):
 def test_a_worker_process_sends_a_load_failure_as_one():
     # a worker process's error crosses the pipe as (kind, message): a failed load stays a 503, a LoRA's a 400
     from mflux.server.worker import LoadFailed  # here: the other cases run on code without it
+
     for error in (LoadFailed("model x could not be loaded"), LoadFailed("ink.safetensors: bad", lora=True)):
         again = process._error((process._kind(error), str(error)))
         assert type(again) is LoadFailed and (again.lora, str(again)) == (error.lora, str(error))
@@ -125,3 +131,163 @@ def test_damaged_models_are_not_listed(broken):
         f"{broken.url}/v1/images/generations", json={"prompt": "fox", "model": "nope"}, timeout=10
     )
     assert r.status_code == 404 and "truncated" not in r.json()["error"]["message"]
+
+
+# --- hostile input -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def srv(store):
+    with serving(ServerSettings(model="schnell")) as (url, server):
+        yield SimpleNamespace(url=url, server=server)
+
+
+def post(srv, path: str, body, status: int) -> dict:
+    """POST a JSON body (a dict, or raw JSON text); the status is checked, and the error's shape: A1111's
+    under /sdapi, OpenAI's elsewhere (the page's API included). Returns the error as {message, param}."""
+    kwargs = {"json": body} if isinstance(body, dict) else {"data": body}
+    r = requests.post(f"{srv.url}{path}", headers={"Content-Type": "application/json"}, timeout=30, **kwargs)
+    assert r.status_code == status, (path, r.status_code, r.text[:300])
+    err = r.json()
+    if path.startswith("/sdapi/"):
+        assert set(err) == {"error", "detail", "body", "errors"}, err
+        return {"message": err["detail"], "param": None}
+    assert set(err["error"]) == {"message", "type", "param", "code"}, err
+    return err["error"]
+
+
+def image_b64(image: Image.Image, **save) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **save)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+SMALL = {"width": 32, "height": 32, "steps": 1}
+INIT = image_b64(Image.new("RGB", (32, 32), (200, 40, 40)))
+
+
+def test_a_model_title_that_is_not_text(srv):
+    body = {"prompt": "fox", **SMALL, "override_settings": {"sd_model_checkpoint": 5}}
+    assert "sd_model_checkpoint" in post(srv, "/sdapi/v1/txt2img", body, 400)["message"]
+
+
+@pytest.mark.parametrize("seed", ["9" * 5000, "²", "１２", "18446744073709551616"])
+def test_page_seeds_that_are_not_seeds(srv, seed):
+    error = post(srv, "/mflux/v1/generate", {"prompt": "fox", **SMALL, "seed": seed}, 400)
+    assert error["param"] == "seed" and "0..18446744073709551615" in error["message"]
+    assert len(error["message"]) < 200  # 5000 digits are not echoed back
+
+
+def test_a_lone_surrogate_in_a_prompt_is_refused_in_every_dialect(srv):
+    for path, body in (
+        ("/v1/images/generations", '{"prompt": "a \\ud800 fox", "size": "32x32", "steps": 1}'),
+        ("/sdapi/v1/txt2img", '{"prompt": "a fox", "negative_prompt": "\\udfff", "width": 32, "height": 32}'),
+        ("/mflux/v1/generate", '{"prompt": "a \\ud800 fox", "width": 32, "height": 32, "steps": 1}'),
+    ):
+        assert "lone surrogate" in post(srv, path, body, 400)["message"], path
+
+
+def test_a_lone_surrogate_in_the_python_api(store):
+    from mflux import Config, Flux1
+    from mflux.errors import InvalidArgument
+
+    flux = Flux1.from_name("schnell")
+    with pytest.raises(InvalidArgument, match="lone surrogate"):
+        flux.generate_image(
+            seed=1, prompt="a \ud800 fox", config=Config(num_inference_steps=1, width=32, height=32)
+        )
+
+
+def test_bytes_that_are_not_utf8_in_a_cli_prompt(store, tmp_path):
+    # argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mflux",
+            "run",
+            "-m",
+            "schnell",
+            "--prompt",
+            b"a \xff fox",
+            "--steps",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "-o",
+            str(tmp_path / "a.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MFLUX_HOME": str(store)},
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: --prompt is not valid text: character 3 is a lone surrogate"), r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "a.png").exists()
+
+
+def test_a_png_with_a_garbage_exif_block(srv):
+    bad = image_b64(Image.new("RGB", (32, 32)), exif=b"garbage!" * 4)
+    body = {"prompt": "fox", **SMALL, "init_images": [bad]}
+    assert "init_images" in post(srv, "/sdapi/v1/img2img", body, 400)["message"]
+
+
+def test_a_mask_blur_past_any_image_is_refused(srv):
+    for name in ("mask_blur", "mask_blur_x"):
+        body = {"prompt": "fox", **SMALL, "init_images": [INIT], "mask": INIT, name: 10**20}
+        assert f"{name} must be in 0..64" in post(srv, "/sdapi/v1/img2img", body, 400)["message"]
+
+
+ZERO_STEPS = "gives zero steps at this step count"
+
+
+def test_a_strength_that_leaves_no_step(srv, store, tmp_path):
+    body = {"prompt": "fox", **SMALL, "init_images": [INIT], "denoising_strength": 1e-20}
+    assert ZERO_STEPS in post(srv, "/sdapi/v1/img2img", body, 400)["message"]
+    r = requests.post(
+        f"{srv.url}/v1/images/edits",
+        files={"image": ("a.png", base64.b64decode(INIT), "image/png")},
+        data={"prompt": "fox", "strength": "1e-20", "steps": "1"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and ZERO_STEPS in r.json()["error"]["message"], r.text
+    (tmp_path / "init.png").write_bytes(base64.b64decode(INIT))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mflux",
+            "run",
+            "-m",
+            "schnell",
+            "--prompt",
+            "fox",
+            "--steps",
+            "4",
+            "--image",
+            str(tmp_path / "init.png"),
+            "--strength",
+            "1e-20",
+            "-o",
+            str(tmp_path / "a.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MFLUX_HOME": str(store)},
+    )
+    assert r.returncode == 1 and r.stderr.startswith("error: --strength 1e-20 " + ZERO_STEPS), r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_a_strength_that_leaves_no_step_in_the_python_api(store):
+    from mflux import Config, Flux1
+    from mflux.errors import InvalidArgument
+
+    flux = Flux1.from_name("schnell")
+    init = Image.new("RGB", (32, 32))
+    with pytest.raises(InvalidArgument, match=ZERO_STEPS):
+        flux.generate_image(
+            seed=1, prompt="fox", image=init, strength=1e-20, config=Config(width=32, height=32)
+        )

@@ -31,6 +31,7 @@ from mflux.server.worker import (
     Worker,
     WorkerLost,
 )
+from mflux.settings import not_utf8
 
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
@@ -203,6 +204,9 @@ class Server:
     def check_prompt(self, prompt, param: str = "prompt", empty_ok: bool = False) -> str:
         if not isinstance(prompt, str) or (not empty_ok and not prompt.strip()):
             raise ApiError(400, f"{param} must be a non-empty string", param)
+        bad = not_utf8(prompt)
+        if bad:
+            raise ApiError(400, f"{param} is not valid text: {bad} (send UTF-8 text)", param)
         if len(prompt) > self.limits.prompt_chars:
             raise ApiError(
                 400, f"{param} is {len(prompt)} characters; the limit is {self.limits.prompt_chars}", param
@@ -257,11 +261,11 @@ class Server:
                 if image.width * image.height > 4 * self.limits.pixels:
                     raise ApiError(400, f"{param} is {image.width}x{image.height}: too many pixels", param)
                 image.load()
+                return ImageOps.exif_transpose(image)  # inside: a garbage EXIF block raises as PIL reads it
         except ApiError:
             raise
         except Exception:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
             raise ApiError(400, f"{param} is not an image PIL can read (send a PNG or JPEG)", param) from None
-        return ImageOps.exif_transpose(image)
 
     # --- running --------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
