@@ -135,9 +135,16 @@ def test_damaged_models_are_not_listed(broken):
 
 # --- hostile input -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def srv(store):
-    with serving(ServerSettings(model="schnell")) as (url, server):
-        yield SimpleNamespace(url=url, server=server)
+def lora_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}xx")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def srv(store, lora_dir):
+    with serving(ServerSettings(model="schnell", lora_dir=lora_dir)) as (url, server):
+        yield SimpleNamespace(url=url, server=server, lora_dir=lora_dir)
 
 
 def post(srv, path: str, body, status: int) -> dict:
@@ -291,3 +298,59 @@ def test_a_strength_that_leaves_no_step_in_the_python_api(store):
         flux.generate_image(
             seed=1, prompt="fox", image=init, strength=1e-20, config=Config(width=32, height=32)
         )
+
+
+# --- the small ones --------------------------------------------------------------------------------
+@pytest.mark.parametrize("counts", [{"batch_size": -1, "n_iter": -1}, {"batch_size": 0}, {"n_iter": -2}])
+def test_a1111_counts_are_each_at_least_one(srv, counts):
+    name = next(iter(counts))
+    error = post(srv, "/sdapi/v1/txt2img", {"prompt": "fox", **SMALL, **counts}, 400)
+    assert error["message"] == f"{name} must be at least 1, got {counts[name]}"
+
+
+def test_a_corrupt_lora_is_named_without_the_servers_folder(srv):
+    a1111 = post(srv, "/sdapi/v1/txt2img", {"prompt": "fox <lora:broken:1>", **SMALL}, 400)["message"]
+    oai = post(
+        srv,
+        "/v1/images/generations",
+        {"prompt": "fox", "size": "32x32", "steps": 1, "loras": [{"name": "broken"}]},
+        400,
+    )["message"]
+    for message in (a1111, oai):
+        assert "broken.safetensors" in message and str(srv.lora_dir) not in message, message
+
+
+@pytest.mark.parametrize("kind", ["GIF", "BMP", "TIFF", "ICO"])
+def test_only_png_jpeg_and_webp_are_decoded(srv, kind):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, format=kind)
+    body = {"prompt": "fox", **SMALL, "init_images": [base64.b64encode(buf.getvalue()).decode()]}
+    assert "send a PNG, JPEG or WebP" in post(srv, "/sdapi/v1/img2img", body, 400)["message"]
+
+
+@pytest.fixture(scope="module")
+def keyed(store):
+    with serving(ServerSettings(api_key="sekrit"), loader=lambda name, loras: None) as (url, server):
+        yield SimpleNamespace(url=url, server=server)
+
+
+def test_the_page_cannot_be_framed_or_sniffed(keyed):
+    for path, cookie in (("/", "mflux_api_key=sekrit"), ("/", ""), ("/ui/app.js", "mflux_api_key=sekrit")):
+        r = requests.get(f"{keyed.url}{path}", headers={"Cookie": cookie}, timeout=10)
+        assert r.headers["X-Frame-Options"] == "DENY", (path, cookie)
+        assert r.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_another_apps_cookie_does_not_hide_the_key(keyed):
+    for cookie in ('prefs={"theme":"dark"}; mflux_api_key=sekrit', 'mflux_api_key=sekrit; a="b;c"; x'):
+        assert requests.get(f"{keyed.url}/", headers={"Cookie": cookie}, timeout=10).status_code == 200
+    wrong = 'prefs={"theme":"dark"}; mflux_api_key=nope'
+    assert requests.get(f"{keyed.url}/", headers={"Cookie": wrong}, timeout=10).status_code == 401
+
+
+def test_one_job_waiting_is_singular():
+    from mflux.server.worker import QueueFull
+
+    assert str(QueueFull(1, 3)) == "the queue is full (1 job waiting; retry after 3 s)"
+    assert str(QueueFull(16, 3)) == "the queue is full (16 jobs waiting; retry after 3 s)"

@@ -277,6 +277,9 @@ def _job(server, body: Txt2ImgRequest) -> Job:
     prompt, lora_names = _lora_tags(body.prompt)
     server.check_prompt(prompt)
     server.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
+    for name in ("batch_size", "n_iter"):  # each, or -1 * -1 passes as one image
+        if getattr(body, name) < 1:
+            raise ApiError(400, f"{name} must be at least 1, got {getattr(body, name)}", name)
     n = server.check_count(body.batch_size * body.n_iter, "batch_size * n_iter")
     width, height = server.check_size(body.width, body.height, "width")
     cfg = a1111_cfg(body.cfg_scale, body.distilled_cfg_scale, body.negative_prompt)

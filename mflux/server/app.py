@@ -7,7 +7,6 @@ import shutil
 import tempfile
 from base64 import b64decode
 from contextlib import asynccontextmanager
-from http.cookies import SimpleCookie
 from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote
@@ -51,6 +50,7 @@ def create_app(settings: ServerSettings, loader=None) -> FastAPI:
     _pages(app, server)
     _errors(app)
     app.add_middleware(Guard, server=server)
+    app.add_middleware(NoFraming)
     return app
 
 
@@ -174,6 +174,31 @@ class Guard:
         await self.app(scope, counted, send)
 
 
+class NoFraming:
+    """ASGI middleware: no page of another site may frame ours (clickjacking the Generate button), and no
+    browser guesses a type other than the one sent (an uploaded file rendered as HTML)."""
+
+    HEADERS = [
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy", b"frame-ancestors 'none'"),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def authorized(headers: dict, path: str, key: str) -> bool:
     auth = headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
@@ -185,13 +210,19 @@ def authorized(headers: dict, path: str, key: str) -> bool:
         except ValueError:
             return False
         return _same(password, key)
-    cookie = SimpleCookie()
-    try:
-        cookie.load(headers.get("cookie", ""))
-    except Exception:  # noqa: BLE001 - a malformed cookie header is just no key
-        return False
     # the page stores the key URL-encoded (encodeURIComponent), so any character survives the cookie
-    return KEY_COOKIE in cookie and _same(unquote(cookie[KEY_COOKIE].value), key)
+    value = cookie_value(headers.get("cookie", ""), KEY_COOKIE)
+    return value is not None and _same(unquote(value), key)
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """One cookie's value, each `name=value` pair read on its own: SimpleCookie drops every cookie after
+    one it cannot parse, so another app's cookie on this host (`prefs={"theme":"dark"}`) hid ours."""
+    for pair in header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
 
 
 def _same(a: str, b: str) -> bool:

@@ -35,6 +35,7 @@ from mflux.settings import not_utf8
 
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what clients send; Pillow's other decoders are attack surface
 
 
 @dataclass
@@ -257,7 +258,7 @@ class Server:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # no other decoder is reachable
                 if image.width * image.height > 4 * self.limits.pixels:
                     raise ApiError(400, f"{param} is {image.width}x{image.height}: too many pixels", param)
                 image.load()
@@ -265,7 +266,9 @@ class Server:
         except ApiError:
             raise
         except Exception:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
-            raise ApiError(400, f"{param} is not an image PIL can read (send a PNG or JPEG)", param) from None
+            raise ApiError(
+                400, f"{param} is not an image this server reads (send a PNG, JPEG or WebP)", param
+            ) from None
 
     # --- running --------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:

@@ -157,7 +157,7 @@ async def edit(request: Request):
         raise _validation_error(e) from None
     upload = form.get("image") or form.get("image[]")
     if upload is None or isinstance(upload, str):
-        raise ApiError(400, "image is required: a PNG or JPEG file in the multipart form", "image")
+        raise ApiError(400, "image is required: a PNG, JPEG or WebP file in the multipart form", "image")
     image = server.decode_image(await upload.read(), "image")
     mask = form.get("mask")
     mask = (

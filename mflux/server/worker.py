@@ -32,7 +32,8 @@ STOP_GRACE = 10.0  # seconds a running job has to stop at shutdown before its wo
 
 class QueueFull(MfluxError):
     def __init__(self, limit: int, retry_after: int):
-        super().__init__(f"the queue is full ({limit} jobs waiting; retry after {retry_after} s)")
+        jobs = "1 job" if limit == 1 else f"{limit} jobs"
+        super().__init__(f"the queue is full ({jobs} waiting; retry after {retry_after} s)")
         self.retry_after = retry_after
 
 
