@@ -188,6 +188,9 @@ def test_a_lone_surrogate_in_a_prompt_is_refused_in_every_dialect(srv):
         ("/v1/images/generations", '{"prompt": "a \\ud800 fox", "size": "32x32", "steps": 1}'),
         ("/sdapi/v1/txt2img", '{"prompt": "a fox", "negative_prompt": "\\udfff", "width": 32, "height": 32}'),
         ("/mflux/v1/generate", '{"prompt": "a \\ud800 fox", "width": 32, "height": 32, "steps": 1}'),
+        # any text field: the replies echo them, and the echo failed after the images were made
+        ("/sdapi/v1/txt2img", '{"prompt": "fox", "sampler_name": "\\ud800", "width": 32, "height": 32}'),
+        ("/v1/images/generations", '{"prompt": "fox", "size": "32x32", "user": "\\ud800", "steps": 1}'),
     ):
         assert "lone surrogate" in post(srv, path, body, 400)["message"], path
 

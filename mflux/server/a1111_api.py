@@ -13,10 +13,10 @@ import time
 
 from fastapi import APIRouter, Request
 from PIL import Image, ImageFilter, ImageOps
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from mflux import __version__
-from mflux.server.core import ApiError, b64, seed_run
+from mflux.server.core import ApiError, b64, seed_run, utf8_text
 from mflux.server.worker import Job, Result
 from mflux.settings import a1111_cfg  # the CFG table shared with `mflux run --from` and the PNG metadata
 
@@ -31,6 +31,7 @@ _TITLE_HASH = re.compile(r"^(?P<name>.+?)(?:\.safetensors)? \[[0-9a-f]+\]$")
 
 class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    _text = model_validator(mode="after")(utf8_text)
 
     prompt: str = ""
     negative_prompt: str = ""

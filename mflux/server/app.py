@@ -110,7 +110,8 @@ def _errors(app: FastAPI) -> None:
                 ApiError(400, "the body must be a JSON object (Content-Type: application/json)"),
             )
         param = ".".join(loc) or None
-        message = f"{param}: {err['msg']}" if param else err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # a model's own check (utf8_text) says it all
+        message = f"{param}: {msg}" if param else msg
         return error_response(request.url.path, ApiError(400, message, param))
 
     @app.exception_handler(HTTPException)

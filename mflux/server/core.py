@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
+from pydantic import BaseModel
 
 from mflux.errors import MfluxError
 from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
@@ -368,6 +369,29 @@ def raise_for(end: End, timeout: float) -> None:
     e = end_error(end, timeout)
     if e is not None and end.status != "cancelled":
         raise e
+
+
+def utf8_text(model):
+    """A request model whose every string (in lists, dicts and nested models too) UTF-8 can write, else
+    ValueError (a 400 in the dialect's shape): a lone surrogate ("\\ud800" in JSON) breaks the tokenizer,
+    the PNG's text and the reply's JSON, which echoes fields, after the images were made."""
+    for name, value in model:
+        bad = _bad_text(value)
+        if bad:
+            raise ValueError(f"{name} is not valid text: {bad} (send UTF-8 text)")
+    return model
+
+
+def _bad_text(value) -> str | None:
+    if isinstance(value, str):
+        return not_utf8(value)
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    elif isinstance(value, BaseModel):  # a nested request model (a LoRA choice)
+        value = [v for _, v in value]
+    if isinstance(value, list | tuple):
+        return next(filter(None, map(_bad_text, value)), None)
+    return None
 
 
 def sse(event: str, data: dict) -> str:

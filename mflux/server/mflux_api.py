@@ -8,10 +8,10 @@ import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from mflux.flux1 import MAX_SEED
-from mflux.server.core import ApiError, b64, end_error, seed_run, sse
+from mflux.server.core import ApiError, b64, end_error, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter(prefix="/mflux/v1")
@@ -24,6 +24,7 @@ class LoraChoice(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    _text = model_validator(mode="after")(utf8_text)
     prompt: str
     negative_prompt: str = ""
     model: str | None = None

@@ -14,9 +14,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mflux.server.core import ApiError, b64, end_error, seed_run, sse
+from mflux.server.core import ApiError, b64, end_error, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -34,6 +34,7 @@ class MfluxFields(BaseModel):
     """mflux's settings that OpenAI lacks; OpenAI's SDK sends them with `extra_body={...}`."""
 
     model_config = ConfigDict(extra="ignore")  # OpenAI adds fields over time; unknown ones are not errors
+    _text = model_validator(mode="after")(utf8_text)
 
     seed: int | None = None  # first image's seed; image i gets seed + i. None: random
     steps: int | None = None  # None: the model's default (schnell 4, dev 25)
