@@ -206,35 +206,22 @@ def test_a_lone_surrogate_in_the_python_api(store):
         )
 
 
+def mflux_run(store: Path, *args) -> subprocess.CompletedProcess:
+    """`mflux run ARGS` through the installed command on `store`: what a user types."""
+    command = [sys.executable, "-m", "mflux", "run", "-m", "schnell", *args]
+    env = {**os.environ, "MFLUX_HOME": str(store)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
 def test_bytes_that_are_not_utf8_in_a_cli_prompt(store, tmp_path):
     # argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mflux",
-            "run",
-            "-m",
-            "schnell",
-            "--prompt",
-            b"a \xff fox",
-            "--steps",
-            "1",
-            "--width",
-            "32",
-            "--height",
-            "32",
-            "-o",
-            str(tmp_path / "a.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "MFLUX_HOME": str(store)},
+    out = tmp_path / "a.png"
+    r = mflux_run(
+        store, "--prompt", b"a \xff fox", "--steps", "1", "--width", "32", "--height", "32", "-o", out
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: --prompt is not valid text: character 3 is a lone surrogate"), r.stderr
-    assert r.stderr.count("\n") == 1 and not (tmp_path / "a.png").exists()
+    assert r.stderr.count("\n") == 1 and not out.exists()
 
 
 def test_a_png_with_a_garbage_exif_block(srv):
@@ -263,29 +250,8 @@ def test_a_strength_that_leaves_no_step(srv, store, tmp_path):
     )
     assert r.status_code == 400 and ZERO_STEPS in r.json()["error"]["message"], r.text
     (tmp_path / "init.png").write_bytes(base64.b64decode(INIT))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mflux",
-            "run",
-            "-m",
-            "schnell",
-            "--prompt",
-            "fox",
-            "--steps",
-            "4",
-            "--image",
-            str(tmp_path / "init.png"),
-            "--strength",
-            "1e-20",
-            "-o",
-            str(tmp_path / "a.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "MFLUX_HOME": str(store)},
+    r = mflux_run(
+        store, "--prompt", "fox", "--steps", "4", "--image", tmp_path / "init.png", "--strength", "1e-20"
     )
     assert r.returncode == 1 and r.stderr.startswith("error: --strength 1e-20 " + ZERO_STEPS), r.stderr
     assert r.stderr.count("\n") == 1

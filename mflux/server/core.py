@@ -162,9 +162,9 @@ class Server:
             except NotStored:
                 pass
             else:
-                damaged = self.store.get(found.name)
-                if damaged.damaged:  # the server's files are at fault, not the request
-                    raise ApiError(503, damaged.damage_hint(), param, "model_unavailable")
+                stored = self.store.get(found.name)
+                if stored.damaged:  # the server's files are at fault, not the request
+                    raise ApiError(503, stored.damage_hint(), param, "model_unavailable")
                 return name
         choices = ", ".join(self.model_names()) or "none (add one with: mflux pull schnell)"
         raise ApiError(404, f"unknown model {name!r} (the store has: {choices})", param, "model_not_found")
