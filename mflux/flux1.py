@@ -32,7 +32,7 @@ from mflux.runtime.models import Models, default_batch_size
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
 
 # the limits and defaults the CLI checks too (mflux.settings says why these)
-from mflux.settings import DEFAULT_STRENGTH, MAX_PIXELS, MAX_SEED, MAX_SIDE, open_image, sha256
+from mflux.settings import DEFAULT_STRENGTH, MAX_PIXELS, MAX_SEED, MAX_SIDE, not_utf8, open_image, sha256
 
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -395,6 +395,9 @@ class Flux1:
             shape = (len(seeds), (h // 16) * (w // 16), 64)
             if latents.shape != shape:
                 raise InvalidArgument(f"latents must have shape {shape} for {w}x{h}, got {latents.shape}")
+        steps = config.num_inference_steps or d["steps"]
+        if inputs.image is not None:  # img2img, inpainting, Fill: the strength cuts the schedule
+            check_img2img_steps(steps, inputs.strength)
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
         guidance = None
@@ -405,7 +408,7 @@ class Flux1:
             seeds=list(seeds),
             height=h,
             width=w,
-            steps=config.num_inference_steps or d["steps"],
+            steps=steps,
             guidance=guidance,
             max_sequence_length=config.max_sequence_length or d["max_sequence_length"],
             shift=d if d.get("use_dynamic_shifting") else None,
@@ -581,6 +584,15 @@ def expanded(img: Image.Image, margins) -> tuple[Image.Image, Image.Image]:
     return Image.fromarray(pixels), Image.fromarray(mask)
 
 
+def check_img2img_steps(steps: int, strength: float, name: str = "strength") -> None:
+    """Refuse a strength so small that img2img runs no step at `steps` (the image would come back as given)."""
+    if engine.img2img_start(steps, strength) >= steps:
+        raise InvalidArgument(
+            f"{name} {strength:g} gives zero steps at this step count ({steps}): img2img runs "
+            f"steps x strength of them, rounded; raise the strength"
+        )
+
+
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
         raise InvalidArgument(f"seed must be an integer in 0..{MAX_SEED} (2**64 - 1), got {seed!r}")
@@ -625,6 +637,9 @@ def _per_image(name: str, value, n: int) -> list[str]:
     for v in values:
         if not isinstance(v, str):
             raise InvalidArgument(f"{name} must be a string")
+        bad = not_utf8(v)
+        if bad:
+            raise InvalidArgument(f"{name} is not valid text: {bad}")
     return values
 
 

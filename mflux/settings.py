@@ -165,12 +165,25 @@ def _prompt(text, key: str, w: _Where, required: bool = False) -> str:
         return ""
     if not isinstance(text, str):
         raise w.fail(f"{w.name(key)} must be text, got {text!r}")
+    bad = not_utf8(text)
+    if bad:
+        raise w.fail(f"{w.name(key)} is not valid text: {bad} (give it as UTF-8)")
     if len(text) > MAX_PROMPT_CHARS:
         raise w.fail(
             f"{w.name(key)} is {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,} "
             "(T5 reads at most 512 tokens, about 2,000 characters)"
         )
     return text
+
+
+def not_utf8(text: str) -> str | None:
+    """Why `text` can't be written as UTF-8 (a lone surrogate: JSON's "\\ud800", or bytes in argv that are
+    not UTF-8, which Python keeps as surrogates), or None. Tokenizers and PNG text need UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"character {e.start + 1} is a lone surrogate (U+{ord(text[e.start]):04X}), which UTF-8 cannot encode"
+    return None
 
 
 def _is_int(v) -> bool:
@@ -353,6 +366,13 @@ def _strength(s: Settings, w: _Where, condition: str) -> None:
             f"{w.name('strength')} must be in (0, 1], got {s.strength:g} (1.0 repaints everything, "
             "as pure noise; near 0 keeps the image)"
         )
+    if s.steps is not None and s.steps * s.strength < 1:  # only then can no step remain: import MLX then
+        from mflux.flux1 import check_img2img_steps
+
+        try:
+            check_img2img_steps(s.steps, s.strength, w.name("strength"))
+        except InvalidArgument as e:
+            raise w.fail(str(e)) from None
 
 
 def _true_cfg(s: Settings, explicit: set, w: _Where) -> None:

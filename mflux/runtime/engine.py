@@ -250,8 +250,13 @@ def schedule(steps: int, image_seq_len: int, shift: dict | None, strength: float
         base_shift=(shift or {}).get("base_shift", 0.5),
         max_shift=(shift or {}).get("max_shift", 1.15),
     )
-    t_start = int(max(steps - min(steps * strength, steps), 0))
-    return s[t_start:]
+    return s[img2img_start(steps, strength) :]
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """The steps img2img skips (FluxImg2ImgPipeline.get_timesteps): all of them when `steps * strength`
+    is lost in rounding `steps - steps * strength`, which callers refuse (Flux1 checks before any work)."""
+    return int(max(steps - min(steps * strength, steps), 0))
 
 
 def start_latents(noise: mx.array, sigma: float, image_latents: mx.array | None) -> mx.array:

@@ -13,10 +13,10 @@ import time
 
 from fastapi import APIRouter, Request
 from PIL import Image, ImageFilter, ImageOps
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from mflux import __version__
-from mflux.server.core import ApiError, b64, seed_run
+from mflux.server.core import ApiError, b64, seed_run, utf8_text
 from mflux.server.worker import Job, Result
 from mflux.settings import a1111_cfg  # the CFG table shared with `mflux run --from` and the PNG metadata
 
@@ -24,12 +24,14 @@ router = APIRouter(prefix="/sdapi/v1")
 
 SAMPLER = "Euler"  # FLUX's flow-matching Euler: the only sampler mflux has
 SCHEDULER = "simple"
+MAX_MASK_BLUR = 64  # pixels, the top of A1111's slider; a blur radius past the image's size is pointless
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
 _TITLE_HASH = re.compile(r"^(?P<name>.+?)(?:\.safetensors)? \[[0-9a-f]+\]$")
 
 
 class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    _text = model_validator(mode="after")(utf8_text)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -149,6 +151,7 @@ async def img2img(request: Request, body: Img2ImgRequest) -> GenerationResponse:
     job = _job(server, body)
     if not body.init_images:
         raise ApiError(400, "init_images needs one image (base64 or a data: URL)", "init_images")
+    check_mask_blur(body)
     if not 0 < body.denoising_strength <= 1:
         raise ApiError(
             400, f"denoising_strength must be in (0, 1], got {body.denoising_strength}", "denoising_strength"
@@ -158,6 +161,13 @@ async def img2img(request: Request, body: Img2ImgRequest) -> GenerationResponse:
         job.mask = a1111_mask(server.decode_image(body.mask, "mask"), body, job.image.size)
     job.strength = body.denoising_strength
     return await _generate(request, body, job)
+
+
+def check_mask_blur(body: Img2ImgRequest) -> None:
+    for name in ("mask_blur", "mask_blur_x", "mask_blur_y"):
+        value = getattr(body, name)
+        if value is not None and not 0 <= value <= MAX_MASK_BLUR:
+            raise ApiError(400, f"{name} must be in 0..{MAX_MASK_BLUR} pixels, got {value}", name)
 
 
 def a1111_mask(mask: Image.Image, body: Img2ImgRequest, size: tuple[int, int]) -> Image.Image:
@@ -268,10 +278,19 @@ def _job(server, body: Txt2ImgRequest) -> Job:
     prompt, lora_names = _lora_tags(body.prompt)
     server.check_prompt(prompt)
     server.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
+    for name in ("batch_size", "n_iter"):  # each, or -1 * -1 passes as one image
+        if getattr(body, name) < 1:
+            raise ApiError(400, f"{name} must be at least 1, got {getattr(body, name)}", name)
     n = server.check_count(body.batch_size * body.n_iter, "batch_size * n_iter")
     width, height = server.check_size(body.width, body.height, "width")
     cfg = a1111_cfg(body.cfg_scale, body.distilled_cfg_scale, body.negative_prompt)
     model = (body.override_settings or {}).get("sd_model_checkpoint")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(
+            400,
+            "override_settings.sd_model_checkpoint must be a model title from GET /sdapi/v1/sd-models",
+            "override_settings",
+        )
     return Job(
         prompt=prompt,
         seeds=seed_run(None if body.seed == -1 else body.seed, n),

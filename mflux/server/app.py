@@ -7,7 +7,6 @@ import shutil
 import tempfile
 from base64 import b64decode
 from contextlib import asynccontextmanager
-from http.cookies import SimpleCookie
 from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote
@@ -51,15 +50,18 @@ def create_app(settings: ServerSettings, loader=None) -> FastAPI:
     _pages(app, server)
     _errors(app)
     app.add_middleware(Guard, server=server)
+    app.add_middleware(NoFraming)
     return app
 
 
 def _pages(app: FastAPI, server: Server) -> None:
     @app.get("/health")
-    def health() -> dict:
+    def health():
         w = server.worker
-        return {
-            "status": "ok",
+        error = w.load_error()  # the model requests get by default did not load: 503, saying why
+        body = {
+            "status": "error" if error else "ok",
+            "error": error,
             "model": w.loaded_model(),
             "default_model": w.model_name,
             "queue": w.queued(),
@@ -68,6 +70,7 @@ def _pages(app: FastAPI, server: Server) -> None:
             "backend": w.backend,
             "workers": w.workers(),
         }
+        return JSONResponse(body, 503) if error else body
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -107,7 +110,8 @@ def _errors(app: FastAPI) -> None:
                 ApiError(400, "the body must be a JSON object (Content-Type: application/json)"),
             )
         param = ".".join(loc) or None
-        message = f"{param}: {err['msg']}" if param else err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # a model's own check (utf8_text) says it all
+        message = f"{param}: {msg}" if param else msg
         return error_response(request.url.path, ApiError(400, message, param))
 
     @app.exception_handler(HTTPException)
@@ -171,6 +175,31 @@ class Guard:
         await self.app(scope, counted, send)
 
 
+class NoFraming:
+    """ASGI middleware: no page of another site may frame ours (clickjacking the Generate button), and no
+    browser guesses a type other than the one sent (an uploaded file rendered as HTML)."""
+
+    HEADERS = [
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy", b"frame-ancestors 'none'"),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def authorized(headers: dict, path: str, key: str) -> bool:
     auth = headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
@@ -182,13 +211,19 @@ def authorized(headers: dict, path: str, key: str) -> bool:
         except ValueError:
             return False
         return _same(password, key)
-    cookie = SimpleCookie()
-    try:
-        cookie.load(headers.get("cookie", ""))
-    except Exception:  # noqa: BLE001 - a malformed cookie header is just no key
-        return False
     # the page stores the key URL-encoded (encodeURIComponent), so any character survives the cookie
-    return KEY_COOKIE in cookie and _same(unquote(cookie[KEY_COOKIE].value), key)
+    value = cookie_value(headers.get("cookie", ""), KEY_COOKIE)
+    return value is not None and _same(unquote(value), key)
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """One cookie's value, each `name=value` pair read on its own: SimpleCookie drops every cookie after
+    one it cannot parse, so another app's cookie on this host (`prefs={"theme":"dark"}`) hid ours."""
+    for pair in header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
 
 
 def _same(a: str, b: str) -> bool:

@@ -17,13 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
+from pydantic import BaseModel
 
 from mflux.errors import MfluxError
 from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
-from mflux.server.worker import End, Job, Models, QueueFull, Result, ThreadRunner, Worker, WorkerLost
+from mflux.server.worker import (
+    End,
+    Job,
+    LoadFailed,
+    Models,
+    QueueFull,
+    Result,
+    ThreadRunner,
+    Worker,
+    WorkerLost,
+)
+from mflux.settings import not_utf8
 
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what clients send; Pillow's other decoders are attack surface
 
 
 @dataclass
@@ -126,7 +139,8 @@ class Server:
 
     # --- names ----------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
-        return [m.name for m in self.store.list()]
+        """The usable models: a damaged one (a file missing or of the wrong size) is left out of every list."""
+        return [m.name for m in self.store.list() if not m.damaged]
 
     def check_model(self, name: str | None, param: str = "model") -> str | None:
         """A store name (or `<name>-q<bits>` of one), or 404 naming the choices. None: the loaded model."""
@@ -144,10 +158,14 @@ class Server:
             pass  # an invalid store name is just an unknown model here
         else:
             try:
-                self.store.resolve(name)  # bits mflux cannot make: that error (400)
-                return name
+                found = self.store.resolve(name)  # bits mflux cannot make: that error (400)
             except NotStored:
                 pass
+            else:
+                stored = self.store.get(found.name)
+                if stored.damaged:  # the server's files are at fault, not the request
+                    raise ApiError(503, stored.damage_hint(), param, "model_unavailable")
+                return name
         choices = ", ".join(self.model_names()) or "none (add one with: mflux pull schnell)"
         raise ApiError(404, f"unknown model {name!r} (the store has: {choices})", param, "model_not_found")
 
@@ -188,6 +206,9 @@ class Server:
     def check_prompt(self, prompt, param: str = "prompt", empty_ok: bool = False) -> str:
         if not isinstance(prompt, str) or (not empty_ok and not prompt.strip()):
             raise ApiError(400, f"{param} must be a non-empty string", param)
+        bad = not_utf8(prompt)
+        if bad:
+            raise ApiError(400, f"{param} is not valid text: {bad} (send UTF-8 text)", param)
         if len(prompt) > self.limits.prompt_chars:
             raise ApiError(
                 400, f"{param} is {len(prompt)} characters; the limit is {self.limits.prompt_chars}", param
@@ -238,15 +259,17 @@ class Server:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # no other decoder is reachable
                 if image.width * image.height > 4 * self.limits.pixels:
                     raise ApiError(400, f"{param} is {image.width}x{image.height}: too many pixels", param)
                 image.load()
+                return ImageOps.exif_transpose(image)  # inside: a garbage EXIF block raises as PIL reads it
         except ApiError:
             raise
         except Exception:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
-            raise ApiError(400, f"{param} is not an image PIL can read (send a PNG or JPEG)", param) from None
-        return ImageOps.exif_transpose(image)
+            raise ApiError(
+                400, f"{param} is not an image this server reads (send a PNG, JPEG or WebP)", param
+            ) from None
 
     # --- running --------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -334,6 +357,8 @@ def end_error(end: End, timeout: float) -> ApiError | None:
         return e
     if isinstance(e, WorkerLost):
         return ApiError(500, str(e), code="worker_died")
+    if isinstance(e, LoadFailed) and not e.lora:
+        return ApiError(503, str(e), code="model_unavailable")  # the server's files, not the request
     if isinstance(e, MfluxError):
         return ApiError(400, str(e))
     return ApiError(500, "the generation failed on the server (see its log)", code="server_error")
@@ -344,6 +369,29 @@ def raise_for(end: End, timeout: float) -> None:
     e = end_error(end, timeout)
     if e is not None and end.status != "cancelled":
         raise e
+
+
+def utf8_text(model):
+    """A request model whose every string (in lists, dicts and nested models too) UTF-8 can write, else
+    ValueError (a 400 in the dialect's shape): a lone surrogate ("\\ud800" in JSON) breaks the tokenizer,
+    the PNG's text and the reply's JSON, which echoes fields, after the images were made."""
+    for name, value in model:
+        bad = _bad_text(value)
+        if bad:
+            raise ValueError(f"{name} is not valid text: {bad} (send UTF-8 text)")
+    return model
+
+
+def _bad_text(value) -> str | None:
+    if isinstance(value, str):
+        return not_utf8(value)
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    elif isinstance(value, BaseModel):  # a nested request model (a LoRA choice)
+        value = [v for _, v in value]
+    if isinstance(value, list | tuple):
+        return next(filter(None, map(_bad_text, value)), None)
+    return None
 
 
 def sse(event: str, data: dict) -> str:

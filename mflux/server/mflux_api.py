@@ -4,14 +4,18 @@ every step, each image with its settings), and cancelling a queued or running jo
 Seeds travel as strings: JavaScript numbers lose precision above 2**53, and seeds go up to 2**64 - 1.
 """
 
+import re
+
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from mflux.server.core import ApiError, b64, end_error, seed_run, sse
+from mflux.flux1 import MAX_SEED
+from mflux.server.core import ApiError, b64, end_error, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter(prefix="/mflux/v1")
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 class LoraChoice(BaseModel):
@@ -20,6 +24,7 @@ class LoraChoice(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    _text = model_validator(mode="after")(utf8_text)
     prompt: str
     negative_prompt: str = ""
     model: str | None = None
@@ -63,12 +68,9 @@ def _job(server, body: GenerateRequest) -> Job:
     server.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
     n = server.check_count(body.count, "count")
     width, height = server.check_size(body.width, body.height)
-    seed = body.seed.strip()
-    if seed not in ("", "-1") and not seed.isdigit():
-        raise ApiError(400, f"seed must be digits (or empty for random), got {body.seed!r}", "seed")
     job = Job(
         prompt=body.prompt,
-        seeds=seed_run(int(seed) if seed.isdigit() else None, n),
+        seeds=seed_run(_seed(body.seed), n),
         model=server.check_model(body.model),
         width=width,
         height=height,
@@ -83,6 +85,20 @@ def _job(server, body: GenerateRequest) -> Job:
         job.image = server.decode_image(body.image, "image").convert("RGB")
         job.strength = body.strength  # None: the engine's default
     return job
+
+
+def _seed(text: str) -> int | None:
+    """The first seed from the form's text; None: random. ASCII digits only (str.isdigit takes "²"), and
+    at most 20 of them, the length of the largest seed (int() refuses 4300 and more)."""
+    seed = text.strip()
+    if seed in ("", "-1"):
+        return None
+    if not _DIGITS.fullmatch(seed):
+        shown = seed if len(seed) <= 24 else f"{seed[:20]}... ({len(seed)} characters)"
+        raise ApiError(
+            400, f"seed must be 0..{MAX_SEED} in digits 0-9 (or empty for random), got {shown!r}", "seed"
+        )
+    return int(seed)
 
 
 async def _stream(server, job: Job):

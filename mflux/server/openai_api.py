@@ -14,9 +14,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mflux.server.core import ApiError, b64, end_error, seed_run, sse
+from mflux.server.core import ApiError, b64, end_error, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -34,6 +34,7 @@ class MfluxFields(BaseModel):
     """mflux's settings that OpenAI lacks; OpenAI's SDK sends them with `extra_body={...}`."""
 
     model_config = ConfigDict(extra="ignore")  # OpenAI adds fields over time; unknown ones are not errors
+    _text = model_validator(mode="after")(utf8_text)
 
     seed: int | None = None  # first image's seed; image i gets seed + i. None: random
     steps: int | None = None  # None: the model's default (schnell 4, dev 25)
@@ -131,7 +132,9 @@ class ErrorResponse(BaseModel):
 @router.get("/v1/models")
 def list_models(request: Request) -> ModelList:
     server = request.app.state.server
-    models = [Model(id=m.name, created=int(m.modified.timestamp())) for m in server.store.list()]
+    models = [
+        Model(id=m.name, created=int(m.modified.timestamp())) for m in server.store.list() if not m.damaged
+    ]
     return ModelList(data=models)
 
 
@@ -155,7 +158,7 @@ async def edit(request: Request):
         raise _validation_error(e) from None
     upload = form.get("image") or form.get("image[]")
     if upload is None or isinstance(upload, str):
-        raise ApiError(400, "image is required: a PNG or JPEG file in the multipart form", "image")
+        raise ApiError(400, "image is required: a PNG, JPEG or WebP file in the multipart form", "image")
     image = server.decode_image(await upload.read(), "image")
     mask = form.get("mask")
     mask = (

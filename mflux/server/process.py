@@ -7,7 +7,7 @@ process in which MLX has started is unsafe). The messages are plain picklable da
 
     parent -> process   ("job", JobParams)  ("cancel",)  ("stop",)
     process -> parent   ("ready", backend)  ("failed", message)  ("taken",)  ("event", Step | Result | Loaded)
-                        ("done", None | (is_user_error, message))
+                        ("done", None | (kind, message)), kind "user", "model", "lora" or "crash"
 
 A process says "taken" as soon as it has read a job, so one that hangs while idle (stopped, deadlocked
 between jobs) is found when it is next handed a job, within TAKE_TIMEOUT, and the job goes back to the queue.
@@ -28,6 +28,7 @@ from mflux.errors import MfluxError
 from mflux.server.worker import (
     Job,
     JobParams,
+    LoadFailed,
     Models,
     NotTaken,
     WorkerHung,
@@ -242,8 +243,10 @@ def _send(conn, data: bytes) -> None:
 def _error(error) -> Exception | None:
     if error is None:
         return None
-    user, message = error
-    return MfluxError(message) if user else RuntimeError(message)
+    kind, message = error
+    if kind in ("model", "lora"):
+        return LoadFailed(message, lora=kind == "lora")
+    return MfluxError(message) if kind == "user" else RuntimeError(message)
 
 
 # --- the worker process -------------------------------------------------------------------------------
@@ -302,9 +305,16 @@ def _run(conn, models: Models, job: JobParams) -> bool:
     except Exception as e:  # noqa: BLE001 - the job ends with its error, the process keeps serving
         if not isinstance(e, MfluxError | ConnectionError):  # ConnectionError: the parent is gone
             log.exception("job %s failed", job.id)
-        error = (isinstance(e, MfluxError), str(e))
+        error = (_kind(e), str(e))
     conn.send(("done", error))
     return seen != "stop"
+
+
+def _kind(e: Exception) -> str:
+    """How the parent rebuilds a job's error (`_error`): what the client is told depends on it."""
+    if isinstance(e, LoadFailed):
+        return "lora" if e.lora else "model"
+    return "user" if isinstance(e, MfluxError) else "crash"
 
 
 def _log_to_stderr(index: int) -> None:

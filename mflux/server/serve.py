@@ -1,7 +1,9 @@
 """`mflux serve`: check the settings, warn about an open bind without a key, then run uvicorn."""
 
+import errno
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 
 import click
@@ -27,12 +29,12 @@ def serve(
     import uvicorn
 
     from mflux.server.app import create_app
-    from mflux.store import Store
 
     several = (workers or 1) > 1 or bool(devices)  # only then is MLX asked for the CUDA GPUs
     planned = worker_devices(workers, devices, cuda_gpus() if several else 0)
     if model is not None:
-        Store().resolve(model)  # the clear error now, not at the first request
+        check_model(model)  # the clear error now, not a server that fails every request
+    check_port(host, port)  # before the banner: a port in use is one line, not uvicorn's traceback
     if not is_loopback(host) and not api_key:
         click.echo(
             f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
@@ -59,6 +61,45 @@ def serve(
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     except OSError as e:
         raise MfluxError(f"cannot listen on {host}:{port}: {e.strerror} (choose another --port)") from None
+
+
+def check_model(name: str) -> None:
+    """The model to serve is stored, its files are whole (each one's size, and each weight file's header
+    read and checked), as loading it will find them: a damaged model fails the start with one line."""
+    from mflux.folders import open_folder
+    from mflux.runtime.weights import SafetensorsFile
+    from mflux.store import Store
+
+    found = Store().resolve(name)
+    folder = open_folder(found.path, name=found.name)
+    for path in sorted(folder.path.rglob("*.safetensors")):
+        SafetensorsFile(path)  # reads the header only
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind `host`:`port` as uvicorn will (every address the name resolves to, SO_REUSEADDR set), and let go:
+    an address in use or not ours is one error now, before anything is printed."""
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as e:
+        raise MfluxError(
+            f"cannot listen on {host}:{port}: {e.strerror} (give --host an address of this machine)"
+        ) from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise MfluxError(
+                        f"port {port} is in use (give --port N or stop the other server)"
+                    ) from None
+                raise MfluxError(
+                    f"cannot listen on {host}:{port}: {e.strerror} (choose another --host or --port)"
+                ) from None
 
 
 def is_loopback(host: str) -> bool:

@@ -32,8 +32,34 @@ STOP_GRACE = 10.0  # seconds a running job has to stop at shutdown before its wo
 
 class QueueFull(MfluxError):
     def __init__(self, limit: int, retry_after: int):
-        super().__init__(f"the queue is full ({limit} jobs waiting; retry after {retry_after} s)")
+        jobs = "1 job" if limit == 1 else f"{limit} jobs"
+        super().__init__(f"the queue is full ({jobs} waiting; retry after {retry_after} s)")
         self.retry_after = retry_after
+
+
+class LoadFailed(MfluxError):
+    """A model that could not be loaded: the server's files are at fault (503), not the request; `lora`
+    when the error is a LoRA's, which the request chose (400)."""
+
+    def __init__(self, message: str, lora: bool = False):
+        super().__init__(message)
+        self.lora = lora
+
+
+def load_failed(name: str, loras: tuple, e: Exception) -> LoadFailed:
+    """`e`, raised loading `name` with `loras`, as the line a client gets: a LoRA by its file name and a
+    model's file by its path in the store, since a client must not learn the server's folders."""
+    from mflux.store import store_root
+
+    if not isinstance(e, MfluxError):
+        log.error("loading model %s failed", name, exc_info=e)
+        return LoadFailed(f"model {name} could not be loaded (see the server's log)")
+    message, lora = str(e), False
+    for path, _ in loras:
+        lora = lora or path in message
+        message = message.replace(path, os.path.basename(path))
+    message = message.replace(f"{store_root()}{os.sep}", "")
+    return LoadFailed(message if lora else f"model {name} could not be loaded: {message}", lora)
 
 
 class WorkerLost(Exception):
@@ -155,7 +181,10 @@ class Models:
             self.flux = self.key = None
             gc.collect()
             _clear_cache()
-            self.flux = self._loader(name, loras)
+            try:
+                self.flux = self._loader(name, loras)
+            except Exception as e:  # noqa: BLE001 - whatever a damaged model raises, the job ends with one line
+                raise load_failed(name, loras, e) from None
             self.key = key
         return self.flux
 
@@ -297,6 +326,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._seconds_per_job = 10.0  # running mean, for Retry-After
+        self.load_errors: dict[str, str] = {}  # model name -> why it did not load, until it loads (/health)
 
     # --- the handlers' side -------------------------------------------------------------------------
     @property
@@ -367,6 +397,10 @@ class Worker:
 
     def retry_after(self) -> int:
         return max(1, round(self._seconds_per_job / len(self.runners)))
+
+    def load_error(self) -> str | None:
+        """Why the model a job that names none gets did not load, the last time it was tried."""
+        return self.load_errors.get(self.model_name) if self.model_name else None
 
     def workers(self) -> list[dict]:
         """Each runner, for /health."""
@@ -478,6 +512,8 @@ class Worker:
                 return
             if error is not None and runner.model is None and self.model == job.model:
                 self.model = None  # a model that failed to load is not the current one: back to the default
+            if isinstance(error, LoadFailed) and not error.lora:
+                self.load_errors[job.model] = str(error)
             if error is not None:
                 end = End("timeout" if isinstance(error, WorkerHung) else "error", error)
             elif job.cancelled.is_set():
@@ -507,6 +543,7 @@ class Worker:
     def _on_event(self, runner, job: Job, event) -> None:
         if isinstance(event, Loaded):
             runner.model = event.key
+            self.load_errors.pop(event.key[0], None)
             return
         if job.stopped():
             return  # a stopped job sends nothing more, though its worker process may have

@@ -23,7 +23,7 @@ async function loadChoices() {
   const [models, loras, health] = await Promise.all([
     api("/v1/models").then((r) => r.json()),
     api("/sdapi/v1/loras").then((r) => r.json()),
-    api("/health").then((r) => r.json()),
+    fetch("/health").then((r) => r.json()), // a 503 (the default model did not load) still lists the others
   ]);
   const select = $("model");
   for (const m of models.data) select.add(new Option(m.id, m.id));
