@@ -37,6 +37,7 @@ class Limits:
     steps: int = 100
     body_bytes: int = 64 * 2**20  # a whole request body
     upload_bytes: int = 20 * 2**20  # one uploaded or base64-decoded image
+    image_pixels: int = 4 * MAX_PIXELS  # an uploaded image's width * height, read from its header
 
 
 @dataclass
@@ -218,7 +219,11 @@ class Server:
         return n
 
     def decode_image(self, data: str | bytes, param: str) -> Image.Image:
-        """An uploaded image (bytes) or a base64 string, raw or as a data URL, checked and fully read."""
+        """An uploaded image (bytes) or a base64 string, raw or as a data URL, checked and fully read: the
+        one decoder of every route that takes an image. It takes seconds on a large image, so handlers
+        call it (and resize or blur its result) in a thread, through `off_loop`, never on the event loop."""
+        if _on_event_loop():
+            raise RuntimeError("decode_image would block the event loop: call it through off_loop")
         if isinstance(data, str):
             text = data.partition(",")[2] if data.startswith("data:") else data
             if len(text) > self.limits.upload_bytes * 4 // 3 + 4:
@@ -239,11 +244,20 @@ class Server:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data))
-                if image.width * image.height > 4 * self.limits.pixels:
-                    raise ApiError(400, f"{param} is {image.width}x{image.height}: too many pixels", param)
+                if image.width * image.height > self.limits.image_pixels:  # known from the header alone
+                    raise ApiError(
+                        400,
+                        f"{param} is {image.width}x{image.height}: at most {self.limits.image_pixels} pixels "
+                        "(scale it down first)",
+                        param,
+                    )
                 image.load()
         except ApiError:
             raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own cap, far larger
+            raise ApiError(
+                400, f"{param} has more than {self.limits.image_pixels} pixels (scale it down first)", param
+            ) from None
         except Exception:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
             raise ApiError(400, f"{param} is not an image PIL can read (send a PNG or JPEG)", param) from None
         return ImageOps.exif_transpose(image)
@@ -367,6 +381,22 @@ def check_seed(seed: int, param: str = "seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise ApiError(400, f"seed must be in 0..{MAX_SEED} (or -1 for random), got {seed}", param)
     return seed
+
+
+async def off_loop(work, *args):
+    """`work(*args)` in a worker thread: image decoding, resizing and blurring, which would stall every
+    other request (and /health) for seconds if run on the event loop."""
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(work, *args)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def b64(data: bytes) -> str:
