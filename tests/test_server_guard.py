@@ -6,8 +6,13 @@ import ast
 import asyncio
 import base64
 import itertools
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -22,7 +27,7 @@ import mflux.server
 from mflux.server.app import create_app
 from mflux.server.core import ApiError, Limits, ServerSettings
 from tests.fixtures import store_hf_folder
-from tests.server_harness import module_store, png_bytes, serving
+from tests.server_harness import module_store, png_bytes, serving, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +252,138 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(stored):
     ), "refused before decoding (the PNG has no pixel data), naming the cap"
     assert bomb.status_code == 400
     assert bomb.json()["error"]["message"] == f"image has more than {cap} pixels (scale it down first)"
+
+
+# --- 22: read deadlines and a connection limit -----------------------------------------------------------
+def quick() -> Limits:
+    return Limits(head_seconds=0.5, body_seconds=0.5)
+
+
+def test_a_request_head_that_never_ends_is_closed_with_408(stored):
+    with guarded(limits=quick()) as (url, _):
+        sock = connect(url)
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line
+        start = time.monotonic()
+        reply = read_until_closed(sock, 5)
+        assert reply.startswith(b"HTTP/1.1 408"), reply
+        assert time.monotonic() - start < 3
+
+
+def test_a_head_sent_a_byte_at_a_time_is_timed_from_the_connection_start(stored):
+    with guarded(limits=quick()) as (url, _):
+        sock = connect(url)
+        start = time.monotonic()
+        head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
+        try:
+            for byte in head:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.05)
+                assert time.monotonic() - start < 5, "still reading a head begun 5 s ago"
+        except OSError:
+            pass  # closed under our feet: what is wanted
+        reply = read_until_closed(sock, 5)
+        assert reply.startswith(b"HTTP/1.1 408"), reply
+
+
+def test_a_keep_alive_connection_gets_a_new_deadline_for_its_next_head(stored):
+    with guarded(limits=quick()) as (url, _):
+        sock = connect(url)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.settimeout(5)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(0.3)  # uvicorn's keep-alive timeout ends at the next byte; ours must not
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        reply = read_until_closed(sock, 5)  # perhaps the rest of the first reply, then the 408
+        assert reply.endswith(b"\r\n\r\n") and b"HTTP/1.1 408" in reply, reply
+
+
+def test_a_body_that_stalls_is_answered_408_and_closed(stored):
+    with guarded(limits=quick()) as (url, _):
+        sock = connect(url)
+        sock.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt": '
+        )
+        reply = read_until_closed(sock, 5)
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b"did not arrive within 0.5 s" in reply
+
+
+def test_connections_past_the_limit_get_503(stored):
+    with guarded(limits=Limits(connections=3)) as (url, _):
+        idle = [connect(url) for _ in range(3)]
+        wait_for(lambda: requests.get(f"{url}/health", timeout=5).status_code == 503, "the limit to apply", 5)
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: requests.get(f"{url}/health", timeout=5).status_code == 200, "room again", 5)
+
+
+# --- 23: a bounded shutdown ------------------------------------------------------------------------------
+def test_shutdown_answers_queued_jobs_503_and_ends_within_its_bound(stored):
+    replies = {}
+
+    def generate(name, url):
+        r = requests.post(
+            f"{url}/v1/images/generations",
+            json={"prompt": name, "size": "32x32", "steps": 2},
+            timeout=20,
+        )
+        replies[name] = r
+
+    with guarded(shutdown_grace=1.0) as (url, server):
+        clients = [threading.Thread(target=generate, args=(name, url)) for name in ("running", "q1", "q2")]
+        clients[0].start()
+        wait_for(lambda: server.worker.current is not None, "the first job to run", 10)
+        for c in clients[1:]:
+            c.start()
+        wait_for(lambda: server.worker.queued() == 2, "two queued jobs", 10)
+        stalled = connect(url)  # a client stalled mid-body
+        stalled.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99\r\n\r\n{"
+        )
+        start = time.monotonic()
+    # leaving `serving` is uvicorn's SIGTERM: should_exit, then the thread is joined
+    assert time.monotonic() - start < 6, "the shutdown outlived its 1 s grace (plus the worker's stop)"
+    for c in clients:
+        c.join(timeout=10)
+    for name in ("q1", "q2"):
+        assert replies[name].status_code == 503, replies[name].text
+        assert replies[name].json()["error"]["code"] == "shutting_down"
+
+
+@pytest.fixture
+def served_process(stored, mflux_home):
+    """`mflux serve` as a user runs it (no model, so it starts in seconds), on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "mflux", "serve", "--port", str(port)]
+    env = {**os.environ, "MFLUX_HOME": str(mflux_home)}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            return requests.get(f"{url}/health", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, "mflux serve to start", 60)
+        yield SimpleNamespace(url=url, process=process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+
+
+def test_sigterm_ends_the_server_though_a_client_stalls_mid_body(served_process):
+    stalled = connect(served_process.url)
+    stalled.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99\r\n\r\n{")
+    time.sleep(0.2)  # the server has the head and waits for the body
+    served_process.process.send_signal(signal.SIGTERM)
+    try:
+        served_process.process.wait(timeout=8)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mflux serve was still running 8 s after SIGTERM, held by a client stalled mid-body")

@@ -1,6 +1,7 @@
-"""The FastAPI app: the dialects' routers, and in one place the key check, the body limit and the error
-shapes (OpenAI's everywhere, A1111's under /sdapi), so no route repeats them."""
+"""The FastAPI app: the dialects' routers, and in one place the key check, the body's limit and deadline,
+and the error shapes (OpenAI's everywhere, A1111's under /sdapi), so no route repeats them."""
 
+import asyncio
 import hmac
 import logging
 import shutil
@@ -115,7 +116,7 @@ def _errors(app: FastAPI) -> None:
         message = (
             f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         )
-        return error_response(request.url.path, ApiError(e.status_code, message))
+        return error_response(request.url.path, ApiError(e.status_code, message, headers=e.headers))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception):
@@ -137,9 +138,18 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is larger than the {limit / 2**20:g} MiB limit")
 
 
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float):
+        # the rest of the body may still come: the connection closes rather than read it
+        super().__init__(
+            408, f"the request body did not arrive within {seconds:g} s", headers={"Connection": "close"}
+        )
+
+
 class Guard:
     """ASGI middleware: the API key (Bearer, HTTP Basic for /sdapi, or the web UI's cookie) on every route
-    but /health, checked before any work; and the body limit, by Content-Length and while reading."""
+    but /health, checked before any work; and the body's limit (by Content-Length and while reading) and
+    deadline."""
 
     def __init__(self, app, server: Server):
         self.app = app
@@ -158,17 +168,30 @@ class Guard:
         if length.isdigit() and int(length) > limit:
             e = BodyTooLarge(limit)
             return await error_response(path, ApiError(413, e.detail))(scope, receive, send)
-        seen = 0
+        await self.app(scope, self._bounded(receive), send)
 
-        async def counted():
-            nonlocal seen
-            message = await receive()
+    def _bounded(self, receive):
+        """`receive`, refusing a body past the size limit or still arriving past the deadline."""
+        limit = self.server.limits.body_bytes
+        seconds = self.server.limits.body_seconds
+        deadline = asyncio.get_running_loop().time() + seconds
+        seen, whole = 0, False
+
+        async def bounded():
+            nonlocal seen, whole
+            if whole:  # the body is in: later calls wait for the client to go away, for as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise BodyTimeout(seconds) from None
+            whole = message["type"] != "http.request" or not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise BodyTooLarge(limit)
             return message
 
-        await self.app(scope, counted, send)
+        return bounded
 
 
 def authorized(headers: dict, path: str, key: str) -> bool:

@@ -20,7 +20,17 @@ from PIL import Image, ImageOps
 
 from mflux.errors import MfluxError
 from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
-from mflux.server.worker import End, Job, Models, QueueFull, Result, ThreadRunner, Worker, WorkerLost
+from mflux.server.worker import (
+    End,
+    Job,
+    Models,
+    QueueFull,
+    Result,
+    ShuttingDown,
+    ThreadRunner,
+    Worker,
+    WorkerLost,
+)
 
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
@@ -38,6 +48,9 @@ class Limits:
     body_bytes: int = 64 * 2**20  # a whole request body
     upload_bytes: int = 20 * 2**20  # one uploaded or base64-decoded image
     image_pixels: int = 4 * MAX_PIXELS  # an uploaded image's width * height, read from its header
+    head_seconds: float = 10.0  # a request's line and headers, from the connection's start (or last reply)
+    body_seconds: float = 120.0  # a request's body, from its head
+    connections: int = 64  # open at once; past it, 503
 
 
 @dataclass
@@ -52,6 +65,8 @@ class ServerSettings:
     # empty: one worker thread in the server's own process. worker_devices() makes it from the flags.
     devices: tuple[str | None, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # seconds the running jobs have to finish at SIGTERM or Ctrl-C before they are cancelled
+    shutdown_grace: float = 20.0
 
 
 def worker_devices(workers: int | None, devices: tuple[int, ...] | None, gpus: int) -> tuple[str | None, ...]:
@@ -267,6 +282,8 @@ class Server:
         job.timeout = self.settings.timeout
         try:
             return self.worker.submit(job)
+        except ShuttingDown as e:
+            raise ApiError(503, str(e), code="shutting_down") from None
         except QueueFull as e:
             raise ApiError(
                 429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}
@@ -340,6 +357,8 @@ def end_error(end: End, timeout: float) -> ApiError | None:
         return None
     if end.status == "cancelled":
         return ApiError(500, "the request was cancelled on the server", code="cancelled")
+    if end.status == "shutdown":
+        return ApiError(503, str(ShuttingDown()), code="shutting_down")
     if end.status == "timeout":  # its error, if any, says its hung worker was killed (WorkerHung)
         message = f"the request timed out after {timeout:g} s (queued and generating)"
         return ApiError(504, f"{message}; {end.error}" if end.error else message, code="timeout")

@@ -24,9 +24,8 @@ def serve(
 ) -> None:
     """Serve until interrupted; the model (if named) is checked now and loaded before the first request.
     `workers`/`devices`: see `worker_devices` (None and None: one worker thread in this process)."""
-    import uvicorn
-
     from mflux.server.app import create_app
+    from mflux.server.listen import uvicorn_server
     from mflux.store import Store
 
     several = (workers or 1) > 1 or bool(devices)  # only then is MLX asked for the CUDA GPUs
@@ -56,7 +55,9 @@ def serve(
     log.setLevel(logging.INFO)
     click.echo(f"mflux serve: http://{host}:{port}/ (OpenAI: /v1, A1111: /sdapi/v1)", err=True)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn_server(create_app(settings), host, port).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn raises again the Ctrl-C it has already shut down for (uvicorn.run swallows it too)
     except OSError as e:
         raise MfluxError(f"cannot listen on {host}:{port}: {e.strerror} (choose another --port)") from None
 

@@ -36,6 +36,11 @@ class QueueFull(MfluxError):
         self.retry_after = retry_after
 
 
+class ShuttingDown(MfluxError):
+    def __init__(self):
+        super().__init__("the server is shutting down (retry when it is back)")
+
+
 class WorkerLost(Exception):
     """A worker process died (a crash, an out-of-memory kill) or could not start; the runner restarts it."""
 
@@ -72,7 +77,7 @@ class Loaded:
 
 @dataclass
 class End:
-    status: str  # "ok", "cancelled", "timeout", "error"
+    status: str  # "ok", "cancelled", "timeout", "error", "shutdown" (still queued when the server stopped)
     error: Exception | None = None
 
 
@@ -296,6 +301,7 @@ class Worker:
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._refusing = False  # shutting down: no new jobs, and the queued ones were answered
         self._seconds_per_job = 10.0  # running mean, for Retry-After
 
     # --- the handlers' side -------------------------------------------------------------------------
@@ -327,6 +333,8 @@ class Worker:
         job._loop = asyncio.get_running_loop()
         job._events = asyncio.Queue()
         with self._cond:
+            if self._refusing:
+                raise ShuttingDown()
             if len(self._queue) >= self.max_queue:
                 self._log(job, "rejected", 0.0, 0.0, "queue full")
                 raise QueueFull(self.max_queue, self.retry_after())
@@ -395,6 +403,16 @@ class Worker:
             )
             thread.start()
             self._threads.append(thread)
+
+    def refuse_new(self) -> None:
+        """The server's shutdown has begun: refuse new jobs and end the queued ones as "shutdown" (503) now,
+        rather than after the running jobs; the running jobs go on until stop()."""
+        with self._cond:
+            self._refusing = True
+            for job in self._queue:
+                job.cancelled.set()
+                self._finish(job, End("shutdown"))
+            self._queue.clear()
 
     def stop(self) -> None:
         """Cancel every job, let the running ones stop at their next step, then end the worker processes."""
