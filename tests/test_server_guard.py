@@ -137,6 +137,7 @@ NO_IMAGE = {
     ("POST", "/sdapi/v1/interrupt"),
     ("POST", "/sdapi/v1/skip"),
     ("DELETE", "/mflux/v1/jobs/{job_id}"),
+    ("POST", "/login"),
 }
 
 
@@ -357,7 +358,7 @@ def served_process(stored, mflux_home):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "mflux", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "mflux", "serve", "--port", str(port), "--allowed-hosts", "box.lan"]
     env = {**os.environ, "MFLUX_HOME": str(mflux_home)}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -387,3 +388,84 @@ def test_sigterm_ends_the_server_though_a_client_stalls_mid_body(served_process)
         served_process.process.wait(timeout=8)
     except subprocess.TimeoutExpired:
         pytest.fail("mflux serve was still running 8 s after SIGTERM, held by a client stalled mid-body")
+
+
+# --- 24: the page's cookie: set by the server, HttpOnly, and never sent cross-origin to change state ------
+@pytest.fixture(scope="module")
+def keyed(stored):
+    with serving(ServerSettings(model="schnell", api_key="sekrit"), endless) as (url, server):
+        yield url
+
+
+def test_the_login_sets_an_httponly_strict_cookie(keyed):
+    wrong = requests.post(f"{keyed}/login", data={"key": "nope"}, allow_redirects=False, timeout=5)
+    assert wrong.status_code == 401 and 'name="key"' in wrong.text and "set-cookie" not in wrong.headers
+    right = requests.post(f"{keyed}/login", data={"key": "sekrit"}, allow_redirects=False, timeout=5)
+    assert right.status_code == 303 and right.headers["location"] == "/"
+    cookie = right.headers["set-cookie"]
+    assert cookie.startswith("mflux_api_key=sekrit;"), cookie
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie, cookie
+    session = requests.Session()
+    session.post(f"{keyed}/login", data={"key": "sekrit"}, timeout=5)
+    assert session.get(f"{keyed}/v1/models", timeout=5).status_code == 200  # the cookie is the key
+
+
+def test_cookie_requests_from_another_origin_cannot_change_state(keyed):
+    cookie = {"mflux_api_key": "sekrit"}
+    interrupt = f"{keyed}/sdapi/v1/interrupt"
+    other_port = keyed.rsplit(":", 1)[0] + ":1"
+    for headers in (
+        {"Origin": other_port},  # another port of the same host: same-site, so SameSite=Strict sends it
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site", "Origin": keyed},
+    ):
+        r = requests.post(interrupt, cookies=cookie, headers=headers, timeout=5)
+        assert r.status_code == 403, (headers, r.text)
+        assert "refused" in r.json()["detail"]
+    for headers in ({}, {"Origin": keyed, "Sec-Fetch-Site": "same-origin"}):  # scripts, and the page itself
+        assert requests.post(interrupt, cookies=cookie, headers=headers, timeout=5).status_code == 200
+    bearer = {"Authorization": "Bearer sekrit", "Origin": other_port}  # never sent cross-origin by a browser
+    assert requests.post(interrupt, headers=bearer, timeout=5).status_code == 200
+    assert requests.get(f"{keyed}/v1/models", cookies=cookie, headers={"Origin": other_port}, timeout=5).ok
+
+
+# --- 25: without a key, only names that cannot be rebound -----------------------------------------------
+def test_without_a_key_only_loopback_ip_and_allowed_host_names_are_served(stored):
+    with guarded(allowed_hosts=("box.lan",)) as (url, _):
+        port = url.rsplit(":", 1)[1]
+        for host in (f"localhost:{port}", "127.0.0.1", f"[::1]:{port}", "192.168.1.20:7860", "BOX.lan:80"):
+            assert requests.get(f"{url}/health", headers={"Host": host}, timeout=5).status_code == 200, host
+        for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "", "[bad"):
+            r = requests.get(f"{url}/v1/models", headers={"Host": host}, timeout=5)
+            assert r.status_code == 403, host
+            assert "--allowed-hosts" in r.json()["error"]["message"], r.text
+
+
+def test_with_a_key_any_host_is_served_and_the_origin_is_still_checked(keyed):
+    auth = {"Authorization": "Bearer sekrit", "Host": "evil.example"}
+    assert requests.get(f"{keyed}/v1/models", headers=auth, timeout=5).status_code == 200
+    assert requests.get(f"{keyed}/v1/models", headers={"Host": "evil.example"}, timeout=5).status_code == 401
+
+
+def test_without_a_key_a_page_on_another_origin_cannot_change_state(stored):
+    with guarded() as (url, _):
+        r = requests.post(f"{url}/sdapi/v1/interrupt", headers={"Origin": "http://evil.example"}, timeout=5)
+        assert r.status_code == 403, r.text
+        assert requests.post(f"{url}/sdapi/v1/interrupt", headers={"Origin": url}, timeout=5).ok
+
+
+def test_allowed_hosts_reach_the_server_from_the_command_line(served_process):
+    url = served_process.url
+    assert requests.get(f"{url}/health", headers={"Host": "box.lan:7860"}, timeout=5).status_code == 200
+    assert requests.get(f"{url}/health", headers={"Host": "evil.example"}, timeout=5).status_code == 403
+
+
+def test_allowed_hosts_must_be_host_names():
+    r = subprocess.run(
+        [sys.executable, "-m", "mflux", "serve", "--allowed-hosts", "box.lan,http://x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "'http://x' is not a host name" in r.stderr, r.stderr

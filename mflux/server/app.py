@@ -1,8 +1,10 @@
-"""The FastAPI app: the dialects' routers, and in one place the key check, the body's limit and deadline,
-and the error shapes (OpenAI's everywhere, A1111's under /sdapi), so no route repeats them."""
+"""The FastAPI app: the dialects' routers, and in one place the key check, the Host and Origin checks, the
+body's limit and deadline, and the error shapes (OpenAI's everywhere, A1111's under /sdapi), so no route
+repeats them."""
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import shutil
 import tempfile
@@ -11,7 +13,7 @@ from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
 from importlib import resources
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,6 +75,24 @@ def _pages(app: FastAPI, server: Server) -> None:
     @app.get("/", include_in_schema=False)
     def index():
         return HTMLResponse((UI / "index.html").read_text())
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        # the key goes into an HttpOnly cookie set here, so no script on the page can read it
+        key = server.settings.api_key
+        given = (await request.form()).get("key")
+        if not key or not isinstance(given, str) or not _same(given, key):
+            return HTMLResponse((UI / "login.html").read_text(), 401)
+        response = Response(status_code=303, headers={"Location": "/"})
+        response.set_cookie(
+            KEY_COOKIE,
+            quote(key, safe=""),
+            max_age=365 * 24 * 3600,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
 
     @app.get("/outputs/{name}", include_in_schema=False)
     def output(name: str):
@@ -146,10 +166,14 @@ class BodyTimeout(HTTPException):
         )
 
 
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+LOOPBACK_NAMES = ("localhost",)
+
+
 class Guard:
-    """ASGI middleware: the API key (Bearer, HTTP Basic for /sdapi, or the web UI's cookie) on every route
-    but /health, checked before any work; and the body's limit (by Content-Length and while reading) and
-    deadline."""
+    """ASGI middleware, before any work: the Host check (without a key); the Origin check on requests that
+    change state; the API key (Bearer, HTTP Basic for /sdapi, or the web UI's cookie) on every route but
+    /health and the page's login; and the body's limit (by Content-Length and while reading) and deadline."""
 
     def __init__(self, app, server: Server):
         self.app = app
@@ -160,8 +184,16 @@ class Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        key = self.server.settings.api_key
-        if key and path != "/health" and not authorized(headers, path, key):
+        settings = self.server.settings
+        key = settings.api_key
+        refusal = None
+        if not key:
+            refusal = host_refusal(headers.get("host", ""), settings.allowed_hosts)
+        if refusal is None and scope["method"] not in SAFE_METHODS:
+            refusal = origin_refusal(headers, scope.get("scheme", "http"))
+        if refusal is not None:
+            return await error_response(path, ApiError(403, refusal))(scope, receive, send)
+        if key and path not in ("/health", "/login") and not authorized(headers, path, key):
             return await _unauthorized(path)(scope, receive, send)
         limit = self.server.limits.body_bytes
         length = headers.get("content-length", "")
@@ -192,6 +224,46 @@ class Guard:
             return message
 
         return bounded
+
+
+def host_refusal(host: str, allowed: tuple[str, ...]) -> str | None:
+    """Why a server without a key refuses this Host header, or None. A page on an attacker's domain that
+    re-resolves to 127.0.0.1 (DNS rebinding) is same-origin to the browser, but its requests still name
+    that domain in Host; loopback names and IP addresses cannot be rebound, so they always pass."""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:  # a malformed IPv6 literal
+        name = ""
+    if name in LOOPBACK_NAMES or name in (h.lower() for h in allowed):
+        return None
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        pass
+    return (
+        f"Host {host!r} is not served without an API key (add --allowed-hosts {name or 'NAME'}, "
+        "or set --api-key)"
+    )
+
+
+def origin_refusal(headers: dict, scheme: str) -> str | None:
+    """Why a request that changes state is refused as coming from another site's page (CSRF), or None.
+    A browser names the page's origin in Origin and Sec-Fetch-Site; other clients send neither. A request
+    with Authorization passes: a browser sends that header cross-origin only after a CORS preflight, which
+    this server never allows."""
+    if "authorization" in headers:
+        return None
+    site = headers.get("sec-fetch-site")
+    origin = headers.get("origin")
+    own = f"{scheme}://{headers.get('host', '')}"
+    if site is not None and site not in ("same-origin", "none"):
+        return f"a request from another site's page ({site}) is refused (scripts: send Authorization)"
+    if origin is not None and origin != own:
+        return (
+            f"a request from the page at {origin!r} is refused: only this server's pages ({own}) may send it"
+        )
+    return None
 
 
 def authorized(headers: dict, path: str, key: str) -> bool:

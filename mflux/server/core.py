@@ -67,6 +67,8 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     # seconds the running jobs have to finish at SIGTERM or Ctrl-C before they are cancelled
     shutdown_grace: float = 20.0
+    # without an API key, the Host names served besides loopback's and IP addresses (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def worker_devices(workers: int | None, devices: tuple[int, ...] | None, gpus: int) -> tuple[str | None, ...]:

@@ -21,6 +21,7 @@ def serve(
     timeout: float = 600.0,
     workers: int | None = None,
     devices: tuple[int, ...] | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
     """Serve until interrupted; the model (if named) is checked now and loaded before the first request.
     `workers`/`devices`: see `worker_devices` (None and None: one worker thread in this process)."""
@@ -35,7 +36,8 @@ def serve(
     if not is_loopback(host) and not api_key:
         click.echo(
             f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
-            "server (set --api-key or MFLUX_API_KEY)",
+            "server (set --api-key or MFLUX_API_KEY; without a key, requests must name it by IP address or "
+            "by a name given to --allowed-hosts)",
             err=True,
         )
     settings = ServerSettings(
@@ -46,6 +48,7 @@ def serve(
         queue=queue,
         timeout=timeout,
         devices=planned,
+        allowed_hosts=tuple(allowed_hosts),
     )
     log = logging.getLogger("mflux.server")  # the one line per request
     if not log.handlers:
