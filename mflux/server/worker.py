@@ -409,19 +409,13 @@ class Worker:
         rather than after the running jobs; the running jobs go on until stop()."""
         with self._cond:
             self._refusing = True
-            for job in self._queue:
-                job.cancelled.set()
-                self._finish(job, End("shutdown"))
-            self._queue.clear()
+            self._end_queued("shutdown")
 
     def stop(self) -> None:
         """Cancel every job, let the running ones stop at their next step, then end the worker processes."""
         with self._cond:
             self._stopping = True
-            for job in self._queue:
-                job.cancelled.set()
-                self._finish(job, End("cancelled"))
-            self._queue.clear()
+            self._end_queued("cancelled")
             for job in self.running():
                 job.cancelled.set()
             self._cond.notify_all()
@@ -432,6 +426,13 @@ class Worker:
             r.terminate()  # those still loading a model or inside a long step
         for thread in self._threads:
             thread.join(timeout=30)
+
+    def _end_queued(self, status: str) -> None:
+        # under self._cond
+        for job in self._queue:
+            job.cancelled.set()
+            self._finish(job, End(status))
+        self._queue.clear()
 
     # --- each runner's thread -------------------------------------------------------------------------
     def _serve(self, runner) -> None:
