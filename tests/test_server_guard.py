@@ -298,6 +298,34 @@ def test_a_keep_alive_connection_gets_a_new_deadline_for_its_next_head(stored):
         assert reply.endswith(b"\r\n\r\n") and b"HTTP/1.1 408" in reply, reply
 
 
+def seconds_until_closed_while_trickling(sock: socket.socket, seconds: float) -> float | None:
+    """Sends a byte every 50 ms until the server closes the connection: how long that took (None: open
+    after `seconds`)."""
+    start = time.monotonic()
+    sock.settimeout(0.05)
+    while time.monotonic() - start < seconds:
+        try:
+            sock.sendall(b"x")
+            if sock.recv(65536) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            continue
+        except OSError:  # reset: closed
+            return time.monotonic() - start
+    return None
+
+
+def test_the_unread_body_of_a_refused_request_cannot_hold_the_connection(stored):
+    with guarded(api_key="sekrit", limits=quick()) as (url, _):
+        sock = connect(url)
+        sock.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")  # refused before its body is read
+        took = seconds_until_closed_while_trickling(sock, 5)  # the rest of the body, a byte at a time
+        assert took is not None, "the connection stayed open 5 s while the refused body trickled in"
+
+
 def test_a_body_that_stalls_is_answered_408_and_closed(stored):
     with guarded(limits=quick()) as (url, _):
         sock = connect(url)

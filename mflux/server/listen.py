@@ -29,9 +29,10 @@ def uvicorn_server(app, host: str, port: int, log_level: str = "info") -> uvicor
 
 
 def head_timed(seconds: float) -> type[H11Protocol]:
-    """uvicorn's HTTP/1.1 protocol, closing a connection whose request head (request line and headers) is
-    not whole `seconds` after the connection opened or the previous response ended. uvicorn's own
-    keep-alive timeout ends at the first byte, so a head sent a byte at a time would hold it forever."""
+    """uvicorn's HTTP/1.1 protocol, closing a connection on which no new request head (request line and
+    headers) is whole `seconds` after the connection opened or the previous response ended. uvicorn's own
+    keep-alive timeout ends at the first byte, so a head sent a byte at a time, or the unread rest of a
+    refused request's body sent a byte at a time, would hold the connection forever."""
 
     class HeadTimed(H11Protocol):
         head_deadline: asyncio.TimerHandle | None = None
@@ -41,13 +42,15 @@ def head_timed(seconds: float) -> type[H11Protocol]:
             self._arm()
 
         def handle_events(self) -> None:
+            cycle = self.cycle
             super().handle_events()
-            if self.conn.their_state is not h11.IDLE:  # the head is in: the app has the request
+            if self.cycle is not cycle:  # a new request's head is in: the app has it
                 self._disarm()
 
         def on_response_complete(self) -> None:
+            cycle = self.cycle
             super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            if self.cycle is cycle and not self.transport.is_closing():
                 self._arm()  # the next request on this connection gets its own deadline
 
         def shutdown(self) -> None:
@@ -73,8 +76,8 @@ def head_timed(seconds: float) -> type[H11Protocol]:
 
         def _head_timed_out(self) -> None:
             self.head_deadline = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                # h11 cannot answer a request it never parsed, so the 408 goes out as raw bytes
+            if not self.transport.is_closing():
+                # h11 answers only a request it has parsed, so the 408 goes out as raw bytes
                 self.transport.write(_TIMED_OUT)
                 self.transport.close()
 
