@@ -258,10 +258,10 @@ def origin_refusal(headers: dict, scheme: str) -> str | None:
     origin = headers.get("origin")
     own = f"{scheme}://{headers.get('host', '')}"
     if site is not None and site not in ("same-origin", "none"):
-        return f"a request from another site's page ({site}) is refused (scripts: send Authorization)"
+        return f"refused: a page of another site (Sec-Fetch-Site: {site}) may not change anything here"
     if origin is not None and origin != own:
         return (
-            f"a request from the page at {origin!r} is refused: only this server's pages ({own}) may send it"
+            f"refused: the page at {origin!r} is not this server's ({own}); only its own pages change things"
         )
     return None
 

@@ -86,8 +86,8 @@ def head_timed(seconds: float) -> type[H11Protocol]:
 
 class BoundedShutdown(uvicorn.Server):
     """On SIGTERM or Ctrl-C: stop accepting, drop requests still arriving, answer every queued job with 503
-    at once, give the running jobs `shutdown_grace` seconds to finish (uvicorn's graceful timeout, which then cancels their requests
-    and so their jobs), then stop the workers (the app's lifespan)."""
+    at once, give the running jobs `shutdown_grace` seconds to finish (uvicorn's graceful timeout, which
+    then cancels their requests and so their jobs), then stop the workers (the app's lifespan)."""
 
     def __init__(self, config: uvicorn.Config, server: Server):
         super().__init__(config)
