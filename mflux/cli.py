@@ -218,6 +218,16 @@ def _check_devices(ctx, param, value):
     return tuple(int(p) for p in parts)
 
 
+def _split_hosts(ctx, param, value):
+    if value is None:
+        return ()
+    names = tuple(p.strip().lower() for p in value.split(","))
+    bad = [n for n in names if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", n)]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not a host name (give names like box.lan,studio.local)")
+    return names
+
+
 @click.group(name="mflux", cls=MfluxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mflux")
 def cli():
@@ -865,7 +875,13 @@ def train(config_file, **flags):
     callback=_check_devices,
     help="CUDA GPUs, one worker process each, like 0,1 (list a GPU twice for two workers on it).",
 )
-def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout, workers, devices):
+@click.option(
+    "--allowed-hosts",
+    callback=_split_hosts,
+    help="Without --api-key, host names clients may use besides localhost and IP addresses, like "
+    "box.lan,studio.local (a guard against DNS rebinding).",
+)
+def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout, workers, devices, allowed_hosts):
     """Serve the OpenAI Images API, the A1111 API and a web page.
 
     One worker owns the model (or one per device, with --workers or --devices): requests queue first
@@ -891,6 +907,7 @@ def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout, work
         timeout=timeout,
         workers=workers,
         devices=devices,
+        allowed_hosts=allowed_hosts,
     )
 
 

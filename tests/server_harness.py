@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image, PngImagePlugin
 
 from mflux.server.app import create_app
 from mflux.server.core import ServerSettings
+from mflux.server.listen import uvicorn_server
 
 
 def module_store(tmp_path_factory):
@@ -33,7 +33,7 @@ def serving(settings: ServerSettings, loader=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn_server(app, "127.0.0.1", port, log_level="warning")  # `mflux serve`'s own limits
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

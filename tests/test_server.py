@@ -603,15 +603,18 @@ def test_the_readmes_curl_commands(srv, tmp_path):
 
 # --- the command ------------------------------------------------------------------------------------------
 def test_serve_warns_on_an_open_bind_without_a_key(monkeypatch):
-    import uvicorn
-
     from mflux.cli import cli
+    from mflux.server import listen
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(
+        listen,
+        "uvicorn_server",
+        lambda app, host, port: SimpleNamespace(run=lambda: calls.append((host, port))),
+    )
     r = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--port", "9999"])
     assert r.exit_code == 0 and "warning: serving on 0.0.0.0 without --api-key" in r.output
-    assert calls == [{"host": "0.0.0.0", "port": 9999, "log_level": "info"}]
+    assert calls == [("0.0.0.0", 9999)]
     r = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--api-key", "k"])
     assert "warning" not in r.output
     r = CliRunner().invoke(cli, ["serve"])

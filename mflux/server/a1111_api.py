@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from mflux import __version__
-from mflux.server.core import ApiError, b64, seed_run, utf8_text
+from mflux.server.core import ApiError, b64, off_loop, seed_run, utf8_text
 from mflux.server.worker import Job, Result
 from mflux.settings import a1111_cfg  # the CFG table shared with `mflux run --from` and the PNG metadata
 
@@ -156,9 +156,7 @@ async def img2img(request: Request, body: Img2ImgRequest) -> GenerationResponse:
         raise ApiError(
             400, f"denoising_strength must be in (0, 1], got {body.denoising_strength}", "denoising_strength"
         )
-    job.image = server.decode_image(body.init_images[0], "init_images").convert("RGB")
-    if body.mask:
-        job.mask = a1111_mask(server.decode_image(body.mask, "mask"), body, job.image.size)
+    job.image, job.mask = await off_loop(_img2img_images, server, body)
     job.strength = body.denoising_strength
     return await _generate(request, body, job)
 
@@ -168,6 +166,13 @@ def check_mask_blur(body: Img2ImgRequest) -> None:
         value = getattr(body, name)
         if value is not None and not 0 <= value <= MAX_MASK_BLUR:
             raise ApiError(400, f"{name} must be in 0..{MAX_MASK_BLUR} pixels, got {value}", name)
+
+
+def _img2img_images(server, body: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None]:
+    """The init image as RGB and the mask as mflux's; run off the event loop."""
+    image = server.decode_image(body.init_images[0], "init_images").convert("RGB")
+    mask = a1111_mask(server.decode_image(body.mask, "mask"), body, image.size) if body.mask else None
+    return image, mask
 
 
 def a1111_mask(mask: Image.Image, body: Img2ImgRequest, size: tuple[int, int]) -> Image.Image:

@@ -1,7 +1,10 @@
-"""The FastAPI app: the dialects' routers, and in one place the key check, the body limit and the error
-shapes (OpenAI's everywhere, A1111's under /sdapi), so no route repeats them."""
+"""The FastAPI app: the dialects' routers, and in one place the key check, the Host and Origin checks, the
+body's limit and deadline, and the error shapes (OpenAI's everywhere, A1111's under /sdapi), so no route
+repeats them."""
 
+import asyncio
 import hmac
+import ipaddress
 import logging
 import shutil
 import tempfile
@@ -9,7 +12,7 @@ from base64 import b64decode
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -76,6 +79,24 @@ def _pages(app: FastAPI, server: Server) -> None:
     def index():
         return HTMLResponse((UI / "index.html").read_text())
 
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        # the key goes into an HttpOnly cookie set here, so no script on the page can read it
+        key = server.settings.api_key
+        given = (await request.form()).get("key")
+        if not key or not isinstance(given, str) or not _same(given, key):
+            return HTMLResponse((UI / "login.html").read_text(), 401)
+        response = Response(status_code=303, headers={"Location": "/"})
+        response.set_cookie(
+            KEY_COOKIE,
+            quote(key, safe=""),
+            max_age=365 * 24 * 3600,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
     @app.get("/outputs/{name}", include_in_schema=False)
     def output(name: str):
         path = server.output_path(name)
@@ -119,7 +140,7 @@ def _errors(app: FastAPI) -> None:
         message = (
             f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         )
-        return error_response(request.url.path, ApiError(e.status_code, message))
+        return error_response(request.url.path, ApiError(e.status_code, message, headers=e.headers))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception):
@@ -141,9 +162,22 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is larger than the {limit / 2**20:g} MiB limit")
 
 
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float):
+        # the rest of the body may still come: the connection closes rather than read it
+        super().__init__(
+            408, f"the request body did not arrive within {seconds:g} s", headers={"Connection": "close"}
+        )
+
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+LOOPBACK_NAMES = ("localhost",)
+
+
 class Guard:
-    """ASGI middleware: the API key (Bearer, HTTP Basic for /sdapi, or the web UI's cookie) on every route
-    but /health, checked before any work; and the body limit, by Content-Length and while reading."""
+    """ASGI middleware, before any work: the Host check (without a key); the Origin check on requests that
+    change state; the API key (Bearer, HTTP Basic for /sdapi, or the web UI's cookie) on every route but
+    /health and the page's login; and the body's limit (by Content-Length and while reading) and deadline."""
 
     def __init__(self, app, server: Server):
         self.app = app
@@ -154,25 +188,86 @@ class Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        key = self.server.settings.api_key
-        if key and path != "/health" and not authorized(headers, path, key):
+        settings = self.server.settings
+        key = settings.api_key
+        refusal = None
+        if not key:
+            refusal = host_refusal(headers.get("host", ""), settings.allowed_hosts)
+        if refusal is None and scope["method"] not in SAFE_METHODS:
+            refusal = origin_refusal(headers, scope.get("scheme", "http"))
+        if refusal is not None:
+            return await error_response(path, ApiError(403, refusal))(scope, receive, send)
+        if key and path not in ("/health", "/login") and not authorized(headers, path, key):
             return await _unauthorized(path)(scope, receive, send)
         limit = self.server.limits.body_bytes
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             e = BodyTooLarge(limit)
             return await error_response(path, ApiError(413, e.detail))(scope, receive, send)
-        seen = 0
+        await self.app(scope, self._bounded(receive), send)
 
-        async def counted():
-            nonlocal seen
-            message = await receive()
+    def _bounded(self, receive):
+        """`receive`, refusing a body past the size limit or still arriving past the deadline."""
+        limit = self.server.limits.body_bytes
+        seconds = self.server.limits.body_seconds
+        deadline = asyncio.get_running_loop().time() + seconds
+        seen, whole = 0, False
+
+        async def bounded():
+            nonlocal seen, whole
+            if whole:  # the body is in: later calls wait for the client to go away, for as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise BodyTimeout(seconds) from None
+            whole = message["type"] != "http.request" or not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise BodyTooLarge(limit)
             return message
 
-        await self.app(scope, counted, send)
+        return bounded
+
+
+def host_refusal(host: str, allowed: tuple[str, ...]) -> str | None:
+    """Why a server without a key refuses this Host header, or None. A page on an attacker's domain that
+    re-resolves to 127.0.0.1 (DNS rebinding) is same-origin to the browser, but its requests still name
+    that domain in Host; loopback names and IP addresses cannot be rebound, so they always pass."""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:  # a malformed IPv6 literal
+        name = ""
+    if name in LOOPBACK_NAMES or name in (h.lower() for h in allowed):
+        return None
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        pass
+    return (
+        f"Host {host!r} is not served without an API key (add --allowed-hosts {name or 'NAME'}, "
+        "or set --api-key)"
+    )
+
+
+def origin_refusal(headers: dict, scheme: str) -> str | None:
+    """Why a request that changes state is refused as coming from another site's page (CSRF), or None.
+    A browser names the page's origin in Origin and Sec-Fetch-Site; other clients send neither. A request
+    with Authorization passes: a browser sends that header cross-origin only after a CORS preflight, which
+    this server never allows."""
+    if "authorization" in headers:
+        return None
+    site = headers.get("sec-fetch-site")
+    origin = headers.get("origin")
+    own = f"{scheme}://{headers.get('host', '')}"
+    if site is not None and site not in ("same-origin", "none"):
+        return f"refused: a page of another site (Sec-Fetch-Site: {site}) may not change anything here"
+    if origin is not None and origin != own:
+        return (
+            f"refused: the page at {origin!r} is not this server's ({own}); only its own pages change things"
+        )
+    return None
 
 
 class NoFraming:

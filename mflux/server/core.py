@@ -28,6 +28,7 @@ from mflux.server.worker import (
     Models,
     QueueFull,
     Result,
+    ShuttingDown,
     ThreadRunner,
     Worker,
     WorkerLost,
@@ -50,6 +51,10 @@ class Limits:
     steps: int = 100
     body_bytes: int = 64 * 2**20  # a whole request body
     upload_bytes: int = 20 * 2**20  # one uploaded or base64-decoded image
+    image_pixels: int = 4 * MAX_PIXELS  # an uploaded image's width * height, read from its header
+    head_seconds: float = 10.0  # a request's line and headers, from the connection's start (or last reply)
+    body_seconds: float = 120.0  # a request's body, from its head
+    connections: int = 64  # open at once; past it, 503
 
 
 @dataclass
@@ -64,6 +69,10 @@ class ServerSettings:
     # empty: one worker thread in the server's own process. worker_devices() makes it from the flags.
     devices: tuple[str | None, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # seconds the running jobs have to finish at SIGTERM or Ctrl-C before they are cancelled
+    shutdown_grace: float = 20.0
+    # without an API key, the Host names served besides loopback's and IP addresses (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def worker_devices(workers: int | None, devices: tuple[int, ...] | None, gpus: int) -> tuple[str | None, ...]:
@@ -239,7 +248,11 @@ class Server:
         return n
 
     def decode_image(self, data: str | bytes, param: str) -> Image.Image:
-        """An uploaded image (bytes) or a base64 string, raw or as a data URL, checked and fully read."""
+        """An uploaded image (bytes) or a base64 string, raw or as a data URL, checked and fully read: the
+        one decoder of every route that takes an image. It takes seconds on a large image, so handlers
+        call it (and resize or blur its result) in a thread, through `off_loop`, never on the event loop."""
+        if _on_event_loop():
+            raise RuntimeError("decode_image would block the event loop: call it through off_loop")
         if isinstance(data, str):
             text = data.partition(",")[2] if data.startswith("data:") else data
             if len(text) > self.limits.upload_bytes * 4 // 3 + 4:
@@ -259,13 +272,22 @@ class Server:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # no other decoder is reachable
-                if image.width * image.height > 4 * self.limits.pixels:
-                    raise ApiError(400, f"{param} is {image.width}x{image.height}: too many pixels", param)
+                image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # no other decoder
+                if image.width * image.height > self.limits.image_pixels:  # known from the header alone
+                    raise ApiError(
+                        400,
+                        f"{param} is {image.width}x{image.height}: at most {self.limits.image_pixels} pixels "
+                        "(scale it down first)",
+                        param,
+                    )
                 image.load()
                 return ImageOps.exif_transpose(image)  # inside: a garbage EXIF block raises as PIL reads it
         except ApiError:
             raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own cap, far larger
+            raise ApiError(
+                400, f"{param} has more than {self.limits.image_pixels} pixels (scale it down first)", param
+            ) from None
         except Exception:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
             raise ApiError(
                 400, f"{param} is not an image this server reads (send a PNG, JPEG or WebP)", param
@@ -276,6 +298,8 @@ class Server:
         job.timeout = self.settings.timeout
         try:
             return self.worker.submit(job)
+        except ShuttingDown as e:
+            raise ApiError(503, str(e), code="shutting_down") from None
         except QueueFull as e:
             raise ApiError(
                 429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}
@@ -349,6 +373,8 @@ def end_error(end: End, timeout: float) -> ApiError | None:
         return None
     if end.status == "cancelled":
         return ApiError(500, "the request was cancelled on the server", code="cancelled")
+    if end.status == "shutdown":
+        return ApiError(503, str(ShuttingDown()), code="shutting_down")
     if end.status == "timeout":  # its error, if any, says its hung worker was killed (WorkerHung)
         message = f"the request timed out after {timeout:g} s (queued and generating)"
         return ApiError(504, f"{message}; {end.error}" if end.error else message, code="timeout")
@@ -415,6 +441,22 @@ def check_seed(seed: int, param: str = "seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise ApiError(400, f"seed must be in 0..{MAX_SEED} (or -1 for random), got {seed}", param)
     return seed
+
+
+async def off_loop(work, *args):
+    """`work(*args)` in a worker thread: image decoding, resizing and blurring, which would stall every
+    other request (and /health) for seconds if run on the event loop."""
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(work, *args)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def b64(data: bytes) -> str:

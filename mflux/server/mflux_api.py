@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 
 from mflux.flux1 import MAX_SEED
-from mflux.server.core import ApiError, b64, end_error, seed_run, sse, utf8_text
+from mflux.server.core import ApiError, b64, end_error, off_loop, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter(prefix="/mflux/v1")
@@ -52,6 +52,9 @@ class ImageOut(BaseModel):
 async def generate(request: Request, body: GenerateRequest):
     server = request.app.state.server
     job = _job(server, body)
+    if body.image:
+        job.image = await off_loop(_rgb, server, body.image)
+        job.strength = body.strength  # None: the engine's default
     server.submit(job)
     return StreamingResponse(_stream(server, job), media_type="text/event-stream")
 
@@ -81,9 +84,6 @@ def _job(server, body: GenerateRequest) -> Job:
         loras=server.resolve_loras([(lo.name, lo.scale) for lo in body.loras]),
         every_preview=body.previews,
     )
-    if body.image:
-        job.image = server.decode_image(body.image, "image").convert("RGB")
-        job.strength = body.strength  # None: the engine's default
     return job
 
 
@@ -99,6 +99,11 @@ def _seed(text: str) -> int | None:
             400, f"seed must be 0..{MAX_SEED} in digits 0-9 (or empty for random), got {shown!r}", "seed"
         )
     return int(seed)
+
+
+def _rgb(server, image: str):
+    # run off the event loop
+    return server.decode_image(image, "image").convert("RGB")
 
 
 async def _stream(server, job: Job):

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mflux.server.core import ApiError, b64, end_error, seed_run, sse, utf8_text
+from mflux.server.core import ApiError, b64, end_error, off_loop, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -159,26 +159,29 @@ async def edit(request: Request):
     upload = form.get("image") or form.get("image[]")
     if upload is None or isinstance(upload, str):
         raise ApiError(400, "image is required: a PNG, JPEG or WebP file in the multipart form", "image")
-    image = server.decode_image(await upload.read(), "image")
     mask = form.get("mask")
-    mask = (
-        server.decode_image(await mask.read(), "mask")
-        if mask is not None and not isinstance(mask, str)
-        else None
-    )
+    mask = await mask.read() if mask is not None and not isinstance(mask, str) else None
+    image, mask = await off_loop(_edit_images, server, await upload.read(), mask)
     width, height = _size(server, body.size, _image_size(image))
     job = _job(server, body, (width, height))
-    job.image = image.convert("RGB")  # the engine scales it to cover the size and centre-crops
-    if mask is not None:
-        if mask.size != image.size:
-            raise ApiError(
-                400,
-                f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",
-                "mask",
-            )
-        job.mask = openai_mask_to_mflux(mask)
+    job.image, job.mask = image, mask
     job.strength = body.strength or (INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH)
     return await _reply(request, body, job, "image_edit")
+
+
+def _edit_images(server, image: bytes, mask: bytes | None) -> tuple[Image.Image, Image.Image | None]:
+    """The edit's image as RGB and its mask as mflux's (white is repainted); run off the event loop."""
+    image = server.decode_image(image, "image")
+    if mask is None:
+        return image.convert("RGB"), None  # the engine scales it to cover the size and centre-crops
+    mask = server.decode_image(mask, "mask")
+    if mask.size != image.size:
+        raise ApiError(
+            400,
+            f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",
+            "mask",
+        )
+    return image.convert("RGB"), openai_mask_to_mflux(mask)
 
 
 def openai_mask_to_mflux(mask: Image.Image) -> Image.Image:

@@ -23,12 +23,12 @@ def serve(
     timeout: float = 600.0,
     workers: int | None = None,
     devices: tuple[int, ...] | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
     """Serve until interrupted; the model (if named) is checked now and loaded before the first request.
     `workers`/`devices`: see `worker_devices` (None and None: one worker thread in this process)."""
-    import uvicorn
-
     from mflux.server.app import create_app
+    from mflux.server.listen import uvicorn_server
 
     several = (workers or 1) > 1 or bool(devices)  # only then is MLX asked for the CUDA GPUs
     planned = worker_devices(workers, devices, cuda_gpus() if several else 0)
@@ -38,7 +38,8 @@ def serve(
     if not is_loopback(host) and not api_key:
         click.echo(
             f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
-            "server (set --api-key or MFLUX_API_KEY)",
+            "server (set --api-key or MFLUX_API_KEY; without a key, requests must name it by IP address or "
+            "by a name given to --allowed-hosts)",
             err=True,
         )
     settings = ServerSettings(
@@ -49,6 +50,7 @@ def serve(
         queue=queue,
         timeout=timeout,
         devices=planned,
+        allowed_hosts=tuple(allowed_hosts),
     )
     log = logging.getLogger("mflux.server")  # the one line per request
     if not log.handlers:
@@ -58,7 +60,9 @@ def serve(
     log.setLevel(logging.INFO)
     click.echo(f"mflux serve: http://{host}:{port}/ (OpenAI: /v1, A1111: /sdapi/v1)", err=True)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn_server(create_app(settings), host, port).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn raises again the Ctrl-C it has already shut down for (uvicorn.run swallows it too)
     except OSError as e:
         raise MfluxError(f"cannot listen on {host}:{port}: {e.strerror} (choose another --port)") from None
 

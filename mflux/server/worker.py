@@ -62,6 +62,11 @@ def load_failed(name: str, loras: tuple, e: Exception) -> LoadFailed:
     return LoadFailed(message if lora else f"model {name} could not be loaded: {message}", lora)
 
 
+class ShuttingDown(MfluxError):
+    def __init__(self):
+        super().__init__("the server is shutting down (retry when it is back)")
+
+
 class WorkerLost(Exception):
     """A worker process died (a crash, an out-of-memory kill) or could not start; the runner restarts it."""
 
@@ -98,7 +103,7 @@ class Loaded:
 
 @dataclass
 class End:
-    status: str  # "ok", "cancelled", "timeout", "error"
+    status: str  # "ok", "cancelled", "timeout", "error", "shutdown" (still queued when the server stopped)
     error: Exception | None = None
 
 
@@ -325,6 +330,7 @@ class Worker:
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._refusing = False  # shutting down: no new jobs, and the queued ones were answered
         self._seconds_per_job = 10.0  # running mean, for Retry-After
         self.load_errors: dict[str, str] = {}  # model name -> why it did not load, until it loads (/health)
 
@@ -357,6 +363,8 @@ class Worker:
         job._loop = asyncio.get_running_loop()
         job._events = asyncio.Queue()
         with self._cond:
+            if self._refusing:
+                raise ShuttingDown()
             if len(self._queue) >= self.max_queue:
                 self._log(job, "rejected", 0.0, 0.0, "queue full")
                 raise QueueFull(self.max_queue, self.retry_after())
@@ -430,14 +438,18 @@ class Worker:
             thread.start()
             self._threads.append(thread)
 
+    def refuse_new(self) -> None:
+        """The server's shutdown has begun: refuse new jobs and end the queued ones as "shutdown" (503) now,
+        rather than after the running jobs; the running jobs go on until stop()."""
+        with self._cond:
+            self._refusing = True
+            self._end_queued("shutdown")
+
     def stop(self) -> None:
         """Cancel every job, let the running ones stop at their next step, then end the worker processes."""
         with self._cond:
             self._stopping = True
-            for job in self._queue:
-                job.cancelled.set()
-                self._finish(job, End("cancelled"))
-            self._queue.clear()
+            self._end_queued("cancelled")
             for job in self.running():
                 job.cancelled.set()
             self._cond.notify_all()
@@ -448,6 +460,13 @@ class Worker:
             r.terminate()  # those still loading a model or inside a long step
         for thread in self._threads:
             thread.join(timeout=30)
+
+    def _end_queued(self, status: str) -> None:
+        # under self._cond
+        for job in self._queue:
+            job.cancelled.set()
+            self._finish(job, End(status))
+        self._queue.clear()
 
     # --- each runner's thread -------------------------------------------------------------------------
     def _serve(self, runner) -> None:
