@@ -77,7 +77,7 @@ def _job(server, body: GenerateRequest) -> Job:
         negative_prompt=body.negative_prompt or None,
         true_cfg_scale=body.true_cfg_scale,
         loras=server.resolve_loras([(lo.name, lo.scale) for lo in body.loras]),
-        every_preview=body.previews,
+        preview_every=1 if body.previews else 0,
     )
     if body.image:
         job.image = server.decode_image(body.image, "image").convert("RGB")
