@@ -1,5 +1,6 @@
-"""mflux's own small dialect, what the web UI speaks: one generation as server-sent events (a preview at
-every step, each image with its settings), and cancelling a queued or running job by its id.
+"""mflux's own small dialect, what the web UI speaks: one generation as server-sent events (its place in
+the queue, its start, each step with a preview every few steps, each image with its settings), and
+cancelling a queued or running job by its id.
 
 Seeds travel as strings: JavaScript numbers lose precision above 2**53, and seeds go up to 2**64 - 1.
 """
@@ -9,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from mflux.server.core import ApiError, b64, end_error, seed_run, sse
-from mflux.server.worker import End, Job, Result, Step
+from mflux.server.worker import End, Job, Queued, Result, Started, Step
 
 router = APIRouter(prefix="/mflux/v1")
 
@@ -34,6 +35,7 @@ class GenerateRequest(BaseModel):
     image: str | None = None  # img2img: a data: URL or base64
     strength: float | None = Field(None, gt=0, le=1)
     previews: bool = True
+    preview_every: int | None = Field(None, ge=1)  # a preview every N steps; None: about five an image
 
 
 class ImageOut(BaseModel):
@@ -77,7 +79,7 @@ def _job(server, body: GenerateRequest) -> Job:
         negative_prompt=body.negative_prompt or None,
         true_cfg_scale=body.true_cfg_scale,
         loras=server.resolve_loras([(lo.name, lo.scale) for lo in body.loras]),
-        preview_every=1 if body.previews else 0,
+        preview_every=body.preview_every if body.previews else 0,
     )
     if body.image:
         job.image = server.decode_image(body.image, "image").convert("RGB")
@@ -89,7 +91,11 @@ async def _stream(server, job: Job):
     yield sse("queued", {"job_id": job.id, "seeds": [str(s) for s in job.seeds]})
     try:
         async for event in job.events():
-            if isinstance(event, Step):
+            if isinstance(event, Queued):
+                yield sse("position", {"position": event.position})
+            elif isinstance(event, Started):
+                yield sse("started", {})
+            elif isinstance(event, Step):
                 data = {"step": event.step, "total": event.total}
                 if event.preview:
                     data["preview"] = b64(event.preview)

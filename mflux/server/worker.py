@@ -54,6 +54,16 @@ class NotTaken(WorkerLost):
 
 
 @dataclass
+class Queued:
+    position: int  # in the queue: 1 is the next job a runner takes
+
+
+@dataclass
+class Started:
+    """A runner took the job: it switches model if it must, encodes the prompt, then sends its steps."""
+
+
+@dataclass
 class Step:
     step: int
     total: int
@@ -346,6 +356,7 @@ class Worker:
                 raise QueueFull(self.max_queue, self.retry_after())
             job.submitted = time.monotonic()
             self._queue.append(job)
+            job._emit(Queued(len(self._queue)))
             self._cond.notify()
         return job
 
@@ -357,6 +368,7 @@ class Worker:
                     self._queue.remove(job)
                     job.cancelled.set()
                     self._finish(job, End("cancelled"))
+                    self._renumber()
                     return True
             for job in self.running():
                 if job.id == job_id:
@@ -477,7 +489,14 @@ class Worker:
                 self.model = job.model
             job.started = time.monotonic()
             runner.job = job
+            job._emit(Started())
+            self._renumber()
             return job
+
+    def _renumber(self) -> None:
+        """Tell each queued job its place, after the queue moved (call with the lock held)."""
+        for position, job in enumerate(self._queue, 1):
+            job._emit(Queued(position))
 
     def _run(self, runner, job: Job) -> None:
         job.status = "running"
@@ -514,6 +533,7 @@ class Worker:
             if not job.cancelled.is_set():
                 job.status, job.started = "queued", None
                 self._queue.appendleft(job)
+                self._renumber()
                 self._cond.notify()
                 return
             self._finish(job, End("cancelled"), runner)
