@@ -370,7 +370,7 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "--stepwise",
     type=click.Path(),
     metavar="DIR",
-    help="Write each step's decoded image to DIR, and a strip of them all. Each costs one VAE decode: "
+    help="Write each step's decoded image to DIR, and a strip of them all, labelled by step. Each costs one VAE decode: "
     "at 1024x1024 on an H100 0.081 s, half a schnell step (docs/PERFORMANCE.md).",
 )
 @click.option(

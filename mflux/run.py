@@ -493,7 +493,7 @@ def _add_timings(seconds: dict, memory: dict, image, first: bool) -> None:
 
 def write_steps(folder: Path, stem: str, steps: list) -> list[Path]:
     """Each (step, decoded image) as `<stem>_step_<k>.png`, and `<stem>_steps.png`, all of them side by
-    side (each scaled to at most 256 pixels high)."""
+    side (each scaled to at most 256 pixels high) above a band labelling each with its step number."""
     from PIL import Image
 
     from mflux.metadata import free_path
@@ -505,11 +505,32 @@ def write_steps(folder: Path, stem: str, steps: list) -> list[Path]:
         first = steps[0][1]
         scale = min(1.0, 256 / first.height)
         tile = (max(1, round(first.width * scale)), max(1, round(first.height * scale)))
-        strip = Image.new("RGB", (tile[0] * len(steps), tile[1]))
-        for i, (_, im) in enumerate(steps):
+        band = label_height(tile[1])
+        strip = Image.new("RGB", (tile[0] * len(steps), tile[1] + band), "white")
+        for i, (k, im) in enumerate(steps):
             strip.paste(im.resize(tile, Image.LANCZOS) if scale < 1 else im, (i * tile[0], 0))
+            strip.paste(step_label(k, tile[0], band), (i * tile[0], tile[1]))
         paths.append(_save_plain(strip, free_path(folder / f"{stem}_steps.png")))
     return paths
+
+
+def label_height(tile_height: int) -> int:
+    # a band under the frames rather than text over them, so each frame keeps the pixels of its step image
+    return max(12, tile_height // 8)
+
+
+def step_label(step: int, width: int, height: int):
+    """A white band `width` x `height` with "step K" centred in black ("K" alone where that is too wide)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(8, height * 3 // 4))
+    band = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(band)
+    text = f"step {step}"
+    if draw.textlength(text, font=font) > width - 2:
+        text = str(step)
+    draw.text((width / 2, height / 2), text, fill="black", font=font, anchor="mm")
+    return band
 
 
 def _save_plain(image, path: Path) -> Path:

@@ -248,7 +248,20 @@ def test_stepwise_writes_every_step_and_a_strip(tiny_schnell, tmp_path):
     assert np.array_equal(pixels(tmp_path / "steps" / "image_step_3.png"), final)
     assert not np.array_equal(pixels(tmp_path / "steps" / "image_step_1.png"), final)
     strip = pixels(tmp_path / "steps" / "image_steps.png")
-    assert strip.shape == (32, 3 * 48, 3) and np.array_equal(strip[:, 96:], final)
+    assert_labelled(strip, 32, 48, [1, 2, 3])
+    assert np.array_equal(strip[:32, 96:], final)  # the band is under the frames, not over them
+
+
+def assert_labelled(strip: np.ndarray, height: int, width: int, steps: list[int]) -> None:
+    """Under each frame of a --stepwise strip, a band with its own step number in dark ink."""
+    assert strip.shape[0] > height and strip.shape[1] == width * len(steps), f"no label band: {strip.shape}"
+    from mflux.run import step_label  # the band's height and font are the strip's own choice
+
+    bands = [strip[height:, i * width : (i + 1) * width] for i in range(len(steps))]
+    for k, band in zip(steps, bands):
+        assert (band < 100).all(axis=-1).sum() > 10, f"no label under the frame of step {k}"
+        assert np.array_equal(band, np.array(step_label(k, width, band.shape[0]))), f"step {k} mislabelled"
+    assert len({band.tobytes() for band in bands}) == len(bands), "two frames share a label"
 
 
 def test_stepwise_every_k_steps_and_the_last(tiny_schnell, tmp_path, files):
@@ -261,7 +274,8 @@ def test_stepwise_every_k_steps_and_the_last(tiny_schnell, tmp_path, files):
         "image_step_5.png",
         "image_steps.png",
     ]
-    assert pixels(tmp_path / "a" / "image_steps.png").shape == (32, 3 * 32, 3)
+    strip = pixels(tmp_path / "a" / "image_steps.png")
+    assert_labelled(strip, 32, 32, [2, 4, 5])
     assert np.array_equal(pixels(tmp_path / "a" / "image_step_5.png"), pixels(tmp_path / "image.png"))
     # img2img at strength 0.5 keeps 2 of 4 steps: the last kept step is previewed
     img2img = ["--steps", "4", "--image", str(files / "init.png"), "--strength", "0.5", "--output", "b.png"]

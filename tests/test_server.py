@@ -402,6 +402,78 @@ def test_a1111_progress_and_interrupt(srv, a1111):
     wait_for(lambda: a1111.get_progress()["state"]["job_count"] == 0, "an idle server")
 
 
+class Previews:
+    """A real Flux1 that records the steps that came with a preview, and can hold a job at its first one."""
+
+    def __init__(self, flux):
+        self._flux, self.steps = flux, []
+        self.hold, self.held = threading.Event(), threading.Event()
+        self.hold.set()
+
+    def __getattr__(self, name):
+        return getattr(self._flux, name)
+
+    def generate(self, *args, **kwargs):
+        from mflux.flux1 import StepEvent
+
+        self.steps = []
+        for event in self._flux.generate(*args, **kwargs):
+            yield event  # the worker has taken the step (and its preview) when this returns
+            if isinstance(event, StepEvent) and event.previews:
+                self.steps.append(event.step)
+                if not self.hold.is_set():
+                    self.held.set()
+                    self.hold.wait(timeout=30)
+
+
+def test_a1111_progress_shows_previews_at_show_progress_every_n_steps(srv):
+    flux = {}  # srv: the store holds schnell; this test's server has its options and its model to itself
+
+    def loader(name, loras):
+        return flux.setdefault(name, Previews(_load_flux(name, loras)))
+
+    with serving(ServerSettings(model="schnell"), loader) as (url, _):
+
+        def previewed(steps: int, **body) -> list[int]:
+            body = {"prompt": "a red fox", "width": PX, "height": PX, "seed": 1, "steps": steps, **body}
+            r = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return flux["schnell"].steps
+
+        # unset: about five previews an image (A1111's default of 10 would give schnell's 4 steps none)
+        assert previewed(10) == [2, 4, 6, 8, 10], "no previews for an A1111 job"
+        assert previewed(7, override_settings={"show_progress_every_n_steps": 3}) == [3, 6]
+        assert previewed(3, override_settings={"show_progress_every_n_steps": 0}) == [1, 2, 3]  # each step
+        assert previewed(3, override_settings={"live_previews_enable": False}) == []
+        r = requests.post(f"{url}/sdapi/v1/options", json={"show_progress_every_n_steps": -1}, timeout=10)
+        assert r.status_code == 200 and previewed(3) == []  # the option holds for later requests
+        options = requests.get(f"{url}/sdapi/v1/options", timeout=10).json()
+        assert options["show_progress_every_n_steps"] == -1 and options["live_previews_enable"] is True
+        assert previewed(4, override_settings={"show_progress_every_n_steps": 2}) == [2, 4]  # overrides win
+        bad = {"prompt": "fox", "override_settings": {"show_progress_every_n_steps": "often"}}
+        r = requests.post(f"{url}/sdapi/v1/txt2img", json=bad, timeout=10)
+        detail = r.json()["detail"]
+        assert r.status_code == 400 and "show_progress_every_n_steps must be a whole number" in detail
+        r = requests.post(f"{url}/sdapi/v1/options", json={"show_progress_every_n_steps": 1}, timeout=10)
+        assert r.status_code == 200
+
+        # while the job runs, /progress returns the latest preview as A1111 does: a base64 PNG
+        flux["schnell"].hold.clear()
+        job = threading.Thread(target=previewed, args=(3,))
+        job.start()
+        try:
+            assert flux["schnell"].held.wait(timeout=30), "the job never reached its first preview"
+            progress = requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()
+            skipped = requests.get(f"{url}/sdapi/v1/progress?skip_current_image=true", timeout=10).json()
+        finally:
+            flux["schnell"].hold.set()
+            job.join(timeout=60)
+        assert progress["current_image"], "no current_image while an A1111 job runs"
+        image = png(progress["current_image"])
+        assert (image.format, image.size) == ("PNG", (PX, PX))
+        assert progress["state"]["sampling_step"] == 1 and skipped["current_image"] is None
+
+
 def test_a_client_that_goes_away_cancels_its_job(srv, caplog):
     srv.gate.clear()
     body = {"prompt": "nobody waits", "size": SIZE, "steps": 1}

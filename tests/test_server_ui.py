@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 from mflux.server.core import ServerSettings
 from mflux.server.worker import _load_flux
 from tests.fixtures import store_hf_folder
-from tests.server_harness import Gate, module_store, serving, write_lora
+from tests.server_harness import Gate, module_store, serving, wait_for, write_lora
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -212,6 +212,45 @@ def test_loras_and_img2img_from_the_form(page, tmp_path):
     page.uncheck("[data-lora=ink]")
     page.set_input_files("#init_image", [])
     page.wait_for_function("document.querySelector('#init_preview').hidden")
+
+
+def test_the_page_says_queued_then_running_and_the_servers_queue(page, ui, new_page):
+    gate = ui[1]
+    second = new_page()
+    second.goto(ui[0] + "/")
+    second.wait_for_function("document.querySelector('#model').value === 'schnell'")
+    for p, prompt, seed in ((page, "runs first", "3"), (second, "waits its turn", "4")):
+        fill_form(p, prompt, seed)
+        p.fill("#steps", "1")
+    gate.clear()  # the first job is taken by the worker, then held before its first step
+    try:
+        page.click("#generate")
+        wait_for(lambda: page.text_content("#message") == "running…", "the page to say its job runs", 10)
+        second.click("#generate")
+        wait_for(lambda: second.text_content("#message") == "queued, position 1", "queued, position 1", 10)
+        busy = "· 1 running · 1 queued"
+        wait_for(lambda: second.text_content("#status").endswith(busy), "the header to show the queue", 10)
+    finally:
+        gate.set()
+    both_done = lambda: all(p.text_content("#message") == "done" for p in (page, second))  # noqa: E731
+    wait_for(both_done, "both jobs to finish")
+    idle = "· 0 running · 0 queued"
+    wait_for(lambda: second.text_content("#status").endswith(idle), "an idle header", 10)
+    second.close()
+
+
+def test_previews_every_few_steps_not_every_step(page):
+    fill_form(page, seed="6")
+    for field, value in (("#steps", "10"), ("#width", "32"), ("#height", "32")):
+        page.fill(field, value)
+    previews = page.evaluate("window.__seen.previews")
+    results = page.locator("figure.result").count()
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('figure.result').length === {results + 1}")
+    page.wait_for_function("document.querySelector('#message').textContent === 'done'")
+    assert "step 10 of 10" in page.evaluate("window.__seen.messages")
+    shown = page.evaluate("window.__seen.previews") - previews
+    assert shown == 5, f"{shown} previews for 10 steps; expected 5, at steps 2, 4, 6, 8 and 10"
 
 
 def test_cancel_button(page, ui):

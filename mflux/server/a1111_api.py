@@ -27,6 +27,7 @@ SCHEDULER = "simple"
 MAX_MASK_BLUR = 64  # pixels, the top of A1111's slider; a blur radius past the image's size is pointless
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
 _TITLE_HASH = re.compile(r"^(?P<name>.+?)(?:\.safetensors)? \[[0-9a-f]+\]$")
+PREVIEW_OPTIONS = ("live_previews_enable", "show_progress_every_n_steps")  # A1111's, as options or overrides
 
 
 class Txt2ImgRequest(BaseModel):
@@ -203,25 +204,28 @@ def get_options(request: Request) -> dict:
         "sd_model_checkpoint": _title(server, name) if name else None,
         "sd_checkpoint_hash": server.model_hash(name) if name and server.store.exists(name) else None,
         "samples_format": "png",
-        "live_previews_enable": False,
+        "live_previews_enable": True,
+        **server.a1111_options,  # show_progress_every_n_steps only once set: unset, mflux picks a stride
     }
 
 
 @router.post("/options")
 async def set_options(request: Request, body: dict) -> None:
-    """Only sd_model_checkpoint does anything: it loads that model now (through the queue), by title or name."""
+    """The live preview options are kept for later requests; sd_model_checkpoint loads that model now
+    (through the queue), by title or name. Other options are ignored."""
     server = request.app.state.server
+    previews = _preview_options(body, "options")
     title = body.get("sd_model_checkpoint")
-    if title is None:
-        return None
-    if not isinstance(title, str):
+    if title is not None and not isinstance(title, str):
         raise ApiError(
             400,
             "sd_model_checkpoint must be a model title from GET /sdapi/v1/sd-models",
             "sd_model_checkpoint",
         )
-    name = server.check_model(_name_from_title(title), "sd_model_checkpoint")
-    await server.run(Job(model=name, load_only=True), request)
+    name = server.check_model(_name_from_title(title), "sd_model_checkpoint") if title is not None else None
+    server.a1111_options.update(previews)  # once every option given is known good
+    if name is not None:
+        await server.run(Job(model=name, load_only=True), request)
     return None
 
 
@@ -296,6 +300,7 @@ def _job(server, body: Txt2ImgRequest) -> Job:
             "override_settings.sd_model_checkpoint must be a model title from GET /sdapi/v1/sd-models",
             "override_settings",
         )
+    options = {**server.a1111_options, **_preview_options(body.override_settings or {}, "override_settings")}
     return Job(
         prompt=prompt,
         seeds=seed_run(None if body.seed == -1 else body.seed, n),
@@ -307,7 +312,32 @@ def _job(server, body: Txt2ImgRequest) -> Job:
         negative_prompt=body.negative_prompt or None,
         true_cfg_scale=cfg.true_cfg,
         loras=server.resolve_loras(lora_names, "prompt"),
+        preview_every=_preview_every(options),
     )
+
+
+def _preview_options(settings: dict, param: str) -> dict:
+    """The live preview options among A1111 `settings`, checked: a bool and a whole number from -1."""
+    out = {k: settings[k] for k in PREVIEW_OPTIONS if k in settings}
+    if not isinstance(out.get("live_previews_enable", True), bool):
+        raise ApiError(400, "live_previews_enable must be true or false", param)
+    n = out.get("show_progress_every_n_steps", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < -1:
+        raise ApiError(
+            400, f"show_progress_every_n_steps must be a whole number from -1 (no previews), got {n!r}", param
+        )
+    return out
+
+
+def _preview_every(options: dict) -> int | None:
+    """A1111's live preview options as the job's preview stride: every n-th step (0, like 1, is every
+    step; -1 or previews off: none); unset, None lets the worker pick a stride for the step count."""
+    n = options.get("show_progress_every_n_steps")
+    if not options.get("live_previews_enable", True) or n == -1:
+        return 0
+    if n is None:
+        return None
+    return max(n, 1)
 
 
 async def _generate(request: Request, body: Txt2ImgRequest, job: Job) -> GenerationResponse:

@@ -145,6 +145,7 @@ class Server:
         self.store = Store()
         self.worker = Worker(_runners(settings, loader), settings.model, settings.queue)
         self.output_dir = settings.output_dir
+        self.a1111_options: dict = {}  # what POST /sdapi/v1/options set that mflux acts on (live previews)
 
     # --- names ----------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:

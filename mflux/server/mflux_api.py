@@ -1,5 +1,6 @@
-"""mflux's own small dialect, what the web UI speaks: one generation as server-sent events (a preview at
-every step, each image with its settings), and cancelling a queued or running job by its id.
+"""mflux's own small dialect, what the web UI speaks: one generation as server-sent events (its place in
+the queue, its start, each step with a preview every few steps, each image with its settings), and
+cancelling a queued or running job by its id.
 
 Seeds travel as strings: JavaScript numbers lose precision above 2**53, and seeds go up to 2**64 - 1.
 """
@@ -12,7 +13,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from mflux.flux1 import MAX_SEED
 from mflux.server.core import ApiError, b64, end_error, off_loop, seed_run, sse, utf8_text
-from mflux.server.worker import End, Job, Result, Step
+from mflux.server.worker import End, Job, Queued, Result, Started, Step
 
 router = APIRouter(prefix="/mflux/v1")
 _DIGITS = re.compile(r"[0-9]{1,20}")
@@ -39,6 +40,7 @@ class GenerateRequest(BaseModel):
     image: str | None = None  # img2img: a data: URL or base64
     strength: float | None = Field(None, gt=0, le=1)
     previews: bool = True
+    preview_every: int | None = Field(None, ge=1)  # a preview every N steps; None: about five an image
 
 
 class ImageOut(BaseModel):
@@ -82,7 +84,7 @@ def _job(server, body: GenerateRequest) -> Job:
         negative_prompt=body.negative_prompt or None,
         true_cfg_scale=body.true_cfg_scale,
         loras=server.resolve_loras([(lo.name, lo.scale) for lo in body.loras]),
-        every_preview=body.previews,
+        preview_every=body.preview_every if body.previews else 0,
     )
     return job
 
@@ -110,7 +112,11 @@ async def _stream(server, job: Job):
     yield sse("queued", {"job_id": job.id, "seeds": [str(s) for s in job.seeds]})
     try:
         async for event in job.events():
-            if isinstance(event, Step):
+            if isinstance(event, Queued):
+                yield sse("position", {"position": event.position})
+            elif isinstance(event, Started):
+                yield sse("started", {})
+            elif isinstance(event, Step):
                 data = {"step": event.step, "total": event.total}
                 if event.preview:
                     data["preview"] = b64(event.preview)

@@ -28,6 +28,9 @@ log = logging.getLogger("mflux.server")
 DEFAULT_QUEUE = 16  # jobs waiting (not counting the running ones); past it, 429 with Retry-After
 DEFAULT_TIMEOUT = 600.0  # seconds from submission to the last image, queued time included
 STOP_GRACE = 10.0  # seconds a running job has to stop at shutdown before its worker process is ended
+# A job that wants previews at no stated stride gets about this many an image: each is a VAE decode and a
+# PNG, and one at every step made a 20-step CPU job crawl
+PREVIEWS_PER_IMAGE = 5
 
 
 class QueueFull(MfluxError):
@@ -82,6 +85,16 @@ class NotTaken(WorkerLost):
 
 
 @dataclass
+class Queued:
+    position: int  # in the queue: 1 is the next job a runner takes
+
+
+@dataclass
+class Started:
+    """A runner took the job: it switches model if it must, encodes the prompt, then sends its steps."""
+
+
+@dataclass
 class Step:
     step: int
     total: int
@@ -125,7 +138,7 @@ class JobParams:
     strength: float | None = None
     loras: tuple[tuple[str, float], ...] = ()  # (path, scale), already resolved inside --lora-dir
     partial_images: int = 0  # this many step previews, evenly spaced (OpenAI's partial_images)
-    every_preview: bool = False  # a preview at every step (the web UI)
+    preview_every: int | None = 0  # a preview every N steps; 0: none; None: a stride from preview_stride
     load_only: bool = False
     id: str = field(default_factory=lambda: secrets.token_hex(8))
 
@@ -229,10 +242,7 @@ def execute(models: Models, job: JobParams, emit, stopped) -> None:
     if job.guidance is not None:
         config.guidance = job.guidance
     steps = job.steps or flux.folder.defaults["steps"]
-    previews = job.every_preview or (
-        preview_steps(job.partial_images, steps) if job.partial_images else False
-    )
-    events = _events(flux, job, config, previews)
+    events = _events(flux, job, config, _previews(job, steps))
     try:
         for event in events:
             if stopped():
@@ -240,6 +250,20 @@ def execute(models: Models, job: JobParams, emit, stopped) -> None:
             emit(event)
     finally:
         events.close()  # stops the engine: the rest of the batch is never computed
+
+
+def _previews(job: JobParams, steps: int) -> frozenset[int] | bool:
+    """What Flux1.generate's `previews` takes for `job`: the 1-based steps to decode, or False."""
+    if job.partial_images:
+        return preview_steps(job.partial_images, steps)
+    every = preview_stride(steps) if job.preview_every is None else job.preview_every
+    return frozenset(range(every, steps + 1, every)) if every > 0 else False
+
+
+def preview_stride(steps: int) -> int:
+    """About PREVIEWS_PER_IMAGE previews over `steps`: each step of schnell's 4, every 4th of 20, and for
+    A1111's own 50-step default, A1111's own default of every 10th."""
+    return max(1, math.ceil(steps / PREVIEWS_PER_IMAGE))
 
 
 def preview_steps(partial_images: int, steps: int) -> frozenset[int]:
@@ -370,6 +394,7 @@ class Worker:
                 raise QueueFull(self.max_queue, self.retry_after())
             job.submitted = time.monotonic()
             self._queue.append(job)
+            job._emit(Queued(len(self._queue)))
             self._cond.notify()
         return job
 
@@ -381,6 +406,7 @@ class Worker:
                     self._queue.remove(job)
                     job.cancelled.set()
                     self._finish(job, End("cancelled"))
+                    self._renumber()
                     return True
             for job in self.running():
                 if job.id == job_id:
@@ -516,7 +542,14 @@ class Worker:
                 self.model = job.model
             job.started = time.monotonic()
             runner.job = job
+            job._emit(Started())
+            self._renumber()
             return job
+
+    def _renumber(self) -> None:
+        """Tell each queued job its place, after the queue moved (call with the lock held)."""
+        for position, job in enumerate(self._queue, 1):
+            job._emit(Queued(position))
 
     def _run(self, runner, job: Job) -> None:
         job.status = "running"
@@ -555,6 +588,7 @@ class Worker:
             if not job.cancelled.is_set():
                 job.status, job.started = "queued", None
                 self._queue.appendleft(job)
+                self._renumber()
                 self._cond.notify()
                 return
             self._finish(job, End("cancelled"), runner)

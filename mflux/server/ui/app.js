@@ -28,7 +28,7 @@ async function loadChoices() {
   const select = $("model");
   for (const m of models.data) select.add(new Option(m.id, m.id));
   select.value = health.model || health.default_model || (models.data[0] || {}).id || "";
-  $("status").textContent = `backend ${health.backend || "starting"} · queue ${health.queue}`;
+  showStatus(health);
   const box = $("loras");
   $("no_loras").hidden = loras.length > 0;
   for (const lora of loras) {
@@ -40,6 +40,16 @@ async function loadChoices() {
     row.querySelector("label").append(" " + lora.name);
     box.append(row);
   }
+}
+
+// The header: the server's state as /health gives it, for every client's jobs, not just this page's.
+function showStatus(health) {
+  const running = health.workers.filter((w) => w.state === "busy").length;
+  $("status").textContent = `backend ${health.backend || "starting"} · ${running} running · ${health.queue} queued`;
+}
+
+function refreshStatus() {
+  api("/health").then((r) => r.json()).then(showStatus).catch(() => {});
 }
 
 function number(id) {
@@ -100,6 +110,12 @@ async function generate(event) {
 function onEvent(type, data) {
   if (type === "queued") {
     currentJob = data.job_id;
+  } else if (type === "position") {
+    message(`queued, position ${data.position}`);
+    refreshStatus();
+  } else if (type === "started") {
+    message("running…");
+    refreshStatus();
   } else if (type === "step") {
     $("progress").value = data.step / data.total;
     message(`step ${data.step} of ${data.total}`);
@@ -110,6 +126,7 @@ function onEvent(type, data) {
   } else if (type === "image") {
     addResult(data);
   } else if (type === "end") {
+    refreshStatus();
     $("preview").hidden = true;
     if (data.status === "ok") {
       $("progress").value = 1;
@@ -272,3 +289,4 @@ document.addEventListener("dragover", (e) => { e.preventDefault(); document.body
 document.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
 document.addEventListener("drop", dropped);
 loadChoices().catch((e) => message(e.message, true));
+setInterval(refreshStatus, 5000); // other clients' jobs come and go too
