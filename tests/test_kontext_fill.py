@@ -157,6 +157,46 @@ def test_broken_kontext_conditioning_fails_the_comparison(breakage, tiny_kontext
     assert gap(latents, want_latents) > LATENT_GAP
 
 
+def test_kontext_with_a_lora_equals_diffusers_and_batches_and_previews(tiny_kontext, tmp_path):
+    """A Kontext LoRA (diffusers' PEFT names) as FluxKontextPipeline.load_lora_weights applies it; a batch
+    of two seeds equals each made alone; a preview at the last step is the image."""
+    import torch
+    from diffusers import FluxKontextPipeline
+
+    from tests import lora_files as lf
+    from tests.fixtures import _quiet
+
+    rng = np.random.default_rng(1)
+    shapes = lf.transformer_shapes(tiny_kontext)
+    modules = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_out", "x_embedder"]
+    spec = {f"transformer.{m}": lf.pair(rng, 4, shapes[m][1], shapes[m][0], 0.5) for m in modules}
+    lora = lf.save(tmp_path / "kontext_lora.safetensors", lf.peft(spec))
+    eps = noise(1, H, W, seed=13)
+    with _quiet():
+        pipe = FluxKontextPipeline.from_pretrained(tiny_kontext, dtype=torch.float32, local_files_only=True)
+        pipe.load_lora_weights(str(lora))
+    pipe.set_progress_bar_config(disable=True)
+    ref, config, (_, want_latents) = kontext_case(pipe, eps, steps=2)
+    flux = Flux1.from_path(tiny_kontext, precision="float32", lora_paths=[str(lora)])
+    _, latents = ours(flux, EDIT, config, eps, image=ref, auto_resize=False)
+    g = gap(latents, want_latents)
+    print(f"kontext with a LoRA vs diffusers: latents {g:.1e}")
+    assert g <= LATENT_BOUND
+    _, plain = ours(
+        Flux1.from_path(tiny_kontext, precision="float32"), EDIT, config, eps, image=ref, auto_resize=False
+    )
+    assert gap(plain, want_latents) > LATENT_GAP  # the LoRA is what made it equal
+
+    kwargs = dict(image=ref, auto_resize=False)
+    events = list(flux.generate([3, 4], EDIT, config, batch_size=2, previews=[2], **kwargs))
+    batched = [e.image for e in events if isinstance(e, ImageEvent)]
+    last = [e for e in events if isinstance(e, StepEvent) and e.step == 2][0].previews
+    for seed, image, preview in zip([3, 4], batched, last):
+        alone = flux.generate_image(seed, EDIT, config, **kwargs)
+        assert diff(image.image, alone.image) <= 1 and diff(preview, image.image) == 0
+    assert diff(batched[0].image, batched[1].image) > 0
+
+
 def test_kontext_reference_snaps_to_the_preferred_resolutions():
     assert kontext_size(1024, 1024) == (1024, 1024)
     assert kontext_size(1920, 1080) == (1392, 752)  # 16:9: the nearest trained aspect ratio
