@@ -18,30 +18,22 @@ def mflux_home(tmp_path, monkeypatch):
     return home
 
 
+def _tiny(variant: str, folder: str):
+    """A session fixture: the tiny `variant` pipeline in a folder named as its Hub repo."""
+
+    @pytest.fixture(scope="session")
+    def pipeline(tmp_path_factory) -> Path:
+        return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / folder, variant)
+
+    return pipeline
+
+
 # The tiny pipelines are shared by the whole session: tests must read them, never write into them.
-@pytest.fixture(scope="session")
-def tiny_schnell(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-schnell", "schnell")
-
-
-@pytest.fixture(scope="session")
-def tiny_dev(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-dev", "dev")
-
-
-@pytest.fixture(scope="session")
-def tiny_kontext(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-Kontext-dev", "kontext")
-
-
-@pytest.fixture(scope="session")
-def tiny_fill(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-Fill-dev", "fill")
-
-
-@pytest.fixture(scope="session")
-def tiny_krea(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "FLUX.1-Krea-dev", "krea")
+tiny_schnell = _tiny("schnell", "FLUX.1-schnell")
+tiny_dev = _tiny("dev", "FLUX.1-dev")
+tiny_kontext = _tiny("kontext", "FLUX.1-Kontext-dev")
+tiny_fill = _tiny("fill", "FLUX.1-Fill-dev")
+tiny_krea = _tiny("krea", "FLUX.1-Krea-dev")
 
 
 @pytest.fixture(scope="session")
