@@ -346,6 +346,12 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "noise, as in diffusers (upstream mflux had this the other way round). Not with kontext.",
 )
 @click.option(
+    "--control",
+    type=click.Path(dir_okay=False),
+    help="With -m canny or -m depth: the edge or depth map the image follows (white edges on black; a "
+    "depth map from any estimator), resized to the output; without --width/--height the size is its own.",
+)
+@click.option(
     "--expand",
     callback=lambda ctx, param, value: _margins(value),
     metavar="L,T,R,B",
@@ -396,9 +402,9 @@ def pull(model_or_repo, name, revision, dry_run, force):
 )
 @click.option(
     "--variant",
-    type=click.Choice(["schnell", "dev", "kontext", "fill", "krea"]),
+    type=click.Choice(tuple(VARIANTS)),
     help="With --path: the FLUX.1 variant, where the folder can't tell (krea's folder is dev's; a "
-    "folder without model_index.json can't tell kontext from dev).",
+    "folder without model_index.json can't tell kontext from dev; canny's and depth's are alike).",
 )
 @click.option("--metadata", is_flag=True, help="Also write the parameters to <output stem>.json.")
 @click.option("--precision", type=click.Choice(DTYPES), help="Default: float32 on a CPU, else bfloat16.")
@@ -437,6 +443,7 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
       mflux run -m fill --image photo.png --mask mask.png --prompt "a red vintage car"
       mflux run -m fill --image photo.png --expand 0,0,256,0 --prompt "the beach continues"
       mflux run -m krea --prompt "a lighthouse at dusk"
+      mflux run -m canny --control edges.png --prompt "a futuristic city at night"
       mflux run -m schnell --prompt-file prompts.jsonl -n 2 --json
       mflux run --from image.png --seed 7 --stepwise steps/
     """

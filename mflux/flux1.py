@@ -231,6 +231,7 @@ class Flux1:
         strength: float | None = None,
         expand: tuple[int, int, int, int] | None = None,
         auto_resize: bool = True,
+        control_image=None,
         latents: np.ndarray | None = None,
         batch_size: int | None = None,
         previews: bool | Iterable[int] = False,
@@ -254,6 +255,8 @@ class Flux1:
         - Kontext (`FluxKontextPipeline`): `image` is the reference to edit by the prompt's instruction;
           it is resized to the preferred Kontext resolution nearest its aspect ratio unless
           `auto_resize=False` (diffusers' `_auto_resize`), which keeps its size floored to 16.
+        - Canny, Depth (`FluxControlPipeline`): `control_image`, an edge or depth map, resized to the
+          output size (Lanczos, as diffusers' image processor).
         - `latents`: the packed initial noise (B, L, 64), instead of noise drawn from each seed.
         - `previews`: True decodes every step's latents, or an iterable of 1-based steps to decode.
         - `free_text_encoders` drops T5 and CLIP once the prompts are encoded; `free_modulation_weights`
@@ -277,6 +280,7 @@ class Flux1:
             batch_size,
             expand,
             auto_resize,
+            control_image,
         )
         request.sequence_parallel = sequence_parallel
         if free_modulation_weights:
@@ -376,6 +380,7 @@ class Flux1:
         batch_size,
         expand=None,
         auto_resize=True,
+        control_image=None,
     ):
         """Check every argument, then the engine's Request and each image's metadata record."""
         if not seeds:
@@ -389,7 +394,7 @@ class Flux1:
             raise InvalidArgument(f"true_cfg_scale must be a finite number, got {true_cfg}")
         d = self.folder.defaults
         h, w = config.height, config.width
-        inputs = self._inputs(image, mask, strength, expand, auto_resize, w, h)
+        inputs = self._inputs(image, mask, strength, expand, auto_resize, w, h, control_image)
         if latents is not None:
             latents = np.asarray(latents)
             shape = (len(seeds), (h // 16) * (w // 16), 64)
@@ -419,6 +424,7 @@ class Flux1:
             strength=inputs.strength,
             condition=inputs.condition,
             reference=inputs.reference,
+            control=inputs.control,
             noise=latents,
             batch_size=batch_size or default_batch_size(len(seeds)),
             dtype=self.dtype,
@@ -449,11 +455,27 @@ class Flux1:
             records.append(r)
         return request, records
 
-    def _inputs(self, image, mask, strength, expand, auto_resize, w: int, h: int) -> "_Inputs":
+    def _inputs(self, image, mask, strength, expand, auto_resize, w: int, h: int, control=None) -> "_Inputs":
         """The image arguments as this variant reads them (each checked), for a w x h output:
         schnell, dev, krea: img2img at `strength`, inpainting with `mask`; fill: `image` and `mask`
-        (or `expand`) as Fill's channels, `strength` default 1.0; kontext: `image` is the reference."""
+        (or `expand`) as Fill's channels, `strength` default 1.0; kontext: `image` is the reference;
+        canny, depth: `control` only."""
         condition = VARIANTS[self.variant].condition
+        if (control is not None) != (condition == "control"):
+            if control is None:
+                raise InvalidArgument(f"{self.variant} follows a control image: give control_image=")
+            raise InvalidArgument(f"control_image= needs a canny or depth model; {self.variant} takes none")
+        if condition == "control":
+            if any(v is not None for v in (image, mask, strength, expand)):
+                raise InvalidArgument(
+                    f"{self.variant} with image=, mask_image=, strength= or expand= (diffusers' "
+                    "FluxControlImg2ImgPipeline and FluxControlInpaintPipeline) is not supported yet"
+                )
+            source = _open_image(control).convert("RGB")
+            resized = source if source.size == (w, h) else source.resize((w, h), Image.LANCZOS)
+            inputs = _Inputs(condition="control", control=np.asarray(resized))
+            inputs.record = _source("control", control)
+            return inputs
         original = image
         if expand is not None:
             if condition != "fill":
@@ -531,6 +553,7 @@ class _Inputs:
     strength: float = 1.0
     condition: str = "text"
     reference: np.ndarray | None = None
+    control: np.ndarray | None = None
     record: dict = field(default_factory=dict)
 
 

@@ -27,6 +27,8 @@ _FIELDS = {
     "InitImageSHA256": "image_sha256",
     "Mask": "mask_path",
     "MaskSHA256": "mask_sha256",
+    "ControlImage": "control_path",
+    "ControlImageSHA256": "control_sha256",
     "Expand": "expand_margins",
     "ReferenceSize": "reference_size_text",
     "PromptFileLine": "prompt_file_line",

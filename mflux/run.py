@@ -201,6 +201,7 @@ def run(
     mask: str | None = None,
     strength: float | None = None,
     expand: tuple[int, int, int, int] | None = None,
+    control: str | None = None,
     prompt_file: str | None = None,
     from_image: str | None = None,
     stepwise: str | None = None,
@@ -248,6 +249,7 @@ def run(
         "mask": mask,
         "strength": strength,
         "expand": expand,
+        "control": control,
         "loras": st.loras(lora_paths, lora_scales),
     }
     if explicit is None:
@@ -445,6 +447,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         mask_image=s.mask,
         strength=s.strength,
         expand=s.expand,
+        control_image=s.control,
         batch_size=batch_size,
         previews=previews,
         free_text_encoders=True,

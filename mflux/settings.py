@@ -62,6 +62,7 @@ FLAGS = {
     "mask": "--mask",
     "strength": "--strength",
     "expand": "--expand",
+    "control": "--control",
     "loras": "--lora-paths",
 }
 
@@ -82,9 +83,11 @@ class Settings:
     mask: str | None = None  # white is repainted
     strength: float | None = None
     expand: tuple[int, int, int, int] | None = None  # fill: outpaint by LEFT, TOP, RIGHT, BOTTOM pixels
+    control: str | None = None  # canny, depth: the edge or depth map to follow
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale)
     image_sha256: str | None = None
     mask_sha256: str | None = None
+    control_sha256: str | None = None
     source: str | None = None  # "prompts.jsonl:3": the prompt file line it came from
     notes: list[str] = field(default_factory=list, compare=False)  # what check decided, for the user
 
@@ -101,6 +104,7 @@ class Settings:
             self.mask,
             self.strength,
             self.expand,
+            self.control,
             tuple(self.loras),
         )
 
@@ -225,6 +229,7 @@ def _condition(variant: str) -> str:
 
 def _variant_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
     """The image flags a variant can't use, refused naming the model that can."""
+    _control_flags(s, variant, condition, w)
     if s.expand is not None and condition != "fill":
         raise w.fail(f"{w.name('expand')} outpaints with the fill model (-m fill); {variant} can't")
     if condition == "kontext":
@@ -250,11 +255,31 @@ def _variant_flags(s: Settings, variant: str, condition: str, w: _Where) -> None
             raise w.fail(f"give {w.name('mask')} or {w.name('expand')}, not both (--expand makes the mask)")
 
 
+def _control_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
+    flag = w.name("control")
+    if condition != "control":
+        if s.control is not None:
+            raise w.fail(f"{flag} needs a control model (-m canny or -m depth); {variant} takes none")
+        return
+    if s.control is None:
+        raise w.fail(f"{variant} follows an edge or depth map: give {flag} IMAGE")
+    given = [w.name(k) for k in ("image", "mask", "strength", "expand") if getattr(s, k) is not None]
+    if given:
+        raise w.fail(
+            f"{variant} with {', '.join(given)} is not supported yet (diffusers' FluxControlImg2ImgPipeline "
+            "and FluxControlInpaintPipeline): give the control image alone"
+        )
+
+
 def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
     """The init image's size (width, height), after checking it, the mask and the expansion (the size is
     then the expanded one); fills their sha256."""
     if s.mask is not None and s.image is None:
         raise w.fail(f"{w.name('mask')} needs {w.name('image')}: a mask marks what to repaint in an image")
+    if s.control is not None:  # a control model's output takes the map's size, as img2img the image's
+        size = open_image(s.control, f"{w.prefix}{w.name('control')} {s.control}").size
+        s.control_sha256 = sha256(s.control)
+        return size
     if s.image is None:
         return None
     size = open_image(s.image, f"{w.prefix}{w.name('image')} {s.image}").size
@@ -478,6 +503,7 @@ PROMPT_FILE_KEYS = (
     "mask",
     "strength",
     "expand",
+    "control",
     "loras",
 )
 
@@ -531,7 +557,7 @@ def _line_settings(line: str, folder: Path, where: str) -> tuple[dict, set]:
         if not isinstance(obj["seeds"], list) or not obj["seeds"]:
             raise InvalidArgument(f"{where}seeds must be a non-empty list of whole numbers")
         given["seeds"] = obj["seeds"]
-    for key in ("image", "mask"):
+    for key in ("image", "mask", "control"):
         if isinstance(obj.get(key), str):
             given[key] = str(folder / obj[key])
     if "loras" in obj:
@@ -702,6 +728,8 @@ def _from_mflux(m: dict, source: str) -> Recalled:
         "mask": m.get("mask_path"),
         "strength": m.get("strength"),
         "expand": m.get("expand"),
+        "control": m.get("control_path"),
+        "control_sha256": m.get("control_sha256"),
         "image_sha256": m.get("image_sha256"),
         "mask_sha256": m.get("mask_sha256"),
         "loras": list(zip(m.get("lora_paths") or [], m.get("lora_scales") or [])),
@@ -790,6 +818,8 @@ def recall(
     defaulted = [FLAGS[k] for k in _REPORTED if k not in values and k not in explicit]
     if defaulted:
         notes.append(f"{path} lacks {', '.join(defaulted)}: using the defaults")
+    if "control" in explicit:
+        values.pop("control_sha256", None)
     if "mask" in explicit:  # a mask replaces a recorded outpainting border
         values.pop("expand", None)
     s = check(
@@ -799,7 +829,7 @@ def recall(
 
 
 def _check_init_files(path, values: dict) -> None:
-    for key, name in (("image", "init image"), ("mask", "mask")):
+    for key, name in (("image", "init image"), ("mask", "mask"), ("control", "control image")):
         if values.get(key) is None:
             continue
         f, want = Path(values[key]), values.get(f"{key}_sha256")

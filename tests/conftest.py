@@ -34,6 +34,8 @@ tiny_dev = _tiny("dev", "FLUX.1-dev")
 tiny_kontext = _tiny("kontext", "FLUX.1-Kontext-dev")
 tiny_fill = _tiny("fill", "FLUX.1-Fill-dev")
 tiny_krea = _tiny("krea", "FLUX.1-Krea-dev")
+tiny_canny = _tiny("canny", "FLUX.1-Canny-dev")
+tiny_depth = _tiny("depth", "FLUX.1-Depth-dev")
 
 
 @pytest.fixture(scope="session")

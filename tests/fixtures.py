@@ -19,7 +19,7 @@ import numpy as np
 
 from mflux.errors import InvalidArgument
 
-VARIANTS = ("schnell", "dev", "kontext", "fill", "krea")
+VARIANTS = ("schnell", "dev", "kontext", "fill", "krea", "canny", "depth")
 # Each variant's diffusers pipeline class (model_index.json's _class_name) and transformer input width.
 PIPELINES = {
     "schnell": "FluxPipeline",
@@ -27,8 +27,11 @@ PIPELINES = {
     "kontext": "FluxKontextPipeline",
     "fill": "FluxFillPipeline",
     "krea": "FluxPipeline",
+    "canny": "FluxControlPipeline",
+    "depth": "FluxControlPipeline",
 }
-IN_CHANNELS = {"fill": 384}  # latents 64 + masked-image latents 64 + the mask packed 8x8 per patch, 256
+# Fill: latents 64 + masked-image latents 64 + the mask packed 8x8 per patch, 256; Control: + control latents
+IN_CHANNELS = {"fill": 384, "canny": 128, "depth": 128}
 
 # The files a pull of the real repo needs (FACTS.md), relative to the pipeline folder.
 REPO_FILES = sorted(
@@ -95,7 +98,8 @@ SCHEDULER = {
         "use_dynamic_shifting": True,
     },
 }
-SCHEDULER["kontext"] = SCHEDULER["fill"] = SCHEDULER["krea"] = SCHEDULER["dev"]  # their repos carry dev's
+for _v in ("kontext", "fill", "krea", "canny", "depth"):
+    SCHEDULER[_v] = SCHEDULER["dev"]  # their repos carry dev's
 
 # Tokenizer training text: prompt-like sentences, so common prompt words get whole tokens.
 CORPUS = [
@@ -228,7 +232,7 @@ def _tiny_pipeline(folder: Path, variant: str):
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=IN_CHANNELS.get(variant, 64),
-        out_channels=64 if variant == "fill" else None,  # the real Fill config says 64; the others, null
+        out_channels=64 if variant in IN_CHANNELS else None,  # wider in than out: 64 (Fill's real config)
         num_layers=2,
         num_single_layers=2,
         attention_head_dim=32,

@@ -442,7 +442,7 @@ def test_really_read_only_store(mflux_home):
 
 def test_catalog():
     entries = catalog()
-    assert set(entries) == {"schnell", "dev", "kontext", "fill", "krea"}
+    assert set(entries) == {"schnell", "dev", "kontext", "fill", "krea", "canny", "depth"}
     schnell, dev = entries["schnell"], entries["dev"]
     kontext, fill, krea = entries["kontext"], entries["fill"], entries["krea"]
     assert kontext.repo == "black-forest-labs/FLUX.1-Kontext-dev" and kontext.gated
@@ -452,6 +452,9 @@ def test_catalog():
     assert (fill.defaults["steps"], fill.defaults["guidance"]) == (50, 30.0)
     assert (kontext.defaults["steps"], kontext.defaults["guidance"]) == (28, 2.5)
     assert krea.defaults == dev.defaults
+    # diffusers' documented examples: Canny in FluxControlPipeline's, Depth in FluxControlInpaintPipeline's
+    assert (entries["canny"].defaults["steps"], entries["canny"].defaults["guidance"]) == (50, 30.0)
+    assert (entries["depth"].defaults["steps"], entries["depth"].defaults["guidance"]) == (30, 10.0)
     assert schnell.repo == "black-forest-labs/FLUX.1-schnell" and not schnell.gated
     assert schnell.revision == "741f7c3ce8b383c54771c7003378a50191e9efe9"
     assert dev.repo == "black-forest-labs/FLUX.1-dev" and dev.gated
@@ -487,7 +490,7 @@ def test_catalog_ships_inside_the_package():
     import mflux.manifests
 
     shipped = Path(mflux.manifests.__file__).parent
-    names = ["dev.toml", "fill.toml", "kontext.toml", "krea.toml", "schnell.toml"]
+    names = ["canny.toml", "depth.toml", "dev.toml", "fill.toml", "kontext.toml", "krea.toml", "schnell.toml"]
     assert sorted(p.name for p in shipped.glob("*.toml")) == names
 
 

@@ -15,11 +15,11 @@ Conditioning. What a variant feeds the transformer besides the noisy latents and
 `Condition`, made once per request by a small `prepare_*` function (as Black Forest Labs' `sampling.py`
 has `prepare_fill`, `prepare_kontext`), and one denoising loop reads it:
 - `channels` join the latents on the channel axis, for every image token: Fill's masked-image latents and
-  packed mask (`prepare_fill`); Control's control-image latents take the same slot.
+  packed mask (`prepare_fill`); Canny's and Depth's control-image latents (`prepare_control`).
 - `tokens` are extra image tokens after the target's, at their own position ids `ids`; the transformer
   attends to them, and its output for them is never read back (`prepare_kontext`: the reference image,
   ids with first axis 1).
-`Request.condition` names which one a request takes ("text": none; "fill"; "kontext"), from the
+`Request.condition` names which one a request takes ("text": none; "fill"; "kontext"; "control"), from the
 variant's row in runtime/folder.py. Text-side tokens (Redux) will join the prompt's T5 tokens in
 `_conditioning`.
 """
@@ -61,6 +61,7 @@ class Request:
     strength: float = 1.0  # img2img / inpainting / Fill: 1.0 starts from pure noise
     condition: str = "text"  # "text" | "fill" (image and mask as channels) | "kontext" (reference tokens)
     reference: np.ndarray | None = None  # Kontext: (h, w, 3) uint8, any size that is a multiple of 16
+    control: np.ndarray | None = None  # Canny, Depth: (H, W, 3) uint8 edge or depth map at height x width
     noise: np.ndarray | None = None  # (B, L, 64) packed initial noise; else drawn from each seed
     batch_size: int = 1
     precompute_modulations: bool = False  # all batches' modulations before the first step
@@ -183,6 +184,8 @@ def prepare(models: Models, r: Request) -> Condition:
         return prepare_fill(models.get("vae"), r.image, r.mask, r.dtype)
     if r.condition == "kontext":
         return prepare_kontext(models.get("vae"), r.reference, r.dtype)
+    if r.condition == "control":
+        return prepare_control(models.get("vae"), r.control, r.dtype)
     raise ValueError(f"unknown condition {r.condition!r}")
 
 
@@ -202,6 +205,14 @@ def pack_mask(mask: np.ndarray) -> mx.array:
     H, W = mask.shape
     m = mx.array(np.asarray(mask, dtype=np.float32)).reshape(1, H // 8, 8, W // 8, 8)
     return sampler.pack(m.transpose(0, 1, 3, 2, 4).reshape(1, H // 8, W // 8, 64))
+
+
+def prepare_control(vae, control: np.ndarray, dtype) -> Condition:
+    """FluxControlPipeline's extra channels: the control image (an edge or depth map at the output's size)
+    encoded by the VAE (the posterior's mean) and packed, (1, L, 64)."""
+    channels = encode_image(vae, control[None], dtype)
+    mx.eval(channels)
+    return Condition(channels=channels)
 
 
 def prepare_kontext(vae, reference: np.ndarray, dtype) -> Condition:

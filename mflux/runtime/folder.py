@@ -29,7 +29,9 @@ class Variant:
 
     name: str
     guidance_embeds: bool  # dev-style distilled guidance is an input of the transformer
-    in_channels: int = 64  # packed channels the transformer takes: latents, plus Fill's or Control's
+    in_channels: int = (
+        64  # packed channels the transformer takes: latents, plus Fill's (320) or Control's (64)
+    )
     pipeline: str = "FluxPipeline"  # diffusers' pipeline class, model_index.json's _class_name
     condition: str = "text"  # what the engine feeds it besides the prompt (see engine's docstring)
     told_by: str = "architecture"  # or "pipeline": only the pipeline class tells it from another row's
@@ -56,6 +58,21 @@ VARIANTS = {
         ),
         Variant("fill", guidance_embeds=True, in_channels=384, pipeline="FluxFillPipeline", condition="fill"),
         Variant("krea", guidance_embeds=True, told_by="name"),
+        # Canny and Depth share shapes and pipeline class: only a name (the catalog's, --variant) tells them
+        Variant(
+            "canny",
+            guidance_embeds=True,
+            in_channels=128,
+            pipeline="FluxControlPipeline",
+            condition="control",
+        ),
+        Variant(
+            "depth",
+            guidance_embeds=True,
+            in_channels=128,
+            pipeline="FluxControlPipeline",
+            condition="control",
+        ),
     )
 }
 
