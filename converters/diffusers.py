@@ -8,7 +8,8 @@ The transformer keeps Black Forest Labs' names and fused layouts, so its sanitiz
 diffusers' `convert_flux_transformer_checkpoint_to_diffusers`: q/k/v (and the single blocks' MLP input)
 are concatenated back into one matrix, norms' `weight` becomes `scale`, and the final modulation's two
 halves go back from (scale, shift) to (shift, scale). T5 and CLIP keep Hugging Face's names, and the
-VAE diffusers' names with conv weights OIHW -> OHWI.
+VAE diffusers' names with conv weights OIHW -> OHWI. Redux's SigLIP vision tower (image_encoder) keeps
+Hugging Face's names with its patch conv OIHW -> OHWI; its embedder (image_embedder) keeps diffusers'.
 """
 
 import re
@@ -61,12 +62,13 @@ _SWAPPED = "final_layer.adaLN_modulation.1"
 # diffusers' VAE attention names before 0.15; FLUX's own VAE uses the new ones, older exports the old.
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+REDUX_COMPONENTS = ("image_encoder", "image_embedder")  # FLUX.1-Redux-dev's FluxPriorReduxPipeline
 
 
 def sanitize(component: str, weights: dict) -> dict:
     """One diffusers pipeline component's lazily loaded weights under the runtime's names."""
     if component not in _SANITIZE:
-        raise ValueError(f"unknown component {component!r} ({', '.join(COMPONENTS)})")
+        raise ValueError(f"unknown component {component!r} ({', '.join(COMPONENTS + REDUX_COMPONENTS)})")
     return _SANITIZE[component](weights)
 
 
@@ -157,11 +159,27 @@ def sanitize_vae(weights: dict) -> dict:
     return out
 
 
+def sanitize_siglip(weights: dict) -> dict:
+    """transformers' SiglipVisionModel, with or without the `vision_model.` prefix (transformers 4 writes
+    it, transformers 5 save_pretrained drops it); the patch conv OIHW -> OHWI. The pooling head
+    (`head.*`) is dropped: Redux reads the last hidden state only, so the runtime does not build it."""
+    out = {}
+    for k, v in weights.items():
+        if k.startswith(("embeddings.", "encoder.", "post_layernorm.", "head.")):
+            k = f"vision_model.{k}"
+        if k.startswith("vision_model.head.") or k.endswith("position_ids"):
+            continue  # the head, and a non-persistent buffer older transformers saved
+        out[k] = v.transpose(0, 2, 3, 1) if v.ndim == 4 else v
+    return out
+
+
 _SANITIZE = {
     "transformer": sanitize_transformer,
     "text_encoder": sanitize_clip,
     "text_encoder_2": sanitize_t5,
     "vae": sanitize_vae,
+    "image_encoder": sanitize_siglip,
+    "image_embedder": dict,  # diffusers' ReduxImageEncoder names are the runtime's
 }
 
 

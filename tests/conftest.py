@@ -7,7 +7,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import pytest  # noqa: E402
 
-from tests.fixtures import build_tiny_pipeline  # noqa: E402
+from tests.fixtures import build_tiny_pipeline, build_tiny_redux  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +42,19 @@ tiny_depth = _tiny("depth", "FLUX.1-Depth-dev")
 def tiny_schnell_unprefixed(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny") / "FLUX.1-schnell-unprefixed"
     return build_tiny_pipeline(folder, "schnell", clip_prefixed=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_redux(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-Redux-dev folder (SigLIP keys under `vision_model.`, as the real repo)."""
+    return build_tiny_redux(tmp_path_factory.mktemp("tiny") / "FLUX.1-Redux-dev")
+
+
+@pytest.fixture(scope="session")
+def tiny_redux_unprefixed(tmp_path_factory) -> Path:
+    return build_tiny_redux(
+        tmp_path_factory.mktemp("tiny") / "FLUX.1-Redux-dev-unprefixed", siglip_prefixed=False
+    )
 
 
 @pytest.fixture

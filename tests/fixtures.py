@@ -468,6 +468,70 @@ def _write_t5_tokenizer(folder: Path, tmp: Path) -> None:
     shutil.copy(tmp / "t5/tokenizer.json", folder / "tokenizer.json")
 
 
+# FLUX.1-Redux-dev's files (diffusers' FluxPriorReduxPipeline), relative to its folder.
+REDUX_FILES = [
+    "feature_extractor/preprocessor_config.json",
+    "image_embedder/config.json",
+    "image_embedder/diffusion_pytorch_model.safetensors",
+    "image_encoder/config.json",
+    "image_encoder/model.safetensors",
+    "model_index.json",
+]
+# SigLIP so400m's shapes in small: patch 14, 4x4 patches; the embedder maps into the tiny T5's width.
+TINY_SIGLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    patch_size=14,
+    image_size=56,
+)
+TINY_REDUX = dict(redux_dim=32, txt_in_features=64)
+
+
+def build_tiny_redux(path: Path, *, siglip_prefixed: bool = True, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.1-Redux-dev folder into the new folder `path`, with the real repo's files
+    (REDUX_FILES). `siglip_prefixed` writes SigLIP keys as `vision_model.…` (the real repo, saved by
+    transformers 4), else without (transformers 5)."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise InvalidArgument(f"{path} is not empty (pass a new folder)")
+    path.mkdir(parents=True, exist_ok=True)
+    import torch
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        saved = Path(tmp)
+        torch.manual_seed(seed)
+        size = TINY_SIGLIP["image_size"]
+        pipe = FluxPriorReduxPipeline(
+            # the real tower keeps its pooling head: its keys are in the file, unused by Redux
+            image_encoder=SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP, vision_use_head=True)),
+            feature_extractor=SiglipImageProcessor(
+                size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3
+            ),
+            image_embedder=ReduxImageEncoder(**TINY_REDUX),
+        )
+        pipe.to(torch.bfloat16).save_pretrained(saved)  # the real weights are bf16
+        index = json.loads((saved / "model_index.json").read_text())
+        # transformers 4's class name (transformers 5 without torchvision names its PIL fallback)
+        index["feature_extractor"] = ["transformers", "SiglipImageProcessor"]
+        _write_json(path / "model_index.json", index)
+        for rel in ("feature_extractor/preprocessor_config.json", "image_embedder/config.json"):
+            (path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(saved / rel, path / rel)
+        config = json.loads((saved / "image_encoder/config.json").read_text())
+        config["torch_dtype"] = config.pop("dtype")  # transformers 4's name, as the real config
+        (path / "image_encoder").mkdir()
+        _write_json(path / "image_encoder/config.json", dict(sorted(config.items())))
+        _reshard(saved / "image_embedder", path / "image_embedder", "diffusion_pytorch_model", 1)
+        prefix = "vision_model." if siglip_prefixed else ""
+        _reshard(saved / "image_encoder", path / "image_encoder", "model", 1, rename=lambda k: prefix + k)
+    return path
+
+
 def packed_latents(seed: int, height: int, width: int) -> np.ndarray:
     """Float32 normal noise in FluxPipeline's packed layout: (1, (H/16)*(W/16), 64)."""
     if height % 16 or width % 16:

@@ -33,15 +33,18 @@ def quick_gelu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu, "gelu_pytorch_tanh": textops.gelu_approx}
 
 
+# The encoder's blocks serve SigLIP's vision tower too (siglip.py): the same names and numerics,
+# attending without the causal mask. `config` is either network's.
 class CLIPAttention(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
         dims = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.scale = (dims // self.num_heads) ** -0.5
+        self.mask = "causal" if causal else None
         self.q_proj = nn.Linear(dims, dims)
         self.k_proj = nn.Linear(dims, dims)
         self.v_proj = nn.Linear(dims, dims)
@@ -53,7 +56,7 @@ class CLIPAttention(nn.Module):
             p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")  # (B, H, L, Dh)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=self.mask)  # (B, H, L, Dh)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -62,7 +65,8 @@ class CLIPMLP(nn.Module):
         super().__init__()
         if config.hidden_act not in _ACTIVATIONS:
             raise MfluxError(
-                f"unsupported CLIP hidden_act {config.hidden_act!r} (supported: {', '.join(_ACTIVATIONS)})"
+                f"unsupported hidden_act {config.hidden_act!r} in {type(config).__name__} "
+                f"(supported: {', '.join(_ACTIVATIONS)})"
             )
         self.act = _ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
@@ -73,9 +77,9 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -101,9 +105,9 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.layers = [CLIPEncoderLayer(config, causal) for _ in range(config.num_hidden_layers)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.layers:

@@ -20,6 +20,11 @@ CONFIG_FILES = {
     "vae": "vae/config.json",
     "scheduler": "scheduler/scheduler_config.json",
 }
+REDUX_CONFIG_FILES = {
+    "image_encoder": "image_encoder/config.json",
+    "image_embedder": "image_embedder/config.json",
+    "feature_extractor": "feature_extractor/preprocessor_config.json",
+}
 
 
 @dataclass(frozen=True)
@@ -113,16 +118,7 @@ def read_architecture(folder: Path) -> dict:
     folder = Path(folder)
     arch = {}
     for component, rel in CONFIG_FILES.items():
-        path = folder / rel
-        if not path.is_file():
-            raise MfluxError(f"{folder} is not a FLUX.1 checkpoint: missing {rel} (for {component})")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MfluxError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise MfluxError(f"{path}: expected a JSON object")
-        arch[component] = config_values(config)
+        arch[component] = read_config(folder, rel, component, "a FLUX.1 checkpoint")
     index = folder / "model_index.json"  # which diffusers pipeline: tells Kontext's folder from dev's
     if index.is_file():
         try:
@@ -132,6 +128,26 @@ def read_architecture(folder: Path) -> dict:
         if isinstance(pipeline, str):
             arch["pipeline"] = {"class_name": pipeline}
     return arch
+
+
+def read_redux_architecture(folder: Path) -> dict:
+    """The config values of a folder laid out as FLUX.1-Redux-dev (diffusers' FluxPriorReduxPipeline)."""
+    folder = Path(folder)
+    return {c: read_config(folder, rel, c, "a FLUX.1 Redux folder") for c, rel in REDUX_CONFIG_FILES.items()}
+
+
+def read_config(folder: Path, rel: str, component: str, what: str) -> dict:
+    """`folder/rel`, a JSON object, as `config_values` keeps it; `what` the folder should be."""
+    path = folder / rel
+    if not path.is_file():
+        raise MfluxError(f"{folder} is not {what}: missing {rel} (for {component})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MfluxError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise MfluxError(f"{path}: expected a JSON object")
+    return config_values(config)
 
 
 def config_values(config: dict) -> dict:

@@ -10,6 +10,7 @@ headers are checked first, since `mx.load` on a damaged file can crash or explai
 
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +19,7 @@ from mlx.utils import tree_flatten
 from mflux.converters import bfl, diffusers
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.runtime import device
-from mflux.runtime.folder import COMPONENTS, ModelFolder
+from mflux.runtime.folder import COMPONENTS, ModelFolder, read_redux_architecture
 from mflux.runtime.quantization import (
     QuantSpec,
     quantize_model_from_weights,
@@ -26,6 +27,9 @@ from mflux.runtime.quantization import (
     should_quantize,
 )
 from mflux.runtime.weights import SafetensorsFile, TensorSource
+
+if TYPE_CHECKING:
+    from mflux.runtime.redux import Redux
 
 # Loaded bytes evaluated together. A quantized group's float sources are 4-8 times its size, so groups stay
 # small: at 16 MiB, peak RSS under -q matched tensor-by-tensor loading (0.52 vs 0.49 GB for a 0.4 GB
@@ -52,6 +56,14 @@ def build_module(component: str, architecture: dict) -> nn.Module:
         from mflux.runtime.autoencoder import Autoencoder, AutoencoderConfig
 
         return Autoencoder(AutoencoderConfig.from_dict(cfg))
+    if component == "image_encoder":
+        from mflux.runtime.siglip import SiglipVisionConfig, SiglipVisionModel
+
+        return SiglipVisionModel(SiglipVisionConfig.from_dict(cfg))
+    if component == "image_embedder":
+        from mflux.runtime.redux import ReduxConfig, ReduxImageEncoder
+
+        return ReduxImageEncoder(ReduxConfig.from_dict(cfg))
     raise ValueError(f"unknown component {component!r}")
 
 
@@ -86,6 +98,29 @@ def load_component(
     except ValueError as e:  # check_keys has compared names and shapes; this is a last guard
         raise MfluxError(f"{folder.path}/{component}: weights do not fit the model ({e})") from None
     return module
+
+
+def load_redux(folder: Path, dtype: mx.Dtype) -> "Redux":
+    """A folder laid out as FLUX.1-Redux-dev (diffusers' FluxPriorReduxPipeline): the image encoder
+    (SigLIP's vision tower), its preprocessing and the Redux embedder, as one `redux.Redux`."""
+    from mflux.runtime.redux import Redux
+    from mflux.runtime.siglip import SiglipImageProcessing
+
+    architecture = read_redux_architecture(folder)
+    modules = {}
+    for component in ("image_encoder", "image_embedder"):
+        # about 0.5B parameters in all: read on one thread, and kept unquantized
+        module, weights = prepare(Path(folder) / component, component, "hf", architecture, dtype)
+        module.load_weights(list(evaluate(weights).items()), strict=True)
+        modules[component] = module
+    size = modules["image_encoder"].config.image_size
+    processing = SiglipImageProcessing.from_dict(architecture["feature_extractor"], size)
+    if (processing.height, processing.width) != (size, size):
+        raise MfluxError(
+            f"{folder}: feature_extractor resizes to {processing.width}x{processing.height}, but the image "
+            f"encoder takes {size}x{size} (is the folder complete and from one model?)"
+        )
+    return Redux(**modules, processing=processing)
 
 
 def iter_weights(folder: ModelFolder, component: str, dtype, spec: QuantSpec | None):
