@@ -1,8 +1,8 @@
-"""mflux: FLUX.1 text-to-image on Apple MLX."""
+"""mflux: FLUX.1 image generation and editing on Apple MLX."""
 
 __version__ = "0.1.0"
 
-_API = ("Flux1", "Config", "GeneratedImage", "StepEvent", "ImageEvent")
+_API = ("Flux1", "Config", "GeneratedImage", "StepEvent", "ImageEvent", "ReduxPrior", "PromptEmbeds")
 __all__ = [*_API, "__version__", "train"]
 
 

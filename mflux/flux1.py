@@ -232,6 +232,7 @@ class Flux1:
         expand: tuple[int, int, int, int] | None = None,
         auto_resize: bool = True,
         control_image=None,
+        prompt_embeds: "PromptEmbeds | None" = None,
         latents: np.ndarray | None = None,
         batch_size: int | None = None,
         previews: bool | Iterable[int] = False,
@@ -257,6 +258,7 @@ class Flux1:
           `auto_resize=False` (diffusers' `_auto_resize`), which keeps its size floored to 16.
         - Canny, Depth (`FluxControlPipeline`): `control_image`, an edge or depth map, resized to the
           output size (Lanczos, as diffusers' image processor).
+        - `prompt_embeds`: what a `ReduxPrior` made (Redux), in place of `prompt` (give prompt=None).
         - `latents`: the packed initial noise (B, L, 64), instead of noise drawn from each seed.
         - `previews`: True decodes every step's latents, or an iterable of 1-based steps to decode.
         - `free_text_encoders` drops T5 and CLIP once the prompts are encoded; `free_modulation_weights`
@@ -267,20 +269,17 @@ class Flux1:
           calls `generate` with the same arguments and each transformer pass is spread over them.
         """
         config = config or Config()
+        images = dict(image=image, mask=mask_image, strength=strength, expand=expand, auto_resize=auto_resize)
         request, records = self._request(
             list(seeds),
             prompt,
             config,
-            negative_prompt,
-            true_cfg_scale,
-            image,
-            mask_image,
-            strength,
-            latents,
-            batch_size,
-            expand,
-            auto_resize,
-            control_image,
+            negative=negative_prompt,
+            true_cfg=true_cfg_scale,
+            latents=latents,
+            batch_size=batch_size,
+            prompt_embeds=prompt_embeds,
+            images=dict(images, control=control_image),
         )
         request.sequence_parallel = sequence_parallel
         if free_modulation_weights:
@@ -367,26 +366,16 @@ class Flux1:
         raise MfluxError("no image was generated")
 
     def _request(
-        self,
-        seeds,
-        prompt,
-        config,
-        negative,
-        true_cfg,
-        image,
-        mask,
-        strength,
-        latents,
-        batch_size,
-        expand=None,
-        auto_resize=True,
-        control_image=None,
+        self, seeds, prompt, config, *, negative, true_cfg, latents, batch_size, prompt_embeds, images
     ):
-        """Check every argument, then the engine's Request and each image's metadata record."""
+        """Check every argument, then the engine's Request and each image's metadata record. `images`: the
+        keywords of `_inputs`."""
         if not seeds:
             raise InvalidArgument("give at least one seed")
         for s in seeds:
             check_seed(s)
+        if prompt_embeds is not None:
+            prompt = self._check_embeds(prompt_embeds, prompt, negative)
         prompts = _per_image("prompt", prompt, len(seeds))  # "" is a prompt, as in diffusers
         negatives = _per_image("negative_prompt", negative, len(seeds)) if negative else None
         scale = 1.0 if true_cfg_scale_off(true_cfg) else float(true_cfg)
@@ -394,7 +383,7 @@ class Flux1:
             raise InvalidArgument(f"true_cfg_scale must be a finite number, got {true_cfg}")
         d = self.folder.defaults
         h, w = config.height, config.width
-        inputs = self._inputs(image, mask, strength, expand, auto_resize, w, h, control_image)
+        inputs = self._inputs(**images, w=w, h=h)
         if latents is not None:
             latents = np.asarray(latents)
             shape = (len(seeds), (h // 16) * (w // 16), 64)
@@ -425,6 +414,7 @@ class Flux1:
             condition=inputs.condition,
             reference=inputs.reference,
             control=inputs.control,
+            prompt_embeds=None if prompt_embeds is None else (prompt_embeds.txt, prompt_embeds.pooled),
             noise=latents,
             batch_size=batch_size or default_batch_size(len(seeds)),
             dtype=self.dtype,
@@ -447,6 +437,8 @@ class Flux1:
         if request.true_cfg:
             base["true_cfg_scale"] = scale
         base.update(inputs.record)
+        if prompt_embeds is not None:
+            base.update(prompt_embeds.record)
         records = []
         for i, seed in enumerate(seeds):
             r = {**base, "prompt": prompts[i], "seed": seed}
@@ -454,6 +446,30 @@ class Flux1:
                 r["negative_prompt"] = negatives[i]
             records.append(r)
         return request, records
+
+    def _check_embeds(self, embeds: "PromptEmbeds", prompt, negative) -> str:
+        """The prompt the records show for images made from `embeds` (Redux's): the one they were made with."""
+        if not isinstance(embeds, PromptEmbeds):
+            raise InvalidArgument("prompt_embeds must be what ReduxPrior returns (a PromptEmbeds)")
+        if prompt is not None:
+            raise InvalidArgument(
+                "give prompt= or prompt_embeds=, not both (the prompt goes to the ReduxPrior)"
+            )
+        if negative is not None:
+            raise InvalidArgument(
+                "prompt_embeds= with negative_prompt= (true CFG with Redux) is not supported yet"
+            )
+        width = self.folder.architecture["transformer"].get("pooled_projection_dim", 768)
+        if embeds.pooled.shape[-1] != width:
+            raise InvalidArgument(
+                f"prompt_embeds has pooled width {embeds.pooled.shape[-1]}; this model takes {width}"
+            )
+        return embeds.record.get("prompt", "")
+
+    def encode_prompt(self, prompt: str, max_sequence_length: int = 512) -> tuple[mx.array, mx.array]:
+        """The prompt as the transformer reads it: (T5's tokens (1, S, 4096), CLIP's pooled (1, 768))."""
+        with self._files():
+            return engine.encode_prompts(self.models, [prompt], max_sequence_length, self.dtype)[prompt]
 
     def _inputs(self, image, mask, strength, expand, auto_resize, w: int, h: int, control=None) -> "_Inputs":
         """The image arguments as this variant reads them (each checked), for a w x h output:
@@ -542,6 +558,86 @@ class Flux1:
             return None
         parts = sorted({f"{v['bits']}-bit {v.get('mode', 'affine')}" for v in q.values()})
         return ", ".join(parts) + " (stored)"
+
+
+@dataclass
+class PromptEmbeds:
+    """Prompt embeddings made outside the text encoders (diffusers' `prompt_embeds`, `pooled_prompt_embeds`):
+    what `ReduxPrior` returns, for `Flux1.generate(prompt_embeds=...)`; `record`, what an image's metadata
+    says of them."""
+
+    txt: mx.array  # (1, S, 4096)
+    pooled: mx.array  # (1, 768)
+    record: dict = field(default_factory=dict)
+
+
+class ReduxPrior:
+    """FLUX.1 Redux as diffusers' FluxPriorReduxPipeline: images (and a prompt) -> PromptEmbeds. A folder laid
+    out as black-forest-labs/FLUX.1-Redux-dev (image_encoder, image_embedder, feature_extractor).
+
+        prior = ReduxPrior.from_path("FLUX.1-Redux-dev")
+        embeds = prior(flux, "ref.png")  # or several images, a prompt, scales
+        image = flux.generate_image(1, None, config, prompt_embeds=embeds)
+    """
+
+    def __init__(self, path: str | Path, precision: str | None = None):
+        import_mlx()
+        self.path = Path(path).expanduser()
+        if not (self.path / "image_embedder").is_dir():
+            raise MfluxError(f"{self.path}: not a FLUX.1 Redux folder (it has no image_embedder/)")
+        precision = precision or default_precision()
+        if precision not in PRECISIONS:
+            raise InvalidArgument(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.dtype = getattr(mx, precision)
+        self._redux = None
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kwargs) -> "ReduxPrior":
+        return cls(path, **kwargs)
+
+    def __call__(
+        self,
+        flux: "Flux1",
+        image,
+        prompt: str | None = None,
+        prompt_embeds_scale: float | list[float] = 1.0,
+        pooled_prompt_embeds_scale: float | list[float] = 1.0,
+    ) -> PromptEmbeds:
+        """The embeddings for `image` (one, or a list whose sequences are scaled and summed), after
+        `prompt`'s T5 tokens encoded by `flux` at 512 tokens (None: zeros, as diffusers without text
+        encoders, not the encoding of an empty prompt)."""
+        from mflux.runtime.loader import load_redux
+
+        images = list(image) if isinstance(image, list | tuple) else [image]
+        if not images:
+            raise InvalidArgument("give at least one image to Redux")
+        scales = _per_image_scale("prompt_embeds_scale", prompt_embeds_scale, len(images))
+        pooled_scales = _per_image_scale(
+            "pooled_prompt_embeds_scale", pooled_prompt_embeds_scale, len(images)
+        )
+        if prompt is not None:
+            prompt = _per_image("prompt", prompt, 1)[0]
+        opened = [_open_image(i) for i in images]
+        if self._redux is None:
+            self._redux = load_redux(self.path, self.dtype)
+        tokens = self._redux(opened)
+        encoded = None if prompt is None else flux.encode_prompt(prompt, 512)
+        width = flux.folder.architecture["transformer"].get("pooled_projection_dim", 768)
+        txt, pooled = engine.redux_embeds(tokens, scales, pooled_scales, encoded, width)
+        mx.eval(txt, pooled)
+        record = {"redux_scales": scales, "redux_pooled_scales": pooled_scales}
+        record["redux_images"] = [_source("redux", i).get("redux_path") for i in images]
+        record["redux_sha256"] = [_source("redux", i).get("redux_sha256") for i in images]
+        if prompt is not None:
+            record["prompt"] = prompt
+        return PromptEmbeds(txt, pooled, record)
+
+
+def _per_image_scale(name: str, value, n: int) -> list[float]:
+    values = list(value) if isinstance(value, list | tuple) else [value] * n
+    if len(values) != n or not all(isinstance(v, int | float) and np.isfinite(v) for v in values):
+        raise InvalidArgument(f"{name} takes one finite number, or one per image ({n})")
+    return [float(v) for v in values]
 
 
 @dataclass

@@ -20,8 +20,9 @@ has `prepare_fill`, `prepare_kontext`), and one denoising loop reads it:
   attends to them, and its output for them is never read back (`prepare_kontext`: the reference image,
   ids with first axis 1).
 `Request.condition` names which one a request takes ("text": none; "fill"; "kontext"; "control"), from the
-variant's row in runtime/folder.py. Text-side tokens (Redux) will join the prompt's T5 tokens in
-`_conditioning`.
+variant's row in runtime/folder.py. Text-side tokens (Redux's image tokens after the prompt's T5 tokens) come
+made: `Request.prompt_embeds` replaces the prompts' encoding (FluxPipeline's `prompt_embeds`), and
+`redux_embeds` makes them as FluxPriorReduxPipeline does.
 """
 
 from collections.abc import Iterator
@@ -62,6 +63,9 @@ class Request:
     condition: str = "text"  # "text" | "fill" (image and mask as channels) | "kontext" (reference tokens)
     reference: np.ndarray | None = None  # Kontext: (h, w, 3) uint8, any size that is a multiple of 16
     control: np.ndarray | None = None  # Canny, Depth: (H, W, 3) uint8 edge or depth map at height x width
+    prompt_embeds: tuple | None = (
+        None  # (txt (1, S, 4096), pooled (1, 768)) for every row, made by the caller
+    )
     noise: np.ndarray | None = None  # (B, L, 64) packed initial noise; else drawn from each seed
     batch_size: int = 1
     precompute_modulations: bool = False  # all batches' modulations before the first step
@@ -109,7 +113,11 @@ def generate(
 ) -> Iterator[Conditioned | Modulated | Step | Denoised | Decoded]:
     r = request
     texts = _unique([*r.prompts, *(r.negative_prompts or [])]) if r.true_cfg else _unique(r.prompts)
-    encoded = encode_prompts(models, texts, r.max_sequence_length, r.dtype)
+    if r.prompt_embeds is not None:  # made by the caller (Redux): no text encoder is asked for
+        txt, pooled = r.prompt_embeds
+        encoded = {t: (txt.astype(r.dtype), pooled.astype(r.dtype)) for t in texts}
+    else:
+        encoded = encode_prompts(models, texts, r.max_sequence_length, r.dtype)
     yield Conditioned(texts)
 
     sigmas = schedule(
@@ -240,6 +248,30 @@ def encode_prompts(models: Models, prompts: list[str], max_sequence_length: int,
         )
         memory.evaluate(out[p])
     return out
+
+
+def redux_embeds(
+    image_tokens: mx.array,
+    scales: list[float],
+    pooled_scales: list[float],
+    prompt: tuple | None,
+    pooled_width: int = 768,
+) -> tuple[mx.array, mx.array]:
+    """FluxPriorReduxPipeline's prompt embeddings: each image's tokens (N, L, 4096) after the prompt's T5
+    tokens (`prompt`: its (txt (1, 512, 4096), pooled (1, 768)); None: zeros, as the pipeline makes them
+    without text encoders), each image's whole sequence times its scale and its pooled vector times its
+    pooled scale, summed over the images: (1, 512 + L, 4096), (1, 768). `pooled_width`: the zeros' width
+    (the transformer's pooled input; the pipeline writes 768, the real one's)."""
+    n = image_tokens.shape[0]
+    if prompt is None:
+        prompt = mx.zeros((1, 512, image_tokens.shape[-1])), mx.zeros((1, pooled_width))
+    txt, pooled = prompt
+    txt = mx.broadcast_to(txt.astype(image_tokens.dtype), (n, *txt.shape[1:]))
+    sequences = (
+        mx.concatenate([txt, image_tokens], axis=1) * mx.array(scales, image_tokens.dtype)[:, None, None]
+    )
+    pooled = mx.broadcast_to(pooled, (n, pooled.shape[-1])) * mx.array(pooled_scales, pooled.dtype)[:, None]
+    return sequences.sum(axis=0, keepdims=True), pooled.sum(axis=0, keepdims=True)
 
 
 def encode_prompt(clip, t5, clip_ids: np.ndarray, t5_ids: np.ndarray, dtype) -> tuple[mx.array, mx.array]:
