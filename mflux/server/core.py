@@ -464,6 +464,16 @@ def _bad_text(value) -> str | None:
     return None
 
 
+def check_mask_size(mask: Image.Image, image: Image.Image) -> None:
+    """A mask sent beside an image must be its size: scaling one would shift what it marks."""
+    if mask.size != image.size:
+        raise ApiError(
+            400,
+            f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",
+            "mask",
+        )
+
+
 def sse(event: str, data: dict) -> str:
     """One server-sent event."""
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"

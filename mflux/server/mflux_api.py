@@ -13,7 +13,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, model_validator
 
 from mflux.flux1 import MAX_SEED, kontext_size
-from mflux.server.core import ApiError, b64, end_error, off_loop, seed_run, sse, utf8_text
+from mflux.server.core import ApiError, b64, check_mask_size, end_error, off_loop, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Queued, Result, Started, Step
 
 router = APIRouter(prefix="/mflux/v1")
@@ -120,12 +120,7 @@ def _images(server, image: str, mask: str | None) -> tuple[Image.Image, Image.Im
     if not mask:
         return image, None
     mask = server.decode_image(mask, "mask")
-    if mask.size != image.size:
-        raise ApiError(
-            400,
-            f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",
-            "mask",
-        )
+    check_mask_size(mask, image)
     if "A" in mask.getbands():
         mask = Image.alpha_composite(Image.new("RGBA", mask.size, "black"), mask.convert("RGBA"))
     return image, mask.convert("L")
@@ -137,7 +132,7 @@ def _size(server, body: GenerateRequest, mode: str, image: Image.Image) -> tuple
     if body.width and body.height:
         return body.width, body.height
     if mode == "instruction":
-        return kontext_size(*image.size)
+        return server.check_size(*kontext_size(*image.size))
     return server.check_size(max(16, image.width // 16 * 16), max(16, image.height // 16 * 16))
 
 

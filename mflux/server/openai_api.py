@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mflux.flux1 import kontext_size
-from mflux.server.core import ApiError, b64, end_error, off_loop, seed_run, sse, utf8_text
+from mflux.server.core import ApiError, b64, check_mask_size, end_error, off_loop, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -186,12 +186,7 @@ def _edit_images(server, image: bytes, mask: bytes | None) -> tuple[Image.Image,
     if mask is None:
         return image.convert("RGB"), None  # the engine scales it to cover the size and centre-crops
     mask = server.decode_image(mask, "mask")
-    if mask.size != image.size:
-        raise ApiError(
-            400,
-            f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",
-            "mask",
-        )
+    check_mask_size(mask, image)
     return image.convert("RGB"), openai_mask_to_mflux(mask)
 
 
