@@ -16,7 +16,7 @@ from PIL import Image
 
 import mflux.flux1
 from mflux import Config, Flux1
-from mflux.server.core import ServerSettings
+from mflux.server.core import ApiError, ServerSettings
 from tests.fixtures import store_hf_folder
 from tests.server_harness import module_store, pixels, png, png_bytes, serving
 
@@ -207,6 +207,26 @@ def test_the_page_api_checks_the_image_and_mask_before_queueing(srv):
     assert r.status_code == 400 and "needs a mask" in r.json()["error"]["message"]
     r = post(model="kontext", image=data_url(photo()), strength=0.5)
     assert r.status_code == 400 and "takes no strength" in r.json()["error"]["message"]
+
+
+def test_text_to_image_on_fill_is_refused_before_queueing(oai, srv, monkeypatch):
+    queued = []
+
+    def submit(job):
+        queued.append(job)
+        raise ApiError(409, "queued (the test stops it here)")
+
+    monkeypatch.setattr(srv.server, "submit", submit)
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.images.generate(model="fill", prompt="a red fox", size=f"{PX}x{PX}", extra_body={"steps": STEPS})
+    assert e.value.body["message"].startswith("fill is a fill model: it repaints the masked area of an image")
+    body = {"prompt": "a red fox", "width": PX, "height": PX, "steps": STEPS}
+    a1111 = {**body, "override_settings": {"sd_model_checkpoint": "fill"}}
+    r = requests.post(f"{srv.url}/sdapi/v1/txt2img", json=a1111, timeout=10)
+    assert r.status_code == 400 and "is a fill model" in r.json()["detail"]
+    r = requests.post(f"{srv.url}/mflux/v1/generate", json={**body, "model": "fill"}, timeout=10)
+    assert r.status_code == 400 and "is a fill model" in r.json()["error"]["message"]
+    assert queued == []  # refused before the fill model would load
 
 
 # --- which models edit -------------------------------------------------------------------------------------

@@ -145,7 +145,9 @@ class ProgressResponse(BaseModel):
 @router.post("/txt2img")
 async def txt2img(request: Request, body: Txt2ImgRequest) -> GenerationResponse:
     server = request.app.state.server
-    return await _generate(request, body, _job(server, body))
+    job = _job(server, body)
+    server.check_text_only(job.model, "override_settings")
+    return await _generate(request, body, job)
 
 
 @router.post("/img2img")

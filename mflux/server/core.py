@@ -201,9 +201,7 @@ class Server:
     def edit_mode(self, model: str | None, mask: bool, param: str = "mask") -> str:
         """What a request with an image (and a mask, or not) does on `model` (None: the current one):
         "instruction", "inpaint" or "img2img"; 400 where the model can't, before anything is decoded."""
-        variant = self.model_variant(model)
-        condition = VARIANTS[variant].condition if variant in VARIANTS else "text"
-        name = model or self.worker.model_name
+        condition, name = self._condition(model), model or self.worker.model_name
         if condition == "kontext" and mask:
             raise ApiError(
                 400,
@@ -221,6 +219,20 @@ class Server:
         if condition == "kontext":
             return "instruction"
         return "inpaint" if mask else "img2img"
+
+    def check_text_only(self, model: str | None, param: str = "model") -> None:
+        """A request without an image: 400 on a fill model, which has nothing to repaint, before its load."""
+        if self._condition(model) == "fill":
+            raise ApiError(
+                400,
+                f"{model or self.worker.model_name} is a fill model: it repaints the masked area of an image "
+                "(send an image and a mask, or pick another model)",
+                param,
+            )
+
+    def _condition(self, model: str | None) -> str:
+        variant = self.model_variant(model)
+        return VARIANTS[variant].condition if variant in VARIANTS else "text"
 
     def model_hash(self, name: str) -> str:
         """A short hash of the model's files, for A1111's checkpoint titles."""

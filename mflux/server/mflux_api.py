@@ -67,6 +67,8 @@ async def generate(request: Request, body: GenerateRequest):
         job.image, job.mask = await off_loop(_images, server, body.image, body.mask)
         job.width, job.height = _size(server, body, mode, job.image)
         job.strength = body.strength  # None: the model's default (img2img 0.6, fill 1.0; kontext none)
+    else:
+        server.check_text_only(job.model)
     server.submit(job)
     return StreamingResponse(_stream(server, job), media_type="text/event-stream")
 

@@ -147,6 +147,7 @@ def list_models(request: Request) -> ModelList:
 async def generate(request: Request, body: ImageGenerateRequest):
     server = request.app.state.server
     job = _job(server, body, _size(server, body.size, (1024, 1024)))
+    server.check_text_only(job.model)
     return await _reply(request, body, job, "image_generation")
 
 
