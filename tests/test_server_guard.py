@@ -123,7 +123,14 @@ def _image_requests(url: str) -> dict:
         ),
         ("POST", "/mflux/v1/generate"): lambda: requests.post(
             f"{url}/mflux/v1/generate",
-            json={"prompt": "a fox", "width": 32, "height": 32, "steps": 1, "image": png_b64(photo)},
+            json={
+                "prompt": "a fox",
+                "width": 32,
+                "height": 32,
+                "steps": 1,
+                "image": png_b64(photo),
+                "mask": png_b64(mask),
+            },
             timeout=10,
         ),
     }

@@ -15,8 +15,10 @@ from urllib.parse import urlparse
 import numpy as np
 import openai
 import pytest
+import requests
 from PIL import Image, PngImagePlugin
 
+import mflux.flux1
 from mflux.server.core import ServerSettings
 from mflux.server.worker import _load_flux
 from tests.fixtures import store_hf_folder
@@ -61,15 +63,21 @@ def mflux_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ui(mflux_home, tiny_schnell, tmp_path_factory):
+def ui(mflux_home, tiny_schnell, tiny_fill, tiny_kontext, tmp_path_factory):
     store_hf_folder(tiny_schnell, "schnell")
+    store_hf_folder(tiny_fill, "fill")
+    store_hf_folder(tiny_kontext, "kontext")
     loras = tmp_path_factory.mktemp("loras")
     write_lora(loras, tiny_schnell)
     gate = threading.Event()
     gate.set()
     settings = ServerSettings(model="schnell", lora_dir=loras)
-    with serving(settings, lambda n, lo: Gate(_load_flux(n, lo), gate, [])) as (url, _):
-        yield url, gate
+    with pytest.MonkeyPatch.context() as mp:
+        # Kontext's trained resolutions are about a megapixel, slow on a CPU: small ones, for this
+        # in-process server's size choice and reference resize
+        mp.setattr(mflux.flux1, "KONTEXT_RESOLUTIONS", [(48, 32), (32, 48), (32, 32)])
+        with serving(settings, lambda n, lo: Gate(_load_flux(n, lo), gate, [])) as (url, _):
+            yield url, gate
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +277,122 @@ def test_cancel_button(page, ui):
     assert page.locator("figure.result").count() == results
 
 
+def page_png(src: str) -> bytes:
+    assert src.startswith("data:image/png;base64,")
+    return base64.b64decode(src.split(",", 1)[1])
+
+
+def api_png(url: str, body: dict) -> bytes:
+    """The image the page's API returns for `body` (one image): the page's own request, sent again."""
+    r = requests.post(f"{url}/mflux/v1/generate", json=body, timeout=60)
+    for block in r.text.strip().split("\n\n"):
+        kind, data = (line.split(": ", 1)[1] for line in block.split("\n"))
+        if kind == "image":
+            return base64.b64decode(json.loads(data)["png"])
+    raise AssertionError(f"no image in {r.text[-300:]}")
+
+
+def same_image(shown: bytes, api: bytes) -> bool:
+    """The same pixels and settings: only the run's own measures (timings, memory peaks) may differ."""
+    a, b = Image.open(io.BytesIO(shown)), Image.open(io.BytesIO(api))
+
+    def settings(image):
+        made = json.loads(image.text["mflux"])
+        return {k: v for k, v in made.items() if not any(w in k for w in ("timing", "seconds", "peak"))}
+
+    return np.array_equal(np.asarray(a), np.asarray(b)) and settings(a) == settings(b)
+
+
+def drag(page, points):
+    """One brush stroke through `points`, fractions (x, y) of the mask canvas's box."""
+    box = page.locator("#mask_canvas").bounding_box()
+    at = [(box["x"] + x * box["width"], box["y"] + y * box["height"]) for x, y in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for p in at[1:]:
+        page.mouse.move(*p, steps=4)
+    page.mouse.up()
+
+
+def painted_mask(page) -> np.ndarray | None:
+    url = page.evaluate("maskDataUrl()")
+    return None if url is None else np.asarray(Image.open(io.BytesIO(page_png(url))).convert("L"))
+
+
+def run_and_capture(page) -> dict:
+    """Generate, wait for the new result, and return the request's JSON body."""
+    results = page.locator("figure.result").count()
+    with page.expect_request("**/mflux/v1/generate") as request:
+        page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('figure.result').length === {results + 1}")
+    page.wait_for_function("document.querySelector('#message').textContent === 'done'")
+    return json.loads(request.value.post_data)
+
+
+def test_mask_painter_inpaints_on_a_fill_model(page, ui, tmp_path):
+    page.select_option("#model", "fill")
+    assert page.text_content("#image_legend").startswith("Inpaint (fill)")
+    assert page.input_value("#strength") == "1"  # FluxFillPipeline's default
+    fill_form(page, prompt="a red vintage car", seed="12")
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (40, 90, 200)).save(source)
+    page.set_input_files("#init_image", str(source))
+    page.wait_for_function("!document.querySelector('#mask_canvas').hidden")
+    assert painted_mask(page) is None  # nothing painted yet
+
+    page.fill("#brush_size", "12")
+    drag(page, [(0.1, 0.5), (0.9, 0.5)])  # a band across the middle
+    mask = painted_mask(page)
+    assert mask.shape == (64, 64) and mask[32, 8] == mask[32, 56] == 255 and mask[2, 2] == mask[60, 32] == 0
+    assert (mask[:, 32] >= 128).sum() in range(10, 15)  # 12 image pixels wide, whatever the display size
+    page.check("#tool_eraser")
+    drag(page, [(0.75, 0.3), (0.75, 0.7)])
+    assert painted_mask(page)[32, 48] == 0 and painted_mask(page)[32, 16] == 255
+    page.click("#clear_mask")
+    assert painted_mask(page) is None
+    page.check("#tool_brush")
+    drag(page, [(0.1, 0.5), (0.6, 0.5)])
+
+    body = run_and_capture(page)
+    sent = np.asarray(Image.open(io.BytesIO(page_png(body["mask"]))).convert("L"))
+    assert np.array_equal(sent, painted_mask(page)) and body["strength"] == 1
+    figure = page.locator("figure.result").first
+    shown = page_png(figure.locator("img.image").get_attribute("src"))
+    assert figure.locator("img.original").get_attribute("src") == body["image"]  # beside the original
+    made = json.loads(Image.open(io.BytesIO(shown)).text["mflux"])
+    assert made["variant"] == "fill" and made["strength"] == 1.0
+    assert same_image(shown, api_png(ui[0], body))
+
+
+def test_edit_mode_on_a_kontext_model(page, ui, tmp_path):
+    page.select_option("#model", "kontext")
+    assert page.text_content("#image_legend").startswith("Edit by instruction (kontext)")
+    fill_form(page, prompt="make it a snowy winter evening", seed="13")
+    page.fill("#width", "")
+    page.fill("#height", "")  # the reference's aspect
+    assert page.is_hidden("#mask_tools") and page.is_hidden("#strength_label")
+    reference = tmp_path / "reference.png"
+    Image.new("RGB", (60, 40), (200, 120, 30)).save(reference)
+    page.set_input_files("#init_image", str(reference))
+    page.wait_for_function("!document.querySelector('#init_preview').hidden")
+    assert page.is_hidden("#mask_canvas")
+
+    body = run_and_capture(page)
+    assert "mask" not in body and "strength" not in body and body["width"] is None
+    figure = page.locator("figure.result").first
+    shown = page_png(figure.locator("img.image").get_attribute("src"))
+    assert figure.locator("img.original").get_attribute("src") == body["image"]
+    made = Image.open(io.BytesIO(shown))
+    assert made.size == (48, 32) and json.loads(made.text["mflux"])["variant"] == "kontext"
+    assert same_image(shown, api_png(ui[0], body))
+    # back to schnell and no image, for any test after this one
+    page.select_option("#model", "schnell")
+    page.set_input_files("#init_image", [])
+    page.wait_for_function("document.querySelector('#init_preview').hidden")
+
+
 def test_the_page_asks_for_the_key_once_and_keeps_it(ui, new_page):
-    with serving(ServerSettings(api_key="se=kr;it +%")) as (url, _):
+    with serving(ServerSettings(model="schnell", api_key="se=kr;it +%")) as (url, _):  # the store has 3
         page = new_page()
         page.goto(url + "/")
         page.fill("#key", "wrong")

@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from mflux import __version__
+from mflux.flux1 import kontext_size
 from mflux.server.core import ApiError, b64, off_loop, seed_run, utf8_text
 from mflux.server.worker import Job, Result
 from mflux.settings import a1111_cfg  # the CFG table shared with `mflux run --from` and the PNG metadata
@@ -98,6 +99,7 @@ class SDModel(BaseModel):
     sha256: str | None
     filename: str
     config: str | None = None
+    mflux: dict | None = None  # mflux's: {"variant": "fill", "edits": ["inpaint"]}, what img2img does
 
 
 class Sampler(BaseModel):
@@ -143,7 +145,9 @@ class ProgressResponse(BaseModel):
 @router.post("/txt2img")
 async def txt2img(request: Request, body: Txt2ImgRequest) -> GenerationResponse:
     server = request.app.state.server
-    return await _generate(request, body, _job(server, body))
+    job = _job(server, body)
+    server.check_text_only(job.model, "override_settings")
+    return await _generate(request, body, job)
 
 
 @router.post("/img2img")
@@ -153,13 +157,27 @@ async def img2img(request: Request, body: Img2ImgRequest) -> GenerationResponse:
     if not body.init_images:
         raise ApiError(400, "init_images needs one image (base64 or a data: URL)", "init_images")
     check_mask_blur(body)
-    if not 0 < body.denoising_strength <= 1:
+    mode = server.edit_mode(job.model, bool(body.mask))
+    sent = body.model_fields_set
+    notes = []
+    if mode == "instruction" and "denoising_strength" in sent:
+        notes.append("denoising_strength ignored: a kontext model edits by instruction")
+    elif not 0 < body.denoising_strength <= 1:
         raise ApiError(
             400, f"denoising_strength must be in (0, 1], got {body.denoising_strength}", "denoising_strength"
         )
     job.image, job.mask = await off_loop(_img2img_images, server, body)
-    job.strength = body.denoising_strength
-    return await _generate(request, body, job)
+    variant = server.model_variant(job.model)
+    if not {"width", "height"} & sent and variant in ("kontext", "fill"):  # A1111's 512x512 fits neither
+        size = kontext_size(*job.image.size) if variant == "kontext" else job.image.size
+        job.width, job.height = server.check_size(size[0] // 16 * 16, size[1] // 16 * 16, "width")
+    if mode == "instruction":
+        job.strength = None  # the image is the reference to edit
+    elif variant == "fill" and "denoising_strength" not in sent:
+        job.strength = None  # FluxFillPipeline's 1.0, not A1111's default 0.75
+    else:
+        job.strength = body.denoising_strength
+    return await _generate(request, body, job, notes)
 
 
 def check_mask_blur(body: Img2ImgRequest) -> None:
@@ -340,18 +358,18 @@ def _preview_every(options: dict) -> int | None:
     return max(n, 1)
 
 
-async def _generate(request: Request, body: Txt2ImgRequest, job: Job) -> GenerationResponse:
+async def _generate(request: Request, body: Txt2ImgRequest, job: Job, notes=()) -> GenerationResponse:
     server = request.app.state.server
     results, end = await server.run(job, request)
-    info = _info(server, body, job, results, interrupted=end.status == "cancelled")
+    info = _info(server, body, job, results, interrupted=end.status == "cancelled", notes=notes)
     images = [b64(r.png) for r in results] if body.send_images else []
     return GenerationResponse(
         images=images, parameters=body.model_dump(exclude={"init_images", "mask"}), info=json.dumps(info)
     )
 
 
-def _info(server, body: Txt2ImgRequest, job: Job, results: list[Result], interrupted: bool) -> dict:
-    notes = []
+def _info(server, body: Txt2ImgRequest, job: Job, results: list[Result], interrupted: bool, notes=()) -> dict:
+    notes = list(notes)
     for field, value, known in (
         ("sampler_name", body.sampler_name, SAMPLER),
         ("scheduler", body.scheduler, SCHEDULER),
@@ -380,7 +398,8 @@ def _info(server, body: Txt2ImgRequest, job: Job, results: list[Result], interru
         "batch_size": body.batch_size,
         "sd_model_name": name,
         "sd_model_hash": server.model_hash(name) if name and server.store.exists(name) else None,
-        "denoising_strength": job.strength,
+        # the strength the images were made at (Fill's default when none was sent); None for a kontext edit
+        "denoising_strength": results[0].metadata.get("strength") if results else job.strength,
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
@@ -415,4 +434,7 @@ def _name_from_title(title: str) -> str:
 
 def _sd_model(server, name: str) -> SDModel:
     h = server.model_hash(name)
-    return SDModel(title=_title(server, name), model_name=name, hash=h[:8], sha256=None, filename=name)
+    info = server.model_info(server.store.get(name).manifest.variant)
+    return SDModel(
+        title=_title(server, name), model_name=name, hash=h[:8], sha256=None, filename=name, mflux=info
+    )

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from mflux.errors import MfluxError
 from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
+from mflux.runtime.folder import VARIANTS
 from mflux.server.worker import (
     End,
     Job,
@@ -38,6 +39,9 @@ from mflux.settings import not_utf8
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what clients send; Pillow's other decoders are attack surface
+# What a request with an image does, by the model's conditioning (VARIANTS[...].condition): kontext edits
+# by instruction, fill inpaints (it needs a mask), schnell/dev/krea do img2img, or inpaint with a mask
+EDITS = {"kontext": ("instruction",), "fill": ("inpaint",), "text": ("img2img", "inpaint")}
 
 
 @dataclass
@@ -178,6 +182,57 @@ class Server:
                 return name
         choices = ", ".join(self.model_names()) or "none (add one with: mflux pull schnell)"
         raise ApiError(404, f"unknown model {name!r} (the store has: {choices})", param, "model_not_found")
+
+    def model_variant(self, name: str | None) -> str | None:
+        """The variant of a store model (`<name>-q<bits>` is its base's), or of the model a job that names
+        none gets; None when there is none or it is not in the store."""
+        name = name or self.worker.model_name
+        if name is None:
+            return None
+        try:
+            return self.store.get(self.store.resolve(name).name).manifest.variant
+        except MfluxError:
+            return None
+
+    def model_info(self, variant: str) -> dict:
+        """What /v1/models and /sdapi/v1/sd-models add to a model's entry: its variant and the edits it makes."""
+        return {"variant": variant, "edits": list(EDITS[VARIANTS[variant].condition])}
+
+    def edit_mode(self, model: str | None, mask: bool, param: str = "mask") -> str:
+        """What a request with an image (and a mask, or not) does on `model` (None: the current one):
+        "instruction", "inpaint" or "img2img"; 400 where the model can't, before anything is decoded."""
+        condition, name = self._condition(model), model or self.worker.model_name
+        if condition == "kontext" and mask:
+            raise ApiError(
+                400,
+                f"{name} is a kontext model: it edits by instruction and takes no mask "
+                "(drop the mask, or use a fill model to inpaint)",
+                param,
+            )
+        if condition == "fill" and not mask:
+            raise ApiError(
+                400,
+                f"{name} is a fill model: it needs a mask (white repaints), or use a kontext model to edit "
+                "by instruction",
+                param,
+            )
+        if condition == "kontext":
+            return "instruction"
+        return "inpaint" if mask else "img2img"
+
+    def check_text_only(self, model: str | None, param: str = "model") -> None:
+        """A request without an image: 400 on a fill model, which has nothing to repaint, before its load."""
+        if self._condition(model) == "fill":
+            raise ApiError(
+                400,
+                f"{model or self.worker.model_name} is a fill model: it repaints the masked area of an image "
+                "(send an image and a mask, or pick another model)",
+                param,
+            )
+
+    def _condition(self, model: str | None) -> str:
+        variant = self.model_variant(model)
+        return VARIANTS[variant].condition if variant in VARIANTS else "text"
 
     def model_hash(self, name: str) -> str:
         """A short hash of the model's files, for A1111's checkpoint titles."""
@@ -419,6 +474,16 @@ def _bad_text(value) -> str | None:
     if isinstance(value, list | tuple):
         return next(filter(None, map(_bad_text, value)), None)
     return None
+
+
+def check_mask_size(mask: Image.Image, image: Image.Image) -> None:
+    """A mask sent beside an image must be its size: scaling one would shift what it marks."""
+    if mask.size != image.size:
+        raise ApiError(
+            400,
+            f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",
+            "mask",
+        )
 
 
 def sse(event: str, data: dict) -> str:

@@ -9,10 +9,11 @@ import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, Field, model_validator
 
-from mflux.flux1 import MAX_SEED
-from mflux.server.core import ApiError, b64, end_error, off_loop, seed_run, sse, utf8_text
+from mflux.flux1 import MAX_SEED, kontext_size
+from mflux.server.core import ApiError, b64, check_mask_size, end_error, off_loop, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Queued, Result, Started, Step
 
 router = APIRouter(prefix="/mflux/v1")
@@ -29,15 +30,16 @@ class GenerateRequest(BaseModel):
     prompt: str
     negative_prompt: str = ""
     model: str | None = None
-    width: int = 1024
-    height: int = 1024
+    width: int | None = None  # None: 1024, or with an image the edit's own size (see _size)
+    height: int | None = None
     steps: int | None = None
     guidance: float | None = None
     true_cfg_scale: float | None = None
     seed: str = ""  # decimal digits; "" or "-1": random
     count: int = 1
     loras: list[LoraChoice] = []
-    image: str | None = None  # img2img: a data: URL or base64
+    image: str | None = None  # a data: URL or base64: img2img, a kontext model's reference, or to inpaint
+    mask: str | None = None  # the image's size; white is repainted (transparent counts as black)
     strength: float | None = Field(None, gt=0, le=1)
     previews: bool = True
     preview_every: int | None = Field(None, ge=1)  # a preview every N steps; None: about five an image
@@ -54,9 +56,19 @@ class ImageOut(BaseModel):
 async def generate(request: Request, body: GenerateRequest):
     server = request.app.state.server
     job = _job(server, body)
+    if body.mask and not body.image:
+        raise ApiError(400, "mask needs the image it masks (image)", "mask")
     if body.image:
-        job.image = await off_loop(_rgb, server, body.image)
-        job.strength = body.strength  # None: the engine's default
+        mode = server.edit_mode(job.model, bool(body.mask))
+        if mode == "instruction" and body.strength is not None:
+            raise ApiError(
+                400, "strength: a kontext model edits by instruction and takes no strength", "strength"
+            )
+        job.image, job.mask = await off_loop(_images, server, body.image, body.mask)
+        job.width, job.height = _size(server, body, mode, job.image)
+        job.strength = body.strength  # None: the model's default (img2img 0.6, fill 1.0; kontext none)
+    else:
+        server.check_text_only(job.model)
     server.submit(job)
     return StreamingResponse(_stream(server, job), media_type="text/event-stream")
 
@@ -72,7 +84,7 @@ def _job(server, body: GenerateRequest) -> Job:
     server.check_prompt(body.prompt)
     server.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
     n = server.check_count(body.count, "count")
-    width, height = server.check_size(body.width, body.height)
+    width, height = server.check_size(body.width or 1024, body.height or 1024)
     job = Job(
         prompt=body.prompt,
         seeds=seed_run(_seed(body.seed), n),
@@ -103,9 +115,27 @@ def _seed(text: str) -> int | None:
     return int(seed)
 
 
-def _rgb(server, image: str):
-    # run off the event loop
-    return server.decode_image(image, "image").convert("RGB")
+def _images(server, image: str, mask: str | None) -> tuple[Image.Image, Image.Image | None]:
+    """The image as RGB, and the mask as mflux's: white is repainted, and a transparent pixel counts as
+    black (white strokes on a transparent canvas work too); run off the event loop."""
+    image = server.decode_image(image, "image").convert("RGB")
+    if not mask:
+        return image, None
+    mask = server.decode_image(mask, "mask")
+    check_mask_size(mask, image)
+    if "A" in mask.getbands():
+        mask = Image.alpha_composite(Image.new("RGBA", mask.size, "black"), mask.convert("RGBA"))
+    return image, mask.convert("L")
+
+
+def _size(server, body: GenerateRequest, mode: str, image: Image.Image) -> tuple[int, int]:
+    """The size asked for; else a kontext edit's trained resolution nearest the reference's aspect, or
+    another edit's image size (down to multiples of 16)."""
+    if body.width and body.height:
+        return body.width, body.height
+    if mode == "instruction":
+        return server.check_size(*kontext_size(*image.size))
+    return server.check_size(max(16, image.width // 16 * 16), max(16, image.height // 16 * 16))
 
 
 async def _stream(server, job: Job):

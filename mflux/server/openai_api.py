@@ -16,13 +16,14 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mflux.server.core import ApiError, b64, end_error, off_loop, seed_run, sse, utf8_text
+from mflux.flux1 import kontext_size
+from mflux.server.core import ApiError, b64, check_mask_size, end_error, off_loop, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
 
 IMG2IMG_STRENGTH = 0.6  # an edit without a mask (diffusers' FluxImg2ImgPipeline default)
-INPAINT_STRENGTH = 1.0  # an edit with a mask: the masked area is drawn anew
+INPAINT_STRENGTH = 1.0  # an edit with a mask: the masked area is drawn anew (FluxFillPipeline's default too)
 
 
 class LoraSpec(BaseModel):
@@ -62,11 +63,12 @@ class ImageGenerateRequest(MfluxFields):
 
 
 class ImageEditRequest(ImageGenerateRequest):
-    """The multipart form's text fields; `image` and `mask` are its files. size auto: the image's."""
+    """The multipart form's text fields; `image` and `mask` are its files. size auto: the image's, or for a
+    kontext model the trained resolution nearest the image's aspect (`mflux.flux1.kontext_size`)."""
 
     strength: float | None = Field(
         None, gt=0, le=1
-    )  # default: IMG2IMG_STRENGTH, or INPAINT_STRENGTH with a mask
+    )  # default: IMG2IMG_STRENGTH, or INPAINT_STRENGTH with a mask; a kontext model takes none
     input_fidelity: str | None = None
 
 
@@ -111,6 +113,7 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "mflux"
+    mflux: dict | None = None  # {"variant": "kontext", "edits": ["instruction"]}: what /v1/images/edits does
 
 
 class ModelList(BaseModel):
@@ -133,7 +136,9 @@ class ErrorResponse(BaseModel):
 def list_models(request: Request) -> ModelList:
     server = request.app.state.server
     models = [
-        Model(id=m.name, created=int(m.modified.timestamp())) for m in server.store.list() if not m.damaged
+        Model(id=m.name, created=int(m.modified.timestamp()), mflux=server.model_info(m.manifest.variant))
+        for m in server.store.list()
+        if not m.damaged
     ]
     return ModelList(data=models)
 
@@ -142,6 +147,7 @@ def list_models(request: Request) -> ModelList:
 async def generate(request: Request, body: ImageGenerateRequest):
     server = request.app.state.server
     job = _job(server, body, _size(server, body.size, (1024, 1024)))
+    server.check_text_only(job.model)
     return await _reply(request, body, job, "image_generation")
 
 
@@ -161,11 +167,17 @@ async def edit(request: Request):
         raise ApiError(400, "image is required: a PNG, JPEG or WebP file in the multipart form", "image")
     mask = form.get("mask")
     mask = await mask.read() if mask is not None and not isinstance(mask, str) else None
+    mode = server.edit_mode(server.check_model(body.model), mask is not None)
+    if mode == "instruction" and body.strength is not None:
+        raise ApiError(
+            400, "strength: a kontext model edits by instruction and takes no strength", "strength"
+        )
     image, mask = await off_loop(_edit_images, server, await upload.read(), mask)
-    width, height = _size(server, body.size, _image_size(image))
-    job = _job(server, body, (width, height))
+    auto = kontext_size(*image.size) if mode == "instruction" else _image_size(image)
+    job = _job(server, body, _size(server, body.size, auto))
     job.image, job.mask = image, mask
-    job.strength = body.strength or (INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH)
+    if mode != "instruction":  # kontext's image is the reference: no strength
+        job.strength = body.strength or (INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH)
     return await _reply(request, body, job, "image_edit")
 
 
@@ -175,12 +187,7 @@ def _edit_images(server, image: bytes, mask: bytes | None) -> tuple[Image.Image,
     if mask is None:
         return image.convert("RGB"), None  # the engine scales it to cover the size and centre-crops
     mask = server.decode_image(mask, "mask")
-    if mask.size != image.size:
-        raise ApiError(
-            400,
-            f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",
-            "mask",
-        )
+    check_mask_size(mask, image)
     return image.convert("RGB"), openai_mask_to_mflux(mask)
 
 

@@ -135,7 +135,7 @@ class JobParams:
     true_cfg_scale: float | None = None
     image: Image.Image | None = None
     mask: Image.Image | None = None  # white is repainted
-    strength: float | None = None
+    strength: float | None = None  # None: the variant's default (img2img 0.6, fill 1.0); kontext takes none
     loras: tuple[tuple[str, float], ...] = ()  # (path, scale), already resolved inside --lora-dir
     partial_images: int = 0  # this many step previews, evenly spaced (OpenAI's partial_images)
     preview_every: int | None = 0  # a preview every N steps; 0: none; None: a stride from preview_stride
@@ -273,7 +273,11 @@ def preview_steps(partial_images: int, steps: int) -> frozenset[int]:
 
 
 def _events(flux, job: JobParams, config, previews):
-    """The engine's events for `job` as Step and Result, PNGs encoded here, where the model runs."""
+    """The engine's events for `job` as Step and Result, PNGs encoded here, where the model runs. The
+    image arguments mean what the model's variant makes of them (the handlers checked the pairing): a
+    kontext model's `image` is the reference its prompt edits (no mask, no strength); a fill model's is
+    inpainted where `mask` is white, at `strength` (None: FluxFillPipeline's 1.0); schnell and dev do
+    img2img, or inpaint with a mask."""
     from mflux.flux1 import ImageEvent
 
     stream = flux.generate(

@@ -5,6 +5,8 @@
 const $ = (id) => document.getElementById(id);
 let currentJob = null;
 let streamAbort = null;
+let currentOriginal = null; // the image the running job edits, shown beside its results
+const variants = {}; // model name -> its variant, from /v1/models' "mflux" object
 
 async function api(path, options = {}) {
   const response = await fetch(path, options);
@@ -26,8 +28,12 @@ async function loadChoices() {
     fetch("/health").then((r) => r.json()), // a 503 (the default model did not load) still lists the others
   ]);
   const select = $("model");
-  for (const m of models.data) select.add(new Option(m.id, m.id));
+  for (const m of models.data) {
+    select.add(new Option(m.id, m.id));
+    variants[m.id] = m.mflux ? m.mflux.variant : "";
+  }
   select.value = health.model || health.default_model || (models.data[0] || {}).id || "";
+  setMode();
   showStatus(health);
   const box = $("loras");
   $("no_loras").hidden = loras.length > 0;
@@ -77,14 +83,111 @@ function settingsFromForm() {
   };
   if ($("init_preview").src && !$("init_preview").hidden) {
     body.image = $("init_preview").src;
-    body.strength = number("strength");
+    if (mode() !== "kontext") {
+      body.strength = number("strength");
+      const mask = maskDataUrl();
+      if (mask) body.mask = mask;
+    }
   }
   return body;
+}
+
+// What the chosen model does with the image: "kontext" edits it by the prompt's instruction, "fill"
+// repaints the painted mask, anything else is img2img, or inpainting where a mask is painted.
+function mode() {
+  const variant = variants[$("model").value];
+  return variant === "kontext" || variant === "fill" ? variant : "text";
+}
+
+const MODES = {
+  kontext: ["Edit by instruction (kontext): the reference image",
+    "The prompt says what to change (\"make it a snowy evening\"). Width and height left empty: the reference's aspect."],
+  fill: ["Inpaint (fill): paint what to repaint", "Paint over the area to repaint; fill needs a mask."],
+  text: ["Image: img2img, or paint a mask to inpaint", "Without a mask: img2img at the strength."],
+};
+
+let shownMode = null;
+
+function setMode() {
+  const m = mode();
+  [$("image_legend").textContent, $("image_hint").textContent] = MODES[m];
+  $("mask_tools").hidden = m === "kontext";
+  $("mask_canvas").hidden = m === "kontext" || $("init_preview").hidden;
+  $("strength_label").hidden = m === "kontext";
+  if (m !== shownMode) $("strength").value = m === "fill" ? "1" : "0.6"; // each mode's own default
+  shownMode = m;
+  for (const id of ["width", "height"]) { // kontext picks its size from the reference when these are empty
+    $(id).placeholder = m === "kontext" ? "from the reference" : "";
+    if (m === "kontext" && $(id).value === "1024") $(id).value = "";
+    if (m !== "kontext" && $(id).value === "") $(id).value = "1024";
+  }
+}
+
+// The mask painter: strokes on a canvas of the image's own pixel size, laid over the image. The mask sent
+// is white where painted (the stroke's opacity), black elsewhere; none when nothing is painted.
+let stroking = null;
+
+function canvasPoint(event) {
+  const canvas = $("mask_canvas"), box = canvas.getBoundingClientRect();
+  return { x: (event.clientX - box.left) * canvas.width / box.width, y: (event.clientY - box.top) * canvas.height / box.height };
+}
+
+function paint(from, to) {
+  const ctx = $("mask_canvas").getContext("2d");
+  ctx.globalCompositeOperation = $("tool_eraser").checked ? "destination-out" : "source-over";
+  ctx.strokeStyle = "rgb(255, 40, 90)";
+  ctx.lineWidth = number("brush_size") || 16;
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.beginPath();
+  ctx.moveTo(from.x, from.y);
+  ctx.lineTo(to.x, to.y);
+  ctx.stroke();
+}
+
+function clearMask() {
+  const canvas = $("mask_canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+}
+
+function maskDataUrl() {
+  const canvas = $("mask_canvas");
+  if (!canvas.width || !canvas.height) return null;
+  const painted = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  const out = new ImageData(canvas.width, canvas.height);
+  let any = false;
+  for (let i = 0; i < painted.length; i += 4) {
+    const alpha = painted[i + 3];
+    out.data[i] = out.data[i + 1] = out.data[i + 2] = alpha;
+    out.data[i + 3] = 255;
+    any ||= alpha >= 128; // the server repaints where the mask is at least half white
+  }
+  if (!any) return null;
+  const flat = document.createElement("canvas");
+  [flat.width, flat.height] = [canvas.width, canvas.height];
+  flat.getContext("2d").putImageData(out, 0, 0);
+  return flat.toDataURL("image/png");
+}
+
+function showImage(url) {
+  const img = $("init_preview"), canvas = $("mask_canvas");
+  if (!url) {
+    img.hidden = canvas.hidden = true;
+    img.removeAttribute("src");
+    [canvas.width, canvas.height] = [0, 0];
+    return;
+  }
+  img.onload = () => {
+    [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight]; // a new size clears it too
+    img.hidden = false;
+    canvas.hidden = mode() === "kontext";
+  };
+  img.src = url;
 }
 
 async function generate(event) {
   event.preventDefault();
   const body = settingsFromForm();
+  currentOriginal = body.image || null;
   $("generate").disabled = true;
   $("cancel").disabled = false;
   $("progress").value = 0;
@@ -164,9 +267,17 @@ async function readEvents(response, handle) {
 function addResult(data) {
   const item = $("result").content.firstElementChild.cloneNode(true);
   const url = "data:image/png;base64," + data.png;
-  const img = item.querySelector("img");
+  const img = item.querySelector("img.image");
   img.src = url;
   img.dataset.seed = data.seed;
+  if (currentOriginal) { // an edit: the original on its left
+    const original = document.createElement("img");
+    original.className = "original";
+    original.alt = original.title = "original";
+    original.src = currentOriginal;
+    item.classList.add("edit");
+    img.after(original);
+  }
   const s = data.settings;
   item.querySelector("figcaption").textContent =
     `${s.prompt}\nseed ${data.seed} · ${s.width}x${s.height} · ${s.steps} steps · ${s.model}` +
@@ -280,11 +391,25 @@ $("random_seed").addEventListener("change", () => { if (!$("random_seed").checke
 $("seed").addEventListener("input", () => { $("random_seed").checked = $("seed").value.trim() === ""; });
 $("init_image").addEventListener("change", () => {
   const file = $("init_image").files[0];
-  if (!file) { $("init_preview").hidden = true; return; }
+  if (!file) { showImage(null); return; }
   const reader = new FileReader();
-  reader.onload = () => { $("init_preview").src = reader.result; $("init_preview").hidden = false; };
+  reader.onload = () => showImage(reader.result);
   reader.readAsDataURL(file);
 });
+$("model").addEventListener("change", setMode);
+$("clear_mask").addEventListener("click", clearMask);
+$("mask_canvas").addEventListener("pointerdown", (e) => {
+  $("mask_canvas").setPointerCapture(e.pointerId);
+  stroking = canvasPoint(e);
+  paint(stroking, stroking);
+});
+$("mask_canvas").addEventListener("pointermove", (e) => {
+  if (!stroking) return;
+  const to = canvasPoint(e);
+  paint(stroking, to);
+  stroking = to;
+});
+for (const end of ["pointerup", "pointercancel"]) $("mask_canvas").addEventListener(end, () => { stroking = null; });
 document.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dragging"); });
 document.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
 document.addEventListener("drop", dropped);
