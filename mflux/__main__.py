@@ -6,6 +6,7 @@ import signal
 import sys
 
 from mflux.errors import CtrlC
+from mflux.runtime import trace  # noqa: F401 - first, so MFLUX_TRACE's clock starts with the process
 
 
 def main() -> None:

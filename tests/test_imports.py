@@ -1,9 +1,12 @@
 """What a process imports on its way to an image: never PyTorch or transformers, and nothing that prints
-transformers' "PyTorch was not found" warning on a machine without PyTorch."""
+transformers' "PyTorch was not found" warning on a machine without PyTorch; `mflux --help`'s import budget;
+MFLUX_TRACE's phase marks."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -55,3 +58,62 @@ def test_making_an_image_imports_neither_torch_nor_transformers(tiny_schnell, tm
     assert json.loads(done.stdout.splitlines()[-1]) == []
     assert (tmp_path / "t2i.png").is_file() and (tmp_path / "i2i.png").is_file()
     assert "Traceback" not in done.stderr
+
+
+# ---- the import budget, and MFLUX_TRACE
+
+HEAVY = ("mlx", "numpy", "PIL", "torch", "transformers", "tokenizers", "huggingface_hub", "fastapi")
+HELP = """
+import sys
+from mflux.__main__ import main
+heavy = set(sys.argv[1:])
+sys.argv = ["mflux", "--help"]
+try:
+    main()
+except SystemExit:
+    pass
+print(sorted({m.split(".")[0] for m in sys.modules} & heavy))
+"""
+
+
+def test_help_imports_nothing_heavy_and_is_fast():
+    done = subprocess.run([sys.executable, "-c", HELP, *HEAVY], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    # 0.06-0.08 s on an idle machine; the bound leaves room for a loaded 2-core CI box
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "mflux", "--help"], capture_output=True, check=True, timeout=60)
+        runs.append(time.perf_counter() - start)
+    print(f"mflux --help: best {min(runs):.3f}s of {', '.join(f'{r:.3f}' for r in runs)}")
+    assert min(runs) < 0.5
+
+
+PHASES = ["first weight read", "prompts encoded", "weights ready", "first step", "image written"]
+
+
+def test_trace_prints_each_phase_once_in_order_since_the_process_started(tiny_schnell, tmp_path):
+    args = [sys.executable, "-m", "mflux", "run", "--path", str(tiny_schnell), "--prompt", "a cat"]
+    args += ["--steps", "2", "--height", "64", "--width", "64", "--seed", "1", "2"]
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*args, "-o", str(tmp_path / "a.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MFLUX_TRACE": "1"},
+    )
+    wall = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    marks = [line.split(" ", 3)[2:] for line in done.stderr.splitlines() if line.startswith("mflux trace: ")]
+    assert [phase for _, phase in marks] == PHASES  # two images, each phase once
+    seconds = [float(t.rstrip("s")) for t, _ in marks]
+    assert seconds == sorted(seconds) and 0 < seconds[0] and seconds[-1] < wall + 0.05
+    print(f"mflux run (tiny schnell, CPU): first weight read at {seconds[0]:.3f}s, whole process {wall:.2f}s")
+    # the first weight read comes after imports only: seconds, not PyTorch's import
+    assert seconds[0] < 2.0
+    quiet = subprocess.run(
+        [*args, "-o", str(tmp_path / "b.png")], capture_output=True, text=True, timeout=300
+    )
+    assert quiet.returncode == 0 and "mflux trace" not in quiet.stderr
