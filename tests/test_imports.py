@@ -4,6 +4,7 @@ MFLUX_TRACE's phase marks."""
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -80,14 +81,23 @@ def test_help_imports_nothing_heavy_and_is_fast():
     done = subprocess.run([sys.executable, "-c", HELP, *HEAVY], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
-    # 0.06-0.08 s on an idle machine; the bound leaves room for a loaded 2-core CI box
-    runs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mflux", "--help"], capture_output=True, check=True, timeout=60)
-        runs.append(time.perf_counter() - start)
-    print(f"mflux --help: best {min(runs):.3f}s of {', '.join(f'{r:.3f}' for r in runs)}")
-    assert min(runs) < 0.5
+    # 0.06-0.08 s on an idle machine. CPU time, not wall time: a loaded CI box stretches the wall clock
+    # (0.36 s seen here with eight test runs on two cores) but hardly the CPU seconds the imports cost.
+    runs = [_cpu_seconds([sys.executable, "-m", "mflux", "--help"]) for _ in range(3)]
+    print(
+        f"mflux --help: wall {', '.join(f'{w:.3f}' for w, _ in runs)}s; CPU {', '.join(f'{c:.3f}' for _, c in runs)}s"
+    )
+    assert min(c for _, c in runs) < 0.3
+
+
+def _cpu_seconds(argv: list[str]) -> tuple[float, float]:
+    """(wall, user + system CPU) seconds of one child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, capture_output=True, check=True, timeout=60)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 PHASES = ["first weight read", "prompts encoded", "weights ready", "first step", "image written"]
@@ -111,8 +121,8 @@ def test_trace_prints_each_phase_once_in_order_since_the_process_started(tiny_sc
     seconds = [float(t.rstrip("s")) for t, _ in marks]
     assert seconds == sorted(seconds) and 0 < seconds[0] and seconds[-1] < wall + 0.05
     print(f"mflux run (tiny schnell, CPU): first weight read at {seconds[0]:.3f}s, whole process {wall:.2f}s")
-    # the first weight read comes after imports only: seconds, not PyTorch's import
-    assert seconds[0] < 2.0
+    # 0.41-0.56 s idle, 1.35 s seen under heavy load; PyTorch's import would add seconds of CPU
+    assert seconds[0] < 5.0
     quiet = subprocess.run(
         [*args, "-o", str(tmp_path / "b.png")], capture_output=True, text=True, timeout=300
     )
