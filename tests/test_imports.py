@@ -123,7 +123,16 @@ def test_trace_prints_each_phase_once_in_order_since_the_process_started(tiny_sc
     print(f"mflux run (tiny schnell, CPU): first weight read at {seconds[0]:.3f}s, whole process {wall:.2f}s")
     # 0.41-0.56 s idle, 1.35 s seen under heavy load; PyTorch's import would add seconds of CPU
     assert seconds[0] < 5.0
+    # without MFLUX_TRACE, silent; and no module imported that the path does not need
     quiet = subprocess.run(
-        [*args, "-o", str(tmp_path / "b.png")], capture_output=True, text=True, timeout=300
+        [args[0], "-X", "importtime", *args[1:], "-o", str(tmp_path / "b.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert quiet.returncode == 0 and "mflux trace" not in quiet.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in quiet.stderr.splitlines() if "import time:" in line
+    }
+    assert "mlx.core" in imported
+    assert not imported & {"torch", "transformers", "importlib.metadata", "huggingface_hub", "fastapi"}
