@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-# Text-to-image and img2img through the `mflux` command's own entry, then the server's worker path (the
-# one adapter over Flux1 every worker runs) and the server's app, all in this one process.
+# Text-to-image, img2img, inpainting and true CFG through the `mflux` command's own entry, then the
+# server's worker path (the one adapter over Flux1 every worker runs) and the server's app, all in this
+# one process.
 GENERATE = """
 import json, sys
 folder, out = sys.argv[1], sys.argv[2]
@@ -20,8 +21,17 @@ if sys.argv[3] == "hide-torch":
     sys.modules["torch"] = None  # import torch fails, importlib.util.find_spec("torch") is None
 from mflux.__main__ import main
 
+from PIL import Image
+
+Image.new("L", (64, 64), 255).save(out + "/mask.png")
 common = ["--path", folder, "--prompt", "a cat", "--steps", "2", "--height", "64", "--width", "64", "--seed", "1"]
-for extra in (["-o", out + "/t2i.png"], ["-o", out + "/i2i.png", "--image", out + "/t2i.png", "--strength", "0.5"]):
+modes = (
+    ["-o", out + "/t2i.png"],
+    ["-o", out + "/i2i.png", "--image", out + "/t2i.png", "--strength", "0.5"],
+    ["-o", out + "/inpaint.png", "--image", out + "/t2i.png", "--mask", out + "/mask.png", "--strength", "1"],
+    ["-o", out + "/cfg.png", "--negative-prompt", "blurry"],
+)
+for extra in modes:
     sys.argv = ["mflux", "run", *common, *extra]
     try:
         main()
@@ -57,7 +67,7 @@ def test_making_an_image_imports_neither_torch_nor_transformers(tiny_schnell, tm
     # transformers says this on import wherever PyTorch is missing; it reads as a failure
     assert "PyTorch was not found" not in done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []
-    assert (tmp_path / "t2i.png").is_file() and (tmp_path / "i2i.png").is_file()
+    assert all((tmp_path / f"{mode}.png").is_file() for mode in ("t2i", "i2i", "inpaint", "cfg"))
     assert "Traceback" not in done.stderr
 
 
