@@ -10,6 +10,10 @@
 #             twice; an MLX-native bf16 model written, read, and its first image on an empty kernel
 #             cache, then warm; the q8 and q4 models read
 #   memory    the pipeline's peak memory per phase at bf16, q8 and q4
+#   first     whole processes as a user types them, against diffusers' script (bench/first_image.py):
+#             mflux run (HF bf16, fresh kernel caches, q8, q4, MLX-native bf16) and mflux serve's first
+#             answer; one or two cases a call: `first --cases hf-bf16 --keep`, `first --cases fresh --keep`,
+#             `first --cases serve,q8 --keep`, `first --cases q4,mlx-bf16` (--keep: the next call reuses the model)
 #   train     the LoRA training step, mflux against diffusers + PEFT, at 512 and 1024
 #   peer      mflux, diffusers and the peer (PyPI mflux 0.24.0) on one checkpoint in diffusers' layout
 #   compare DIR  another tree (e.g. `git archive REV mflux converters manifests pyproject.toml README.md |
@@ -73,6 +77,11 @@ case "$command" in
   memory)
     run memory "$PY" bench/memory.py --size "$SIZE" --tmp "$DISK" "$@"
     ;;
+  first)
+    tiny=()
+    [ "$SIZE" = tiny ] && tiny=(--tiny)
+    run first "$PY" bench/first_image.py --disk "$DISK" --time-limit 540 "${tiny[@]}" "$@"
+    ;;
   train)
     run train "$PY" bench/train.py --size "$SIZE" --steps 3 --warmup 1 "$@"
     ;;
@@ -106,7 +115,7 @@ case "$command" in
     run peer "$PY" bench/peer.py all --folder "$DISK/peer-checkpoint" --peer "$DISK/peer" --delete "$@"
     ;;
   *)
-    echo "usage: bash bench/gpu.sh setup 1|setup 2|steps|load|memory|train|peer|compare DIR [benchmark arguments]" >&2
+    echo "usage: bash bench/gpu.sh setup 1|setup 2|steps|load|memory|first|train|peer|compare DIR [benchmark arguments]" >&2
     exit 2
     ;;
 esac

@@ -6,6 +6,7 @@ import signal
 import sys
 
 from mflux.errors import CtrlC
+from mflux.runtime import trace  # noqa: F401 - early: where there is no /proc, MFLUX_TRACE counts from here
 
 
 def main() -> None:

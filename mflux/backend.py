@@ -1,5 +1,6 @@
 import os
 import platform
+import sys
 from pathlib import Path
 
 from mflux.errors import MfluxError
@@ -19,23 +20,31 @@ def kernel_cache_dir() -> Path:
     may build different code under the same kernel names."""
     if os.environ.get("MLX_PTX_CACHE_DIR"):
         return Path(os.environ["MLX_PTX_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mflux" / f"mlx-{_mlx_version()}" / "ptx"
+
+
+def _mlx_version() -> str:
+    # MLX's own attribute where it is loaded: importlib.metadata costs tens of ms on the way to an image
+    mx = sys.modules.get("mlx.core")
+    if mx is not None and getattr(mx, "__version__", None):
+        return mx.__version__
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        mlx_version = version("mlx")
+        return version("mlx")
     except PackageNotFoundError:
-        mlx_version = "unknown"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "mflux" / f"mlx-{mlx_version}" / "ptx"
+        return "unknown"
 
 
 def import_mlx():
     """mlx.core, or an MfluxError with the install hint when no backend is present. Sets
-    MLX_PTX_CACHE_DIR (`kernel_cache_dir`) first where it is unset; MLX reads it at its first kernel build."""
-    os.environ.setdefault("MLX_PTX_CACHE_DIR", str(kernel_cache_dir()))
+    MLX_PTX_CACHE_DIR (`kernel_cache_dir`) where it is unset, before anything runs: MLX reads it once, at
+    its first kernel build, not at import."""
     try:
         import mlx.core as mx
 
+        os.environ.setdefault("MLX_PTX_CACHE_DIR", str(kernel_cache_dir()))
         mx.default_device()
     except (ImportError, OSError, RuntimeError) as e:
         if platform.system() == "Darwin":

@@ -26,7 +26,7 @@ from mflux.backend import default_precision, import_mlx
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.manifest import remake_hint
-from mflux.runtime import engine
+from mflux.runtime import engine, trace
 from mflux.runtime.folder import VARIANTS, ModelFolder
 from mflux.runtime.models import Models, default_batch_size
 from mflux.runtime.quantization import AFFINE_BITS, QuantSpec
@@ -307,6 +307,7 @@ class Flux1:
             self.models.prefetch()
             for event in self.models.generate(request):
                 if isinstance(event, engine.Conditioned):
+                    trace.mark("prompts encoded")
                     close("denoising")
                     if free_text_encoders:
                         self.free_text_encoders()
@@ -317,6 +318,7 @@ class Flux1:
                     self.models.modules["transformer"].free_modulation_weights()
                     mx.clear_cache()
                 elif isinstance(event, engine.Step):
+                    trace.mark("first step")
                     shown = None
                     if want is None or event.step in want:
                         vae = self.get("vae")

@@ -16,6 +16,7 @@ import click
 
 from mflux import settings as st
 from mflux.errors import InvalidArgument, MfluxError
+from mflux.runtime import trace
 
 
 def resolve_model(model: str | None, path: str | None, quantize: int | None, pull: bool, ranks: int = 1):
@@ -475,6 +476,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
             with out.owed.writing(outputs[job.index]):
                 path = image.save(outputs[job.index], export_json_metadata=metadata, overwrite=False)
                 click.echo(f"wrote {path}", err=True)
+            trace.mark("image written")
             if stepwise is not None:
                 write_steps(Path(stepwise), path.stem, shown.pop(event.index, []))
             share = (t.get("denoising", 0.0) + t.get("decoding", 0.0)) / len(event.batch)

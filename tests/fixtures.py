@@ -367,12 +367,42 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _write_clip_tokenizer(folder: Path) -> None:
+def write_tokenizers(
+    folder: Path, corpus: list[str] | None = None, *, merges: int = 300, pieces: int = 400
+) -> Path:
+    """`tokenizer/` (CLIP's BPE) and `tokenizer_2/` (T5's unigram) in the real files under the new `folder`:
+    the tiny pipelines' by default, or ones learned from `corpus` (about `merges` merges, `pieces` pieces)."""
+    folder = Path(folder)
+    learned = _learn_merges(merges) if corpus is None else _train_merges(corpus, merges)
+    _write_clip_tokenizer(folder / "tokenizer", learned)
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        _write_t5_tokenizer(folder / "tokenizer_2", Path(tmp), corpus or CORPUS, pieces)
+    return folder
+
+
+def _train_merges(corpus: list[str], count: int) -> list[tuple[str, str]]:
+    # The `tokenizers` trainer on CLIP's pre-tokenizer: thousands of merges in a second.
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = BpeTrainer(
+        vocab_size=2 * 256 + count, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    tok.train_from_iterator((s.lower() for s in corpus), trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def _write_clip_tokenizer(folder: Path, merges: list[tuple[str, str]] | None = None) -> None:
     # CLIP's layout: 256 bytes, the same with </w>, the merges in order, then the two specials,
     # so <|endoftext|> has the highest id (CLIP pools at argmax(input_ids)).
     folder.mkdir(parents=True)
     chars = _byte_chars()
-    merges = _learn_merges(300)
+    merges = _learn_merges(300) if merges is None else merges
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     _write_json(folder / "vocab.json", {t: i for i, t in enumerate(tokens)})
@@ -408,7 +438,7 @@ def _write_clip_tokenizer(folder: Path) -> None:
     )
 
 
-def _write_t5_tokenizer(folder: Path, tmp: Path) -> None:
+def _write_t5_tokenizer(folder: Path, tmp: Path, corpus: list[str] = CORPUS, pieces: int = 400) -> None:
     # T5's layout: <pad> 0, </s> 1, <unk> 2, the unigram pieces, then <extra_id_99> .. <extra_id_0>.
     import sentencepiece as spm
     from transformers import T5Tokenizer
@@ -416,10 +446,10 @@ def _write_t5_tokenizer(folder: Path, tmp: Path) -> None:
     folder.mkdir(parents=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
+        sentence_iterator=iter(corpus),
         model_writer=model,
         model_type="unigram",
-        vocab_size=400,
+        vocab_size=pieces,
         hard_vocab_limit=False,
         character_coverage=1.0,
         pad_id=0,
@@ -429,7 +459,7 @@ def _write_t5_tokenizer(folder: Path, tmp: Path) -> None:
         minloglevel=2,
     )
     (folder / "spiece.model").write_bytes(model.getvalue())
-    pieces = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    size = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
     extra = [f"<extra_id_{i}>" for i in range(100)]
     _write_json(
         folder / "special_tokens_map.json",
@@ -443,9 +473,7 @@ def _write_t5_tokenizer(folder: Path, tmp: Path) -> None:
     decoder = {
         str(i): {**_special(t, False), "special": True} for i, t in enumerate(["<pad>", "</s>", "<unk>"])
     }
-    decoder.update(
-        {str(pieces + 99 - i): {**_special(t, False), "special": True} for i, t in enumerate(extra)}
-    )
+    decoder.update({str(size + 99 - i): {**_special(t, False), "special": True} for i, t in enumerate(extra)})
     _write_json(
         folder / "tokenizer_config.json",
         {

@@ -1,6 +1,6 @@
 """The import direction: converters <- runtime <- toolchain, checked on the installed sources with `ast`.
 
-`mflux/runtime/` imports only mlx, numpy, PIL, transformers, `mflux.errors`, `mflux.backend`,
+`mflux/runtime/` imports only mlx, numpy, PIL, tokenizers, sentencepiece, `mflux.errors`, `mflux.backend`,
 `mflux.converters` and itself; `converters/` (installed as `mflux.converters`) only mlx, numpy,
 `mflux.errors` and itself. Both may use the standard library. Every import statement counts,
 including those inside functions.
@@ -22,7 +22,8 @@ RUNTIME = {
     "mlx",
     "numpy",
     "PIL",
-    "transformers",
+    "tokenizers",
+    "sentencepiece",
     "mflux.errors",
     "mflux.backend",
     "mflux.converters",

@@ -221,3 +221,16 @@ def test_bench_help(script):
         [sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, check=True
     )
     assert "usage:" in out.stdout
+
+
+def test_bench_first_image_times_whole_processes_and_says_what_is_owed(tmp_path):
+    # the MLX-native case alone, the quickest to write; `--tiny` runs every case in a few minutes
+    args = ["--tiny", "--runs", "2", "--warmup", "0", "--no-diffusers", "--disk", str(tmp_path)]
+    figures = _bench("first_image.py", *args, "--cases", "mlx-bf16")
+    (run,) = [f for f in figures if "median_s" in f]
+    assert run["case"] == "mlx-bf16" and run["runs"] == 2 and run["min_s"] <= run["median_s"] <= run["max_s"]
+    # timed from outside, with MFLUX_TRACE's marks inside the process's wall time
+    assert 0 < run["first_weight_read_s"] < run["prompts_encoded_s"] < run["first_step_s"] < run["max_s"]
+    assert not (tmp_path / "first-image-tiny/mlx-bf16").exists()  # the model is deleted after
+    owed = _bench("first_image.py", *args, "--cases", "q4,mlx-bf16", "--time-limit", "0")
+    assert owed[-1]["what"] == "out of time" and owed[-1]["owed"] == ["q4", "mlx-bf16"]

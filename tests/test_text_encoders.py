@@ -335,9 +335,9 @@ def test_token_ids_equal_flux_pipeline(tiny_schnell, flux_pipe, max_length):
     np.testing.assert_array_equal(ours_clip, ref_clip)
     np.testing.assert_array_equal(ours_t5, ref_t5)
     # the long prompts really truncate, and short ones really pad
-    assert ours_clip[3, -1] == ours_clip[1, -1] == clip_tok.eos_token_id
-    assert ours_t5[-1, -1] == t5_tok.eos_token_id and (ours_t5[-1] != t5_tok.pad_token_id).all()
-    assert ours_t5[0, -1] == t5_tok.pad_token_id
+    assert ours_clip[3, -1] == ours_clip[1, -1] == clip_tok.eos_id
+    assert ours_t5[-1, -1] == t5_tok.eos_id and (ours_t5[-1] != t5_tok.pad_id).all()
+    assert ours_t5[0, -1] == t5_tok.pad_id
 
 
 def test_encoders_from_the_pipeline_folder_equal_flux_pipeline(tiny_schnell, flux_pipe):

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from mflux.converters import bfl, diffusers
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.runtime import device
+from mflux.runtime import device, trace
 from mflux.runtime.folder import COMPONENTS, ModelFolder, read_redux_architecture
 from mflux.runtime.quantization import (
     QuantSpec,
@@ -82,6 +82,7 @@ def load_component(
     folder: ModelFolder, component: str, dtype: mx.Dtype, quantize: QuantSpec | None = None
 ) -> nn.Module:
     """Build one component and load its weights, quantizing them under `quantize`."""
+    trace.mark("first weight read")
     check_quantize(folder, quantize, (component,))
     module, weights = _prepare(folder, component, dtype, quantize)
     cuda = device.cuda()

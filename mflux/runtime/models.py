@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import mlx.core as mx
 import mlx.nn as nn
 
-from mflux.runtime import device, engine
+from mflux.runtime import device, engine, trace
 from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import check_quantize, load_component
 from mflux.runtime.quantization import QuantSpec
@@ -49,6 +49,8 @@ class Models:
                 module = self._load(component)
             self.modules[component] = module
             self.loading += time.perf_counter() - start
+            if component == "transformer":  # the last of the weights a step needs (the VAE is small)
+                trace.mark("weights ready")
         return self.modules[component]
 
     def _load(self, component: str) -> nn.Module:
