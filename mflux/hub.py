@@ -179,7 +179,8 @@ def pull(
     plan = PullPlan(source.name, source.repo, source.revision, commit, files, _present(partial, files))
     if dry_run:
         return plan
-    _check_space(store, plan)
+    # A save of the other port is written again, converted, before its download is removed.
+    _check_space(store, plan, plan.total_bytes if source.format != "hf" else 0)
     store.make_folder(partial.parent)  # a read-only store, or a file as the store, fails here
     _say(progress, f"pulling {source.name} from {source.repo}@{commit[:12]}: {format_size(plan.total_bytes)}")
     with _hub_errors(source, model_or_repo, token, endpoint, partial), _exclusive(partial, source.repo):
@@ -350,8 +351,8 @@ def _present(partial: Path, files: list[RemoteFile]) -> dict[str, int]:
     return present
 
 
-def _check_space(store, plan: PullPlan) -> None:
-    needed, free = plan.missing_bytes, store.free_bytes()
+def _check_space(store, plan: PullPlan, converted: int = 0) -> None:
+    needed, free = plan.missing_bytes + converted, store.free_bytes()
     if needed > free:
         raise MfluxError(
             f"not enough disk space to pull {plan.name}: it needs {format_size(needed)} in {store.root}, and "

@@ -9,6 +9,11 @@ size 64). The names and layout here were checked against what that saver writes 
 FLUX.1 (tests/othermflux_layout.json, recorded with its 0.24.0 in a separate virtual environment; see
 tests/test_pull_other_format.py). The renames below are written from that layout, in the other
 direction from mflux's converter (converters/othermflux.py), so the two check each other.
+
+Checked once by hand as well: from the same tiny pipeline, that port's own loader (its weight mapping)
+and saver, at 8 bits, wrote every tensor of the transformer, T5 and CLIP equal to `build_other_save`'s,
+byte for byte, with the same metadata; the VAE's too, its hard-coded full-size module adding only two
+conv_shortcut layers the tiny VAE lacks.
 """
 
 import json

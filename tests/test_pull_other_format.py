@@ -201,6 +201,25 @@ def test_image_equals_diffusers_with_the_dequantized_weights(key, saves, tiny, t
     assert diff <= BOUND
 
 
+def test_second_pull_is_up_to_date(server):
+    first = hub.pull("someone/flux-schnell-mflux-q8", progress=False)
+    server.requests.clear()
+    again = hub.pull("someone/flux-schnell-mflux-q8", progress=False)
+    assert again.path == first.path and not [r for r in server.requests if "/resolve/" in r["path"]]
+
+
+def test_space_for_the_download_and_its_conversion(server, saves, monkeypatch, mflux_home):
+    # Room for the download alone is not enough: the converted copy is written before it goes.
+    size = sum(p.stat().st_size for p in saves["q8"].rglob("*") if p.is_file() and "index" not in p.name)
+    free = int(size * 1.5)
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+    )
+    with pytest.raises(MfluxError, match="not enough disk space to pull flux-schnell-mflux-q8"):
+        hub.pull("someone/flux-schnell-mflux-q8", progress=False)
+    assert not [r for r in server.requests if "/resolve/" in r["path"]]
+
+
 def test_incomplete_save_is_refused_before_downloading(saves, server, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(saves["q4"], broken, ignore=shutil.ignore_patterns("vae"))
