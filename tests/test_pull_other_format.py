@@ -19,6 +19,7 @@ from mflux import Config, Flux1, hub
 from mflux import othermflux as pull_side
 from mflux.converters import diffusers, othermflux
 from mflux.errors import MfluxError
+from mflux.inspector import format_inspect, inspect
 from mflux.manifest import read_manifest
 from tests.fixtures import build_tiny_pipeline, packed_latents, reference_image
 from tests.hub_server import HubServer, point_client_at
@@ -39,6 +40,7 @@ SAVES = {
     "q4": dict(bits=4),
     "q8": dict(bits=8),
     "mixed": dict(bits=4, bits_for=mixed_bits),
+    "bf16": dict(bits=None),  # saved without -q
 }
 
 
@@ -159,7 +161,24 @@ def test_full_size_layout_converts_to_flux1(key, variant):
             assert set(layers.values()) == {bits}
 
 
-@pytest.mark.parametrize("key", list(SAVES))
+def test_unquantized_save_pulls(saves):
+    model = hub.pull("someone/flux-schnell-mflux-bf16", progress=False)
+    m = read_manifest(model.path)
+    assert (m.format, m.dtype, m.quantization) == ("mlx", "bfloat16", None)
+    assert "quantization_level" not in m.source
+    source_line = next(
+        line for line in format_inspect(inspect(m.name)).splitlines() if line.startswith("source")
+    )
+    assert source_line.endswith("(format mflux-saved, converted at pull)")
+    stored = _stored_weights(model.path)
+    for component in stored:
+        ours = _as_diffusers(component, stored[component], None)
+        theirs = dequantized(saves["bf16"], component)
+        assert sorted(ours) == sorted(theirs)
+        assert all(np.array_equal(ours[k], v) for k, v in theirs.items()), component
+
+
+@pytest.mark.parametrize("key", ["q4", "q8", "mixed"])
 def test_pull_converts_without_dequantizing(key, saves):
     model = hub.pull(f"someone/flux-schnell-mflux-{key}", progress=False)
     m = read_manifest(model.path)
