@@ -137,7 +137,7 @@ class _Source:
     patterns: tuple[str, ...]
     name: str
     variant: str | None = None  # a catalog model's name (krea's files are dev's); else read from the files
-    format: str = "hf"  # or mflux.othermflux.FORMAT: saved by the other MLX port, converted at pull
+    format: str = "hf"  # or OTHER_PORT_FORMAT: saved by the other MLX port, converted at pull
 
 
 def pull(
@@ -497,8 +497,8 @@ def _install(store: Store, source: _Source, commit: str, files, sha256s, partial
 
 
 def _install_converted(store: Store, source: _Source, commit: str, files, partial: Path, replace: bool):
-    # The other port's save: its names become ours as the store model is built (packed layers copied,
-    # never dequantized), so the store holds one MLX-native copy; the download goes once it has landed.
+    # The other port's save: its names become ours as the store model is built (packed layers kept
+    # packed), so the store holds one MLX-native copy; the download goes once the model has landed.
     from mflux import othermflux  # imports mlx, which a diffusers pull never needs
 
     record = {"kind": "hub", "repo": source.repo, "revision": source.revision, "commit": commit}

@@ -1,16 +1,18 @@
 """Pulling a FLUX.1 model saved by the other MLX port (PyPI `mflux` 0.x, an unrelated project): its
 folders become an MLX-native store model at pull time, quantized layers kept as they are.
 
-`mflux pull ORG/NAME` tells the format from the repo's file list alone, before downloading anything:
-numbered shards such as `transformer/0.safetensors` and no `transformer/config.json` (mflux.hub). Its repos carry no
-config files, so the architecture is read from the weights' shapes (`architecture`); what no shape
-carries is what that port hard-codes for FLUX.1: CLIP heads of 64 wide, T5's 128 relative distance,
-the VAE's 32 norm groups and latent scale and shift, and schnell's or dev's scheduler.
+`mflux pull ORG/NAME` tells the format from the repo's file list alone, before downloading anything
+(mflux.hub): numbered shards such as `transformer/0.safetensors`, and no `transformer/config.json`.
+Its repos carry no config files, so the architecture is read from the weights' shapes
+(`architecture`); what no shape carries is what that port hard-codes for FLUX.1: CLIP heads 64 wide,
+T5's 128 relative distance, the VAE's 32 norm groups and latent scale and shift, and schnell's or
+dev's scheduler.
 
 Layers its saver quantized stay packed, except where `should_quantize` keeps a tensor in float (the
-VAE's attention, CLIP's position embedding, T5's relative attention bias) and where the runtime has no
-such bits (2): those are dequantized, which gives exactly the values its own QuantizedLinear computes. The manifest records its quantization (bits
-per component, group size 64, per-layer `layers` where a layer differs) and the source format.
+VAE's attention, CLIP's position embedding, T5's relative attention bias) and where the runtime has
+no such bits (2): those are dequantized, which gives exactly the values its own quantized layers
+compute. The manifest records the quantization (bits per component at group size 64, `layers` where
+a layer differs) and the source format.
 """
 
 import shutil
