@@ -26,22 +26,25 @@ import numpy as np
 GROUP_SIZE = 64
 VERSION = "0.24.0"
 WEIGHTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
-# diffusers / Hugging Face names -> the other port's, per component (applied in order)
-TO_OTHER = {
+# (diffusers / Hugging Face name part, the other port's), per component; N stands for a block number
+# and ^ anchors at the start.
+RENAMES = {
     "transformer": [
-        (r"\.(ff|ff_context)\.net\.0\.proj\.", r".\1.linear1."),
-        (r"\.(ff|ff_context)\.net\.2\.", r".\1.linear2."),
+        (".ff.net.0.proj.", ".ff.linear1."),
+        (".ff.net.2.", ".ff.linear2."),
+        (".ff_context.net.0.proj.", ".ff_context.linear1."),
+        (".ff_context.net.2.", ".ff_context.linear2."),
     ],
     "text_encoder_2": [
-        (r"^encoder\.block\.(\d+)\.layer\.0\.", r"t5_blocks.\1.attention."),
-        (r"^encoder\.block\.(\d+)\.layer\.1\.", r"t5_blocks.\1.ff."),
-        (r"^encoder\.final_layer_norm\.", "final_layer_norm."),
+        ("^encoder.block.N.layer.0.", "^t5_blocks.N.attention."),
+        ("^encoder.block.N.layer.1.", "^t5_blocks.N.ff."),
+        ("^encoder.final_layer_norm.", "^final_layer_norm."),
     ],
     "text_encoder": [],
     "vae": [
-        (r"\.conv_in\.", ".conv_in.conv2d."),
-        (r"\.conv_out\.", ".conv_out.conv2d."),
-        (r"\.conv_norm_out\.", ".conv_norm_out.norm."),
+        (".conv_in.", ".conv_in.conv2d."),
+        (".conv_out.", ".conv_out.conv2d."),
+        (".conv_norm_out.", ".conv_norm_out.norm."),
     ],
 }
 
@@ -88,34 +91,17 @@ def other_names(component: str, diffusers_folder: Path) -> dict:
     return out
 
 
-def _rename(component: str, name: str) -> str:
-    for pattern, repl in TO_OTHER[component]:
-        name = re.sub(pattern, repl, name)
+def _rename(component: str, name: str, to_other: bool = True) -> str:
+    for pair in RENAMES[component]:
+        src, dst = pair if to_other else pair[::-1]
+        pattern = ("^" if src.startswith("^") else "") + re.escape(src.lstrip("^")).replace("N", r"(\d+)")
+        name = re.sub(pattern, dst.lstrip("^").replace("N", r"\1"), name)
     return name
 
 
 def diffusers_name(component: str, other: str) -> str:
-    """The other port's name back to diffusers' (the inverse of TO_OTHER)."""
-    inverse = {
-        "transformer": [
-            (r"\.(ff|ff_context)\.linear1\.", r".\1.net.0.proj."),
-            (r"\.(ff|ff_context)\.linear2\.", r".\1.net.2."),
-        ],
-        "text_encoder_2": [
-            (r"^t5_blocks\.(\d+)\.attention\.", r"encoder.block.\1.layer.0."),
-            (r"^t5_blocks\.(\d+)\.ff\.", r"encoder.block.\1.layer.1."),
-            (r"^final_layer_norm\.", "encoder.final_layer_norm."),
-        ],
-        "text_encoder": [],
-        "vae": [
-            (r"\.conv_in\.conv2d\.", ".conv_in."),
-            (r"\.conv_out\.conv2d\.", ".conv_out."),
-            (r"\.conv_norm_out\.norm\.", ".conv_norm_out."),
-        ],
-    }[component]
-    for pattern, repl in inverse:
-        other = re.sub(pattern, repl, other)
-    return other
+    """The other port's name back to diffusers'."""
+    return _rename(component, other, to_other=False)
 
 
 def _quantized(component: str, weights: dict, bits: int, bits_for) -> dict:
