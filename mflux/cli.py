@@ -252,8 +252,9 @@ def cli():
 def pull(model_or_repo, name, revision, dry_run, force):
     """Download a model from the Hugging Face Hub into the store.
 
-    MODEL_OR_REPO is a catalog name (see: mflux list --available) or a Hub repo in FLUX.1 diffusers
-    layout (org/name).
+    MODEL_OR_REPO is a catalog name (see: mflux list --available) or a Hub repo (org/name) in FLUX.1
+    diffusers layout, or a FLUX.1 model saved by the other MLX port (PyPI mflux 0.x: numbered shards,
+    quantized or not), which is converted to an MLX-native model as it lands.
 
     \b
     Examples:

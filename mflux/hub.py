@@ -81,6 +81,9 @@ DIFFUSERS_PATTERNS = (
 )
 WEIGHTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
+# A FLUX.1 model saved by the other MLX port (PyPI mflux 0.x), converted at pull (mflux.othermflux).
+OTHER_PORT_FORMAT = "mflux-saved"
+OTHER_PORT_PATTERNS = (*(f"{c}/*.safetensors" for c in WEIGHTS), *(f"{t}/*" for t in TOKENIZERS))
 RETRIES = 5  # consecutive failed attempts at one file before giving up
 
 
@@ -134,6 +137,7 @@ class _Source:
     patterns: tuple[str, ...]
     name: str
     variant: str | None = None  # a catalog model's name (krea's files are dev's); else read from the files
+    format: str = "hf"  # or OTHER_PORT_FORMAT: saved by the other MLX port, converted at pull
 
 
 def pull(
@@ -175,7 +179,8 @@ def pull(
     plan = PullPlan(source.name, source.repo, source.revision, commit, files, _present(partial, files))
     if dry_run:
         return plan
-    _check_space(store, plan)
+    # A save of the other port is written again, converted, before its download is removed.
+    _check_space(store, plan, plan.total_bytes if source.format != "hf" else 0)
     store.make_folder(partial.parent)  # a read-only store, or a file as the store, fails here
     _say(progress, f"pulling {source.name} from {source.repo}@{commit[:12]}: {format_size(plan.total_bytes)}")
     with _hub_errors(source, model_or_repo, token, endpoint, partial), _exclusive(partial, source.repo):
@@ -224,8 +229,13 @@ def _remote_files(endpoint: str, token: str | None, source: _Source) -> tuple[st
         RemoteFile(s.rfilename, s.size or 0, s.blob_id or "", s.lfs.sha256 if s.lfs else None)
         for s in info.siblings or []
     ]
-    _check_paths(source.repo, [f.path for f in files])
-    _check_layout(source.repo, [f.path for f in files])
+    paths = [f.path for f in files]
+    _check_paths(source.repo, paths)
+    if _saved_by_other_port(paths):
+        _check_other_port_layout(source.repo, paths)
+        source.format, source.patterns = OTHER_PORT_FORMAT, OTHER_PORT_PATTERNS
+    else:
+        _check_layout(source.repo, paths)
     chosen = [f for f in files if _wanted(f.path, source.patterns)]
     # Small files first: a gated repo or a bad layout shows before gigabytes move.
     return info.sha, sorted(chosen, key=lambda f: (f.lfs, f.size, f.path))
@@ -280,6 +290,23 @@ def _check_layout(repo: str, paths: list[str]) -> None:
         )
 
 
+def _saved_by_other_port(paths: list[str]) -> bool:
+    """The other MLX port's saved layout (mflux.othermflux): numbered shards, no config files. Told
+    from the file list, before anything is downloaded."""
+    shards = any(re.fullmatch(r"transformer/\d+\.safetensors", p) for p in paths)
+    return shards and "transformer/config.json" not in paths
+
+
+def _check_other_port_layout(repo: str, paths: list[str]) -> None:
+    missing = [f"{c}/0.safetensors" for c in WEIGHTS if f"{c}/0.safetensors" not in paths]
+    missing += [f"{t}/" for t in TOKENIZERS if not any(p.startswith(t + "/") for p in paths)]
+    if missing:
+        raise MfluxError(
+            f"{repo} is laid out as the other MLX port saves FLUX.1 (numbered shards, no config files) but "
+            f"lacks {', '.join(missing)} (mflux pulls its complete saves: {', '.join(WEIGHTS + TOKENIZERS)})"
+        )
+
+
 def _stored_source(store: Store, name: str) -> dict | None:
     """The stored model's source (empty for one not pulled from the Hub, or broken), or None when absent."""
     if not store.path(name).exists():
@@ -324,8 +351,8 @@ def _present(partial: Path, files: list[RemoteFile]) -> dict[str, int]:
     return present
 
 
-def _check_space(store, plan: PullPlan) -> None:
-    needed, free = plan.missing_bytes, store.free_bytes()
+def _check_space(store, plan: PullPlan, converted: int = 0) -> None:
+    needed, free = plan.missing_bytes + converted, store.free_bytes()
     if needed > free:
         raise MfluxError(
             f"not enough disk space to pull {plan.name}: it needs {format_size(needed)} in {store.root}, and "
@@ -444,6 +471,8 @@ def _digests(path: Path, blob: bool) -> tuple[str, str | None]:
 
 def _install(store: Store, source: _Source, commit: str, files, sha256s, partial: Path, replace: bool):
     name = source.name
+    if source.format != "hf":
+        return _install_converted(store, source, commit, files, partial, replace)
     # Read the architecture before moving anything, so a bad config can't cost the downloaded files.
     architecture = architecture_from_hf(partial)
     variant = detect_variant(architecture, source.variant)
@@ -465,6 +494,19 @@ def _install(store: Store, source: _Source, commit: str, files, sha256s, partial
         write_manifest(folder, manifest)
     shutil.rmtree(partial, ignore_errors=True)
     return store.get(name)
+
+
+def _install_converted(store: Store, source: _Source, commit: str, files, partial: Path, replace: bool):
+    # The other port's save: its names become ours as the store model is built (packed layers kept
+    # packed), so the store holds one MLX-native copy; the download goes once the model has landed.
+    from mflux import othermflux  # imports mlx, which a diffusers pull never needs
+
+    record = {"kind": "hub", "repo": source.repo, "revision": source.revision, "commit": commit}
+    record["format"] = OTHER_PORT_FORMAT
+    with store.build(source.name, force=replace, size_hint=sum(f.size for f in files)) as folder:
+        othermflux.convert(partial, folder, name=source.name, source=record, variant=source.variant)
+    shutil.rmtree(partial, ignore_errors=True)
+    return store.get(source.name)
 
 
 def _place(src: Path, dst: Path) -> None:

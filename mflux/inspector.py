@@ -343,7 +343,10 @@ def _spec_text(s: dict) -> str:
 
 def _source_text(source: dict) -> str:
     if source.get("kind") == "hub":
-        return f"hub {source.get('repo')} @ {source.get('commit') or source.get('revision')}"
+        text = f"hub {source.get('repo')} @ {source.get('commit') or source.get('revision')}"
+        if source.get("format"):  # a save of the other MLX port, converted at pull (mflux.othermflux)
+            text += f" (format {source['format']}, converted at pull)"
+        return text
     if source.get("kind") == "model":
         return f"model {source.get('name')}"
     return f"path {source.get('path')}"

@@ -141,10 +141,11 @@ CORPUS = [
 
 
 def build_tiny_pipeline(
-    path: Path, variant: str = "schnell", *, clip_prefixed: bool = True, seed: int = 0
+    path: Path, variant: str = "schnell", *, clip_prefixed: bool = True, seed: int = 0, clip_heads: int = 2
 ) -> Path:
     """Write a tiny random FLUX.1 `variant` pipeline into the new folder `path`, with exactly the real
-    repo's files. `clip_prefixed` writes CLIP keys as `text_model.…` (the real repo), else without."""
+    repo's files. `clip_prefixed` writes CLIP keys as `text_model.…` (the real repo), else without;
+    `clip_heads` 1 gives CLIP-L's 64-wide heads."""
     if variant not in VARIANTS:
         raise InvalidArgument(f"unknown variant {variant!r} (choose one of: {', '.join(VARIANTS)})")
     path = Path(path)
@@ -157,7 +158,7 @@ def build_tiny_pipeline(
         _write_clip_tokenizer(path / "tokenizer")
         _write_t5_tokenizer(path / "tokenizer_2", tmp)
         torch.manual_seed(seed)
-        pipe = _tiny_pipeline(path, variant)
+        pipe = _tiny_pipeline(path, variant, clip_heads)
         pipe.save_pretrained(tmp / "saved", safe_serialization=True, max_shard_size="10GB")
         _copy_configs(tmp / "saved", path)
         _reshard(tmp / "saved/transformer", path / "transformer", "diffusion_pytorch_model", 3)
@@ -190,7 +191,7 @@ def _quiet():
             transformers_logging.enable_progress_bar()
 
 
-def _tiny_pipeline(folder: Path, variant: str):
+def _tiny_pipeline(folder: Path, variant: str, clip_heads: int = 2):
     import diffusers
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -210,7 +211,7 @@ def _tiny_pipeline(folder: Path, variant: str):
         hidden_size=64,
         intermediate_size=256,
         projection_dim=64,
-        num_attention_heads=2,
+        num_attention_heads=clip_heads,
         num_hidden_layers=2,
         hidden_act="quick_gelu",
         max_position_embeddings=77,

@@ -91,6 +91,12 @@ def hub_server(tiny_schnell, tiny_dev, tmp_path_factory):
         server.add_repo(
             "evil/pickled", tiny_schnell, extra={"transformer/diffusion_pytorch_model.bin": pickled}
         )
+        # The other MLX port's saved layout (numbered shards, no configs) without its VAE.
+        shards = {f"{c}/0.safetensors": b"x" for c in ("transformer", "text_encoder", "text_encoder_2")}
+        tokenizers = {"tokenizer/vocab.json": b"{}", "tokenizer_2/spiece.model": b"x"}
+        server.add_repo(
+            "someone/other-port-no-vae", tmp_path_factory.mktemp("empty"), extra=shards | tokenizers
+        )
         yield server
 
 
@@ -803,6 +809,12 @@ HUB_REFUSALS = {
     ),
     "traversal": (None, ["evil/traversal"], {}, ["unsafe file path", "nothing was downloaded"]),
     "absolute-path": (None, ["evil/absolute"], {}, ["unsafe file path"]),
+    "other-port-incomplete": (
+        None,
+        ["someone/other-port-no-vae"],
+        {},
+        ["other MLX port", "lacks vae/0.safetensors"],
+    ),
 }
 
 
@@ -814,7 +826,7 @@ def test_hub_fault_is_one_line(home, hub, tmp_path, fault):
     before = snapshot(home)
     refused(_pull(hub, *args, env=env), *words, note="pulling ")
     assert snapshot(home) == before
-    if fault.startswith(("offline", "traversal", "absolute")):
+    if fault.startswith(("offline", "traversal", "absolute", "other-port")):
         assert hub.resolves() == []  # refused before any download
     assert list(tmp_path.parent.rglob(PWNED)) == [] and not Path(f"/tmp/{PWNED}").exists()
     consistent(home)
