@@ -352,6 +352,25 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "depth map from any estimator), resized to the output; without --width/--height the size is its own.",
 )
 @click.option(
+    "--control-from",
+    type=click.Path(dir_okay=False),
+    metavar="PHOTO",
+    help="With -m canny and --canny: compute the edge map of PHOTO (as OpenCV's cv2.Canny, before "
+    "anything loads) and follow it, as --control would. -m depth takes a ready depth map (--control).",
+)
+@click.option("--canny", is_flag=True, help="With --control-from: the edge detector (Canny, 3x3 Sobel, L1).")
+@click.option(
+    "--canny-thresholds",
+    callback=lambda ctx, param, value: _thresholds(value),
+    metavar="LOW,HIGH",
+    help="With --canny: the hysteresis thresholds (default 50,200, as Black Forest Labs' reference).",
+)
+@click.option(
+    "--save-control",
+    is_flag=True,
+    help="With --control-from: also write the edge map, as <output stem>_control.png beside the image.",
+)
+@click.option(
     "--expand",
     callback=lambda ctx, param, value: _margins(value),
     metavar="L,T,R,B",
@@ -444,6 +463,7 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
       mflux run -m fill --image photo.png --expand 0,0,256,0 --prompt "the beach continues"
       mflux run -m krea --prompt "a lighthouse at dusk"
       mflux run -m canny --control edges.png --prompt "a futuristic city at night"
+      mflux run -m canny --control-from photo.png --canny --save-control --prompt "a city at night"
       mflux run -m schnell --prompt-file prompts.jsonl -n 2 --json
       mflux run --from image.png --seed 7 --stepwise steps/
     """
@@ -477,6 +497,19 @@ def _margins(value: str | None) -> tuple[int, ...] | None:
             f"{value!r} is not LEFT,TOP,RIGHT,BOTTOM (four whole numbers, e.g. 0,0,256,0)"
         )
     return margins
+
+
+def _thresholds(value: str | None) -> tuple[float, float] | None:
+    """`--canny-thresholds LOW,HIGH` as two numbers; their range is mflux.canny's to check."""
+    if value is None:
+        return None
+    try:
+        pair = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise click.BadParameter(f"{value!r} is not LOW,HIGH (two numbers, e.g. 50,200)")
+    return pair
 
 
 # `mflux run` flag -> the Settings field it sets (mflux.settings), where the names differ

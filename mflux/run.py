@@ -202,6 +202,10 @@ def run(
     strength: float | None = None,
     expand: tuple[int, int, int, int] | None = None,
     control: str | None = None,
+    control_from: str | None = None,
+    canny: bool = False,
+    canny_thresholds: tuple[float, float] | None = None,
+    save_control: bool = False,
     prompt_file: str | None = None,
     from_image: str | None = None,
     stepwise: str | None = None,
@@ -250,10 +254,13 @@ def run(
         "strength": strength,
         "expand": expand,
         "control": control,
+        "control_from": control_from,
+        "canny": canny,
+        "canny_thresholds": canny_thresholds,
         "loras": st.loras(lora_paths, lora_scales),
     }
     if explicit is None:
-        explicit = {k for k, v in values.items() if v not in (None, [])}
+        explicit = {k for k, v in values.items() if v not in (None, [], False)}
     _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every)
     recalled = None
     if from_image and not (model or path):
@@ -273,6 +280,7 @@ def run(
         variant=model_variant(model, path, variant),
         recalled=recalled,
     )
+    maps = _edge_maps(p.generations, save_control)
     for note in [*p.notes, *(x for s in p.generations for x in s.notes)]:
         click.echo(f"note: {note}", err=True)
     (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
@@ -287,7 +295,7 @@ def run(
     # the bar on a terminal only: in a pipe or a log its carriage returns pile up on one line, and the
     # `wrote FILE` line each image gets already says how far it is
     bar = rank == 0 and _on_a_terminal()
-    out = _Out(owed, saves, bar, SequenceParallel(world) if sequence else None)
+    out = _Out(owed, saves, bar, SequenceParallel(world) if sequence else None, maps, save_control)
     written: dict[int, Written] = {}
     seconds: dict[str, float] = {}
     memory: dict[str, int] = {}
@@ -327,6 +335,50 @@ class _Out:
     saves: bool  # False on the helping ranks of sequence parallelism
     progress: bool  # the progress bar: rank 0 only, on a terminal
     sp: object | None  # a runtime.parallel.SequenceParallel, or None
+    maps: dict = field(default_factory=dict)  # _map_key(settings) -> the edge map --canny computed
+    save_control: bool = False  # write each edge map beside the first image made from it
+    saved: set = field(default_factory=set)  # the _map_key of each edge map written
+
+
+def _edge_maps(generations: list[st.Settings], save_control: bool) -> dict:
+    """The edge maps --control-from PHOTO --canny asks for, computed before any model loads; each photo and
+    thresholds once."""
+    if save_control and not any(s.control_from for s in generations):
+        raise InvalidArgument(
+            "--save-control saves the edge map --canny computes: give --control-from PHOTO --canny"
+        )
+    maps = {}
+    for s in generations:
+        if s.control_from is not None and _map_key(s) not in maps:
+            maps[_map_key(s)] = st.edge_map(s)
+    return maps
+
+
+def _map_key(s: st.Settings) -> tuple:
+    return (s.control_from, s.canny_thresholds)
+
+
+def _edge_map_record(s: st.Settings) -> dict:
+    """What an image's metadata says of the edge map it followed: the photo and the detector's thresholds."""
+    return {
+        "control_from_path": str(Path(s.control_from).resolve()),
+        "control_from_sha256": s.control_from_sha256,
+        "canny_thresholds": list(s.canny_thresholds),
+    }
+
+
+def _save_edge_map(out: "_Out", s: st.Settings, image_path: Path) -> None:
+    """`<image stem>_control.png` beside the first image made from a computed edge map (--save-control)."""
+    from PIL import Image
+
+    from mflux.metadata import free_path
+
+    if _map_key(s) in out.saved:
+        return
+    out.saved.add(_map_key(s))
+    edges = Image.fromarray(out.maps[_map_key(s)])
+    path = _save_plain(edges, free_path(image_path.with_name(f"{image_path.stem}_control.png")))
+    click.echo(f"wrote {path} (the edge map)", err=True)
 
 
 def _by_loras(groups: list[list[st.Job]]) -> list[list[st.Job]]:
@@ -447,7 +499,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         mask_image=s.mask,
         strength=s.strength,
         expand=s.expand,
-        control_image=s.control,
+        control_image=out.maps[_map_key(s)] if s.control_from else s.control,
         batch_size=batch_size,
         previews=previews,
         free_text_encoders=True,
@@ -468,6 +520,8 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
             image = event.image
             if job.settings.source:
                 image.metadata["prompt_file_line"] = job.settings.source
+            if job.settings.control_from:
+                image.metadata.update(_edge_map_record(job.settings))
             t = image.metadata["timings"]
             _add_timings(phases, memory, image, first=event.index == event.batch[0])
             if not out.saves:
@@ -475,6 +529,8 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
             with out.owed.writing(outputs[job.index]):
                 path = image.save(outputs[job.index], export_json_metadata=metadata, overwrite=False)
                 click.echo(f"wrote {path}", err=True)
+                if out.save_control and s.control_from:
+                    _save_edge_map(out, s, path)
             if stepwise is not None:
                 write_steps(Path(stepwise), path.stem, shown.pop(event.index, []))
             share = (t.get("denoising", 0.0) + t.get("decoding", 0.0)) / len(event.batch)

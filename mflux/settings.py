@@ -63,8 +63,12 @@ FLAGS = {
     "strength": "--strength",
     "expand": "--expand",
     "control": "--control",
+    "control_from": "--control-from",
+    "canny": "--canny",
+    "canny_thresholds": "--canny-thresholds",
     "loras": "--lora-paths",
 }
+CANNY_THRESHOLDS = (50.0, 200.0)  # cv2.Canny's in Black Forest Labs' CannyImageEncoder
 
 
 @dataclass
@@ -84,10 +88,14 @@ class Settings:
     strength: float | None = None
     expand: tuple[int, int, int, int] | None = None  # fill: outpaint by LEFT, TOP, RIGHT, BOTTOM pixels
     control: str | None = None  # canny, depth: the edge or depth map to follow
+    control_from: str | None = None  # canny: the photo whose edge map (`canny_thresholds`) is the control
+    canny: bool = False
+    canny_thresholds: tuple[float, float] | None = None  # (low, high); check fills cv2.Canny's 50, 200
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale)
     image_sha256: str | None = None
     mask_sha256: str | None = None
     control_sha256: str | None = None
+    control_from_sha256: str | None = None
     source: str | None = None  # "prompts.jsonl:3": the prompt file line it came from
     notes: list[str] = field(default_factory=list, compare=False)  # what check decided, for the user
 
@@ -105,6 +113,8 @@ class Settings:
             self.strength,
             self.expand,
             self.control,
+            self.control_from,
+            self.canny_thresholds,
             tuple(self.loras),
         )
 
@@ -257,18 +267,61 @@ def _variant_flags(s: Settings, variant: str, condition: str, w: _Where) -> None
 
 def _control_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
     flag = w.name("control")
+    _canny_flags(s, variant, condition, w)
     if condition != "control":
         if s.control is not None:
             raise w.fail(f"{flag} needs a control model (-m canny or -m depth); {variant} takes none")
         return
-    if s.control is None:
-        raise w.fail(f"{variant} follows an edge or depth map: give {flag} IMAGE")
+    if s.control is None and s.control_from is None:
+        hint = f" (or {w.name('control_from')} PHOTO {w.name('canny')})" if variant != "depth" else ""
+        raise w.fail(f"{variant} follows an edge or depth map: give {flag} IMAGE{hint}")
     given = [w.name(k) for k in ("image", "mask", "strength", "expand") if getattr(s, k) is not None]
     if given:
         raise w.fail(
             f"{variant} with {', '.join(given)} is not supported yet (diffusers' FluxControlImg2ImgPipeline "
             "and FluxControlInpaintPipeline): give the control image alone"
         )
+
+
+def _canny_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
+    """--control-from PHOTO --canny [--canny-thresholds LOW,HIGH]: the edge map mflux computes."""
+    source, canny = w.name("control_from"), w.name("canny")
+    if s.canny_thresholds is not None and not s.canny:
+        raise w.fail(f"{w.name('canny_thresholds')} needs {canny} (the thresholds of its edge detector)")
+    if s.canny and s.control_from is None:
+        raise w.fail(f"{canny} computes the edge map of a photo: give {source} PHOTO")
+    if s.control_from is None:
+        return
+    if condition != "control":
+        raise w.fail(f"{source} makes the map a control model follows (-m canny); {variant} takes none")
+    if variant == "depth":  # no depth estimator in mflux: a second model family
+        raise w.fail(
+            f"depth follows a depth map, which mflux does not compute: give it ready with "
+            f"{w.name('control')} (make one with a depth estimator such as Depth Anything, as "
+            "diffusers' FluxControlPipeline example does)"
+        )
+    if s.control is not None:
+        raise w.fail(f"give {w.name('control')} (a ready map) or {source} (a photo), not both")
+    if not s.canny:
+        raise w.fail(f"{source} PHOTO needs the detector that makes its map: add {canny}")
+    from mflux.canny import check_thresholds
+
+    low, high = s.canny_thresholds if s.canny_thresholds is not None else CANNY_THRESHOLDS
+    try:
+        check_thresholds(low, high)
+    except InvalidArgument as e:
+        raise w.fail(f"{w.name('canny_thresholds')}: {e}") from None
+    s.canny_thresholds = (float(low), float(high))
+
+
+def edge_map(s: Settings):
+    """The control map --control-from and --canny make: cv2.Canny's edges of the photo (uint8 (H, W), white
+    on black), or None for settings without one. Computed before any model loads."""
+    if s.control_from is None:
+        return None
+    from mflux.canny import canny
+
+    return canny(open_image(s.control_from, f"{FLAGS['control_from']} {s.control_from}"), *s.canny_thresholds)
 
 
 def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
@@ -279,6 +332,10 @@ def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
     if s.control is not None:  # a control model's output takes the map's size, as img2img the image's
         size = open_image(s.control, f"{w.prefix}{w.name('control')} {s.control}").size
         s.control_sha256 = sha256(s.control)
+        return size
+    if s.control_from is not None:  # its edge map has the photo's size
+        size = open_image(s.control_from, f"{w.prefix}{w.name('control_from')} {s.control_from}").size
+        s.control_from_sha256 = sha256(s.control_from)
         return size
     if s.image is None:
         return None
@@ -730,6 +787,10 @@ def _from_mflux(m: dict, source: str) -> Recalled:
         "expand": m.get("expand"),
         "control": m.get("control_path"),
         "control_sha256": m.get("control_sha256"),
+        "control_from": m.get("control_from_path"),
+        "control_from_sha256": m.get("control_from_sha256"),
+        "canny": bool(m.get("canny_thresholds")) or None,
+        "canny_thresholds": tuple(m["canny_thresholds"]) if m.get("canny_thresholds") else None,
         "image_sha256": m.get("image_sha256"),
         "mask_sha256": m.get("mask_sha256"),
         "loras": list(zip(m.get("lora_paths") or [], m.get("lora_scales") or [])),
@@ -818,8 +879,12 @@ def recall(
     defaulted = [FLAGS[k] for k in _REPORTED if k not in values and k not in explicit]
     if defaulted:
         notes.append(f"{path} lacks {', '.join(defaulted)}: using the defaults")
-    if "control" in explicit:
-        values.pop("control_sha256", None)
+    if "control" in explicit:  # a new map: the recorded one and the photo a map was computed from go
+        for k in ("control_sha256", "control_from", "control_from_sha256", "canny", "canny_thresholds"):
+            values.pop(k, None)
+    if "control_from" in explicit:
+        for k in ("control", "control_sha256", "control_from_sha256"):
+            values.pop(k, None)
     if "mask" in explicit:  # a mask replaces a recorded outpainting border
         values.pop("expand", None)
     s = check(
@@ -829,7 +894,8 @@ def recall(
 
 
 def _check_init_files(path, values: dict) -> None:
-    for key, name in (("image", "init image"), ("mask", "mask"), ("control", "control image")):
+    files = (("image", "init image"), ("mask", "mask"), ("control", "control image"))
+    for key, name in (*files, ("control_from", "control photo")):
         if values.get(key) is None:
             continue
         f, want = Path(values[key]), values.get(f"{key}_sha256")
