@@ -47,13 +47,14 @@ from mflux import __version__
 from mflux.catalog import catalog
 from mflux.errors import Interrupted, InvalidArgument, MfluxError
 from mflux.manifest import (
+    REDUX,
     Manifest,
     architecture_from_hf,
     defaults_for,
     read_manifest,
     write_manifest,
 )
-from mflux.runtime.folder import detect_variant
+from mflux.runtime.folder import REDUX_CONFIG_FILES, detect_variant, read_redux_architecture
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile
 from mflux.store import Store, StoredModel, close_names, format_size, validate_name
 
@@ -146,8 +147,8 @@ def pull(
     progress: bool = True,
     store: Store | None = None,
 ) -> StoredModel | PullPlan:
-    """Download a catalog model (`schnell`, `dev`, `kontext`, `fill`, `krea`: its name is recorded as the
-    variant) or any Hub repo in FLUX.1 diffusers layout (`org/name`) into the store, resuming partial
+    """Download a catalog model (`schnell`, `dev`, `kontext`, `fill`, `krea`, ...: its name is recorded as
+    the variant; `redux` is FLUX.1 Redux, an image encoder and embedder, not a pipeline) or any Hub repo in FLUX.1 diffusers layout (`org/name`) into the store, resuming partial
     downloads and verifying every file.
 
     Returns the StoredModel, or with `dry_run` a PullPlan (nothing is written). `force` downloads
@@ -225,7 +226,10 @@ def _remote_files(endpoint: str, token: str | None, source: _Source) -> tuple[st
         for s in info.siblings or []
     ]
     _check_paths(source.repo, [f.path for f in files])
-    _check_layout(source.repo, [f.path for f in files])
+    if source.variant == REDUX:
+        _check_redux_layout(source.repo, [f.path for f in files])
+    else:
+        _check_layout(source.repo, [f.path for f in files])
     chosen = [f for f in files if _wanted(f.path, source.patterns)]
     # Small files first: a gated repo or a bad layout shows before gigabytes move.
     return info.sha, sorted(chosen, key=lambda f: (f.lfs, f.size, f.path))
@@ -277,6 +281,19 @@ def _check_layout(repo: str, paths: list[str]) -> None:
         raise MfluxError(
             f"{repo} is not a FLUX.1 pipeline in diffusers layout: it lacks {', '.join(missing)} "
             "(mflux pulls repos laid out like black-forest-labs/FLUX.1-schnell)"
+        )
+
+
+def _check_redux_layout(repo: str, paths: list[str]) -> None:
+    present = set(paths)
+    missing = [p for p in ("model_index.json", *REDUX_CONFIG_FILES.values()) if p not in present]
+    for folder in ("image_encoder", "image_embedder"):
+        if not any(p.startswith(folder + "/") and p.endswith(".safetensors") for p in paths):
+            missing.append(f"{folder}/*.safetensors")
+    if missing:
+        raise MfluxError(
+            f"{repo} is not a FLUX.1 Redux folder: it lacks {', '.join(missing)} "
+            "(mflux pulls Redux laid out like black-forest-labs/FLUX.1-Redux-dev)"
         )
 
 
@@ -445,13 +462,16 @@ def _digests(path: Path, blob: bool) -> tuple[str, str | None]:
 def _install(store: Store, source: _Source, commit: str, files, sha256s, partial: Path, replace: bool):
     name = source.name
     # Read the architecture before moving anything, so a bad config can't cost the downloaded files.
-    architecture = architecture_from_hf(partial)
-    variant = detect_variant(architecture, source.variant)
+    if source.variant == REDUX:
+        architecture, variant, weights = read_redux_architecture(partial), REDUX, "image_embedder"
+    else:
+        architecture = architecture_from_hf(partial)
+        variant, weights = detect_variant(architecture, source.variant), "transformer"
     manifest = Manifest(
         name=name,
         variant=variant,
         format="hf",
-        dtype=_dtype(partial),
+        dtype=_dtype(partial, weights),
         source={"kind": "hub", "repo": source.repo, "revision": source.revision, "commit": commit},
         files=[{"path": f.path, "size": f.size, "sha256": sha256s[f.path]} for f in files],
         architecture=architecture,
@@ -476,10 +496,10 @@ def _place(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def _dtype(folder: Path) -> str:
-    # The dtype holding most of the transformer's bytes (norms are sometimes kept in float32).
+def _dtype(folder: Path, component: str = "transformer") -> str:
+    # The dtype holding most of the component's bytes (norms are sometimes kept in float32).
     counts: dict[str, int] = {}
-    for shard in (folder / "transformer").glob("*.safetensors"):
+    for shard in (folder / component).glob("*.safetensors"):
         for dtype, _, (begin, end) in SafetensorsFile(shard).tensors.values():
             counts[dtype] = counts.get(dtype, 0) + end - begin
     top = max(counts, key=counts.get)

@@ -51,7 +51,7 @@ def model_variant(model: str | None, path: str | None, variant: str | None) -> s
     """The variant a run will use, known before any pull or load (the settings are checked for it): the
     folder's manifest or configs, the stored model's manifest, or the catalog entry a pull would fetch."""
     from mflux.folders import open_folder
-    from mflux.manifest import read_manifest
+    from mflux.manifest import REDUX, not_a_pipeline, read_manifest
     from mflux.store import NotStored, Store
 
     if path:
@@ -61,8 +61,12 @@ def model_variant(model: str | None, path: str | None, variant: str | None) -> s
     except NotStored as e:
         if e.pull is None:
             raise  # an unknown name, with the names it may mean
-        return e.pull  # a catalog entry is named after its variant
-    return read_manifest(found.path).variant
+        variant = e.pull  # a catalog entry is named after its variant
+    else:
+        variant = read_manifest(found.path).variant
+    if variant == REDUX:
+        raise not_a_pipeline(model)
+    return variant
 
 
 def _check_quantize(model: str, bits: int | None, quantize: int | None) -> None:
