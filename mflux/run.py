@@ -153,7 +153,7 @@ def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepw
     if not (
         prompt_file or from_image or values.get("prompt") is not None or values.get("redux")
     ):  # "" is a prompt
-        raise InvalidArgument("give --prompt, --prompt-file, --from or --redux (see: mflux run --help)")
+        raise InvalidArgument("give --prompt, --prompt-file or --from (see: mflux run --help)")
     if n is not None and values.get("seeds"):
         raise InvalidArgument("give --seed or -n, not both")
     if n is not None and n < 1:

@@ -197,4 +197,4 @@ def test_cli_refuses_redux_misuse_before_any_load(
 
 def test_a_prompt_is_still_needed_without_redux(tiny_schnell, tmp_path):
     result = _cli("--path", tiny_schnell, "--steps", "1", cwd=tmp_path)
-    assert result.exit_code == 1 and "give --prompt, --prompt-file, --from or --redux" in result.output
+    assert result.exit_code == 1 and "give --prompt, --prompt-file or --from" in result.output
