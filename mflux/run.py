@@ -150,9 +150,8 @@ def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepw
         raise InvalidArgument("give --prompt-file or --from, not both")
     if prompt_file and "prompt" in explicit:
         raise InvalidArgument("give --prompt or --prompt-file, not both (the file holds the prompts)")
-    if not (
-        prompt_file or from_image or values.get("prompt") is not None or values.get("redux")
-    ):  # "" is a prompt
+    prompted = values.get("prompt") is not None or values.get("redux")  # "" is a prompt; Redux needs none
+    if not (prompt_file or from_image or prompted):
         raise InvalidArgument("give --prompt, --prompt-file or --from (see: mflux run --help)")
     if n is not None and values.get("seeds"):
         raise InvalidArgument("give --seed or -n, not both")
@@ -553,7 +552,7 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
     embeds = _redux_embeds(flux, out, s) if s.redux else None
     events = flux.generate(
         seeds,
-        None if embeds else [j.settings.prompt for j in group],
+        None if embeds is not None else [j.settings.prompt for j in group],
         config,
         negative_prompt=[j.settings.negative_prompt for j in group] if s.true_cfg else None,
         true_cfg_scale=s.true_cfg,
