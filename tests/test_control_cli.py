@@ -49,6 +49,7 @@ def test_cli_canny_from_a_photo_follows_its_edges_saves_them_and_replays_exactly
     assert m["control_from_sha256"] == hashlib.sha256((tmp_path / "photo.png").read_bytes()).hexdigest()
     assert m["canny_thresholds"] == [40.0, 120.0] and (m["width"], m["height"]) == (48, 32)
     assert "control_path" not in m  # the map was computed, not read from a file
+    assert Image.open(tmp_path / "c.png").text["CannyThresholds"] == "40,120"  # as exiftool shows it
     # the computed map acts as a ready one given to --control
     ready = _cli(*args, "--control", "c_control.png", "-o", "ready.png", cwd=tmp_path)
     assert ready.exit_code == 0, ready.output

@@ -142,6 +142,7 @@ def test_cli_redux_equals_the_api_records_and_replays_exactly(model, prompt, req
     assert m["redux_sha256"] == [hashlib.sha256((tmp_path / i).read_bytes()).hexdigest() for i in images]
     assert m["redux_scales"] == m["redux_pooled_scales"] == [0.7, 0.3]
     assert m["redux_prompt"] is (prompt is not None) and m["redux_model"] == str(tiny_redux)
+    assert Image.open(tmp_path / "r.png").text["ReduxScales"] == "0.7,0.3"  # as exiftool shows it
     again = _cli("--path", folder, "--from", "r.png", "-o", "again.png", cwd=tmp_path)
     assert again.exit_code == 0, again.output
     assert np.array_equal(pixels(tmp_path / "r.png"), pixels(tmp_path / "again.png"))
