@@ -199,3 +199,22 @@ def test_cli_refuses_redux_misuse_before_any_load(
 def test_a_prompt_is_still_needed_without_redux(tiny_schnell, tmp_path):
     result = _cli("--path", tiny_schnell, "--steps", "1", cwd=tmp_path)
     assert result.exit_code == 1 and "give --prompt, --prompt-file or --from" in result.output
+
+
+def test_the_server_does_not_offer_redux_as_a_model(hub_env, tiny_schnell):
+    import requests
+
+    from mflux.server.core import ServerSettings
+    from tests.fixtures import store_hf_folder
+    from tests.server_harness import serving
+
+    store_hf_folder(tiny_schnell, "schnell")
+    hub.pull("redux", progress=False)
+    with serving(ServerSettings(model="schnell")) as (url, _):
+        assert [m["id"] for m in requests.get(f"{url}/v1/models", timeout=10).json()["data"]] == ["schnell"]
+        assert [m["model_name"] for m in requests.get(f"{url}/sdapi/v1/sd-models", timeout=10).json()] == [
+            "schnell"
+        ]
+        body = {"prompt": "fox", "size": "32x32", "model": "redux"}
+        r = requests.post(f"{url}/v1/images/generations", json=body, timeout=10)
+        assert r.status_code == 400 and "redux is FLUX.1 Redux" in r.json()["error"]["message"], r.text

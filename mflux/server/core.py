@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from mflux.errors import MfluxError
 from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
+from mflux.manifest import REDUX, not_a_pipeline
 from mflux.server.worker import (
     End,
     Job,
@@ -38,6 +39,11 @@ from mflux.settings import not_utf8
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{22}\.png")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what clients send; Pillow's other decoders are attack surface
+
+
+def draws(m) -> bool:
+    """Whether a stored model can be listed as one to draw with: whole, and a FLUX.1 pipeline (not Redux)."""
+    return not m.damaged and m.manifest.variant != REDUX
 
 
 @dataclass
@@ -150,7 +156,7 @@ class Server:
     # --- names ----------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
         """The usable models: a damaged one (a file missing or of the wrong size) is left out of every list."""
-        return [m.name for m in self.store.list() if not m.damaged]
+        return [m.name for m in self.store.list() if draws(m)]
 
     def check_model(self, name: str | None, param: str = "model") -> str | None:
         """A store name (or `<name>-q<bits>` of one), or 404 naming the choices. None: the loaded model."""
@@ -173,6 +179,8 @@ class Server:
                 pass
             else:
                 stored = self.store.get(found.name)
+                if stored.manifest.variant == REDUX:  # an image encoder for --redux: nothing to draw with
+                    raise ApiError(400, str(not_a_pipeline(found.name)), param)
                 if stored.damaged:  # the server's files are at fault, not the request
                     raise ApiError(503, stored.damage_hint(), param, "model_unavailable")
                 return name

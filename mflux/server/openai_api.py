@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mflux.server.core import ApiError, b64, end_error, off_loop, seed_run, sse, utf8_text
+from mflux.server.core import ApiError, b64, draws, end_error, off_loop, seed_run, sse, utf8_text
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -132,9 +132,7 @@ class ErrorResponse(BaseModel):
 @router.get("/v1/models")
 def list_models(request: Request) -> ModelList:
     server = request.app.state.server
-    models = [
-        Model(id=m.name, created=int(m.modified.timestamp())) for m in server.store.list() if not m.damaged
-    ]
+    models = [Model(id=m.name, created=int(m.modified.timestamp())) for m in server.store.list() if draws(m)]
     return ModelList(data=models)
 
 
