@@ -370,7 +370,8 @@ def pull(model_or_repo, name, revision, dry_run, force):
 @click.option(
     "--save-control",
     is_flag=True,
-    help="With --control-from: also write the edge map, as <output stem>_control.png beside the image.",
+    help="With --control-from: also write the edge map beside the first image that follows it, as "
+    "<image stem>_control.png (e.g. image_control.png).",
 )
 @click.option(
     "--redux",
