@@ -260,6 +260,7 @@ def pull(model_or_repo, name, revision, dry_run, force):
     Examples:
       mflux pull schnell
       mflux pull dev --dry-run
+      mflux pull redux
       mflux pull some-org/flux-finetune --name finetune
     """
     from mflux.hub import pull as hub_pull
@@ -273,7 +274,8 @@ def pull(model_or_repo, name, revision, dry_run, force):
 @click.option(
     "--prompt",
     "-p",
-    help='What to draw; "" is a prompt too, as in diffusers (or give --prompt-file or --from).',
+    help='What to draw; "" is a prompt too, as in diffusers (or give --prompt-file or --from; with --redux '
+    "it may be left out).",
 )
 @click.option(
     "--negative-prompt",
@@ -353,6 +355,50 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "depth map from any estimator), resized to the output; without --width/--height the size is its own.",
 )
 @click.option(
+    "--control-from",
+    type=click.Path(dir_okay=False),
+    metavar="PHOTO",
+    help="With -m canny and --canny: compute the edge map of PHOTO (as OpenCV's cv2.Canny, before "
+    "anything loads) and follow it, as --control would. -m depth takes a ready depth map (--control).",
+)
+@click.option("--canny", is_flag=True, help="With --control-from: the edge detector (Canny, 3x3 Sobel, L1).")
+@click.option(
+    "--canny-thresholds",
+    callback=lambda ctx, param, value: _thresholds(value),
+    metavar="LOW,HIGH",
+    help="With --canny: the hysteresis thresholds (default 50,200, as Black Forest Labs' reference).",
+)
+@click.option(
+    "--save-control",
+    is_flag=True,
+    help="With --control-from: also write the edge map beside the first image that follows it, as "
+    "<image stem>_control.png (e.g. image_control.png).",
+)
+@click.option(
+    "--redux",
+    cls=MultiValueOption,
+    type=click.Path(dir_okay=False),
+    metavar="IMAGE...",
+    help="FLUX.1 Redux, with -m schnell or dev: reference images whose SigLIP tokens follow the prompt's T5 "
+    "tokens (512 of them, also on schnell), as diffusers' FluxPriorReduxPipeline. Without --prompt, the "
+    "images alone (the T5 tokens and pooled vector are zeros, not an empty prompt's). Uses the store "
+    "entry `redux`, pulled when missing (or --redux-model). Not with --negative-prompt yet.",
+)
+@click.option(
+    "--redux-scale",
+    cls=MultiValueOption,
+    type=float,
+    metavar="S...",
+    help="One scale per --redux image, or one for all (default 1.0): each image's whole sequence, the "
+    "prompt part included, and its pooled vector are scaled and the sequences summed, as diffusers' "
+    "prompt_embeds_scale and pooled_prompt_embeds_scale.",
+)
+@click.option(
+    "--redux-model",
+    metavar="NAME|PATH",
+    help="With --redux: a store entry (default: redux) or a folder laid out as FLUX.1-Redux-dev.",
+)
+@click.option(
     "--expand",
     callback=lambda ctx, param, value: _margins(value),
     metavar="L,T,R,B",
@@ -427,7 +473,7 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "over them (sequence). One process ignores it.",
 )
 @click.pass_context
-def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
+def run(ctx, seed, count, lora_paths, lora_scales, redux, redux_scale, no_pull, **flags):
     """Generate images from a prompt, a prompt file or an earlier image's settings.
 
     Every setting is checked before the model is pulled or loaded. At the end it prints one line per
@@ -445,6 +491,8 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
       mflux run -m fill --image photo.png --expand 0,0,256,0 --prompt "the beach continues"
       mflux run -m krea --prompt "a lighthouse at dusk"
       mflux run -m canny --control edges.png --prompt "a futuristic city at night"
+      mflux run -m canny --control-from photo.png --canny --save-control --prompt "a city at night"
+      mflux run -m dev --redux ref.png --redux ref2.png --redux-scale 0.7 0.3 --prompt "in winter"
       mflux run -m schnell --prompt-file prompts.jsonl -n 2 --json
       mflux run --from image.png --seed 7 --stepwise steps/
     """
@@ -459,6 +507,8 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
         n=count,
         lora_paths=list(lora_paths),
         lora_scales=list(lora_scales),
+        redux=list(redux),
+        redux_scales=list(redux_scale),
         pull=not no_pull,
         explicit=explicit,
         **flags,
@@ -480,8 +530,21 @@ def _margins(value: str | None) -> tuple[int, ...] | None:
     return margins
 
 
+def _thresholds(value: str | None) -> tuple[float, float] | None:
+    """`--canny-thresholds LOW,HIGH` as two numbers; their range is mflux.canny's to check."""
+    if value is None:
+        return None
+    try:
+        pair = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise click.BadParameter(f"{value!r} is not LOW,HIGH (two numbers, e.g. 50,200)")
+    return pair
+
+
 # `mflux run` flag -> the Settings field it sets (mflux.settings), where the names differ
-_SETTING = {"seed": "seeds", "lora_paths": "loras", "lora_scales": "loras"}
+_SETTING = {"seed": "seeds", "lora_paths": "loras", "lora_scales": "loras", "redux_scale": "redux_scales"}
 
 
 @cli.command("list")

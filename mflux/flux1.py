@@ -632,6 +632,7 @@ class ReduxPrior:
         record["redux_sha256"] = [_source("redux", i).get("redux_sha256") for i in images]
         if prompt is not None:
             record["prompt"] = prompt
+        record["redux_prompt"] = prompt is not None  # False: zeros, which an empty prompt's encoding is not
         return PromptEmbeds(txt, pooled, record)
 
 

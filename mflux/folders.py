@@ -16,8 +16,10 @@ from pathlib import Path
 from mflux.errors import MfluxError
 from mflux.manifest import (
     MANIFEST,
+    REDUX,
     Manifest,
     defaults_for,
+    not_a_pipeline,
     read_manifest,
     remake_command,
     sha256_file,
@@ -43,6 +45,8 @@ def open_folder(
         raise MfluxError(f"{path}: no such folder (give a FLUX.1 model folder, or a store name with --model)")
     if (path / MANIFEST).is_file():
         m = read_manifest(path)
+        if m.variant == REDUX:
+            raise not_a_pipeline(m.name)
         if variant not in (None, m.variant):
             raise MfluxError(f"{m.name} is a {m.variant} model; drop --variant {variant}")
         check_files(path, m, verify)

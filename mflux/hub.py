@@ -47,13 +47,14 @@ from mflux import __version__
 from mflux.catalog import catalog
 from mflux.errors import Interrupted, InvalidArgument, MfluxError
 from mflux.manifest import (
+    REDUX,
     Manifest,
     architecture_from_hf,
     defaults_for,
     read_manifest,
     write_manifest,
 )
-from mflux.runtime.folder import detect_variant
+from mflux.runtime.folder import REDUX_CONFIG_FILES, detect_variant, read_redux_architecture
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile
 from mflux.store import Store, StoredModel, close_names, format_size, validate_name
 
@@ -150,8 +151,8 @@ def pull(
     progress: bool = True,
     store: Store | None = None,
 ) -> StoredModel | PullPlan:
-    """Download a catalog model (`schnell`, `dev`, `kontext`, `fill`, `krea`: its name is recorded as the
-    variant) or any Hub repo in FLUX.1 diffusers layout (`org/name`) into the store, resuming partial
+    """Download a catalog model (`schnell`, `dev`, `kontext`, `fill`, `krea`, ...: its name is recorded as
+    the variant; `redux` is FLUX.1 Redux, an image encoder and embedder, not a pipeline) or any Hub repo in FLUX.1 diffusers layout (`org/name`) into the store, resuming partial
     downloads and verifying every file.
 
     Returns the StoredModel, or with `dry_run` a PullPlan (nothing is written). `force` downloads
@@ -231,7 +232,9 @@ def _remote_files(endpoint: str, token: str | None, source: _Source) -> tuple[st
     ]
     paths = [f.path for f in files]
     _check_paths(source.repo, paths)
-    if _saved_by_other_port(paths):
+    if source.variant == REDUX:
+        _check_redux_layout(source.repo, paths)
+    elif _saved_by_other_port(paths):
         _check_other_port_layout(source.repo, paths)
         source.format, source.patterns = OTHER_PORT_FORMAT, OTHER_PORT_PATTERNS
     else:
@@ -304,6 +307,19 @@ def _check_other_port_layout(repo: str, paths: list[str]) -> None:
         raise MfluxError(
             f"{repo} is laid out as the other MLX port saves FLUX.1 (numbered shards, no config files) but "
             f"lacks {', '.join(missing)} (mflux pulls its complete saves: {', '.join(WEIGHTS + TOKENIZERS)})"
+        )
+
+
+def _check_redux_layout(repo: str, paths: list[str]) -> None:
+    present = set(paths)
+    missing = [p for p in ("model_index.json", *REDUX_CONFIG_FILES.values()) if p not in present]
+    for folder in ("image_encoder", "image_embedder"):
+        if not any(p.startswith(folder + "/") and p.endswith(".safetensors") for p in paths):
+            missing.append(f"{folder}/*.safetensors")
+    if missing:
+        raise MfluxError(
+            f"{repo} is not a FLUX.1 Redux folder: it lacks {', '.join(missing)} "
+            "(mflux pulls Redux laid out like black-forest-labs/FLUX.1-Redux-dev)"
         )
 
 
@@ -474,13 +490,16 @@ def _install(store: Store, source: _Source, commit: str, files, sha256s, partial
     if source.format != "hf":
         return _install_converted(store, source, commit, files, partial, replace)
     # Read the architecture before moving anything, so a bad config can't cost the downloaded files.
-    architecture = architecture_from_hf(partial)
-    variant = detect_variant(architecture, source.variant)
+    if source.variant == REDUX:
+        architecture, variant, weights = read_redux_architecture(partial), REDUX, "image_embedder"
+    else:
+        architecture = architecture_from_hf(partial)
+        variant, weights = detect_variant(architecture, source.variant), "transformer"
     manifest = Manifest(
         name=name,
         variant=variant,
         format="hf",
-        dtype=_dtype(partial),
+        dtype=_dtype(partial, weights),
         source={"kind": "hub", "repo": source.repo, "revision": source.revision, "commit": commit},
         files=[{"path": f.path, "size": f.size, "sha256": sha256s[f.path]} for f in files],
         architecture=architecture,
@@ -518,10 +537,10 @@ def _place(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def _dtype(folder: Path) -> str:
-    # The dtype holding most of the transformer's bytes (norms are sometimes kept in float32).
+def _dtype(folder: Path, component: str = "transformer") -> str:
+    # The dtype holding most of the component's bytes (norms are sometimes kept in float32).
     counts: dict[str, int] = {}
-    for shard in (folder / "transformer").glob("*.safetensors"):
+    for shard in (folder / component).glob("*.safetensors"):
         for dtype, _, (begin, end) in SafetensorsFile(shard).tensors.values():
             counts[dtype] = counts.get(dtype, 0) + end - begin
     top = max(counts, key=counts.get)

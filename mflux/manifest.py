@@ -20,7 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from mflux import __version__
 from mflux.errors import InvalidArgument, MfluxError
-from mflux.runtime.folder import COMPONENTS, CONFIG_FILES, detect_variant
+from mflux.runtime.folder import COMPONENTS, CONFIG_FILES, REDUX_CONFIG_FILES, detect_variant
 from mflux.runtime.folder import VARIANTS as RUNTIME_VARIANTS
 from mflux.runtime.folder import read_architecture as architecture_from_hf
 from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
@@ -28,7 +28,8 @@ from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.toml"
 FAMILIES = ("flux1",)
-VARIANTS = tuple(RUNTIME_VARIANTS)
+REDUX = "redux"  # FLUX.1 Redux: an image encoder and embedder used with a pipeline, not a pipeline
+VARIANTS = (*RUNTIME_VARIANTS, REDUX)
 FORMATS = ("hf", "mlx")
 DTYPES = ("bfloat16", "float16", "float32")
 SOURCE_KEYS = {"hub": ("repo", "revision", "commit"), "path": ("path",), "model": ("name",)}
@@ -89,7 +90,7 @@ def _now() -> str:
 @dataclass
 class Manifest:
     name: str
-    variant: str  # a key of mflux.runtime.folder.VARIANTS: schnell, dev, kontext, fill, krea
+    variant: str  # a key of mflux.runtime.folder.VARIANTS (schnell, dev, kontext, ...), or "redux"
     format: str  # "hf" (diffusers layout, as pulled) | "mlx" (runtime names and layouts)
     dtype: str
     source: dict  # {"kind": "hub"|"path"|"model", ...}
@@ -254,8 +255,14 @@ def _validate(data: dict, path: Path) -> None:
             bad("checked", f"not an ISO 8601 time: {data['checked']!r}")
     _validate_source(want("source", dict), bad)
     _validate_files(want("files", list), bad)
-    _validate_architecture(want("architecture", dict), bad)
-    _validate_defaults(want("defaults", dict), bad)
+    if (
+        data["variant"] == REDUX
+    ):  # Redux's own configs, and no defaults: the pipeline it is used with has them
+        _validate_redux_architecture(want("architecture", dict), bad)
+        want("defaults", dict)
+    else:
+        _validate_architecture(want("architecture", dict), bad)
+        _validate_defaults(want("defaults", dict), bad)
     if data.get("quantization") is not None:
         _validate_quantization(want("quantization", dict), bad)
 
@@ -290,6 +297,20 @@ def _validate_architecture(arch: dict, bad) -> None:
         for key, kind in ARCHITECTURE_KINDS[c].items():
             if key in arch[c] and not _is_kind(arch[c][key], kind):
                 bad(f"architecture.{c}.{key}", f"expected {_KIND_TEXT[kind]}, got {arch[c][key]!r}")
+
+
+def not_a_pipeline(name: str) -> MfluxError:
+    """The refusal for a Redux store entry given where a FLUX.1 pipeline is needed (-m, --path, convert)."""
+    return MfluxError(
+        f"{name} is FLUX.1 Redux, image prompts for a model, not a model that draws "
+        f"(use it as: mflux run -m dev --redux IMAGE --redux-model {name})"
+    )
+
+
+def _validate_redux_architecture(arch: dict, bad) -> None:
+    for c in REDUX_CONFIG_FILES:
+        if not isinstance(arch.get(c), dict):
+            bad(f"architecture.{c}", "missing" if c not in arch else f"expected a table, got {arch[c]!r}")
 
 
 def _is_kind(v, kind: str) -> bool:

@@ -29,6 +29,13 @@ _FIELDS = {
     "MaskSHA256": "mask_sha256",
     "ControlImage": "control_path",
     "ControlImageSHA256": "control_sha256",
+    "ControlFrom": "control_from_path",
+    "ControlFromSHA256": "control_from_sha256",
+    "CannyThresholds": "canny_thresholds_text",
+    "ReduxImages": "redux_images_text",
+    "ReduxSHA256": "redux_sha256_text",
+    "ReduxScales": "redux_scales_text",
+    "ReduxModel": "redux_model",
     "Expand": "expand_margins",
     "ReferenceSize": "reference_size_text",
     "PromptFileLine": "prompt_file_line",
@@ -53,6 +60,12 @@ def full_metadata(metadata: dict) -> dict:
         m["expand_margins"] = ",".join(map(str, m["expand"]))
     if m.get("reference_size"):  # Kontext's reference as the transformer saw it
         m["reference_size_text"] = "x".join(map(str, m["reference_size"]))
+    if m.get("canny_thresholds"):  # the edge detector's, as --canny-thresholds takes them
+        m["canny_thresholds_text"] = ",".join(f"{v:g}" for v in m["canny_thresholds"])
+    if m.get("redux_images"):  # one entry per --redux image
+        m["redux_images_text"] = ", ".join(m["redux_images"])
+        m["redux_sha256_text"] = ", ".join(m["redux_sha256"])
+        m["redux_scales_text"] = ",".join(f"{v:g}" for v in m["redux_scales"])
     m["software"] = f"mflux {__version__}"
     m["mflux_version"] = __version__
     return m

@@ -52,7 +52,7 @@ def model_variant(model: str | None, path: str | None, variant: str | None) -> s
     """The variant a run will use, known before any pull or load (the settings are checked for it): the
     folder's manifest or configs, the stored model's manifest, or the catalog entry a pull would fetch."""
     from mflux.folders import open_folder
-    from mflux.manifest import read_manifest
+    from mflux.manifest import REDUX, not_a_pipeline, read_manifest
     from mflux.store import NotStored, Store
 
     if path:
@@ -62,8 +62,12 @@ def model_variant(model: str | None, path: str | None, variant: str | None) -> s
     except NotStored as e:
         if e.pull is None:
             raise  # an unknown name, with the names it may mean
-        return e.pull  # a catalog entry is named after its variant
-    return read_manifest(found.path).variant
+        variant = e.pull  # a catalog entry is named after its variant
+    else:
+        variant = read_manifest(found.path).variant
+    if variant == REDUX:
+        raise not_a_pipeline(model)
+    return variant
 
 
 def _check_quantize(model: str, bits: int | None, quantize: int | None) -> None:
@@ -98,6 +102,7 @@ class Plan:
     model: str | None = None  # the model an image given to --from was made with
     precision: str | None = None  # and its precision
     model_path: str | None = None  # and its folder, where it was made with --path
+    redux_model: str | None = None  # and the Redux model its --redux images went through
 
 
 def plan(
@@ -122,11 +127,11 @@ def plan(
     out = st.check_output(output)
     if n is not None:  # -n replaces the seeds, also those an image records
         values, explicit = {**values, "seeds": []}, explicit | {"seeds"}
-    notes, model, precision, model_path = [], None, None, None
+    notes, model, precision, model_path, redux_model = [], None, None, None, None
     if from_image:
         s, recalled, notes = st.recall(from_image, values, explicit, variant, recalled)
         generations, model, precision = [s], recalled.model, recalled.precision
-        model_path = recalled.model_path
+        model_path, redux_model = recalled.model_path, recalled.redux_model
     elif prompt_file:
         base = st.Settings(**{k: v for k, v in values.items() if k != "prompt"})
         generations = st.read_prompt_file(prompt_file, base, explicit, variant)
@@ -137,7 +142,7 @@ def plan(
             s.seeds = agree(st.random_seeds(n or 1))
     jobs = st.jobs(generations)
     outputs = output_paths(out, jobs, bool(prompt_file))
-    return Plan(generations, jobs, outputs, notes, model, precision, model_path)
+    return Plan(generations, jobs, outputs, notes, model, precision, model_path, redux_model)
 
 
 def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every) -> None:
@@ -146,7 +151,8 @@ def _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepw
         raise InvalidArgument("give --prompt-file or --from, not both")
     if prompt_file and "prompt" in explicit:
         raise InvalidArgument("give --prompt or --prompt-file, not both (the file holds the prompts)")
-    if not (prompt_file or from_image or values.get("prompt") is not None):  # "" is a prompt
+    prompted = values.get("prompt") is not None or values.get("redux")  # "" is a prompt; Redux needs none
+    if not (prompt_file or from_image or prompted):
         raise InvalidArgument("give --prompt, --prompt-file or --from (see: mflux run --help)")
     if n is not None and values.get("seeds"):
         raise InvalidArgument("give --seed or -n, not both")
@@ -203,6 +209,13 @@ def run(
     strength: float | None = None,
     expand: tuple[int, int, int, int] | None = None,
     control: str | None = None,
+    control_from: str | None = None,
+    canny: bool = False,
+    canny_thresholds: tuple[float, float] | None = None,
+    save_control: bool = False,
+    redux: list[str] | None = None,
+    redux_scales: list[float] | None = None,
+    redux_model: str | None = None,
     prompt_file: str | None = None,
     from_image: str | None = None,
     stepwise: str | None = None,
@@ -251,10 +264,15 @@ def run(
         "strength": strength,
         "expand": expand,
         "control": control,
+        "control_from": control_from,
+        "canny": canny,
+        "canny_thresholds": canny_thresholds,
         "loras": st.loras(lora_paths, lora_scales),
+        "redux": list(redux or []),
+        "redux_scales": list(redux_scales or []),
     }
     if explicit is None:
-        explicit = {k for k, v in values.items() if v not in (None, [])}
+        explicit = {k for k, v in values.items() if v not in (None, [], False)}
     _check_flags(values, explicit, n, batch_size, prompt_file, from_image, stepwise, stepwise_every)
     recalled = None
     if from_image and not (model or path):
@@ -274,9 +292,11 @@ def run(
         variant=model_variant(model, path, variant),
         recalled=recalled,
     )
+    maps = _edge_maps(p.generations, save_control)
     for note in [*p.notes, *(x for s in p.generations for x in s.notes)]:
         click.echo(f"note: {note}", err=True)
     (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
+    prior, redux_name = _redux_prior(p, redux_model, precision, pull, size)
 
     from mflux.runtime.parallel import SequenceParallel, shard_rows
 
@@ -288,7 +308,8 @@ def run(
     # the bar on a terminal only: in a pipe or a log its carriage returns pile up on one line, and the
     # `wrote FILE` line each image gets already says how far it is
     bar = rank == 0 and _on_a_terminal()
-    out = _Out(owed, saves, bar, SequenceParallel(world) if sequence else None)
+    sp = SequenceParallel(world) if sequence else None
+    out = _Out(owed, saves, bar, sp, maps, save_control, prior=prior, redux_model=redux_name)
     written: dict[int, Written] = {}
     seconds: dict[str, float] = {}
     memory: dict[str, int] = {}
@@ -328,6 +349,97 @@ class _Out:
     saves: bool  # False on the helping ranks of sequence parallelism
     progress: bool  # the progress bar: rank 0 only, on a terminal
     sp: object | None  # a runtime.parallel.SequenceParallel, or None
+    maps: dict = field(default_factory=dict)  # _map_key(settings) -> the edge map --canny computed
+    save_control: bool = False  # write each edge map beside the first image made from it
+    saved: set = field(default_factory=set)  # the _map_key of each edge map written
+    prior: object | None = None  # a flux1.ReduxPrior, where a generation has --redux images
+    redux_model: str | None = None  # its store name, or its folder: what the metadata records
+
+
+def _redux_prior(p: Plan, redux_model: str | None, precision: str | None, pull: bool, ranks: int):
+    """The ReduxPrior the --redux images go through (None without them), its folder found (or pulled)
+    before any model loads: --redux-model NAME|PATH, else the one the --from image records, else `redux`."""
+    if not any(s.redux for s in p.generations):
+        if redux_model is not None:
+            raise InvalidArgument(
+                "--redux-model needs --redux IMAGE (the images it turns into prompt tokens)"
+            )
+        return None, None
+    from mflux.flux1 import ReduxPrior
+
+    name, folder = redux_folder(redux_model or p.redux_model, pull, ranks)
+    return ReduxPrior.from_path(folder, precision=precision), name
+
+
+def redux_folder(model: str | None, pull: bool, ranks: int = 1) -> tuple[str, Path]:
+    """(what to record, folder) of a Redux model: a store entry by name (default `redux`, pulled when
+    missing, as models are), or a folder laid out as FLUX.1-Redux-dev (recorded as its absolute path)."""
+    from mflux.folders import check_files
+    from mflux.manifest import REDUX, read_manifest
+    from mflux.store import NotStored, Store
+
+    if model is not None and ("/" in model or Path(model).is_dir()):
+        if not Path(model).is_dir():
+            raise InvalidArgument(
+                f"--redux-model {model}: no such folder (give a store name or a Redux folder)"
+            )
+        return str(Path(model).absolute()), Path(model).absolute()
+    store = Store()
+    try:
+        found = store.resolve(model or REDUX)
+    except NotStored as e:
+        if e.pull != REDUX:
+            raise
+        _pull(REDUX, pull, ranks)
+        found = store.resolve(model or REDUX)
+    manifest = read_manifest(found.path)
+    if manifest.variant != REDUX:
+        raise InvalidArgument(
+            f"--redux-model {found.name} is a {manifest.variant} model, not FLUX.1 Redux (get it: mflux pull redux)"
+        )
+    check_files(found.path, manifest)
+    return found.name, found.path
+
+
+def _edge_maps(generations: list[st.Settings], save_control: bool) -> dict:
+    """The edge maps --control-from PHOTO --canny asks for, computed before any model loads; each photo and
+    thresholds once."""
+    if save_control and not any(s.control_from for s in generations):
+        raise InvalidArgument(
+            "--save-control saves the edge map --canny computes: give --control-from PHOTO --canny"
+        )
+    maps = {}
+    for s in generations:
+        if s.control_from is not None and _map_key(s) not in maps:
+            maps[_map_key(s)] = st.edge_map(s)
+    return maps
+
+
+def _map_key(s: st.Settings) -> tuple:
+    return (s.control_from, s.canny_thresholds)
+
+
+def _edge_map_record(s: st.Settings) -> dict:
+    """What an image's metadata says of the edge map it followed: the photo and the detector's thresholds."""
+    return {
+        "control_from_path": str(Path(s.control_from).resolve()),
+        "control_from_sha256": s.control_from_sha256,
+        "canny_thresholds": list(s.canny_thresholds),
+    }
+
+
+def _save_edge_map(out: "_Out", s: st.Settings, image_path: Path) -> None:
+    """`<image stem>_control.png` beside the first image made from a computed edge map (--save-control)."""
+    from PIL import Image
+
+    from mflux.metadata import free_path
+
+    if _map_key(s) in out.saved:
+        return
+    out.saved.add(_map_key(s))
+    edges = Image.fromarray(out.maps[_map_key(s)])
+    path = _save_plain(edges, free_path(image_path.with_name(f"{image_path.stem}_control.png")))
+    click.echo(f"wrote {path} (the edge map)", err=True)
 
 
 def _by_loras(groups: list[list[st.Job]]) -> list[list[st.Job]]:
@@ -438,9 +550,10 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         guidance=s.guidance,  # None: the model's default
     )
     seeds = [j.seed for j in group]
+    embeds = _redux_embeds(flux, out, s) if s.redux else None
     events = flux.generate(
         seeds,
-        [j.settings.prompt for j in group],
+        None if embeds is not None else [j.settings.prompt for j in group],
         config,
         negative_prompt=[j.settings.negative_prompt for j in group] if s.true_cfg else None,
         true_cfg_scale=s.true_cfg,
@@ -448,7 +561,8 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
         mask_image=s.mask,
         strength=s.strength,
         expand=s.expand,
-        control_image=s.control,
+        control_image=out.maps[_map_key(s)] if s.control_from else s.control,
+        prompt_embeds=embeds,
         batch_size=batch_size,
         previews=previews,
         free_text_encoders=True,
@@ -469,6 +583,8 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
             image = event.image
             if job.settings.source:
                 image.metadata["prompt_file_line"] = job.settings.source
+            if job.settings.control_from:
+                image.metadata.update(_edge_map_record(job.settings))
             t = image.metadata["timings"]
             _add_timings(phases, memory, image, first=event.index == event.batch[0])
             if not out.saves:
@@ -476,6 +592,8 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
             with out.owed.writing(outputs[job.index]):
                 path = image.save(outputs[job.index], export_json_metadata=metadata, overwrite=False)
                 click.echo(f"wrote {path}", err=True)
+                if out.save_control and s.control_from:
+                    _save_edge_map(out, s, path)
             trace.mark("image written")
             if stepwise is not None:
                 write_steps(Path(stepwise), path.stem, shown.pop(event.index, []))
@@ -483,6 +601,16 @@ def _generate(flux, group, outputs, batch_size, metadata, stepwise, previews, se
             yield _Done(job.index, Written(path, job.seed, share, job.settings.prompt, job.settings.source))
     for k, v in phases.items():
         seconds[k] = seconds.get(k, 0.0) + v
+
+
+def _redux_embeds(flux, out: _Out, s: st.Settings):
+    """The group's prompt tokens, made by Redux from its images (and prompt); each --redux-scale scales an
+    image's whole sequence and its pooled vector alike, as diffusers' two scales set equal."""
+    embeds = out.prior(flux, s.redux, prompt=s.prompt, prompt_embeds_scale=s.redux_scales,
+                   pooled_prompt_embeds_scale=s.redux_scales)  # fmt: skip
+    flux.free_text_encoders()  # as generate frees them once the prompts are encoded
+    embeds.record["redux_model"] = out.redux_model
+    return embeds
 
 
 def _add_timings(seconds: dict, memory: dict, image, first: bool) -> None:

@@ -63,8 +63,14 @@ FLAGS = {
     "strength": "--strength",
     "expand": "--expand",
     "control": "--control",
+    "control_from": "--control-from",
+    "canny": "--canny",
+    "canny_thresholds": "--canny-thresholds",
+    "redux": "--redux",
+    "redux_scales": "--redux-scale",
     "loras": "--lora-paths",
 }
+CANNY_THRESHOLDS = (50.0, 200.0)  # cv2.Canny's in Black Forest Labs' CannyImageEncoder
 
 
 @dataclass
@@ -84,10 +90,17 @@ class Settings:
     strength: float | None = None
     expand: tuple[int, int, int, int] | None = None  # fill: outpaint by LEFT, TOP, RIGHT, BOTTOM pixels
     control: str | None = None  # canny, depth: the edge or depth map to follow
+    control_from: str | None = None  # canny: the photo whose edge map (`canny_thresholds`) is the control
+    canny: bool = False
+    canny_thresholds: tuple[float, float] | None = None  # (low, high); check fills cv2.Canny's 50, 200
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale)
+    redux: list[str] = field(default_factory=list)  # Redux's reference images
+    redux_scales: list[float] = field(default_factory=list)  # one per image; check fills 1.0
+    redux_sha256: list[str] = field(default_factory=list)
     image_sha256: str | None = None
     mask_sha256: str | None = None
     control_sha256: str | None = None
+    control_from_sha256: str | None = None
     source: str | None = None  # "prompts.jsonl:3": the prompt file line it came from
     notes: list[str] = field(default_factory=list, compare=False)  # what check decided, for the user
 
@@ -105,7 +118,12 @@ class Settings:
             self.strength,
             self.expand,
             self.control,
+            self.control_from,
+            self.canny_thresholds,
             tuple(self.loras),
+            tuple(self.redux),
+            tuple(self.redux_scales),
+            self.prompt if self.redux else None,  # Redux's embeddings hold the prompt: one per call
         )
 
 
@@ -129,8 +147,9 @@ def check(s: Settings, explicit: Iterable[str] = (), where: str = "", variant: s
     `explicit` names the fields the user gave directly (flags, prompt file keys): the true-CFG usage
     errors apply to those only, never to settings recalled from an image."""
     w = _Where(where)
-    s = replace(s, seeds=list(s.seeds), loras=list(s.loras), notes=list(s.notes))
-    s.prompt = _prompt(s.prompt, "prompt", w, required=True)
+    s = replace(s, seeds=list(s.seeds), loras=list(s.loras), notes=list(s.notes), redux=list(s.redux))
+    if not (s.redux and s.prompt is None):  # Redux runs from the images alone
+        s.prompt = _prompt(s.prompt, "prompt", w, required=True)
     s.negative_prompt = _prompt(s.negative_prompt, "negative_prompt", w) or None
     s.seeds = [_seed(v, w) for v in s.seeds]
     if s.steps is not None and (not _is_int(s.steps) or s.steps < 1):
@@ -145,6 +164,7 @@ def check(s: Settings, explicit: Iterable[str] = (), where: str = "", variant: s
     s.notes += _repeated_seeds(s.seeds)
     condition = _condition(variant)
     _variant_flags(s, variant, condition, w)
+    _redux(s, variant, condition, w)
     image_size = _images(s, w)
     if condition == "kontext" and image_size is not None and s.width is None and s.height is None:
         from mflux.flux1 import kontext_size
@@ -257,18 +277,87 @@ def _variant_flags(s: Settings, variant: str, condition: str, w: _Where) -> None
 
 def _control_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
     flag = w.name("control")
+    _canny_flags(s, variant, condition, w)
     if condition != "control":
         if s.control is not None:
             raise w.fail(f"{flag} needs a control model (-m canny or -m depth); {variant} takes none")
         return
-    if s.control is None:
-        raise w.fail(f"{variant} follows an edge or depth map: give {flag} IMAGE")
+    if s.control is None and s.control_from is None:
+        hint = f" (or {w.name('control_from')} PHOTO {w.name('canny')})" if variant != "depth" else ""
+        raise w.fail(f"{variant} follows an edge or depth map: give {flag} IMAGE{hint}")
     given = [w.name(k) for k in ("image", "mask", "strength", "expand") if getattr(s, k) is not None]
     if given:
         raise w.fail(
             f"{variant} with {', '.join(given)} is not supported yet (diffusers' FluxControlImg2ImgPipeline "
             "and FluxControlInpaintPipeline): give the control image alone"
         )
+
+
+def _canny_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
+    """--control-from PHOTO --canny [--canny-thresholds LOW,HIGH]: the edge map mflux computes."""
+    source, canny = w.name("control_from"), w.name("canny")
+    if s.canny_thresholds is not None and not s.canny:
+        raise w.fail(f"{w.name('canny_thresholds')} needs {canny} (the thresholds of its edge detector)")
+    if s.canny and s.control_from is None:
+        raise w.fail(f"{canny} computes the edge map of a photo: give {source} PHOTO")
+    if s.control_from is None:
+        return
+    if condition != "control":
+        raise w.fail(f"{source} makes the map a control model follows (-m canny); {variant} takes none")
+    if variant == "depth":  # no depth estimator in mflux: a second model family
+        raise w.fail(
+            f"depth follows a depth map, which mflux does not compute: give it ready with "
+            f"{w.name('control')} (make one with a depth estimator such as Depth Anything, as "
+            "diffusers' FluxControlPipeline example does)"
+        )
+    if s.control is not None:
+        raise w.fail(f"give {w.name('control')} (a ready map) or {source} (a photo), not both")
+    if not s.canny:
+        raise w.fail(f"{source} PHOTO needs the detector that makes its map: add {canny}")
+    from mflux.canny import check_thresholds
+
+    low, high = s.canny_thresholds if s.canny_thresholds is not None else CANNY_THRESHOLDS
+    try:
+        check_thresholds(low, high)
+    except InvalidArgument as e:
+        raise w.fail(f"{w.name('canny_thresholds')}: {e}") from None
+    s.canny_thresholds = (float(low), float(high))
+
+
+def edge_map(s: Settings):
+    """The control map --control-from and --canny make: cv2.Canny's edges of the photo (uint8 (H, W), white
+    on black), or None for settings without one. Computed before any model loads."""
+    if s.control_from is None:
+        return None
+    from mflux.canny import canny
+
+    return canny(open_image(s.control_from, f"{FLAGS['control_from']} {s.control_from}"), *s.canny_thresholds)
+
+
+def _redux(s: Settings, variant: str, condition: str, w: _Where) -> None:
+    """--redux IMAGE... [--redux-scale S...]: each image checked and hashed, one scale each (default 1.0)."""
+    flag, scale_flag = w.name("redux"), w.name("redux_scales")
+    if not s.redux:
+        if s.redux_scales:
+            raise w.fail(f"{scale_flag} needs {flag} IMAGE (one scale per image)")
+        return
+    if condition != "text":
+        raise w.fail(f"{flag} with {variant} is not supported yet (Redux works with schnell, dev and krea)")
+    if s.negative_prompt:
+        raise w.fail(f"{flag} with {w.name('negative_prompt')} (true CFG with Redux) is not supported yet")
+    if s.image is not None:
+        raise w.fail(f"{flag} with {w.name('image')} (img2img or inpainting with Redux) is not supported yet")
+    scales = list(s.redux_scales) or [1.0]
+    scales = scales * len(s.redux) if len(scales) == 1 else scales
+    if len(scales) != len(s.redux):
+        raise w.fail(
+            f"{len(s.redux)} {flag} images but {len(s.redux_scales)} {scale_flag} values "
+            "(give one per image, or one for all)"
+        )
+    s.redux_scales = [_finite(v, "redux_scales", w) for v in scales]
+    for path in s.redux:
+        open_image(path, f"{w.prefix}{flag} {path}")
+    s.redux_sha256 = [sha256(path) for path in s.redux]
 
 
 def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
@@ -279,6 +368,10 @@ def _images(s: Settings, w: _Where) -> tuple[int, int] | None:
     if s.control is not None:  # a control model's output takes the map's size, as img2img the image's
         size = open_image(s.control, f"{w.prefix}{w.name('control')} {s.control}").size
         s.control_sha256 = sha256(s.control)
+        return size
+    if s.control_from is not None:  # its edge map has the photo's size
+        size = open_image(s.control_from, f"{w.prefix}{w.name('control_from')} {s.control_from}").size
+        s.control_from_sha256 = sha256(s.control_from)
         return size
     if s.image is None:
         return None
@@ -673,6 +766,7 @@ class Recalled:
     notes: list[str] = field(default_factory=list)
     precision: str | None = None
     model_path: str | None = None  # the folder it was made from (`--path`), where that was not a store model
+    redux_model: str | None = None  # the Redux store entry or folder its --redux images went through
 
 
 def read_image_settings(path: str | Path) -> Recalled:
@@ -730,15 +824,29 @@ def _from_mflux(m: dict, source: str) -> Recalled:
         "expand": m.get("expand"),
         "control": m.get("control_path"),
         "control_sha256": m.get("control_sha256"),
+        "control_from": m.get("control_from_path"),
+        "control_from_sha256": m.get("control_from_sha256"),
+        "canny": bool(m.get("canny_thresholds")) or None,
+        "canny_thresholds": tuple(m["canny_thresholds"]) if m.get("canny_thresholds") else None,
         "image_sha256": m.get("image_sha256"),
         "mask_sha256": m.get("mask_sha256"),
         "loras": list(zip(m.get("lora_paths") or [], m.get("lora_scales") or [])),
+        "redux": m.get("redux_images"),
+        "redux_scales": m.get("redux_scales"),
+        "redux_sha256": m.get("redux_sha256"),
     }
     values = {k: v for k, v in values.items() if v not in (None, [])}
+    if m.get("redux_images") and m.get("redux_prompt") is False:
+        values.pop("prompt", None)  # Redux from the images alone: not the encoding of an empty prompt
     if m.get("variant") == "schnell":
         values.setdefault("guidance", None)  # schnell has none: not a missing setting
     return Recalled(
-        values, m.get("model"), source, precision=m.get("precision"), model_path=m.get("model_path")
+        values,
+        m.get("model"),
+        source,
+        precision=m.get("precision"),
+        model_path=m.get("model_path"),
+        redux_model=m.get("redux_model"),
     )
 
 
@@ -815,11 +923,20 @@ def recall(
     if "strength" in values and "image" not in values and "image" not in explicit:
         r.notes.append(f"strength {values.pop('strength'):g} ignored: the image records no init image")
     notes = [f"settings from {path} ({r.source})", *r.notes]
-    defaulted = [FLAGS[k] for k in _REPORTED if k not in values and k not in explicit]
+    # Redux from the images alone has no prompt: not a missing one
+    reported = [k for k in _REPORTED if not (k == "prompt" and values.get("redux"))]
+    defaulted = [FLAGS[k] for k in reported if k not in values and k not in explicit]
     if defaulted:
         notes.append(f"{path} lacks {', '.join(defaulted)}: using the defaults")
-    if "control" in explicit:
-        values.pop("control_sha256", None)
+    if "control" in explicit:  # a new map: the recorded one and the photo a map was computed from go
+        for k in ("control_sha256", "control_from", "control_from_sha256", "canny", "canny_thresholds"):
+            values.pop(k, None)
+    if "control_from" in explicit:
+        for k in ("control", "control_sha256", "control_from_sha256"):
+            values.pop(k, None)
+    if "redux" in explicit:  # new images: the recorded hashes, and scales unless given, were the old ones
+        for k in ("redux_sha256", *(() if "redux_scales" in explicit else ("redux_scales",))):
+            values.pop(k, None)
     if "mask" in explicit:  # a mask replaces a recorded outpainting border
         values.pop("expand", None)
     s = check(
@@ -829,7 +946,8 @@ def recall(
 
 
 def _check_init_files(path, values: dict) -> None:
-    for key, name in (("image", "init image"), ("mask", "mask"), ("control", "control image")):
+    files = (("image", "init image"), ("mask", "mask"), ("control", "control image"))
+    for key, name in (*files, ("control_from", "control photo")):
         if values.get(key) is None:
             continue
         f, want = Path(values[key]), values.get(f"{key}_sha256")
@@ -841,6 +959,16 @@ def _check_init_files(path, values: dict) -> None:
             raise InvalidArgument(
                 f"--from {path}: its {name} {f} has changed since (sha256 differs; "
                 f"give {FLAGS[key]} {f} to use it as it is now)"
+            )
+    for f, want in zip(values.get("redux") or [], values.get("redux_sha256") or []):
+        if not Path(f).is_file():
+            raise InvalidArgument(
+                f"--from {path}: its Redux image {f} is missing (restore it, or give --redux)"
+            )
+        if sha256(f) != want:
+            raise InvalidArgument(
+                f"--from {path}: its Redux image {f} has changed since (sha256 differs; give --redux again "
+                "to use the images as they are now)"
             )
 
 

@@ -485,6 +485,24 @@ def test_convert_refuses_a_variant_the_model_is_not(home, tiny_fill):
     consistent(home)
 
 
+def test_canny_and_redux_misuse_is_refused_before_any_pull(home, tmp_path):
+    # depth and redux are not in this store: refused before they would be pulled (issue 34)
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "photo.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    before = snapshot(home)
+    refused(
+        mflux("run", "-m", "depth", "--control-from", tmp_path / "photo.png", "--canny", "--prompt", "a"),
+        "depth follows a depth map, which mflux does not compute",
+    )
+    refused(mflux("run", "--redux", tmp_path / "notes.png"), "--redux", "not an image PIL can read")
+    refused(
+        mflux("run", "--redux", tmp_path / "photo.png", "--negative-prompt", "blur"),
+        "--redux with --negative-prompt (true CFG with Redux) is not supported yet",
+    )
+    assert snapshot(home) == before
+    consistent(home)
+
+
 def test_mflux_home_is_a_file(tmp_path):
     store = tmp_path / "not-a-folder"
     store.write_text("x")

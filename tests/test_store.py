@@ -441,8 +441,16 @@ def test_really_read_only_store(mflux_home):
 
 
 def test_catalog():
-    entries = catalog()
-    assert set(entries) == {"schnell", "dev", "kontext", "fill", "krea", "canny", "depth"}
+    entries = dict(catalog())  # a copy: catalog() is cached
+    assert set(entries) == {"schnell", "dev", "kontext", "fill", "krea", "canny", "depth", "redux"}
+    redux = entries.pop("redux")  # not a pipeline: an image encoder and embedder used with one
+    assert redux.repo == "black-forest-labs/FLUX.1-Redux-dev" and redux.gated and redux.defaults == {}
+    assert redux.allow_patterns == (
+        "model_index.json",
+        "image_encoder/*",
+        "image_embedder/*",
+        "feature_extractor/*",
+    )
     schnell, dev = entries["schnell"], entries["dev"]
     kontext, fill, krea = entries["kontext"], entries["fill"], entries["krea"]
     assert kontext.repo == "black-forest-labs/FLUX.1-Kontext-dev" and kontext.gated
@@ -490,7 +498,8 @@ def test_catalog_ships_inside_the_package():
     import mflux.manifests
 
     shipped = Path(mflux.manifests.__file__).parent
-    names = ["canny.toml", "depth.toml", "dev.toml", "fill.toml", "kontext.toml", "krea.toml", "schnell.toml"]
+    names = ["canny.toml", "depth.toml", "dev.toml", "fill.toml", "kontext.toml", "krea.toml", "redux.toml"]
+    names += ["schnell.toml"]
     assert sorted(p.name for p in shipped.glob("*.toml")) == names
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from mflux.errors import MfluxError
 from mflux.flux1 import MAX_PIXELS, MAX_SEED, MAX_SIDE
+from mflux.manifest import REDUX, not_a_pipeline
 from mflux.runtime.folder import VARIANTS
 from mflux.server.worker import (
     End,
@@ -42,6 +43,11 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what clients send; Pillow's other dec
 # What a request with an image does, by the model's conditioning (VARIANTS[...].condition): kontext edits
 # by instruction, fill inpaints (it needs a mask), schnell/dev/krea do img2img, or inpaint with a mask
 EDITS = {"kontext": ("instruction",), "fill": ("inpaint",), "text": ("img2img", "inpaint")}
+
+
+def draws(m) -> bool:
+    """Whether a stored model can be listed as one to draw with: whole, and a FLUX.1 pipeline (not Redux)."""
+    return not m.damaged and m.manifest.variant != REDUX
 
 
 @dataclass
@@ -154,7 +160,7 @@ class Server:
     # --- names ----------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
         """The usable models: a damaged one (a file missing or of the wrong size) is left out of every list."""
-        return [m.name for m in self.store.list() if not m.damaged]
+        return [m.name for m in self.store.list() if draws(m)]
 
     def check_model(self, name: str | None, param: str = "model") -> str | None:
         """A store name (or `<name>-q<bits>` of one), or 404 naming the choices. None: the loaded model."""
@@ -177,6 +183,8 @@ class Server:
                 pass
             else:
                 stored = self.store.get(found.name)
+                if stored.manifest.variant == REDUX:  # an image encoder for --redux: nothing to draw with
+                    raise ApiError(400, str(not_a_pipeline(found.name)), param)
                 if stored.damaged:  # the server's files are at fault, not the request
                     raise ApiError(503, stored.damage_hint(), param, "model_unavailable")
                 return name

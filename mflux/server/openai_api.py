@@ -17,7 +17,17 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mflux.flux1 import kontext_size
-from mflux.server.core import ApiError, b64, check_mask_size, end_error, off_loop, seed_run, sse, utf8_text
+from mflux.server.core import (
+    ApiError,
+    b64,
+    check_mask_size,
+    draws,
+    end_error,
+    off_loop,
+    seed_run,
+    sse,
+    utf8_text,
+)
 from mflux.server.worker import End, Job, Result, Step
 
 router = APIRouter()
@@ -138,7 +148,7 @@ def list_models(request: Request) -> ModelList:
     models = [
         Model(id=m.name, created=int(m.modified.timestamp()), mflux=server.model_info(m.manifest.variant))
         for m in server.store.list()
-        if not m.damaged
+        if draws(m)
     ]
     return ModelList(data=models)
 
