@@ -1,0 +1,280 @@
+"""`mflux convert FILE.gguf`: GGUF files of a tiny FLUX.1, written with the gguf package, against
+`gguf.quants.dequantize` (the stored weights) and a diffusers folder holding the same weights (the image).
+
+The tiny transformer is 64 wide with a 256-wide MLP, so its weights suit the blocks as a real file's do:
+K-types where the row is a multiple of 256 (random but valid blocks: gguf cannot quantize K-types),
+a legacy type (quantized by gguf) where it is a multiple of 32, F32 for 1-D tensors.
+"""
+
+import shutil
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mflux.converters import diffusers
+
+from mflux.convert import convert
+from mflux.runtime.weights import TensorSource
+from tests.test_convert import assert_refused, image, invoke, source_image
+
+LEGACY = ("Q8_0", "Q5_1", "Q4_0", "Q5_0", "Q4_1")
+K_TYPES = ("Q4_K", "Q6_K", "Q2_K", "Q3_K", "Q5_K")
+# Byte offsets of each K-type block's float16 super-scales (d, and dmin where the type has one).
+_K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def bfl_weights(folder: Path) -> dict[str, np.ndarray]:
+    """The tiny pipeline's transformer in Black Forest Labs' names, as float32."""
+    raw = {
+        k: v
+        for f in sorted((folder / "transformer").glob("*.safetensors"))
+        for k, v in mx.load(str(f)).items()
+    }
+    return {k: np.array(v.astype(mx.float32)) for k, v in diffusers.sanitize_transformer(raw).items()}
+
+
+def pick_types(weights: dict) -> dict[str, str]:
+    """A mix as the shared files have: every legacy and K-type used somewhere, F16 for a few weights."""
+    types, legacy, k = {}, 0, 0
+    for name, w in weights.items():
+        if w.ndim == 1:
+            types[name] = "F32"
+        elif w.shape[-1] % 256 == 0:
+            types[name], k = K_TYPES[k % len(K_TYPES)], k + 1
+        elif name.startswith("final_layer."):
+            types[name] = "F16"
+        else:
+            types[name], legacy = LEGACY[legacy % len(LEGACY)], legacy + 1
+    return types
+
+
+def random_k_blocks(kind: str, shape: tuple, rng) -> np.ndarray:
+    """Random bytes as K-type blocks, with small finite float16 super-scales: random weights."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    blocks = rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape(shape, qtype), dtype=np.uint8)
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    view = blocks.reshape(-1, size)
+    for offset in _K_SCALES[kind]:
+        scales = rng.uniform(0.5e-5, 3e-5, view.shape[0]).astype(np.float16)
+        view[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks
+
+
+def write_gguf(path: Path, weights: dict, types: dict, arch: str = "flux") -> dict[str, np.ndarray]:
+    """A GGUF file of `weights` in `types`; returns what gguf dequantizes each tensor to (the reference)."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, w in weights.items():
+        kind = types[name]
+        qtype = gguf.GGMLQuantizationType[kind]
+        if kind == "F32":
+            writer.add_tensor(name, w.astype(np.float32))
+        elif kind == "F16":
+            writer.add_tensor(name, w.astype(np.float16))
+        elif kind in LEGACY:
+            writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        else:
+            blocks = random_k_blocks(kind, w.shape, rng)
+            writer.add_tensor(name, blocks, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(path)
+    return {
+        t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type).reshape(weights[t.name].shape))
+        for t in reader.tensors
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_schnell, tmp_path_factory):
+    """(the GGUF file, {name: its exact float32 values}, {name: its GGUF type})."""
+    weights = bfl_weights(tiny_schnell)
+    types = pick_types(weights)
+    path = tmp_path_factory.mktemp("gguf") / "flux1-schnell-mix.gguf"
+    return path, write_gguf(path, weights, types), types
+
+
+def stored_transformer(stored) -> dict[str, mx.array]:
+    return {
+        k: v
+        for f in TensorSource.from_folder(stored.path / "transformer").files
+        for k, v in mx.load(str(f.path)).items()
+    }
+
+
+def test_types_cover_every_legacy_and_k_type(tiny_gguf):
+    _, _, types = tiny_gguf
+    assert set(LEGACY) | set(K_TYPES) | {"F32", "F16"} == set(types.values())
+
+
+def test_float32_is_exact_and_bfloat16_rounds_once(tiny_gguf, tiny_schnell, mflux_home):
+    path, reference, types = tiny_gguf
+    exact = convert(str(path), base=str(tiny_schnell), dtype="float32", name="exact", progress=False)
+    rounded = convert(str(path), base=str(tiny_schnell), name="rounded", progress=False)
+    got32, got16 = stored_transformer(exact), stored_transformer(rounded)
+    assert set(got32) == set(reference) == set(got16)
+    for name, ref in reference.items():
+        assert got32[name].dtype == mx.float32 and np.array_equal(np.array(got32[name]), ref), name
+        once = torch.from_numpy(ref).to(torch.bfloat16).view(torch.int16).numpy()  # round-to-nearest-even
+        assert got16[name].dtype == mx.bfloat16, name
+        assert np.array_equal(np.array(got16[name].view(mx.int16)), once), name
+    source = exact.manifest.source
+    assert source["format"] == "gguf" and source["tensor_types"] == types
+    assert source["keep_gguf_quantization"] is False and not exact.manifest.quantization
+
+
+def diffusers_folder_of(folder: Path, weights: dict, dest: Path, monkeypatch) -> Path:
+    """A copy of the tiny diffusers pipeline whose transformer holds `weights` (BFL names), renamed by
+    diffusers' own single-file mapping (its one hard-coded width set to the tiny model's)."""
+    import types as pytypes
+
+    from diffusers.loaders import single_file_model
+    from safetensors.torch import save_file
+
+    entry = single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    fn = entry["checkpoint_mapping_fn"]
+    consts = tuple(64 if type(c) is int and c == 3072 else c for c in fn.__code__.co_consts)
+    mapping = pytypes.FunctionType(fn.__code__.replace(co_consts=consts), fn.__globals__, fn.__name__)
+    state = mapping({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+    shutil.copytree(folder, dest)
+    for f in (dest / "transformer").glob("*.safetensors*"):
+        f.unlink()
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        dest / "transformer" / "diffusion_pytorch_model.safetensors",
+    )
+    return dest
+
+
+def test_image_equals_the_diffusers_folder_of_the_same_weights(
+    tiny_gguf, tiny_schnell, tmp_path, mflux_home, monkeypatch
+):
+    path, reference, _ = tiny_gguf
+    folder = diffusers_folder_of(
+        tiny_schnell, reference, tmp_path / "FLUX.1-schnell-dequantized", monkeypatch
+    )
+    stored = convert(str(path), base=str(tiny_schnell), dtype="float32", progress=False)
+    ours, ref = image(stored.path), source_image(folder)
+    print(f"GGUF (float32) vs diffusers folder: max |diff| = {np.abs(ours.astype(int) - ref).max()}")
+    assert np.abs(ours.astype(int) - ref).max() <= 2
+
+
+def test_keep_gguf_quantization_dequantizes_to_gguf_values(tiny_gguf, tiny_schnell, mflux_home):
+    path, reference, types = tiny_gguf
+    code, _, err = invoke(
+        "convert", path, "--base", tiny_schnell, "--keep-gguf-quantization", "--name", "kept"
+    )
+    assert code == 0, err
+    from mflux.store import Store
+
+    stored = Store().get("kept")
+    got = stored_transformer(stored)
+    q = stored.manifest.quantization["transformer"]
+    assert q["group_size"] == 32 and q["mode"] == "affine"
+    for name, ref in reference.items():
+        layer = name.removesuffix(".weight")
+        if types[name] in LEGACY:
+            bits = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4}[types[name]]
+            assert q.get("layers", {}).get(layer, q)["bits"] == bits, layer
+            scales, biases = got[f"{layer}.scales"], got[f"{layer}.biases"]
+            assert scales.dtype == biases.dtype == mx.float32
+            values = mx.dequantize(got[name], scales, biases, group_size=32, bits=bits)
+            assert np.array_equal(np.array(values), ref), name
+        else:  # K-types and floats are dequantized, here to the default bfloat16
+            assert f"{layer}.scales" not in got and got[name].dtype == mx.bfloat16, name
+    assert stored.manifest.source["keep_gguf_quantization"] is True
+    assert image(stored.path).std() > 10  # the quantized layers load and run
+
+
+def test_bits_quantizes_the_dequantized_weights(tiny_gguf, tiny_schnell, mflux_home):
+    path, reference, _ = tiny_gguf
+    stored = convert(str(path), base=str(tiny_schnell), bits=8, dtype="float32", progress=False)
+    assert stored.manifest.quantization["transformer"] == {"bits": 8, "group_size": 64, "mode": "affine"}
+    got = stored_transformer(stored)
+    name = "double_blocks.0.img_attn.qkv.weight"
+    expected = mx.quantize(mx.array(reference[name]), group_size=64, bits=8)
+    assert all(
+        np.array_equal(np.array(a), np.array(b))
+        for a, b in zip(expected, (got[name], got[name[:-7] + ".scales"], got[name[:-7] + ".biases"]))
+    )
+
+
+def test_detected_by_content_not_name(tiny_gguf, tiny_schnell, tmp_path, mflux_home):
+    path, reference, _ = tiny_gguf
+    disguised = tmp_path / "transformer.safetensors"
+    shutil.copy(path, disguised)
+    stored = convert(str(disguised), base=str(tiny_schnell), dtype="float32", progress=False)
+    assert stored.manifest.source["format"] == "gguf"
+
+
+# --- refusals: one line, nothing written ---------------------------------------------------------------
+
+
+def small_gguf(path: Path, arch: str = "flux", kind: str = "Q8_0") -> Path:
+    w = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    write_gguf(path, {"img_in.weight": w}, {"img_in.weight": kind}, arch)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux2", "llama"])
+def test_another_architecture_is_refused(arch, tiny_schnell, tmp_path, mflux_home):
+    f = small_gguf(tmp_path / "model.gguf", arch)
+    assert_refused(
+        mflux_home, ["convert", f, "--base", tiny_schnell], f"architecture {arch!r}", "not a FLUX.1"
+    )
+
+
+def test_truncated_file_is_refused(tiny_gguf, tiny_schnell, tmp_path, mflux_home):
+    path, _, _ = tiny_gguf
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-1000])
+    assert_refused(mflux_home, ["convert", cut, "--base", tiny_schnell], str(cut), "truncated")
+
+
+def test_unknown_quantization_type_is_refused(tiny_schnell, tmp_path, mflux_home):
+    f = small_gguf(tmp_path / "odd.gguf")
+    reader = gguf.GGUFReader(f, "r+")
+    reader.tensors[0].field.parts[4][0] = 250  # a type number ggml never used
+    reader.data.flush()
+    del reader
+    assert_refused(
+        mflux_home, ["convert", f, "--base", tiny_schnell], str(f), "unknown GGUF quantization type"
+    )
+
+
+def test_unsupported_type_is_refused(tiny_schnell, tmp_path, mflux_home):
+    f = tmp_path / "ternary.gguf"
+    writer = gguf.GGUFWriter(str(f), "flux")
+    writer.add_tensor("img_in.weight", np.zeros((64, 64), np.int8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_refused(mflux_home, ["convert", f, "--base", tiny_schnell], "img_in.weight is stored as I8")
+
+
+def test_flag_misuse_is_refused(tiny_gguf, tiny_schnell, tmp_path, mflux_home):
+    path, _, _ = tiny_gguf
+    assert_refused(
+        mflux_home,
+        ["convert", path, "--base", tiny_schnell, "--bits", "4", "--keep-gguf-quantization"],
+        "choose one",
+    )
+    assert_refused(mflux_home, ["convert", tiny_schnell, "--keep-gguf-quantization"], "a GGUF file only")
+    assert_refused(mflux_home, ["convert", path], "holds only the transformer", "--base schnell")
+
+
+def test_missing_gguf_package_is_one_line(tiny_gguf, tiny_schnell, mflux_home, monkeypatch):
+    import sys
+
+    from mflux import convert_gguf
+
+    convert_gguf._parsed.cache_clear()
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
+    path, _, _ = tiny_gguf
+    assert_refused(mflux_home, ["convert", path, "--base", tiny_schnell], "pip install 'mflux[gguf]'")
