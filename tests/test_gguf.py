@@ -233,7 +233,9 @@ def test_truncated_file_is_refused(tiny_gguf, tiny_schnell, tmp_path, mflux_home
     path, _, _ = tiny_gguf
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:-1000])
-    assert_refused(mflux_home, ["convert", cut, "--base", tiny_schnell], str(cut), "truncated")
+    assert_refused(
+        mflux_home, ["convert", cut, "--base", tiny_schnell], str(cut), "truncated or damaged GGUF file"
+    )
 
 
 def test_unknown_quantization_type_is_refused(tiny_schnell, tmp_path, mflux_home):
