@@ -7,7 +7,7 @@ Q4_0, Q4_1) or the K-types (Q2_K ... Q6_K), 1-D tensors in F32. The `gguf` packa
 `pip install 'mflux[gguf]'`) parses the file and dequantizes every type; its values are the reference.
 
 The legacy types are affine per block of 32 weights, as MLX's group-32 quantization is: Q4_1 and Q5_1
-store w = d·q + m, the others w = d·(q − 8|16|128), so `affine` gives MLX's packed layout with
+store w = d·q + m, the others w = d·(q − 8|16|128), so `affine_chunks` gives MLX's packed layout with
 scale d and bias m (or −8·d, −16·d, −128·d). Every product there is exact in float32 (d is a float16),
 so MLX's dequantization equals gguf's exactly while the scales stay float16 or float32.
 """
@@ -31,8 +31,8 @@ SUPPORTED = (*FLOAT_TYPES, *LEGACY_BITS, *K_TYPES)
 _OFFSET = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}
 # Bytes per block of 32: a float16 d, a float16 m where the type has one, Q5's 32 fifth bits, the values.
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
-# Weights dequantized at once: bounds the float32 temporaries of a large tensor to about 16 MB.
-_CHUNK_ELEMENTS = 4 * 2**20
+# Weights dequantized at once: keeps the float32 temporaries of a large tensor to a few 4 MB blocks.
+_CHUNK_ELEMENTS = 2**20
 
 
 def is_gguf(path: Path) -> bool:
@@ -136,19 +136,13 @@ def dequantized_chunks(t):
         yield dequantize(np.asarray(rows[start : start + step]), t.tensor_type)
 
 
-def affine(reader, t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A legacy-type 2-D weight as MLX's group-32 affine layout: (packed uint32 of (out, in·bits/32),
-    float32 scales and biases of (out, in/32)). Exact: MLX's dequantization gives gguf's values."""
-    bits = LEGACY_BITS[t.tensor_type.name]
-    out_features, in_features = shape(reader, t)
-    packed = np.empty((out_features, in_features * bits // 32), np.uint32)
-    scales = np.empty((out_features, in_features // GROUP_SIZE), np.float32)
-    biases = np.empty_like(scales)
-    step = max(1, _CHUNK_ELEMENTS // in_features)  # the bit unpacking takes `bits` bytes a weight
-    for start in range(0, out_features, step):
-        rows = slice(start, start + step)
-        packed[rows], scales[rows], biases[rows] = _affine_rows(t.tensor_type.name, t.data[rows])
-    return packed, scales, biases
+def affine_chunks(t):
+    """A legacy-type 2-D weight in MLX's group-32 affine layout, as blocks of whole rows: (packed uint32
+    of (rows, in·bits/32), float32 scales and biases of (rows, in/32)). Exact: MLX's dequantization of
+    them gives gguf's values."""
+    step = max(1, _CHUNK_ELEMENTS // int(t.shape[0]))  # unpacking takes `bits` bytes a weight
+    for start in range(0, t.data.shape[0], step):
+        yield _affine_rows(t.tensor_type.name, t.data[start : start + step])
 
 
 def _affine_rows(kind: str, data: np.ndarray):

@@ -120,7 +120,7 @@ def _convert_spec(bits: int | None, keep_gguf_quantization: bool) -> QuantSpec |
 
 
 def _keeping_gguf(src: _Source) -> _Source:
-    if src.transformer_file is None or not gguf.is_gguf(src.transformer_file):
+    if not _is_gguf(src):
         raise InvalidArgument("--keep-gguf-quantization applies to a GGUF file only; drop it")
     record = {**src.record, "keep_gguf_quantization": True}
     return dataclasses.replace(src, keep_gguf=True, record=record)
@@ -249,9 +249,13 @@ def _write(
     reports = []
     with store.build(name, force=force, size_hint=sum(estimates.values())) as tmp, _write_errors(store):
         for c in COMPONENTS:
-            counted = _Counter(_weights(src, c, dtypes[c], specs[c]), _spec(quantization.get(c)))
             with _progress_bar(c, estimates[c], progress) as bar:
-                save_shards(counted.reporting(bar), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
+                if c == "transformer" and _is_gguf(src):  # streamed a block of rows at a time
+                    args = src.transformer_file, tmp / c, dtypes[c], specs[c], src.keep_gguf
+                    counted = convert_gguf.save(*args, bar, max_shard_bytes=MAX_SHARD_BYTES)
+                else:
+                    counted = _Counter(_weights(src, c, dtypes[c], specs[c]), _spec(quantization.get(c)))
+                    save_shards(counted.reporting(bar), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
                 bar.total = bar.n  # the estimate gives way to the exact count
                 bar.refresh()
             if counted.quantized:
@@ -350,12 +354,13 @@ def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
     if component != "transformer" or src.transformer_file is None:
         yield from iter_weights(src.folder, component, getattr(mx, dtype), spec)
         return
-    if gguf.is_gguf(src.transformer_file):
-        yield from convert_gguf.weights(src.transformer_file, dtype, spec, src.keep_gguf)
-        return
     arch = {"transformer": bfl.diffusers_config(_header_shapes(src.transformer_file))}
     _, weights = prepare(src.transformer_file, component, "bfl", arch, getattr(mx, dtype), spec)
     yield from stream(weights)
+
+
+def _is_gguf(src: _Source) -> bool:
+    return src.transformer_file is not None and gguf.is_gguf(src.transformer_file)
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -423,7 +428,7 @@ def _source_dtype(src: _Source, component: str) -> str:
     """The dtype of the component's float tensors, read from the safetensors headers."""
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     if component == "transformer" and src.transformer_file is not None:
-        if gguf.is_gguf(src.transformer_file):
+        if _is_gguf(src):
             return "float32"  # what its blocks dequantize to
         files = [src.transformer_file]
     else:
@@ -487,7 +492,7 @@ def _estimate(src: _Source, component: str, dtype: str, spec: QuantSpec | None) 
     """The bytes this component will take in the new model, from the source's file sizes: a cast
     scales them by the itemsizes; quantizing stores `bits` per weight plus a scale (and an affine
     bias) per group. Good to a few percent, which is what a free-space check and a bar need."""
-    if component == "transformer" and src.transformer_file is not None and gguf.is_gguf(src.transformer_file):
+    if component == "transformer" and _is_gguf(src):
         return convert_gguf.estimate(src.transformer_file, dtype, spec, src.keep_gguf)
     size = sum(p.stat().st_size for p in _source_files(src, component))
     if component in _stored_quantization(src):

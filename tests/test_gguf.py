@@ -7,6 +7,8 @@ a legacy type (quantized by gguf) where it is a multiple of 32, F32 for 1-D tens
 """
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -22,8 +24,8 @@ from tests.test_convert import assert_refused, image, invoke, source_image
 
 LEGACY = ("Q8_0", "Q5_1", "Q4_0", "Q5_0", "Q4_1")
 K_TYPES = ("Q4_K", "Q6_K", "Q2_K", "Q3_K", "Q5_K")
-# Byte offsets of each K-type block's float16 super-scales (d, and dmin where the type has one).
-_K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# Byte offsets of each block's float16 scales (d, and dmin where the type has one).
+_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 
 
 def bfl_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -51,13 +53,13 @@ def pick_types(weights: dict) -> dict[str, str]:
     return types
 
 
-def random_k_blocks(kind: str, shape: tuple, rng) -> np.ndarray:
-    """Random bytes as K-type blocks, with small finite float16 super-scales: random weights."""
+def random_blocks(kind: str, shape: tuple, rng) -> np.ndarray:
+    """Random bytes as blocks of `kind`, with small finite float16 scales: random weights."""
     qtype = gguf.GGMLQuantizationType[kind]
     blocks = rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape(shape, qtype), dtype=np.uint8)
     size = gguf.GGML_QUANT_SIZES[qtype][1]
     view = blocks.reshape(-1, size)
-    for offset in _K_SCALES[kind]:
+    for offset in _SCALES[kind]:
         scales = rng.uniform(0.5e-5, 3e-5, view.shape[0]).astype(np.float16)
         view[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
     return blocks
@@ -77,7 +79,7 @@ def write_gguf(path: Path, weights: dict, types: dict, arch: str = "flux") -> di
         elif kind in LEGACY:
             writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
         else:
-            blocks = random_k_blocks(kind, w.shape, rng)
+            blocks = random_blocks(kind, w.shape, rng)
             writer.add_tensor(name, blocks, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -280,3 +282,64 @@ def test_missing_gguf_package_is_one_line(tiny_gguf, tiny_schnell, mflux_home, m
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
     path, _, _ = tiny_gguf
     assert_refused(mflux_home, ["convert", path, "--base", tiny_schnell], "pip install 'mflux[gguf]'")
+
+
+# --- memory ------------------------------------------------------------------------------------------
+
+_CHILD = r"""
+import sys, threading, time
+import huggingface_hub.utils  # the progress bar's module, imported when convert starts
+from mflux.convert import convert
+import mflux.convert_gguf, gguf.quants
+
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+baseline, peak, done = anon(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+
+threading.Thread(target=sample, daemon=True).start()
+convert(sys.argv[1], base=sys.argv[2], name="big", progress=False)
+done.set()
+print("grown", max(peak[0], anon()) - baseline)
+"""
+
+
+def test_a_tensor_streams_into_its_shard_a_block_of_rows_at_a_time(tiny_schnell, tmp_path, mflux_home):
+    # Peak anonymous memory (the file itself is mapped: page cache) stays far below the output, which a
+    # shard would hold whole: tensors stream into their shard. bench/gguf_convert.py measures full width.
+    from tests.test_convert import bfl_shapes
+
+    rng = np.random.default_rng(0)
+    shapes = bfl_shapes(hidden=1024, depth=1, single=1)
+    path = tmp_path / "big.gguf"
+    writer = gguf.GGUFWriter(str(path), "flux", use_temp_file=True)
+    for name, shape in shapes.items():
+        if len(shape) == 1 or shape[-1] % 32:
+            writer.add_tensor(name, np.zeros(shape, np.float32))
+        else:
+            writer.add_tensor(
+                name, random_blocks("Q8_0", shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    output = sum(int(np.prod(s)) * 2 for s in shapes.values())  # bfloat16
+    largest = max(int(np.prod(s)) * 2 for s in shapes.values())
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(tiny_schnell)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.split("grown")[-1])
+    print(
+        f"output {output / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB, peak RssAnon grew {grown / 1e6:.0f} MB"
+    )
+    assert grown < output / 2
