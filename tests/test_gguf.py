@@ -19,6 +19,7 @@ import torch
 from mflux.converters import diffusers
 
 from mflux.convert import convert
+from mflux.manifest import remake_command
 from mflux.runtime.weights import TensorSource
 from tests.test_convert import assert_refused, image, invoke, source_image
 
@@ -190,6 +191,7 @@ def test_keep_gguf_quantization_dequantizes_to_gguf_values(tiny_gguf, tiny_schne
         else:  # K-types and floats are dequantized, here to the default bfloat16
             assert f"{layer}.scales" not in got and got[name].dtype == mx.bfloat16, name
     assert stored.manifest.source["keep_gguf_quantization"] is True
+    assert "--keep-gguf-quantization --name kept --force" in remake_command(stored.manifest)
     assert image(stored.path).std() > 10  # the quantized layers load and run
 
 
@@ -197,6 +199,7 @@ def test_bits_quantizes_the_dequantized_weights(tiny_gguf, tiny_schnell, mflux_h
     path, reference, _ = tiny_gguf
     stored = convert(str(path), base=str(tiny_schnell), bits=8, dtype="float32", progress=False)
     assert stored.manifest.quantization["transformer"] == {"bits": 8, "group_size": 64, "mode": "affine"}
+    assert "--dtype float32 --bits 8 --name" in remake_command(stored.manifest)
     got = stored_transformer(stored)
     name = "double_blocks.0.img_attn.qkv.weight"
     expected = mx.quantize(mx.array(reference[name]), group_size=64, bits=8)
