@@ -140,9 +140,10 @@ def affine_chunks(t):
     """A legacy-type 2-D weight in MLX's group-32 affine layout, as blocks of whole rows: (packed uint32
     of (rows, in·bits/32), float32 scales and biases of (rows, in/32)). Exact: MLX's dequantization of
     them gives gguf's values."""
+    rows = t.data.reshape(-1, t.data.shape[-1])  # GGUF rows; a reshaped tensor's blocks run on as its own
     step = max(1, _CHUNK_ELEMENTS // int(t.shape[0]))  # unpacking takes `bits` bytes a weight
-    for start in range(0, t.data.shape[0], step):
-        yield _affine_rows(t.tensor_type.name, t.data[start : start + step])
+    for start in range(0, rows.shape[0], step):
+        yield _affine_rows(t.tensor_type.name, rows[start : start + step])
 
 
 def _affine_rows(kind: str, data: np.ndarray):

@@ -48,7 +48,7 @@ def pick_types(weights: dict) -> dict[str, str]:
         elif w.shape[-1] % 256 == 0:
             types[name], k = K_TYPES[k % len(K_TYPES)], k + 1
         elif name.startswith("final_layer."):
-            types[name] = "F16"
+            types[name] = "BF16" if "adaLN" in name else "F16"
         else:
             types[name], legacy = LEGACY[legacy % len(LEGACY)], legacy + 1
     return types
@@ -66,18 +66,25 @@ def random_blocks(kind: str, shape: tuple, rng) -> np.ndarray:
     return blocks
 
 
-def write_gguf(path: Path, weights: dict, types: dict, arch: str = "flux") -> dict[str, np.ndarray]:
-    """A GGUF file of `weights` in `types`; returns what gguf dequantizes each tensor to (the reference)."""
+def write_gguf(
+    path: Path, weights: dict, types: dict, arch: str = "flux", flattened: tuple = ()
+) -> dict[str, np.ndarray]:
+    """A GGUF file of `weights` in `types`; returns what gguf dequantizes each tensor to (the reference).
+    The `flattened` ones are stored 1-D with their shape under `comfy.gguf.orig_shape.<name>`, as
+    ComfyUI-GGUF's writer stores tensors it reshapes."""
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), arch)
+    for name in flattened:
+        writer.add_array(f"comfy.gguf.orig_shape.{name}", list(weights[name].shape))
     for name, w in weights.items():
         kind = types[name]
         qtype = gguf.GGMLQuantizationType[kind]
+        w = w.reshape(-1) if name in flattened else w
         if kind == "F32":
             writer.add_tensor(name, w.astype(np.float32))
         elif kind == "F16":
             writer.add_tensor(name, w.astype(np.float16))
-        elif kind in LEGACY:
+        elif kind in (*LEGACY, "BF16"):
             writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
         else:
             blocks = random_blocks(kind, w.shape, rng)
@@ -112,7 +119,7 @@ def stored_transformer(stored) -> dict[str, mx.array]:
 
 def test_types_cover_every_legacy_and_k_type(tiny_gguf):
     _, _, types = tiny_gguf
-    assert set(LEGACY) | set(K_TYPES) | {"F32", "F16"} == set(types.values())
+    assert set(LEGACY) | set(K_TYPES) | {"F32", "F16", "BF16"} == set(types.values())
 
 
 def test_float32_is_exact_and_bfloat16_rounds_once(tiny_gguf, tiny_schnell, mflux_home):
@@ -207,6 +214,22 @@ def test_bits_quantizes_the_dequantized_weights(tiny_gguf, tiny_schnell, mflux_h
         np.array_equal(np.array(a), np.array(b))
         for a, b in zip(expected, (got[name], got[name[:-7] + ".scales"], got[name[:-7] + ".biases"]))
     )
+
+
+def test_a_reshaped_tensor_takes_its_recorded_shape(tiny_schnell, tmp_path, mflux_home):
+    weights = bfl_weights(tiny_schnell)
+    types = {**pick_types(weights), "img_in.weight": "F32", "txt_in.weight": "Q8_0"}
+    path = tmp_path / "reshaped.gguf"
+    reference = write_gguf(path, weights, types, flattened=("img_in.weight", "txt_in.weight"))
+    # Blocks run along the flattened tensor, so a reshaped legacy tensor's blocks are its rows' groups too.
+    stored = convert(
+        str(path), base=str(tiny_schnell), dtype="float32", keep_gguf_quantization=True, progress=False
+    )
+    got = stored_transformer(stored)
+    assert np.array_equal(np.array(got["img_in.weight"]), reference["img_in.weight"])
+    w, scales, biases = (got[f"txt_in.{k}"] for k in ("weight", "scales", "biases"))
+    values = mx.dequantize(w, scales, biases, group_size=32, bits=8)
+    assert np.array_equal(np.array(values), reference["txt_in.weight"])
 
 
 def test_detected_by_content_not_name(tiny_gguf, tiny_schnell, tmp_path, mflux_home):
