@@ -4,7 +4,7 @@ names and exact float32 values, one tensor at a time.
 Such a file holds only the transformer, in Black Forest Labs' names (no prefix), with the architecture
 field `general.architecture = "flux"`. 2-D weights come in F16/BF16, the legacy types (Q8_0, Q5_0, Q5_1,
 Q4_0, Q4_1) or the K-types (Q2_K ... Q6_K), 1-D tensors in F32. The `gguf` package (an optional extra:
-`pip install 'mflux[gguf]'`) parses the file and dequantizes every type; its values are the reference.
+`pip install '.[gguf]'` in the clone, or `pip install gguf`) parses the file and dequantizes every type; its values are the reference.
 
 The legacy types are affine per block of 32 weights, as MLX's group-32 quantization is: Q4_1 and Q5_1
 store w = d·q + m, the others w = d·(q − 8|16|128), so `affine_chunks` gives MLX's packed layout with
@@ -49,7 +49,7 @@ def open_file(path: Path):
         from gguf import GGUFReader
     except ImportError:
         raise MfluxError(
-            f"{path.name} is a GGUF file: reading it needs the gguf package (pip install 'mflux[gguf]')"
+            f"{path.name} is a GGUF file: reading it needs the gguf package (pip install gguf)"
         ) from None
     try:
         reader = GGUFReader(path)

@@ -701,8 +701,8 @@ def convert(source, name, dtype, base, variant, bits, keep_gguf_quantization, fo
     """Convert weights to the MLX-native format, as a new store model.
 
     SOURCE is a store model of format hf, a diffusers-layout folder, or a single-file transformer: a
-    Black Forest Labs checkpoint (.safetensors) or a FLUX.1 GGUF file (needs pip install
-    'mflux[gguf]'), told apart by their content. A GGUF is dequantized exactly and rounded once to
+    Black Forest Labs checkpoint (.safetensors) or a FLUX.1 GGUF file (needs the gguf package:
+    pip install gguf), told apart by their content. A GGUF is dequantized exactly and rounded once to
     --dtype. A quantized model is MLX-native already: it is refused.
 
     \b

@@ -307,7 +307,7 @@ def test_missing_gguf_package_is_one_line(tiny_gguf, tiny_schnell, mflux_home, m
     convert_gguf._parsed.cache_clear()
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
     path, _, _ = tiny_gguf
-    assert_refused(mflux_home, ["convert", path, "--base", tiny_schnell], "pip install 'mflux[gguf]'")
+    assert_refused(mflux_home, ["convert", path, "--base", tiny_schnell], "needs the gguf package (pip install gguf")
 
 
 # --- memory ------------------------------------------------------------------------------------------
