@@ -307,7 +307,9 @@ def test_missing_gguf_package_is_one_line(tiny_gguf, tiny_schnell, mflux_home, m
     convert_gguf._parsed.cache_clear()
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
     path, _, _ = tiny_gguf
-    assert_refused(mflux_home, ["convert", path, "--base", tiny_schnell], "needs the gguf package (pip install gguf")
+    assert_refused(
+        mflux_home, ["convert", path, "--base", tiny_schnell], "needs the gguf package (pip install gguf"
+    )
 
 
 # --- memory ------------------------------------------------------------------------------------------
@@ -369,3 +371,12 @@ def test_a_tensor_streams_into_its_shard_a_block_of_rows_at_a_time(tiny_schnell,
         f"output {output / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB, peak RssAnon grew {grown / 1e6:.0f} MB"
     )
     assert grown < output / 2
+
+
+def test_bits_quantizes_any_source_while_converting(tiny_schnell, mflux_home):
+    # --bits is convert's, not GGUF's only: a folder's quantizable components, as `mflux quantize`.
+    stored = convert(str(tiny_schnell), bits=8, progress=False)
+    q = stored.manifest.quantization
+    assert set(q) == {"transformer", "text_encoder", "text_encoder_2"} and q["transformer"]["bits"] == 8
+    assert remake_command(stored.manifest).startswith("mflux quantize ")
+    assert image(stored.path).std() > 10
