@@ -1,19 +1,17 @@
 """Peak memory of `mflux convert FILE.gguf`: a GGUF of the FLUX.1 transformer at full width (3072 wide,
 MLP 12288, T5 context 4096) with a few blocks, written here, converted in a child process whose anonymous
-memory (RssAnon in /proc/self/status, sampled every 5 ms) is reported above its baseline after imports.
+memory (RssAnon in /proc/self/status, sampled every 2 ms) is reported above its baseline after imports.
 
     python bench/gguf_convert.py                      # 2 double and 2 single blocks: about 1 GB
     python bench/gguf_convert.py --dtype float32 --keep
 
 The file mixes types as the shared ones do: Q4_K (random but valid blocks) for the single blocks'
-linear1 and linear2, Q8_0 for every other weight, F32 for 1-D tensors. The text encoders, VAE and
-tokenizers come from a tiny random base (tests/fixtures.py), so the figure is the transformer's. The
-file's data is memory-mapped, so it counts in the page cache (RssFile), not in RssAnon.
+linear1 and linear2, Q8_0 (random too) for every other weight, F32 for 1-D tensors. The text encoders,
+VAE and tokenizers come from a tiny random base (tests/fixtures.py), so the figure is the transformer's.
+The file's data is memory-mapped, so it counts in the page cache (RssFile), not in RssAnon.
 """
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,56 +23,12 @@ from common import parser, report
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-_CHILD = r"""
-import json, sys, threading, time
-import huggingface_hub.utils  # the progress bar's module, imported by convert when it starts
-from mflux.convert import convert
-import mflux.convert_gguf, gguf, gguf.quants
-
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-baseline, peak, done = anon(), [0], threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.005)
-
-threading.Thread(target=sample, daemon=True).start()
-start = time.perf_counter()
-path, base, dtype, keep = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-stored = convert(path, base=base, dtype=dtype, keep_gguf_quantization=keep, name="bench", progress=False)
-seconds = time.perf_counter() - start
-done.set()
-peak[0] = max(peak[0], anon())
-print(json.dumps({"baseline": baseline, "peak": peak[0], "s": seconds, "stored": stored.size_bytes}))
-"""
-
-
-def q8_0(shape, rng) -> np.ndarray:
-    """Random Q8_0 blocks (a float16 d, then 32 int8): d small, so the weights are of a model's size."""
-    rows, width = shape
-    blocks = rng.integers(0, 256, (rows, width // 32, 34), dtype=np.uint8)
-    d = rng.uniform(1e-4, 3e-4, (rows, width // 32)).astype(np.float16)
-    blocks[..., :2] = d.view(np.uint8).reshape(rows, width // 32, 2)
-    return blocks.reshape(rows, -1)
-
-
-def q4_k(shape, rng) -> np.ndarray:
-    """Random Q4_K blocks (float16 d and dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles)."""
-    rows, width = shape
-    blocks = rng.integers(0, 256, (rows, width // 256, 144), dtype=np.uint8)
-    for offset in (0, 2):
-        d = rng.uniform(0.5e-5, 3e-5, (rows, width // 256)).astype(np.float16)
-        blocks[..., offset : offset + 2] = d.view(np.uint8).reshape(rows, width // 256, 2)
-    return blocks.reshape(rows, -1)
-
 
 def write_gguf(path: Path, double: int, single: int) -> dict:
     import gguf
 
     from tests.test_convert import bfl_shapes
+    from tests.test_gguf import random_blocks
 
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "flux", use_temp_file=True)
@@ -85,10 +39,14 @@ def write_gguf(path: Path, double: int, single: int) -> dict:
             writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
         elif name.startswith("single_blocks.") and ".linear" in name:
             types[name] = "Q4_K"
-            writer.add_tensor(name, q4_k(shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+            writer.add_tensor(
+                name, random_blocks("Q4_K", shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q4_K
+            )
         else:
             types[name] = "Q8_0"
-            writer.add_tensor(name, q8_0(shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(
+                name, random_blocks("Q8_0", shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -105,6 +63,7 @@ def main(argv=None) -> None:
     p.add_argument("--tmp", help="where the file and the store go (default: a temporary folder)")
     args = p.parse_args(argv)
     from tests.fixtures import build_tiny_pipeline
+    from tests.test_gguf import measured_convert
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
@@ -112,12 +71,8 @@ def main(argv=None) -> None:
         types = write_gguf(path, args.double, args.single)
         base = build_tiny_pipeline(tmp / "FLUX.1-schnell", "schnell")
         env = {**os.environ, "MFLUX_HOME": str(tmp / "store"), "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-c", _CHILD, str(path), str(base), args.dtype, "1" if args.keep else "0"]
         start = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            sys.exit(out.stderr)
-        child = json.loads(out.stdout.strip().splitlines()[-1])
+        child = measured_convert(path, base, args.dtype, args.keep, env)
         report(
             what="gguf_convert",
             double=args.double,

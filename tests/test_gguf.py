@@ -6,6 +6,7 @@ K-types where the row is a multiple of 256 (random but valid blocks: gguf cannot
 a legacy type (quantized by gguf) where it is a multiple of 32, F32 for 1-D tensors.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -314,8 +315,10 @@ def test_missing_gguf_package_is_one_line(tiny_gguf, tiny_schnell, mflux_home, m
 
 # --- memory ------------------------------------------------------------------------------------------
 
-_CHILD = r"""
-import sys, threading, time
+# Converts argv[1] with the base argv[2] at dtype argv[3] (argv[4] "1": keeping the GGUF's blocks) and
+# prints the baseline RssAnon after imports, its peak while converting, the seconds and the size stored.
+MEASURED_CONVERT = r"""
+import json, sys, threading, time
 import huggingface_hub.utils  # the progress bar's module, imported when convert starts
 from mflux.convert import convert
 import mflux.convert_gguf, gguf.quants
@@ -331,10 +334,22 @@ def sample():
         time.sleep(0.002)
 
 threading.Thread(target=sample, daemon=True).start()
-convert(sys.argv[1], base=sys.argv[2], name="big", progress=False)
+start = time.perf_counter()
+path, base, dtype, keep = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+stored = convert(path, base=base, dtype=dtype, keep_gguf_quantization=keep, name="big", progress=False)
+seconds = time.perf_counter() - start
 done.set()
-print("grown", max(peak[0], anon()) - baseline)
+peak = max(peak[0], anon())
+print(json.dumps({"baseline": baseline, "peak": peak, "s": seconds, "stored": stored.size_bytes}))
 """
+
+
+def measured_convert(path: Path, base: Path, dtype: str = "bfloat16", keep: bool = False, env=None) -> dict:
+    """MEASURED_CONVERT's figures, run in a child process (so its memory is the conversion's alone)."""
+    cmd = [sys.executable, "-c", MEASURED_CONVERT, str(path), str(base), dtype, "1" if keep else "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_a_tensor_streams_into_its_shard_a_block_of_rows_at_a_time(tiny_schnell, tmp_path, mflux_home):
@@ -359,14 +374,8 @@ def test_a_tensor_streams_into_its_shard_a_block_of_rows_at_a_time(tiny_schnell,
     writer.close()
     output = sum(int(np.prod(s)) * 2 for s in shapes.values())  # bfloat16
     largest = max(int(np.prod(s)) * 2 for s in shapes.values())
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(path), str(tiny_schnell)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    grown = int(out.stdout.split("grown")[-1])
+    figures = measured_convert(path, tiny_schnell)
+    grown = figures["peak"] - figures["baseline"]
     print(
         f"output {output / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB, peak RssAnon grew {grown / 1e6:.0f} MB"
     )
