@@ -28,7 +28,7 @@ def write_gguf(path: Path, double: int, single: int) -> dict:
     import gguf
 
     from tests.test_convert import bfl_shapes
-    from tests.test_gguf import random_blocks
+    from tests.test_gguf import close, random_blocks
 
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "flux", use_temp_file=True)
@@ -47,10 +47,7 @@ def write_gguf(path: Path, double: int, single: int) -> dict:
             writer.add_tensor(
                 name, random_blocks("Q8_0", shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q8_0
             )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    close(writer)
     return types
 
 

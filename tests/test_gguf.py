@@ -67,6 +67,14 @@ def random_blocks(kind: str, shape: tuple, rng) -> np.ndarray:
     return blocks
 
 
+def close(writer) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, then close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_gguf(
     path: Path, weights: dict, types: dict, arch: str = "flux", flattened: tuple = ()
 ) -> dict[str, np.ndarray]:
@@ -90,10 +98,7 @@ def write_gguf(
         else:
             blocks = random_blocks(kind, w.shape, rng)
             writer.add_tensor(name, blocks, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    close(writer)
     reader = gguf.GGUFReader(path)
     return {
         t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type).reshape(weights[t.name].shape))
@@ -282,10 +287,7 @@ def test_unsupported_type_is_refused(tiny_schnell, tmp_path, mflux_home):
     f = tmp_path / "ternary.gguf"
     writer = gguf.GGUFWriter(str(f), "flux")
     writer.add_tensor("img_in.weight", np.zeros((64, 64), np.int8))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    close(writer)
     assert_refused(mflux_home, ["convert", f, "--base", tiny_schnell], "img_in.weight is stored as I8")
 
 
@@ -368,10 +370,7 @@ def test_a_tensor_streams_into_its_shard_a_block_of_rows_at_a_time(tiny_schnell,
             writer.add_tensor(
                 name, random_blocks("Q8_0", shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q8_0
             )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    close(writer)
     output = sum(int(np.prod(s)) * 2 for s in shapes.values())  # bfloat16
     largest = max(int(np.prod(s)) * 2 for s in shapes.values())
     figures = measured_convert(path, tiny_schnell)
