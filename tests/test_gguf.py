@@ -388,3 +388,10 @@ def test_bits_quantizes_any_source_while_converting(tiny_schnell, mflux_home):
     assert set(q) == {"transformer", "text_encoder", "text_encoder_2"} and q["transformer"]["bits"] == 8
     assert remake_command(stored.manifest).startswith("mflux quantize ")
     assert image(stored.path).std() > 10
+
+
+def test_keys_of_no_known_layout_are_refused(tiny_schnell, tmp_path, mflux_home):
+    f = small_gguf(tmp_path / "partial.gguf")  # architecture flux, but only img_in
+    assert_refused(
+        mflux_home, ["convert", f, "--base", tiny_schnell], "not a FLUX.1 transformer checkpoint", "no tensor"
+    )
