@@ -85,19 +85,13 @@ def _check_architecture(path: Path, reader) -> None:
 
 
 def _check_tensors(path: Path, reader) -> None:
-    size = path.stat().st_size
+    # A cut file never gets here: gguf fails to map its last tensor's bytes (see `_damaged`).
     for t in reader.tensors:
         kind = t.tensor_type.name
         if kind not in SUPPORTED:
             raise MfluxError(
                 f"{path}: tensor {t.name} is stored as {kind}, which convert does not take "
                 f"(it takes {', '.join(SUPPORTED)})"
-            )
-        end = t.data_offset + t.n_bytes
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise MfluxError(
-                f"{path}: truncated: tensor {t.name} ends at byte {end}, past the file's {size} bytes "
-                "(download it again)"
             )
 
 
