@@ -748,22 +748,46 @@ def rm(names, yes):
     "exact tensors and reads as dev without it (schnell, dev and fill are read from the tensors); a "
     "Krea folder has dev's exact files. A store model's variant is its manifest's.",
 )
+@click.option(
+    "--bits",
+    **_int_choice(AFFINE_BITS),
+    help="Quantize while converting (affine, group size 64), as mflux quantize does.",
+)
+@click.option(
+    "--keep-gguf-quantization",
+    is_flag=True,
+    help="For a GGUF file: store its Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights as they are, in MLX's group-32 "
+    "affine layout with float32 scales (exact; bfloat16 scales would round each block's scale to 8 "
+    "significant bits). K-type weights (Q4_K ...) are always dequantized.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
-def convert(source, name, dtype, base, variant, force):
+def convert(source, name, dtype, base, variant, bits, keep_gguf_quantization, force):
     """Convert weights to the MLX-native format, as a new store model.
 
-    SOURCE is a store model of format hf, a diffusers-layout folder, or a Black Forest Labs
-    single-file checkpoint (.safetensors). A quantized model is MLX-native already: it is refused.
+    SOURCE is a store model of format hf, a diffusers-layout folder, or a single-file transformer: a
+    Black Forest Labs checkpoint (.safetensors) or a FLUX.1 GGUF file (needs the gguf package:
+    pip install gguf), told apart by their content. A GGUF is dequantized exactly and rounded once to
+    --dtype. A quantized model is MLX-native already: it is refused.
 
     \b
     Examples:
       mflux convert schnell
       mflux convert ./flux1-dev.safetensors --base dev --name my-dev
       mflux convert ./flux1-kontext-dev.safetensors --base dev --variant kontext
+      mflux convert ./flux1-dev-Q8_0.gguf --base dev --keep-gguf-quantization
     """
     from mflux.convert import convert as convert_model
 
-    convert_model(source, name=name, dtype=dtype, base=base, variant=variant, force=force)
+    convert_model(
+        source,
+        name=name,
+        dtype=dtype,
+        base=base,
+        variant=variant,
+        force=force,
+        bits=bits,
+        keep_gguf_quantization=keep_gguf_quantization,
+    )
 
 
 @cli.command()

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mflux.converters import bfl
+from mflux import convert_gguf
+from mflux.converters import bfl, gguf
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.manifest import (
@@ -72,6 +73,7 @@ class _Source:
     name: str  # default names derive from it
     path: Path  # what must never be written into
     transformer_file: Path | None = None  # a BFL single file, replacing the folder's transformer
+    keep_gguf: bool = False  # a GGUF file's legacy blocks are stored as they are (MLX's affine layout)
 
 
 def convert(
@@ -82,22 +84,46 @@ def convert(
     base: str | None = None,
     variant: str | None = None,
     force: bool = False,
+    bits: int | None = None,
+    keep_gguf_quantization: bool = False,
     store: Store | None = None,
     progress: bool = True,
 ) -> StoredModel:
-    """Convert a store model (format hf or mlx), a diffusers-layout folder, or a Black Forest Labs
-    single-file transformer (with `base` for the rest) into an MLX-native store model `name`
-    (default `<source name>-mlx`). `variant` names what the files can't tell: a Kontext or Krea
-    single file has dev's exact tensors, a Krea folder dev's exact files. Returns the StoredModel."""
+    """Convert a store model (format hf or mlx), a diffusers-layout folder, or a single-file transformer
+    (Black Forest Labs' safetensors, or a FLUX.1 GGUF; with `base` for the rest) into an MLX-native store
+    model `name` (default `<source name>-mlx`). `variant` names what the files can't tell: a Kontext or
+    Krea single file has dev's exact tensors, a Krea folder dev's exact files. `bits` quantizes (affine,
+    group 64) as `mflux quantize` does; `keep_gguf_quantization` stores a GGUF's legacy blocks as they
+    are. Returns the StoredModel."""
     _check_dtype(dtype)
+    spec = _convert_spec(bits, keep_gguf_quantization)
     store = store or Store()
     store.check_root()
     src = _open(source, store, base, variant)
+    if keep_gguf_quantization:
+        src = _keeping_gguf(src)
     _refuse_quantized(src)
     name = name or f"{src.name}-mlx"
     _refuse_self(store, name, src)
     dtypes = {c: _component_dtype(c, dtype, _source_dtype(src, c)) for c in COMPONENTS}
-    return _write(store, name, force, src, dtype, dtypes, dict.fromkeys(COMPONENTS), progress)
+    carried = _stored_quantization(src)  # kept as stored, never quantized again
+    specs = {c: spec if c in QUANTIZABLE_COMPONENTS and c not in carried else None for c in COMPONENTS}
+    return _write(store, name, force, src, dtype, dtypes, specs, progress)
+
+
+def _convert_spec(bits: int | None, keep_gguf_quantization: bool) -> QuantSpec | None:
+    if bits is not None and keep_gguf_quantization:
+        raise InvalidArgument(
+            "--bits re-quantizes while --keep-gguf-quantization keeps the GGUF's blocks: choose one"
+        )
+    return QuantSpec.for_mode("affine", bits) if bits is not None else None
+
+
+def _keeping_gguf(src: _Source) -> _Source:
+    if not _is_gguf(src):
+        raise InvalidArgument("--keep-gguf-quantization applies to a GGUF file only; drop it")
+    record = {**src.record, "keep_gguf_quantization": True}
+    return dataclasses.replace(src, keep_gguf=True, record=record)
 
 
 def quantize(
@@ -223,9 +249,13 @@ def _write(
     reports = []
     with store.build(name, force=force, size_hint=sum(estimates.values())) as tmp, _write_errors(store):
         for c in COMPONENTS:
-            counted = _Counter(_weights(src, c, dtypes[c], specs[c]), _spec(quantization.get(c)))
             with _progress_bar(c, estimates[c], progress) as bar:
-                save_shards(counted.reporting(bar), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
+                if c == "transformer" and _is_gguf(src):  # streamed a block of rows at a time
+                    args = src.transformer_file, tmp / c, dtypes[c], specs[c], src.keep_gguf
+                    counted = convert_gguf.save(*args, bar, max_shard_bytes=MAX_SHARD_BYTES)
+                else:
+                    counted = _Counter(_weights(src, c, dtypes[c], specs[c]), _spec(quantization.get(c)))
+                    save_shards(counted.reporting(bar), tmp / c, max_shard_bytes=MAX_SHARD_BYTES)
                 bar.total = bar.n  # the estimate gives way to the exact count
                 bar.refresh()
             if counted.quantized:
@@ -314,6 +344,8 @@ def _open_single_file(path: Path, store, base: str | None, variant: str | None) 
     # A folder base is recorded resolved, so the manifest means the same from any working directory.
     base_record = base if _is_name(base) and store.exists(base) else str(Path(base).expanduser().resolve())
     record = {"kind": "path", "path": str(path.resolve()), "base": base_record}
+    if gguf.is_gguf(path):
+        record.update(convert_gguf.record(path, keep=False))
     folder = dataclasses.replace(b.folder, variant=variant)
     return _Source(folder, record, path.stem, b.path, transformer_file=path.resolve())
 
@@ -327,8 +359,14 @@ def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
     yield from stream(weights)
 
 
+def _is_gguf(src: _Source) -> bool:
+    return src.transformer_file is not None and gguf.is_gguf(src.transformer_file)
+
+
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """{name: shape} from a single file's header; nothing is loaded."""
+    if gguf.is_gguf(path):  # by its magic bytes, never its name
+        return convert_gguf.shapes(path)
     return {k: shape for k, (_, shape, _) in SafetensorsFile(path).tensors.items()}
 
 
@@ -365,7 +403,9 @@ def _stored_quantization(src: _Source) -> dict:
     q = dict(src.folder.quantization or {})
     if src.transformer_file is not None:  # the base's transformer is replaced by the single file
         q.pop("transformer", None)
-    return q
+    if src.keep_gguf:  # the GGUF's legacy blocks, stored as they are
+        q["transformer"] = convert_gguf.quantization(src.transformer_file)
+    return {c: spec for c, spec in q.items() if spec}
 
 
 def _spec(q: dict | None) -> QuantSpec | None:
@@ -388,6 +428,8 @@ def _source_dtype(src: _Source, component: str) -> str:
     """The dtype of the component's float tensors, read from the safetensors headers."""
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     if component == "transformer" and src.transformer_file is not None:
+        if _is_gguf(src):
+            return "float32"  # what its blocks dequantize to
         files = [src.transformer_file]
     else:
         files = sorted((src.folder.path / component).glob("*.safetensors"))
@@ -450,6 +492,8 @@ def _estimate(src: _Source, component: str, dtype: str, spec: QuantSpec | None) 
     """The bytes this component will take in the new model, from the source's file sizes: a cast
     scales them by the itemsizes; quantizing stores `bits` per weight plus a scale (and an affine
     bias) per group. Good to a few percent, which is what a free-space check and a bar need."""
+    if component == "transformer" and _is_gguf(src):
+        return convert_gguf.estimate(src.transformer_file, dtype, spec, src.keep_gguf)
     size = sum(p.stat().st_size for p in _source_files(src, component))
     if component in _stored_quantization(src):
         return size  # kept as stored

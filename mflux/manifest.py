@@ -455,10 +455,20 @@ def remake_command(m: Manifest) -> str:
     what = shlex.quote(source["name"] if source["kind"] == "model" else source["path"])
     dtype = f" --dtype {m.dtype}" if m.dtype != "bfloat16" else ""
     if "base" in source:  # a single-file transformer, its other components from a base
-        return f"mflux convert {what} --base {shlex.quote(source['base'])}{dtype} {tail}"
+        return (
+            f"mflux convert {what} --base {shlex.quote(source['base'])}{dtype}{_single_file_flags(m)} {tail}"
+        )
     if m.quantization:
         return f"mflux quantize {what} {_quantize_flags(m.quantization)}{dtype} {tail}"
     return f"mflux convert {what}{dtype} {tail}"
+
+
+def _single_file_flags(m: Manifest) -> str:
+    """How a single file's transformer was stored: a GGUF's blocks kept, or quantized while converting."""
+    if m.source.get("keep_gguf_quantization"):
+        return " --keep-gguf-quantization"
+    q = (m.quantization or {}).get("transformer")
+    return f" --bits {q['bits']}" if q else ""
 
 
 def _quantize_flags(quantization: dict) -> str:

@@ -301,6 +301,48 @@ def test_broken_safetensors_header(home, tmp_path, fault):
     consistent(home)
 
 
+def _sd3_gguf(path: Path) -> Path:
+    from tests.test_gguf import small_gguf
+
+    return small_gguf(path, "sd3")
+
+
+def _cut_gguf(path: Path) -> Path:
+    from tests.test_gguf import small_gguf
+
+    whole = small_gguf(path).read_bytes()
+    path.write_bytes(whole[: len(whole) - 1000])
+    return path
+
+
+def _odd_type_gguf(path: Path) -> Path:
+    import gguf
+
+    from tests.test_gguf import small_gguf
+
+    reader = gguf.GGUFReader(small_gguf(path), "r+")
+    reader.tensors[0].field.parts[4][0] = 250  # a type number ggml never used
+    reader.data.flush()
+    return path
+
+
+GGUFS = {  # issue 36: each refused in one line before anything is written
+    "sd3": (_sd3_gguf, "architecture 'sd3'"),
+    "truncated": (_cut_gguf, "truncated or damaged GGUF file"),
+    "unknown-type": (_odd_type_gguf, "unknown GGUF quantization type (number 250)"),
+}
+
+
+@pytest.mark.parametrize("fault", GGUFS)
+def test_broken_gguf(home, tmp_path, fault):
+    make, words = GGUFS[fault]
+    bad = make(tmp_path / "flux1-dev-Q4_K_S.gguf")
+    before = snapshot(home)
+    refused(mflux("convert", bad, "--base", "schnell"), words)
+    assert snapshot(home) == before
+    consistent(home)
+
+
 # --- malformed manifests ---------------------------------------------------------------------------
 
 

@@ -2,8 +2,8 @@
 
 `mflux/runtime/` imports only mlx, numpy, PIL, tokenizers, sentencepiece, `mflux.errors`, `mflux.backend`,
 `mflux.converters` and itself; `converters/` (installed as `mflux.converters`) only mlx, numpy,
-`mflux.errors` and itself. Both may use the standard library. Every import statement counts,
-including those inside functions.
+`mflux.errors`, `gguf` (the optional extra that parses GGUF files, in converters/gguf.py) and itself.
+Both may use the standard library. Every import statement counts, including those inside functions.
 """
 
 import ast
@@ -29,7 +29,7 @@ RUNTIME = {
     "mflux.converters",
     "mflux.runtime",
 }
-CONVERTERS = {"mlx", "numpy", "mflux.errors", "mflux.converters"}
+CONVERTERS = {"mlx", "numpy", "gguf", "mflux.errors", "mflux.converters"}
 
 
 def imports(path: Path, package: str) -> set[str]:
