@@ -29,6 +29,17 @@ the path (rank 16 on width 64 adds a third of the multiply-adds). At the real wi
 a 3072x9216 4-bit layer took 406 ms for 16 tokens on the CPU, its rank-16 path 1.1 ms (0.3%); r·(in + out)
 against in·out is 0.7%. A stored quantized model has no float weights left, so there the path is the only
 exact choice anyway.
+
+Control LoRAs (FLUX.1-Canny-dev-lora, FLUX.1-Depth-dev-lora) turn dev into a control model, as diffusers'
+FluxLoraLoaderMixin.load_lora_weights does:
+- their `img_in` (diffusers' `x_embedder`) LoRA is 128 inputs wide: dev's `img_in` is widened to 128 inputs,
+  the new columns zero, so the control image's latents join as extra channels (`control_width` tells such
+  a file from its header). A quantized `img_in` is dequantized and stays float once widened, as diffusers'
+  expanded layer does: it is 0.4M weights, and a float layer keeps dev's own columns as they were.
+  Another LoRA on the widened `img_in` gets its down weight zero-padded to the new width.
+- full replacement weights for the q/k norms (`norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`; BFL's
+  `query_norm.scale`, `key_norm.scale`): loaded as they are, not scaled by the LoRA scale. mflux has no
+  unload: a model's LoRAs are fixed when it opens, and reloading the transformer reads dev's norms again.
 """
 
 import functools
@@ -185,6 +196,7 @@ class LoraFile:
     file: SafetensorsFile
     modules: list[LoraModule]
     unmatched: list[str]  # tensor keys that fit no FLUX.1 layer
+    norms: dict[str, str] = field(default_factory=dict)  # a Control LoRA's norms: runtime path -> key
 
     @property
     def format(self) -> str:
@@ -271,7 +283,11 @@ def open_lora(path: str | Path) -> LoraFile:
         raise MfluxError(f"{sf.path}: the file holds no tensors (is it a LoRA?)")
     groups: dict[str, dict] = {}
     unmatched = []
+    norms = {}
     for k in sf.keys():
+        if path := norm_path(k):
+            norms[path] = k
+            continue
         if m := _WEIGHT.match(k):
             g = groups.setdefault(m["module"], {"down": {}, "up": {}, "alpha": None, "keys": []})
             g["down" if m["role"] in _DOWN else "up"][int(m["part"] or 0)] = k
@@ -289,7 +305,42 @@ def open_lora(path: str | Path) -> LoraFile:
             unmatched += g["keys"]
             continue
         modules.append(_module(sf, name, g, *hit))
-    return LoraFile(sf.path, sf, modules, unmatched)
+    return LoraFile(sf.path, sf, modules, unmatched, norms)
+
+
+# A Control LoRA's replacement norms, in diffusers' names (diffusers' _control_lora_supported_norm_keys)
+# or BFL's, each to its runtime RMSNorm scale.
+_NORM_DIFFUSERS = re.compile(
+    r"^(?:transformer\.)?(transformer_blocks|single_transformer_blocks)\.(\d+)\."
+    r"(attn\.norm_(?:q|k|added_q|added_k))\.weight$"
+)
+_NORM_BFL = re.compile(
+    r"^(?:diffusion_model\.)?((?:double_blocks\.\d+\.(?:img|txt)_attn|single_blocks\.\d+)"
+    r"\.norm\.(?:query|key)_norm\.scale)$"
+)
+
+
+def norm_path(key: str) -> str | None:
+    """The runtime path of the RMSNorm scale a Control LoRA's norm key replaces, or None."""
+    if m := _NORM_BFL.match(key):
+        return m[1]
+    if m := _NORM_DIFFUSERS.match(key):
+        blocks = DOUBLE_BLOCK_MODULES if m[1] == "transformer_blocks" else SINGLE_BLOCK_MODULES
+        block = "double_blocks" if m[1] == "transformer_blocks" else "single_blocks"
+        leaf = blocks.get(m[3])
+        return f"{block}.{m[2]}.{leaf}.scale" if leaf else None
+    return None
+
+
+def control_width(path: str | Path) -> int | None:
+    """The input width a LoRA's `img_in` (`x_embedder`) module takes, from the file's header: 128 for a
+    Control LoRA; None where the file has no such module."""
+    lora = open_lora(path)
+    try:
+        downs = [m.down[0] for m in lora.modules if m.site == Site("transformer", "img_in")]
+        return max((lora.file.tensors[k][1][1] for k in downs), default=None)
+    finally:
+        lora.file.close()
 
 
 def _module(sf: SafetensorsFile, name: str, g: dict, site: Site, fmt: str) -> LoraModule:
@@ -414,10 +465,71 @@ def _apply(component: str, root: nn.Module, loras: list[LoraFile], scales: list[
         for m in lora.modules:
             if m.site.component == component and find_layer(root, m.site.path) is not None:
                 updates.setdefault(m.site.path, []).append((lora, m, peft, float(s)))
+    widened = _widen(root, updates) if component == "transformer" else set()
+    if component == "transformer":
+        _replace_norms(root, loras)
     for path, parts in updates.items():
-        layer = _with_lora(find_layer(root, path), parts, component)
+        layer = _with_lora(find_layer(root, path), parts, component, path in widened)
         mx.eval(layer.lora_down, layer.lora_up)
         replace_layer(root, path, layer)
+
+
+def _widen(root: nn.Module, updates: dict[str, list]) -> set[str]:
+    """Widen `img_in` to the input width of a Control LoRA's module on it (new columns zero), as diffusers'
+    _maybe_expand_transformer_param_shape_or_error_; the paths widened."""
+    widened = set()
+    for path, parts in updates.items():
+        if path != "img_in":  # the only layer a Control LoRA widens: its input is the packed channels
+            continue
+        layer = find_layer(root, path)
+        want = max(lora.file.tensors[m.down[0]][1][1] for lora, m, _, _ in parts)
+        out_dims, in_dims, dtype = layer_dims(layer)
+        if want <= in_dims:
+            continue
+        weight = layer.weight
+        if isinstance(layer, nn.QuantizedLinear):  # kept float once widened (the docstring says why)
+            weight = mx.dequantize(
+                weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, mode=layer.mode
+            )
+        wide = nn.Linear(want, out_dims, bias="bias" in layer)
+        wide.weight = mx.pad(weight.astype(dtype), [(0, 0), (0, want - in_dims)])  # (out, want)
+        if "bias" in layer:
+            wide.bias = layer.bias
+        mx.eval(wide.parameters())
+        replace_layer(root, path, wide)
+        root.params.in_channels = want  # the packed channels the transformer now takes
+        widened.add(path)
+    return widened
+
+
+def _replace_norms(root: nn.Module, loras: list[LoraFile]) -> None:
+    """A Control LoRA's q/k norms replace the model's, unscaled (a later file's win, as in diffusers)."""
+    for lora in loras:
+        for path, key in lora.norms.items():
+            *parents, leaf = path.split(".")
+            node = _node(root, parents)
+            old = node.get(leaf) if isinstance(node, nn.Module) else None
+            value = lora.file.load(key)
+            if old is None or value.shape != old.shape:
+                raise MfluxError(
+                    f"{lora.path}: {key} {tuple(value.shape)} replaces transformer norm {path}, which "
+                    f"{'is ' + str(tuple(old.shape)) if old is not None else 'this model lacks'} "
+                    "(a Control LoRA for another model size?)"
+                )
+            setattr(node, leaf, value.astype(old.dtype))
+            mx.eval(getattr(node, leaf))
+
+
+def _node(root: nn.Module, names: list[str]):
+    node = root
+    for name in names:
+        if isinstance(node, list):
+            node = node[int(name)] if name.isdigit() and int(name) < len(node) else None
+        elif isinstance(node, dict):
+            node = node.get(name)
+        if node is None:
+            return None
+    return node
 
 
 def _check_fit(lora: LoraFile, modules: dict) -> None:
@@ -477,8 +589,9 @@ def layer_dims(layer: nn.Module) -> tuple[int, int, mx.Dtype]:
     return *layer.weight.shape, layer.weight.dtype
 
 
-def _with_lora(layer: nn.Module, parts: list, component: str) -> LoRALinear:
-    """The layer with one low-rank path holding every LoRA on it (and any it already had)."""
+def _with_lora(layer: nn.Module, parts: list, component: str, widened: bool = False) -> LoRALinear:
+    """The layer with one low-rank path holding every LoRA on it (and any it already had); on a layer a
+    Control LoRA widened, a narrower down weight is zero-padded to the new width."""
     base = layer.base if isinstance(layer, LoRALinear) else layer
     out_dims, in_dims, dtype = layer_dims(base)
     downs, ups = [], []
@@ -489,6 +602,8 @@ def _with_lora(layer: nn.Module, parts: list, component: str) -> LoRALinear:
         down, up = _weights(lora, m, peft)
         start, stop = site_rows(m.site.part, in_dims, out_dims)
         where = f"{lora.path}: {m.key} targets {component} layer {m.site.path}"
+        if widened and down.shape[1] < in_dims:  # diffusers' _maybe_expand_lora_state_dict
+            down = mx.pad(down, [(0, 0), (0, in_dims - down.shape[1])])
         if down.shape[1] != in_dims:
             raise MfluxError(
                 f"{where}, whose input width is {in_dims}, but its down weight is {tuple(down.shape)}"

@@ -1,0 +1,163 @@
+"""Control LoRAs (FLUX.1-Canny-dev-lora, FLUX.1-Depth-dev-lora) on dev against diffusers' FluxControlPipeline
+after load_lora_weights, at float32 on the tiny dev folder, fed the same noise (VAE posterior mean): dev's
+x_embedder widened to 128 inputs, the replacement q/k norms loaded unscaled, and an ordinary LoRA beside it
+zero-padded. As in test_control.py the denoised latents are compared too; breaking the widening or the norm
+replacement moves them far past the bound."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mflux import Config, Flux1
+from mflux.errors import InvalidArgument
+from mflux.runtime import lora
+from tests import lora_files as lf
+from tests.test_control import H, W, edges
+from tests.test_generation import BOUND, PROMPT, diff, noise
+from tests.test_kontext_fill import LATENT_BOUND, LATENT_GAP, _diffusers, gap, ours, reference
+
+CONTROL_SCALE, EXTRA_SCALE = 0.9, 0.7
+
+
+def control_lora_tensors(shapes: dict, seed: int = 3) -> dict:
+    """A Control LoRA as the real file holds it (diffusers/PEFT names): x_embedder 128 inputs wide, block
+    LoRAs, and full replacement weights for every block's norm_q, norm_k, norm_added_q, norm_added_k."""
+    rng = np.random.default_rng(seed)
+    hidden, _ = shapes["x_embedder"]
+    spec = {"transformer.x_embedder": lf.pair(rng, 4, 128, hidden)}
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"):
+        spec[f"transformer.{name}"] = lf.pair(rng, 4, shapes[name][1], shapes[name][0], amp=0.3)
+    norms = {  # every block's q/k norms: the real file replaces them all
+        f"transformer.{name}.weight": (1 + 0.5 * rng.standard_normal(shape)).astype(np.float32)
+        for name, shape in shapes.items()
+        if ".attn.norm_" in name
+    }
+    return lf.peft(spec) | norms
+
+
+def norm_shapes(folder) -> dict:
+    from mflux.runtime.weights import TensorSource
+
+    src = TensorSource.from_folder(folder / "transformer")
+    return {k[: -len(".weight")]: src.shape(k) for k in src.keys() if ".norm_" in k}
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_dev, tmp_path_factory):
+    shapes = lf.transformer_shapes(tiny_dev) | norm_shapes(tiny_dev)
+    folder = tmp_path_factory.mktemp("control_loras")
+    control = lf.save(folder / "control.safetensors", control_lora_tensors(shapes))
+    rng = np.random.default_rng(5)
+    hidden, in_dims = shapes["x_embedder"]
+    extra = {"transformer.x_embedder": lf.pair(rng, 4, in_dims, hidden)}  # 64 wide: padded to 128
+    extra["transformer.transformer_blocks.0.attn.to_v"] = lf.pair(rng, 4, hidden, hidden, amp=0.3)
+    return control, lf.save(folder / "extra.safetensors", lf.peft(extra))
+
+
+def diffusers_case(tiny_dev, paths: list, eps, steps: int = 3):
+    pipe = _diffusers("FluxControlPipeline", tiny_dev)
+    names = [f"lora{i}" for i in range(len(paths))]
+    for name, (path, _) in zip(names, paths):
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    pipe.set_adapters(names, adapter_weights=[s for _, s in paths])
+    return reference(
+        pipe, eps, prompt=PROMPT, control_image=edges(H, W), height=H, width=W, num_inference_steps=steps,
+        guidance_scale=3.5,
+    )  # fmt: skip
+
+
+def mflux_case(tiny_dev, paths: list, eps, steps: int = 3, **kwargs):
+    flux = Flux1.from_path(
+        tiny_dev, precision="float32", lora_paths=[p for p, _ in paths], lora_scales=[s for _, s in paths],
+        **kwargs,
+    )  # fmt: skip
+    return ours(flux, PROMPT, Config(steps, H, W, guidance=3.5), eps, control_image=edges(H, W))
+
+
+@pytest.fixture(scope="module")
+def want(tiny_dev, loras):
+    """diffusers' image and latents for the Control LoRA alone, and with the ordinary LoRA after it."""
+    from unittest import mock
+
+    from diffusers.models.autoencoders import vae as vae_module
+
+    control, extra = loras
+    eps = noise(1, H, W, seed=29)
+    with mock.patch.object(
+        vae_module.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean
+    ):
+        alone = diffusers_case(tiny_dev, [(control, CONTROL_SCALE)], eps)
+        both = diffusers_case(tiny_dev, [(control, CONTROL_SCALE), (extra, EXTRA_SCALE)], eps)
+    return eps, {"alone": alone, "both": both}
+
+
+@pytest.mark.parametrize("case", ["alone", "both"])
+def test_control_lora_on_dev_equals_diffusers(case, tiny_dev, loras, want):
+    eps, refs = want
+    control, extra = loras
+    paths = [(control, CONTROL_SCALE)] + ([(extra, EXTRA_SCALE)] if case == "both" else [])
+    image, latents = mflux_case(tiny_dev, paths, eps)
+    want_image, want_latents = refs[case]
+    d, g = diff(image.image, want_image), gap(latents, want_latents)
+    print(f"dev + Control LoRA ({case}) vs diffusers: max |diff| {d}/255, latents {g:.1e}")
+    assert d <= BOUND and g <= LATENT_BOUND
+
+
+@pytest.mark.parametrize("breakage", ["widening", "norms"])
+def test_broken_control_lora_fails_the_comparison(breakage, tiny_dev, loras, want, monkeypatch):
+    eps, refs = want
+    widen = lora._widen
+
+    def widened_on_the_wrong_side(root, updates):  # dev's columns where the control latents go
+        done = widen(root, updates)
+        layer = root.img_in
+        layer.weight = mx.concatenate([layer.weight[:, 64:], layer.weight[:, :64]], axis=1)
+        return done
+
+    if breakage == "widening":
+        monkeypatch.setattr(lora, "_widen", widened_on_the_wrong_side)
+    else:
+        monkeypatch.setattr(lora, "_replace_norms", lambda root, files: None)
+    _, latents = mflux_case(tiny_dev, [(loras[0], CONTROL_SCALE)], eps)
+    assert gap(latents, refs["alone"][1]) > LATENT_GAP
+
+
+def test_norms_are_replaced_unscaled_and_img_in_widened(tiny_dev, loras):
+    flux = Flux1.from_path(tiny_dev, precision="float32", lora_paths=[loras[0]], lora_scales=[0.25])
+    transformer = flux.get("transformer")
+    from mflux.runtime.weights import SafetensorsFile
+
+    file = SafetensorsFile(loras[0])
+    want = np.array(file.load("transformer.transformer_blocks.0.attn.norm_added_k.weight"))
+    got = np.array(transformer.double_blocks[0].txt_attn.norm.key_norm.scale)
+    assert np.array_equal(got, want)  # as the file holds it, whatever the LoRA scale
+    assert transformer.img_in.base.weight.shape[1] == 128 and transformer.params.in_channels == 128
+    assert not np.array(transformer.img_in.base.weight[:, 64:]).any()  # the new columns start at zero
+
+
+def test_quantized_dev_keeps_the_widened_img_in_float(tiny_dev, loras):
+    """On a quantized dev the widened img_in is dequantized and stays float (lora.py says why): dev's own
+    columns are the quantized layer's values exactly, the control columns zero, and an image comes out."""
+    plain = Flux1.from_path(tiny_dev, precision="float32", quantize=8).get("transformer").img_in
+    assert isinstance(plain, nn.QuantizedLinear)
+    flux = Flux1.from_path(tiny_dev, precision="float32", quantize=8, lora_paths=[loras[0]])
+    layer = flux.get("transformer").img_in.base
+    assert type(layer) is nn.Linear and layer.weight.shape[1] == 128
+    dequantized = mx.dequantize(plain.weight, plain.scales, plain.biases, plain.group_size, plain.bits)
+    assert np.array_equal(np.array(layer.weight[:, :64]), np.array(dequantized))
+    assert not np.array(layer.weight[:, 64:]).any()
+    image = flux.generate_image(0, PROMPT, Config(1, H, W), control_image=edges(H, W))
+    assert image.image.size == (W, H)
+
+
+def test_control_lora_misuse_is_refused_before_any_load(tiny_dev, tiny_schnell, loras):
+    with pytest.raises(InvalidArgument, match="is a Control LoRA for FLUX.1 dev .* schnell can't take it"):
+        Flux1.from_path(tiny_schnell, lora_paths=[loras[0]])
+    flux = Flux1.from_path(tiny_dev, precision="float32", lora_paths=[loras[0]])
+    with pytest.raises(InvalidArgument, match="dev with a Control LoRA follows a control image"):
+        flux.generate_image(0, PROMPT, Config(1, H, W))
+    dev = Flux1.from_path(tiny_dev, precision="float32", lora_paths=[loras[1]])
+    with pytest.raises(InvalidArgument, match="control_image= needs a canny or depth model; dev takes none"):
+        dev.generate_image(0, PROMPT, Config(1, H, W), control_image=edges(H, W))
+    assert not flux.models.modules and not dev.models.modules
