@@ -161,3 +161,53 @@ def test_control_lora_misuse_is_refused_before_any_load(tiny_dev, tiny_schnell, 
     with pytest.raises(InvalidArgument, match="control_image= needs a canny or depth model; dev takes none"):
         dev.generate_image(0, PROMPT, Config(1, H, W), control_image=edges(H, W))
     assert not flux.models.modules and not dev.models.modules
+
+
+def test_cli_dev_with_a_control_lora_follows_a_map(tiny_dev, loras, tmp_path):
+    from tests.test_kontext_fill import _cli, _meta
+
+    edges(H, W).save(tmp_path / "edges.png")
+    args = [
+        "--path",
+        str(tiny_dev),
+        "--steps",
+        "1",
+        "--seed",
+        "6",
+        "--prompt",
+        PROMPT,
+        "--control",
+        "edges.png",
+    ]
+    made = _cli(*args, "--lora-paths", str(loras[0]), "-o", "c.png", cwd=tmp_path)
+    assert made.exit_code == 0, made.output
+    m = _meta(tmp_path / "c.png")
+    assert (m["variant"], m["lora_paths"], len(m["control_sha256"])) == ("dev", [str(loras[0])], 64)
+
+
+@pytest.mark.parametrize(
+    "model, extra, words",
+    [
+        ("schnell", ["--control", "edges.png"], "is a Control LoRA for FLUX.1 dev"),
+        ("dev", [], "dev with a Control LoRA follows an edge or depth map: give --control IMAGE"),
+    ],
+)
+def test_cli_refuses_control_lora_misuse_before_any_load(
+    model, extra, words, loras, tmp_path, monkeypatch, tiny_dev, tiny_schnell
+):
+    import mflux.flux1
+    from tests.test_kontext_fill import _cli
+
+    edges(H, W).save(tmp_path / "edges.png")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was opened before the settings were refused")
+
+    monkeypatch.setattr(mflux.flux1.Flux1, "__init__", no_load)
+    folder = tiny_schnell if model == "schnell" else tiny_dev
+    result = _cli(
+        "--path", str(folder), "--prompt", PROMPT, "--steps", "1", "--lora-paths", str(loras[0]), *extra,
+        cwd=tmp_path,
+    )  # fmt: skip
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and words in lines[0], result.output
