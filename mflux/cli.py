@@ -253,12 +253,14 @@ def pull(model_or_repo, name, revision, dry_run, force):
     """Download a model from the Hugging Face Hub into the store.
 
     MODEL_OR_REPO is a catalog name (see: mflux list --available) or a Hub repo in FLUX.1 diffusers
-    layout (org/name).
+    layout (org/name). canny-lora and depth-lora are Control LoRAs for dev: one LoRA file each, used
+    as --lora-paths canny-lora.
 
     \b
     Examples:
       mflux pull schnell
       mflux pull dev --dry-run
+      mflux pull canny-lora
       mflux pull some-org/flux-finetune --name finetune
     """
     from mflux.hub import pull as hub_pull
@@ -348,7 +350,8 @@ def pull(model_or_repo, name, revision, dry_run, force):
 @click.option(
     "--control",
     type=click.Path(dir_okay=False),
-    help="With -m canny or -m depth: the edge or depth map the image follows (white edges on black; a "
+    help="With -m canny or -m depth (or -m dev with a Control LoRA: --lora-paths canny-lora or "
+    "depth-lora): the edge or depth map the image follows (white edges on black; a "
     "depth map from any estimator), resized to the output; without --width/--height the size is its own.",
 )
 @click.option(
@@ -391,7 +394,7 @@ def pull(model_or_repo, name, revision, dry_run, force):
     cls=MultiValueOption,
     type=click.Path(dir_okay=False),
     metavar="PATH...",
-    help="LoRA .safetensors files to apply.",
+    help="LoRA .safetensors files to apply, or LoRAs pulled into the store, by name (canny-lora, depth-lora).",
 )
 @click.option(
     "--lora-scales",
@@ -444,6 +447,7 @@ def run(ctx, seed, count, lora_paths, lora_scales, no_pull, **flags):
       mflux run -m fill --image photo.png --expand 0,0,256,0 --prompt "the beach continues"
       mflux run -m krea --prompt "a lighthouse at dusk"
       mflux run -m canny --control edges.png --prompt "a futuristic city at night"
+      mflux run -m dev --lora-paths canny-lora --control edges.png --prompt "a futuristic city"
       mflux run -m schnell --prompt-file prompts.jsonl -n 2 --json
       mflux run --from image.png --seed 7 --stepwise steps/
     """
@@ -523,6 +527,7 @@ def _model_json(m) -> dict:
     man = m.manifest
     return {
         "name": m.name,
+        "kind": man.kind,
         "format": man.format,
         "variant": man.variant,
         "family": man.family,
@@ -543,7 +548,7 @@ def _model_row(m) -> tuple:
     man = m.manifest
     return (
         m.name,
-        man.format,
+        "lora" if man.kind == "lora" else man.format,  # a LoRA file, for --lora-paths
         quantization_label(man.quantization),
         format_size(m.size_bytes),
         _ago(m.modified),

@@ -131,7 +131,7 @@ class Flux1:
         self.precision = precision
         self.dtype = getattr(mx, precision)
         self.quantize = QuantSpec(quantize) if quantize is not None else None
-        self.lora_paths = list(lora_paths or [])
+        self.lora_paths = [_lora_file(p) for p in lora_paths or []]
         self.lora_scales = _lora_scales(self.lora_paths, lora_scales)
         self.control_loras = _control_loras(self.lora_paths, folder)
         self.models = Models(folder, self.dtype, self.quantize, self.lora_paths, self.lora_scales)
@@ -675,6 +675,16 @@ def _per_image(name: str, value, n: int) -> list[str]:
         if bad:
             raise InvalidArgument(f"{name} is not valid text: {bad}")
     return values
+
+
+def _lora_file(path) -> str:
+    """A LoRA path as given, or the file of a LoRA stored by that name (`lora_paths=["canny-lora"]`)."""
+    if Path(path).is_file():
+        return path
+    from mflux.store import Store
+
+    found = Store().lora_file(str(path))
+    return str(found) if found is not None else path  # a missing file is refused where it is read
 
 
 def _control_loras(paths: list, folder: ModelFolder) -> list[str]:

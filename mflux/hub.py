@@ -134,6 +134,7 @@ class _Source:
     patterns: tuple[str, ...]
     name: str
     variant: str | None = None  # a catalog model's name (krea's files are dev's); else read from the files
+    kind: str = "model"  # or "lora": one LoRA file, stored for --lora-paths (a catalog entry's kind)
 
 
 def pull(
@@ -191,7 +192,9 @@ def _source(model_or_repo: str, revision: str | None, name: str | None) -> _Sour
         entry = known[model_or_repo]
         patterns = tuple(entry.allow_patterns) or DIFFUSERS_PATTERNS
         name = validate_name(name or model_or_repo)
-        return _Source(entry.repo, revision or entry.revision, patterns, name, variant=entry.name)
+        return _Source(
+            entry.repo, revision or entry.revision, patterns, name, variant=entry.name, kind=entry.kind
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model_or_repo):
         repo_name = model_or_repo.split("/")[1].lower()
         return _Source(
@@ -225,8 +228,11 @@ def _remote_files(endpoint: str, token: str | None, source: _Source) -> tuple[st
         for s in info.siblings or []
     ]
     _check_paths(source.repo, [f.path for f in files])
-    _check_layout(source.repo, [f.path for f in files])
     chosen = [f for f in files if _wanted(f.path, source.patterns)]
+    if source.kind == "lora":
+        _check_lora_layout(source, [f.path for f in chosen])
+    else:
+        _check_layout(source.repo, [f.path for f in files])
     # Small files first: a gated repo or a bad layout shows before gigabytes move.
     return info.sha, sorted(chosen, key=lambda f: (f.lfs, f.size, f.path))
 
@@ -277,6 +283,14 @@ def _check_layout(repo: str, paths: list[str]) -> None:
         raise MfluxError(
             f"{repo} is not a FLUX.1 pipeline in diffusers layout: it lacks {', '.join(missing)} "
             "(mflux pulls repos laid out like black-forest-labs/FLUX.1-schnell)"
+        )
+
+
+def _check_lora_layout(source: _Source, chosen: list[str]) -> None:
+    if len(chosen) != 1:
+        raise MfluxError(
+            f"{source.repo} does not hold {' '.join(source.patterns)}, the LoRA file {source.name} is "
+            "(has the repo changed? pin an older commit with --revision)"
         )
 
 
@@ -444,19 +458,25 @@ def _digests(path: Path, blob: bool) -> tuple[str, str | None]:
 
 def _install(store: Store, source: _Source, commit: str, files, sha256s, partial: Path, replace: bool):
     name = source.name
-    # Read the architecture before moving anything, so a bad config can't cost the downloaded files.
-    architecture = architecture_from_hf(partial)
-    variant = detect_variant(architecture, source.variant)
     manifest = Manifest(
         name=name,
-        variant=variant,
+        variant="dev",
         format="hf",
-        dtype=_dtype(partial),
+        dtype="bfloat16",
         source={"kind": "hub", "repo": source.repo, "revision": source.revision, "commit": commit},
         files=[{"path": f.path, "size": f.size, "sha256": sha256s[f.path]} for f in files],
-        architecture=architecture,
-        defaults=defaults_for(variant, architecture),
+        architecture={},
+        defaults={},
+        kind=source.kind,
     )
+    # Read the configs (or the LoRA's header) before moving anything: a bad one can't cost the downloads.
+    if source.kind == "lora":
+        manifest.dtype = _lora_dtype(partial / files[0].path)
+    else:
+        manifest.architecture = architecture_from_hf(partial)
+        manifest.variant = detect_variant(manifest.architecture, source.variant)
+        manifest.defaults = defaults_for(manifest.variant, manifest.architecture)
+        manifest.dtype = _dtype(partial)
     with store.build(name, force=replace, size_hint=sum(f.size for f in files)) as folder:
         for f in files:
             target = _inside(folder, f.path)
@@ -474,6 +494,19 @@ def _place(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         os.replace(src, dst)
+
+
+def _lora_dtype(path: Path) -> str:
+    # The LoRA file's dtype, read (and the file checked to be a LoRA) from its header.
+    from mflux.runtime.lora import open_lora
+
+    lora = open_lora(path)
+    lora.file.close()
+    if not lora.modules:
+        raise MfluxError(f"{path.name} is not a LoRA: none of its tensors is a LoRA layer of FLUX.1")
+    dtypes = {lora.file.tensors[m.down[0]][0] for m in lora.modules}
+    top = sorted(dtypes)[0]
+    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(top, "bfloat16")
 
 
 def _dtype(folder: Path) -> str:

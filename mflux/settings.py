@@ -443,7 +443,7 @@ def _lora(path, scale, w: _Where) -> tuple[str, float]:
         raise w.fail(f"a LoRA path must be text, got {path!r}")
     p = Path(path)
     if not p.is_file():
-        raise w.fail(f"LoRA {path}: no such file")
+        p = _stored_lora(str(path), w)
     try:
         n, _ = _lora_header(str(p.resolve()))
     except MfluxError as e:
@@ -451,6 +451,19 @@ def _lora(path, scale, w: _Where) -> tuple[str, float]:
     if n == 0:
         raise w.fail(f"{path} is not a LoRA: none of its tensors is a LoRA layer of FLUX.1")
     return str(p.resolve()), scale  # absolute, so that --from finds it from any folder
+
+
+def _stored_lora(name: str, w: _Where) -> Path:
+    # a LoRA in the store by name (mflux pull canny-lora), as --lora-paths canny-lora gives it
+    from mflux.store import NotStored, Store
+
+    try:
+        found = Store().lora_file(name)
+    except NotStored as e:
+        raise w.fail(str(e)) from None
+    if found is None:
+        raise w.fail(f"LoRA {name}: no such file")
+    return found
 
 
 _LORA_CACHE: dict[tuple[str, int], tuple[int, int | None]] = {}

@@ -211,3 +211,82 @@ def test_cli_refuses_control_lora_misuse_before_any_load(
     )  # fmt: skip
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and words in lines[0], result.output
+
+
+# --- canny-lora, depth-lora: one LoRA file in the store -------------------------------------------
+
+CANNY_LORA = "black-forest-labs/FLUX.1-Canny-dev-lora"
+
+
+@pytest.fixture
+def hub(loras, tmp_path_factory, monkeypatch, tmp_path):
+    """The local Hub serving the Control LoRA fixture as the real repo lays it out (gated, the file at the
+    root beside files a pull must not take)."""
+    import shutil
+
+    from mflux.catalog import catalog
+    from tests.hub_server import HubServer, point_client_at
+
+    repo = tmp_path_factory.mktemp("canny_lora_repo")
+    shutil.copy(loras[0], repo / "flux1-canny-dev-lora.safetensors")
+    (repo / "README.md").write_text("# FLUX.1 Canny [dev] LoRA\n")
+    (repo / "LICENSE.md").write_text("non-commercial\n")
+    with HubServer() as server:
+        server.add_repo(
+            CANNY_LORA, repo, gated=True, commit="0" * 39 + "1", refs=(catalog()["canny-lora"].revision,)
+        )
+        point_client_at(server, monkeypatch, tmp_path)
+        yield server
+
+
+def test_pull_canny_lora_stores_one_lora_file(hub, loras, tiny_dev, tmp_path, monkeypatch, mflux_home):
+    from click.testing import CliRunner
+
+    from mflux import hub as mflux_hub
+    from mflux.cli import cli
+    from mflux.errors import MfluxError
+    from mflux.store import Store
+    from tests.hub_server import GOOD_TOKEN
+    from tests.test_kontext_fill import _cli, _meta
+
+    with pytest.raises(MfluxError, match=f"{CANNY_LORA} is gated"):
+        mflux_hub.pull("canny-lora", progress=False)
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    stored = mflux_hub.pull("canny-lora", progress=False)
+    assert stored.manifest.kind == "lora" and [f["path"] for f in stored.manifest.files] == [
+        "flux1-canny-dev-lora.safetensors"
+    ]
+    assert sorted(p.name for p in stored.path.iterdir()) == [
+        "flux1-canny-dev-lora.safetensors",
+        "manifest.toml",
+    ]
+    listed = CliRunner().invoke(cli, ["list"])
+    assert listed.exit_code == 0 and any(
+        line.split()[:2] == ["canny-lora", "lora"] for line in listed.output.splitlines()
+    )
+
+    edges(H, W).save(tmp_path / "edges.png")
+    args = ["--path", str(tiny_dev), "--steps", "1", "--prompt", PROMPT, "--control", "edges.png"]
+    made = _cli(*args, "--lora-paths", "canny-lora", "-o", "c.png", cwd=tmp_path)
+    assert made.exit_code == 0, made.output
+    assert _meta(tmp_path / "c.png")["lora_paths"] == [str(stored.path / "flux1-canny-dev-lora.safetensors")]
+    flux = Flux1.from_path(tiny_dev, lora_paths=["canny-lora"])  # the API takes the name too
+    assert flux.condition == "control"
+
+    with pytest.raises(InvalidArgument, match="canny-lora is a LoRA, not a model: load it on dev"):
+        Store().resolve("canny-lora")
+    removed = CliRunner().invoke(cli, ["rm", "canny-lora", "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert not Store().exists("canny-lora")
+
+
+def test_a_lora_not_pulled_yet_is_named_with_its_pull(tiny_dev, tmp_path):
+    from tests.test_kontext_fill import _cli
+
+    result = _cli("--path", str(tiny_dev), "--prompt", PROMPT, "--lora-paths", "depth-lora", cwd=tmp_path)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines == [
+        "error: LoRA 'depth-lora' is not in the store (get it with: mflux pull depth-lora)"
+    ]
+    model = _cli("-m", "depth-lora", "--prompt", PROMPT, cwd=tmp_path)
+    assert model.exit_code == 1 and "depth-lora is a LoRA, not a model" in model.output
