@@ -149,7 +149,8 @@ def pull(
 ) -> StoredModel | PullPlan:
     """Download a catalog model (`schnell`, `dev`, `kontext`, `fill`, `krea`: its name is recorded as the
     variant) or any Hub repo in FLUX.1 diffusers layout (`org/name`) into the store, resuming partial
-    downloads and verifying every file.
+    downloads and verifying every file. A catalog LoRA (`canny-lora`, `depth-lora`) is one file, stored
+    as an entry of kind lora.
 
     Returns the StoredModel, or with `dry_run` a PullPlan (nothing is written). `force` downloads
     and replaces a model even when the stored one is up to date.
