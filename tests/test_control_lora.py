@@ -4,6 +4,9 @@ x_embedder widened to 128 inputs, the replacement q/k norms loaded unscaled, and
 zero-padded. As in test_control.py the denoised latents are compared too; breaking the widening or the norm
 replacement moves them far past the bound."""
 
+import re
+import warnings
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -21,8 +24,9 @@ CONTROL_SCALE, EXTRA_SCALE = 0.9, 0.7
 
 
 def control_lora_tensors(shapes: dict, seed: int = 3) -> dict:
-    """A Control LoRA as the real file holds it (diffusers/PEFT names): x_embedder 128 inputs wide, block
-    LoRAs, and full replacement weights for every block's norm_q, norm_k, norm_added_q, norm_added_k."""
+    """A Control LoRA as the real file holds it (here in diffusers/PEFT names): x_embedder 128 inputs wide,
+    block LoRAs, each up half with a bias (PEFT's lora_bias), and full replacement weights for every
+    block's norm_q, norm_k, norm_added_q, norm_added_k."""
     rng = np.random.default_rng(seed)
     hidden, _ = shapes["x_embedder"]
     spec = {"transformer.x_embedder": lf.pair(rng, 4, 128, hidden)}
@@ -33,7 +37,11 @@ def control_lora_tensors(shapes: dict, seed: int = 3) -> dict:
         for name, shape in shapes.items()
         if ".attn.norm_" in name
     }
-    return lf.peft(spec) | norms
+    biases = {
+        f"{name}.lora_B.bias": 0.1 * rng.standard_normal(up.shape[0]).astype(np.float32)
+        for name, (_, up) in spec.items()
+    }
+    return lf.peft(spec) | biases | norms
 
 
 def norm_shapes(folder) -> dict:
@@ -104,7 +112,7 @@ def test_control_lora_on_dev_equals_diffusers(case, tiny_dev, loras, want):
     assert d <= BOUND and g <= LATENT_BOUND
 
 
-@pytest.mark.parametrize("breakage", ["widening", "norms"])
+@pytest.mark.parametrize("breakage", ["widening", "norms", "lora_bias"])
 def test_broken_control_lora_fails_the_comparison(breakage, tiny_dev, loras, want, monkeypatch):
     eps, refs = want
     widen = lora._widen
@@ -117,9 +125,13 @@ def test_broken_control_lora_fails_the_comparison(breakage, tiny_dev, loras, wan
 
     if breakage == "widening":
         monkeypatch.setattr(lora, "_widen", widened_on_the_wrong_side)
-    else:
+    elif breakage == "norms":
         monkeypatch.setattr(lora, "_replace_norms", lambda root, files: None)
-    _, latents = mflux_case(tiny_dev, [(loras[0], CONTROL_SCALE)], eps)
+    else:  # the up halves' biases left out (they are then reported as unmatched)
+        monkeypatch.setattr(lora, "_BIAS", re.compile("^$"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # left-out biases are reported as unmatched
+        _, latents = mflux_case(tiny_dev, [(loras[0], CONTROL_SCALE)], eps)
     assert gap(latents, refs["alone"][1]) > LATENT_GAP
 
 

@@ -37,6 +37,7 @@ FluxLoraLoaderMixin.load_lora_weights does:
   a file from its header). A quantized `img_in` is dequantized and stays float once widened, as diffusers'
   expanded layer does: it is 0.4M weights, and a float layer keeps dev's own columns as they were.
   Another LoRA on the widened `img_in` gets its down weight zero-padded to the new width.
+- a bias on each up half (`lora_B.bias`, PEFT's `lora_bias`), scaled with the update (any LoRA may have it);
 - full replacement weights for the q/k norms (`norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`; BFL's
   `query_norm.scale`, `key_norm.scale`): loaded as they are, not scaled by the LoRA scale. mflux has no
   unload: a model's LoRAs are fixed when it opens, and reloading the transformer reads dev's norms again.
@@ -71,6 +72,7 @@ _WEIGHT = re.compile(
     r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_down|lora_up|down|up)(?:\.(?P<part>\d+))?\.weight$"
 )
 _ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
+_BIAS = re.compile(r"^(?P<module>.+)\.(?:lora_B|lora_up)\.bias$")  # PEFT's lora_bias: Control LoRAs have it
 _DOWN = ("lora_A", "lora_down", "down")
 _XLABS = re.compile(r"^(?:diffusion_model\.)?(double_blocks|single_blocks)\.(\d+)\.processor\.(\w+)$")
 _XLABS_LAYERS = {
@@ -188,6 +190,7 @@ class LoraModule:
     up: list[str]  # (rows, r) each
     alpha: str | None = None
     tensors: list[str] = field(default_factory=list)  # every key of the module, for reports
+    bias: str | None = None  # (rows,): the up half's bias (PEFT's lora_bias), scaled as the update
 
 
 @dataclass
@@ -215,18 +218,21 @@ def base_getattr(layer: nn.Module, key: str):
 
 
 class LoRALinear(nn.Module):
-    """A Linear or QuantizedLinear plus one low-rank path: base(x) + (x @ lora_down) @ lora_up."""
+    """A Linear or QuantizedLinear plus one low-rank path: base(x) + (x @ lora_down) @ lora_up [+ lora_bias]."""
 
-    def __init__(self, base: nn.Module, down: mx.array, up: mx.array):
+    def __init__(self, base: nn.Module, down: mx.array, up: mx.array, bias: mx.array | None = None):
         super().__init__()
         self.base = base
         self.lora_down = down  # (in, R)
         self.lora_up = up  # (R, out)
+        if bias is not None:
+            self.lora_bias = bias  # (out,): the up halves' biases (PEFT's lora_bias), scaled
 
     __getattr__ = base_getattr
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.base(x) + (x @ self.lora_down) @ self.lora_up  # (..., out)
+        y = self.base(x) + (x @ self.lora_down) @ self.lora_up  # (..., out)
+        return y + self.lora_bias if "lora_bias" in self else y
 
 
 def resolve(key: str) -> tuple[Site, str] | None:
@@ -289,11 +295,14 @@ def open_lora(path: str | Path) -> LoraFile:
             norms[path] = k
             continue
         if m := _WEIGHT.match(k):
-            g = groups.setdefault(m["module"], {"down": {}, "up": {}, "alpha": None, "keys": []})
+            g = groups.setdefault(m["module"], _group())
             g["down" if m["role"] in _DOWN else "up"][int(m["part"] or 0)] = k
         elif m := _ALPHA.match(k):
-            g = groups.setdefault(m["module"], {"down": {}, "up": {}, "alpha": None, "keys": []})
+            g = groups.setdefault(m["module"], _group())
             g["alpha"] = k
+        elif m := _BIAS.match(k):
+            g = groups.setdefault(m["module"], _group())
+            g["bias"] = k
         else:
             unmatched.append(k)  # DoRA scales, LoKr/LoHa factors, norm diffs: not LoRA layers
             continue
@@ -343,6 +352,10 @@ def control_width(path: str | Path) -> int | None:
         lora.file.close()
 
 
+def _group() -> dict:
+    return {"down": {}, "up": {}, "alpha": None, "bias": None, "keys": []}
+
+
 def _module(sf: SafetensorsFile, name: str, g: dict, site: Site, fmt: str) -> LoraModule:
     if sorted(g["down"]) != sorted(g["up"]):
         missing = "up (lora_B)" if len(g["up"]) < len(g["down"]) else "down (lora_A)"
@@ -363,7 +376,12 @@ def _module(sf: SafetensorsFile, name: str, g: dict, site: Site, fmt: str) -> Lo
                 f"{sf.path}: {g['alpha']} is a {dtype} tensor of shape {tuple(shape)}, not a number "
                 "(a LoRA's alpha is one scalar; the file is malformed)"
             )
-    return LoraModule(name, fmt, site, down, up, g["alpha"], g["keys"])
+    if g["bias"] is not None and tuple(sf.tensors[g["bias"]][1]) != (sum(sf.tensors[u][1][0] for u in up),):
+        raise MfluxError(
+            f"{sf.path}: {g['bias']} {tuple(sf.tensors[g['bias']][1])} is not the bias of {up[0]} "
+            "(expected one value per output row; the file is malformed)"
+        )
+    return LoraModule(name, fmt, site, down, up, g["alpha"], g["keys"], g["bias"])
 
 
 def _peft_alphas(lora: LoraFile) -> dict[str, dict]:
@@ -426,15 +444,17 @@ def _scale(lora: LoraFile, m: LoraModule, rank: int, peft: dict) -> tuple[float,
     return alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank), alpha
 
 
-def _weights(lora: LoraFile, m: LoraModule, peft: dict) -> tuple[mx.array, mx.array]:
-    """(down (R, in), up (rows, R)) in float32, alpha/rank folded into up; split parts block-diagonal."""
+def _weights(lora: LoraFile, m: LoraModule, peft: dict) -> tuple[mx.array, mx.array, mx.array | None]:
+    """(down (R, in), up (rows, R), bias (rows,) or None) in float32, alpha/rank folded into up and bias;
+    split parts block-diagonal."""
     downs = [lora.file.load(k).astype(mx.float32) for k in m.down]
     ups = [lora.file.load(k).astype(mx.float32) for k in m.up]
     scale, _ = _scale(lora, m, downs[0].shape[0], peft)
     if len(ups) > 1:  # kohya's split q/k/v[/mlp]: part i of the rank feeds rows i only
         ranks = [d.shape[0] for d in downs]
         ups = [mx.pad(u, [(0, 0), (sum(ranks[:i]), sum(ranks[i + 1 :]))]) for i, u in enumerate(ups)]
-    return mx.concatenate(downs, axis=0), mx.concatenate(ups, axis=0) * scale
+    bias = lora.file.load(m.bias).astype(mx.float32) * scale if m.bias is not None else None
+    return mx.concatenate(downs, axis=0), mx.concatenate(ups, axis=0) * scale, bias
 
 
 def apply_loras(modules: dict[str, nn.Module], paths: list[str], scales: list[float]) -> None:
@@ -470,7 +490,7 @@ def _apply(component: str, root: nn.Module, loras: list[LoraFile], scales: list[
         _replace_norms(root, loras)
     for path, parts in updates.items():
         layer = _with_lora(find_layer(root, path), parts, component, path in widened)
-        mx.eval(layer.lora_down, layer.lora_up)
+        mx.eval([v for k, v in layer.items() if k.startswith("lora_")])
         replace_layer(root, path, layer)
 
 
@@ -594,12 +614,14 @@ def _with_lora(layer: nn.Module, parts: list, component: str, widened: bool = Fa
     Control LoRA widened, a narrower down weight is zero-padded to the new width."""
     base = layer.base if isinstance(layer, LoRALinear) else layer
     out_dims, in_dims, dtype = layer_dims(base)
-    downs, ups = [], []
+    downs, ups, biases = [], [], []
     if isinstance(layer, LoRALinear):
         downs.append(layer.lora_down.T.astype(mx.float32))
         ups.append(layer.lora_up.T.astype(mx.float32))
+        if "lora_bias" in layer:
+            biases.append(layer.lora_bias.astype(mx.float32))
     for lora, m, peft, user_scale in parts:
-        down, up = _weights(lora, m, peft)
+        down, up, bias = _weights(lora, m, peft)
         start, stop = site_rows(m.site.part, in_dims, out_dims)
         where = f"{lora.path}: {m.key} targets {component} layer {m.site.path}"
         if widened and down.shape[1] < in_dims:  # diffusers' _maybe_expand_lora_state_dict
@@ -620,11 +642,15 @@ def _with_lora(layer: nn.Module, parts: list, component: str, widened: bool = Fa
         if m.site.part == "swapped":  # diffusers' final norm is (scale, shift); BFL's is (shift, scale)
             half = out_dims // 2
             up = mx.concatenate([up[half:], up[:half]], axis=0)
+            bias = None if bias is None else mx.concatenate([bias[half:], bias[:half]])
         downs.append(down)
         ups.append(mx.pad(up * user_scale, [(start, out_dims - stop), (0, 0)]))  # (out, r)
+        if bias is not None:
+            biases.append(mx.pad(bias * user_scale, [(start, out_dims - stop)]))  # (out,)
     down = mx.concatenate(downs, axis=0)  # (R, in)
     up = mx.concatenate(ups, axis=1)  # (out, R)
-    return LoRALinear(base, down.T.astype(dtype), up.T.astype(dtype))
+    bias = sum(biases[1:], biases[0]).astype(dtype) if biases else None
+    return LoRALinear(base, down.T.astype(dtype), up.T.astype(dtype), bias)
 
 
 def site_rows(part: str | None, hidden: int, out_dims: int) -> tuple[int, int]:
