@@ -302,3 +302,36 @@ def test_a_lora_not_pulled_yet_is_named_with_its_pull(tiny_dev, tmp_path):
     ]
     model = _cli("-m", "depth-lora", "--prompt", PROMPT, cwd=tmp_path)
     assert model.exit_code == 1 and "depth-lora is a LoRA, not a model" in model.output
+
+
+def test_black_forest_labs_names_equal_peft(tiny_dev, tmp_path):
+    """The released files use Black Forest Labs' names (`img_in.lora_A.weight`, `...query_norm.scale`),
+    which diffusers' converter reads only at full size: here a BFL-named twin of the PEFT fixture gives
+    the same latents."""
+    shapes = lf.transformer_shapes(tiny_dev) | norm_shapes(tiny_dev)
+    peft = {
+        k: v for k, v in control_lora_tensors(shapes).items() if ".to_q." not in k
+    }  # q: a fused row slice
+    bfl = {}
+    for key, value in peft.items():
+        module, suffix = key.rsplit(".", 2)[0], ".".join(key.rsplit(".", 2)[1:])
+        bfl[lora.norm_path(key) or f"{lora.resolve(module)[0].path}.{suffix}"] = value
+    assert "img_in.lora_B.bias" in bfl and "double_blocks.0.txt_attn.norm.key_norm.scale" in bfl
+    eps = noise(1, H, W, seed=31)
+    latents = [
+        mflux_case(
+            tiny_dev, [(lf.save(tmp_path / f"{name}.safetensors", tensors), CONTROL_SCALE)], eps, steps=1
+        )[1]
+        for name, tensors in (("peft", peft), ("bfl", bfl))
+    ]
+    assert np.array_equal(latents[0], latents[1])
+
+
+def test_inspect_counts_the_norms_and_the_wide_img_in(loras):
+    report = lora.inspect_lora(loras[0])
+    opened = lora.open_lora(loras[0])
+    file_keys = len(opened.file.keys())
+    opened.file.close()
+    assert report["norms"] > 0 and report["unmatched"] == 0
+    assert report["components"]["transformer"]["tensor_count"] == file_keys
+    assert lora.control_width(loras[0]) == 128 and lora.control_width(loras[1]) == 64

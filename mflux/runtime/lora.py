@@ -676,6 +676,8 @@ def inspect_lora(path: str | Path, tensors: bool = False) -> dict:
         targets.setdefault(m.site.component, set()).add(m.site.path)
         modules[m.site.component] += 1
         groups.setdefault(m.site.component, []).extend(m.tensors)
+    if lora.norms:  # a Control LoRA's replacement norms belong to the transformer too
+        groups.setdefault("transformer", []).extend(lora.norms.values())
     if lora.unmatched:
         groups["unmatched"] = lora.unmatched
     counts = {c: len(targets[c]) for c in LORA_COMPONENTS if c in targets}
@@ -691,6 +693,7 @@ def inspect_lora(path: str | Path, tensors: bool = False) -> dict:
         "modules": ", ".join(f"{c} {_modules_text(modules[c], n)}" for c, n in counts.items()) or "none",
         "parameters": sum(c["parameters"] for c in components.values()),
         "unmatched": len(lora.unmatched),
+        "norms": len(lora.norms),  # full replacement norms (a Control LoRA's)
         "metadata": sf.metadata,
         "components": components,
     }
