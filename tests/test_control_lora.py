@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from PIL import Image
 
 from mflux import Config, Flux1
 from mflux.errors import InvalidArgument
@@ -175,7 +176,7 @@ def test_control_lora_misuse_is_refused_before_any_load(tiny_dev, tiny_schnell, 
     assert not flux.models.modules and not dev.models.modules
 
 
-def test_cli_dev_with_a_control_lora_follows_a_map(tiny_dev, loras, tmp_path):
+def test_cli_dev_with_a_control_lora_follows_a_map_and_replays_exactly(tiny_dev, loras, tmp_path):
     from tests.test_kontext_fill import _cli, _meta
 
     edges(H, W).save(tmp_path / "edges.png")
@@ -195,6 +196,9 @@ def test_cli_dev_with_a_control_lora_follows_a_map(tiny_dev, loras, tmp_path):
     assert made.exit_code == 0, made.output
     m = _meta(tmp_path / "c.png")
     assert (m["variant"], m["lora_paths"], len(m["control_sha256"])) == ("dev", [str(loras[0])], 64)
+    again = _cli("--path", str(tiny_dev), "--from", "c.png", "-o", "d.png", cwd=tmp_path)
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(np.array(Image.open(tmp_path / "c.png")), np.array(Image.open(tmp_path / "d.png")))
 
 
 @pytest.mark.parametrize(
