@@ -291,8 +291,8 @@ def open_lora(path: str | Path) -> LoraFile:
     unmatched = []
     norms = {}
     for k in sf.keys():
-        if path := norm_path(k):
-            norms[path] = k
+        if norm := norm_path(k):
+            norms[norm] = k
             continue
         if m := _WEIGHT.match(k):
             g = groups.setdefault(m["module"], _group())
@@ -541,12 +541,15 @@ def _replace_norms(root: nn.Module, loras: list[LoraFile]) -> None:
 
 
 def _node(root: nn.Module, names: list[str]):
+    """The module, list or array at a path of `root` (its names split), or None."""
     node = root
     for name in names:
         if isinstance(node, list):
             node = node[int(name)] if name.isdigit() and int(name) < len(node) else None
         elif isinstance(node, dict):
             node = node.get(name)
+        else:
+            return None
         if node is None:
             return None
     return node
@@ -577,16 +580,7 @@ def _check_fit(lora: LoraFile, modules: dict) -> None:
 
 def find_layer(root: nn.Module, path: str) -> nn.Module | None:
     """The Linear, QuantizedLinear or LoRALinear at a dotted runtime path of `root`, or None."""
-    node = root
-    for name in path.split("."):
-        if isinstance(node, list):
-            node = node[int(name)] if name.isdigit() and int(name) < len(node) else None
-        elif isinstance(node, dict):
-            node = node.get(name)
-        else:
-            return None
-        if node is None:
-            return None
+    node = _node(root, path.split("."))
     return node if isinstance(node, (nn.Linear, nn.QuantizedLinear, LoRALinear)) else None
 
 
