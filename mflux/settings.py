@@ -143,9 +143,8 @@ def check(s: Settings, explicit: Iterable[str] = (), where: str = "", variant: s
             "higher follows the prompt more closely)"
         )
     s.notes += _repeated_seeds(s.seeds)
-    s.loras = [
-        _lora(path, scale, w) for path, scale in s.loras
-    ]  # before the condition: a Control LoRA sets it
+    # the LoRAs before the condition: a Control LoRA makes dev take a control image
+    s.loras = [_lora(path, scale, w) for path, scale in s.loras]
     condition = _condition(variant, s.loras, w)
     _variant_flags(s, variant, condition, w)
     image_size = _images(s, w)
@@ -474,11 +473,11 @@ def _lora_header(path: str) -> tuple[int, int | None]:
     # a prompt file names the same LoRA on many lines: read each header once
     key = (path, Path(path).stat().st_mtime_ns)
     if key not in _LORA_CACHE:
-        from mflux.runtime.lora import control_width, open_lora
+        from mflux.runtime.lora import img_in_width, open_lora
 
         lora = open_lora(path)
         lora.file.close()
-        _LORA_CACHE[key] = len(lora.modules), control_width(path)
+        _LORA_CACHE[key] = len(lora.modules), img_in_width(lora)
     return _LORA_CACHE[key]
 
 

@@ -345,11 +345,14 @@ def control_width(path: str | Path) -> int | None:
     """The input width a LoRA's `img_in` (`x_embedder`) module takes, from the file's header: 128 for a
     Control LoRA; None where the file has no such module."""
     lora = open_lora(path)
-    try:
-        downs = [m.down[0] for m in lora.modules if m.site == Site("transformer", "img_in")]
-        return max((lora.file.tensors[k][1][1] for k in downs), default=None)
-    finally:
-        lora.file.close()
+    lora.file.close()
+    return img_in_width(lora)
+
+
+def img_in_width(lora: LoraFile) -> int | None:
+    """`control_width` of an opened LoRA file (its header only)."""
+    downs = [m.down[0] for m in lora.modules if m.site == Site("transformer", "img_in")]
+    return max((lora.file.tensors[k][1][1] for k in downs), default=None)
 
 
 def _group() -> dict:
