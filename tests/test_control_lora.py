@@ -4,6 +4,7 @@ x_embedder widened to 128 inputs, the replacement q/k norms loaded unscaled, and
 zero-padded. As in test_control.py the denoised latents are compared too; breaking the widening or the norm
 replacement moves them far past the bound."""
 
+import json
 import re
 import warnings
 
@@ -280,6 +281,9 @@ def test_pull_canny_lora_stores_one_lora_file(hub, loras, tiny_dev, tmp_path, mo
     assert listed.exit_code == 0 and any(
         line.split()[:2] == ["canny-lora", "lora"] for line in listed.output.splitlines()
     )
+
+    inspected = CliRunner().invoke(cli, ["inspect", "canny-lora", "--json"])
+    assert inspected.exit_code == 0 and json.loads(inspected.output)["kind"] == "lora", inspected.output
 
     edges(H, W).save(tmp_path / "edges.png")
     args = ["--path", str(tiny_dev), "--steps", "1", "--prompt", PROMPT, "--control", "edges.png"]
