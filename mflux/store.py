@@ -153,6 +153,7 @@ class Store:
                 f"(-q{' / -q'.join(map(str, AFFINE_BITS))}, or mflux quantize --mode for the fp modes)"
             )
         if bits is not None and self.exists(base):
+            self._refuse_lora(base)
             return Resolved(base, self.path(base), bits)
         raise self._unknown(name, base, bits)
 

@@ -293,8 +293,9 @@ def test_pull_canny_lora_stores_one_lora_file(hub, loras, tiny_dev, tmp_path, mo
     flux = Flux1.from_path(tiny_dev, lora_paths=["canny-lora"])  # the API takes the name too
     assert flux.condition == "control"
 
-    with pytest.raises(InvalidArgument, match="canny-lora is a LoRA, not a model: load it on dev"):
-        Store().resolve("canny-lora")
+    for name in ("canny-lora", "canny-lora-q4"):
+        with pytest.raises(InvalidArgument, match="canny-lora is a LoRA, not a model: load it on dev"):
+            Store().resolve(name)
     removed = CliRunner().invoke(cli, ["rm", "canny-lora", "--yes"])
     assert removed.exit_code == 0, removed.output
     assert not Store().exists("canny-lora")
