@@ -296,6 +296,8 @@ def test_pull_canny_lora_stores_one_lora_file(hub, loras, tiny_dev, tmp_path, mo
     for name in ("canny-lora", "canny-lora-q4"):
         with pytest.raises(InvalidArgument, match="canny-lora is a LoRA, not a model: load it on dev"):
             Store().resolve(name)
+    converted = CliRunner().invoke(cli, ["convert", "canny-lora", "--name", "c"])
+    assert converted.exit_code == 1 and "canny-lora is a LoRA, not a model" in converted.output
     removed = CliRunner().invoke(cli, ["rm", "canny-lora", "--yes"])
     assert removed.exit_code == 0, removed.output
     assert not Store().exists("canny-lora")
