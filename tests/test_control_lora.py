@@ -346,3 +346,28 @@ def test_inspect_counts_the_norms_and_the_wide_img_in(loras):
     assert report["norms"] > 0 and report["unmatched"] == 0
     assert report["components"]["transformer"]["tensor_count"] == file_keys
     assert lora.control_width(loras[0]) == 128 and lora.control_width(loras[1]) == 64
+
+
+def test_the_server_does_not_offer_a_stored_lora_as_a_model(hub, tiny_schnell, monkeypatch):
+    # the merge of Redux (not listed: variant redux) with Control LoRAs (kind lora, variant dev)
+    import requests
+
+    from mflux import hub as mflux_hub
+    from mflux.server.core import ServerSettings
+    from tests.fixtures import store_hf_folder
+    from tests.hub_server import GOOD_TOKEN
+    from tests.server_harness import serving
+
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    mflux_hub.pull("canny-lora", progress=False)
+    store_hf_folder(tiny_schnell, "schnell")
+    with serving(ServerSettings(model="schnell")) as (url, _):
+        assert [m["id"] for m in requests.get(f"{url}/v1/models", timeout=10).json()["data"]] == ["schnell"]
+        assert [m["model_name"] for m in requests.get(f"{url}/sdapi/v1/sd-models", timeout=10).json()] == [
+            "schnell"
+        ]
+        body = {"prompt": "fox", "size": "32x32", "model": "canny-lora"}
+        r = requests.post(f"{url}/v1/images/generations", json=body, timeout=10)
+        assert r.status_code == 400 and "canny-lora is a LoRA, not a model" in r.json()["error"]["message"], (
+            r.text
+        )
