@@ -206,7 +206,12 @@ def test_cli_dev_with_a_control_lora_follows_a_map_and_replays_exactly(tiny_dev,
     "model, extra, words",
     [
         ("schnell", ["--control", "edges.png"], "is a Control LoRA for FLUX.1 dev"),
-        ("dev", [], "dev with a Control LoRA follows an edge or depth map: give --control IMAGE"),
+        (
+            "dev",
+            [],
+            "dev with a Control LoRA follows an edge or depth map: give --control IMAGE (or --control-from PHOTO "
+            "--canny)",
+        ),
     ],
 )
 def test_cli_refuses_control_lora_misuse_before_any_load(
@@ -371,3 +376,20 @@ def test_the_server_does_not_offer_a_stored_lora_as_a_model(hub, tiny_schnell, m
         assert r.status_code == 400 and "canny-lora is a LoRA, not a model" in r.json()["error"]["message"], (
             r.text
         )
+
+
+def test_cli_dev_with_a_control_lora_takes_a_photo_and_canny(tiny_dev, loras, tmp_path):
+    # the merge of --control-from PHOTO --canny (h34x) with Control LoRAs (h34l): the refusal's hint holds
+    from tests.test_kontext_fill import _cli, _meta
+
+    photo = np.random.default_rng(5).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    args = ["--path", str(tiny_dev), "--steps", "1", "--prompt", PROMPT, "--lora-paths", str(loras[0])]
+    made = _cli(
+        *args, "--control-from", "photo.png", "--canny", "--save-control", "-o", "c.png", cwd=tmp_path
+    )
+    assert made.exit_code == 0, made.output
+    m = _meta(tmp_path / "c.png")
+    assert (m["variant"], len(m["control_from_sha256"])) == ("dev", 64) and (
+        tmp_path / "c_control.png"
+    ).is_file()
