@@ -361,8 +361,9 @@ def pull(model_or_repo, name, revision, dry_run, force):
     "--control-from",
     type=click.Path(dir_okay=False),
     metavar="PHOTO",
-    help="With -m canny and --canny: compute the edge map of PHOTO (as OpenCV's cv2.Canny, before "
-    "anything loads) and follow it, as --control would. -m depth takes a ready depth map (--control).",
+    help="With -m canny (or -m dev with --lora-paths canny-lora) and --canny: compute the edge map of PHOTO "
+    "(as OpenCV's cv2.Canny, before anything loads) and follow it, as --control would. -m depth takes a "
+    "ready depth map (--control).",
 )
 @click.option("--canny", is_flag=True, help="With --control-from: the edge detector (Canny, 3x3 Sobel, L1).")
 @click.option(

@@ -320,7 +320,10 @@ def _canny_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
     if s.control_from is None:
         return
     if condition != "control":
-        raise w.fail(f"{source} makes the map a control model follows (-m canny); {variant} takes none")
+        raise w.fail(
+            f"{source} makes the map a control model follows (-m canny); {variant} takes none (or give dev a "
+            "Control LoRA: --lora-paths canny-lora)"
+        )
     if variant == "depth":  # no depth estimator in mflux: a second model family
         raise w.fail(
             f"depth follows a depth map, which mflux does not compute: give it ready with "
