@@ -24,7 +24,8 @@ class CatalogEntry:
     allow_patterns: tuple[str, ...]  # what a pull downloads: the diffusers folders and model_index.json
     download_size_bytes: int  # approximate
     size_estimated: bool  # the size is a guess (from another model's), not read from the repo's files
-    defaults: dict  # steps, guidance, max_sequence_length (+ shift settings for dev)
+    defaults: dict  # steps, guidance, max_sequence_length (+ shift settings for dev); empty for a LoRA
+    kind: str = "model"  # or "lora": one LoRA file (allow_patterns names it), stored for --lora-paths
 
 
 @cache
@@ -40,9 +41,9 @@ def catalog() -> dict[str, CatalogEntry]:
 
 def _entry(filename: str, data: dict) -> CatalogEntry:
     names = [f.name for f in fields(CatalogEntry)]
-    missing = [n for n in names if n not in data]
+    missing = [n for n in names if n not in data and n != "kind"]
     if missing:
         raise MfluxError(f"catalog file {filename} lacks {', '.join(missing)} (reinstall mflux)")
-    values = {n: data[n] for n in names}
+    values = {n: data[n] for n in names if n in data}
     values["allow_patterns"] = tuple(values["allow_patterns"])
     return CatalogEntry(**values)

@@ -254,13 +254,15 @@ def pull(model_or_repo, name, revision, dry_run, force):
 
     MODEL_OR_REPO is a catalog name (see: mflux list --available) or a Hub repo (org/name) in FLUX.1
     diffusers layout, or a FLUX.1 model saved by the other MLX port (PyPI mflux 0.x: numbered shards,
-    quantized or not), which is converted to an MLX-native model as it lands.
+    quantized or not), which is converted to an MLX-native model as it lands. canny-lora and depth-lora
+    are Control LoRAs for dev: one LoRA file each, used as --lora-paths canny-lora.
 
     \b
     Examples:
       mflux pull schnell
       mflux pull dev --dry-run
       mflux pull redux
+      mflux pull canny-lora
       mflux pull some-org/flux-finetune --name finetune
     """
     from mflux.hub import pull as hub_pull
@@ -351,15 +353,17 @@ def pull(model_or_repo, name, revision, dry_run, force):
 @click.option(
     "--control",
     type=click.Path(dir_okay=False),
-    help="With -m canny or -m depth: the edge or depth map the image follows (white edges on black; a "
+    help="With -m canny or -m depth (or -m dev with a Control LoRA: --lora-paths canny-lora or "
+    "depth-lora): the edge or depth map the image follows (white edges on black; a "
     "depth map from any estimator), resized to the output; without --width/--height the size is its own.",
 )
 @click.option(
     "--control-from",
     type=click.Path(dir_okay=False),
     metavar="PHOTO",
-    help="With -m canny and --canny: compute the edge map of PHOTO (as OpenCV's cv2.Canny, before "
-    "anything loads) and follow it, as --control would. -m depth takes a ready depth map (--control).",
+    help="With -m canny (or -m dev with --lora-paths canny-lora) and --canny: compute the edge map of PHOTO "
+    "(as OpenCV's cv2.Canny, before anything loads) and follow it, as --control would. -m depth takes a "
+    "ready depth map (--control).",
 )
 @click.option("--canny", is_flag=True, help="With --control-from: the edge detector (Canny, 3x3 Sobel, L1).")
 @click.option(
@@ -438,7 +442,7 @@ def pull(model_or_repo, name, revision, dry_run, force):
     cls=MultiValueOption,
     type=click.Path(dir_okay=False),
     metavar="PATH...",
-    help="LoRA .safetensors files to apply.",
+    help="LoRA .safetensors files to apply, or LoRAs pulled into the store, by name (canny-lora, depth-lora).",
 )
 @click.option(
     "--lora-scales",
@@ -493,6 +497,7 @@ def run(ctx, seed, count, lora_paths, lora_scales, redux, redux_scale, no_pull, 
       mflux run -m canny --control edges.png --prompt "a futuristic city at night"
       mflux run -m canny --control-from photo.png --canny --save-control --prompt "a city at night"
       mflux run -m dev --redux ref.png --redux ref2.png --redux-scale 0.7 0.3 --prompt "in winter"
+      mflux run -m dev --lora-paths canny-lora --control edges.png --prompt "a futuristic city"
       mflux run -m schnell --prompt-file prompts.jsonl -n 2 --json
       mflux run --from image.png --seed 7 --stepwise steps/
     """
@@ -587,6 +592,7 @@ def _model_json(m) -> dict:
     man = m.manifest
     return {
         "name": m.name,
+        "kind": man.kind,
         "format": man.format,
         "variant": man.variant,
         "family": man.family,
@@ -607,7 +613,7 @@ def _model_row(m) -> tuple:
     man = m.manifest
     return (
         m.name,
-        man.format,
+        "lora" if man.kind == "lora" else man.format,  # a LoRA file, for --lora-paths
         quantization_label(man.quantization),
         format_size(m.size_bytes),
         _ago(m.modified),

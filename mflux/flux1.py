@@ -131,8 +131,9 @@ class Flux1:
         self.precision = precision
         self.dtype = getattr(mx, precision)
         self.quantize = QuantSpec(quantize) if quantize is not None else None
-        self.lora_paths = list(lora_paths or [])
+        self.lora_paths = [_lora_file(p) for p in lora_paths or []]
         self.lora_scales = _lora_scales(self.lora_paths, lora_scales)
+        self.control_loras = _control_loras(self.lora_paths, folder)
         self.models = Models(folder, self.dtype, self.quantize, self.lora_paths, self.lora_scales)
 
     @classmethod
@@ -165,6 +166,12 @@ class Flux1:
     @property
     def variant(self) -> str:
         return self.folder.variant
+
+    @property
+    def condition(self) -> str:
+        """What the engine feeds the transformer besides the prompt (engine.Request.condition): the
+        variant's, or "control" where a Control LoRA widened dev's input to take a control image."""
+        return "control" if self.control_loras else VARIANTS[self.variant].condition
 
     @property
     def model_name(self) -> str:
@@ -478,11 +485,15 @@ class Flux1:
         schnell, dev, krea: img2img at `strength`, inpainting with `mask`; fill: `image` and `mask`
         (or `expand`) as Fill's channels, `strength` default 1.0; kontext: `image` is the reference;
         canny, depth: `control` only."""
-        condition = VARIANTS[self.variant].condition
+        condition = self.condition
         if (control is not None) != (condition == "control"):
             if control is None:
-                raise InvalidArgument(f"{self.variant} follows a control image: give control_image=")
-            raise InvalidArgument(f"control_image= needs a canny or depth model; {self.variant} takes none")
+                follows = "with a Control LoRA " if self.control_loras else ""
+                raise InvalidArgument(f"{self.variant} {follows}follows a control image: give control_image=")
+            raise InvalidArgument(
+                f"control_image= needs a canny or depth model; {self.variant} takes none "
+                "(or load a Control LoRA on dev: lora_paths=['canny-lora'])"
+            )
         if condition == "control":
             if any(v is not None for v in (image, mask, strength, expand)):
                 raise InvalidArgument(
@@ -763,6 +774,33 @@ def _per_image(name: str, value, n: int) -> list[str]:
         if bad:
             raise InvalidArgument(f"{name} is not valid text: {bad}")
     return values
+
+
+def _lora_file(path) -> str:
+    """A LoRA path as given, or the file of a LoRA stored by that name (`lora_paths=["canny-lora"]`)."""
+    if Path(path).is_file():
+        return path
+    from mflux.store import Store
+
+    found = Store().lora_file(str(path))
+    return str(found) if found is not None else path  # a missing file is refused where it is read
+
+
+def _control_loras(paths: list, folder: ModelFolder) -> list[str]:
+    """The Control LoRAs among `paths` (their img_in takes the control channels too), read from their
+    headers; refused on a model other than dev's architecture with text conditioning (dev, krea)."""
+    from mflux.runtime.lora import control_width
+
+    transformer = folder.architecture["transformer"]
+    in_channels = int(transformer.get("in_channels", 64))
+    found = [str(p) for p in paths if (control_width(p) or 0) > in_channels]
+    variant = VARIANTS[folder.variant]
+    if found and not (variant.condition == "text" and variant.guidance_embeds):
+        raise InvalidArgument(
+            f"{found[0]} is a Control LoRA for FLUX.1 dev (its x_embedder takes the control image's "
+            f"channels); {folder.variant} can't take it (use dev: -m dev)"
+        )
+    return found
 
 
 def _lora_scales(paths: list, scales: list[float] | None) -> list[float]:

@@ -47,6 +47,10 @@ def open_folder(
         m = read_manifest(path)
         if m.variant == REDUX:
             raise not_a_pipeline(m.name)
+        if m.kind == "lora":  # convert, quantize, serve or a run given a stored LoRA's folder
+            raise MfluxError(
+                f"{m.name} is a LoRA, not a model: load it on dev (mflux run -m dev --lora-paths {m.name})"
+            )
         if variant not in (None, m.variant):
             raise MfluxError(f"{m.name} is a {m.variant} model; drop --variant {variant}")
         check_files(path, m, verify)

@@ -139,6 +139,7 @@ class _Source:
     name: str
     variant: str | None = None  # a catalog model's name (krea's files are dev's); else read from the files
     format: str = "hf"  # or OTHER_PORT_FORMAT: saved by the other MLX port, converted at pull
+    kind: str = "model"  # or "lora": one LoRA file, stored for --lora-paths (a catalog entry's kind)
 
 
 def pull(
@@ -152,8 +153,9 @@ def pull(
     store: Store | None = None,
 ) -> StoredModel | PullPlan:
     """Download a catalog model (`schnell`, `dev`, `kontext`, `fill`, `krea`, ...: its name is recorded as
-    the variant; `redux` is FLUX.1 Redux, an image encoder and embedder, not a pipeline) or any Hub repo in FLUX.1 diffusers layout (`org/name`) into the store, resuming partial
-    downloads and verifying every file.
+    the variant; `redux` is FLUX.1 Redux, an image encoder and embedder, not a pipeline) or any Hub repo in
+    FLUX.1 diffusers layout (`org/name`) into the store, resuming partial downloads and verifying every
+    file. A catalog LoRA (`canny-lora`, `depth-lora`) is one file, stored as an entry of kind lora.
 
     Returns the StoredModel, or with `dry_run` a PullPlan (nothing is written). `force` downloads
     and replaces a model even when the stored one is up to date.
@@ -197,7 +199,9 @@ def _source(model_or_repo: str, revision: str | None, name: str | None) -> _Sour
         entry = known[model_or_repo]
         patterns = tuple(entry.allow_patterns) or DIFFUSERS_PATTERNS
         name = validate_name(name or model_or_repo)
-        return _Source(entry.repo, revision or entry.revision, patterns, name, variant=entry.name)
+        return _Source(
+            entry.repo, revision or entry.revision, patterns, name, variant=entry.name, kind=entry.kind
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model_or_repo):
         repo_name = model_or_repo.split("/")[1].lower()
         return _Source(
@@ -232,7 +236,9 @@ def _remote_files(endpoint: str, token: str | None, source: _Source) -> tuple[st
     ]
     paths = [f.path for f in files]
     _check_paths(source.repo, paths)
-    if source.variant == REDUX:
+    if source.kind == "lora":
+        _check_lora_layout(source, [p for p in paths if _wanted(p, source.patterns)])
+    elif source.variant == REDUX:
         _check_redux_layout(source.repo, paths)
     elif _saved_by_other_port(paths):
         _check_other_port_layout(source.repo, paths)
@@ -320,6 +326,14 @@ def _check_redux_layout(repo: str, paths: list[str]) -> None:
         raise MfluxError(
             f"{repo} is not a FLUX.1 Redux folder: it lacks {', '.join(missing)} "
             "(mflux pulls Redux laid out like black-forest-labs/FLUX.1-Redux-dev)"
+        )
+
+
+def _check_lora_layout(source: _Source, chosen: list[str]) -> None:
+    if len(chosen) != 1:
+        raise MfluxError(
+            f"{source.repo} does not hold {' '.join(source.patterns)}, the LoRA file {source.name} is "
+            "(has the repo changed? pin an older commit with --revision)"
         )
 
 
@@ -489,22 +503,28 @@ def _install(store: Store, source: _Source, commit: str, files, sha256s, partial
     name = source.name
     if source.format != "hf":
         return _install_converted(store, source, commit, files, partial, replace)
-    # Read the architecture before moving anything, so a bad config can't cost the downloaded files.
-    if source.variant == REDUX:
-        architecture, variant, weights = read_redux_architecture(partial), REDUX, "image_embedder"
-    else:
-        architecture = architecture_from_hf(partial)
-        variant, weights = detect_variant(architecture, source.variant), "transformer"
     manifest = Manifest(
         name=name,
-        variant=variant,
+        variant="dev",
         format="hf",
-        dtype=_dtype(partial, weights),
+        dtype="bfloat16",
         source={"kind": "hub", "repo": source.repo, "revision": source.revision, "commit": commit},
         files=[{"path": f.path, "size": f.size, "sha256": sha256s[f.path]} for f in files],
-        architecture=architecture,
-        defaults=defaults_for(variant, architecture),
+        architecture={},
+        defaults={},
+        kind=source.kind,
     )
+    # Read the configs (or the LoRA's header) before moving anything: a bad one can't cost the downloads.
+    if source.kind == "lora":
+        manifest.dtype = _lora_dtype(partial / files[0].path)
+    elif source.variant == REDUX:  # no defaults: the pipeline Redux is used with has them
+        manifest.architecture, manifest.variant = read_redux_architecture(partial), REDUX
+        manifest.dtype = _dtype(partial, "image_embedder")
+    else:
+        manifest.architecture = architecture_from_hf(partial)
+        manifest.variant = detect_variant(manifest.architecture, source.variant)
+        manifest.defaults = defaults_for(manifest.variant, manifest.architecture)
+        manifest.dtype = _dtype(partial)
     with store.build(name, force=replace, size_hint=sum(f.size for f in files)) as folder:
         for f in files:
             target = _inside(folder, f.path)
@@ -535,6 +555,19 @@ def _place(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         os.replace(src, dst)
+
+
+def _lora_dtype(path: Path) -> str:
+    # The LoRA file's dtype, read (and the file checked to be a LoRA) from its header.
+    from mflux.runtime.lora import open_lora
+
+    lora = open_lora(path)
+    lora.file.close()
+    if not lora.modules:
+        raise MfluxError(f"{path.name} is not a LoRA: none of its tensors is a LoRA layer of FLUX.1")
+    dtypes = {lora.file.tensors[m.down[0]][0] for m in lora.modules}
+    top = sorted(dtypes)[0]
+    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(top, "bfloat16")
 
 
 def _dtype(folder: Path, component: str = "transformer") -> str:

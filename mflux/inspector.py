@@ -53,7 +53,7 @@ def _resolve(target: str) -> Path:
     except InvalidArgument:
         is_name = False
     if is_name and store.exists(target):
-        return store.path(target)
+        return store.lora_file(target) or store.path(target)  # a stored LoRA: its one file
     path = Path(target).expanduser()
     if _exists(path):
         return path

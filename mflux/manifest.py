@@ -32,6 +32,9 @@ REDUX = "redux"  # FLUX.1 Redux: an image encoder and embedder used with a pipel
 VARIANTS = (*RUNTIME_VARIANTS, REDUX)
 FORMATS = ("hf", "mlx")
 DTYPES = ("bfloat16", "float16", "float32")
+# What a store entry holds: a model folder, or one LoRA file (a Control LoRA pulled for dev), whose manifest
+# has empty architecture and defaults and the variant it goes on.
+KINDS = ("model", "lora")
 SOURCE_KEYS = {"hub": ("repo", "revision", "commit"), "path": ("path",), "model": ("name",)}
 SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 _CHUNK = 2**20
@@ -103,6 +106,7 @@ class Manifest:
     checked: str | None = None  # ISO 8601, UTC: when every file newer than `created` last matched its sha256
     mflux_version: str = __version__
     format_version: int = FORMAT_VERSION
+    kind: str = "model"  # or "lora" (KINDS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -255,6 +259,10 @@ def _validate(data: dict, path: Path) -> None:
             bad("checked", f"not an ISO 8601 time: {data['checked']!r}")
     _validate_source(want("source", dict), bad)
     _validate_files(want("files", list), bad)
+    if data.get("kind", "model") != "model" and want("kind", str, KINDS) == "lora":
+        if len(data["files"]) != 1:
+            bad("files", f"a LoRA entry holds one file, got {len(data['files'])}")
+        return  # a LoRA file has no architecture, defaults or quantization of its own
     if (
         data["variant"] == REDUX
     ):  # Redux's own configs, and no defaults: the pipeline it is used with has them
@@ -357,8 +365,10 @@ def _validate_quantization(q: dict, bad) -> None:
 def _ordered(manifest: Manifest) -> dict:
     # Scalars first, then tables, so the file reads top-down like a card.
     d = manifest.to_dict()
-    keys = ["format_version", "name", "family", "variant", "format", "dtype", "created", "checked"]
+    keys = ["format_version", "name", "kind", "family", "variant", "format", "dtype", "created", "checked"]
     keys += ["mflux_version", "source", "quantization", "defaults", "architecture", "files"]
+    if manifest.kind == "model":  # the default: models' manifests stay as they were
+        keys.remove("kind")
     return {k: d[k] for k in keys}
 
 

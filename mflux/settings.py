@@ -162,7 +162,9 @@ def check(s: Settings, explicit: Iterable[str] = (), where: str = "", variant: s
             "higher follows the prompt more closely)"
         )
     s.notes += _repeated_seeds(s.seeds)
-    condition = _condition(variant)
+    # the LoRAs before the condition: a Control LoRA makes dev take a control image
+    s.loras = [_lora(path, scale, w) for path, scale in s.loras]
+    condition = _condition(variant, s.loras, w)
     _variant_flags(s, variant, condition, w)
     _redux(s, variant, condition, w)
     image_size = _images(s, w)
@@ -177,7 +179,6 @@ def check(s: Settings, explicit: Iterable[str] = (), where: str = "", variant: s
     _size(s, image_size, w)
     _strength(s, w, condition)
     _true_cfg(s, set(explicit), w)
-    s.loras = [_lora(path, scale, w) for path, scale in s.loras]
     return s
 
 
@@ -240,11 +241,23 @@ def _finite(v, key: str, w: _Where) -> float | None:
     return float(v)
 
 
-def _condition(variant: str) -> str:
-    """What the variant's engine takes besides the prompt: "text", "fill" or "kontext"."""
+def _condition(variant: str, loras: list = (), w: _Where | None = None) -> str:
+    """What the variant's engine takes besides the prompt: "text", "fill", "kontext" or "control"; a
+    Control LoRA (its img_in wider than the model's) makes dev "control", and is refused elsewhere."""
     from mflux.runtime.folder import VARIANTS
 
-    return VARIANTS[variant].condition if variant in VARIANTS else "text"
+    known = VARIANTS.get(variant)
+    condition = known.condition if known else "text"
+    width = known.in_channels if known else 64
+    control = [path for path, _ in loras if (_lora_header(path)[1] or 0) > width]
+    if not control:
+        return condition
+    if known is None or not (condition == "text" and known.guidance_embeds):
+        raise (w or _Where()).fail(
+            f"{control[0]} is a Control LoRA for FLUX.1 dev (its x_embedder takes the control image's "
+            f"channels); {variant} can't take it (use dev: -m dev)"
+        )
+    return "control"
 
 
 def _variant_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
@@ -280,11 +293,15 @@ def _control_flags(s: Settings, variant: str, condition: str, w: _Where) -> None
     _canny_flags(s, variant, condition, w)
     if condition != "control":
         if s.control is not None:
-            raise w.fail(f"{flag} needs a control model (-m canny or -m depth); {variant} takes none")
+            raise w.fail(
+                f"{flag} needs a control model (-m canny or -m depth); {variant} takes none (or give dev a "
+                "Control LoRA: --lora-paths canny-lora)"
+            )
         return
     if s.control is None and s.control_from is None:
+        what = variant if _condition(variant) == "control" else f"{variant} with a Control LoRA"
         hint = f" (or {w.name('control_from')} PHOTO {w.name('canny')})" if variant != "depth" else ""
-        raise w.fail(f"{variant} follows an edge or depth map: give {flag} IMAGE{hint}")
+        raise w.fail(f"{what} follows an edge or depth map: give {flag} IMAGE{hint}")
     given = [w.name(k) for k in ("image", "mask", "strength", "expand") if getattr(s, k) is not None]
     if given:
         raise w.fail(
@@ -303,7 +320,10 @@ def _canny_flags(s: Settings, variant: str, condition: str, w: _Where) -> None:
     if s.control_from is None:
         return
     if condition != "control":
-        raise w.fail(f"{source} makes the map a control model follows (-m canny); {variant} takes none")
+        raise w.fail(
+            f"{source} makes the map a control model follows (-m canny); {variant} takes none (or give dev a "
+            "Control LoRA: --lora-paths canny-lora)"
+        )
     if variant == "depth":  # no depth estimator in mflux: a second model family
         raise w.fail(
             f"depth follows a depth map, which mflux does not compute: give it ready with "
@@ -518,9 +538,9 @@ def _lora(path, scale, w: _Where) -> tuple[str, float]:
         raise w.fail(f"a LoRA path must be text, got {path!r}")
     p = Path(path)
     if not p.is_file():
-        raise w.fail(f"LoRA {path}: no such file")
+        p = _stored_lora(str(path), w)
     try:
-        n = _lora_modules(str(p.resolve()), p.stat().st_mtime_ns)
+        n, _ = _lora_header(str(p.resolve()))
     except MfluxError as e:
         raise w.fail(str(e)) from None
     if n == 0:
@@ -528,18 +548,32 @@ def _lora(path, scale, w: _Where) -> tuple[str, float]:
     return str(p.resolve()), scale  # absolute, so that --from finds it from any folder
 
 
-_LORA_CACHE: dict[tuple[str, int], int] = {}
+def _stored_lora(name: str, w: _Where) -> Path:
+    # a LoRA in the store by name (mflux pull canny-lora), as --lora-paths canny-lora gives it
+    from mflux.store import NotStored, Store
+
+    try:
+        found = Store().lora_file(name)
+    except NotStored as e:
+        raise w.fail(str(e)) from None
+    if found is None:
+        raise w.fail(f"LoRA {name}: no such file")
+    return found
 
 
-def _lora_modules(path: str, mtime_ns: int) -> int:
+_LORA_CACHE: dict[tuple[str, int], tuple[int, int | None]] = {}
+
+
+def _lora_header(path: str) -> tuple[int, int | None]:
+    """(LoRA modules, the input width of its img_in module or None) from a LoRA file's header."""
     # a prompt file names the same LoRA on many lines: read each header once
-    key = (path, mtime_ns)
+    key = (path, Path(path).stat().st_mtime_ns)
     if key not in _LORA_CACHE:
-        from mflux.runtime.lora import open_lora
+        from mflux.runtime.lora import img_in_width, open_lora
 
         lora = open_lora(path)
-        _LORA_CACHE[key] = len(lora.modules)
         lora.file.close()
+        _LORA_CACHE[key] = len(lora.modules), img_in_width(lora)
     return _LORA_CACHE[key]
 
 

@@ -141,7 +141,8 @@ class Store:
     def resolve(self, name: str) -> Resolved:
         """A stored model by name, or `<base>-q<bits>`: a stored `<base>` quantized at load time. Raises
         InvalidArgument for bits mflux cannot make (before any suggestion), else NotStored: pull it,
-        or an unknown name with close ones."""
+        or an unknown name with close ones. A LoRA's name (stored or in the catalog) is no model: refused."""
+        self._refuse_lora(name)
         if self.exists(name):
             return Resolved(name, self.path(name))
         m = _QUANT_NAME.match(name)
@@ -152,8 +153,39 @@ class Store:
                 f"(-q{' / -q'.join(map(str, AFFINE_BITS))}, or mflux quantize --mode for the fp modes)"
             )
         if bits is not None and self.exists(base):
+            self._refuse_lora(base)
             return Resolved(base, self.path(base), bits)
         raise self._unknown(name, base, bits)
+
+    def lora_file(self, name: str) -> Path | None:
+        """The file of the LoRA stored as `name` (`mflux pull canny-lora`), or None where `name` names no
+        LoRA mflux knows; a catalog LoRA not pulled yet raises NotStored."""
+        from mflux.catalog import catalog
+
+        try:
+            validate_name(name)
+        except InvalidArgument:
+            return None
+        if self.exists(name):
+            manifest = read_manifest(self.path(name))
+            return self.path(name) / manifest.files[0]["path"] if manifest.kind == "lora" else None
+        entry = catalog().get(name)
+        if entry is not None and entry.kind == "lora":
+            raise NotStored(f"LoRA {name!r} is not in the store (get it with: mflux pull {name})", name)
+        return None
+
+    def _refuse_lora(self, name: str) -> None:
+        from mflux.catalog import catalog
+
+        entry = catalog().get(name)
+        try:
+            stored = self.exists(name) and read_manifest(self.path(name)).kind == "lora"
+        except MfluxError:
+            stored = False  # a broken manifest: opening the model says what is wrong with it
+        if stored or (entry is not None and entry.kind == "lora" and not self.exists(name)):
+            raise InvalidArgument(
+                f"{name} is a LoRA, not a model: load it on dev (mflux run -m dev --lora-paths {name})"
+            )
 
     def get(self, name: str) -> StoredModel:
         if not self.exists(name):

@@ -84,7 +84,7 @@ def test_cli_canny_thresholds_default_to_the_reference_ones(tmp_path):
         ("canny", ["--control-from", "notes.png", "--canny"], "not an image PIL can read"),
         ("canny", ["--control", "photo.png", "--save-control"], "--save-control saves the edge map --canny computes"),
         ("depth", ["--control-from", "photo.png", "--canny"], "give it ready with --control (make one with a depth estimator such as Depth Anything"),
-        ("dev", ["--control-from", "photo.png", "--canny"], "--control-from makes the map a control model follows (-m canny); dev takes none"),
+        ("dev", ["--control-from", "photo.png", "--canny"], "--control-from makes the map a control model follows (-m canny); dev takes none (or give dev a Control LoRA: --lora-paths canny-lora)"),
     ],
 )  # fmt: skip
 def test_cli_refuses_canny_misuse_before_any_load(

@@ -504,6 +504,19 @@ def test_malformed_lora(home, tmp_path, fault):
     refused(mflux("inspect", lora), str(lora), words)
 
 
+def test_control_lora_on_schnell(home, tmp_path, tiny_schnell):
+    import tests.lora_files as lf
+
+    hidden, _ = lf.transformer_shapes(tiny_schnell)["x_embedder"]
+    pair = lf.pair(np.random.default_rng(0), 4, 128, hidden)  # x_embedder 128 inputs wide: a Control LoRA
+    control = lf.save(tmp_path / "control.safetensors", lf.peft({"transformer.x_embedder": pair}))
+    run = ["run", "-m", "schnell", "--no-pull", "--prompt", "a cat", "--width", "32", "--height", "32"]
+    refused(
+        mflux(*run, "--lora-paths", control, cwd=tmp_path), "is a Control LoRA for FLUX.1 dev", "(use dev"
+    )
+    assert not (tmp_path / "image.png").exists()
+
+
 # --- paths that are not models ---------------------------------------------------------------------
 
 

@@ -442,7 +442,8 @@ def test_really_read_only_store(mflux_home):
 
 def test_catalog():
     entries = dict(catalog())  # a copy: catalog() is cached
-    assert set(entries) == {"schnell", "dev", "kontext", "fill", "krea", "canny", "depth", "redux"}
+    models = {"schnell", "dev", "kontext", "fill", "krea", "canny", "depth"}
+    assert set(entries) == models | {"redux", "canny-lora", "depth-lora"}
     redux = entries.pop("redux")  # not a pipeline: an image encoder and embedder used with one
     assert redux.repo == "black-forest-labs/FLUX.1-Redux-dev" and redux.gated and redux.defaults == {}
     assert redux.allow_patterns == (
@@ -475,7 +476,13 @@ def test_catalog():
     assert schnell.defaults == {"steps": 4, "guidance": 3.5, "max_sequence_length": 256}
     assert dev.defaults == defaults_for("dev", {"scheduler": SCHEDULERS["dev"]})
     for e in entries.values():
-        assert 33e9 < e.download_size_bytes < 35e9
+        if e.name in models:
+            assert e.kind == "model" and 33e9 < e.download_size_bytes < 35e9
+    for control in ("canny", "depth"):  # a Control LoRA: one file of its gated repo
+        e = entries[f"{control}-lora"]
+        assert (e.kind, e.gated, e.defaults) == ("lora", True, {})
+        assert e.repo == f"black-forest-labs/FLUX.1-{control.title()}-dev-lora"
+        assert e.allow_patterns == (f"flux1-{control}-dev-lora.safetensors",)
     repo = [
         "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
         "text_encoder/model.safetensors", "text_encoder_2/model-00001-of-00002.safetensors",
@@ -490,7 +497,8 @@ def test_catalog():
         "schnell_grid.jpeg",
     ]
     for e in entries.values():
-        assert [f for f in repo if any(fnmatch(f, p) for p in e.allow_patterns)] == repo
+        wanted = repo if e.kind == "model" else []  # a LoRA entry takes its one file only
+        assert [f for f in repo if any(fnmatch(f, p) for p in e.allow_patterns)] == wanted
         assert [f for f in never if any(fnmatch(f, p) for p in e.allow_patterns)] == []
 
 
@@ -498,8 +506,8 @@ def test_catalog_ships_inside_the_package():
     import mflux.manifests
 
     shipped = Path(mflux.manifests.__file__).parent
-    names = ["canny.toml", "depth.toml", "dev.toml", "fill.toml", "kontext.toml", "krea.toml", "redux.toml"]
-    names += ["schnell.toml"]
+    names = ["canny-lora.toml", "canny.toml", "depth-lora.toml", "depth.toml", "dev.toml", "fill.toml"]
+    names += ["kontext.toml", "krea.toml", "redux.toml", "schnell.toml"]
     assert sorted(p.name for p in shipped.glob("*.toml")) == names
 
 

@@ -29,6 +29,18 @@ the path (rank 16 on width 64 adds a third of the multiply-adds). At the real wi
 a 3072x9216 4-bit layer took 406 ms for 16 tokens on the CPU, its rank-16 path 1.1 ms (0.3%); r·(in + out)
 against in·out is 0.7%. A stored quantized model has no float weights left, so there the path is the only
 exact choice anyway.
+
+Control LoRAs (FLUX.1-Canny-dev-lora, FLUX.1-Depth-dev-lora) turn dev into a control model, as diffusers'
+FluxLoraLoaderMixin.load_lora_weights does:
+- their `img_in` (diffusers' `x_embedder`) LoRA is 128 inputs wide: dev's `img_in` is widened to 128 inputs,
+  the new columns zero, so the control image's latents join as extra channels (`control_width` tells such
+  a file from its header). A quantized `img_in` is dequantized and stays float once widened, as diffusers'
+  expanded layer does: it is 0.4M weights, and a float layer keeps dev's own columns as they were.
+  Another LoRA on the widened `img_in` gets its down weight zero-padded to the new width.
+- a bias on each up half (`lora_B.bias`, PEFT's `lora_bias`), scaled with the update (any LoRA may have it);
+- full replacement weights for the q/k norms (`norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`; BFL's
+  `query_norm.scale`, `key_norm.scale`): loaded as they are, not scaled by the LoRA scale. mflux has no
+  unload: a model's LoRAs are fixed when it opens, and reloading the transformer reads dev's norms again.
 """
 
 import functools
@@ -60,6 +72,7 @@ _WEIGHT = re.compile(
     r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_down|lora_up|down|up)(?:\.(?P<part>\d+))?\.weight$"
 )
 _ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
+_BIAS = re.compile(r"^(?P<module>.+)\.(?:lora_B|lora_up)\.bias$")  # PEFT's lora_bias: Control LoRAs have it
 _DOWN = ("lora_A", "lora_down", "down")
 _XLABS = re.compile(r"^(?:diffusion_model\.)?(double_blocks|single_blocks)\.(\d+)\.processor\.(\w+)$")
 _XLABS_LAYERS = {
@@ -177,6 +190,7 @@ class LoraModule:
     up: list[str]  # (rows, r) each
     alpha: str | None = None
     tensors: list[str] = field(default_factory=list)  # every key of the module, for reports
+    bias: str | None = None  # (rows,): the up half's bias (PEFT's lora_bias), scaled as the update
 
 
 @dataclass
@@ -185,6 +199,7 @@ class LoraFile:
     file: SafetensorsFile
     modules: list[LoraModule]
     unmatched: list[str]  # tensor keys that fit no FLUX.1 layer
+    norms: dict[str, str] = field(default_factory=dict)  # a Control LoRA's norms: runtime path -> key
 
     @property
     def format(self) -> str:
@@ -203,18 +218,21 @@ def base_getattr(layer: nn.Module, key: str):
 
 
 class LoRALinear(nn.Module):
-    """A Linear or QuantizedLinear plus one low-rank path: base(x) + (x @ lora_down) @ lora_up."""
+    """A Linear or QuantizedLinear plus one low-rank path: base(x) + (x @ lora_down) @ lora_up [+ lora_bias]."""
 
-    def __init__(self, base: nn.Module, down: mx.array, up: mx.array):
+    def __init__(self, base: nn.Module, down: mx.array, up: mx.array, bias: mx.array | None = None):
         super().__init__()
         self.base = base
         self.lora_down = down  # (in, R)
         self.lora_up = up  # (R, out)
+        if bias is not None:
+            self.lora_bias = bias  # (out,): the up halves' biases (PEFT's lora_bias), scaled
 
     __getattr__ = base_getattr
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.base(x) + (x @ self.lora_down) @ self.lora_up  # (..., out)
+        y = self.base(x) + (x @ self.lora_down) @ self.lora_up  # (..., out)
+        return y + self.lora_bias if "lora_bias" in self else y
 
 
 def resolve(key: str) -> tuple[Site, str] | None:
@@ -271,13 +289,20 @@ def open_lora(path: str | Path) -> LoraFile:
         raise MfluxError(f"{sf.path}: the file holds no tensors (is it a LoRA?)")
     groups: dict[str, dict] = {}
     unmatched = []
+    norms = {}
     for k in sf.keys():
+        if norm := norm_path(k):
+            norms[norm] = k
+            continue
         if m := _WEIGHT.match(k):
-            g = groups.setdefault(m["module"], {"down": {}, "up": {}, "alpha": None, "keys": []})
+            g = groups.setdefault(m["module"], _group())
             g["down" if m["role"] in _DOWN else "up"][int(m["part"] or 0)] = k
         elif m := _ALPHA.match(k):
-            g = groups.setdefault(m["module"], {"down": {}, "up": {}, "alpha": None, "keys": []})
+            g = groups.setdefault(m["module"], _group())
             g["alpha"] = k
+        elif m := _BIAS.match(k):
+            g = groups.setdefault(m["module"], _group())
+            g["bias"] = k
         else:
             unmatched.append(k)  # DoRA scales, LoKr/LoHa factors, norm diffs: not LoRA layers
             continue
@@ -289,7 +314,49 @@ def open_lora(path: str | Path) -> LoraFile:
             unmatched += g["keys"]
             continue
         modules.append(_module(sf, name, g, *hit))
-    return LoraFile(sf.path, sf, modules, unmatched)
+    return LoraFile(sf.path, sf, modules, unmatched, norms)
+
+
+# A Control LoRA's replacement norms, in diffusers' names (diffusers' _control_lora_supported_norm_keys)
+# or BFL's, each to its runtime RMSNorm scale.
+_NORM_DIFFUSERS = re.compile(
+    r"^(?:transformer\.)?(transformer_blocks|single_transformer_blocks)\.(\d+)\."
+    r"(attn\.norm_(?:q|k|added_q|added_k))\.weight$"
+)
+_NORM_BFL = re.compile(
+    r"^(?:diffusion_model\.)?((?:double_blocks\.\d+\.(?:img|txt)_attn|single_blocks\.\d+)"
+    r"\.norm\.(?:query|key)_norm\.scale)$"
+)
+
+
+def norm_path(key: str) -> str | None:
+    """The runtime path of the RMSNorm scale a Control LoRA's norm key replaces, or None."""
+    if m := _NORM_BFL.match(key):
+        return m[1]
+    if m := _NORM_DIFFUSERS.match(key):
+        blocks = DOUBLE_BLOCK_MODULES if m[1] == "transformer_blocks" else SINGLE_BLOCK_MODULES
+        block = "double_blocks" if m[1] == "transformer_blocks" else "single_blocks"
+        leaf = blocks.get(m[3])
+        return f"{block}.{m[2]}.{leaf}.scale" if leaf else None
+    return None
+
+
+def control_width(path: str | Path) -> int | None:
+    """The input width a LoRA's `img_in` (`x_embedder`) module takes, from the file's header: 128 for a
+    Control LoRA; None where the file has no such module."""
+    lora = open_lora(path)
+    lora.file.close()
+    return img_in_width(lora)
+
+
+def img_in_width(lora: LoraFile) -> int | None:
+    """`control_width` of an opened LoRA file (its header only)."""
+    downs = [m.down[0] for m in lora.modules if m.site == Site("transformer", "img_in")]
+    return max((lora.file.tensors[k][1][1] for k in downs), default=None)
+
+
+def _group() -> dict:
+    return {"down": {}, "up": {}, "alpha": None, "bias": None, "keys": []}
 
 
 def _module(sf: SafetensorsFile, name: str, g: dict, site: Site, fmt: str) -> LoraModule:
@@ -312,7 +379,12 @@ def _module(sf: SafetensorsFile, name: str, g: dict, site: Site, fmt: str) -> Lo
                 f"{sf.path}: {g['alpha']} is a {dtype} tensor of shape {tuple(shape)}, not a number "
                 "(a LoRA's alpha is one scalar; the file is malformed)"
             )
-    return LoraModule(name, fmt, site, down, up, g["alpha"], g["keys"])
+    if g["bias"] is not None and tuple(sf.tensors[g["bias"]][1]) != (sum(sf.tensors[u][1][0] for u in up),):
+        raise MfluxError(
+            f"{sf.path}: {g['bias']} {tuple(sf.tensors[g['bias']][1])} is not the bias of {up[0]} "
+            "(expected one value per output row; the file is malformed)"
+        )
+    return LoraModule(name, fmt, site, down, up, g["alpha"], g["keys"], g["bias"])
 
 
 def _peft_alphas(lora: LoraFile) -> dict[str, dict]:
@@ -375,15 +447,17 @@ def _scale(lora: LoraFile, m: LoraModule, rank: int, peft: dict) -> tuple[float,
     return alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank), alpha
 
 
-def _weights(lora: LoraFile, m: LoraModule, peft: dict) -> tuple[mx.array, mx.array]:
-    """(down (R, in), up (rows, R)) in float32, alpha/rank folded into up; split parts block-diagonal."""
+def _weights(lora: LoraFile, m: LoraModule, peft: dict) -> tuple[mx.array, mx.array, mx.array | None]:
+    """(down (R, in), up (rows, R), bias (rows,) or None) in float32, alpha/rank folded into up and bias;
+    split parts block-diagonal."""
     downs = [lora.file.load(k).astype(mx.float32) for k in m.down]
     ups = [lora.file.load(k).astype(mx.float32) for k in m.up]
     scale, _ = _scale(lora, m, downs[0].shape[0], peft)
     if len(ups) > 1:  # kohya's split q/k/v[/mlp]: part i of the rank feeds rows i only
         ranks = [d.shape[0] for d in downs]
         ups = [mx.pad(u, [(0, 0), (sum(ranks[:i]), sum(ranks[i + 1 :]))]) for i, u in enumerate(ups)]
-    return mx.concatenate(downs, axis=0), mx.concatenate(ups, axis=0) * scale
+    bias = lora.file.load(m.bias).astype(mx.float32) * scale if m.bias is not None else None
+    return mx.concatenate(downs, axis=0), mx.concatenate(ups, axis=0) * scale, bias
 
 
 def apply_loras(modules: dict[str, nn.Module], paths: list[str], scales: list[float]) -> None:
@@ -414,10 +488,74 @@ def _apply(component: str, root: nn.Module, loras: list[LoraFile], scales: list[
         for m in lora.modules:
             if m.site.component == component and find_layer(root, m.site.path) is not None:
                 updates.setdefault(m.site.path, []).append((lora, m, peft, float(s)))
+    widened = _widen(root, updates) if component == "transformer" else set()
+    if component == "transformer":
+        _replace_norms(root, loras)
     for path, parts in updates.items():
-        layer = _with_lora(find_layer(root, path), parts, component)
-        mx.eval(layer.lora_down, layer.lora_up)
+        layer = _with_lora(find_layer(root, path), parts, component, path in widened)
+        mx.eval([v for k, v in layer.items() if k.startswith("lora_")])
         replace_layer(root, path, layer)
+
+
+def _widen(root: nn.Module, updates: dict[str, list]) -> set[str]:
+    """Widen `img_in` to the input width of a Control LoRA's module on it (new columns zero), as diffusers'
+    _maybe_expand_transformer_param_shape_or_error_; the paths widened."""
+    widened = set()
+    for path, parts in updates.items():
+        if path != "img_in":  # the only layer a Control LoRA widens: its input is the packed channels
+            continue
+        layer = find_layer(root, path)
+        want = max(lora.file.tensors[m.down[0]][1][1] for lora, m, _, _ in parts)
+        out_dims, in_dims, dtype = layer_dims(layer)
+        if want <= in_dims:
+            continue
+        weight = layer.weight
+        if isinstance(layer, nn.QuantizedLinear):  # kept float once widened (the docstring says why)
+            weight = mx.dequantize(
+                weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, mode=layer.mode
+            )
+        wide = nn.Linear(want, out_dims, bias="bias" in layer)
+        wide.weight = mx.pad(weight.astype(dtype), [(0, 0), (0, want - in_dims)])  # (out, want)
+        if "bias" in layer:
+            wide.bias = layer.bias
+        mx.eval(wide.parameters())
+        replace_layer(root, path, wide)
+        root.params.in_channels = want  # the packed channels the transformer now takes
+        widened.add(path)
+    return widened
+
+
+def _replace_norms(root: nn.Module, loras: list[LoraFile]) -> None:
+    """A Control LoRA's q/k norms replace the model's, unscaled (a later file's win, as in diffusers)."""
+    for lora in loras:
+        for path, key in lora.norms.items():
+            *parents, leaf = path.split(".")
+            node = _node(root, parents)
+            old = node.get(leaf) if isinstance(node, nn.Module) else None
+            value = lora.file.load(key)
+            if old is None or value.shape != old.shape:
+                raise MfluxError(
+                    f"{lora.path}: {key} {tuple(value.shape)} replaces transformer norm {path}, which "
+                    f"{'is ' + str(tuple(old.shape)) if old is not None else 'this model lacks'} "
+                    "(a Control LoRA for another model size?)"
+                )
+            setattr(node, leaf, value.astype(old.dtype))
+            mx.eval(getattr(node, leaf))
+
+
+def _node(root: nn.Module, names: list[str]):
+    """The module, list or array at a path of `root` (its names split), or None."""
+    node = root
+    for name in names:
+        if isinstance(node, list):
+            node = node[int(name)] if name.isdigit() and int(name) < len(node) else None
+        elif isinstance(node, dict):
+            node = node.get(name)
+        else:
+            return None
+        if node is None:
+            return None
+    return node
 
 
 def _check_fit(lora: LoraFile, modules: dict) -> None:
@@ -445,16 +583,7 @@ def _check_fit(lora: LoraFile, modules: dict) -> None:
 
 def find_layer(root: nn.Module, path: str) -> nn.Module | None:
     """The Linear, QuantizedLinear or LoRALinear at a dotted runtime path of `root`, or None."""
-    node = root
-    for name in path.split("."):
-        if isinstance(node, list):
-            node = node[int(name)] if name.isdigit() and int(name) < len(node) else None
-        elif isinstance(node, dict):
-            node = node.get(name)
-        else:
-            return None
-        if node is None:
-            return None
+    node = _node(root, path.split("."))
     return node if isinstance(node, (nn.Linear, nn.QuantizedLinear, LoRALinear)) else None
 
 
@@ -477,18 +606,23 @@ def layer_dims(layer: nn.Module) -> tuple[int, int, mx.Dtype]:
     return *layer.weight.shape, layer.weight.dtype
 
 
-def _with_lora(layer: nn.Module, parts: list, component: str) -> LoRALinear:
-    """The layer with one low-rank path holding every LoRA on it (and any it already had)."""
+def _with_lora(layer: nn.Module, parts: list, component: str, widened: bool = False) -> LoRALinear:
+    """The layer with one low-rank path holding every LoRA on it (and any it already had); on a layer a
+    Control LoRA widened, a narrower down weight is zero-padded to the new width."""
     base = layer.base if isinstance(layer, LoRALinear) else layer
     out_dims, in_dims, dtype = layer_dims(base)
-    downs, ups = [], []
+    downs, ups, biases = [], [], []
     if isinstance(layer, LoRALinear):
         downs.append(layer.lora_down.T.astype(mx.float32))
         ups.append(layer.lora_up.T.astype(mx.float32))
+        if "lora_bias" in layer:
+            biases.append(layer.lora_bias.astype(mx.float32))
     for lora, m, peft, user_scale in parts:
-        down, up = _weights(lora, m, peft)
+        down, up, bias = _weights(lora, m, peft)
         start, stop = site_rows(m.site.part, in_dims, out_dims)
         where = f"{lora.path}: {m.key} targets {component} layer {m.site.path}"
+        if widened and down.shape[1] < in_dims:  # diffusers' _maybe_expand_lora_state_dict
+            down = mx.pad(down, [(0, 0), (0, in_dims - down.shape[1])])
         if down.shape[1] != in_dims:
             raise MfluxError(
                 f"{where}, whose input width is {in_dims}, but its down weight is {tuple(down.shape)}"
@@ -505,11 +639,15 @@ def _with_lora(layer: nn.Module, parts: list, component: str) -> LoRALinear:
         if m.site.part == "swapped":  # diffusers' final norm is (scale, shift); BFL's is (shift, scale)
             half = out_dims // 2
             up = mx.concatenate([up[half:], up[:half]], axis=0)
+            bias = None if bias is None else mx.concatenate([bias[half:], bias[:half]])
         downs.append(down)
         ups.append(mx.pad(up * user_scale, [(start, out_dims - stop), (0, 0)]))  # (out, r)
+        if bias is not None:
+            biases.append(mx.pad(bias * user_scale, [(start, out_dims - stop)]))  # (out,)
     down = mx.concatenate(downs, axis=0)  # (R, in)
     up = mx.concatenate(ups, axis=1)  # (out, R)
-    return LoRALinear(base, down.T.astype(dtype), up.T.astype(dtype))
+    bias = sum(biases[1:], biases[0]).astype(dtype) if biases else None
+    return LoRALinear(base, down.T.astype(dtype), up.T.astype(dtype), bias)
 
 
 def site_rows(part: str | None, hidden: int, out_dims: int) -> tuple[int, int]:
@@ -535,6 +673,8 @@ def inspect_lora(path: str | Path, tensors: bool = False) -> dict:
         targets.setdefault(m.site.component, set()).add(m.site.path)
         modules[m.site.component] += 1
         groups.setdefault(m.site.component, []).extend(m.tensors)
+    if lora.norms:  # a Control LoRA's replacement norms belong to the transformer too
+        groups.setdefault("transformer", []).extend(lora.norms.values())
     if lora.unmatched:
         groups["unmatched"] = lora.unmatched
     counts = {c: len(targets[c]) for c in LORA_COMPONENTS if c in targets}
@@ -550,6 +690,7 @@ def inspect_lora(path: str | Path, tensors: bool = False) -> dict:
         "modules": ", ".join(f"{c} {_modules_text(modules[c], n)}" for c, n in counts.items()) or "none",
         "parameters": sum(c["parameters"] for c in components.values()),
         "unmatched": len(lora.unmatched),
+        "norms": len(lora.norms),  # full replacement norms (a Control LoRA's)
         "metadata": sf.metadata,
         "components": components,
     }

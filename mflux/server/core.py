@@ -46,8 +46,9 @@ EDITS = {"kontext": ("instruction",), "fill": ("inpaint",), "text": ("img2img", 
 
 
 def draws(m) -> bool:
-    """Whether a stored model can be listed as one to draw with: whole, and a FLUX.1 pipeline (not Redux)."""
-    return not m.damaged and m.manifest.variant != REDUX
+    """Whether a stored model can be listed as one to draw with: whole, and a FLUX.1 pipeline (not Redux,
+    not a LoRA such as canny-lora, whose variant is the model it goes on)."""
+    return not m.damaged and m.manifest.variant != REDUX and m.manifest.kind != "lora"
 
 
 @dataclass
