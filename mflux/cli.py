@@ -664,7 +664,11 @@ def rm(names, yes):
 
 @cli.command()
 @click.argument("source")
-@click.option("--name", callback=_check_name, help="Store name (default: <source name>-mlx).")
+@click.option(
+    "--name",
+    callback=_check_name,
+    help="Store name (default: <source name>-mlx; with --bits, <source name>-q<bits>).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(DTYPES),
@@ -674,8 +678,8 @@ def rm(names, yes):
 )
 @click.option(
     "--base",
-    help="For a single-file transformer: where the text encoders and VAE come from "
-    "(schnell, dev, or a folder).",
+    help="For a single file: where its tokenizers and configs, and the text encoders and VAE it lacks, "
+    "come from (schnell, dev, or a folder; default: the schnell or dev model in the store).",
 )
 @click.option(
     "--variant",
@@ -684,22 +688,40 @@ def rm(names, yes):
     "exact tensors and reads as dev without it (schnell, dev and fill are read from the tensors); a "
     "Krea folder has dev's exact files. A store model's variant is its manifest's.",
 )
+@click.option(
+    "--bits", **_int_choice(AFFINE_BITS), help="Quantize straight to affine q<bits> (as mflux quantize)."
+)
+@click.option("--group-size", **_int_choice(GROUP_SIZES), help="Weights per scale with --bits (default 64).")
 @click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
-def convert(source, name, dtype, base, variant, force):
+def convert(source, name, dtype, base, variant, bits, group_size, force):
     """Convert weights to the MLX-native format, as a new store model.
 
-    SOURCE is a store model of format hf, a diffusers-layout folder, or a Black Forest Labs
-    single-file checkpoint (.safetensors). A quantized model is MLX-native already: it is refused.
+    SOURCE is a store model of format hf, a diffusers-layout folder, or a single-file checkpoint
+    (.safetensors), its format read from its content: bf16, fp16, fp32 or float8 (e4m3fn, e5m2,
+    "scaled fp8"); Black Forest Labs, ComfyUI (model.diffusion_model.) or diffusers names; the
+    transformer alone or ComfyUI's all-in-one (text encoders and VAE in the same file). Every
+    tensor is rounded once to --dtype from its exact value (float32 keeps float8 exactly). A
+    quantized model is MLX-native already: it is refused.
 
     \b
     Examples:
       mflux convert schnell
       mflux convert ./flux1-dev.safetensors --base dev --name my-dev
+      mflux convert ./flux1-dev-fp8.safetensors --base dev --bits 8
       mflux convert ./flux1-kontext-dev.safetensors --base dev --variant kontext
     """
     from mflux.convert import convert as convert_model
 
-    convert_model(source, name=name, dtype=dtype, base=base, variant=variant, force=force)
+    convert_model(
+        source,
+        name=name,
+        dtype=dtype,
+        base=base,
+        variant=variant,
+        bits=bits,
+        group_size=group_size,
+        force=force,
+    )
 
 
 @cli.command()

@@ -32,6 +32,7 @@ The MLX-native format (manifest `format = "mlx"`), one folder in the store:
 import copy
 import dataclasses
 import errno
+import math
 import shlex
 import shutil
 import sys
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mflux.converters import bfl
+from mflux.converters import bfl, formats
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.manifest import (
@@ -53,8 +54,8 @@ from mflux.manifest import (
     write_manifest,
 )
 from mflux.runtime.folder import VARIANTS, ModelFolder, config_values, detect_variant
-from mflux.runtime.loader import build_module, check_keys, iter_weights, prepare, stream
-from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
+from mflux.runtime.loader import build_module, cast_and_quantize, check_keys, iter_weights, stream
+from mflux.runtime.quantization import AFFINE_BITS, QUANTIZABLE_COMPONENTS, QuantSpec
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, save_shards
 from mflux.store import Store, StoredModel, format_size, validate_name
 
@@ -66,12 +67,40 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
+class _SingleFile:
+    """A single-file checkpoint: its Format, its tensor table {key: (dtype, shape)} and, per component
+    it holds, {name without the prefix: (file key, scale key or None)}."""
+
+    path: Path
+    fmt: formats.Format
+    tensors: dict
+    keys: dict
+
+    def layout(self, component: str) -> dict:
+        """{runtime name: (shape, source type)} of a component, renamed group by group over lazy zeros
+        (nothing is read): what the key checks and the manifest's tensor types need."""
+        keys, out = self.keys[component], {}
+        for group in formats.groups(self.fmt, component, keys):
+            zeros = {n: mx.zeros(self.tensors[keys[n][0]][1]) for n in group}
+            types = "+".join(dict.fromkeys(self._type(*keys[n]) for n in group))
+            for name, arr in formats.sanitize(self.fmt, component, zeros, keys).items():
+                out[name] = (tuple(arr.shape), types)
+        return out
+
+    def shapes(self, component: str) -> dict:
+        return {k: shape for k, (shape, _) in self.layout(component).items()}
+
+    def _type(self, key: str, scale: str | None) -> str:
+        return self.tensors[key][0] + (" scaled" if scale else "")
+
+
+@dataclass
 class _Source:
     folder: ModelFolder  # tokenizers, architecture, stored quantization, and the variant to record
     record: dict  # the manifest's `source` table
     name: str  # default names derive from it
     path: Path  # what must never be written into
-    transformer_file: Path | None = None  # a BFL single file, replacing the folder's transformer
+    single: _SingleFile | None = None  # a single file, replacing the folder's components it holds
 
 
 def convert(
@@ -81,23 +110,32 @@ def convert(
     dtype: str = "bfloat16",
     base: str | None = None,
     variant: str | None = None,
+    bits: int | None = None,
+    group_size: int | None = None,
     force: bool = False,
     store: Store | None = None,
     progress: bool = True,
 ) -> StoredModel:
-    """Convert a store model (format hf or mlx), a diffusers-layout folder, or a Black Forest Labs
-    single-file transformer (with `base` for the rest) into an MLX-native store model `name`
-    (default `<source name>-mlx`). `variant` names what the files can't tell: a Kontext or Krea
-    single file has dev's exact tensors, a Krea folder dev's exact files. Returns the StoredModel."""
+    """Convert a store model (format hf or mlx), a diffusers-layout folder, or a single-file checkpoint
+    (see mflux.converters.formats: bf16, fp16, fp32 or float8, scaled or not, BFL, ComfyUI or diffusers
+    names, transformer only or all-in-one; `base` gives what the file lacks, tokenizers and configs
+    always) into an MLX-native store model `name` (default `<source name>-mlx`). Every tensor is
+    rounded once to `dtype` from its exact float32 value. `bits` quantizes straight to affine q8/q4
+    (`group_size`, default 64). `variant` names what the files can't tell: a Kontext or Krea single
+    file has dev's exact tensors, a Krea folder dev's exact files. Returns the StoredModel."""
     _check_dtype(dtype)
+    spec = None if bits is None and group_size is None else QuantSpec.for_mode("affine", bits, group_size)
+    if spec is not None and spec.bits not in AFFINE_BITS:
+        raise InvalidArgument(f"--bits must be one of {', '.join(map(str, AFFINE_BITS))}, got {bits}")
     store = store or Store()
     store.check_root()
     src = _open(source, store, base, variant)
     _refuse_quantized(src)
-    name = name or f"{src.name}-mlx"
+    name = name or (f"{src.name}-mlx" if spec is None else default_name(src.name, spec))
     _refuse_self(store, name, src)
     dtypes = {c: _component_dtype(c, dtype, _source_dtype(src, c)) for c in COMPONENTS}
-    return _write(store, name, force, src, dtype, dtypes, dict.fromkeys(COMPONENTS), progress)
+    specs = {c: spec if c in QUANTIZABLE_COMPONENTS else None for c in COMPONENTS}
+    return _write(store, name, force, src, dtype, dtypes, specs, progress)
 
 
 def quantize(
@@ -143,7 +181,7 @@ def quantize(
 def _refuse_quantized(src: _Source) -> None:
     # A quantized model is already MLX-native; converting it would only re-cast its scales under a
     # name ("-q4-mlx") that hides what it is. A single file's quantized base is fine: that is carried.
-    if src.transformer_file is None and src.folder.quantization:
+    if src.single is None and src.folder.quantization:
         label = quantization_label(src.folder.quantization)
         raise MfluxError(
             f"{src.name} is already quantized ({label}) and MLX-native: run it as it is (mflux run -m "
@@ -288,24 +326,52 @@ def _path(source: str) -> Path:
     return path
 
 
-def _open_single_file(path: Path, store, base: str | None, variant: str | None) -> _Source:
-    shapes = _header_shapes(path)
+def _read_single_file(path: Path) -> _SingleFile:
+    """A single file's Format from its content (header, key names, tensor types), never its name.
+    Containers other than safetensors join here."""
+    table = SafetensorsFile(path, fp8=True).tensors
+    tensors = {k: (dtype, shape) for k, (dtype, shape, _) in table.items()}
     try:
+        fmt = formats.detect_format(tensors)
+        keys = {c: formats.component_keys(fmt, c, tensors) for c in fmt.prefixes}
+    except MfluxError as e:
+        raise MfluxError(f"{path}: {e}") from None
+    return _SingleFile(path.resolve(), fmt, tensors, keys)
+
+
+def _open_single_file(path: Path, store, base: str | None, variant: str | None) -> _Source:
+    single = _read_single_file(path)
+    try:
+        shapes = single.shapes("transformer")
         config = bfl.diffusers_config(shapes)
-        check_keys(bfl.sanitize(shapes), build_module("transformer", {"transformer": config}), str(path))
+        check_keys(shapes, build_module("transformer", {"transformer": config}), str(path))
         # From the shapes (Fill by its 384 input channels); a Kontext or Krea file reads as dev.
         variant = detect_variant({"transformer": config}, variant)
     except MfluxError as e:
         raise MfluxError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
-    # The base gives only the text encoders, VAE and tokenizers, which the guided variants share.
+    # The base gives the tokenizers and configs, and the text encoders and VAE a file lacks, which the
+    # guided variants share.
     guided = VARIANTS[variant].guidance_embeds
     plain = "dev" if guided else "schnell"
+    if base is None and store.exists(plain):
+        base = plain  # the catalog model in the store
+        print(
+            f"taking tokenizers, configs and what {path.name} lacks from {plain} (the stored catalog model)"
+        )
     if base is None:
+        lacks = (
+            "holds only the transformer"
+            if len(single.fmt.prefixes) == 1
+            else "carries no tokenizers or configs"
+        )
         raise MfluxError(
-            f"{path.name} holds only the transformer: give the text encoders, VAE and tokenizers with "
+            f"{path.name} {lacks}: give the text encoders, VAE, tokenizers and configs with "
             f"--base {plain} (a store model) or --base PATH (a FLUX.1 {plain} folder)"
         )
     b = _open(base, store, None)
+    for c in single.fmt.prefixes:  # the file's other components, against the base's configs
+        if c != "transformer":
+            check_keys(single.shapes(c), build_module(c, b.folder.architecture), f"{path} ({c})")
     if VARIANTS[b.folder.variant].guidance_embeds != guided:
         raise MfluxError(
             f"{path.name} is a {variant} transformer (it {'has' if guided else 'has no'} guidance_in) but "
@@ -313,23 +379,40 @@ def _open_single_file(path: Path, store, base: str | None, variant: str | None) 
         )
     # A folder base is recorded resolved, so the manifest means the same from any working directory.
     base_record = base if _is_name(base) and store.exists(base) else str(Path(base).expanduser().resolve())
-    record = {"kind": "path", "path": str(path.resolve()), "base": base_record}
+    record = {
+        "kind": "path",
+        "path": str(path.resolve()),
+        "base": base_record,
+        "format": single.fmt.describe(),
+        # what each stored tensor was in the file, e.g. "F8_E4M3 scaled"
+        "tensor_types": {c: {k: t for k, (_, t) in single.layout(c).items()} for c in single.fmt.prefixes},
+    }
     folder = dataclasses.replace(b.folder, variant=variant)
-    return _Source(folder, record, path.stem, b.path, transformer_file=path.resolve())
+    return _Source(folder, record, path.stem, b.path, single=single)
 
 
 def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
-    if component != "transformer" or src.transformer_file is None:
+    if src.single is None or component not in src.single.fmt.prefixes:
         yield from iter_weights(src.folder, component, getattr(mx, dtype), spec)
         return
-    arch = {"transformer": bfl.diffusers_config(_header_shapes(src.transformer_file))}
-    _, weights = prepare(src.transformer_file, component, "bfl", arch, getattr(mx, dtype), spec)
-    yield from stream(weights)
+    yield from _file_weights(src.single, component, getattr(mx, dtype), spec)
 
 
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """{name: shape} from a single file's header; nothing is loaded."""
-    return {k: shape for k, (_, shape, _) in SafetensorsFile(path).tensors.items()}
+def _file_weights(single: _SingleFile, component: str, dtype, spec: QuantSpec | None):
+    """A single file's component, one group of tensors at a time (read, made exact float32, renamed,
+    rounded once to `dtype`, quantized under `spec`): memory stays near one tensor."""
+    f, keys = SafetensorsFile(single.path, fp8=True), single.keys[component]
+    try:
+        for group in formats.groups(single.fmt, component, keys):
+            exact = {n: _exact(f, *keys[n]) for n in group}
+            renamed = formats.sanitize(single.fmt, component, exact, keys)
+            yield from stream(cast_and_quantize(component, renamed, dtype, spec))
+    finally:
+        f.close()
+
+
+def _exact(f: SafetensorsFile, key: str, scale: str | None) -> mx.array:
+    return formats.to_float32(f.load(key), f.tensors[key][0], f.load(scale) if scale else None)
 
 
 class _Counter:
@@ -363,8 +446,8 @@ class _Counter:
 
 def _stored_quantization(src: _Source) -> dict:
     q = dict(src.folder.quantization or {})
-    if src.transformer_file is not None:  # the base's transformer is replaced by the single file
-        q.pop("transformer", None)
+    for c in src.single.fmt.prefixes if src.single else ():  # the base's, replaced by the single file's
+        q.pop(c, None)
     return q
 
 
@@ -374,8 +457,8 @@ def _spec(q: dict | None) -> QuantSpec | None:
 
 def _architecture(src: _Source, dtypes: dict) -> dict:
     arch = copy.deepcopy(src.folder.architecture)
-    if src.transformer_file is not None:
-        arch["transformer"] = bfl.diffusers_config(_header_shapes(src.transformer_file))
+    if src.single is not None:
+        arch["transformer"] = bfl.diffusers_config(src.single.shapes("transformer"))
         # The file's pipeline, not the base's: what tells a converted Kontext file from dev.
         arch["pipeline"] = {"class_name": VARIANTS[src.folder.variant].pipeline}
     for c in ("text_encoder", "text_encoder_2"):
@@ -387,11 +470,11 @@ def _architecture(src: _Source, dtypes: dict) -> dict:
 def _source_dtype(src: _Source, component: str) -> str:
     """The dtype of the component's float tensors, read from the safetensors headers."""
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    if component == "transformer" and src.transformer_file is not None:
-        files = [src.transformer_file]
-    else:
-        files = sorted((src.folder.path / component).glob("*.safetensors"))
-    for f in files:
+    if src.single is not None and component in src.single.fmt.prefixes:
+        # float8 and float16 sources count as bfloat16: T5 keeps bfloat16 when float16 is asked for
+        types = [src.single.tensors[k][0] for k, _ in src.single.keys[component].values()]
+        return "float32" if "F32" in types and len(set(types)) == 1 else "bfloat16"
+    for f in sorted((src.folder.path / component).glob("*.safetensors")):
         for dtype, _, _ in SafetensorsFile(f).tensors.values():
             if dtype in names:
                 return names[dtype]
@@ -440,20 +523,18 @@ def _is_name(s: str) -> bool:
     return True
 
 
-def _source_files(src: _Source, component: str) -> list[Path]:
-    if component == "transformer" and src.transformer_file is not None:
-        return [src.transformer_file]
-    return sorted((src.folder.path / component).glob("*.safetensors"))
-
-
 def _estimate(src: _Source, component: str, dtype: str, spec: QuantSpec | None) -> int:
     """The bytes this component will take in the new model, from the source's file sizes: a cast
     scales them by the itemsizes; quantizing stores `bits` per weight plus a scale (and an affine
     bias) per group. Good to a few percent, which is what a free-space check and a bar need."""
-    size = sum(p.stat().st_size for p in _source_files(src, component))
-    if component in _stored_quantization(src):
-        return size  # kept as stored
-    weights = size / _ITEMSIZE.get(_source_dtype(src, component), 4)
+    if src.single is not None and component in src.single.fmt.prefixes:
+        keys = src.single.keys[component].values()
+        weights = sum(math.prod(src.single.tensors[k][1]) for k, _ in keys)
+    else:
+        size = sum(p.stat().st_size for p in sorted((src.folder.path / component).glob("*.safetensors")))
+        if component in _stored_quantization(src):
+            return size  # kept as stored
+        weights = size / _ITEMSIZE.get(_source_dtype(src, component), 4)
     if spec is None:
         return int(weights * _ITEMSIZE[dtype])
     per_group = _ITEMSIZE[dtype] * (2 if spec.mode == "affine" else 1)

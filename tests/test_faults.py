@@ -281,6 +281,18 @@ HEADERS = {
     "overflowing-shape": lambda p: write_header(
         p, {"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 0]}}
     ),
+    # float8: convert reads it, but these keys fit no FLUX.1 layout (inspect refuses float8 itself)
+    "float8-not-flux": lambda p: write_header(
+        p, {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 2
+    ),
+    "float8-stray-keys": lambda p: write_header(
+        p,
+        {
+            f"{prefix}w": {"dtype": "F8_E5M2", "shape": [2], "data_offsets": [2 * i, 2 * i + 2]}
+            for i, prefix in enumerate(("model.diffusion_model.", "vae.", "cond_stage_model."))
+        },
+        b"\0" * 6,
+    ),
 }
 
 
