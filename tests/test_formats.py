@@ -4,8 +4,10 @@ or diffusers names; transformer only or all-in-one), and `mflux import FOLDER`.
 The files are written here from the tiny random FLUX.1 with torch's own float8 casts, so the reference
 dequantization (`w.float()`, `w.float() * scale_weight`) is torch's, not ours."""
 
+import json
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,7 +19,7 @@ from mflux.converters import diffusers
 from mflux.runtime.weights import TensorSource
 from mflux.store import Store
 from tests.fixtures import packed_latents, reference_image
-from tests.test_convert import COMFY, assert_refused, image, invoke
+from tests.test_convert import COMFY, assert_refused, bfl_shapes, image, invoke, peak_kib
 
 PROMPT = "Luxury food photograph"
 SIZE = 32
@@ -282,3 +284,39 @@ def test_bad_files_are_one_line_before_anything_is_written(tiny_schnell, tmp_pat
     t5 = {"shared.weight": torch.zeros(7, 3)}
     path = save(tmp_path / "aio.safetensors", {**prefixed(COMFY, stored), **prefixed(T5, t5)})
     assert_refused(mflux_home, ["convert", path, "--base", tiny_schnell], "text_encoder_2", "shared.weight")
+
+
+def write_random_fp8(path: Path, shapes: dict) -> int:
+    """An F8_E4M3 safetensors file of random finite weights (norms' scales too), one tensor at a time."""
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 0x70, 1 << 20, dtype=np.uint8)  # below 0x7f: no NaN, either sign
+    pool[::2] |= 0x80
+    header, offset = {}, 0
+    for k, shape in shapes.items():
+        n = int(np.prod(shape))
+        header[k] = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for i, shape in enumerate(shapes.values()):
+            f.write(np.resize(np.roll(pool, i * 7919), int(np.prod(shape))).tobytes())
+    return path.stat().st_size
+
+
+def test_fp8_convert_streams_one_tensor_at_a_time(tiny_schnell, tmp_path):
+    # Two files of one width, one with many more blocks: streaming holds one tensor (its float32
+    # dequantization) and one output shard, so the peak does not grow with the file. Reading the file
+    # whole would grow it by the file's size, and dequantizing it whole by four times that.
+    small, big = tmp_path / "small.safetensors", tmp_path / "big.safetensors"
+    write_random_fp8(small, bfl_shapes(hidden=1024, depth=1, single=1))
+    size = write_random_fp8(big, bfl_shapes(hidden=1024, depth=2, single=7)) - small.stat().st_size
+    peaks = {
+        w: peak_kib(16 * 2**20, "convert", tmp_path / f"{w}.safetensors", tiny_schnell, w) / 1024
+        for w in ("small", "big")
+    }
+    grown = peaks["big"] - peaks["small"]
+    print(f"fp8 file {size / 2**20:.0f} MiB larger: peak RSS grew {grown:.0f} MiB")
+    assert grown < 0.25 * size / 2**20
+    assert Store().get("big").manifest.source["format"].startswith("safetensors float8_e4m3fn")
