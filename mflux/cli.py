@@ -724,6 +724,41 @@ def convert(source, name, dtype, base, variant, bits, group_size, force):
     )
 
 
+@cli.command("import")
+@click.argument("folder")
+@click.option(
+    "--name", callback=_check_name, help="Store name (default: the Hub repo's or the folder's name)."
+)
+@click.option("--copy", is_flag=True, help="Copy (or clone) every file; never hard-link.")
+@click.option(
+    "--variant",
+    type=click.Choice(tuple(VARIANTS)),
+    help="The FLUX.1 variant, where the files can't tell (a Krea folder has dev's exact files).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
+def import_(folder, name, copy, variant, force):
+    """Add a model folder on disk to the store as it is, without copying where the disk allows.
+
+    FOLDER is a diffusers-layout FLUX.1 folder (a Hugging Face cache snapshot included: its
+    symlinks are resolved to the files in blobs/) or an MLX-native one. Its layout, configs and
+    safetensors headers are checked and every file's sha256 is recorded. Each file is placed by a
+    copy-on-write clone (APFS, btrfs, xfs), else a hard link, else a copy; nothing is moved, so a
+    Hugging Face cache stays whole, and `mflux rm` never deletes the original files.
+
+    A hard-linked file is the original: editing it in place changes the stored model too. The store
+    notices (a file's size, or an mtime newer than the manifest, has it re-hashed when the model
+    opens) and refuses the model as damaged. --copy avoids sharing.
+
+    \b
+    Examples:
+      mflux import ~/.cache/huggingface/hub/models--black-forest-labs--FLUX.1-schnell/snapshots/*
+      mflux import ./FLUX.1-dev --name dev --copy
+    """
+    from mflux.importer import import_model
+
+    import_model(folder, name=name, copy=copy, variant=variant, force=force)
+
+
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--bits", **_int_choice(AFFINE_BITS), help="Bits per weight (affine).")

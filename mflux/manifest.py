@@ -432,6 +432,8 @@ def remake_command(m: Manifest) -> str:
             return f"mflux pull {known} --force"
         return f"mflux pull {known or source['repo']} {tail}"
     what = shlex.quote(source["name"] if source["kind"] == "model" else source["path"])
+    if "imported" in source:  # `mflux import`: the folder as it was
+        return f"mflux import {what} {tail}"
     dtype = f" --dtype {m.dtype}" if m.dtype != "bfloat16" else ""
     if "base" in source:  # a single-file transformer, its other components from a base
         return f"mflux convert {what} --base {shlex.quote(source['base'])}{dtype} {tail}"

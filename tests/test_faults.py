@@ -483,6 +483,20 @@ def test_inspect_refuses_what_is_not_a_model(home, tmp_path):
     refused(mflux("convert", long, "--base", "schnell"), "File name too long")
 
 
+def test_import_refuses_what_is_not_a_whole_model_folder(home, tiny_schnell, tmp_path):
+    before = snapshot(home)
+    refused(mflux("import", tmp_path / "nowhere"), "no such folder")
+    refused(mflux("import", tiny_schnell / "vae"), "not a FLUX.1 checkpoint")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_schnell, broken)
+    (broken / "tokenizer/vocab.json").unlink()
+    (broken / "tokenizer/vocab.json").symlink_to("../../blobs/gone")
+    refused(mflux("import", broken), "vocab.json: a broken symlink")
+    refused(mflux("import", home / "schnell"), "the store's own 'schnell'")
+    assert snapshot(home) == before
+    consistent(home)
+
+
 def test_convert_refuses_a_variant_the_model_is_not(home, tiny_fill):
     before = snapshot(home)
     refused(mflux("convert", tiny_fill, "--variant", "dev"), "does not fit variant 'dev'", "in_channels=384")

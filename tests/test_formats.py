@@ -4,10 +4,13 @@ or diffusers names; transformer only or all-in-one), and `mflux import FOLDER`.
 The files are written here from the tiny random FLUX.1 with torch's own float8 casts, so the reference
 dequantization (`w.float()`, `w.float() * scale_weight`) is torch's, not ours."""
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +19,8 @@ import pytest
 
 from mflux.convert import convert
 from mflux.converters import diffusers
+from mflux.errors import MfluxError
+from mflux.folders import open_folder
 from mflux.runtime.weights import TensorSource
 from mflux.store import Store
 from tests.fixtures import packed_latents, reference_image
@@ -320,3 +325,84 @@ def test_fp8_convert_streams_one_tensor_at_a_time(tiny_schnell, tmp_path):
     print(f"fp8 file {size / 2**20:.0f} MiB larger: peak RSS grew {grown:.0f} MiB")
     assert grown < 0.25 * size / 2**20
     assert Store().get("big").manifest.source["format"].startswith("safetensors float8_e4m3fn")
+
+
+# --- mflux import ------------------------------------------------------------------------------------
+
+
+def hf_cache_snapshot(folder: Path, cache: Path) -> Path:
+    """`folder` as the Hugging Face cache keeps a download: each file a blob named by its sha256 in
+    `blobs/`, the snapshot a tree of relative symlinks to them."""
+    repo = cache / "models--black-forest-labs--FLUX.1-schnell"
+    snapshot = repo / "snapshots" / ("ab" * 20)
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, blob)
+        link = snapshot / f.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def test_import_of_a_hf_cache_snapshot_keeps_one_copy_and_rm_keeps_the_original(tiny_schnell, tmp_path):
+    snapshot = hf_cache_snapshot(tiny_schnell, tmp_path / "hub")
+    blobs = {p.relative_to(snapshot).as_posix(): p.resolve() for p in snapshot.rglob("*") if p.is_symlink()}
+    code, out, err = invoke("import", snapshot)
+    assert code == 0, err
+    stored = Store().get("FLUX.1-schnell")
+    man = stored.manifest
+    assert (man.format, man.variant) == ("hf", "schnell")
+    assert {f["path"]: f["sha256"] for f in man.files} == {rel: b.name for rel, b in blobs.items()}
+    # one copy of each file on disk: the store's file is the blob itself (a clone shares its blocks)
+    print(out.strip())
+    assert man.source["imported"] in ("hardlink", "clone")
+    for rel, blob in blobs.items():
+        mine, theirs = (stored.path / rel).stat(), blob.stat()
+        assert not (stored.path / rel).is_symlink()
+        if man.source["imported"] == "hardlink":
+            assert (mine.st_ino, mine.st_nlink) == (theirs.st_ino, 2), rel
+    assert np.array_equal(image(stored.path), image(tiny_schnell))
+
+    # Edited in place through the original (same size, newer mtime): the stored model is refused.
+    vae = blobs["vae/diffusion_pytorch_model.safetensors"]
+    original = vae.read_bytes()
+    with open(vae, "r+b") as f:
+        f.seek(len(original) - 4)
+        f.write(b"\x01\x02\x03\x04")
+    later = time.time() + 60
+    os.utime(vae, (later, later))
+    if man.source["imported"] == "hardlink":
+        with pytest.raises(
+            MfluxError, match="FLUX.1-schnell is damaged: vae/diffusion_pytorch_model.safetensors"
+        ):
+            open_folder(stored.path)
+    vae.write_bytes(original)
+
+    code, out, err = invoke("rm", "-y", "FLUX.1-schnell")
+    assert code == 0, err
+    assert not stored.path.exists()
+    for rel, blob in blobs.items():  # every original still there, whole, and reached by its link
+        assert blob.is_file() and blob.stat().st_nlink == 1
+        assert hashlib.sha256((snapshot / rel).read_bytes()).hexdigest() == blob.name
+
+
+def test_import_copy_never_links_and_bad_folders_are_refused(tiny_schnell, tmp_path, mflux_home):
+    code, out, err = invoke("import", tiny_schnell, "--copy", "--name", "copied")
+    assert code == 0, err
+    stored = Store().get("copied")
+    assert stored.manifest.source["imported"] in ("copy", "clone")
+    for f in stored.manifest.files:
+        assert (stored.path / f["path"]).stat().st_ino != (tiny_schnell / f["path"]).stat().st_ino
+
+    assert_refused(mflux_home, ["import", tiny_schnell / "vae"], "not a FLUX.1 checkpoint")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_schnell, broken)
+    (broken / "tokenizer/vocab.json").unlink()
+    (broken / "tokenizer/vocab.json").symlink_to("../../blobs/gone")
+    assert_refused(mflux_home, ["import", broken], "vocab.json", "broken symlink")
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_schnell, cut)
+    shard = next((cut / "transformer").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert_refused(mflux_home, ["import", cut], "truncated")
