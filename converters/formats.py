@@ -31,7 +31,12 @@ ALL_IN_ONE = {
     "vae": "vae.",
 }
 FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", **FLOAT8}
+FLOATS = {
+    **FLOAT8,
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+}  # in the order a format names them
 SCALE = ".scale_weight"
 # Scaled-fp8 files mark themselves with an empty `scaled_fp8` tensor, and some carry `<layer>.scale_input`:
 # an activation scale for fp8 matmuls, which a dequantized weight does not use.

@@ -281,18 +281,6 @@ HEADERS = {
     "overflowing-shape": lambda p: write_header(
         p, {"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 0]}}
     ),
-    # float8: convert reads it, but these keys fit no FLUX.1 layout (inspect refuses float8 itself)
-    "float8-not-flux": lambda p: write_header(
-        p, {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 2
-    ),
-    "float8-stray-keys": lambda p: write_header(
-        p,
-        {
-            f"{prefix}w": {"dtype": "F8_E5M2", "shape": [2], "data_offsets": [2 * i, 2 * i + 2]}
-            for i, prefix in enumerate(("model.diffusion_model.", "vae.", "cond_stage_model."))
-        },
-        b"\0" * 6,
-    ),
 }
 
 
@@ -303,6 +291,39 @@ def test_broken_safetensors_header(home, tmp_path, fault):
     before = snapshot(home)
     refused(mflux("inspect", bad), str(bad))
     refused(mflux("convert", bad, "--base", "schnell"), str(bad))
+    assert snapshot(home) == before
+    consistent(home)
+
+
+# float8 files convert reads, whose keys fit no FLUX.1 layout: (the file, what the refusal names)
+FLOAT8 = {
+    "not-flux": (
+        lambda p: write_header(
+            p, {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 2
+        ),
+        "not a FLUX.1 transformer checkpoint",
+    ),
+    "stray-keys": (
+        lambda p: write_header(
+            p,
+            {
+                f"{prefix}w": {"dtype": "F8_E5M2", "shape": [2], "data_offsets": [2 * i, 2 * i + 2]}
+                for i, prefix in enumerate(("model.diffusion_model.", "vae.", "cond_stage_model."))
+            },
+            b"\0" * 6,
+        ),
+        "cond_stage_model.w",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", FLOAT8)
+def test_float8_file_of_no_known_layout(home, tmp_path, fault):
+    bad = tmp_path / "flux1-schnell-fp8.safetensors"
+    write, words = FLOAT8[fault]
+    write(bad)
+    before = snapshot(home)
+    refused(mflux("convert", bad, "--base", "schnell"), str(bad), words)
     assert snapshot(home) == before
     consistent(home)
 

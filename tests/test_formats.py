@@ -21,6 +21,7 @@ from mflux.convert import convert
 from mflux.converters import diffusers
 from mflux.errors import MfluxError
 from mflux.folders import open_folder
+from mflux.inspector import inspect
 from mflux.runtime.weights import TensorSource
 from mflux.store import Store
 from tests.fixtures import packed_latents, reference_image
@@ -406,3 +407,15 @@ def test_import_copy_never_links_and_bad_folders_are_refused(tiny_schnell, tmp_p
     shard = next((cut / "transformer").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-10])
     assert_refused(mflux_home, ["import", cut], "truncated")
+
+
+def test_inspect_reads_an_fp8_file_as_convert_would(tiny_schnell, tmp_path):
+    stored, _ = encode(to_bfl(torch_tensors(tiny_schnell, "transformer")), "e5m2-scaled")
+    path = save(tmp_path / "flux1-schnell-fp8.safetensors", prefixed(COMFY, stored))
+    report = inspect(str(path))
+    assert report["format"] == (
+        "safetensors float8_e5m2+bfloat16+float32 (scaled), BFL names, transformer only, prefix "
+        "model.diffusion_model."
+    )
+    assert report["variant"] == "schnell"
+    assert set(report["components"][path.name]["dtypes"]) == {"float8_e5m2", "bfloat16", "float32"}
