@@ -419,3 +419,26 @@ def test_inspect_reads_an_fp8_file_as_convert_would(tiny_schnell, tmp_path):
     )
     assert report["variant"] == "schnell"
     assert set(report["components"][path.name]["dtypes"]) == {"float8_e5m2", "bfloat16", "float32"}
+
+
+def test_import_of_an_mlx_folder_checks_it_against_its_own_manifest(tiny_schnell, tmp_path, mflux_home):
+    made = convert(str(tiny_schnell), name="made", bits=8, progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(made.path, elsewhere)  # copy2: the files keep their times
+    code, out, err = invoke("import", elsewhere, "--name", "imported")
+    assert code == 0, err
+    imported = Store().get("imported").manifest
+    assert (imported.format, imported.quantization) == ("mlx", made.manifest.quantization)
+    assert imported.files == made.manifest.files and imported.source["path"] == str(elsewhere)
+    assert np.array_equal(image(Store().path("imported")), image(made.path))
+
+    # A byte changed in place, size and times kept: only the sha256 tells, and import checks it.
+    shard = next((elsewhere / "vae").glob("*.safetensors"))
+    st, data = shard.stat(), bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    msg = assert_refused(
+        mflux_home, ["import", elsewhere, "--name", "again"], "does not match its manifest's sha256"
+    )
+    assert shard.relative_to(elsewhere).as_posix() in msg
