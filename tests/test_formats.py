@@ -5,11 +5,9 @@ The files are written here from the tiny random FLUX.1 with torch's own float8 c
 dequantization (`w.float()`, `w.float() * scale_weight`) is torch's, not ours."""
 
 import hashlib
-import json
 import os
 import re
 import shutil
-import struct
 import time
 from pathlib import Path
 
@@ -25,7 +23,15 @@ from mflux.inspector import inspect
 from mflux.runtime.weights import TensorSource
 from mflux.store import Store
 from tests.fixtures import packed_latents, reference_image
-from tests.test_convert import COMFY, assert_refused, bfl_shapes, image, invoke, peak_kib
+from tests.test_convert import (
+    COMFY,
+    assert_refused,
+    bfl_shapes,
+    image,
+    invoke,
+    peak_kib,
+    write_random_checkpoint,
+)
 
 PROMPT = "Luxury food photograph"
 SIZE = 32
@@ -293,22 +299,10 @@ def test_bad_files_are_one_line_before_anything_is_written(tiny_schnell, tmp_pat
 
 
 def write_random_fp8(path: Path, shapes: dict) -> int:
-    """An F8_E4M3 safetensors file of random finite weights (norms' scales too), one tensor at a time."""
-    rng = np.random.default_rng(0)
-    pool = rng.integers(0, 0x70, 1 << 20, dtype=np.uint8)  # below 0x7f: no NaN, either sign
-    pool[::2] |= 0x80
-    header, offset = {}, 0
-    for k, shape in shapes.items():
-        n = int(np.prod(shape))
-        header[k] = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for i, shape in enumerate(shapes.values()):
-            f.write(np.resize(np.roll(pool, i * 7919), int(np.prod(shape))).tobytes())
-    return path.stat().st_size
+    """An F8_E4M3 safetensors file of random finite weights (norms' scales too)."""
+    pool = np.random.default_rng(0).integers(0, 0x70, 1 << 20, dtype=np.uint8)  # below 0x7f: no NaN
+    pool[::2] |= 0x80  # either sign
+    return write_random_checkpoint(path, shapes, "F8_E4M3", pool)
 
 
 def test_fp8_convert_streams_one_tensor_at_a_time(tiny_schnell, tmp_path):
