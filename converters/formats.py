@@ -31,12 +31,8 @@ ALL_IN_ONE = {
     "vae": "vae.",
 }
 FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-FLOATS = {
-    **FLOAT8,
-    "BF16": "bfloat16",
-    "F16": "float16",
-    "F32": "float32",
-}  # in the order a format names them
+# the tensor types read, in the order a Format names them
+FLOATS = {**FLOAT8, "BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 SCALE = ".scale_weight"
 # Scaled-fp8 files mark themselves with an empty `scaled_fp8` tensor, and some carry `<layer>.scale_input`:
 # an activation scale for fp8 matmuls, which a dequantized weight does not use.
@@ -50,12 +46,12 @@ class Format:
     container: str  # "safetensors"
     names: str  # the transformer's key names: "bfl" or "diffusers"
     prefixes: dict  # component -> the key prefix of its tensors, for each component the file holds
-    dtypes: tuple  # the file's tensor types, e.g. ("BF16", "F8_E4M3")
+    dtypes: tuple  # the file's tensor types, e.g. ("F8_E4M3", "BF16")
     scaled: bool  # float8 weights with a per-layer scale_weight
 
     def describe(self) -> str:
-        """One phrase for the manifest and messages, e.g. "safetensors float8_e4m3fn (scaled), BFL
-        names, ComfyUI prefix"."""
+        """One phrase for the manifest and messages, e.g. "safetensors float8_e4m3fn+bfloat16 (scaled),
+        BFL names, transformer only, prefix model.diffusion_model."."""
         types = "+".join(FLOATS.get(d, d) for d in self.dtypes) + (" (scaled)" if self.scaled else "")
         where = "all-in-one" if len(self.prefixes) > 1 else _prefix_text(self.prefixes["transformer"])
         return f"{self.container} {types}, {'BFL' if self.names == 'bfl' else 'diffusers'} names, {where}"
@@ -89,15 +85,9 @@ def component_keys(fmt: Format, component: str, tensors: dict) -> dict:
     """{name without the prefix: (file key, its scale_weight key or None)} of one component, scales
     and ignored markers left out."""
     prefix = fmt.prefixes[component]
-    others = [p for c, p in fmt.prefixes.items() if c != component and p.startswith(prefix)]
     out = {}
     for key in tensors:
-        if (
-            not key.startswith(prefix)
-            or key.startswith(tuple(others))
-            or _ignored(key)
-            or key.endswith(SCALE)
-        ):
+        if not key.startswith(prefix) or _ignored(key) or key.endswith(SCALE):
             continue
         scale = key.removesuffix(".weight") + SCALE
         out[key.removeprefix(prefix)] = (key, scale if scale in tensors else None)

@@ -727,7 +727,9 @@ def convert(source, name, dtype, base, variant, bits, group_size, force):
 @cli.command("import")
 @click.argument("folder")
 @click.option(
-    "--name", callback=_check_name, help="Store name (default: the Hub repo's or the folder's name)."
+    "--name",
+    callback=_check_name,
+    help="Store name (default: as a pull names the repo, else the folder's name).",
 )
 @click.option("--copy", is_flag=True, help="Copy (or clone) every file; never hard-link.")
 @click.option(

@@ -17,8 +17,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from mflux.catalog import catalog
 from mflux.errors import MfluxError
 from mflux.folders import open_folder
+from mflux.hub import DIFFUSERS_PATTERNS, _wanted
 from mflux.manifest import MANIFEST, hash_files, new_manifest, read_manifest, write_manifest
 from mflux.runtime.folder import COMPONENTS
 from mflux.runtime.loader import folder_source
@@ -52,9 +54,7 @@ def import_model(
         raise MfluxError(f"{path} is the store's own {name!r} (choose another folder)")
     for c in COMPONENTS:
         folder_source(path / c).close()  # every header checked
-    files = _files(path)
-    if model.format == "mlx":
-        _check_file_list(path, files)
+    files = _model_files(path, model.format)
     methods = set()
     with store.build(name, force=force, size_hint=sum(p.stat().st_size for p in files.values())) as tmp:
         for rel, src in files.items():
@@ -68,11 +68,26 @@ def import_model(
 
 
 def _default_name(path: Path, folder_name: str) -> str:
-    # A Hugging Face cache snapshot is models--ORG--REPO/snapshots/COMMIT: the repo names it.
+    # A Hugging Face cache snapshot is models--ORG--REPO/snapshots/COMMIT: the repo names it, and a
+    # catalog repo gets its catalog name, as a pull would.
     for part in reversed(path.parts):
-        if m := re.fullmatch(r"models--[^/]+--(.+)", part):
-            return m[1]
+        if m := re.fullmatch(r"models--(.+?)--(.+)", part):
+            repo = f"{m[1]}/{m[2]}"
+            return next((e.name for e in catalog().values() if e.repo == repo), m[2])
     return folder_name
+
+
+def _model_files(folder: Path, fmt: str) -> dict[str, Path]:
+    """The files that make the model, as `_files` gives them: a diffusers folder's pipeline files (those
+    a pull takes, never a root single file), an MLX-native folder's manifest's files (every one)."""
+    files = _files(folder)
+    if fmt == "hf":
+        return {rel: p for rel, p in files.items() if _wanted(rel, DIFFUSERS_PATTERNS)}
+    listed = [f["path"] for f in read_manifest(folder).files]
+    missing = [rel for rel in listed if rel not in files]
+    if missing:
+        raise MfluxError(f"{folder}: {missing[0]} is missing (its manifest lists it): convert it again")
+    return {rel: files[rel] for rel in listed}
 
 
 def _files(folder: Path) -> dict[str, Path]:
@@ -93,16 +108,6 @@ def _files(folder: Path) -> dict[str, Path]:
                 raise MfluxError(f"{p}: not a regular file")
             out[p.relative_to(folder).as_posix()] = real
     return out
-
-
-def _check_file_list(folder: Path, files: dict) -> None:
-    """An MLX-native folder's files are those its manifest lists."""
-    odd = sorted({f["path"] for f in read_manifest(folder).files} ^ set(files))
-    if odd:
-        raise MfluxError(
-            f"{folder}: its files differ from its manifest ({', '.join(odd[:3])}): it is damaged (convert "
-            "it again)"
-        )
 
 
 def _manifest(tmp: Path, path: Path, name: str, model, source: dict):
