@@ -22,7 +22,7 @@ from mflux.folders import open_folder
 from mflux.inspector import inspect
 from mflux.runtime.weights import TensorSource
 from mflux.store import Store
-from tests.fixtures import packed_latents, reference_image
+from tests.fixtures import packed_latents, reference_image, store_hf_folder
 from tests.test_convert import (
     COMFY,
     assert_refused,
@@ -436,3 +436,17 @@ def test_import_of_an_mlx_folder_checks_it_against_its_own_manifest(tiny_schnell
         mflux_home, ["import", elsewhere, "--name", "again"], "does not match its manifest's sha256"
     )
     assert shard.relative_to(elsewhere).as_posix() in msg
+
+
+def test_without_base_the_stored_catalog_model_gives_tokenizers_and_configs(tiny_schnell, tmp_path):
+    store_hf_folder(tiny_schnell, "schnell")
+    stored, _ = encode(to_bfl(torch_tensors(tiny_schnell, "transformer")), "bf16")
+    path = save(tmp_path / "flux1-schnell.safetensors", stored)
+    code, out, err = invoke("convert", path)
+    assert code == 0, err
+    assert "from schnell (the stored catalog model)" in out
+    model = Store().get("flux1-schnell-mlx")
+    assert model.manifest.source["base"] == "schnell"
+    assert (model.path / "tokenizer_2/spiece.model").read_bytes() == (
+        tiny_schnell / "tokenizer_2/spiece.model"
+    ).read_bytes()
