@@ -37,7 +37,7 @@ _DTYPES = {
     "BOOL": (np.bool_, "bool_"),
 }
 BYTES_PER_ELEMENT = {k: np.dtype(v[0]).itemsize for k, v in _DTYPES.items()}
-# float8 tensors, read as their bytes: only `mflux convert` opens files holding them (fp8=True), since
+# float8 tensors, read as their bytes: only `mflux convert` and `inspect` open files holding them (fp8=True), since
 # MLX has no float8 dtype to load them as (mflux.converters.formats dequantizes them).
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 DTYPE_NAMES = {k: v[1] for k, v in _DTYPES.items()}  # safetensors dtype -> mlx dtype name
@@ -157,7 +157,7 @@ def _entry(path: Path, name: str, info, fp8: bool = False) -> tuple[str, tuple[i
     if dtype in FP8_DTYPES and not fp8:
         raise MfluxError(
             f"{path}: tensor {name!r} is float8 ({dtype}), which MLX cannot load: convert the file first "
-            f"(mflux convert {path.name} --base dev)"
+            f"(mflux convert {path.name})"
         )
     if dtype not in _DTYPES and dtype not in FP8_DTYPES:
         raise MfluxError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
