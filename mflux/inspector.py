@@ -359,7 +359,9 @@ def _source_text(source: dict) -> str:
         return f"hub {source.get('repo')} @ {source.get('commit') or source.get('revision')}"
     if source.get("kind") == "model":
         return f"model {source.get('name')}"
-    return f"path {source.get('path')}"
+    notes = [source[k] for k in ("format",) if k in source]
+    notes += [f"{k} {source[k]}" for k in ("base", "imported") if k in source]
+    return f"path {source.get('path')}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _table(components: dict, total: dict | None) -> str:

@@ -447,6 +447,8 @@ def test_without_base_the_stored_catalog_model_gives_tokenizers_and_configs(tiny
     assert "from schnell (the stored catalog model)" in out
     model = Store().get("flux1-schnell-mlx")
     assert model.manifest.source["base"] == "schnell"
+    code, out, err = invoke("inspect", "flux1-schnell-mlx")
+    assert f"path {path} (safetensors bfloat16, BFL names, transformer only; base schnell)" in out, out
     assert (model.path / "tokenizer_2/spiece.model").read_bytes() == (
         tiny_schnell / "tokenizer_2/spiece.model"
     ).read_bytes()
