@@ -10,11 +10,13 @@ layout and configs, every safetensors header, every file's sha256 (recorded in t
 MLX-native folder's files must match its own manifest).
 """
 
+import dataclasses
 import errno
 import os
 import re
 import shutil
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from mflux.catalog import catalog
@@ -119,8 +121,9 @@ def _manifest(tmp: Path, path: Path, name: str, model, source: dict):
             raise MfluxError(
                 f"{path}: {bad[0]} does not match its manifest's sha256: it is damaged (convert it again)"
             )
-        m.name, m.source = name, source
-        return m
+        # added now: `created` is what the store's mtime check trusts files against
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return dataclasses.replace(m, name=name, source=source, created=now, checked=None)
     return new_manifest(tmp, name=name, format="hf", dtype=_dtype(path), source=source, variant=model.variant)
 
 
