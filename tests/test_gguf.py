@@ -140,7 +140,7 @@ def test_float32_is_exact_and_bfloat16_rounds_once(tiny_gguf, tiny_schnell, mflu
         assert got16[name].dtype == mx.bfloat16, name
         assert np.array_equal(np.array(got16[name].view(mx.int16)), once), name
     source = exact.manifest.source
-    assert source["format"] == "gguf" and source["tensor_types"] == types
+    assert source["format"].startswith("gguf ") and source["tensor_types"] == {"transformer": types}
     assert source["keep_gguf_quantization"] is False and not exact.manifest.quantization
 
 
@@ -243,7 +243,7 @@ def test_detected_by_content_not_name(tiny_gguf, tiny_schnell, tmp_path, mflux_h
     disguised = tmp_path / "transformer.safetensors"
     shutil.copy(path, disguised)
     stored = convert(str(disguised), base=str(tiny_schnell), dtype="float32", progress=False)
-    assert stored.manifest.source["format"] == "gguf"
+    assert stored.manifest.source["format"].startswith("gguf ")
 
 
 # --- refusals: one line, nothing written ---------------------------------------------------------------
