@@ -208,6 +208,14 @@ def test_keep_gguf_quantization_dequantizes_to_gguf_values(tiny_gguf, tiny_schne
     assert image(stored.path).std() > 10  # the quantized layers load and run
 
 
+def test_group_size_quantizes_and_is_kept_in_the_remake_command(tiny_gguf, tiny_schnell, mflux_home):
+    # --group-size is convert's for every source, so remaking a GGUF converted with it must repeat it.
+    path, reference, _ = tiny_gguf
+    stored = convert(str(path), base=str(tiny_schnell), bits=4, group_size=32, progress=False)
+    assert stored.manifest.quantization["transformer"] == {"bits": 4, "group_size": 32, "mode": "affine"}
+    assert "--bits 4 --group-size 32 --name" in remake_command(stored.manifest)
+
+
 def test_bits_quantizes_the_dequantized_weights(tiny_gguf, tiny_schnell, mflux_home):
     path, reference, _ = tiny_gguf
     stored = convert(str(path), base=str(tiny_schnell), bits=8, dtype="float32", progress=False)
