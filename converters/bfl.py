@@ -11,8 +11,9 @@ file that is not a transformer only (a full ComfyUI checkpoint), `params` gives 
 dict, `diffusers_config` the config.json diffusers would write.
 """
 
-from mflux.converters.diffusers import count_blocks
+import re
 
+from mflux.converters.diffusers import count_blocks
 from mflux.errors import MfluxError
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -41,6 +42,31 @@ def sanitize(weights: dict) -> dict:
     """The file's lazily loaded weights under the runtime's names: the prefix stripped."""
     p = prefix(weights)
     return {k.removeprefix(p): v for k, v in weights.items()}
+
+
+def sanitize_vae(weights: dict, ups: int | None = None) -> dict:
+    """BFL's `ae` names (Stable Diffusion's VAE names, as ComfyUI files carry them) -> diffusers' names,
+    as diffusers' convert_ldm_vae_checkpoint maps them: `down.i.block.j` -> `down_blocks.i.resnets.j`,
+    `up.i` -> `up_blocks.(n-1-i)` (the decoder's blocks run the other way), `mid.block_1/2` ->
+    `mid_block.resnets.0/1`, `mid.attn_1` -> `mid_block.attentions.0`. Conv layouts are left to
+    diffusers.sanitize_vae. `ups` is the decoder's block count, when `weights` holds only some tensors."""
+    ups = ups or count_blocks(weights, "decoder.up")
+    return {_diffusers_vae_name(k, ups): v for k, v in weights.items()}
+
+
+def _diffusers_vae_name(key: str, ups: int) -> str:
+    key = re.sub(r"\.down\.(\d+)\.block\.", r".down_blocks.\1.resnets.", key)
+    key = re.sub(r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{ups - 1 - int(m[1])}.", key)
+    key = re.sub(r"\.up\.(\d+)\.block\.", r".up_blocks.\1.resnets.", key)
+    key = re.sub(r"\.up\.(\d+)\.upsample\.", r".up_blocks.\1.upsamplers.0.", key)
+    key = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
+    attention = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+    key = re.sub(
+        r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{attention.get(m[1], m[1])}.", key
+    )
+    key = key.replace(".nin_shortcut.", ".conv_shortcut.")
+    return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
 
 
 def check(shapes: dict) -> None:

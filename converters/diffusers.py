@@ -101,6 +101,13 @@ def sanitize_transformer(weights: dict) -> dict:
     return {**out, **rest}
 
 
+def transformer_groups(names) -> list[tuple[str, ...]]:
+    """The diffusers names that fuse into one runtime tensor (q/k/v, a single block's MLP input), in
+    the order sanitize_transformer concatenates them, for those groups present in `names`."""
+    names = set(names)
+    return [s for _, s, combine in _targets(*_layout(names)) if combine is _concat and names & set(s)]
+
+
 def transformer_to_diffusers(bfl: dict) -> dict:
     """Black Forest Labs-named transformer tensors -> diffusers' names and split layouts (lazy)."""
     hidden = bfl["img_in.weight"].shape[0]

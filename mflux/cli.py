@@ -734,7 +734,11 @@ def rm(names, yes):
 
 @cli.command()
 @click.argument("source")
-@click.option("--name", callback=_check_name, help="Store name (default: <source name>-mlx).")
+@click.option(
+    "--name",
+    callback=_check_name,
+    help="Store name (default: <source name>-mlx; with --bits, <source name>-q<bits>).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(DTYPES),
@@ -744,8 +748,8 @@ def rm(names, yes):
 )
 @click.option(
     "--base",
-    help="For a single-file transformer: where the text encoders and VAE come from "
-    "(schnell, dev, or a folder).",
+    help="For a single file: where its tokenizers and configs, and the text encoders and VAE it lacks, "
+    "come from (schnell, dev, or a folder; default: the schnell or dev model in the store).",
 )
 @click.option(
     "--variant",
@@ -757,8 +761,9 @@ def rm(names, yes):
 @click.option(
     "--bits",
     **_int_choice(AFFINE_BITS),
-    help="Quantize while converting (affine, group size 64), as mflux quantize does.",
+    help="Quantize while converting to affine q<bits>, as mflux quantize does.",
 )
+@click.option("--group-size", **_int_choice(GROUP_SIZES), help="Weights per scale with --bits (default 64).")
 @click.option(
     "--keep-gguf-quantization",
     is_flag=True,
@@ -767,18 +772,22 @@ def rm(names, yes):
     "significant bits). K-type weights (Q4_K ...) are always dequantized.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
-def convert(source, name, dtype, base, variant, bits, keep_gguf_quantization, force):
+def convert(source, name, dtype, base, variant, bits, group_size, keep_gguf_quantization, force):
     """Convert weights to the MLX-native format, as a new store model.
 
-    SOURCE is a store model of format hf, a diffusers-layout folder, or a single-file transformer: a
-    Black Forest Labs checkpoint (.safetensors) or a FLUX.1 GGUF file (needs the gguf package:
-    pip install gguf), told apart by their content. A GGUF is dequantized exactly and rounded once to
-    --dtype. A quantized model is MLX-native already: it is refused.
+    SOURCE is a store model of format hf, a diffusers-layout folder, or a single-file checkpoint, its
+    format read from its content, never its name: a .safetensors in bf16, fp16, fp32 or float8
+    (e4m3fn, e5m2, "scaled fp8") with Black Forest Labs, ComfyUI (model.diffusion_model.) or
+    diffusers names, the transformer alone or ComfyUI's all-in-one (text encoders and VAE in the same
+    file); or a FLUX.1 GGUF transformer (needs the gguf package: pip install gguf). Every tensor is
+    rounded once to --dtype from its exact value (float32 keeps float8 and GGUF blocks exactly). A
+    quantized model is MLX-native already: it is refused.
 
     \b
     Examples:
       mflux convert schnell
       mflux convert ./flux1-dev.safetensors --base dev --name my-dev
+      mflux convert ./flux1-dev-fp8.safetensors --base dev --bits 8
       mflux convert ./flux1-kontext-dev.safetensors --base dev --variant kontext
       mflux convert ./flux1-dev-Q8_0.gguf --base dev --keep-gguf-quantization
     """
@@ -790,10 +799,48 @@ def convert(source, name, dtype, base, variant, bits, keep_gguf_quantization, fo
         dtype=dtype,
         base=base,
         variant=variant,
-        force=force,
         bits=bits,
+        group_size=group_size,
         keep_gguf_quantization=keep_gguf_quantization,
+        force=force,
     )
+
+
+@cli.command("import")
+@click.argument("folder")
+@click.option(
+    "--name",
+    callback=_check_name,
+    help="Store name (default: as a pull names the repo, else the folder's name).",
+)
+@click.option("--copy", is_flag=True, help="Copy (or clone) every file; never hard-link.")
+@click.option(
+    "--variant",
+    type=click.Choice(tuple(VARIANTS)),
+    help="The FLUX.1 variant, where the files can't tell (a Krea folder has dev's exact files).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing model of the same name.")
+def import_(folder, name, copy, variant, force):
+    """Add a model folder on disk to the store as it is, without copying where the disk allows.
+
+    FOLDER is a diffusers-layout FLUX.1 folder (a Hugging Face cache snapshot included: its
+    symlinks are resolved to the files in blobs/) or an MLX-native one. Its layout, configs and
+    safetensors headers are checked and every file's sha256 is recorded. Each file is placed by a
+    copy-on-write clone (APFS, btrfs, xfs), else a hard link, else a copy; nothing is moved, so a
+    Hugging Face cache stays whole, and `mflux rm` never deletes the original files.
+
+    A hard-linked file is the original: editing it in place changes the stored model too. The store
+    notices (a file's size, or an mtime newer than the manifest, has it re-hashed when the model
+    opens) and refuses the model as damaged. --copy avoids sharing.
+
+    \b
+    Examples:
+      mflux import ~/.cache/huggingface/hub/models--black-forest-labs--FLUX.1-schnell/snapshots/*
+      mflux import ./FLUX.1-dev --name dev --copy
+    """
+    from mflux.importer import import_model
+
+    import_model(folder, name=name, copy=copy, variant=variant, force=force)
 
 
 @cli.command()

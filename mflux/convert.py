@@ -32,6 +32,7 @@ The MLX-native format (manifest `format = "mlx"`), one folder in the store:
 import copy
 import dataclasses
 import errno
+import math
 import shlex
 import shutil
 import sys
@@ -42,7 +43,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mflux import convert_gguf
-from mflux.converters import bfl, gguf
+from mflux.converters import bfl, formats, gguf
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.folders import open_folder
 from mflux.manifest import (
@@ -54,8 +55,8 @@ from mflux.manifest import (
     write_manifest,
 )
 from mflux.runtime.folder import VARIANTS, ModelFolder, config_values, detect_variant
-from mflux.runtime.loader import build_module, check_keys, iter_weights, prepare, stream
-from mflux.runtime.quantization import QUANTIZABLE_COMPONENTS, QuantSpec
+from mflux.runtime.loader import build_module, cast_and_quantize, check_keys, iter_weights, stream
+from mflux.runtime.quantization import AFFINE_BITS, QUANTIZABLE_COMPONENTS, QuantSpec
 from mflux.runtime.weights import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, save_shards
 from mflux.store import Store, StoredModel, format_size, validate_name
 
@@ -67,12 +68,46 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
+class _SingleFile:
+    """A single-file checkpoint: its Format, its tensor table {key: (dtype, shape)} and, per component
+    it holds, {name without the prefix: (file key, scale key or None)}. A GGUF's table is already in
+    runtime names (mflux.converters.gguf renames as it reads), with its GGUF types."""
+
+    path: Path
+    fmt: formats.Format
+    tensors: dict
+    keys: dict
+
+    def layout(self, component: str) -> dict:
+        """{runtime name: (shape, source type)} of a component, renamed group by group over lazy zeros
+        (nothing is read): what the key checks and the manifest's tensor types need."""
+        if self.fmt.container == "gguf":
+            return {k: (shape, t) for k, (t, shape) in self.tensors.items()}
+        keys, out = self.keys[component], {}
+        for group in formats.groups(self.fmt, component, keys):
+            zeros = {n: mx.zeros(self.tensors[keys[n][0]][1]) for n in group}
+            types = "+".join(dict.fromkeys(self._type(*keys[n]) for n in group))
+            for name, arr in formats.sanitize(self.fmt, component, zeros, keys).items():
+                out[name] = (tuple(arr.shape), types)
+        return out
+
+    def shapes(self, component: str) -> dict:
+        return {k: shape for k, (shape, _) in self.layout(component).items()}
+
+    def types(self, component: str) -> dict:
+        return {k: t for k, (_, t) in self.layout(component).items()}
+
+    def _type(self, key: str, scale: str | None) -> str:
+        return self.tensors[key][0] + (" scaled" if scale else "")
+
+
+@dataclass
 class _Source:
     folder: ModelFolder  # tokenizers, architecture, stored quantization, and the variant to record
     record: dict  # the manifest's `source` table
     name: str  # default names derive from it
     path: Path  # what must never be written into
-    transformer_file: Path | None = None  # a BFL single file, replacing the folder's transformer
+    single: _SingleFile | None = None  # a single file, replacing the folder's components it holds
     keep_gguf: bool = False  # a GGUF file's legacy blocks are stored as they are (MLX's affine layout)
 
 
@@ -83,27 +118,31 @@ def convert(
     dtype: str = "bfloat16",
     base: str | None = None,
     variant: str | None = None,
-    force: bool = False,
     bits: int | None = None,
+    group_size: int | None = None,
+    force: bool = False,
     keep_gguf_quantization: bool = False,
     store: Store | None = None,
     progress: bool = True,
 ) -> StoredModel:
-    """Convert a store model (format hf or mlx), a diffusers-layout folder, or a single-file transformer
-    (Black Forest Labs' safetensors, or a FLUX.1 GGUF; with `base` for the rest) into an MLX-native store
-    model `name` (default `<source name>-mlx`). `variant` names what the files can't tell: a Kontext or
-    Krea single file has dev's exact tensors, a Krea folder dev's exact files. `bits` quantizes (affine,
-    group 64) as `mflux quantize` does; `keep_gguf_quantization` stores a GGUF's legacy blocks as they
-    are. Returns the StoredModel."""
+    """Convert a store model (format hf or mlx), a diffusers-layout folder, or a single-file checkpoint
+    (see mflux.converters.formats: bf16, fp16, fp32 or float8, scaled or not, BFL, ComfyUI or diffusers
+    names, transformer only or all-in-one; or a FLUX.1 GGUF transformer; `base` gives what the file
+    lacks, tokenizers and configs always) into an MLX-native store model `name` (default
+    `<source name>-mlx`). Every tensor is rounded once to `dtype` from its exact float32 value. `bits`
+    quantizes to affine q<bits> (`group_size`, default 64) as `mflux quantize` does, every quantizable
+    component the source does not store quantized already; `keep_gguf_quantization` stores a GGUF's
+    legacy blocks as they are. `variant` names what the files can't tell: a Kontext or Krea single file
+    has dev's exact tensors, a Krea folder dev's exact files. Returns the StoredModel."""
     _check_dtype(dtype)
-    spec = _convert_spec(bits, keep_gguf_quantization)
+    spec = _convert_spec(bits, group_size, keep_gguf_quantization)
     store = store or Store()
     store.check_root()
     src = _open(source, store, base, variant)
     if keep_gguf_quantization:
         src = _keeping_gguf(src)
     _refuse_quantized(src)
-    name = name or f"{src.name}-mlx"
+    name = name or (f"{src.name}-mlx" if spec is None else default_name(src.name, spec))
     _refuse_self(store, name, src)
     dtypes = {c: _component_dtype(c, dtype, _source_dtype(src, c)) for c in COMPONENTS}
     carried = _stored_quantization(src)  # kept as stored, never quantized again
@@ -111,12 +150,17 @@ def convert(
     return _write(store, name, force, src, dtype, dtypes, specs, progress)
 
 
-def _convert_spec(bits: int | None, keep_gguf_quantization: bool) -> QuantSpec | None:
-    if bits is not None and keep_gguf_quantization:
+def _convert_spec(bits: int | None, group_size: int | None, keep_gguf_quantization: bool) -> QuantSpec | None:
+    if bits is None and group_size is None:
+        return None
+    if keep_gguf_quantization:
         raise InvalidArgument(
             "--bits re-quantizes while --keep-gguf-quantization keeps the GGUF's blocks: choose one"
         )
-    return QuantSpec.for_mode("affine", bits) if bits is not None else None
+    spec = QuantSpec.for_mode("affine", bits, group_size)
+    if spec.bits not in AFFINE_BITS:
+        raise InvalidArgument(f"--bits must be one of {', '.join(map(str, AFFINE_BITS))}, got {bits}")
+    return spec
 
 
 def _keeping_gguf(src: _Source) -> _Source:
@@ -169,7 +213,7 @@ def quantize(
 def _refuse_quantized(src: _Source) -> None:
     # A quantized model is already MLX-native; converting it would only re-cast its scales under a
     # name ("-q4-mlx") that hides what it is. A single file's quantized base is fine: that is carried.
-    if src.transformer_file is None and src.folder.quantization:
+    if src.single is None and src.folder.quantization:
         label = quantization_label(src.folder.quantization)
         raise MfluxError(
             f"{src.name} is already quantized ({label}) and MLX-native: run it as it is (mflux run -m "
@@ -251,7 +295,7 @@ def _write(
         for c in COMPONENTS:
             with _progress_bar(c, estimates[c], progress) as bar:
                 if c == "transformer" and _is_gguf(src):  # streamed a block of rows at a time
-                    args = src.transformer_file, tmp / c, dtypes[c], specs[c], src.keep_gguf
+                    args = src.single.path, tmp / c, dtypes[c], specs[c], src.keep_gguf
                     counted = convert_gguf.save(*args, bar, max_shard_bytes=MAX_SHARD_BYTES)
                 else:
                     counted = _Counter(_weights(src, c, dtypes[c], specs[c]), _spec(quantization.get(c)))
@@ -318,24 +362,62 @@ def _path(source: str) -> Path:
     return path
 
 
-def _open_single_file(path: Path, store, base: str | None, variant: str | None) -> _Source:
-    shapes = _header_shapes(path)
+def _read_single_file(path: Path) -> _SingleFile:
+    """A single file's Format from its content (header, key names, tensor types), never its name.
+    Containers other than safetensors join here: a file starting with GGUF's magic is a GGUF."""
+    if gguf.is_gguf(path):
+        return _read_gguf(path)
+    table = SafetensorsFile(path, fp8=True).tensors
+    tensors = {k: (dtype, shape) for k, (dtype, shape, _) in table.items()}
     try:
+        fmt = formats.detect_format(tensors)
+        keys = {c: formats.component_keys(fmt, c, tensors) for c in fmt.prefixes}
+    except MfluxError as e:
+        raise MfluxError(f"{path}: {e}") from None
+    return _SingleFile(path.resolve(), fmt, tensors, keys)
+
+
+def _read_gguf(path: Path) -> _SingleFile:
+    """A FLUX.1 GGUF: the transformer alone, in BFL names; its header is checked as it is parsed."""
+    types, shapes = convert_gguf.types(path), convert_gguf.shapes(path)
+    tensors = {k: (types[k], shapes[k]) for k in shapes}
+    fmt = formats.Format("gguf", "bfl", {"transformer": ""}, tuple(sorted(set(types.values()))), False)
+    return _SingleFile(path.resolve(), fmt, tensors, {"transformer": {k: (k, None) for k in tensors}})
+
+
+def _open_single_file(path: Path, store, base: str | None, variant: str | None) -> _Source:
+    single = _read_single_file(path)
+    try:
+        shapes = single.shapes("transformer")
         config = bfl.diffusers_config(shapes)
-        check_keys(bfl.sanitize(shapes), build_module("transformer", {"transformer": config}), str(path))
+        check_keys(shapes, build_module("transformer", {"transformer": config}), str(path))
         # From the shapes (Fill by its 384 input channels); a Kontext or Krea file reads as dev.
         variant = detect_variant({"transformer": config}, variant)
     except MfluxError as e:
         raise MfluxError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
-    # The base gives only the text encoders, VAE and tokenizers, which the guided variants share.
+    # The base gives the tokenizers and configs, and the text encoders and VAE a file lacks, which the
+    # guided variants share.
     guided = VARIANTS[variant].guidance_embeds
     plain = "dev" if guided else "schnell"
+    if base is None and store.exists(plain):
+        base = plain  # the catalog model in the store
+        print(
+            f"taking tokenizers, configs and what {path.name} lacks from {plain} (the stored catalog model)"
+        )
     if base is None:
+        lacks = (
+            "holds only the transformer"
+            if len(single.fmt.prefixes) == 1
+            else "carries no tokenizers or configs"
+        )
         raise MfluxError(
-            f"{path.name} holds only the transformer: give the text encoders, VAE and tokenizers with "
+            f"{path.name} {lacks}: give the text encoders, VAE, tokenizers and configs with "
             f"--base {plain} (a store model) or --base PATH (a FLUX.1 {plain} folder)"
         )
     b = _open(base, store, None)
+    for c in single.fmt.prefixes:  # the file's other components, against the base's configs
+        if c != "transformer":
+            check_keys(single.shapes(c), build_module(c, b.folder.architecture), f"{path} ({c})")
     if VARIANTS[b.folder.variant].guidance_embeds != guided:
         raise MfluxError(
             f"{path.name} is a {variant} transformer (it {'has' if guided else 'has no'} guidance_in) but "
@@ -343,31 +425,46 @@ def _open_single_file(path: Path, store, base: str | None, variant: str | None) 
         )
     # A folder base is recorded resolved, so the manifest means the same from any working directory.
     base_record = base if _is_name(base) and store.exists(base) else str(Path(base).expanduser().resolve())
-    record = {"kind": "path", "path": str(path.resolve()), "base": base_record}
-    if gguf.is_gguf(path):
-        record.update(convert_gguf.record(path, keep=False))
+    record = {
+        "kind": "path",
+        "path": str(path.resolve()),
+        "base": base_record,
+        "format": single.fmt.describe(),
+        # what each stored tensor was in the file, e.g. "F8_E4M3 scaled" or a GGUF's "Q4_K"
+        "tensor_types": {c: single.types(c) for c in single.fmt.prefixes},
+    }
+    if single.fmt.container == "gguf":
+        record["keep_gguf_quantization"] = False
     folder = dataclasses.replace(b.folder, variant=variant)
-    return _Source(folder, record, path.stem, b.path, transformer_file=path.resolve())
+    return _Source(folder, record, path.stem, b.path, single=single)
 
 
 def _weights(src: _Source, component: str, dtype: str, spec: QuantSpec | None):
-    if component != "transformer" or src.transformer_file is None:
+    if src.single is None or component not in src.single.fmt.prefixes:
         yield from iter_weights(src.folder, component, getattr(mx, dtype), spec)
         return
-    arch = {"transformer": bfl.diffusers_config(_header_shapes(src.transformer_file))}
-    _, weights = prepare(src.transformer_file, component, "bfl", arch, getattr(mx, dtype), spec)
-    yield from stream(weights)
+    yield from _file_weights(src.single, component, getattr(mx, dtype), spec)
 
 
 def _is_gguf(src: _Source) -> bool:
-    return src.transformer_file is not None and gguf.is_gguf(src.transformer_file)
+    return src.single is not None and src.single.fmt.container == "gguf"
 
 
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """{name: shape} from a single file's header; nothing is loaded."""
-    if gguf.is_gguf(path):  # by its magic bytes, never its name
-        return convert_gguf.shapes(path)
-    return {k: shape for k, (_, shape, _) in SafetensorsFile(path).tensors.items()}
+def _file_weights(single: _SingleFile, component: str, dtype, spec: QuantSpec | None):
+    """A single file's component, one group of tensors at a time (read, made exact float32, renamed,
+    rounded once to `dtype`, quantized under `spec`): memory stays near one tensor."""
+    f, keys = SafetensorsFile(single.path, fp8=True), single.keys[component]
+    try:
+        for group in formats.groups(single.fmt, component, keys):
+            exact = {n: _exact(f, *keys[n]) for n in group}
+            renamed = formats.sanitize(single.fmt, component, exact, keys)
+            yield from stream(cast_and_quantize(component, renamed, dtype, spec))
+    finally:
+        f.close()
+
+
+def _exact(f: SafetensorsFile, key: str, scale: str | None) -> mx.array:
+    return formats.to_float32(f.load(key), f.tensors[key][0], f.load(scale) if scale else None)
 
 
 class _Counter:
@@ -401,10 +498,10 @@ class _Counter:
 
 def _stored_quantization(src: _Source) -> dict:
     q = dict(src.folder.quantization or {})
-    if src.transformer_file is not None:  # the base's transformer is replaced by the single file
-        q.pop("transformer", None)
+    for c in src.single.fmt.prefixes if src.single else ():  # the base's, replaced by the single file's
+        q.pop(c, None)
     if src.keep_gguf:  # the GGUF's legacy blocks, stored as they are
-        q["transformer"] = convert_gguf.quantization(src.transformer_file)
+        q["transformer"] = convert_gguf.quantization(src.single.path)
     return {c: spec for c, spec in q.items() if spec}
 
 
@@ -414,8 +511,8 @@ def _spec(q: dict | None) -> QuantSpec | None:
 
 def _architecture(src: _Source, dtypes: dict) -> dict:
     arch = copy.deepcopy(src.folder.architecture)
-    if src.transformer_file is not None:
-        arch["transformer"] = bfl.diffusers_config(_header_shapes(src.transformer_file))
+    if src.single is not None:
+        arch["transformer"] = bfl.diffusers_config(src.single.shapes("transformer"))
         # The file's pipeline, not the base's: what tells a converted Kontext file from dev.
         arch["pipeline"] = {"class_name": VARIANTS[src.folder.variant].pipeline}
     for c in ("text_encoder", "text_encoder_2"):
@@ -427,13 +524,13 @@ def _architecture(src: _Source, dtypes: dict) -> dict:
 def _source_dtype(src: _Source, component: str) -> str:
     """The dtype of the component's float tensors, read from the safetensors headers."""
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    if component == "transformer" and src.transformer_file is not None:
-        if _is_gguf(src):
-            return "float32"  # what its blocks dequantize to
-        files = [src.transformer_file]
-    else:
-        files = sorted((src.folder.path / component).glob("*.safetensors"))
-    for f in files:
+    if _is_gguf(src) and component == "transformer":
+        return "float32"  # what its blocks dequantize to
+    if src.single is not None and component in src.single.fmt.prefixes:
+        # float8 and float16 sources count as bfloat16: T5 keeps bfloat16 when float16 is asked for
+        types = [src.single.tensors[k][0] for k, _ in src.single.keys[component].values()]
+        return "float32" if "F32" in types and len(set(types)) == 1 else "bfloat16"
+    for f in sorted((src.folder.path / component).glob("*.safetensors")):
         for dtype, _, _ in SafetensorsFile(f).tensors.values():
             if dtype in names:
                 return names[dtype]
@@ -482,22 +579,20 @@ def _is_name(s: str) -> bool:
     return True
 
 
-def _source_files(src: _Source, component: str) -> list[Path]:
-    if component == "transformer" and src.transformer_file is not None:
-        return [src.transformer_file]
-    return sorted((src.folder.path / component).glob("*.safetensors"))
-
-
 def _estimate(src: _Source, component: str, dtype: str, spec: QuantSpec | None) -> int:
     """The bytes this component will take in the new model, from the source's file sizes: a cast
     scales them by the itemsizes; quantizing stores `bits` per weight plus a scale (and an affine
     bias) per group. Good to a few percent, which is what a free-space check and a bar need."""
-    if component == "transformer" and _is_gguf(src):
-        return convert_gguf.estimate(src.transformer_file, dtype, spec, src.keep_gguf)
-    size = sum(p.stat().st_size for p in _source_files(src, component))
-    if component in _stored_quantization(src):
-        return size  # kept as stored
-    weights = size / _ITEMSIZE.get(_source_dtype(src, component), 4)
+    if _is_gguf(src) and component == "transformer":
+        return convert_gguf.estimate(src.single.path, dtype, spec, src.keep_gguf)
+    if src.single is not None and component in src.single.fmt.prefixes:
+        keys = src.single.keys[component].values()
+        weights = sum(math.prod(src.single.tensors[k][1]) for k, _ in keys)
+    else:
+        size = sum(p.stat().st_size for p in sorted((src.folder.path / component).glob("*.safetensors")))
+        if component in _stored_quantization(src):
+            return size  # kept as stored
+        weights = size / _ITEMSIZE.get(_source_dtype(src, component), 4)
     if spec is None:
         return int(weights * _ITEMSIZE[dtype])
     per_group = _ITEMSIZE[dtype] * (2 if spec.mode == "affine" else 1)

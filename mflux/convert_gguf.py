@@ -43,10 +43,9 @@ def shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return gguf.shapes(_reader(path))
 
 
-def record(path: Path, keep: bool) -> dict:
-    """What the manifest's `source` table adds: the format, whether its blocks were kept, and each
-    tensor's GGUF type."""
-    return {"format": "gguf", "keep_gguf_quantization": keep, "tensor_types": gguf.types(_reader(path))}
+def types(path: Path) -> dict[str, str]:
+    """{runtime name: the GGUF type it is stored in}, from the header alone."""
+    return gguf.types(_reader(path))
 
 
 def kept_layers(reader) -> dict[str, int]:

@@ -11,7 +11,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mflux.converters import bfl
+from mflux.converters import bfl, formats
 from mflux.errors import InvalidArgument, MfluxError
 from mflux.manifest import (
     COMPONENTS,
@@ -150,19 +150,32 @@ def _inspect_file(path: Path, tensors: bool) -> dict:
         raise MfluxError(f"{path}: not a regular file (give a .safetensors file or a model folder)")
     if path.suffix != ".safetensors":
         raise MfluxError(f"{path}: not a .safetensors file or a model folder")
-    sf = SafetensorsFile(path)
+    sf = SafetensorsFile(path, fp8=True)  # a single file may be float8: convert reads it
     keys = sf.keys()
     if any(mark in k for k in keys for mark in _LORA_MARKS):
         inspect_lora = _lora_inspector()
         if inspect_lora is not None:
             return inspect_lora(path, tensors=tensors)
     report = {"path": str(path), "kind": "safetensors", "layout": _layout(keys), "metadata": sf.metadata}
+    report["format"] = _format(sf)
     if report["layout"] == "bfl-transformer":
         # From the tensors: schnell, dev or fill (a Kontext or Krea file has dev's exact tensors).
         report["variant"] = bfl.detect_variant({k: shape for k, (_, shape, _) in sf.tensors.items()})
     report["components"] = {path.name: _component([sf], None, None, tensors)}
     report["total"] = _total(report["components"])
     return report
+
+
+def _format(sf: SafetensorsFile) -> str | None:
+    """What `mflux convert` reads the file as, or None where it would refuse it."""
+    try:
+        return formats.detect_format({k: (d, shape) for k, (d, shape, _) in sf.tensors.items()}).describe()
+    except MfluxError:
+        return None
+
+
+def _dtype_name(dtype: str) -> str:
+    return _DTYPES[dtype][1] if dtype in _DTYPES else formats.FLOAT8[dtype]
 
 
 def _lora_inspector():
@@ -216,7 +229,7 @@ def _component(files: list[SafetensorsFile], quant: dict | None, dtype: str | No
         "tensor_count": len(entries),
         "parameters": params,
         "bytes": stored,
-        "dtypes": dict(sorted(Counter(_DTYPES[dt][1] for dt, _ in entries.values()).items())),
+        "dtypes": dict(sorted(Counter(_dtype_name(dt) for dt, _ in entries.values()).items())),
         "bits_per_weight": round(stored * 8 / params, 3) if params else 0.0,
         "quantized_tensors": sum(quantized.values()),
         "quantization": [
@@ -231,7 +244,7 @@ def _component(files: list[SafetensorsFile], quant: dict | None, dtype: str | No
         out["unquantized_bytes"] = stored - qbytes + qparams * itemsize
     if tensors:
         out["tensors"] = [
-            {"name": k, "shape": list(s), "dtype": _DTYPES[d][1]} for k, (d, s) in sorted(entries.items())
+            {"name": k, "shape": list(s), "dtype": _dtype_name(d)} for k, (d, s) in sorted(entries.items())
         ]
     return out
 
@@ -349,7 +362,9 @@ def _source_text(source: dict) -> str:
         return text
     if source.get("kind") == "model":
         return f"model {source.get('name')}"
-    return f"path {source.get('path')}"
+    notes = [source[k] for k in ("format",) if k in source]
+    notes += [f"{k} {source[k]}" for k in ("base", "imported") if k in source]
+    return f"path {source.get('path')}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _table(components: dict, total: dict | None) -> str:

@@ -463,6 +463,8 @@ def remake_command(m: Manifest) -> str:
             return f"mflux pull {known} --force"
         return f"mflux pull {known or source['repo']} {tail}"
     what = shlex.quote(source["name"] if source["kind"] == "model" else source["path"])
+    if "imported" in source:  # `mflux import`: the folder as it was
+        return f"mflux import {what} {tail}"
     dtype = f" --dtype {m.dtype}" if m.dtype != "bfloat16" else ""
     if "base" in source:  # a single-file transformer, its other components from a base
         return (
@@ -478,7 +480,10 @@ def _single_file_flags(m: Manifest) -> str:
     if m.source.get("keep_gguf_quantization"):
         return " --keep-gguf-quantization"
     q = (m.quantization or {}).get("transformer")
-    return f" --bits {q['bits']}" if q else ""
+    if not q:
+        return ""
+    group = q.get("group_size", 64)
+    return f" --bits {q['bits']}" + (f" --group-size {group}" if group != 64 else "")
 
 
 def _quantize_flags(quantization: dict) -> str:

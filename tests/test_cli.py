@@ -17,7 +17,7 @@ from mflux.cli import MultiValueOption, cli
 from mflux.store import Store, format_size
 from tests.test_store import make_model, run_on_read_only_store
 
-COMMANDS = ["pull", "run", "list", "inspect", "rm", "convert", "quantize", "train", "serve"]
+COMMANDS = ["pull", "run", "list", "inspect", "rm", "convert", "import", "quantize", "train", "serve"]
 MFLUX = str(Path(sys.executable).parent / "mflux")
 
 

@@ -15,11 +15,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mflux.converters import diffusers
 
 from mflux import Config, Flux1
 from mflux.cli import cli
 from mflux.convert import convert
+from mflux.converters import diffusers
 from mflux.errors import MfluxError
 from mflux.folders import open_folder
 from mflux.manifest import FORMAT_VERSION, MANIFEST, hash_files
@@ -358,7 +358,11 @@ def test_cli_convert_end_to_end(tiny_schnell, tiny_dev, tmp_path, mflux_home):
     assert "kept in bfloat16" in err and "float16 overflows in T5" in err
     man = Store().get("dev-bfl").manifest
     assert man.dtype == "float16" and man.architecture["text_encoder_2"]["dtype"] == "bfloat16"
-    assert man.source == {"kind": "path", "path": str(twin.resolve()), "base": "dev"}
+    assert man.source.items() >= {"kind": "path", "path": str(twin.resolve()), "base": "dev"}.items()
+    assert (
+        man.source["format"]
+        == "safetensors bfloat16, BFL names, transformer only, prefix model.diffusion_model."
+    )
     t5 = TensorSource.from_folder(Store().path("dev-bfl") / "text_encoder_2")
     assert {t5.dtype(k) for k in t5.keys()} == {"BF16"}
     code, out, _ = invoke("list")
@@ -423,15 +427,17 @@ def bfl_shapes(hidden: int, depth: int, single: int, context: int = 64, pooled: 
     return s
 
 
-def write_random_checkpoint(path: Path, shapes: dict) -> int:
-    """A bf16 safetensors file of random weights, written one tensor at a time; returns its size."""
-    rng = np.random.default_rng(0)
-    pool = (rng.standard_normal(1 << 20, dtype=np.float32) * 0.02).view(np.uint32) >> 16  # bf16 bits
-    pool = pool.astype(np.uint16)
+def write_random_checkpoint(path: Path, shapes: dict, dtype: str = "BF16", pool=None) -> int:
+    """A safetensors file of random weights, written one tensor at a time; returns its size. `pool`
+    holds the values' bits in `dtype` (default: bf16 normals)."""
+    if pool is None:
+        rng = np.random.default_rng(0)
+        pool = (rng.standard_normal(1 << 20, dtype=np.float32) * 0.02).view(np.uint32) >> 16  # bf16 bits
+        pool = pool.astype(np.uint16)
     header, offset = {}, 0
     for k, shape in shapes.items():
-        n = int(np.prod(shape)) * 2
-        header[k] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        n = int(np.prod(shape)) * pool.itemsize
+        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)

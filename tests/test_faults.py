@@ -343,6 +343,39 @@ def test_broken_gguf(home, tmp_path, fault):
     consistent(home)
 
 
+# float8 files convert reads, whose keys fit no FLUX.1 layout: (the file, what the refusal names)
+FLOAT8 = {
+    "not-flux": (
+        lambda p: write_header(
+            p, {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 2
+        ),
+        "not a FLUX.1 transformer checkpoint",
+    ),
+    "stray-keys": (
+        lambda p: write_header(
+            p,
+            {
+                f"{prefix}w": {"dtype": "F8_E5M2", "shape": [2], "data_offsets": [2 * i, 2 * i + 2]}
+                for i, prefix in enumerate(("model.diffusion_model.", "vae.", "cond_stage_model."))
+            },
+            b"\0" * 6,
+        ),
+        "cond_stage_model.w",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", FLOAT8)
+def test_float8_file_of_no_known_layout(home, tmp_path, fault):
+    bad = tmp_path / "flux1-schnell-fp8.safetensors"
+    write, words = FLOAT8[fault]
+    write(bad)
+    before = snapshot(home)
+    refused(mflux("convert", bad, "--base", "schnell"), str(bad), words)
+    assert snapshot(home) == before
+    consistent(home)
+
+
 # --- malformed manifests ---------------------------------------------------------------------------
 
 
@@ -530,6 +563,20 @@ def test_inspect_refuses_what_is_not_a_model(home, tmp_path):
     long = tmp_path / ("a" * 300 + ".safetensors")
     refused(mflux("inspect", long), "File name too long")
     refused(mflux("convert", long, "--base", "schnell"), "File name too long")
+
+
+def test_import_refuses_what_is_not_a_whole_model_folder(home, tiny_schnell, tmp_path):
+    before = snapshot(home)
+    refused(mflux("import", tmp_path / "nowhere"), "no such folder")
+    refused(mflux("import", tiny_schnell / "vae"), "not a FLUX.1 checkpoint")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_schnell, broken)
+    (broken / "tokenizer/vocab.json").unlink()
+    (broken / "tokenizer/vocab.json").symlink_to("../../blobs/gone")
+    refused(mflux("import", broken), "vocab.json: a broken symlink")
+    refused(mflux("import", home / "schnell"), "the store's own 'schnell'")
+    assert snapshot(home) == before
+    consistent(home)
 
 
 def test_convert_refuses_a_variant_the_model_is_not(home, tiny_fill):

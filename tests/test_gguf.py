@@ -140,7 +140,7 @@ def test_float32_is_exact_and_bfloat16_rounds_once(tiny_gguf, tiny_schnell, mflu
         assert got16[name].dtype == mx.bfloat16, name
         assert np.array_equal(np.array(got16[name].view(mx.int16)), once), name
     source = exact.manifest.source
-    assert source["format"] == "gguf" and source["tensor_types"] == types
+    assert source["format"].startswith("gguf ") and source["tensor_types"] == {"transformer": types}
     assert source["keep_gguf_quantization"] is False and not exact.manifest.quantization
 
 
@@ -208,6 +208,14 @@ def test_keep_gguf_quantization_dequantizes_to_gguf_values(tiny_gguf, tiny_schne
     assert image(stored.path).std() > 10  # the quantized layers load and run
 
 
+def test_group_size_quantizes_and_is_kept_in_the_remake_command(tiny_gguf, tiny_schnell, mflux_home):
+    # --group-size is convert's for every source, so remaking a GGUF converted with it must repeat it.
+    path, reference, _ = tiny_gguf
+    stored = convert(str(path), base=str(tiny_schnell), bits=4, group_size=32, progress=False)
+    assert stored.manifest.quantization["transformer"] == {"bits": 4, "group_size": 32, "mode": "affine"}
+    assert "--bits 4 --group-size 32 --name" in remake_command(stored.manifest)
+
+
 def test_bits_quantizes_the_dequantized_weights(tiny_gguf, tiny_schnell, mflux_home):
     path, reference, _ = tiny_gguf
     stored = convert(str(path), base=str(tiny_schnell), bits=8, dtype="float32", progress=False)
@@ -243,7 +251,7 @@ def test_detected_by_content_not_name(tiny_gguf, tiny_schnell, tmp_path, mflux_h
     disguised = tmp_path / "transformer.safetensors"
     shutil.copy(path, disguised)
     stored = convert(str(disguised), base=str(tiny_schnell), dtype="float32", progress=False)
-    assert stored.manifest.source["format"] == "gguf"
+    assert stored.manifest.source["format"].startswith("gguf ")
 
 
 # --- refusals: one line, nothing written ---------------------------------------------------------------

@@ -37,6 +37,9 @@ _DTYPES = {
     "BOOL": (np.bool_, "bool_"),
 }
 BYTES_PER_ELEMENT = {k: np.dtype(v[0]).itemsize for k, v in _DTYPES.items()}
+# float8 tensors, read as their bytes: only `mflux convert` and `inspect` open files holding them (fp8=True), since
+# MLX has no float8 dtype to load them as (mflux.converters.formats dequantizes them).
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 DTYPE_NAMES = {k: v[1] for k, v in _DTYPES.items()}  # safetensors dtype -> mlx dtype name
 MAX_HEADER_BYTES = 100 * 2**20  # the real checkpoints' headers are under 1 MiB
 
@@ -56,14 +59,14 @@ class SafetensorsFile:
     before anything (mx.load included) reads its data.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, fp8: bool = False):
         self.path = Path(path)
         refuse_pickle(self.path)
         header, self._data_start, size = _read_header(self.path)
         self.metadata = _metadata(self.path, header.pop("__metadata__", None))
         self.tensors: dict[str, tuple[str, tuple[int, ...], tuple[int, int]]] = {}
         for name, info in header.items():
-            self.tensors[name] = _entry(self.path, name, info)
+            self.tensors[name] = _entry(self.path, name, info, fp8)
         _check_extents(self.path, self.tensors, size - self._data_start)
         self._fd: int | None = None
 
@@ -87,13 +90,15 @@ class SafetensorsFile:
             if n == 0:
                 raise MfluxError(f"{self.path}: file is truncated (it changed while being read)")
             done += n
-        return out.view(_DTYPES[dtype][0]).reshape(shape)
+        return out.view(_DTYPES[dtype][0] if dtype in _DTYPES else np.uint8).reshape(shape)
 
     def load(self, name: str):
         """One tensor as an mlx array, in the file's own dtype."""
         import mlx.core as mx
 
         arr = mx.array(self.numpy(name))
+        if self.tensors[name][0] in FP8_DTYPES:
+            return arr  # the float8 bytes as uint8
         target = getattr(mx, _DTYPES[self.tensors[name][0]][1])
         # bfloat16 arrives as its uint16 bits; float64 arrives already converted to float32 by mx.array
         return arr.view(target) if arr.dtype != target and arr.dtype.size == target.size else arr
@@ -141,7 +146,7 @@ def _metadata(path: Path, meta) -> dict[str, str]:
     return meta
 
 
-def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+def _entry(path: Path, name: str, info, fp8: bool = False) -> tuple[str, tuple[int, ...], tuple[int, int]]:
     """One header entry, checked: a known dtype, a shape and offsets of non-negative integers that agree."""
     try:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -149,7 +154,12 @@ def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], tuple[int
         raise MfluxError(f"{path}: malformed header entry for {name!r}") from None
     if not isinstance(dtype, str):
         raise MfluxError(f"{path}: malformed header entry for {name!r} (dtype must be a string)")
-    if dtype not in _DTYPES:
+    if dtype in FP8_DTYPES and not fp8:
+        raise MfluxError(
+            f"{path}: tensor {name!r} is float8 ({dtype}), which MLX cannot load: convert the file first "
+            f"(mflux convert {path.name})"
+        )
+    if dtype not in _DTYPES and dtype not in FP8_DTYPES:
         raise MfluxError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise MfluxError(f"{path}: malformed header entry for {name!r} (shape must be non-negative integers)")
@@ -159,7 +169,7 @@ def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], tuple[int
         )
     begin, end = offsets
     # Python integers: a shape whose product overflows 64 bits can never match two in-file offsets
-    if end < begin or end - begin != math.prod(shape) * BYTES_PER_ELEMENT[dtype]:
+    if end < begin or end - begin != math.prod(shape) * BYTES_PER_ELEMENT.get(dtype, 1):
         raise MfluxError(f"{path}: tensor {name!r} has a size that does not match its shape")
     return dtype, tuple(shape), (begin, end)
 
