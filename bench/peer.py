@@ -258,6 +258,7 @@ def _peer_version() -> str:
 def _shallow_peer() -> None:
     # A smoke test on a CPU only: the peer's models are hard-wired to the real depth and bfloat16.
     import mlx.core as mx
+
     from mflux.models.common.config.model_config import ModelConfig
     from mflux.models.flux.model.flux_text_encoder.t5_encoder import t5_encoder
     from mflux.models.flux.model.flux_transformer.transformer import Transformer

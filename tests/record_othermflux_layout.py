@@ -19,6 +19,7 @@ import tempfile
 
 import mlx.core as mx
 import mlx.nn as nn
+
 from mflux.models.common.config.model_config import ModelConfig
 from mflux.models.common.weights.saving.model_saver import ModelSaver
 from mflux.models.flux.model.flux_text_encoder.clip_encoder.clip_encoder import CLIPEncoder

@@ -17,9 +17,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mflux.converters import diffusers
 
 from mflux.convert import convert
+from mflux.converters import diffusers
 from mflux.manifest import remake_command
 from mflux.runtime.weights import TensorSource
 from tests.test_convert import assert_refused, image, invoke, source_image

@@ -12,10 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mflux.converters
 import numpy as np
 import pytest
 
+import mflux.converters
 import mflux.runtime
 
 RUNTIME = {

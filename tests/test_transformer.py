@@ -11,8 +11,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb, get_timestep_embedding
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
-from mflux.converters.diffusers import sanitize, sanitize_transformer, transformer_to_diffusers
 
+from mflux.converters.diffusers import sanitize, sanitize_transformer, transformer_to_diffusers
 from mflux.errors import MfluxError
 from mflux.runtime.layers import apply_rope, rope, timestep_embedding
 from mflux.runtime.loader import check_keys, prepare, read_weights
