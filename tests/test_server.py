@@ -676,9 +676,11 @@ def test_the_readmes_curl_commands(srv, tmp_path):
 # --- the command ------------------------------------------------------------------------------------------
 def test_serve_warns_on_an_open_bind_without_a_key(monkeypatch):
     from mflux.cli import cli
-    from mflux.server import listen
+    from mflux.server import listen, serve
 
     calls = []
+    # the warning is what is tested, not the ports: another process may hold 7860 or 9999
+    monkeypatch.setattr(serve, "check_port", lambda host, port: None)
     monkeypatch.setattr(
         listen,
         "uvicorn_server",
