@@ -198,3 +198,27 @@ def test_a_low_memory_server_worker_loads_nothing_ahead(tiny_schnell):
     flux = Models(low_memory=True).get("schnell")
     assert flux.low_memory and not flux.models.modules  # each request loads, and frees, its components
     assert set(Models().get("schnell").models.modules) == {"transformer", "vae"}
+
+
+def test_the_readmes_first_lines_say_which_model_fits_each_mac():
+    """README.md's table, near its top: each row's model fits two thirds of the row's unified memory (about
+    what Metal lets a process use), and its stated peak is mflux.fit's figure on a Mac (bf16, 1024²)."""
+    import re
+    from pathlib import Path
+
+    head = (Path(__file__).parents[1] / "README.md").read_text().splitlines()[:25]
+    rows = [line for line in head if re.match(r"\| \d+ GB", line)]
+    assert [r.split("|")[1].strip() for r in rows] == ["8 GB", "16 GB", "24 GB", "32 GB", "48 GB and more"]
+    for row in rows:
+        memory, choice, stated = (cell.strip() for cell in row.strip("|").split("|"))
+        name = re.search(r"`-m ([\w-]+)`", choice).group(1)
+        base, _, bits = name.partition("-q")
+        plan = fit.Plan(
+            fit.catalog_architecture(base),
+            2,
+            fit_quant(int(bits) if bits else None),
+            text_tokens=256 if base == "schnell" else 512,
+            device_memory=int(memory.split()[0]) * 2**30,
+        )
+        assert fit.gb(fit.peak(plan)) == stated, row
+        assert fit.peak(plan) <= int(memory.split()[0]) * 2**30 * 2 / 3, row
