@@ -17,7 +17,6 @@ from mflux.errors import MfluxError
 
 GB = 10**9
 BAND_BYTES = 256 * 2**20  # autoencoder.BAND_BYTES, the banded decode's band
-LOW_MEMORY_T5_BITS = 4  # --low-memory's T5: 2.7 GB instead of 9.5 GB at bf16
 ATTENTION_SCORE_BYTES = 4  # MLX computes attention's scores in float32 at every precision
 
 # FLUX.1's released sizes, for a catalog model not pulled yet: the transformer's config.json (every
@@ -97,6 +96,7 @@ class Plan:
     cpu: bool = False  # MLX's CPU backend (unfused attention)
     cuda: bool = False  # MLX's CUDA backend (evaluations under the runtime's queue bound)
     device_memory: int = 2**62  # the decode bands past a quarter of it (runtime.memory.device_memory)
+    stored: tuple[str, ...] = ()  # the components stored quantized, which load as stored
 
 
 def plan_for(
@@ -133,6 +133,7 @@ def plan_for(
         cpu=on_cpu(),
         cuda=device.cuda() is not None,
         device_memory=device_memory(),
+        stored=tuple(stored or ()),
     )
 
 
@@ -206,12 +207,15 @@ def weight_bytes(component: str, plan: Plan, modulation_only: bool = False) -> i
 
 
 def component_spec(component: str, plan: Plan):
-    """The QuantSpec a component loads with: --low-memory takes T5 to 4 bits where it is wider."""
+    """The QuantSpec a component loads with: --low-memory takes T5 to 4 bits where it is wider and not
+    stored quantized (runtime.models.Models.spec)."""
+    from mflux.runtime.models import LOW_MEMORY_T5_BITS
     from mflux.runtime.quantization import QuantSpec
 
     spec = plan.quantization.get(component)
-    if plan.low_memory and component == "text_encoder_2" and (spec is None or spec.bits > LOW_MEMORY_T5_BITS):
-        return QuantSpec(LOW_MEMORY_T5_BITS)
+    if plan.low_memory and component == "text_encoder_2" and component not in plan.stored:
+        if spec is None or spec.bits > LOW_MEMORY_T5_BITS:
+            return QuantSpec(LOW_MEMORY_T5_BITS)
     return spec
 
 

@@ -120,7 +120,7 @@ class Flux1:
         low_memory: bool = False,
     ):
         """`low_memory`: load one component at a time and free each after use (T5 and CLIP, then the
-        transformer, then the VAE), T5 at 4 bits (where it is stored wider and -q asks for no fewer), the
+        transformer, then the VAE), T5 at 4 bits (unless stored quantized, or -q asks for fewer), the
         VAE decoded in row bands, MLX's buffer cache kept small. Its images equal the default path's at
         the same quantization of every component (e.g. both at quantize=4)."""
         import_mlx()

@@ -17,7 +17,7 @@ from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import check_quantize, load_component
 from mflux.runtime.quantization import QuantSpec
 
-LOW_MEMORY_T5_BITS = 4
+LOW_MEMORY_T5_BITS = 4  # low memory's T5: 2.7 GB instead of 9.5 GB at bf16
 # MLX's cache of freed buffers under low memory: small, so what one component frees is given back before
 # the next loads (MLX's default keeps up to the memory limit)
 LOW_MEMORY_CACHE_BYTES = 256 * 2**20
