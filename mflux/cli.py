@@ -469,6 +469,19 @@ def pull(model_or_repo, name, revision, dry_run, force):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (files, seeds, seconds).")
 @click.option("--verbose", is_flag=True, help="Report peak memory for each phase.")
 @click.option(
+    "--low-memory",
+    is_flag=True,
+    help="Load one component at a time and free it after use, T5 at 4 bits, the VAE decoded in bands, "
+    "MLX's cache kept small. Images equal the default path's where every component has the same "
+    "quantization (with -q 4 or lower; otherwise only T5's 4 bits differ).",
+)
+@click.option(
+    "--ignore-memory",
+    is_flag=True,
+    help="Run even where the expected peak memory exceeds what this machine can use (it may swap or "
+    "fail); without it such a run is refused before anything is pulled or loaded.",
+)
+@click.option(
     "--parallel",
     type=click.Choice(["data", "sequence"]),
     default="data",
@@ -554,7 +567,12 @@ _SETTING = {"seed": "seeds", "lora_paths": "loras", "lora_scales": "loras", "red
 
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per model.")
-@click.option("--available", is_flag=True, help="Show the models `mflux pull` knows, with download sizes.")
+@click.option(
+    "--available",
+    is_flag=True,
+    help="Show the models `mflux pull` knows, with download sizes and the expected peak memory of a "
+    "1024x1024 image on this machine's backend, unquantized, at 8 and at 4 bits.",
+)
 def list_(as_json, available):
     """List the models in the store.
 
@@ -624,17 +642,34 @@ def _list_available(store, as_json: bool) -> None:
     from dataclasses import asdict
 
     from mflux.catalog import catalog
+    from mflux.fit import catalog_peaks, gb
     from mflux.store import format_size
 
     entries = catalog().values()
+    peaks = {e.name: catalog_peaks(e) for e in entries}
     if as_json:
-        click.echo(json.dumps([{**asdict(e), "stored": store.exists(e.name)} for e in entries], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {**asdict(e), "stored": store.exists(e.name), "peak_bytes_1024": peaks[e.name]}
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
         return
-    rows = [("NAME", "REPO", "DOWNLOAD", "GATED", "LICENSE", "STORED")]
+    rows = [("NAME", "REPO", "DOWNLOAD", "GATED", "LICENSE", "STORED", "PEAK 1024² (-/Q8/Q4)")]
     for e in entries:
         size = f"~{format_size(e.download_size_bytes)}" + (" (est.)" if e.size_estimated else "")
-        rows.append((e.name, e.repo, size, "yes" if e.gated else "no", e.license, _yes(store.exists(e.name))))
+        peak = "/".join(gb(v, unit=False) for v in peaks[e.name].values()) + " GB" if peaks[e.name] else "?"
+        row = (e.name, e.repo, size, "yes" if e.gated else "no", e.license, _yes(store.exists(e.name)), peak)
+        rows.append(row)
     click.echo(_columns(rows))
+    click.echo(
+        "PEAK: the expected peak memory of one 1024x1024 image on this backend, unquantized / -q8 / -q4 "
+        "(mflux.fit; an estimate)",
+        err=True,
+    )
     if any(e.size_estimated for e in entries):
         click.echo(
             "(est.): an estimate, not read from the repo's files (the exact size: mflux pull NAME --dry-run)",
@@ -1029,7 +1064,32 @@ def train(config_file, **flags):
     help="Without --api-key, host names clients may use besides localhost and IP addresses, like "
     "box.lan,studio.local (a guard against DNS rebinding).",
 )
-def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout, workers, devices, allowed_hosts):
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="Each request loads one component at a time and frees it after use (T5 at 4 bits, the VAE "
+    "decoded in bands): slower, since every request loads the model again, but a lower peak.",
+)
+@click.option(
+    "--ignore-memory",
+    is_flag=True,
+    help="Start even where the --model's 1024x1024 image is expected to exceed this machine's memory.",
+)
+def serve(
+    model,
+    host,
+    port,
+    api_key,
+    lora_dir,
+    output_dir,
+    queue,
+    timeout,
+    workers,
+    devices,
+    allowed_hosts,
+    low_memory,
+    ignore_memory,
+):
     """Serve the OpenAI Images API, the A1111 API and a web page.
 
     One worker owns the model (or one per device, with --workers or --devices): requests queue first
@@ -1056,6 +1116,8 @@ def serve(model, host, port, api_key, lora_dir, output_dir, queue, timeout, work
         workers=workers,
         devices=devices,
         allowed_hosts=allowed_hosts,
+        low_memory=low_memory,
+        ignore_memory=ignore_memory,
     )
 
 

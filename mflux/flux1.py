@@ -117,7 +117,12 @@ class Flux1:
         quantize: int | None = None,
         lora_paths: list[str] | None = None,
         lora_scales: list[float] | None = None,
+        low_memory: bool = False,
     ):
+        """`low_memory`: load one component at a time and free each after use (T5 and CLIP, then the
+        transformer, then the VAE), T5 at 4 bits (unless stored quantized, or -q asks for fewer), the
+        VAE decoded in row bands, MLX's buffer cache kept small. Its images equal the default path's at
+        the same quantization of every component (e.g. both at quantize=4)."""
         import_mlx()
         precision = precision or default_precision()
         if precision not in PRECISIONS:
@@ -134,7 +139,10 @@ class Flux1:
         self.lora_paths = [_lora_file(p) for p in lora_paths or []]
         self.lora_scales = _lora_scales(self.lora_paths, lora_scales)
         self.control_loras = _control_loras(self.lora_paths, folder)
-        self.models = Models(folder, self.dtype, self.quantize, self.lora_paths, self.lora_scales)
+        self.low_memory = low_memory
+        self.models = Models(
+            folder, self.dtype, self.quantize, self.lora_paths, self.lora_scales, low_memory=low_memory
+        )
 
     @classmethod
     def from_path(
@@ -289,6 +297,9 @@ class Flux1:
             images=dict(images, control=control_image),
         )
         request.sequence_parallel = sequence_parallel
+        if self.low_memory:
+            free_text_encoders = free_modulation_weights = free_transformer = True
+            request.banded_decode = True
         if free_modulation_weights:
             request.precompute_modulations = True
             modules = self.models.modules
@@ -310,7 +321,7 @@ class Flux1:
             mx.reset_peak_memory()
             phase, phase_start, loaded = next_phase, now, self.models.loading
 
-        with self._files():  # a file gone from the folder meanwhile is one clear error
+        with self._files(), self._cache_limit():  # a file gone meanwhile is one clear error
             self.models.prefetch()
             for event in self.models.generate(request):
                 if isinstance(event, engine.Conditioned):
@@ -331,19 +342,38 @@ class Flux1:
                         vae = self.get("vae")
                         shown = [
                             Image.fromarray(p)
-                            for p in engine.decode(vae, event.latents, config.height, config.width)
+                            for p in engine.decode(
+                                vae, event.latents, config.height, config.width, self.low_memory
+                            )
                         ]
                     if event.step == event.total:
                         close("decoding")
                     yield StepEvent(event.step, event.total, event.indices, shown, event.latents)
                 elif isinstance(event, engine.Decoded):
                     close("denoising")
+                    if self.low_memory:  # the pixels are numpy now; the next batch loads it again
+                        self.models.free("vae")
                     for row, pixels in zip(event.indices, event.pixels):
                         meta = {**records[row], "timings": {k: round(v, 3) for k, v in timings.items()}}
                         yield ImageEvent(
                             row, GeneratedImage(Image.fromarray(pixels), meta, dict(peaks)), event.indices
                         )
                     timings.update(denoising=0.0, decoding=0.0)  # each batch reports its own
+
+    @contextmanager
+    def _cache_limit(self):
+        """Under low memory, MLX's cache of freed buffers kept small for the generation, then put back."""
+        if not self.low_memory:
+            yield
+            return
+        from mflux.runtime.models import LOW_MEMORY_CACHE_BYTES
+
+        before = mx.set_cache_limit(LOW_MEMORY_CACHE_BYTES)
+        mx.set_cache_limit(min(before, LOW_MEMORY_CACHE_BYTES))  # lowered, never raised
+        try:
+            yield
+        finally:
+            mx.set_cache_limit(before)
 
     def generate_images(
         self, seeds: Iterable[int], prompt: str | list[str], config: Config | None = None, **kwargs

@@ -70,6 +70,29 @@ def model_variant(model: str | None, path: str | None, variant: str | None) -> s
     return variant
 
 
+def check_fit(model, path, quantize, variant, precision, jobs: list[st.Job], batch_size, low_memory) -> None:
+    """Refuse, before any pull or load, a run whose largest generation can't fit (mflux.fit)."""
+    from mflux import fit
+    from mflux.backend import default_precision
+    from mflux.runtime.models import default_batch_size
+
+    found = fit.find_model(model, path, quantize, variant)
+    largest = max(jobs, key=lambda j: (j.settings.height or 1024) * (j.settings.width or 1024)).settings
+    rows = min(batch_size or default_batch_size(len(jobs)), len(jobs))
+    plan = fit.plan_for(
+        found.architecture,
+        found.stored,
+        precision or default_precision(),
+        found.bits,
+        height=largest.height or 1024,
+        width=largest.width or 1024,
+        batch=rows * (2 if (largest.true_cfg or 1) > 1 else 1),  # true CFG's two halves are rows of one batch
+        text_tokens=found.text_tokens,
+        low_memory=low_memory,
+    )
+    fit.preflight(found.name, plan, found.bits)
+
+
 def _check_quantize(model: str, bits: int | None, quantize: int | None) -> None:
     if bits is not None and quantize not in (None, bits):
         raise InvalidArgument(f"--model {model} means {bits}-bit, but --quantize is {quantize}")
@@ -232,11 +255,16 @@ def run(
     as_json: bool = False,
     explicit: set[str] | None = None,
     parallel: str = "data",
+    low_memory: bool = False,
+    ignore_memory: bool = False,
 ) -> list[Written]:
     """Generate every image the settings ask for and return what this process wrote. `explicit` names
     the Settings fields given on the command line (default: every one that is not None). Under
     `mlx.launch`, `parallel` "data" splits the images over the ranks and "sequence" spreads each image
-    over them (mflux.distributed); in one process both are the plain run."""
+    over them (mflux.distributed); in one process both are the plain run. `low_memory` loads one
+    component at a time with T5 at 4 bits and a banded decode (`Flux1`'s `low_memory`); a run whose
+    expected peak exceeds the memory the backend can use is refused first (mflux.fit), unless
+    `ignore_memory`."""
     from mflux import distributed
 
     start = time.perf_counter()
@@ -295,6 +323,8 @@ def run(
     maps = _edge_maps(p.generations, save_control)
     for note in [*p.notes, *(x for s in p.generations for x in s.notes)]:
         click.echo(f"note: {note}", err=True)
+    if not ignore_memory:
+        check_fit(model, path, quantize, variant, precision, p.jobs, batch_size, low_memory)
     (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
     prior, redux_name = _redux_prior(p, redux_model, precision, pull, size)
 
@@ -320,7 +350,8 @@ def run(
             s = group[0].settings
             if flux is None or s.loras != loras:
                 flux = None  # free the last model before the next loads
-                flux, loras = _open(kind, where, variant, precision, quantize, s.loras, verify), s.loras
+                flux = _open(kind, where, variant, precision, quantize, s.loras, verify, low_memory)
+                loras = s.loras
                 verify = False  # the files were re-hashed when the first set of LoRAs opened the model
                 _notes_on(flux, explicit, p.precision)
                 _lora_notes(flux, s.loras)
@@ -479,12 +510,13 @@ def _recalled_model(name: str | None, folder: str | None, image: str) -> tuple[s
     return name, None
 
 
-def _open(kind, where, variant, precision, quantize, loras, verify: bool):
+def _open(kind, where, variant, precision, quantize, loras, verify: bool, low_memory: bool = False):
     from mflux.flux1 import Flux1
 
     kwargs = dict(
         precision=precision,
         quantize=quantize,
+        low_memory=low_memory,
         lora_paths=[path for path, _ in loras],
         lora_scales=[scale for _, scale in loras],
         verify=verify,

@@ -857,6 +857,24 @@ def test_read_only_store(golden, tmpfs, monkeypatch, hub):
         assert inspect(name, verify=True)["verify"]["ok"]
 
 
+def test_a_run_that_cannot_fit_is_refused_before_the_pull(home, hub, tmp_path):
+    """dev is not in this store: a batch whose expected peak is twice what this machine can use is
+    refused in one line (mflux.fit) before the Hub is asked or the store written."""
+    from mflux import fit
+
+    def plan(batch):
+        return fit.plan_for(
+            fit.catalog_architecture("dev"), None, "float32", None, height=2048, width=2048, batch=batch
+        )
+
+    batch = next(b for b in range(1, 1000) if fit.peak(plan(b)) > 2 * fit.usable_memory().usable)
+    before = snapshot(home)
+    args = ["run", "-m", "dev", "--prompt", "x", "--precision", "float32", "--width", "2048"]
+    args += ["--height", "2048", "-n", batch, "--batch-size", batch]
+    refused(mflux(*args, env=hub.env, cwd=tmp_path), "dev needs about", "--ignore-memory")
+    assert hub.server.requests == [] and snapshot(home) == before
+
+
 def test_full_disk_is_checked_before_any_work(golden, tmpfs, monkeypatch, hub):
     point = tmpfs("12m")  # the store takes 9.4 MB: a float32 copy of schnell (9.9 MB) can't fit
     store = point / "store"

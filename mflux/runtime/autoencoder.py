@@ -282,15 +282,19 @@ class Autoencoder(nn.Module):
         but slower (on an H200 at 1024x1024 bf16, in 1024 MB bands: 0.136 s against 0.073 s, 1.5 GB over
         the weights against 3.0 GB under the runtime's queue bound, 18.6 GB without it). "auto" bands
         only when the whole-tensor decode would take more than a quarter of the device's memory (so a
-        16 GB Mac bands at 1024x1024 and a large GPU does not); None never bands.
+        16 GB Mac bands at 1024x1024 and a large GPU does not); "always" bands at any size (low
+        memory: layer by layer, so even a small decode holds one layer's tensors); None never bands.
         """
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
+        always = band_bytes == "always"
+        if always:
+            band_bytes = BAND_BYTES
         if band_bytes == "auto":
             whole = BandedDecoder(self.decoder, BAND_BYTES).working_set(z)
             band_bytes = BAND_BYTES if whole > memory.device_memory() // 4 else None
         banded = BandedDecoder(self.decoder, band_bytes) if band_bytes else None
-        if banded is None or not banded.needed(z):
+        if banded is None or not (always or banded.needed(z)):
             return self.decoder(z)
         return banded(z)
 

@@ -69,6 +69,7 @@ class Request:
     noise: np.ndarray | None = None  # (B, L, 64) packed initial noise; else drawn from each seed
     batch_size: int = 1
     precompute_modulations: bool = False  # all batches' modulations before the first step
+    banded_decode: bool = False  # decode in row bands whatever the size (low memory); the same pixels
     sequence_parallel: object | None = None  # a runtime.parallel.SequenceParallel: each step over its ranks
     dtype: mx.Dtype = mx.float32
 
@@ -171,7 +172,7 @@ def generate(
             del steps, m  # hold no reference to the transformer, so the caller can free it
             transformer = None
             yield Denoised()
-        yield Decoded(rows, decode(models.get("vae"), x, r.height, r.width))
+        yield Decoded(rows, decode(models.get("vae"), x, r.height, r.width, r.banded_decode))
 
 
 @dataclass
@@ -375,11 +376,12 @@ def modulations(
     return flux.modulations(sampler.timesteps(sigmas), pooled, g, evaluate)
 
 
-def decode(vae, latents: mx.array, height: int, width: int) -> np.ndarray:
-    """Packed latents -> uint8 images (B, H, W, 3), rounded as diffusers' image processor does."""
+def decode(vae, latents: mx.array, height: int, width: int, banded: bool = False) -> np.ndarray:
+    """Packed latents -> uint8 images (B, H, W, 3), rounded as diffusers' image processor does;
+    `banded` decodes in row bands whatever the size (the same pixels, a lower peak)."""
     z = vae.unscale(sampler.unpack(latents, height, width))  # (B, H/8, W/8, 16)
     with memory.bounded():
-        image = vae.decode(z.astype(vae_dtype(vae)))
+        image = vae.decode(z.astype(vae_dtype(vae)), band_bytes="always" if banded else "auto")
         image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0, 1)
         pixels = (image * 255).round().astype(mx.uint8)
         mx.eval(pixels)

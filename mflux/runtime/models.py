@@ -17,6 +17,11 @@ from mflux.runtime.folder import ModelFolder
 from mflux.runtime.loader import check_quantize, load_component
 from mflux.runtime.quantization import QuantSpec
 
+LOW_MEMORY_T5_BITS = 4  # low memory's T5: 2.7 GB instead of 9.5 GB at bf16
+# MLX's cache of freed buffers under low memory: small, so what one component frees is given back before
+# the next loads (MLX's default keeps up to the memory limit)
+LOW_MEMORY_CACHE_BYTES = 256 * 2**20
+
 
 class Models:
     def __init__(
@@ -26,9 +31,11 @@ class Models:
         quantize: QuantSpec | None = None,
         lora_paths: list | None = None,
         lora_scales: list[float] | None = None,
+        low_memory: bool = False,
     ):
         check_quantize(folder, quantize)
         self.folder, self.dtype, self.quantize = folder, dtype, quantize
+        self.low_memory = low_memory  # T5 at no more than 4 bits; nothing read ahead
         self.lora_paths, self.lora_scales = list(lora_paths or []), list(lora_scales or [])
         self.modules: dict[str, nn.Module] = {}
         self.loading = 0.0  # seconds spent loading so far, which callers keep apart from their phases
@@ -54,13 +61,22 @@ class Models:
         return self.modules[component]
 
     def _load(self, component: str) -> nn.Module:
-        module = load_component(self.folder, component, self.dtype, self.quantize)
+        module = load_component(self.folder, component, self.dtype, self.spec(component))
         # LoRAs go on each component as it loads: the text encoders load lazily, and again after freeing
         if self.lora_paths:
             from mflux.runtime.lora import apply_loras
 
             apply_loras({component: module}, self.lora_paths, self.lora_scales)
         return module
+
+    def spec(self, component: str) -> QuantSpec | None:
+        """The quantization a component loads with: low memory takes an unquantized or wider T5 to 4 bits
+        (9.5 GB -> 2.7 GB at full size); a stored quantized T5 stays as stored."""
+        stored = (self.folder.quantization or {}).get(component)
+        if self.low_memory and component == "text_encoder_2" and stored is None:
+            if self.quantize is None or self.quantize.bits > LOW_MEMORY_T5_BITS:
+                return QuantSpec(LOW_MEMORY_T5_BITS)
+        return self.quantize
 
     def tokenizers(self) -> tuple:
         if self._tokenizers is None:
@@ -73,7 +89,7 @@ class Models:
         """Where the CUDA tuning overlaps them, load the text encoders, then start reading the
         transformer in a thread, so that the read overlaps the prompt encoding."""
         cuda = device.cuda()
-        if not (cuda and cuda.load.overlaps(self.folder, self.quantize)):
+        if self.low_memory or not (cuda and cuda.load.overlaps(self.folder, self.quantize)):
             return
         if "transformer" in self.modules or self._pending is not None:
             return

@@ -84,6 +84,7 @@ class ServerSettings:
     shutdown_grace: float = 20.0
     # without an API key, the Host names served besides loopback's and IP addresses (DNS rebinding)
     allowed_hosts: tuple[str, ...] = ()
+    low_memory: bool = False  # each worker's Flux1 loads one component at a time (Flux1's low_memory)
 
 
 def worker_devices(workers: int | None, devices: tuple[int, ...] | None, gpus: int) -> tuple[str | None, ...]:
@@ -426,10 +427,10 @@ def _runners(settings: ServerSettings, loader) -> list:
     """One worker thread here (`loader(name, loras)` replaces Flux1.from_name: tests only), or one
     process per entry of `settings.devices`."""
     if not settings.devices:
-        return [ThreadRunner(Models(loader))]
+        return [ThreadRunner(Models(loader, low_memory=settings.low_memory))]
     from mflux.server.process import ProcessRunner
 
-    return [ProcessRunner(i, device) for i, device in enumerate(settings.devices)]
+    return [ProcessRunner(i, device, settings.low_memory) for i, device in enumerate(settings.devices)]
 
 
 def end_error(end: End, timeout: float) -> ApiError | None:

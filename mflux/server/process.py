@@ -52,9 +52,10 @@ TAKE_TIMEOUT = 5.0
 class ProcessRunner:
     """Runs jobs in a worker process of its own; a process that dies is started again by its Worker."""
 
-    def __init__(self, index: int, device: str | None = None):
+    def __init__(self, index: int, device: str | None = None, low_memory: bool = False):
         self.index = index
         self.device = device  # its CUDA_VISIBLE_DEVICES; None: the host's one device, shared
+        self.low_memory = low_memory  # its Flux1's low_memory
         self.pid: int | None = None
         self.backend: str | None = None
         self.job: Job | None = None
@@ -78,7 +79,7 @@ class ProcessRunner:
         ours, theirs = ctx.Pipe()
         process = ctx.Process(
             target=main,
-            args=(theirs, self.index, self.device),
+            args=(theirs, self.index, self.device, self.low_memory),
             name=f"mflux-worker-{self.index}",
             daemon=True,
         )
@@ -250,7 +251,7 @@ def _error(error) -> Exception | None:
 
 
 # --- the worker process -------------------------------------------------------------------------------
-def main(conn, index: int, device: str | None) -> None:
+def main(conn, index: int, device: str | None, low_memory: bool = False) -> None:
     """A worker process: MLX on its device, one model, one job at a time, until told to stop or the
     parent is gone (its end of the pipe closes when it exits, however it exits)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us; a pending Ctrl-C is dropped
@@ -259,18 +260,18 @@ def main(conn, index: int, device: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     _log_to_stderr(index)
     try:
-        _serve(conn, device)
+        _serve(conn, device, low_memory)
     except (EOFError, ConnectionError):
         pass  # the parent is gone
 
 
-def _serve(conn, device: str | None) -> None:
+def _serve(conn, device: str | None, low_memory: bool = False) -> None:
     try:
         conn.send(("ready", _device_backend(device)))
     except MfluxError as e:
         conn.send(("failed", str(e)))
         return
-    models = Models()
+    models = Models(low_memory=low_memory)
     while True:
         message = conn.recv()
         if message[0] == "job":

@@ -24,9 +24,13 @@ def serve(
     workers: int | None = None,
     devices: tuple[int, ...] | None = None,
     allowed_hosts: tuple[str, ...] = (),
+    low_memory: bool = False,
+    ignore_memory: bool = False,
 ) -> None:
     """Serve until interrupted; the model (if named) is checked now and loaded before the first request.
-    `workers`/`devices`: see `worker_devices` (None and None: one worker thread in this process)."""
+    `workers`/`devices`: see `worker_devices` (None and None: one worker thread in this process).
+    `low_memory`: each worker loads one component at a time (Flux1's); a model whose 1024x1024 image
+    can't fit the memory the backend can use is refused at the start (mflux.fit), unless `ignore_memory`."""
     from mflux.server.app import create_app
     from mflux.server.listen import uvicorn_server
 
@@ -34,6 +38,8 @@ def serve(
     planned = worker_devices(workers, devices, cuda_gpus() if several else 0)
     if model is not None:
         check_model(model)  # the clear error now, not a server that fails every request
+        if not ignore_memory:
+            check_fit(model, low_memory)
     check_port(host, port)  # before the banner: a port in use is one line, not uvicorn's traceback
     if not is_loopback(host) and not api_key:
         click.echo(
@@ -51,6 +57,7 @@ def serve(
         timeout=timeout,
         devices=planned,
         allowed_hosts=tuple(allowed_hosts),
+        low_memory=low_memory,
     )
     log = logging.getLogger("mflux.server")  # the one line per request
     if not log.handlers:
@@ -78,6 +85,23 @@ def check_model(name: str) -> None:
     folder = open_folder(found.path, name=found.name)
     for path in sorted(folder.path.rglob("*.safetensors")):
         SafetensorsFile(path)  # reads the header only
+
+
+def check_fit(name: str, low_memory: bool) -> None:
+    """Refuse a model whose one 1024x1024 image can't fit (mflux.fit), before anything loads."""
+    from mflux import fit
+    from mflux.backend import default_precision
+
+    found = fit.find_model(name, None, None)
+    plan = fit.plan_for(
+        found.architecture,
+        found.stored,
+        default_precision(),
+        found.bits,
+        text_tokens=found.text_tokens,
+        low_memory=low_memory,
+    )
+    fit.preflight(found.name, plan, found.bits)
 
 
 def check_port(host: str, port: int) -> None:

@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field, fields
+from functools import partial
 
 from PIL import Image
 
@@ -186,10 +187,10 @@ class Models:
     """A runner's one loaded model: switching frees the old one before loading the next, so two never
     share memory."""
 
-    def __init__(self, loader=None):
+    def __init__(self, loader=None, low_memory: bool = False):
         self.flux = None
         self.key: tuple | None = None  # (name, loras) of the loaded model
-        self._loader = loader or _load_flux
+        self._loader = loader or partial(_load_flux, low_memory=low_memory)
 
     def get(self, name: str | None, loras: tuple = ()):
         if name is None:
@@ -207,11 +208,14 @@ class Models:
         return self.flux
 
 
-def _load_flux(name: str, loras: tuple):
+def _load_flux(name: str, loras: tuple, low_memory: bool = False):
     from mflux.flux1 import Flux1
 
-    flux = Flux1.from_name(name, lora_paths=[p for p, _ in loras], lora_scales=[s for _, s in loras])
-    flux.load()  # the transformer and the VAE now, not in the first request (T5 and CLIP load with it)
+    flux = Flux1.from_name(
+        name, lora_paths=[p for p, _ in loras], lora_scales=[s for _, s in loras], low_memory=low_memory
+    )
+    if not low_memory:  # which loads each component when a request needs it, and frees it after
+        flux.load()  # the transformer and the VAE now, not in the first request (T5 and CLIP load with it)
     return flux
 
 
