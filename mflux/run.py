@@ -93,6 +93,16 @@ def check_fit(model, path, quantize, variant, precision, jobs: list[st.Job], bat
     fit.preflight(found.name, plan, found.bits)
 
 
+def _in_store(model: str | None) -> bool:
+    from mflux.store import NotStored, Store
+
+    try:
+        Store().resolve(model or "schnell")
+    except NotStored:
+        return False
+    return True
+
+
 def _check_quantize(model: str, bits: int | None, quantize: int | None) -> None:
     if bits is not None and quantize not in (None, bits):
         raise InvalidArgument(f"--model {model} means {bits}-bit, but --quantize is {quantize}")
@@ -323,7 +333,7 @@ def run(
     maps = _edge_maps(p.generations, save_control)
     for note in [*p.notes, *(x for s in p.generations for x in s.notes)]:
         click.echo(f"note: {note}", err=True)
-    if not ignore_memory:
+    if not ignore_memory and (pull or path or _in_store(model)):  # --no-pull's refusal comes first
         check_fit(model, path, quantize, variant, precision, p.jobs, batch_size, low_memory)
     (kind, where), quantize = resolve_model(model, path, quantize, pull, size)
     prior, redux_name = _redux_prior(p, redux_model, precision, pull, size)
