@@ -58,6 +58,17 @@ def tiny_redux_unprefixed(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def posterior_mean(monkeypatch):
+    """diffusers' VAE posterior sample replaced by its mean: mflux encodes images to the mean, and the
+    pipelines that sample (Fill's masked image, Control's map) then encode as mflux does."""
+    from diffusers.models.autoencoders import vae as vae_module
+
+    monkeypatch.setattr(
+        vae_module.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean
+    )
+
+
+@pytest.fixture
 def cuda_paths(monkeypatch):
     """The CUDA tuning's paths on this CPU (`mflux.runtime.cuda`, reached through `device.cuda()`), with
     every choice off: a test turns on what it exercises with `cuda.tuned(...)` or `tune(...)`. What needs

@@ -29,15 +29,6 @@ def canny_pipe(tiny_canny):
     return _diffusers("FluxControlPipeline", tiny_canny)
 
 
-@pytest.fixture
-def posterior_mean(monkeypatch):
-    from diffusers.models.autoencoders import vae as vae_module
-
-    monkeypatch.setattr(
-        vae_module.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean
-    )
-
-
 def canny_case(pipe, control, eps, steps=3, guidance=30.0):
     config = Config(steps, H, W, guidance=guidance)
     want = reference(

@@ -52,15 +52,6 @@ def fill_pipe(tiny_fill):
     return _diffusers("FluxFillPipeline", tiny_fill)
 
 
-@pytest.fixture
-def posterior_mean(monkeypatch):
-    from diffusers.models.autoencoders import vae as vae_module
-
-    monkeypatch.setattr(
-        vae_module.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean
-    )
-
-
 def reference(pipe, eps: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """diffusers' image (uint8) and its denoised packed latents, for these arguments."""
     import torch
