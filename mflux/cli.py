@@ -661,7 +661,8 @@ def _list_available(store, as_json: bool) -> None:
     rows = [("NAME", "REPO", "DOWNLOAD", "GATED", "LICENSE", "STORED", "PEAK 1024² (-/Q8/Q4)")]
     for e in entries:
         size = f"~{format_size(e.download_size_bytes)}" + (" (est.)" if e.size_estimated else "")
-        peak = "/".join(gb(v, unit=False) for v in peaks[e.name].values()) + " GB" if peaks[e.name] else "?"
+        # a LoRA file or Redux's encoder is not a model to run: no peak of its own
+        peak = "/".join(gb(v, unit=False) for v in peaks[e.name].values()) + " GB" if peaks[e.name] else "-"
         row = (e.name, e.repo, size, "yes" if e.gated else "no", e.license, _yes(store.exists(e.name)), peak)
         rows.append(row)
     click.echo(_columns(rows))

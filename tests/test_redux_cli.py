@@ -65,10 +65,8 @@ def test_pull_redux_stores_an_entry_of_its_own_kind(hub_env, tiny_redux):
     code, out, _ = invoke("inspect", "redux")
     assert code == 0 and "variant       redux" in out, out
     assert "image_encoder" in out and "image_embedder" in out
-    code, out, _ = invoke("list", "--available")
-    assert any(
-        line.split()[:2] == ["redux", REDUX_REPO] and line.split()[-1] == "yes" for line in out.splitlines()
-    )
+    code, out, _ = invoke("list", "--available", "--json")
+    assert any(e["name"] == "redux" and e["repo"] == REDUX_REPO and e["stored"] for e in json.loads(out))
     code, _, err = invoke("rm", "redux", "--yes")
     assert code == 0, err
     assert Store().list() == []
