@@ -669,8 +669,9 @@ class ReduxPrior:
         txt, pooled = engine.redux_embeds(tokens, scales, pooled_scales, encoded, width)
         mx.eval(txt, pooled)
         record = {"redux_scales": scales, "redux_pooled_scales": pooled_scales}
-        record["redux_images"] = [_source("redux", i).get("redux_path") for i in images]
-        record["redux_sha256"] = [_source("redux", i).get("redux_sha256") for i in images]
+        sources = [_source("redux", i) for i in images]  # each file hashed once
+        record["redux_images"] = [source.get("redux_path") for source in sources]
+        record["redux_sha256"] = [source.get("redux_sha256") for source in sources]
         if prompt is not None:
             record["prompt"] = prompt
         record["redux_prompt"] = prompt is not None  # False: zeros, which an empty prompt's encoding is not
